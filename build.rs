@@ -1,0 +1,15 @@
+//! Generates the gRPC code from `proto/` with protox (pure Rust), so no system
+//! `protoc` is needed. The descriptor set is kept for server reflection.
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/idemkv/v1/api.proto", "proto/idemkv/v1/raft.proto"];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("idemkv_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! The one binary encoding for everything idemkv stores or sends between
+//! peers: bincode (standard config) over serde. Must not be used for the
+//! public API, which is protobuf.
+use serde::{de::DeserializeOwned, Serialize};
+use std::io;
+
+pub fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
+    let (value, _) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(value)
+}

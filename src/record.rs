@@ -1,0 +1,623 @@
+//! The idempotency rules of SPEC §1–§2, in one place.
+//!
+//! Everything here is pure and deterministic: a decision depends only on the
+//! record as stored, the command, the state machine's clock (`now`, taken from
+//! the leader's stamp in the log entry) and the log index of the entry (which
+//! becomes the fencing token). No I/O, no local clock, no randomness: every
+//! replica that applies the same entry reaches the same state.
+//!
+//! The storage layer reads the current record, calls [`apply_op`] or
+//! [`apply_claim_batch`], and writes back the [`Change`]s; the gRPC layer only
+//! carries commands in and outcomes out. A rule that appears anywhere else is
+//! in the wrong room.
+
+use serde::{Deserialize, Serialize};
+
+/// A stored idempotency record. Absent records are simply not stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub state: State,
+    /// Hash of the request payload given by the first claim; a later claim
+    /// with a different one is a reuse of the key for another request.
+    pub fingerprint: Option<Vec<u8>>,
+    pub created_at_ms: u64,
+    /// State machine time of the last change; drives idle retention of
+    /// `AVAILABLE` records.
+    pub updated_at_ms: u64,
+    /// Claims granted so far (the current one included).
+    pub attempts: u32,
+    /// 0 = unlimited.
+    pub max_attempts: u32,
+    pub retention_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum State {
+    InProgress {
+        owner: String,
+        claim_id: String,
+        token: u64,
+        lease_deadline_ms: u64,
+        /// Who held the claim before this one took it over.
+        previous_owner: Option<String>,
+        /// The holder's last progress marker; inherited on takeover.
+        checkpoint: Option<Vec<u8>>,
+    },
+    Available {
+        last_owner: String,
+        /// The token that released it, so a retried Release is recognised.
+        last_token: u64,
+        last_error: String,
+        checkpoint: Option<Vec<u8>>,
+    },
+    Completed {
+        token: u64,
+        result: Vec<u8>,
+        code: Option<i32>,
+        completed_at_ms: u64,
+        expires_at_ms: u64,
+    },
+    Failed {
+        last_owner: String,
+        last_token: u64,
+        last_error: String,
+        expires_at_ms: u64,
+    },
+}
+
+/// The parameters of one claim, as validated by the API edge (defaults
+/// already filled in, so the state machine never consults configuration).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub owner: String,
+    pub claim_id: String,
+    pub lease_ms: u64,
+    pub fingerprint: Option<Vec<u8>>,
+    pub max_attempts: u32,
+    pub retention_ms: u64,
+}
+
+/// An operation on one record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Claim(Claim),
+    Complete {
+        token: u64,
+        result: Vec<u8>,
+        code: Option<i32>,
+        /// `None` keeps the retention chosen at claim time.
+        retention_ms: Option<u64>,
+    },
+    Renew {
+        token: u64,
+        lease_ms: u64,
+        checkpoint: Option<Vec<u8>>,
+    },
+    Release {
+        token: u64,
+        error: String,
+    },
+    Delete,
+}
+
+/// `(namespace, key)`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RecordKey {
+    pub namespace: String,
+    pub key: Vec<u8>,
+}
+
+/// What a log entry asks the state machine to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Op { key: RecordKey, op: Op },
+    ClaimBatch { items: Vec<(RecordKey, Claim)>, all_or_nothing: bool },
+    /// Remove up to `limit` records whose retention has passed (proposed by
+    /// the leader, found through the expiry index).
+    Sweep { limit: u32 },
+}
+
+/// A command with the leader's wall-clock stamp taken when it proposed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub stamped_ms: u64,
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClaimOutcome {
+    Acquired {
+        token: u64,
+        lease_deadline_ms: u64,
+        attempt: u32,
+        previous_owner: Option<String>,
+        checkpoint: Option<Vec<u8>>,
+    },
+    InProgress {
+        owner: String,
+        lease_remaining_ms: u64,
+        attempt: u32,
+    },
+    Completed {
+        result: Vec<u8>,
+        code: Option<i32>,
+        completed_at_ms: u64,
+        token: u64,
+    },
+    Failed {
+        attempts: u32,
+        last_error: String,
+    },
+}
+
+/// The state a Release left the record in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Released {
+    Available,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Claim(ClaimOutcome),
+    Completed { completed_at_ms: u64, expires_at_ms: u64 },
+    Renewed { lease_deadline_ms: u64 },
+    Released { state: Released, attempts: u32 },
+    Deleted { existed: bool },
+    Batch { items: Vec<Result<ClaimOutcome, RuleError>>, applied: bool },
+    Swept { removed: u32 },
+    /// A blank or membership entry.
+    Nothing,
+}
+
+/// A rule refused the operation; the record is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RuleError {
+    #[error("LEASE_LOST: token {token} does not hold the claim ({current})")]
+    LeaseLost { token: u64, current: Holder },
+    #[error("FINGERPRINT_MISMATCH: the key was first used with a different request fingerprint")]
+    FingerprintMismatch,
+    #[error("ALREADY_COMPLETED: token {token} already completed this record with a different result")]
+    AlreadyCompleted { token: u64 },
+    /// In an all-or-nothing batch, an item that would have been acquired but
+    /// was not because another item could not be.
+    #[error("NOT_ATTEMPTED: the batch was all-or-nothing and another item was not acquired")]
+    NotAttempted,
+}
+
+/// Who holds a record now, for LEASE_LOST messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Holder {
+    Absent,
+    Claimed { owner: String, token: u64 },
+    Available,
+    Completed { token: u64 },
+    Failed,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Holder::Absent => write!(f, "the record is absent: deleted or swept"),
+            Holder::Claimed { owner, token } => {
+                write!(f, "current holder is owner {owner:?} with token {token}")
+            }
+            Holder::Available => write!(f, "the record was released and is AVAILABLE"),
+            Holder::Completed { token } => write!(f, "the record was COMPLETED by token {token}"),
+            Holder::Failed => write!(f, "the record is FAILED"),
+        }
+    }
+}
+
+/// What to do with the stored record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Keep,
+    Put(Record),
+    Remove,
+}
+
+pub type Decision = (Change, Result<Outcome, RuleError>);
+
+/// The state machine clock: never goes backwards.
+pub fn advance_clock(previous_ms: u64, stamped_ms: u64) -> u64 {
+    previous_ms.max(stamped_ms)
+}
+
+/// When retention removes this record: COMPLETED and FAILED at their
+/// deadline, AVAILABLE after being idle for the retention, IN_PROGRESS once
+/// its lease has been expired for the retention.
+pub fn expires_at(r: &Record) -> u64 {
+    match &r.state {
+        State::InProgress { lease_deadline_ms, .. } => lease_deadline_ms.saturating_add(r.retention_ms),
+        State::Available { .. } => r.updated_at_ms.saturating_add(r.retention_ms),
+        State::Completed { expires_at_ms, .. } | State::Failed { expires_at_ms, .. } => *expires_at_ms,
+    }
+}
+
+pub fn is_expired(r: &Record, now: u64) -> bool {
+    now >= expires_at(r)
+}
+
+/// True while a worker holds a live lease at time `now`.
+pub fn lease_is_live(r: &Record, now: u64) -> bool {
+    matches!(&r.state, State::InProgress { lease_deadline_ms, .. } if now < *lease_deadline_ms)
+}
+
+fn holder(cur: Option<&Record>) -> Holder {
+    match cur.map(|r| &r.state) {
+        None => Holder::Absent,
+        Some(State::InProgress { owner, token, .. }) => Holder::Claimed {
+            owner: owner.clone(),
+            token: *token,
+        },
+        Some(State::Available { .. }) => Holder::Available,
+        Some(State::Completed { token, .. }) => Holder::Completed { token: *token },
+        Some(State::Failed { .. }) => Holder::Failed,
+    }
+}
+
+fn lease_lost(token: u64, cur: Option<&Record>) -> Decision {
+    (Change::Keep, Err(RuleError::LeaseLost { token, current: holder(cur) }))
+}
+
+/// Decide one operation on one record. `index` is the log index of the entry
+/// carrying it: the fencing token of any claim it grants.
+pub fn apply_op(cur: Option<&Record>, op: &Op, now: u64, index: u64) -> Decision {
+    match op {
+        Op::Claim(c) => {
+            let (change, out) = claim(cur, c, now, index);
+            (change, out.map(Outcome::Claim))
+        }
+        Op::Complete { token, result, code, retention_ms } => {
+            complete(cur, *token, result, *code, *retention_ms, now)
+        }
+        Op::Renew { token, lease_ms, checkpoint } => renew(cur, *token, *lease_ms, checkpoint, now),
+        Op::Release { token, error } => release(cur, *token, error, now),
+        Op::Delete => match cur {
+            Some(_) => (Change::Remove, Ok(Outcome::Deleted { existed: true })),
+            None => (Change::Keep, Ok(Outcome::Deleted { existed: false })),
+        },
+    }
+}
+
+type ClaimDecision = (Change, Result<ClaimOutcome, RuleError>);
+
+fn claim(cur: Option<&Record>, c: &Claim, now: u64, index: u64) -> ClaimDecision {
+    let Some(r) = cur else {
+        let fresh = Record {
+            state: State::Available {
+                last_owner: String::new(),
+                last_token: 0,
+                last_error: String::new(),
+                checkpoint: None,
+            },
+            fingerprint: c.fingerprint.clone(),
+            created_at_ms: now,
+            updated_at_ms: now,
+            attempts: 0,
+            max_attempts: c.max_attempts,
+            retention_ms: c.retention_ms,
+        };
+        return acquire(fresh, c, None, None, now, index);
+    };
+    if let (Some(stored), Some(given)) = (&r.fingerprint, &c.fingerprint) {
+        if stored != given {
+            return (Change::Keep, Err(RuleError::FingerprintMismatch));
+        }
+    }
+    match &r.state {
+        State::InProgress {
+            owner,
+            claim_id,
+            token,
+            lease_deadline_ms,
+            previous_owner,
+            checkpoint,
+        } => {
+            if *owner == c.owner && *claim_id == c.claim_id {
+                // A retry of the claim that holds the record: same answer.
+                let out = ClaimOutcome::Acquired {
+                    token: *token,
+                    lease_deadline_ms: *lease_deadline_ms,
+                    attempt: r.attempts,
+                    previous_owner: previous_owner.clone(),
+                    checkpoint: checkpoint.clone(),
+                };
+                return (Change::Keep, Ok(out));
+            }
+            if now < *lease_deadline_ms {
+                let out = ClaimOutcome::InProgress {
+                    owner: owner.clone(),
+                    lease_remaining_ms: lease_deadline_ms - now,
+                    attempt: r.attempts,
+                };
+                return (Change::Keep, Ok(out));
+            }
+            // The lease expired: that attempt failed; take over if allowed.
+            if attempts_exhausted(r) {
+                let error = format!("lease of owner {owner:?} (token {token}) expired");
+                let failed = fail(r, owner, *token, &error, now);
+                let out = ClaimOutcome::Failed {
+                    attempts: r.attempts,
+                    last_error: error,
+                };
+                return (Change::Put(failed), Ok(out));
+            }
+            acquire(r.clone(), c, Some(owner.clone()), checkpoint.clone(), now, index)
+        }
+        State::Available { last_owner, checkpoint, .. } => {
+            let prev = (!last_owner.is_empty()).then(|| last_owner.clone());
+            acquire(r.clone(), c, prev, checkpoint.clone(), now, index)
+        }
+        State::Completed {
+            token,
+            result,
+            code,
+            completed_at_ms,
+            ..
+        } => {
+            let out = ClaimOutcome::Completed {
+                result: result.clone(),
+                code: *code,
+                completed_at_ms: *completed_at_ms,
+                token: *token,
+            };
+            (Change::Keep, Ok(out))
+        }
+        State::Failed { last_error, .. } => {
+            let out = ClaimOutcome::Failed {
+                attempts: r.attempts,
+                last_error: last_error.clone(),
+            };
+            (Change::Keep, Ok(out))
+        }
+    }
+}
+
+fn attempts_exhausted(r: &Record) -> bool {
+    r.max_attempts > 0 && r.attempts >= r.max_attempts
+}
+
+fn acquire(
+    mut r: Record,
+    c: &Claim,
+    previous_owner: Option<String>,
+    checkpoint: Option<Vec<u8>>,
+    now: u64,
+    index: u64,
+) -> ClaimDecision {
+    let lease_deadline_ms = now.saturating_add(c.lease_ms);
+    r.attempts += 1;
+    r.updated_at_ms = now;
+    if r.fingerprint.is_none() {
+        r.fingerprint = c.fingerprint.clone();
+    }
+    r.state = State::InProgress {
+        owner: c.owner.clone(),
+        claim_id: c.claim_id.clone(),
+        token: index,
+        lease_deadline_ms,
+        previous_owner: previous_owner.clone(),
+        checkpoint: checkpoint.clone(),
+    };
+    let out = ClaimOutcome::Acquired {
+        token: index,
+        lease_deadline_ms,
+        attempt: r.attempts,
+        previous_owner,
+        checkpoint,
+    };
+    (Change::Put(r), Ok(out))
+}
+
+fn fail(r: &Record, owner: &str, token: u64, error: &str, now: u64) -> Record {
+    let mut f = r.clone();
+    f.updated_at_ms = now;
+    f.state = State::Failed {
+        last_owner: owner.to_string(),
+        last_token: token,
+        last_error: error.to_string(),
+        expires_at_ms: now.saturating_add(r.retention_ms),
+    };
+    f
+}
+
+fn complete(
+    cur: Option<&Record>,
+    token: u64,
+    result: &[u8],
+    code: Option<i32>,
+    retention_ms: Option<u64>,
+    now: u64,
+) -> Decision {
+    match cur.map(|r| (r, &r.state)) {
+        Some((r, State::InProgress { token: held, .. })) if *held == token => {
+            let expires_at_ms = now.saturating_add(retention_ms.unwrap_or(r.retention_ms));
+            let mut done = r.clone();
+            done.updated_at_ms = now;
+            if let Some(ms) = retention_ms {
+                done.retention_ms = ms;
+            }
+            done.state = State::Completed {
+                token,
+                result: result.to_vec(),
+                code,
+                completed_at_ms: now,
+                expires_at_ms,
+            };
+            let out = Outcome::Completed {
+                completed_at_ms: now,
+                expires_at_ms,
+            };
+            (Change::Put(done), Ok(out))
+        }
+        Some((
+            _,
+            State::Completed {
+                token: by,
+                result: saved,
+                code: saved_code,
+                completed_at_ms,
+                expires_at_ms,
+            },
+        )) if *by == token => {
+            if saved.as_slice() == result && *saved_code == code {
+                let out = Outcome::Completed {
+                    completed_at_ms: *completed_at_ms,
+                    expires_at_ms: *expires_at_ms,
+                };
+                (Change::Keep, Ok(out))
+            } else {
+                (Change::Keep, Err(RuleError::AlreadyCompleted { token }))
+            }
+        }
+        _ => lease_lost(token, cur),
+    }
+}
+
+fn renew(cur: Option<&Record>, token: u64, lease_ms: u64, checkpoint: &Option<Vec<u8>>, now: u64) -> Decision {
+    let Some(r) = cur else {
+        return lease_lost(token, cur);
+    };
+    let State::InProgress {
+        token: held,
+        checkpoint: stored,
+        lease_deadline_ms,
+        ..
+    } = &r.state
+    else {
+        return lease_lost(token, cur);
+    };
+    if *held != token {
+        return lease_lost(token, cur);
+    }
+    // A renewal never shortens a lease: a delayed duplicate heartbeat must
+    // not take away time a later one granted.
+    let deadline = now.saturating_add(lease_ms).max(*lease_deadline_ms);
+    let mut next = r.clone();
+    next.updated_at_ms = now;
+    if let State::InProgress {
+        lease_deadline_ms,
+        checkpoint: cp,
+        ..
+    } = &mut next.state
+    {
+        *lease_deadline_ms = deadline;
+        if checkpoint.is_some() {
+            *cp = checkpoint.clone();
+        } else {
+            *cp = stored.clone();
+        }
+    }
+    (
+        Change::Put(next),
+        Ok(Outcome::Renewed {
+            lease_deadline_ms: deadline,
+        }),
+    )
+}
+
+fn release(cur: Option<&Record>, token: u64, error: &str, now: u64) -> Decision {
+    let Some(r) = cur else {
+        return lease_lost(token, cur);
+    };
+    match &r.state {
+        State::InProgress {
+            owner,
+            token: held,
+            checkpoint,
+            ..
+        } if *held == token => {
+            if attempts_exhausted(r) {
+                let failed = fail(r, owner, token, error, now);
+                let out = Outcome::Released {
+                    state: Released::Failed,
+                    attempts: r.attempts,
+                };
+                return (Change::Put(failed), Ok(out));
+            }
+            let mut next = r.clone();
+            next.updated_at_ms = now;
+            next.state = State::Available {
+                last_owner: owner.clone(),
+                last_token: token,
+                last_error: error.to_string(),
+                checkpoint: checkpoint.clone(),
+            };
+            let out = Outcome::Released {
+                state: Released::Available,
+                attempts: r.attempts,
+            };
+            (Change::Put(next), Ok(out))
+        }
+        // A retried Release of the claim that already released it.
+        State::Available { last_token, .. } if *last_token == token => {
+            let out = Outcome::Released {
+                state: Released::Available,
+                attempts: r.attempts,
+            };
+            (Change::Keep, Ok(out))
+        }
+        State::Failed { last_token, .. } if *last_token == token => {
+            let out = Outcome::Released {
+                state: Released::Failed,
+                attempts: r.attempts,
+            };
+            (Change::Keep, Ok(out))
+        }
+        _ => lease_lost(token, cur),
+    }
+}
+
+/// Decide a batch of claims carried by one entry. `current[i]` is the stored
+/// record of `claims[i]`'s key; keys are distinct (the API edge rejects
+/// duplicates). With `all_or_nothing`, either every item is acquired or no
+/// change is made and the items that would have been acquired report
+/// [`RuleError::NotAttempted`].
+pub fn apply_claim_batch(
+    current: &[Option<Record>],
+    claims: &[&Claim],
+    all_or_nothing: bool,
+    now: u64,
+    index: u64,
+) -> (Vec<Change>, Outcome) {
+    let decisions: Vec<ClaimDecision> = current
+        .iter()
+        .zip(claims)
+        .map(|(cur, c)| claim(cur.as_ref(), c, now, index))
+        .collect();
+    let all_acquired = decisions
+        .iter()
+        .all(|(_, out)| matches!(out, Ok(ClaimOutcome::Acquired { .. })));
+    if all_or_nothing && !all_acquired {
+        let items = decisions
+            .into_iter()
+            .map(|(_, out)| match out {
+                Ok(ClaimOutcome::Acquired { .. }) => Err(RuleError::NotAttempted),
+                other => other,
+            })
+            .collect();
+        let changes = vec![Change::Keep; current.len()];
+        return (changes, Outcome::Batch { items, applied: false });
+    }
+    let (changes, items) = decisions.into_iter().unzip();
+    (changes, Outcome::Batch { items, applied: true })
+}
+
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match &self.command {
+            Command::Op { op, .. } => match op {
+                Op::Claim(_) => "claim",
+                Op::Complete { .. } => "complete",
+                Op::Renew { .. } => "renew",
+                Op::Release { .. } => "release",
+                Op::Delete => "delete",
+            },
+            Command::ClaimBatch { .. } => "claim-batch",
+            Command::Sweep { .. } => "sweep",
+        };
+        write!(f, "{what}@{}", self.stamped_ms)
+    }
+}

@@ -1,0 +1,153 @@
+//! Real durability on top of sled, with group commit.
+//!
+//! sled's `flush` ends in `sync_file_range` on Linux, which neither flushes
+//! the disk cache nor file metadata, and sled never fsyncs its blob files
+//! (values too large for a log segment). [`Syncer`] therefore follows every
+//! flush with `sync_data` on the database file and on any blob file written
+//! since the last sync, plus the blob directory itself.
+//!
+//! One background thread does the syncing. Raft appends hand it their
+//! completion callbacks; it drains everything queued, makes one
+//! flush+fsync that covers all of it, then completes the callbacks in order.
+//! That is what lets one fsync acknowledge many claims.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Mutex;
+
+/// Something waiting for the data written before it to be durable.
+pub enum Waiter {
+    Callback(Box<dyn FnOnce(io::Result<()>) + Send>),
+    Channel(tokio::sync::oneshot::Sender<io::Result<()>>),
+}
+
+impl Waiter {
+    fn done(self, res: io::Result<()>) {
+        match self {
+            Waiter::Callback(f) => f(res),
+            Waiter::Channel(tx) => {
+                let _ = tx.send(res);
+            }
+        }
+    }
+}
+
+fn clone_err(e: &io::Error) -> io::Error {
+    io::Error::new(e.kind(), e.to_string())
+}
+
+/// Makes everything written to the sled database so far durable.
+pub struct Syncer {
+    db: sled::Db,
+    data_file: File,
+    blob_dir: PathBuf,
+    /// Blob files already synced, with the length they had then.
+    synced_blobs: Mutex<HashMap<std::ffi::OsString, u64>>,
+    queue: Mutex<Option<mpsc::Sender<Waiter>>>,
+}
+
+impl Syncer {
+    pub fn open(db: sled::Db, dir: &Path) -> io::Result<std::sync::Arc<Syncer>> {
+        let data_file = File::open(dir.join("db"))?;
+        let (tx, rx) = mpsc::channel::<Waiter>();
+        let syncer = std::sync::Arc::new(Syncer {
+            db,
+            data_file,
+            blob_dir: dir.join("blobs"),
+            synced_blobs: Mutex::new(HashMap::new()),
+            queue: Mutex::new(Some(tx)),
+        });
+        // The directory entries of the files sled created must be durable too.
+        File::open(dir)?.sync_all()?;
+        let worker = std::sync::Arc::downgrade(&syncer);
+        std::thread::Builder::new()
+            .name("idemkv-fsync".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(rx.try_iter());
+                    let res = match worker.upgrade() {
+                        Some(s) => s.sync_now(),
+                        None => Err(io::Error::other("store closed")),
+                    };
+                    for w in batch {
+                        w.done(res.as_ref().map(|_| ()).map_err(clone_err));
+                    }
+                }
+            })?;
+        Ok(syncer)
+    }
+
+    /// Queue `w` to be completed after the next flush+fsync.
+    pub fn submit(&self, w: Waiter) {
+        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        match queue.as_ref() {
+            Some(tx) => {
+                if let Err(mpsc::SendError(w)) = tx.send(w) {
+                    w.done(Err(io::Error::other("fsync thread stopped")));
+                }
+            }
+            None => w.done(Err(io::Error::other("store closed"))),
+        }
+    }
+
+    /// Wait until everything written so far is durable.
+    pub async fn sync(&self) -> io::Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(Waiter::Channel(tx));
+        rx.await.map_err(|_| io::Error::other("fsync thread stopped"))?
+    }
+
+    /// Flush sled, then fsync for real. Blocking.
+    pub fn sync_now(&self) -> io::Result<()> {
+        self.db.flush().map_err(sled_err)?;
+        self.data_file.sync_data()?;
+        self.sync_blobs()
+    }
+
+    fn sync_blobs(&self) -> io::Result<()> {
+        let entries = match std::fs::read_dir(&self.blob_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut synced = self.synced_blobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut present = HashMap::new();
+        let mut any_new = false;
+        for entry in entries {
+            let entry = entry?;
+            let len = entry.metadata()?.len();
+            let name = entry.file_name();
+            if synced.get(&name) != Some(&len) {
+                match File::open(entry.path()) {
+                    Ok(f) => f.sync_data()?,
+                    // sled garbage-collected it meanwhile.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                any_new = true;
+            }
+            present.insert(name, len);
+        }
+        if any_new {
+            File::open(&self.blob_dir)?.sync_all()?;
+        }
+        *synced = present;
+        Ok(())
+    }
+
+    /// Stop the fsync thread once the queue drains.
+    pub fn close(&self) {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+pub fn sled_err(e: sled::Error) -> io::Error {
+    match e {
+        sled::Error::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    }
+}

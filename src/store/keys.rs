@@ -1,0 +1,75 @@
+//! Key layout of the state machine tree `sm`:
+//!
+//! | prefix | key                              | value                      |
+//! |--------|----------------------------------|----------------------------|
+//! | `r`    | namespace `\0` key               | the [`Record`], encoded    |
+//! | `x`    | expiry (u64 BE) namespace `\0` key | empty: the expiry index  |
+//! | `m`    | name                             | applied log id, membership, clock |
+//!
+//! Namespaces cannot contain `\0` (the API edge allows `[A-Za-z0-9_.-]`), so
+//! the separator is unambiguous, and big-endian expiry times sort in time
+//! order, which is what lets a sweep read the index from its start.
+//!
+//! [`Record`]: crate::record::Record
+
+use crate::record::RecordKey;
+
+pub const RECORD: u8 = b'r';
+pub const EXPIRY: u8 = b'x';
+pub const APPLIED: &[u8] = b"m:applied";
+pub const MEMBERSHIP: &[u8] = b"m:membership";
+pub const CLOCK: &[u8] = b"m:clock";
+/// Present while a snapshot is being installed: the snapshot file name.
+pub const INSTALLING: &[u8] = b"m:installing";
+
+fn push_key(out: &mut Vec<u8>, k: &RecordKey) {
+    out.extend_from_slice(k.namespace.as_bytes());
+    out.push(0);
+    out.extend_from_slice(&k.key);
+}
+
+pub fn record(k: &RecordKey) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + k.namespace.len() + k.key.len());
+    out.push(RECORD);
+    push_key(&mut out, k);
+    out
+}
+
+pub fn expiry(at_ms: u64, k: &RecordKey) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10 + k.namespace.len() + k.key.len());
+    out.push(EXPIRY);
+    out.extend_from_slice(&at_ms.to_be_bytes());
+    push_key(&mut out, k);
+    out
+}
+
+/// The first expiry-index key strictly after time `at_ms`.
+pub fn expiry_upper(at_ms: u64) -> Vec<u8> {
+    let mut out = vec![EXPIRY];
+    out.extend_from_slice(&at_ms.saturating_add(1).to_be_bytes());
+    out
+}
+
+fn split_key(bytes: &[u8]) -> Option<RecordKey> {
+    let sep = bytes.iter().position(|b| *b == 0)?;
+    let namespace = String::from_utf8(bytes[..sep].to_vec()).ok()?;
+    Some(RecordKey {
+        namespace,
+        key: bytes[sep + 1..].to_vec(),
+    })
+}
+
+/// The record key an expiry-index key points at.
+pub fn parse_expiry(bytes: &[u8]) -> Option<RecordKey> {
+    if bytes.len() < 9 || bytes[0] != EXPIRY {
+        return None;
+    }
+    split_key(&bytes[9..])
+}
+
+pub fn parse_record(bytes: &[u8]) -> Option<RecordKey> {
+    if bytes.first() != Some(&RECORD) {
+        return None;
+    }
+    split_key(&bytes[1..])
+}

@@ -1,0 +1,233 @@
+//! The replicated state machine in sled (`RaftStateMachine`).
+//!
+//! It carries commands from log entries to [`crate::record`] and writes the
+//! decided changes back, keeping the expiry index exact. Each entry's changes
+//! and the new `last_applied` go into one atomic sled batch. It must not
+//! decide anything itself: every rule lives in `record.rs`.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures::{Stream, TryStreamExt};
+use openraft::entry::RaftEntry;
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::OptionalSend;
+use tokio::sync::{watch, RwLock};
+
+use super::durable::{sled_err, Syncer};
+use super::keys;
+use crate::codec::{decode, encode};
+use crate::raft::{EntryPayload, LogId, Response, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::record::{self, Change, Command, Outcome, Record, RecordKey, Request};
+
+/// Handle to the state machine; cheap to clone. Reads ([`Self::get`]) go
+/// straight to sled and never wait for apply.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    pub(super) shared: Arc<Shared>,
+}
+
+pub(super) struct Shared {
+    pub(super) tree: sled::Tree,
+    pub(super) syncer: Arc<Syncer>,
+    pub(super) snapshot_dir: PathBuf,
+    /// Held for writing while entries are applied or a snapshot installed,
+    /// for reading while a snapshot is built: sled has no point-in-time
+    /// views, so this is what makes a snapshot consistent.
+    pub(super) lock: Arc<RwLock<()>>,
+    /// The state machine clock: max of every stamp applied so far.
+    pub(super) clock: AtomicU64,
+    /// Index of the last applied entry, for waiters (Await).
+    pub(super) applied: watch::Sender<u64>,
+}
+
+impl StateMachineStore {
+    pub(super) fn open(db: &sled::Db, syncer: Arc<Syncer>, snapshot_dir: PathBuf) -> io::Result<Self> {
+        std::fs::create_dir_all(&snapshot_dir)?;
+        let tree = db.open_tree("sm").map_err(sled_err)?;
+        let clock = match tree.get(keys::CLOCK).map_err(sled_err)? {
+            Some(v) => decode::<u64>(&v)?,
+            None => 0,
+        };
+        let (applied, _) = watch::channel(0);
+        let sm = StateMachineStore {
+            shared: Arc::new(Shared {
+                tree,
+                syncer,
+                snapshot_dir,
+                lock: Arc::new(RwLock::new(())),
+                clock: AtomicU64::new(clock),
+                applied,
+            }),
+        };
+        sm.finish_interrupted_install()?;
+        let applied = sm.applied_log_id()?.map_or(0, |l| l.index());
+        sm.shared.applied.send_replace(applied);
+        Ok(sm)
+    }
+
+    /// The record stored under `k`, as of the last applied entry.
+    pub fn get(&self, k: &RecordKey) -> io::Result<Option<Record>> {
+        match self.shared.tree.get(keys::record(k)).map_err(sled_err)? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The state machine clock (ms since the epoch, leader-stamped).
+    pub fn clock_ms(&self) -> u64 {
+        self.shared.clock.load(Ordering::Acquire)
+    }
+
+    /// Watch the index of the last applied entry.
+    pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
+        self.shared.applied.subscribe()
+    }
+
+    /// Whether some record's retention has passed at `now` (so a sweep has
+    /// work to do).
+    pub fn has_expired(&self, now: u64) -> io::Result<bool> {
+        let first = self
+            .shared
+            .tree
+            .range(vec![keys::EXPIRY]..keys::expiry_upper(now))
+            .next()
+            .transpose()
+            .map_err(sled_err)?;
+        Ok(first.is_some())
+    }
+
+    /// Number of stored records (a full scan: for status and tests).
+    pub fn record_count(&self) -> usize {
+        self.shared.tree.scan_prefix([keys::RECORD]).count()
+    }
+
+    pub(super) fn applied_log_id(&self) -> io::Result<Option<LogId>> {
+        match self.shared.tree.get(keys::APPLIED).map_err(sled_err)? {
+            Some(v) => decode(&v),
+            None => Ok(None),
+        }
+    }
+
+    pub(super) fn membership(&self) -> io::Result<StoredMembership> {
+        match self.shared.tree.get(keys::MEMBERSHIP).map_err(sled_err)? {
+            Some(v) => decode(&v),
+            None => Ok(StoredMembership::default()),
+        }
+    }
+
+    /// Write `change` of the record at `k` (currently `cur`) into `batch`,
+    /// keeping the expiry index in step.
+    fn stage(&self, batch: &mut sled::Batch, k: &RecordKey, cur: Option<&Record>, change: Change) -> io::Result<()> {
+        if matches!(change, Change::Keep) {
+            return Ok(());
+        }
+        if let Some(old) = cur {
+            batch.remove(keys::expiry(record::expires_at(old), k));
+        }
+        match change {
+            Change::Put(new) => {
+                batch.insert(keys::expiry(record::expires_at(&new), k), &[] as &[u8]);
+                batch.insert(keys::record(k), encode(&new)?);
+            }
+            Change::Remove => batch.remove(keys::record(k)),
+            Change::Keep => {}
+        }
+        Ok(())
+    }
+
+    fn apply_request(&self, batch: &mut sled::Batch, req: Request, index: u64) -> io::Result<Response> {
+        let now = record::advance_clock(self.clock_ms(), req.stamped_ms);
+        self.shared.clock.store(now, Ordering::Release);
+        batch.insert(keys::CLOCK, encode(&now)?);
+        match req.command {
+            Command::Op { key, op } => {
+                let cur = self.get(&key)?;
+                let (change, out) = record::apply_op(cur.as_ref(), &op, now, index);
+                self.stage(batch, &key, cur.as_ref(), change)?;
+                Ok(out)
+            }
+            Command::ClaimBatch { items, all_or_nothing } => {
+                let current = items.iter().map(|(k, _)| self.get(k)).collect::<io::Result<Vec<_>>>()?;
+                let claims: Vec<_> = items.iter().map(|(_, c)| c).collect();
+                let (changes, out) = record::apply_claim_batch(&current, &claims, all_or_nothing, now, index);
+                for (((k, _), cur), change) in items.iter().zip(&current).zip(changes) {
+                    self.stage(batch, k, cur.as_ref(), change)?;
+                }
+                Ok(Ok(out))
+            }
+            Command::Sweep { limit } => {
+                let mut removed = 0;
+                let due = self.shared.tree.range(vec![keys::EXPIRY]..keys::expiry_upper(now));
+                for item in due.take(limit as usize) {
+                    let (ek, _) = item.map_err(sled_err)?;
+                    let cur = match keys::parse_expiry(&ek) {
+                        Some(k) => self.get(&k)?.map(|r| (k, r)),
+                        None => None,
+                    };
+                    match cur {
+                        Some((k, r)) if record::is_expired(&r, now) => {
+                            self.stage(batch, &k, Some(&r), Change::Remove)?;
+                            removed += 1;
+                        }
+                        // An index entry with no matching record: drop it.
+                        _ => batch.remove(ek),
+                    }
+                }
+                Ok(Ok(Outcome::Swept { removed }))
+            }
+        }
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotData = std::fs::File;
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        Ok((self.applied_log_id()?, self.membership()?))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        let lock = self.shared.lock.clone();
+        let _guard = lock.write().await;
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let log_id = entry.log_id();
+            let mut batch = sled::Batch::default();
+            let response = match entry.payload {
+                EntryPayload::Blank => Ok(Outcome::Nothing),
+                EntryPayload::Normal(req) => self.apply_request(&mut batch, req, log_id.index())?,
+                EntryPayload::Membership(m) => {
+                    let stored = StoredMembership::new(Some(log_id.clone()), m);
+                    batch.insert(keys::MEMBERSHIP, encode(&stored)?);
+                    Ok(Outcome::Nothing)
+                }
+            };
+            batch.insert(keys::APPLIED, encode(&Some(log_id.clone()))?);
+            self.shared.tree.apply_batch(batch).map_err(sled_err)?;
+            self.shared.applied.send_replace(log_id.index());
+            if let Some(responder) = responder {
+                responder.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: std::fs::File) -> Result<(), io::Error> {
+        self.install(meta, snapshot).await
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<crate::raft::Snapshot>, io::Error> {
+        self.current_snapshot()
+    }
+}
