@@ -1,0 +1,164 @@
+//! The peer network client: openraft's `RaftNetworkV2` over tonic, with one
+//! cached channel per peer (tonic channels multiplex and reconnect by
+//! themselves). Messages are openraft's own types, bincode-encoded in the
+//! opaque `Payload` of `raft.proto`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::OptionalSend;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{NodeId, PeerNode, Snapshot, TypeConfig, Vote};
+use crate::codec::{decode, encode};
+use crate::pb::peer::raft_peer_client::RaftPeerClient;
+use crate::pb::peer::{Payload, SnapshotChunk};
+
+/// Largest peer message accepted or sent (a batch of big results).
+pub const MAX_PEER_MESSAGE: usize = 256 * 1024 * 1024;
+const SNAPSHOT_CHUNK: usize = 1024 * 1024;
+
+/// Hands out the cached channel of each peer.
+#[derive(Clone, Default)]
+pub struct Peers {
+    channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
+}
+
+impl Peers {
+    /// The gRPC client of peer `id` at `raft_addr` (reusing its channel).
+    pub fn client(&self, id: NodeId, raft_addr: &str) -> Result<RaftPeerClient<Channel>, tonic::Status> {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let channel = match map.get(&id) {
+            Some((addr, ch)) if addr == raft_addr => ch.clone(),
+            _ => {
+                let ch = Endpoint::from_shared(format!("http://{raft_addr}"))
+                    .map_err(|e| tonic::Status::invalid_argument(format!("peer address {raft_addr:?}: {e}")))?
+                    .connect_timeout(Duration::from_millis(500))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(5))
+                    .connect_lazy();
+                map.insert(id, (raft_addr.to_string(), ch.clone()));
+                ch
+            }
+        };
+        Ok(RaftPeerClient::new(channel)
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE))
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Peers {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> PeerConnection {
+        PeerConnection {
+            client: self.client(target, &node.raft_addr),
+        }
+    }
+}
+
+pub struct PeerConnection {
+    client: Result<RaftPeerClient<Channel>, tonic::Status>,
+}
+
+fn status_to_rpc(s: tonic::Status) -> RPCError<TypeConfig> {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            RPCError::Unreachable(Unreachable::new(&s))
+        }
+        _ => RPCError::Network(NetworkError::new(&s)),
+    }
+}
+
+fn io_to_rpc(e: std::io::Error) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::new(&e))
+}
+
+impl PeerConnection {
+    fn client(&self) -> Result<RaftPeerClient<Channel>, RPCError<TypeConfig>> {
+        self.client.clone().map_err(status_to_rpc)
+    }
+
+    fn request(data: Vec<u8>, ttl: Duration) -> tonic::Request<Payload> {
+        let mut req = tonic::Request::new(Payload { data });
+        req.set_timeout(ttl);
+        req
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerConnection {
+    type SnapshotData = std::fs::File;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = Self::request(encode(&rpc).map_err(io_to_rpc)?, option.hard_ttl());
+        let resp = self.client()?.append_entries(req).await.map_err(status_to_rpc)?;
+        decode(&resp.into_inner().data).map_err(io_to_rpc)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = Self::request(encode(&rpc).map_err(io_to_rpc)?, option.hard_ttl());
+        let resp = self.client()?.vote(req).await.map_err(status_to_rpc)?;
+        decode(&resp.into_inner().data).map_err(io_to_rpc)
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = Self::request(encode(&rpc).map_err(io_to_rpc)?, option.hard_ttl());
+        let resp = self.client()?.pre_vote(req).await.map_err(status_to_rpc)?;
+        decode(&resp.into_inner().data).map_err(io_to_rpc)
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let net = |e: std::io::Error| StreamingError::Network(NetworkError::new(&e));
+        let mut client = self.client.clone().map_err(|s| StreamingError::Unreachable(Unreachable::new(&s)))?;
+        let meta = encode(&(vote, snapshot.meta.clone())).map_err(net)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(4);
+        let mut file = snapshot.snapshot;
+        // Read the file on a blocking thread, one chunk at a time.
+        let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let mut first = Some(meta);
+            loop {
+                let mut buf = vec![0u8; SNAPSHOT_CHUNK];
+                let n = file.read(&mut buf)?;
+                buf.truncate(n);
+                let chunk = SnapshotChunk {
+                    meta: first.take().unwrap_or_default(),
+                    data: buf,
+                };
+                if tx.blocking_send(chunk).is_err() || n == 0 {
+                    return Ok(());
+                }
+            }
+        });
+        let upload = client.install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let resp = tokio::select! {
+            r = upload => r.map_err(|s| StreamingError::Network(NetworkError::new(&s)))?,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        reader.await.map_err(|e| net(std::io::Error::other(e)))?.map_err(net)?;
+        decode(&resp.into_inner().data).map_err(net)
+    }
+}

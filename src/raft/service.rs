@@ -1,0 +1,90 @@
+//! The peer gRPC service (`idemkv.raft.v1.RaftPeer`): receives Raft messages
+//! from other nodes and requests forwarded by followers. Served on the peer
+//! port only.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::consensus::{Consensus, Forwarded};
+use super::{Snapshot, SnapshotMeta, Vote};
+use crate::codec::{decode, encode};
+use crate::pb::peer::raft_peer_server::RaftPeer;
+use crate::pb::peer::{Payload, SnapshotChunk};
+
+pub struct PeerService {
+    consensus: Arc<Consensus>,
+    /// Where incoming snapshots are spooled before install.
+    spool_dir: std::path::PathBuf,
+}
+
+impl PeerService {
+    pub fn new(consensus: Arc<Consensus>, spool_dir: std::path::PathBuf) -> Self {
+        PeerService { consensus, spool_dir }
+    }
+}
+
+fn bad(e: std::io::Error) -> Status {
+    Status::invalid_argument(format!("undecodable peer message: {e}"))
+}
+
+fn reply<T: serde::Serialize>(v: &T) -> Result<Response<Payload>, Status> {
+    let data = encode(v).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(Payload { data }))
+}
+
+fn raft_err(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let rpc = decode(&req.into_inner().data).map_err(bad)?;
+        let resp = self.consensus.raft.append_entries(rpc).await.map_err(raft_err)?;
+        reply(&resp)
+    }
+
+    async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let rpc = decode(&req.into_inner().data).map_err(bad)?;
+        let resp = self.consensus.raft.vote(rpc).await.map_err(raft_err)?;
+        reply(&resp)
+    }
+
+    async fn pre_vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let rpc = decode(&req.into_inner().data).map_err(bad)?;
+        let resp = self.consensus.raft.pre_vote(rpc).await.map_err(raft_err)?;
+        reply(&resp)
+    }
+
+    async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<Payload>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let (vote, meta): (Vote, SnapshotMeta) = decode(&first.meta).map_err(bad)?;
+        std::fs::create_dir_all(&self.spool_dir).map_err(|e| Status::internal(e.to_string()))?;
+        let mut file = tempfile::tempfile_in(&self.spool_dir).map_err(|e| Status::internal(e.to_string()))?;
+        file.write_all(&first.data).map_err(|e| Status::internal(e.to_string()))?;
+        while let Some(chunk) = stream.next().await {
+            file.write_all(&chunk?.data)
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        let snapshot = Snapshot { meta, snapshot: file };
+        let resp = self
+            .consensus
+            .raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(raft_err)?;
+        reply(&resp)
+    }
+
+    async fn forward(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let fwd: Forwarded = decode(&req.into_inner().data).map_err(bad)?;
+        reply(&self.consensus.serve_forwarded(fwd).await)
+    }
+}

@@ -1,0 +1,94 @@
+//! The `idemkv.v1.Cluster` service: status, membership, snapshots.
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::status::to_status;
+use crate::error::Error;
+use crate::pb::api::{self, cluster_server::Cluster};
+use crate::raft::consensus::Consensus;
+use crate::raft::PeerNode;
+
+pub struct ClusterService {
+    consensus: Arc<Consensus>,
+    api_addr: String,
+}
+
+impl ClusterService {
+    pub fn new(consensus: Arc<Consensus>, api_addr: String) -> Self {
+        ClusterService { consensus, api_addr }
+    }
+
+    fn members(&self) -> Vec<api::Member> {
+        self.consensus
+            .status()
+            .members
+            .into_iter()
+            .map(|m| api::Member {
+                id: m.id,
+                api_addr: m.node.api_addr,
+                raft_addr: m.node.raft_addr,
+                voter: m.voter,
+            })
+            .collect()
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn status(&self, _: Request<api::StatusRequest>) -> Result<Response<api::StatusResponse>, Status> {
+        let s = self.consensus.status();
+        Ok(Response::new(api::StatusResponse {
+            id: s.id,
+            role: s.role,
+            leader_id: s.leader.as_ref().map(|(id, _)| *id),
+            leader_api_addr: s.leader.map(|(_, n)| n.api_addr).unwrap_or_default(),
+            term: s.term,
+            commit_index: s.commit_index,
+            applied_index: s.applied_index,
+            last_log_index: s.last_log_index,
+            members: self.members(),
+            snapshot_index: s.snapshot_index,
+            api_addr: self.api_addr.clone(),
+        }))
+    }
+
+    async fn add_learner(
+        &self,
+        req: Request<api::AddLearnerRequest>,
+    ) -> Result<Response<api::MembershipResponse>, Status> {
+        let r = req.into_inner();
+        if r.api_addr.is_empty() || r.raft_addr.is_empty() {
+            return Err(to_status(Error::invalid("api_addr", "api_addr and raft_addr are both required")));
+        }
+        let node = PeerNode {
+            api_addr: r.api_addr,
+            raft_addr: r.raft_addr,
+        };
+        self.consensus.add_learner(r.id, node).await.map_err(to_status)?;
+        Ok(Response::new(api::MembershipResponse { members: self.members() }))
+    }
+
+    async fn change_membership(
+        &self,
+        req: Request<api::ChangeMembershipRequest>,
+    ) -> Result<Response<api::MembershipResponse>, Status> {
+        let r = req.into_inner();
+        if r.voters.is_empty() {
+            return Err(to_status(Error::invalid("voters", "at least one voter is required")));
+        }
+        self.consensus
+            .change_membership(r.voters, r.retain)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(api::MembershipResponse { members: self.members() }))
+    }
+
+    async fn trigger_snapshot(
+        &self,
+        _: Request<api::TriggerSnapshotRequest>,
+    ) -> Result<Response<api::TriggerSnapshotResponse>, Status> {
+        self.consensus.trigger_snapshot().await.map_err(to_status)?;
+        Ok(Response::new(api::TriggerSnapshotResponse {}))
+    }
+}

@@ -1,0 +1,178 @@
+//! The `idemkv.v1.Idempotency` service: validate, carry the command to the
+//! Raft group, turn the outcome into a reply. No rule of the record model
+//! lives here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::status::to_status;
+use super::{convert, validate};
+use crate::config::Limits;
+use crate::error::Error;
+use crate::pb::api::{self, idempotency_server::Idempotency};
+use crate::raft::consensus::{wall_clock_ms, Consensus};
+use crate::record::{self, Command, Op, Outcome, RecordKey};
+
+pub struct IdempotencyService {
+    consensus: Arc<Consensus>,
+    limits: Limits,
+}
+
+impl IdempotencyService {
+    pub fn new(consensus: Arc<Consensus>, limits: Limits) -> Self {
+        IdempotencyService { consensus, limits }
+    }
+
+    async fn op(&self, key: RecordKey, op: Op) -> Result<Outcome, Status> {
+        self.consensus.write(Command::Op { key, op }).await.map_err(to_status)
+    }
+}
+
+fn unexpected(o: Outcome) -> Status {
+    to_status(Error::Internal(format!("unexpected outcome {o:?}")))
+}
+
+fn not_found(k: &RecordKey) -> Status {
+    to_status(Error::NotFound(format!(
+        "no record for namespace {:?} key {:?}",
+        k.namespace,
+        String::from_utf8_lossy(&k.key)
+    )))
+}
+
+#[tonic::async_trait]
+impl Idempotency for IdempotencyService {
+    #[instrument(level = "debug", skip_all, fields(ns = %req.get_ref().namespace))]
+    async fn claim(&self, req: Request<api::ClaimRequest>) -> Result<Response<api::ClaimResponse>, Status> {
+        let (key, claim) = validate::claim(&self.limits, req.get_ref()).map_err(to_status)?;
+        match self.op(key, Op::Claim(claim)).await? {
+            Outcome::Claim(o) => Ok(Response::new(api::ClaimResponse {
+                outcome: Some(convert::claim_outcome(o)),
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    #[instrument(level = "debug", skip_all, fields(items = req.get_ref().items.len()))]
+    async fn claim_batch(
+        &self,
+        req: Request<api::ClaimBatchRequest>,
+    ) -> Result<Response<api::ClaimBatchResponse>, Status> {
+        let items = validate::claim_batch(&self.limits, req.get_ref()).map_err(to_status)?;
+        let command = Command::ClaimBatch {
+            items,
+            all_or_nothing: req.get_ref().all_or_nothing,
+        };
+        match self.consensus.write(command).await.map_err(to_status)? {
+            Outcome::Batch { items, applied } => Ok(Response::new(api::ClaimBatchResponse {
+                items: items.into_iter().map(convert::batch_item).collect(),
+                applied,
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ns = %req.get_ref().namespace, token = req.get_ref().token))]
+    async fn complete(&self, req: Request<api::CompleteRequest>) -> Result<Response<api::CompleteResponse>, Status> {
+        let (key, op) = validate::complete(&self.limits, req.get_ref()).map_err(to_status)?;
+        match self.op(key, op).await? {
+            Outcome::Completed {
+                completed_at_ms,
+                expires_at_ms,
+            } => Ok(Response::new(api::CompleteResponse {
+                completed_at_ms,
+                expires_at_ms,
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ns = %req.get_ref().namespace, token = req.get_ref().token))]
+    async fn renew(&self, req: Request<api::RenewRequest>) -> Result<Response<api::RenewResponse>, Status> {
+        let (key, op) = validate::renew(&self.limits, req.get_ref()).map_err(to_status)?;
+        match self.op(key, op).await? {
+            Outcome::Renewed { lease_deadline_ms } => Ok(Response::new(api::RenewResponse { lease_deadline_ms })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ns = %req.get_ref().namespace, token = req.get_ref().token))]
+    async fn release(&self, req: Request<api::ReleaseRequest>) -> Result<Response<api::ReleaseResponse>, Status> {
+        let (key, op) = validate::release(&self.limits, req.get_ref()).map_err(to_status)?;
+        match self.op(key, op).await? {
+            Outcome::Released { state, attempts } => Ok(Response::new(api::ReleaseResponse {
+                state: match state {
+                    record::Released::Available => api::RecordState::Available as i32,
+                    record::Released::Failed => api::RecordState::Failed as i32,
+                },
+                attempts,
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ns = %req.get_ref().namespace))]
+    async fn get(&self, req: Request<api::GetRequest>) -> Result<Response<api::GetResponse>, Status> {
+        let r = req.get_ref();
+        let key = validate::key(&self.limits, &r.namespace, &r.key).map_err(to_status)?;
+        let linearizable = r.consistency != api::Consistency::Serializable as i32;
+        match self.consensus.get(&key, linearizable).await.map_err(to_status)? {
+            Some(rec) => Ok(Response::new(api::GetResponse {
+                record: Some(convert::record(&key, &rec)),
+            })),
+            None => Err(not_found(&key)),
+        }
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ns = %req.get_ref().namespace))]
+    async fn r#await(&self, req: Request<api::AwaitRequest>) -> Result<Response<api::AwaitResponse>, Status> {
+        let r = req.get_ref();
+        let key = validate::key(&self.limits, &r.namespace, &r.key).map_err(to_status)?;
+        let timeout = validate::await_timeout(&self.limits, r.timeout_ms).map_err(to_status)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout);
+        // Start from a linearizable view, then follow the local replica.
+        self.consensus.read_index().await.map_err(to_status)?;
+        let mut applied = self.consensus.sm.subscribe_applied();
+        loop {
+            let Some(rec) = self.consensus.sm.get(&key).map_err(|e| to_status(e.into()))? else {
+                return Err(not_found(&key));
+            };
+            let now = wall_clock_ms();
+            let live = record::lease_is_live(&rec, now);
+            let timed_out = tokio::time::Instant::now() >= deadline;
+            if !live || timed_out {
+                return Ok(Response::new(api::AwaitResponse {
+                    record: Some(convert::record(&key, &rec)),
+                    timed_out: live,
+                }));
+            }
+            // Wake on the next applied entry, at lease expiry, or at the deadline.
+            let lease_left = match &rec.state {
+                record::State::InProgress { lease_deadline_ms, .. } => lease_deadline_ms.saturating_sub(now),
+                _ => 0,
+            };
+            let wake = deadline.min(tokio::time::Instant::now() + Duration::from_millis(lease_left));
+            tokio::select! {
+                changed = applied.changed() => {
+                    if changed.is_err() {
+                        return Err(to_status(Error::Internal("state machine closed".into())));
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ns = %req.get_ref().namespace))]
+    async fn delete(&self, req: Request<api::DeleteRequest>) -> Result<Response<api::DeleteResponse>, Status> {
+        let r = req.get_ref();
+        let key = validate::key(&self.limits, &r.namespace, &r.key).map_err(to_status)?;
+        match self.op(key, Op::Delete).await? {
+            Outcome::Deleted { existed } => Ok(Response::new(api::DeleteResponse { existed })),
+            other => Err(unexpected(other)),
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! The one mapping from [`Error`] to `tonic::Status`. Rule errors carry their
+//! reason (`LEASE_LOST`, `FINGERPRINT_MISMATCH`, `ALREADY_COMPLETED`) at the
+//! start of the message and in the `idemkv-reason` metadata entry.
+
+use tonic::{Code, Status};
+
+use crate::error::Error;
+use crate::record::RuleError;
+
+pub const REASON_HEADER: &str = "idemkv-reason";
+
+pub fn reason(e: &RuleError) -> &'static str {
+    match e {
+        RuleError::LeaseLost { .. } => "LEASE_LOST",
+        RuleError::FingerprintMismatch => "FINGERPRINT_MISMATCH",
+        RuleError::AlreadyCompleted { .. } => "ALREADY_COMPLETED",
+        RuleError::NotAttempted => "NOT_ATTEMPTED",
+    }
+}
+
+pub fn to_status(e: Error) -> Status {
+    let (code, reason) = match &e {
+        Error::InvalidArgument { .. } => (Code::InvalidArgument, None),
+        Error::TooLarge { .. } => (Code::ResourceExhausted, None),
+        Error::Rule(r) => (Code::FailedPrecondition, Some(reason(r))),
+        Error::NotFound(_) => (Code::NotFound, None),
+        Error::Unavailable(_) => (Code::Unavailable, None),
+        Error::Internal(_) => (Code::Internal, None),
+    };
+    let mut status = Status::new(code, e.to_string());
+    if let Some(r) = reason {
+        if let Ok(v) = r.parse() {
+            status.metadata_mut().insert(REASON_HEADER, v);
+        }
+    }
+    status
+}

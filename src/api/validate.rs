@@ -1,0 +1,204 @@
+//! The API edge: every limit of SPEC §4 is checked here, before anything is
+//! proposed, and protobuf requests become record commands. An error names the
+//! field and the limit; a rejected request changes nothing.
+
+use crate::config::Limits;
+use crate::error::{Error, Result};
+use crate::pb::api;
+use crate::record::{Claim, Op, RecordKey};
+
+fn check_len(field: &str, len: usize, max: usize, unit: &str) -> Result<()> {
+    if len > max {
+        return Err(Error::too_large(field, format!("is {len} {unit}; the limit is {max} {unit}")));
+    }
+    Ok(())
+}
+
+pub fn key(limits: &Limits, namespace: &str, key: &[u8]) -> Result<RecordKey> {
+    if namespace.is_empty() || namespace.chars().count() > limits.namespace_max {
+        return Err(Error::invalid(
+            "namespace",
+            format!("must be 1-{} characters of [A-Za-z0-9_.-]", limits.namespace_max),
+        ));
+    }
+    if let Some(c) = namespace.chars().find(|c| !(c.is_ascii_alphanumeric() || "_.-".contains(*c))) {
+        return Err(Error::invalid(
+            "namespace",
+            format!("character {c:?} is not allowed; use [A-Za-z0-9_.-]"),
+        ));
+    }
+    if key.is_empty() {
+        return Err(Error::invalid("key", format!("must be 1-{} bytes; it is empty", limits.key_max)));
+    }
+    if key.len() > limits.key_max {
+        return Err(Error::invalid(
+            "key",
+            format!("is {} bytes; the limit is {} bytes", key.len(), limits.key_max),
+        ));
+    }
+    Ok(RecordKey {
+        namespace: namespace.to_string(),
+        key: key.to_vec(),
+    })
+}
+
+pub fn lease(limits: &Limits, field: &str, ms: u64) -> Result<u64> {
+    if ms < limits.lease_min_ms || ms > limits.lease_max_ms {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "is {ms} ms; it must be between {} ms and {} ms",
+                limits.lease_min_ms, limits.lease_max_ms
+            ),
+        ));
+    }
+    Ok(ms)
+}
+
+/// `0` means "not given"; otherwise it must be within the limits.
+pub fn retention(limits: &Limits, ms: u64) -> Result<Option<u64>> {
+    if ms == 0 {
+        return Ok(None);
+    }
+    if ms < limits.retention_min_ms || ms > limits.retention_max_ms {
+        return Err(Error::invalid(
+            "retention_ms",
+            format!(
+                "is {ms} ms; it must be between {} ms and {} ms",
+                limits.retention_min_ms, limits.retention_max_ms
+            ),
+        ));
+    }
+    Ok(Some(ms))
+}
+
+fn token(t: u64) -> Result<u64> {
+    if t == 0 {
+        return Err(Error::invalid("token", "is required (the token ACQUIRED returned)"));
+    }
+    Ok(t)
+}
+
+pub fn claim(limits: &Limits, r: &api::ClaimRequest) -> Result<(RecordKey, Claim)> {
+    let k = key(limits, &r.namespace, &r.key)?;
+    if r.owner.is_empty() {
+        return Err(Error::invalid("owner", "is required"));
+    }
+    check_len("owner", r.owner.len(), limits.owner_max, "bytes").map_err(as_invalid)?;
+    check_len("claim_id", r.claim_id.len(), limits.claim_id_max, "bytes").map_err(as_invalid)?;
+    if let Some(fp) = &r.fingerprint {
+        check_len("fingerprint", fp.len(), limits.fingerprint_max, "bytes").map_err(as_invalid)?;
+    }
+    let lease_ms = lease(limits, "lease_ms", r.lease_ms)?;
+    let retention_ms = retention(limits, r.retention_ms)?.unwrap_or(limits.retention_default_ms);
+    Ok((
+        k,
+        Claim {
+            owner: r.owner.clone(),
+            claim_id: r.claim_id.clone(),
+            lease_ms,
+            fingerprint: r.fingerprint.clone(),
+            max_attempts: r.max_attempts,
+            retention_ms,
+        },
+    ))
+}
+
+/// Short identifiers over their limit are bad input, not "too large" data.
+fn as_invalid(e: Error) -> Error {
+    match e {
+        Error::TooLarge { field, message } => Error::InvalidArgument { field, message },
+        other => other,
+    }
+}
+
+pub fn claim_batch(limits: &Limits, r: &api::ClaimBatchRequest) -> Result<Vec<(RecordKey, Claim)>> {
+    if r.items.is_empty() {
+        return Err(Error::invalid("items", "the batch is empty"));
+    }
+    if r.items.len() > limits.batch_max {
+        return Err(Error::too_large(
+            "items",
+            format!("the batch has {} items; the limit is {}", r.items.len(), limits.batch_max),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(r.items.len());
+    for (i, item) in r.items.iter().enumerate() {
+        let (k, c) = claim(limits, item).map_err(|e| match e {
+            Error::InvalidArgument { field, message } => Error::InvalidArgument {
+                field: format!("items[{i}].{field}"),
+                message,
+            },
+            Error::TooLarge { field, message } => Error::TooLarge {
+                field: format!("items[{i}].{field}"),
+                message,
+            },
+            other => other,
+        })?;
+        if !seen.insert(k.clone()) {
+            return Err(Error::invalid(
+                &format!("items[{i}].key"),
+                "appears twice in the batch; each key may be claimed once per batch",
+            ));
+        }
+        out.push((k, c));
+    }
+    Ok(out)
+}
+
+pub fn complete(limits: &Limits, r: &api::CompleteRequest) -> Result<(RecordKey, Op)> {
+    let k = key(limits, &r.namespace, &r.key)?;
+    let token = token(r.token)?;
+    check_len("result", r.result.len(), limits.result_max, "bytes")?;
+    let retention_ms = retention(limits, r.retention_ms)?;
+    Ok((
+        k,
+        Op::Complete {
+            token,
+            result: r.result.clone(),
+            code: r.code,
+            retention_ms,
+        },
+    ))
+}
+
+pub fn renew(limits: &Limits, r: &api::RenewRequest) -> Result<(RecordKey, Op)> {
+    let k = key(limits, &r.namespace, &r.key)?;
+    let token = token(r.token)?;
+    let lease_ms = lease(limits, "lease_ms", r.lease_ms)?;
+    if let Some(cp) = &r.checkpoint {
+        check_len("checkpoint", cp.len(), limits.checkpoint_max, "bytes")?;
+    }
+    Ok((
+        k,
+        Op::Renew {
+            token,
+            lease_ms,
+            checkpoint: r.checkpoint.clone(),
+        },
+    ))
+}
+
+pub fn release(limits: &Limits, r: &api::ReleaseRequest) -> Result<(RecordKey, Op)> {
+    let k = key(limits, &r.namespace, &r.key)?;
+    let token = token(r.token)?;
+    check_len("error", r.error.len(), limits.error_max, "bytes")?;
+    Ok((
+        k,
+        Op::Release {
+            token,
+            error: r.error.clone(),
+        },
+    ))
+}
+
+pub fn await_timeout(limits: &Limits, ms: u64) -> Result<u64> {
+    if ms == 0 || ms > limits.await_max_ms {
+        return Err(Error::invalid(
+            "timeout_ms",
+            format!("is {ms} ms; it must be between 1 ms and {} ms", limits.await_max_ms),
+        ));
+    }
+    Ok(ms)
+}

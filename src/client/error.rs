@@ -1,0 +1,40 @@
+//! Errors the client returns.
+use tonic::{Code, Status};
+
+use crate::api::status::REASON_HEADER;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error (after any safe retries).
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(Status),
+    #[error("bad client configuration: {0}")]
+    Config(String),
+    #[error("unexpected reply: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+
+    /// The reason of a FAILED_PRECONDITION: `LEASE_LOST`,
+    /// `FINGERPRINT_MISMATCH` or `ALREADY_COMPLETED`.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            ClientError::Status(s) => s.metadata().get(REASON_HEADER).and_then(|v| v.to_str().ok()),
+            _ => None,
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ClientError::Status(s) => s.message().to_string(),
+            other => other.to_string(),
+        }
+    }
+}

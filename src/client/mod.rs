@@ -1,0 +1,281 @@
+//! The Rust client: an endpoint list, leader discovery, and retries with
+//! backoff on `UNAVAILABLE` — only for calls SPEC §3 says are safe to retry,
+//! which is all of them because the client makes them so: a claim carries a
+//! `claim_id` fixed before the first attempt, fenced writes carry their
+//! token, reads and Delete change nothing on a repeat.
+
+mod error;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+pub use error::ClientError;
+
+use crate::pb::api::{self, cluster_client::ClusterClient, idempotency_client::IdempotencyClient};
+
+/// Retry and timeout settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Deadline of one attempt.
+    pub request_timeout: Duration,
+    /// Total time spent retrying a call before giving up with the last error.
+    pub retry_for: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            request_timeout: Duration::from_secs(10),
+            retry_for: Duration::from_secs(15),
+            backoff_initial: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(800),
+        }
+    }
+}
+
+/// A handle to an idemkv cluster; cheap to clone, safe to share.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoints: Mutex<Vec<(String, Channel)>>,
+    /// Index of the endpoint to try first (the leader, once discovered).
+    preferred: AtomicUsize,
+    opts: ClientOptions,
+}
+
+fn channel(addr: &str) -> Result<Channel, ClientError> {
+    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| ClientError::Config(format!("endpoint {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+fn retryable(s: &Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
+        || (s.code() == Code::Unknown && s.message().contains("transport"))
+}
+
+impl Client {
+    /// A client for the cluster reachable at `endpoints` (`host:port`).
+    pub fn new<S: AsRef<str>>(endpoints: impl IntoIterator<Item = S>) -> Result<Client, ClientError> {
+        Client::with_options(endpoints, ClientOptions::default())
+    }
+
+    pub fn with_options<S: AsRef<str>>(
+        endpoints: impl IntoIterator<Item = S>,
+        opts: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        let endpoints = endpoints
+            .into_iter()
+            .map(|e| {
+                let e = e.as_ref().trim().to_string();
+                channel(&e).map(|c| (e, c))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if endpoints.is_empty() {
+            return Err(ClientError::Config("no endpoints given".into()));
+        }
+        Ok(Client {
+            inner: Arc::new(Inner {
+                endpoints: Mutex::new(endpoints),
+                preferred: AtomicUsize::new(0),
+                opts,
+            }),
+        })
+    }
+
+    fn channel_at(&self, i: usize) -> (usize, Channel) {
+        let eps = self.inner.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let i = i % eps.len();
+        (i, eps[i].1.clone())
+    }
+
+    /// Ask the cluster who leads and prefer that endpoint from now on.
+    pub async fn discover_leader(&self) -> Result<(), ClientError> {
+        let status = self.status().await?;
+        if status.leader_api_addr.is_empty() {
+            return Ok(());
+        }
+        let mut eps = self.inner.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let pos = match eps.iter().position(|(a, _)| *a == status.leader_api_addr) {
+            Some(p) => p,
+            None => {
+                let ch = channel(&status.leader_api_addr)?;
+                eps.push((status.leader_api_addr.clone(), ch));
+                eps.len() - 1
+            }
+        };
+        self.inner.preferred.store(pos, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Run `call` against the preferred endpoint, moving to the next one
+    /// with backoff while the answer is retryable.
+    async fn retry<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let opts = &self.inner.opts;
+        let give_up = tokio::time::Instant::now() + opts.retry_for;
+        let mut backoff = opts.backoff_initial;
+        let mut i = self.inner.preferred.load(Ordering::Relaxed);
+        loop {
+            let (at, ch) = self.channel_at(i);
+            match call(ch, opts.request_timeout).await {
+                Ok(resp) => {
+                    self.inner.preferred.store(at, Ordering::Relaxed);
+                    return Ok(resp.into_inner());
+                }
+                Err(s) if retryable(&s) && tokio::time::Instant::now() + backoff < give_up => {
+                    tracing::debug!(code = ?s.code(), msg = s.message(), "retrying on another endpoint");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(opts.backoff_max);
+                    i = at + 1;
+                }
+                Err(s) => return Err(ClientError::Status(s)),
+            }
+        }
+    }
+
+    fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(timeout);
+        r
+    }
+
+    fn idem(ch: Channel) -> IdempotencyClient<Channel> {
+        IdempotencyClient::new(ch)
+            .max_decoding_message_size(crate::api::MAX_API_MESSAGE)
+            .max_encoding_message_size(crate::api::MAX_API_MESSAGE)
+    }
+
+    /// Claim a key. An empty `claim_id` is replaced by a fresh one, fixed for
+    /// every retry of this call, so a lost reply never locks its sender out.
+    pub async fn claim(&self, mut req: api::ClaimRequest) -> Result<api::claim_response::Outcome, ClientError> {
+        if req.claim_id.is_empty() {
+            req.claim_id = uuid::Uuid::new_v4().to_string();
+        }
+        let resp = self
+            .retry(|ch, t| {
+                let req = req.clone();
+                async move { Self::idem(ch).claim(Self::request(req, t)).await }
+            })
+            .await?;
+        resp.outcome
+            .ok_or_else(|| ClientError::Protocol("claim reply without an outcome".into()))
+    }
+
+    /// Claim many keys in one Raft entry.
+    pub async fn claim_batch(&self, mut req: api::ClaimBatchRequest) -> Result<api::ClaimBatchResponse, ClientError> {
+        for item in &mut req.items {
+            if item.claim_id.is_empty() {
+                item.claim_id = uuid::Uuid::new_v4().to_string();
+            }
+        }
+        self.retry(|ch, t| {
+            let req = req.clone();
+            async move { Self::idem(ch).claim_batch(Self::request(req, t)).await }
+        })
+        .await
+    }
+
+    pub async fn complete(&self, req: api::CompleteRequest) -> Result<api::CompleteResponse, ClientError> {
+        self.retry(|ch, t| {
+            let req = req.clone();
+            async move { Self::idem(ch).complete(Self::request(req, t)).await }
+        })
+        .await
+    }
+
+    pub async fn renew(&self, req: api::RenewRequest) -> Result<api::RenewResponse, ClientError> {
+        self.retry(|ch, t| {
+            let req = req.clone();
+            async move { Self::idem(ch).renew(Self::request(req, t)).await }
+        })
+        .await
+    }
+
+    pub async fn release(&self, req: api::ReleaseRequest) -> Result<api::ReleaseResponse, ClientError> {
+        self.retry(|ch, t| {
+            let req = req.clone();
+            async move { Self::idem(ch).release(Self::request(req, t)).await }
+        })
+        .await
+    }
+
+    /// The record, or `Ok(None)` when the key is absent.
+    pub async fn get(&self, req: api::GetRequest) -> Result<Option<api::Record>, ClientError> {
+        let res = self
+            .retry(|ch, t| {
+                let req = req.clone();
+                async move { Self::idem(ch).get(Self::request(req, t)).await }
+            })
+            .await;
+        match res {
+            Ok(r) => Ok(r.record),
+            Err(ClientError::Status(s)) if s.code() == Code::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Wait until the record leaves IN_PROGRESS or `timeout_ms` passes.
+    pub async fn r#await(&self, req: api::AwaitRequest) -> Result<api::AwaitResponse, ClientError> {
+        let wait = Duration::from_millis(req.timeout_ms);
+        self.retry(|ch, t| {
+            let req = req.clone();
+            async move { Self::idem(ch).r#await(Self::request(req, t + wait)).await }
+        })
+        .await
+    }
+
+    pub async fn delete(&self, req: api::DeleteRequest) -> Result<api::DeleteResponse, ClientError> {
+        self.retry(|ch, t| {
+            let req = req.clone();
+            async move { Self::idem(ch).delete(Self::request(req, t)).await }
+        })
+        .await
+    }
+
+    /// Status of whichever node answers first.
+    pub async fn status(&self) -> Result<api::StatusResponse, ClientError> {
+        self.retry(|ch, t| async move { ClusterClient::new(ch).status(Self::request(api::StatusRequest {}, t)).await })
+            .await
+    }
+
+    /// Status of every endpoint (an error where one does not answer).
+    pub async fn status_all(&self) -> Vec<(String, Result<api::StatusResponse, ClientError>)> {
+        let eps: Vec<(String, Channel)> = self.inner.endpoints.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let timeout = Duration::from_secs(2);
+        let calls = eps.into_iter().map(|(addr, ch)| async move {
+            let res = ClusterClient::new(ch)
+                .status(Self::request(api::StatusRequest {}, timeout))
+                .await
+                .map(|r| r.into_inner())
+                .map_err(ClientError::Status);
+            (addr, res)
+        });
+        futures::future::join_all(calls).await
+    }
+
+    /// A `Cluster` client on the preferred endpoint, for membership calls.
+    pub fn cluster(&self) -> ClusterClient<Channel> {
+        let (_, ch) = self.channel_at(self.inner.preferred.load(Ordering::Relaxed));
+        ClusterClient::new(ch)
+    }
+}

@@ -1,0 +1,97 @@
+//! Node configuration and the limits of SPEC §4.
+//!
+//! Precedence is flags, then `IDEMKV_*` environment variables, then a TOML
+//! file, then these defaults; `cli::serve` merges them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Limits enforced at the API edge before anything is proposed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    pub namespace_max: usize,
+    pub key_max: usize,
+    pub owner_max: usize,
+    pub claim_id_max: usize,
+    pub fingerprint_max: usize,
+    pub result_max: usize,
+    pub checkpoint_max: usize,
+    pub error_max: usize,
+    pub lease_min_ms: u64,
+    pub lease_max_ms: u64,
+    pub retention_min_ms: u64,
+    pub retention_max_ms: u64,
+    pub retention_default_ms: u64,
+    pub batch_max: usize,
+    pub await_max_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            namespace_max: 64,
+            key_max: 1024,
+            owner_max: 256,
+            claim_id_max: 128,
+            fingerprint_max: 256,
+            result_max: 1024 * 1024,
+            checkpoint_max: 64 * 1024,
+            error_max: 4096,
+            lease_min_ms: 100,
+            lease_max_ms: 24 * 3600 * 1000,
+            retention_min_ms: 1000,
+            retention_max_ms: 30 * 24 * 3600 * 1000,
+            retention_default_ms: 24 * 3600 * 1000,
+            batch_max: 1000,
+            await_max_ms: 300_000,
+        }
+    }
+}
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: u64,
+    /// Client API address (`127.0.0.1:0` picks a free port).
+    pub listen: String,
+    /// Peer (Raft) address.
+    pub peer_listen: String,
+    /// Address other nodes and clients should use, if not the bound one.
+    pub advertise_api: Option<String>,
+    pub advertise_peer: Option<String>,
+    pub data_dir: PathBuf,
+    pub limits: Limits,
+    pub heartbeat: Duration,
+    pub election_timeout: (Duration, Duration),
+    /// How long a request may wait for a quorum before `UNAVAILABLE`.
+    pub request_timeout: Duration,
+    /// Take a snapshot (and purge the log) every this many entries.
+    pub snapshot_every: u64,
+    /// How often the leader checks the expiry index for records to sweep.
+    pub sweep_interval: Duration,
+    /// Most records one sweep entry removes.
+    pub sweep_limit: u32,
+}
+
+impl NodeConfig {
+    pub fn new(id: u64, data_dir: impl Into<PathBuf>) -> Self {
+        NodeConfig {
+            id,
+            listen: "127.0.0.1:0".into(),
+            peer_listen: "127.0.0.1:0".into(),
+            advertise_api: None,
+            advertise_peer: None,
+            data_dir: data_dir.into(),
+            limits: Limits::default(),
+            heartbeat: Duration::from_millis(100),
+            election_timeout: (Duration::from_millis(400), Duration::from_millis(800)),
+            request_timeout: Duration::from_secs(5),
+            snapshot_every: 50_000,
+            sweep_interval: Duration::from_secs(1),
+            sweep_limit: 1000,
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! One idemkv node in-process: storage, Raft, the peer server, the client API
+//! server and the leader's retention sweeper. `Node::start` returns once both
+//! ports are bound (port 0 picks free ones); `shutdown` stops every task and
+//! leaves the data durable.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::api::{ClusterService, IdempotencyService, MAX_API_MESSAGE};
+use crate::config::NodeConfig;
+use crate::error::{Error, Result};
+use crate::pb::api::cluster_server::ClusterServer;
+use crate::pb::api::idempotency_server::IdempotencyServer;
+use crate::pb::peer::raft_peer_server::RaftPeerServer;
+use crate::raft::consensus::{wall_clock_ms, Consensus};
+use crate::raft::network::{Peers, MAX_PEER_MESSAGE};
+use crate::raft::service::PeerService;
+use crate::raft::{NodeId, PeerNode, Raft};
+use crate::record::{Command, Outcome};
+use crate::store::{Store, Syncer};
+
+pub struct Node {
+    pub id: NodeId,
+    /// The bound client API address.
+    pub api_addr: SocketAddr,
+    /// The bound peer address.
+    pub peer_addr: SocketAddr,
+    /// How clients and peers reach this node (advertised addresses).
+    pub member: PeerNode,
+    consensus: Arc<Consensus>,
+    syncer: Arc<Syncer>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Internal(format!("{what}: {e}"))
+}
+
+impl Node {
+    pub async fn start(cfg: NodeConfig) -> Result<Node> {
+        let store = Store::open(&cfg.data_dir)?;
+        let api_listener = TcpListener::bind(&cfg.listen)
+            .await
+            .map_err(|e| Error::invalid("listen", format!("cannot bind {}: {e}", cfg.listen)))?;
+        let peer_listener = TcpListener::bind(&cfg.peer_listen)
+            .await
+            .map_err(|e| Error::invalid("peer_listen", format!("cannot bind {}: {e}", cfg.peer_listen)))?;
+        let api_addr = api_listener.local_addr()?;
+        let peer_addr = peer_listener.local_addr()?;
+        let member = PeerNode {
+            api_addr: cfg.advertise_api.clone().unwrap_or_else(|| api_addr.to_string()),
+            raft_addr: cfg.advertise_peer.clone().unwrap_or_else(|| peer_addr.to_string()),
+        };
+
+        let raft_config = openraft::Config {
+            cluster_name: "idemkv".into(),
+            heartbeat_interval: cfg.heartbeat.as_millis() as u64,
+            election_timeout_min: cfg.election_timeout.0.as_millis() as u64,
+            election_timeout_max: cfg.election_timeout.1.as_millis() as u64,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
+            max_in_snapshot_log_to_keep: 1000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| internal("raft config", e))?;
+        let peers = Peers::default();
+        let sm = store.state_machine.clone();
+        let raft = Raft::new(cfg.id, Arc::new(raft_config), peers.clone(), store.log, sm.clone())
+            .await
+            .map_err(|e| internal("raft start", e))?;
+        let consensus = Arc::new(Consensus::new(cfg.id, raft, sm, peers, cfg.request_timeout));
+        let (shutdown, _) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        // Peer port.
+        let peer_service = PeerService::new(consensus.clone(), cfg.data_dir.join("snapshots"));
+        let peer_server = Server::builder().add_service(
+            RaftPeerServer::new(peer_service)
+                .max_decoding_message_size(MAX_PEER_MESSAGE)
+                .max_encoding_message_size(MAX_PEER_MESSAGE),
+        );
+        let mut stop = shutdown.subscribe();
+        tasks.push(tokio::spawn(async move {
+            let signal = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            let incoming = TcpListenerStream::new(peer_listener);
+            if let Err(e) = peer_server.serve_with_incoming_shutdown(incoming, signal).await {
+                tracing::error!(error = %e, "peer server stopped");
+            }
+        }));
+
+        // Client port.
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter.set_serving::<IdempotencyServer<IdempotencyService>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| internal("reflection", e))?;
+        let api_server = Server::builder()
+            .add_service(
+                IdempotencyServer::new(IdempotencyService::new(consensus.clone(), cfg.limits.clone()))
+                    .max_decoding_message_size(MAX_API_MESSAGE)
+                    .max_encoding_message_size(MAX_API_MESSAGE),
+            )
+            .add_service(ClusterServer::new(ClusterService::new(
+                consensus.clone(),
+                member.api_addr.clone(),
+            )))
+            .add_service(health_service)
+            .add_service(reflection);
+        let mut stop = shutdown.subscribe();
+        tasks.push(tokio::spawn(async move {
+            let signal = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            let incoming = TcpListenerStream::new(api_listener);
+            if let Err(e) = api_server.serve_with_incoming_shutdown(incoming, signal).await {
+                tracing::error!(error = %e, "api server stopped");
+            }
+        }));
+
+        tasks.push(tokio::spawn(sweeper(consensus.clone(), cfg.clone(), shutdown.subscribe())));
+        tracing::info!(id = cfg.id, api = %api_addr, peer = %peer_addr, "node started");
+        Ok(Node {
+            id: cfg.id,
+            api_addr,
+            peer_addr,
+            member,
+            consensus,
+            syncer: store.syncer,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub fn consensus(&self) -> &Arc<Consensus> {
+        &self.consensus
+    }
+
+    /// Make this node's `members` the initial voters of a new cluster.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, PeerNode>) -> Result<()> {
+        self.consensus.initialize(members).await
+    }
+
+    /// Whether this node has ever been part of a cluster (its data directory
+    /// holds a vote or log).
+    pub async fn is_initialized(&self) -> bool {
+        self.consensus.raft.is_initialized().await.unwrap_or(false)
+    }
+
+    /// Stop serving, stop Raft, and make everything written durable.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        if let Err(e) = self.consensus.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        if let Err(e) = self.syncer.sync_now() {
+            tracing::error!(error = %e, "final sync failed");
+        }
+        self.syncer.close();
+        tracing::info!(id = self.id, "node stopped");
+    }
+}
+
+/// On the leader, propose sweeps while the expiry index has due records.
+async fn sweeper(consensus: Arc<Consensus>, cfg: NodeConfig, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(cfg.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        while consensus.raft.is_leader() && consensus.sm.has_expired(wall_clock_ms()).unwrap_or(false) {
+            let sweep = Command::Sweep { limit: cfg.sweep_limit };
+            match consensus.write(sweep).await {
+                Ok(Outcome::Swept { removed }) if removed > 0 => {
+                    tracing::debug!(removed, "swept expired records");
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "sweep not committed");
+                    break;
+                }
+            }
+        }
+    }
+}

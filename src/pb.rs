@@ -1,0 +1,14 @@
+//! Generated protobuf and gRPC code (see `proto/`).
+
+/// The public client API: services `Idempotency` and `Cluster`.
+pub mod api {
+    tonic::include_proto!("idemkv.v1");
+}
+
+/// Peer-only Raft RPCs.
+pub mod peer {
+    tonic::include_proto!("idemkv.raft.v1");
+}
+
+/// Encoded descriptors of both protos, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/idemkv_descriptor.bin"));

@@ -1,0 +1,314 @@
+//! The one door from idemkv to its Raft group: propose a command, confirm a
+//! linearizable read, look at membership. Any node can be asked; a follower
+//! hands writes and read-index requests to the leader over the peer port.
+//!
+//! This is where openraft's errors become [`Error`]s: "not the leader" is
+//! forwarded, "no leader / no quorum / timed out" becomes `Unavailable`
+//! (safe to retry: every write is idempotent), a stopped Raft is `Internal`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::type_config::async_runtime::WatchReceiver;
+use openraft::ReadPolicy;
+use serde::{Deserialize, Serialize};
+
+use super::network::Peers;
+use super::{NodeId, PeerNode, Raft, Response};
+use crate::codec::{decode, encode};
+use crate::error::{Error, Result};
+use crate::pb::peer::Payload;
+use crate::record::{Command, Outcome, Record, RecordKey, Request};
+use crate::store::StateMachineStore;
+
+/// A request a follower hands to the leader.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Forwarded {
+    Write(Command),
+    ReadIndex,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ForwardReply {
+    Write(Response),
+    ReadIndex(u64),
+    /// The receiver is not the leader (any more) or has no quorum.
+    Unavailable(String),
+    Internal(String),
+}
+
+/// Why the local node could not serve a leader-only request.
+enum Local {
+    NotLeader(Option<(NodeId, PeerNode)>),
+    Failed(Error),
+}
+
+/// The node's wall clock in ms since the epoch: used only to stamp commands
+/// on the leader and to bound waits, never inside the state machine.
+pub fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A member of the cluster as `Status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub id: NodeId,
+    pub node: PeerNode,
+    pub voter: bool,
+}
+
+/// A point-in-time view of this node's Raft state.
+#[derive(Debug, Clone)]
+pub struct RaftStatus {
+    pub id: NodeId,
+    pub role: String,
+    pub leader: Option<(NodeId, PeerNode)>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_log_index: u64,
+    pub snapshot_index: u64,
+    pub members: Vec<MemberInfo>,
+}
+
+pub struct Consensus {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub sm: StateMachineStore,
+    peers: Peers,
+    /// How long a write or read index may wait for a quorum before the
+    /// caller gets `Unavailable`.
+    pub timeout: Duration,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!("{what}: {e}"))
+}
+
+impl Consensus {
+    pub fn new(id: NodeId, raft: Raft, sm: StateMachineStore, peers: Peers, timeout: Duration) -> Self {
+        Consensus {
+            id,
+            raft,
+            sm,
+            peers,
+            timeout,
+        }
+    }
+
+    /// Propose `command` (at the leader, wherever this node is) and return
+    /// the state machine's decision.
+    pub async fn write(&self, command: Command) -> Result<Outcome> {
+        match self.propose_local(command.clone()).await {
+            Ok(resp) => resp.map_err(Error::Rule),
+            Err(Local::Failed(e)) => Err(e),
+            Err(Local::NotLeader(leader)) => match self.forward(leader, Forwarded::Write(command)).await? {
+                ForwardReply::Write(resp) => resp.map_err(Error::Rule),
+                other => Err(reply_error(other)),
+            },
+        }
+    }
+
+    async fn propose_local(&self, command: Command) -> Result<Response, Local> {
+        if !self.raft.is_leader() {
+            return Err(Local::NotLeader(self.leader()));
+        }
+        let request = Request {
+            stamped_ms: wall_clock_ms(),
+            command,
+        };
+        let res = tokio::time::timeout(self.timeout, self.raft.client_write(request)).await;
+        match res {
+            Err(_) => Err(Local::Failed(Error::Unavailable(format!(
+                "write not committed within {:?} (no quorum?); it may still commit, and retrying is safe",
+                self.timeout
+            )))),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(Local::NotLeader(f.leader_id.zip(f.leader_node)))
+            }
+            Ok(Err(RaftError::APIError(e))) => Err(Local::Failed(unavailable("write", e))),
+            Ok(Err(RaftError::Fatal(e))) => Err(Local::Failed(Error::Internal(format!("raft stopped: {e}")))),
+        }
+    }
+
+    /// A read index: once this node has applied it, a local read is
+    /// linearizable. Confirmed by the leader with a quorum round, never with
+    /// a clock lease.
+    pub async fn read_index(&self) -> Result<u64> {
+        let index = match self.read_index_local().await {
+            Ok(i) => return Ok(i),
+            Err(Local::Failed(e)) => return Err(e),
+            Err(Local::NotLeader(leader)) => match self.forward(leader, Forwarded::ReadIndex).await? {
+                ForwardReply::ReadIndex(i) => i,
+                other => return Err(reply_error(other)),
+            },
+        };
+        self.wait_applied(index).await?;
+        Ok(index)
+    }
+
+    async fn read_index_local(&self) -> Result<u64, Local> {
+        if !self.raft.is_leader() {
+            return Err(Local::NotLeader(self.leader()));
+        }
+        let res = tokio::time::timeout(self.timeout, self.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await;
+        match res {
+            Err(_) => Err(Local::Failed(Error::Unavailable(format!(
+                "leadership not confirmed by a quorum within {:?}",
+                self.timeout
+            )))),
+            Ok(Ok(read)) => Ok(read.index()),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
+                Err(Local::NotLeader(f.leader_id.zip(f.leader_node)))
+            }
+            Ok(Err(RaftError::APIError(e))) => Err(Local::Failed(unavailable("read index", e))),
+            Ok(Err(RaftError::Fatal(e))) => Err(Local::Failed(Error::Internal(format!("raft stopped: {e}")))),
+        }
+    }
+
+    /// Wait until the local state machine has applied `index`.
+    pub async fn wait_applied(&self, index: u64) -> Result<()> {
+        let mut rx = self.sm.subscribe_applied();
+        let res = tokio::time::timeout(self.timeout, rx.wait_for(|applied| *applied >= index))
+            .await
+            .map(|r| r.map(|_| ()));
+        match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Error::Internal("state machine closed".into())),
+            Err(_) => Err(Error::Unavailable(format!(
+                "this node did not apply index {index} within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
+    /// Read a record, linearizably or from the local replica.
+    pub async fn get(&self, key: &RecordKey, linearizable: bool) -> Result<Option<Record>> {
+        if linearizable {
+            self.read_index().await?;
+        }
+        Ok(self.sm.get(key)?)
+    }
+
+    /// Serve a request forwarded by a follower. Never forwards again.
+    pub async fn serve_forwarded(&self, req: Forwarded) -> ForwardReply {
+        let res = match req {
+            Forwarded::Write(c) => self.propose_local(c).await.map(ForwardReply::Write),
+            Forwarded::ReadIndex => self.read_index_local().await.map(ForwardReply::ReadIndex),
+        };
+        match res {
+            Ok(reply) => reply,
+            Err(Local::NotLeader(l)) => ForwardReply::Unavailable(format!(
+                "node {} is not the leader (leader: {})",
+                self.id,
+                l.map_or("unknown".to_string(), |(id, _)| id.to_string())
+            )),
+            Err(Local::Failed(Error::Unavailable(m))) => ForwardReply::Unavailable(m),
+            Err(Local::Failed(e)) => ForwardReply::Internal(e.to_string()),
+        }
+    }
+
+    async fn forward(&self, leader: Option<(NodeId, PeerNode)>, req: Forwarded) -> Result<ForwardReply> {
+        let Some((id, node)) = leader else {
+            return Err(Error::Unavailable("no leader is known to this node (election in progress or no quorum)".into()));
+        };
+        if id == self.id {
+            return Err(Error::Unavailable("leadership is changing; retry".into()));
+        }
+        let mut client = self.peers.client(id, &node.raft_addr).map_err(|s| unavailable("leader address", s))?;
+        let mut request = tonic::Request::new(Payload { data: encode(&req)? });
+        request.set_timeout(self.timeout + Duration::from_secs(1));
+        let resp = client
+            .forward(request)
+            .await
+            .map_err(|s| unavailable(&format!("forward to leader {id}"), s.message()))?;
+        Ok(decode(&resp.into_inner().data)?)
+    }
+
+    /// The leader as this node knows it.
+    pub fn leader(&self) -> Option<(NodeId, PeerNode)> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let id = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&id)?.clone();
+        Some((id, node))
+    }
+
+    pub fn status(&self) -> RaftStatus {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| MemberInfo {
+                id: *id,
+                node: node.clone(),
+                voter: voters.contains(id),
+            })
+            .collect();
+        let leader = m
+            .current_leader
+            .and_then(|id| membership.get_node(&id).map(|n| (id, n.clone())));
+        RaftStatus {
+            id: self.id,
+            role: format!("{:?}", m.state).to_lowercase(),
+            leader,
+            term: m.current_term,
+            commit_index: m.local_committed.map_or(0, |l| l.index()),
+            applied_index: m.last_applied.map_or(0, |l| l.index()),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index()),
+            members,
+        }
+    }
+
+    /// Initialise a new cluster with these members (a no-op error if this
+    /// node was already initialised).
+    pub async fn initialize(&self, members: BTreeMap<NodeId, PeerNode>) -> Result<()> {
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(e)) => Err(Error::invalid("members", format!("cannot initialise: {e}"))),
+            Err(RaftError::Fatal(e)) => Err(Error::Internal(format!("raft stopped: {e}"))),
+        }
+    }
+
+    pub async fn add_learner(&self, id: NodeId, node: PeerNode) -> Result<()> {
+        membership_result(self.raft.add_learner(id, node, true).await)
+    }
+
+    pub async fn change_membership(&self, voters: Vec<NodeId>, retain: bool) -> Result<()> {
+        let set: std::collections::BTreeSet<NodeId> = voters.into_iter().collect();
+        membership_result(self.raft.change_membership(set, retain).await)
+    }
+
+    pub async fn trigger_snapshot(&self) -> Result<()> {
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| Error::Internal(format!("raft stopped: {e}")))
+    }
+}
+
+fn membership_result<T>(r: std::result::Result<T, RaftError<super::TypeConfig, ClientWriteError<super::TypeConfig>>>) -> Result<()> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(Error::Unavailable(format!(
+            "membership changes go to the leader: node {}",
+            f.leader_id.map_or("unknown".to_string(), |id| id.to_string())
+        ))),
+        Err(RaftError::APIError(e)) => Err(Error::invalid("membership", e.to_string())),
+        Err(RaftError::Fatal(e)) => Err(Error::Internal(format!("raft stopped: {e}"))),
+    }
+}
+
+fn reply_error(reply: ForwardReply) -> Error {
+    match reply {
+        ForwardReply::Unavailable(m) => Error::Unavailable(m),
+        ForwardReply::Internal(m) => Error::Internal(m),
+        other => Error::Internal(format!("unexpected reply from the leader: {other:?}")),
+    }
+}
