@@ -27,7 +27,6 @@ pub mod raft;
 pub mod record;
 pub mod store;
 
-
 pub use config::{Limits, NodeConfig};
 pub use error::Error;
 pub use node::Node;

@@ -50,14 +50,23 @@ impl Node {
         let api_listener = TcpListener::bind(&cfg.listen)
             .await
             .map_err(|e| Error::invalid("listen", format!("cannot bind {}: {e}", cfg.listen)))?;
-        let peer_listener = TcpListener::bind(&cfg.peer_listen)
-            .await
-            .map_err(|e| Error::invalid("peer_listen", format!("cannot bind {}: {e}", cfg.peer_listen)))?;
+        let peer_listener = TcpListener::bind(&cfg.peer_listen).await.map_err(|e| {
+            Error::invalid(
+                "peer_listen",
+                format!("cannot bind {}: {e}", cfg.peer_listen),
+            )
+        })?;
         let api_addr = api_listener.local_addr()?;
         let peer_addr = peer_listener.local_addr()?;
         let member = PeerNode {
-            api_addr: cfg.advertise_api.clone().unwrap_or_else(|| api_addr.to_string()),
-            raft_addr: cfg.advertise_peer.clone().unwrap_or_else(|| peer_addr.to_string()),
+            api_addr: cfg
+                .advertise_api
+                .clone()
+                .unwrap_or_else(|| api_addr.to_string()),
+            raft_addr: cfg
+                .advertise_peer
+                .clone()
+                .unwrap_or_else(|| peer_addr.to_string()),
         };
 
         let raft_config = openraft::Config {
@@ -73,9 +82,15 @@ impl Node {
         .map_err(|e| internal("raft config", e))?;
         let peers = Peers::default();
         let sm = store.state_machine.clone();
-        let raft = Raft::new(cfg.id, Arc::new(raft_config), peers.clone(), store.log, sm.clone())
-            .await
-            .map_err(|e| internal("raft start", e))?;
+        let raft = Raft::new(
+            cfg.id,
+            Arc::new(raft_config),
+            peers.clone(),
+            store.log,
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| internal("raft start", e))?;
         let consensus = Arc::new(Consensus::new(cfg.id, raft, sm, peers, cfg.request_timeout));
         let (shutdown, _) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -93,23 +108,31 @@ impl Node {
                 let _ = stop.wait_for(|s| *s).await;
             };
             let incoming = TcpListenerStream::new(peer_listener);
-            if let Err(e) = peer_server.serve_with_incoming_shutdown(incoming, signal).await {
+            if let Err(e) = peer_server
+                .serve_with_incoming_shutdown(incoming, signal)
+                .await
+            {
                 tracing::error!(error = %e, "peer server stopped");
             }
         }));
 
         // Client port.
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter.set_serving::<IdempotencyServer<IdempotencyService>>().await;
+        health_reporter
+            .set_serving::<IdempotencyServer<IdempotencyService>>()
+            .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| internal("reflection", e))?;
         let api_server = Server::builder()
             .add_service(
-                IdempotencyServer::new(IdempotencyService::new(consensus.clone(), cfg.limits.clone()))
-                    .max_decoding_message_size(MAX_API_MESSAGE)
-                    .max_encoding_message_size(MAX_API_MESSAGE),
+                IdempotencyServer::new(IdempotencyService::new(
+                    consensus.clone(),
+                    cfg.limits.clone(),
+                ))
+                .max_decoding_message_size(MAX_API_MESSAGE)
+                .max_encoding_message_size(MAX_API_MESSAGE),
             )
             .add_service(ClusterServer::new(ClusterService::new(
                 consensus.clone(),
@@ -123,12 +146,19 @@ impl Node {
                 let _ = stop.wait_for(|s| *s).await;
             };
             let incoming = TcpListenerStream::new(api_listener);
-            if let Err(e) = api_server.serve_with_incoming_shutdown(incoming, signal).await {
+            if let Err(e) = api_server
+                .serve_with_incoming_shutdown(incoming, signal)
+                .await
+            {
                 tracing::error!(error = %e, "api server stopped");
             }
         }));
 
-        tasks.push(tokio::spawn(sweeper(consensus.clone(), cfg.clone(), shutdown.subscribe())));
+        tasks.push(tokio::spawn(sweeper(
+            consensus.clone(),
+            cfg.clone(),
+            shutdown.subscribe(),
+        )));
         tracing::info!(id = cfg.id, api = %api_addr, peer = %peer_addr, "node started");
         Ok(Node {
             id: cfg.id,
@@ -183,8 +213,12 @@ async fn sweeper(consensus: Arc<Consensus>, cfg: NodeConfig, mut stop: watch::Re
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        while consensus.raft.is_leader() && consensus.sm.has_expired(wall_clock_ms()).unwrap_or(false) {
-            let sweep = Command::Sweep { limit: cfg.sweep_limit };
+        while consensus.raft.is_leader()
+            && consensus.sm.has_expired(wall_clock_ms()).unwrap_or(false)
+        {
+            let sweep = Command::Sweep {
+                limit: cfg.sweep_limit,
+            };
             match consensus.write(sweep).await {
                 Ok(Outcome::Swept { removed }) if removed > 0 => {
                     tracing::debug!(removed, "swept expired records");

@@ -11,4 +11,5 @@ pub mod peer {
 }
 
 /// Encoded descriptors of both protos, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/idemkv_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/idemkv_descriptor.bin"));

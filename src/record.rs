@@ -110,11 +110,19 @@ pub struct RecordKey {
 /// What a log entry asks the state machine to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    Op { key: RecordKey, op: Op },
-    ClaimBatch { items: Vec<(RecordKey, Claim)>, all_or_nothing: bool },
+    Op {
+        key: RecordKey,
+        op: Op,
+    },
+    ClaimBatch {
+        items: Vec<(RecordKey, Claim)>,
+        all_or_nothing: bool,
+    },
     /// Remove up to `limit` records whose retention has passed (proposed by
     /// the leader, found through the expiry index).
-    Sweep { limit: u32 },
+    Sweep {
+        limit: u32,
+    },
 }
 
 /// A command with the leader's wall-clock stamp taken when it proposed it.
@@ -160,12 +168,27 @@ pub enum Released {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     Claim(ClaimOutcome),
-    Completed { completed_at_ms: u64, expires_at_ms: u64 },
-    Renewed { lease_deadline_ms: u64 },
-    Released { state: Released, attempts: u32 },
-    Deleted { existed: bool },
-    Batch { items: Vec<Result<ClaimOutcome, RuleError>>, applied: bool },
-    Swept { removed: u32 },
+    Completed {
+        completed_at_ms: u64,
+        expires_at_ms: u64,
+    },
+    Renewed {
+        lease_deadline_ms: u64,
+    },
+    Released {
+        state: Released,
+        attempts: u32,
+    },
+    Deleted {
+        existed: bool,
+    },
+    Batch {
+        items: Vec<Result<ClaimOutcome, RuleError>>,
+        applied: bool,
+    },
+    Swept {
+        removed: u32,
+    },
     /// A blank or membership entry.
     Nothing,
 }
@@ -177,7 +200,9 @@ pub enum RuleError {
     LeaseLost { token: u64, current: Holder },
     #[error("FINGERPRINT_MISMATCH: the key was first used with a different request fingerprint")]
     FingerprintMismatch,
-    #[error("ALREADY_COMPLETED: token {token} already completed this record with a different result")]
+    #[error(
+        "ALREADY_COMPLETED: token {token} already completed this record with a different result"
+    )]
     AlreadyCompleted { token: u64 },
     /// In an all-or-nothing batch, an item that would have been acquired but
     /// was not because another item could not be.
@@ -229,9 +254,13 @@ pub fn advance_clock(previous_ms: u64, stamped_ms: u64) -> u64 {
 /// its lease has been expired for the retention.
 pub fn expires_at(r: &Record) -> u64 {
     match &r.state {
-        State::InProgress { lease_deadline_ms, .. } => lease_deadline_ms.saturating_add(r.retention_ms),
+        State::InProgress {
+            lease_deadline_ms, ..
+        } => lease_deadline_ms.saturating_add(r.retention_ms),
         State::Available { .. } => r.updated_at_ms.saturating_add(r.retention_ms),
-        State::Completed { expires_at_ms, .. } | State::Failed { expires_at_ms, .. } => *expires_at_ms,
+        State::Completed { expires_at_ms, .. } | State::Failed { expires_at_ms, .. } => {
+            *expires_at_ms
+        }
     }
 }
 
@@ -258,7 +287,13 @@ fn holder(cur: Option<&Record>) -> Holder {
 }
 
 fn lease_lost(token: u64, cur: Option<&Record>) -> Decision {
-    (Change::Keep, Err(RuleError::LeaseLost { token, current: holder(cur) }))
+    (
+        Change::Keep,
+        Err(RuleError::LeaseLost {
+            token,
+            current: holder(cur),
+        }),
+    )
 }
 
 /// Decide one operation on one record. `index` is the log index of the entry
@@ -269,10 +304,17 @@ pub fn apply_op(cur: Option<&Record>, op: &Op, now: u64, index: u64) -> Decision
             let (change, out) = claim(cur, c, now, index);
             (change, out.map(Outcome::Claim))
         }
-        Op::Complete { token, result, code, retention_ms } => {
-            complete(cur, *token, result, *code, *retention_ms, now)
-        }
-        Op::Renew { token, lease_ms, checkpoint } => renew(cur, *token, *lease_ms, checkpoint, now),
+        Op::Complete {
+            token,
+            result,
+            code,
+            retention_ms,
+        } => complete(cur, *token, result, *code, *retention_ms, now),
+        Op::Renew {
+            token,
+            lease_ms,
+            checkpoint,
+        } => renew(cur, *token, *lease_ms, checkpoint, now),
         Op::Release { token, error } => release(cur, *token, error, now),
         Op::Delete => match cur {
             Some(_) => (Change::Remove, Ok(Outcome::Deleted { existed: true })),
@@ -344,9 +386,20 @@ fn claim(cur: Option<&Record>, c: &Claim, now: u64, index: u64) -> ClaimDecision
                 };
                 return (Change::Put(failed), Ok(out));
             }
-            acquire(r.clone(), c, Some(owner.clone()), checkpoint.clone(), now, index)
+            acquire(
+                r.clone(),
+                c,
+                Some(owner.clone()),
+                checkpoint.clone(),
+                now,
+                index,
+            )
         }
-        State::Available { last_owner, checkpoint, .. } => {
+        State::Available {
+            last_owner,
+            checkpoint,
+            ..
+        } => {
             let prev = (!last_owner.is_empty()).then(|| last_owner.clone());
             acquire(r.clone(), c, prev, checkpoint.clone(), now, index)
         }
@@ -476,7 +529,13 @@ fn complete(
     }
 }
 
-fn renew(cur: Option<&Record>, token: u64, lease_ms: u64, checkpoint: &Option<Vec<u8>>, now: u64) -> Decision {
+fn renew(
+    cur: Option<&Record>,
+    token: u64,
+    lease_ms: u64,
+    checkpoint: &Option<Vec<u8>>,
+    now: u64,
+) -> Decision {
     let Some(r) = cur else {
         return lease_lost(token, cur);
     };
@@ -599,10 +658,22 @@ pub fn apply_claim_batch(
             })
             .collect();
         let changes = vec![Change::Keep; current.len()];
-        return (changes, Outcome::Batch { items, applied: false });
+        return (
+            changes,
+            Outcome::Batch {
+                items,
+                applied: false,
+            },
+        );
     }
     let (changes, items) = decisions.into_iter().unzip();
-    (changes, Outcome::Batch { items, applied: true })
+    (
+        changes,
+        Outcome::Batch {
+            items,
+            applied: true,
+        },
+    )
 }
 
 impl std::fmt::Display for Request {

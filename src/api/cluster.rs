@@ -16,7 +16,10 @@ pub struct ClusterService {
 
 impl ClusterService {
     pub fn new(consensus: Arc<Consensus>, api_addr: String) -> Self {
-        ClusterService { consensus, api_addr }
+        ClusterService {
+            consensus,
+            api_addr,
+        }
     }
 
     fn members(&self) -> Vec<api::Member> {
@@ -36,7 +39,10 @@ impl ClusterService {
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn status(&self, _: Request<api::StatusRequest>) -> Result<Response<api::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _: Request<api::StatusRequest>,
+    ) -> Result<Response<api::StatusResponse>, Status> {
         let s = self.consensus.status();
         Ok(Response::new(api::StatusResponse {
             id: s.id,
@@ -59,14 +65,22 @@ impl Cluster for ClusterService {
     ) -> Result<Response<api::MembershipResponse>, Status> {
         let r = req.into_inner();
         if r.api_addr.is_empty() || r.raft_addr.is_empty() {
-            return Err(to_status(Error::invalid("api_addr", "api_addr and raft_addr are both required")));
+            return Err(to_status(Error::invalid(
+                "api_addr",
+                "api_addr and raft_addr are both required",
+            )));
         }
         let node = PeerNode {
             api_addr: r.api_addr,
             raft_addr: r.raft_addr,
         };
-        self.consensus.add_learner(r.id, node).await.map_err(to_status)?;
-        Ok(Response::new(api::MembershipResponse { members: self.members() }))
+        self.consensus
+            .add_learner(r.id, node)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(api::MembershipResponse {
+            members: self.members(),
+        }))
     }
 
     async fn change_membership(
@@ -75,13 +89,18 @@ impl Cluster for ClusterService {
     ) -> Result<Response<api::MembershipResponse>, Status> {
         let r = req.into_inner();
         if r.voters.is_empty() {
-            return Err(to_status(Error::invalid("voters", "at least one voter is required")));
+            return Err(to_status(Error::invalid(
+                "voters",
+                "at least one voter is required",
+            )));
         }
         self.consensus
             .change_membership(r.voters, r.retain)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(api::MembershipResponse { members: self.members() }))
+        Ok(Response::new(api::MembershipResponse {
+            members: self.members(),
+        }))
     }
 
     async fn trigger_snapshot(

@@ -38,7 +38,13 @@ pub fn claim_outcome(o: ClaimOutcome) -> api::claim_response::Outcome {
             token,
             code,
         }),
-        ClaimOutcome::Failed { attempts, last_error } => O::Failed(api::Failed { attempts, last_error }),
+        ClaimOutcome::Failed {
+            attempts,
+            last_error,
+        } => O::Failed(api::Failed {
+            attempts,
+            last_error,
+        }),
     }
 }
 
@@ -57,7 +63,9 @@ pub fn batch_item(item: Result<ClaimOutcome, record::RuleError>) -> api::ClaimBa
             message: e.to_string(),
         }),
     };
-    api::ClaimBatchItem { outcome: Some(outcome) }
+    api::ClaimBatchItem {
+        outcome: Some(outcome),
+    }
 }
 
 pub fn record(k: &RecordKey, r: &Record) -> api::Record {
@@ -111,7 +119,9 @@ pub fn record(k: &RecordKey, r: &Record) -> api::Record {
             out.completed_at_ms = *completed_at_ms;
         }
         State::Failed {
-            last_owner, last_error, ..
+            last_owner,
+            last_error,
+            ..
         } => {
             out.state = api::RecordState::Failed as i32;
             out.owner = last_owner.clone();

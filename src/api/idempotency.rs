@@ -27,7 +27,10 @@ impl IdempotencyService {
     }
 
     async fn op(&self, key: RecordKey, op: Op) -> Result<Outcome, Status> {
-        self.consensus.write(Command::Op { key, op }).await.map_err(to_status)
+        self.consensus
+            .write(Command::Op { key, op })
+            .await
+            .map_err(to_status)
     }
 }
 
@@ -46,7 +49,10 @@ fn not_found(k: &RecordKey) -> Status {
 #[tonic::async_trait]
 impl Idempotency for IdempotencyService {
     #[instrument(level = "debug", skip_all, fields(ns = %req.get_ref().namespace))]
-    async fn claim(&self, req: Request<api::ClaimRequest>) -> Result<Response<api::ClaimResponse>, Status> {
+    async fn claim(
+        &self,
+        req: Request<api::ClaimRequest>,
+    ) -> Result<Response<api::ClaimResponse>, Status> {
         let (key, claim) = validate::claim(&self.limits, req.get_ref()).map_err(to_status)?;
         match self.op(key, Op::Claim(claim)).await? {
             Outcome::Claim(o) => Ok(Response::new(api::ClaimResponse {
@@ -76,7 +82,10 @@ impl Idempotency for IdempotencyService {
     }
 
     #[instrument(level = "debug", skip_all, fields(ns = %req.get_ref().namespace, token = req.get_ref().token))]
-    async fn complete(&self, req: Request<api::CompleteRequest>) -> Result<Response<api::CompleteResponse>, Status> {
+    async fn complete(
+        &self,
+        req: Request<api::CompleteRequest>,
+    ) -> Result<Response<api::CompleteResponse>, Status> {
         let (key, op) = validate::complete(&self.limits, req.get_ref()).map_err(to_status)?;
         match self.op(key, op).await? {
             Outcome::Completed {
@@ -91,16 +100,24 @@ impl Idempotency for IdempotencyService {
     }
 
     #[instrument(level = "debug", skip_all, fields(ns = %req.get_ref().namespace, token = req.get_ref().token))]
-    async fn renew(&self, req: Request<api::RenewRequest>) -> Result<Response<api::RenewResponse>, Status> {
+    async fn renew(
+        &self,
+        req: Request<api::RenewRequest>,
+    ) -> Result<Response<api::RenewResponse>, Status> {
         let (key, op) = validate::renew(&self.limits, req.get_ref()).map_err(to_status)?;
         match self.op(key, op).await? {
-            Outcome::Renewed { lease_deadline_ms } => Ok(Response::new(api::RenewResponse { lease_deadline_ms })),
+            Outcome::Renewed { lease_deadline_ms } => {
+                Ok(Response::new(api::RenewResponse { lease_deadline_ms }))
+            }
             other => Err(unexpected(other)),
         }
     }
 
     #[instrument(level = "debug", skip_all, fields(ns = %req.get_ref().namespace, token = req.get_ref().token))]
-    async fn release(&self, req: Request<api::ReleaseRequest>) -> Result<Response<api::ReleaseResponse>, Status> {
+    async fn release(
+        &self,
+        req: Request<api::ReleaseRequest>,
+    ) -> Result<Response<api::ReleaseResponse>, Status> {
         let (key, op) = validate::release(&self.limits, req.get_ref()).map_err(to_status)?;
         match self.op(key, op).await? {
             Outcome::Released { state, attempts } => Ok(Response::new(api::ReleaseResponse {
@@ -115,11 +132,19 @@ impl Idempotency for IdempotencyService {
     }
 
     #[instrument(level = "debug", skip_all, fields(ns = %req.get_ref().namespace))]
-    async fn get(&self, req: Request<api::GetRequest>) -> Result<Response<api::GetResponse>, Status> {
+    async fn get(
+        &self,
+        req: Request<api::GetRequest>,
+    ) -> Result<Response<api::GetResponse>, Status> {
         let r = req.get_ref();
         let key = validate::key(&self.limits, &r.namespace, &r.key).map_err(to_status)?;
         let linearizable = r.consistency != api::Consistency::Serializable as i32;
-        match self.consensus.get(&key, linearizable).await.map_err(to_status)? {
+        match self
+            .consensus
+            .get(&key, linearizable)
+            .await
+            .map_err(to_status)?
+        {
             Some(rec) => Ok(Response::new(api::GetResponse {
                 record: Some(convert::record(&key, &rec)),
             })),
@@ -128,7 +153,10 @@ impl Idempotency for IdempotencyService {
     }
 
     #[instrument(level = "debug", skip_all, fields(ns = %req.get_ref().namespace))]
-    async fn r#await(&self, req: Request<api::AwaitRequest>) -> Result<Response<api::AwaitResponse>, Status> {
+    async fn r#await(
+        &self,
+        req: Request<api::AwaitRequest>,
+    ) -> Result<Response<api::AwaitResponse>, Status> {
         let r = req.get_ref();
         let key = validate::key(&self.limits, &r.namespace, &r.key).map_err(to_status)?;
         let timeout = validate::await_timeout(&self.limits, r.timeout_ms).map_err(to_status)?;
@@ -137,7 +165,12 @@ impl Idempotency for IdempotencyService {
         self.consensus.read_index().await.map_err(to_status)?;
         let mut applied = self.consensus.sm.subscribe_applied();
         loop {
-            let Some(rec) = self.consensus.sm.get(&key).map_err(|e| to_status(e.into()))? else {
+            let Some(rec) = self
+                .consensus
+                .sm
+                .get(&key)
+                .map_err(|e| to_status(e.into()))?
+            else {
                 return Err(not_found(&key));
             };
             let now = wall_clock_ms();
@@ -151,10 +184,13 @@ impl Idempotency for IdempotencyService {
             }
             // Wake on the next applied entry, at lease expiry, or at the deadline.
             let lease_left = match &rec.state {
-                record::State::InProgress { lease_deadline_ms, .. } => lease_deadline_ms.saturating_sub(now),
+                record::State::InProgress {
+                    lease_deadline_ms, ..
+                } => lease_deadline_ms.saturating_sub(now),
                 _ => 0,
             };
-            let wake = deadline.min(tokio::time::Instant::now() + Duration::from_millis(lease_left));
+            let wake =
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(lease_left));
             tokio::select! {
                 changed = applied.changed() => {
                     if changed.is_err() {
@@ -167,7 +203,10 @@ impl Idempotency for IdempotencyService {
     }
 
     #[instrument(level = "debug", skip_all, fields(ns = %req.get_ref().namespace))]
-    async fn delete(&self, req: Request<api::DeleteRequest>) -> Result<Response<api::DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        req: Request<api::DeleteRequest>,
+    ) -> Result<Response<api::DeleteResponse>, Status> {
         let r = req.get_ref();
         let key = validate::key(&self.limits, &r.namespace, &r.key).map_err(to_status)?;
         match self.op(key, Op::Delete).await? {

@@ -9,7 +9,10 @@ use crate::record::{Claim, Op, RecordKey};
 
 fn check_len(field: &str, len: usize, max: usize, unit: &str) -> Result<()> {
     if len > max {
-        return Err(Error::too_large(field, format!("is {len} {unit}; the limit is {max} {unit}")));
+        return Err(Error::too_large(
+            field,
+            format!("is {len} {unit}; the limit is {max} {unit}"),
+        ));
     }
     Ok(())
 }
@@ -18,22 +21,35 @@ pub fn key(limits: &Limits, namespace: &str, key: &[u8]) -> Result<RecordKey> {
     if namespace.is_empty() || namespace.chars().count() > limits.namespace_max {
         return Err(Error::invalid(
             "namespace",
-            format!("must be 1-{} characters of [A-Za-z0-9_.-]", limits.namespace_max),
+            format!(
+                "must be 1-{} characters of [A-Za-z0-9_.-]",
+                limits.namespace_max
+            ),
         ));
     }
-    if let Some(c) = namespace.chars().find(|c| !(c.is_ascii_alphanumeric() || "_.-".contains(*c))) {
+    if let Some(c) = namespace
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "_.-".contains(*c)))
+    {
         return Err(Error::invalid(
             "namespace",
             format!("character {c:?} is not allowed; use [A-Za-z0-9_.-]"),
         ));
     }
     if key.is_empty() {
-        return Err(Error::invalid("key", format!("must be 1-{} bytes; it is empty", limits.key_max)));
+        return Err(Error::invalid(
+            "key",
+            format!("must be 1-{} bytes; it is empty", limits.key_max),
+        ));
     }
     if key.len() > limits.key_max {
         return Err(Error::invalid(
             "key",
-            format!("is {} bytes; the limit is {} bytes", key.len(), limits.key_max),
+            format!(
+                "is {} bytes; the limit is {} bytes",
+                key.len(),
+                limits.key_max
+            ),
         ));
     }
     Ok(RecordKey {
@@ -74,7 +90,10 @@ pub fn retention(limits: &Limits, ms: u64) -> Result<Option<u64>> {
 
 fn token(t: u64) -> Result<u64> {
     if t == 0 {
-        return Err(Error::invalid("token", "is required (the token ACQUIRED returned)"));
+        return Err(Error::invalid(
+            "token",
+            "is required (the token ACQUIRED returned)",
+        ));
     }
     Ok(t)
 }
@@ -119,7 +138,11 @@ pub fn claim_batch(limits: &Limits, r: &api::ClaimBatchRequest) -> Result<Vec<(R
     if r.items.len() > limits.batch_max {
         return Err(Error::too_large(
             "items",
-            format!("the batch has {} items; the limit is {}", r.items.len(), limits.batch_max),
+            format!(
+                "the batch has {} items; the limit is {}",
+                r.items.len(),
+                limits.batch_max
+            ),
         ));
     }
     let mut seen = std::collections::HashSet::new();
@@ -197,7 +220,10 @@ pub fn await_timeout(limits: &Limits, ms: u64) -> Result<u64> {
     if ms == 0 || ms > limits.await_max_ms {
         return Err(Error::invalid(
             "timeout_ms",
-            format!("is {ms} ms; it must be between 1 ms and {} ms", limits.await_max_ms),
+            format!(
+                "is {ms} ms; it must be between 1 ms and {} ms",
+                limits.await_max_ms
+            ),
         ));
     }
     Ok(ms)

@@ -1,1 +1,55 @@
-//! placeholder
+//! The `idemkv` command line: `serve` (one node), `up` (a local three-node
+//! cluster), `ctl` (talk to a cluster). `main.rs` only parses and installs
+//! logging; everything else is here.
+
+pub mod ctl;
+pub mod serve;
+pub mod up;
+
+use clap::{Parser, Subcommand};
+
+/// The client endpoints of the cluster `idemkv up` starts by default.
+pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "idemkv",
+    version,
+    about = "A CP idempotency store: claim, complete, replay — exactly-once effect"
+)]
+pub struct Cli {
+    /// Log format: text or json (filter with RUST_LOG).
+    #[arg(long, global = true, env = "IDEMKV_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one node.
+    Serve(serve::ServeArgs),
+    /// Start a local three-node cluster (child processes), print its
+    /// endpoints, stop it cleanly on Ctrl-C.
+    Up(up::UpArgs),
+    /// Talk to a cluster: claim, complete, renew, release, get, await, delete, status.
+    Ctl(ctl::CtlArgs),
+}
+
+/// Parse a duration such as `30s`, `250ms`, `24h`, or a bare number of ms.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
+    humantime::parse_duration(s)
+        .map(|d| d.as_millis() as u64)
+        .map_err(|e| format!("{s:?} is not a duration (try 30s, 250ms, 24h): {e}"))
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Serve(a) => serve::run(a).await.map(|_| 0),
+        Command::Up(a) => up::run(a).await.map(|_| 0),
+        Command::Ctl(a) => ctl::run(a).await,
+    }
+}

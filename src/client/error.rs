@@ -26,7 +26,10 @@ impl ClientError {
     /// `FINGERPRINT_MISMATCH` or `ALREADY_COMPLETED`.
     pub fn reason(&self) -> Option<&str> {
         match self {
-            ClientError::Status(s) => s.metadata().get(REASON_HEADER).and_then(|v| v.to_str().ok()),
+            ClientError::Status(s) => s
+                .metadata()
+                .get(REASON_HEADER)
+                .and_then(|v| v.to_str().ok()),
             _ => None,
         }
     }

@@ -66,13 +66,17 @@ fn channel(addr: &str) -> Result<Channel, ClientError> {
 }
 
 fn retryable(s: &Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
-        || (s.code() == Code::Unknown && s.message().contains("transport"))
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+    ) || (s.code() == Code::Unknown && s.message().contains("transport"))
 }
 
 impl Client {
     /// A client for the cluster reachable at `endpoints` (`host:port`).
-    pub fn new<S: AsRef<str>>(endpoints: impl IntoIterator<Item = S>) -> Result<Client, ClientError> {
+    pub fn new<S: AsRef<str>>(
+        endpoints: impl IntoIterator<Item = S>,
+    ) -> Result<Client, ClientError> {
         Client::with_options(endpoints, ClientOptions::default())
     }
 
@@ -100,7 +104,11 @@ impl Client {
     }
 
     fn channel_at(&self, i: usize) -> (usize, Channel) {
-        let eps = self.inner.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let eps = self
+            .inner
+            .endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let i = i % eps.len();
         (i, eps[i].1.clone())
     }
@@ -111,7 +119,11 @@ impl Client {
         if status.leader_api_addr.is_empty() {
             return Ok(());
         }
-        let mut eps = self.inner.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let mut eps = self
+            .inner
+            .endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let pos = match eps.iter().position(|(a, _)| *a == status.leader_api_addr) {
             Some(p) => p,
             None => {
@@ -167,7 +179,10 @@ impl Client {
 
     /// Claim a key. An empty `claim_id` is replaced by a fresh one, fixed for
     /// every retry of this call, so a lost reply never locks its sender out.
-    pub async fn claim(&self, mut req: api::ClaimRequest) -> Result<api::claim_response::Outcome, ClientError> {
+    pub async fn claim(
+        &self,
+        mut req: api::ClaimRequest,
+    ) -> Result<api::claim_response::Outcome, ClientError> {
         if req.claim_id.is_empty() {
             req.claim_id = uuid::Uuid::new_v4().to_string();
         }
@@ -182,7 +197,10 @@ impl Client {
     }
 
     /// Claim many keys in one Raft entry.
-    pub async fn claim_batch(&self, mut req: api::ClaimBatchRequest) -> Result<api::ClaimBatchResponse, ClientError> {
+    pub async fn claim_batch(
+        &self,
+        mut req: api::ClaimBatchRequest,
+    ) -> Result<api::ClaimBatchResponse, ClientError> {
         for item in &mut req.items {
             if item.claim_id.is_empty() {
                 item.claim_id = uuid::Uuid::new_v4().to_string();
@@ -195,7 +213,10 @@ impl Client {
         .await
     }
 
-    pub async fn complete(&self, req: api::CompleteRequest) -> Result<api::CompleteResponse, ClientError> {
+    pub async fn complete(
+        &self,
+        req: api::CompleteRequest,
+    ) -> Result<api::CompleteResponse, ClientError> {
         self.retry(|ch, t| {
             let req = req.clone();
             async move { Self::idem(ch).complete(Self::request(req, t)).await }
@@ -211,7 +232,10 @@ impl Client {
         .await
     }
 
-    pub async fn release(&self, req: api::ReleaseRequest) -> Result<api::ReleaseResponse, ClientError> {
+    pub async fn release(
+        &self,
+        req: api::ReleaseRequest,
+    ) -> Result<api::ReleaseResponse, ClientError> {
         self.retry(|ch, t| {
             let req = req.clone();
             async move { Self::idem(ch).release(Self::request(req, t)).await }
@@ -244,7 +268,10 @@ impl Client {
         .await
     }
 
-    pub async fn delete(&self, req: api::DeleteRequest) -> Result<api::DeleteResponse, ClientError> {
+    pub async fn delete(
+        &self,
+        req: api::DeleteRequest,
+    ) -> Result<api::DeleteResponse, ClientError> {
         self.retry(|ch, t| {
             let req = req.clone();
             async move { Self::idem(ch).delete(Self::request(req, t)).await }
@@ -254,13 +281,22 @@ impl Client {
 
     /// Status of whichever node answers first.
     pub async fn status(&self) -> Result<api::StatusResponse, ClientError> {
-        self.retry(|ch, t| async move { ClusterClient::new(ch).status(Self::request(api::StatusRequest {}, t)).await })
-            .await
+        self.retry(|ch, t| async move {
+            ClusterClient::new(ch)
+                .status(Self::request(api::StatusRequest {}, t))
+                .await
+        })
+        .await
     }
 
     /// Status of every endpoint (an error where one does not answer).
     pub async fn status_all(&self) -> Vec<(String, Result<api::StatusResponse, ClientError>)> {
-        let eps: Vec<(String, Channel)> = self.inner.endpoints.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let eps: Vec<(String, Channel)> = self
+            .inner
+            .endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let timeout = Duration::from_secs(2);
         let calls = eps.into_iter().map(|(addr, ch)| async move {
             let res = ClusterClient::new(ch)

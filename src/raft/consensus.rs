@@ -89,7 +89,13 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 impl Consensus {
-    pub fn new(id: NodeId, raft: Raft, sm: StateMachineStore, peers: Peers, timeout: Duration) -> Self {
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        sm: StateMachineStore,
+        peers: Peers,
+        timeout: Duration,
+    ) -> Self {
         Consensus {
             id,
             raft,
@@ -105,10 +111,12 @@ impl Consensus {
         match self.propose_local(command.clone()).await {
             Ok(resp) => resp.map_err(Error::Rule),
             Err(Local::Failed(e)) => Err(e),
-            Err(Local::NotLeader(leader)) => match self.forward(leader, Forwarded::Write(command)).await? {
-                ForwardReply::Write(resp) => resp.map_err(Error::Rule),
-                other => Err(reply_error(other)),
-            },
+            Err(Local::NotLeader(leader)) => {
+                match self.forward(leader, Forwarded::Write(command)).await? {
+                    ForwardReply::Write(resp) => resp.map_err(Error::Rule),
+                    other => Err(reply_error(other)),
+                }
+            }
         }
     }
 
@@ -142,10 +150,12 @@ impl Consensus {
         let index = match self.read_index_local().await {
             Ok(i) => return Ok(i),
             Err(Local::Failed(e)) => return Err(e),
-            Err(Local::NotLeader(leader)) => match self.forward(leader, Forwarded::ReadIndex).await? {
-                ForwardReply::ReadIndex(i) => i,
-                other => return Err(reply_error(other)),
-            },
+            Err(Local::NotLeader(leader)) => {
+                match self.forward(leader, Forwarded::ReadIndex).await? {
+                    ForwardReply::ReadIndex(i) => i,
+                    other => return Err(reply_error(other)),
+                }
+            }
         };
         self.wait_applied(index).await?;
         Ok(index)
@@ -155,7 +165,11 @@ impl Consensus {
         if !self.raft.is_leader() {
             return Err(Local::NotLeader(self.leader()));
         }
-        let res = tokio::time::timeout(self.timeout, self.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await;
+        let res = tokio::time::timeout(
+            self.timeout,
+            self.raft.ensure_linearizable(ReadPolicy::ReadIndex),
+        )
+        .await;
         match res {
             Err(_) => Err(Local::Failed(Error::Unavailable(format!(
                 "leadership not confirmed by a quorum within {:?}",
@@ -166,7 +180,9 @@ impl Consensus {
                 Err(Local::NotLeader(f.leader_id.zip(f.leader_node)))
             }
             Ok(Err(RaftError::APIError(e))) => Err(Local::Failed(unavailable("read index", e))),
-            Ok(Err(RaftError::Fatal(e))) => Err(Local::Failed(Error::Internal(format!("raft stopped: {e}")))),
+            Ok(Err(RaftError::Fatal(e))) => {
+                Err(Local::Failed(Error::Internal(format!("raft stopped: {e}"))))
+            }
         }
     }
 
@@ -212,15 +228,26 @@ impl Consensus {
         }
     }
 
-    async fn forward(&self, leader: Option<(NodeId, PeerNode)>, req: Forwarded) -> Result<ForwardReply> {
+    async fn forward(
+        &self,
+        leader: Option<(NodeId, PeerNode)>,
+        req: Forwarded,
+    ) -> Result<ForwardReply> {
         let Some((id, node)) = leader else {
-            return Err(Error::Unavailable("no leader is known to this node (election in progress or no quorum)".into()));
+            return Err(Error::Unavailable(
+                "no leader is known to this node (election in progress or no quorum)".into(),
+            ));
         };
         if id == self.id {
             return Err(Error::Unavailable("leadership is changing; retry".into()));
         }
-        let mut client = self.peers.client(id, &node.raft_addr).map_err(|s| unavailable("leader address", s))?;
-        let mut request = tonic::Request::new(Payload { data: encode(&req)? });
+        let mut client = self
+            .peers
+            .client(id, &node.raft_addr)
+            .map_err(|s| unavailable("leader address", s))?;
+        let mut request = tonic::Request::new(Payload {
+            data: encode(&req)?,
+        });
         request.set_timeout(self.timeout + Duration::from_secs(1));
         let resp = client
             .forward(request)
@@ -270,7 +297,9 @@ impl Consensus {
     pub async fn initialize(&self, members: BTreeMap<NodeId, PeerNode>) -> Result<()> {
         match self.raft.initialize(members).await {
             Ok(()) => Ok(()),
-            Err(RaftError::APIError(e)) => Err(Error::invalid("members", format!("cannot initialise: {e}"))),
+            Err(RaftError::APIError(e)) => {
+                Err(Error::invalid("members", format!("cannot initialise: {e}")))
+            }
             Err(RaftError::Fatal(e)) => Err(Error::Internal(format!("raft stopped: {e}"))),
         }
     }
@@ -293,13 +322,18 @@ impl Consensus {
     }
 }
 
-fn membership_result<T>(r: std::result::Result<T, RaftError<super::TypeConfig, ClientWriteError<super::TypeConfig>>>) -> Result<()> {
+fn membership_result<T>(
+    r: std::result::Result<T, RaftError<super::TypeConfig, ClientWriteError<super::TypeConfig>>>,
+) -> Result<()> {
     match r {
         Ok(_) => Ok(()),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(Error::Unavailable(format!(
-            "membership changes go to the leader: node {}",
-            f.leader_id.map_or("unknown".to_string(), |id| id.to_string())
-        ))),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(Error::Unavailable(format!(
+                "membership changes go to the leader: node {}",
+                f.leader_id
+                    .map_or("unknown".to_string(), |id| id.to_string())
+            )))
+        }
         Err(RaftError::APIError(e)) => Err(Error::invalid("membership", e.to_string())),
         Err(RaftError::Fatal(e)) => Err(Error::Internal(format!("raft stopped: {e}"))),
     }

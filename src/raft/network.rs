@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
 use openraft::OptionalSend;
 use tonic::transport::{Channel, Endpoint};
 
@@ -32,13 +34,19 @@ pub struct Peers {
 
 impl Peers {
     /// The gRPC client of peer `id` at `raft_addr` (reusing its channel).
-    pub fn client(&self, id: NodeId, raft_addr: &str) -> Result<RaftPeerClient<Channel>, tonic::Status> {
+    pub fn client(
+        &self,
+        id: NodeId,
+        raft_addr: &str,
+    ) -> Result<RaftPeerClient<Channel>, tonic::Status> {
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let channel = match map.get(&id) {
             Some((addr, ch)) if addr == raft_addr => ch.clone(),
             _ => {
                 let ch = Endpoint::from_shared(format!("http://{raft_addr}"))
-                    .map_err(|e| tonic::Status::invalid_argument(format!("peer address {raft_addr:?}: {e}")))?
+                    .map_err(|e| {
+                        tonic::Status::invalid_argument(format!("peer address {raft_addr:?}: {e}"))
+                    })?
                     .connect_timeout(Duration::from_millis(500))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(5))
@@ -101,7 +109,11 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = Self::request(encode(&rpc).map_err(io_to_rpc)?, option.hard_ttl());
-        let resp = self.client()?.append_entries(req).await.map_err(status_to_rpc)?;
+        let resp = self
+            .client()?
+            .append_entries(req)
+            .await
+            .map_err(status_to_rpc)?;
         decode(&resp.into_inner().data).map_err(io_to_rpc)
     }
 
@@ -133,7 +145,10 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let net = |e: std::io::Error| StreamingError::Network(NetworkError::new(&e));
-        let mut client = self.client.clone().map_err(|s| StreamingError::Unreachable(Unreachable::new(&s)))?;
+        let mut client = self
+            .client
+            .clone()
+            .map_err(|s| StreamingError::Unreachable(Unreachable::new(&s)))?;
         let meta = encode(&(vote, snapshot.meta.clone())).map_err(net)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(4);
         let mut file = snapshot.snapshot;
@@ -158,7 +173,10 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             r = upload => r.map_err(|s| StreamingError::Network(NetworkError::new(&s)))?,
             closed = cancel => return Err(StreamingError::Closed(closed)),
         };
-        reader.await.map_err(|e| net(std::io::Error::other(e)))?.map_err(net)?;
+        reader
+            .await
+            .map_err(|e| net(std::io::Error::other(e)))?
+            .map_err(net)?;
         decode(&resp.into_inner().data).map_err(net)
     }
 }

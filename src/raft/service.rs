@@ -22,7 +22,10 @@ pub struct PeerService {
 
 impl PeerService {
     pub fn new(consensus: Arc<Consensus>, spool_dir: std::path::PathBuf) -> Self {
-        PeerService { consensus, spool_dir }
+        PeerService {
+            consensus,
+            spool_dir,
+        }
     }
 }
 
@@ -43,7 +46,12 @@ fn raft_err(e: impl std::fmt::Display) -> Status {
 impl RaftPeer for PeerService {
     async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         let rpc = decode(&req.into_inner().data).map_err(bad)?;
-        let resp = self.consensus.raft.append_entries(rpc).await.map_err(raft_err)?;
+        let resp = self
+            .consensus
+            .raft
+            .append_entries(rpc)
+            .await
+            .map_err(raft_err)?;
         reply(&resp)
     }
 
@@ -59,7 +67,10 @@ impl RaftPeer for PeerService {
         reply(&resp)
     }
 
-    async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<Payload>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<Payload>, Status> {
         let mut stream = req.into_inner();
         let first = stream
             .next()
@@ -67,13 +78,18 @@ impl RaftPeer for PeerService {
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
         let (vote, meta): (Vote, SnapshotMeta) = decode(&first.meta).map_err(bad)?;
         std::fs::create_dir_all(&self.spool_dir).map_err(|e| Status::internal(e.to_string()))?;
-        let mut file = tempfile::tempfile_in(&self.spool_dir).map_err(|e| Status::internal(e.to_string()))?;
-        file.write_all(&first.data).map_err(|e| Status::internal(e.to_string()))?;
+        let mut file =
+            tempfile::tempfile_in(&self.spool_dir).map_err(|e| Status::internal(e.to_string()))?;
+        file.write_all(&first.data)
+            .map_err(|e| Status::internal(e.to_string()))?;
         while let Some(chunk) = stream.next().await {
             file.write_all(&chunk?.data)
                 .map_err(|e| Status::internal(e.to_string()))?;
         }
-        let snapshot = Snapshot { meta, snapshot: file };
+        let snapshot = Snapshot {
+            meta,
+            snapshot: file,
+        };
         let resp = self
             .consensus
             .raft

@@ -98,7 +98,8 @@ impl Syncer {
     pub async fn sync(&self) -> io::Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.submit(Waiter::Channel(tx));
-        rx.await.map_err(|_| io::Error::other("fsync thread stopped"))?
+        rx.await
+            .map_err(|_| io::Error::other("fsync thread stopped"))?
     }
 
     /// Flush sled, then fsync for real. Blocking.

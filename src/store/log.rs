@@ -51,7 +51,10 @@ impl LogStore {
 
     fn remove_from(&self, start: u64, end_inclusive: u64) -> io::Result<()> {
         let mut batch = sled::Batch::default();
-        for item in self.log.range(start.to_be_bytes()..=end_inclusive.to_be_bytes()) {
+        for item in self
+            .log
+            .range(start.to_be_bytes()..=end_inclusive.to_be_bytes())
+        {
             let (k, _) = item.map_err(sled_err)?;
             batch.remove(k);
         }
@@ -130,7 +133,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get_meta::<Option<LogId>>(COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -140,8 +147,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&entry.index().to_be_bytes(), encode(&entry)?);
         }
         self.log.apply_batch(batch).map_err(sled_err)?;
-        self.syncer
-            .submit(Waiter::Callback(Box::new(move |res| callback.io_completed(res))));
+        self.syncer.submit(Waiter::Callback(Box::new(move |res| {
+            callback.io_completed(res)
+        })));
         Ok(())
     }
 

@@ -33,7 +33,8 @@ struct Header {
 }
 
 fn write_frame(w: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
-    let len = u32::try_from(bytes.len()).map_err(|_| io::Error::other("snapshot frame over 4 GiB"))?;
+    let len =
+        u32::try_from(bytes.len()).map_err(|_| io::Error::other("snapshot frame over 4 GiB"))?;
     w.write_all(&len.to_le_bytes())?;
     w.write_all(bytes)
 }
@@ -55,9 +56,13 @@ fn read_header(r: &mut impl Read) -> io::Result<Header> {
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic)?;
     if &magic != MAGIC {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "not an idemkv snapshot"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not an idemkv snapshot",
+        ));
     }
-    let header = read_frame(r)?.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "snapshot has no header"))?;
+    let header = read_frame(r)?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "snapshot has no header"))?;
     decode(&header)
 }
 
@@ -145,13 +150,20 @@ impl StateMachineStore {
     /// Clear the tree and load `path` into it. Blocking.
     fn load_snapshot_file(&self, path: &Path, expect: Option<&SnapshotMeta>) -> io::Result<()> {
         let tree = &self.shared.tree;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        tree.insert(keys::INSTALLING, name.as_bytes()).map_err(sled_err)?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        tree.insert(keys::INSTALLING, name.as_bytes())
+            .map_err(sled_err)?;
         let mut r = BufReader::new(File::open(path)?);
         let header = read_header(&mut r)?;
         if let Some(meta) = expect {
             if header.meta.last_log_id != meta.last_log_id {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot file does not match its meta"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "snapshot file does not match its meta",
+                ));
             }
         }
         for prefix in [keys::RECORD, keys::EXPIRY] {
@@ -164,15 +176,18 @@ impl StateMachineStore {
         let mut batch = sled::Batch::default();
         let mut pending = 0;
         while let Some(k) = read_frame(&mut r)? {
-            let v = read_frame(&mut r)?.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "truncated snapshot"))?;
-            let rk = keys::parse_record(&k)
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad record key in snapshot"))?;
+            let v = read_frame(&mut r)?
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "truncated snapshot"))?;
+            let rk = keys::parse_record(&k).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "bad record key in snapshot")
+            })?;
             let rec: Record = decode(&v)?;
             batch.insert(keys::expiry(record::expires_at(&rec), &rk), &[] as &[u8]);
             batch.insert(k, v);
             pending += 1;
             if pending == 10_000 {
-                tree.apply_batch(std::mem::take(&mut batch)).map_err(sled_err)?;
+                tree.apply_batch(std::mem::take(&mut batch))
+                    .map_err(sled_err)?;
                 pending = 0;
             }
         }
@@ -192,7 +207,10 @@ impl StateMachineStore {
         let Some(name) = self.shared.tree.get(keys::INSTALLING).map_err(sled_err)? else {
             return Ok(());
         };
-        let path = self.shared.snapshot_dir.join(String::from_utf8_lossy(&name).as_ref());
+        let path = self
+            .shared
+            .snapshot_dir
+            .join(String::from_utf8_lossy(&name).as_ref());
         tracing::warn!(path = %path.display(), "finishing an interrupted snapshot install");
         self.load_snapshot_file(&path, None)?;
         self.shared.syncer.sync_now()

@@ -44,7 +44,11 @@ pub(super) struct Shared {
 }
 
 impl StateMachineStore {
-    pub(super) fn open(db: &sled::Db, syncer: Arc<Syncer>, snapshot_dir: PathBuf) -> io::Result<Self> {
+    pub(super) fn open(
+        db: &sled::Db,
+        syncer: Arc<Syncer>,
+        snapshot_dir: PathBuf,
+    ) -> io::Result<Self> {
         std::fs::create_dir_all(&snapshot_dir)?;
         let tree = db.open_tree("sm").map_err(sled_err)?;
         let clock = match tree.get(keys::CLOCK).map_err(sled_err)? {
@@ -120,7 +124,13 @@ impl StateMachineStore {
 
     /// Write `change` of the record at `k` (currently `cur`) into `batch`,
     /// keeping the expiry index in step.
-    fn stage(&self, batch: &mut sled::Batch, k: &RecordKey, cur: Option<&Record>, change: Change) -> io::Result<()> {
+    fn stage(
+        &self,
+        batch: &mut sled::Batch,
+        k: &RecordKey,
+        cur: Option<&Record>,
+        change: Change,
+    ) -> io::Result<()> {
         if matches!(change, Change::Keep) {
             return Ok(());
         }
@@ -138,7 +148,12 @@ impl StateMachineStore {
         Ok(())
     }
 
-    fn apply_request(&self, batch: &mut sled::Batch, req: Request, index: u64) -> io::Result<Response> {
+    fn apply_request(
+        &self,
+        batch: &mut sled::Batch,
+        req: Request,
+        index: u64,
+    ) -> io::Result<Response> {
         let now = record::advance_clock(self.clock_ms(), req.stamped_ms);
         self.shared.clock.store(now, Ordering::Release);
         batch.insert(keys::CLOCK, encode(&now)?);
@@ -149,10 +164,17 @@ impl StateMachineStore {
                 self.stage(batch, &key, cur.as_ref(), change)?;
                 Ok(out)
             }
-            Command::ClaimBatch { items, all_or_nothing } => {
-                let current = items.iter().map(|(k, _)| self.get(k)).collect::<io::Result<Vec<_>>>()?;
+            Command::ClaimBatch {
+                items,
+                all_or_nothing,
+            } => {
+                let current = items
+                    .iter()
+                    .map(|(k, _)| self.get(k))
+                    .collect::<io::Result<Vec<_>>>()?;
                 let claims: Vec<_> = items.iter().map(|(_, c)| c).collect();
-                let (changes, out) = record::apply_claim_batch(&current, &claims, all_or_nothing, now, index);
+                let (changes, out) =
+                    record::apply_claim_batch(&current, &claims, all_or_nothing, now, index);
                 for (((k, _), cur), change) in items.iter().zip(&current).zip(changes) {
                     self.stage(batch, k, cur.as_ref(), change)?;
                 }
@@ -160,7 +182,10 @@ impl StateMachineStore {
             }
             Command::Sweep { limit } => {
                 let mut removed = 0;
-                let due = self.shared.tree.range(vec![keys::EXPIRY]..keys::expiry_upper(now));
+                let due = self
+                    .shared
+                    .tree
+                    .range(vec![keys::EXPIRY]..keys::expiry_upper(now));
                 for item in due.take(limit as usize) {
                     let (ek, _) = item.map_err(sled_err)?;
                     let cur = match keys::parse_expiry(&ek) {
@@ -223,7 +248,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: std::fs::File) -> Result<(), io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: std::fs::File,
+    ) -> Result<(), io::Error> {
         self.install(meta, snapshot).await
     }
 

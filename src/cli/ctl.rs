@@ -1,0 +1,514 @@
+//! `idemkv ctl`: every operation from the shell. Human output by default,
+//! `--json` for scripts. Outcomes (ACQUIRED, IN_PROGRESS, COMPLETED, FAILED)
+//! exit 0; an error exits 1 with the gRPC code, reason and message on stderr.
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use super::{parse_duration_ms, DEFAULT_ENDPOINTS};
+use crate::client::ClientError;
+use crate::pb::api::{self, claim_response::Outcome};
+use crate::Client;
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// Client endpoints of the cluster, comma-separated.
+    #[arg(long, env = "IDEMKV_ENDPOINTS", default_value = DEFAULT_ENDPOINTS, global = true)]
+    pub endpoints: String,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub op: CtlOp,
+}
+
+#[derive(Debug, Args)]
+pub struct Target {
+    pub namespace: String,
+    pub key: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlOp {
+    /// Claim a key: ACQUIRED (with a token), IN_PROGRESS, COMPLETED (replay) or FAILED.
+    Claim {
+        #[command(flatten)]
+        t: Target,
+        #[arg(long)]
+        owner: String,
+        #[arg(long, default_value = "30s", value_parser = parse_duration_ms)]
+        lease: u64,
+        /// Reuse to retry a claim idempotently (default: a fresh one).
+        #[arg(long, default_value = "")]
+        claim_id: String,
+        /// Request fingerprint (e.g. a payload hash).
+        #[arg(long)]
+        fingerprint: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        max_attempts: u32,
+        #[arg(long, value_parser = parse_duration_ms)]
+        retention: Option<u64>,
+    },
+    /// Claim several keys of one namespace in one Raft entry.
+    ClaimBatch {
+        namespace: String,
+        #[arg(required = true)]
+        keys: Vec<String>,
+        #[arg(long)]
+        owner: String,
+        #[arg(long, default_value = "30s", value_parser = parse_duration_ms)]
+        lease: u64,
+        /// Acquire every key or none.
+        #[arg(long)]
+        all_or_nothing: bool,
+    },
+    /// Complete a claim with its result (replayed to every later claim).
+    Complete {
+        #[command(flatten)]
+        t: Target,
+        #[arg(long)]
+        token: u64,
+        #[arg(long, default_value = "")]
+        result: String,
+        /// A user code replayed with the result (e.g. an HTTP status).
+        #[arg(long)]
+        code: Option<i32>,
+        #[arg(long, value_parser = parse_duration_ms)]
+        retention: Option<u64>,
+    },
+    /// Extend a live claim, optionally saving a checkpoint.
+    Renew {
+        #[command(flatten)]
+        t: Target,
+        #[arg(long)]
+        token: u64,
+        #[arg(long, default_value = "30s", value_parser = parse_duration_ms)]
+        lease: u64,
+        #[arg(long)]
+        checkpoint: Option<String>,
+    },
+    /// Give a claim back after a failure.
+    Release {
+        #[command(flatten)]
+        t: Target,
+        #[arg(long)]
+        token: u64,
+        #[arg(long, default_value = "")]
+        error: String,
+    },
+    /// Show a record.
+    Get {
+        #[command(flatten)]
+        t: Target,
+        /// Read the local replica (possibly stale) instead of linearizably.
+        #[arg(long)]
+        serializable: bool,
+    },
+    /// Wait until a record leaves IN_PROGRESS.
+    Await {
+        #[command(flatten)]
+        t: Target,
+        #[arg(long, default_value = "30s", value_parser = parse_duration_ms)]
+        timeout: u64,
+    },
+    /// Forget a record.
+    Delete {
+        #[command(flatten)]
+        t: Target,
+    },
+    /// Cluster status as every endpoint sees it.
+    Status,
+}
+
+/// The canonical gRPC name of a status code (`FAILED_PRECONDITION`).
+fn code_name(c: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match c {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn outcome_json(o: &Outcome) -> Value {
+    match o {
+        Outcome::Acquired(a) => json!({
+            "outcome": "ACQUIRED", "token": a.token, "lease_deadline_ms": a.lease_deadline_ms,
+            "attempt": a.attempt, "previous_owner": a.previous_owner,
+            "checkpoint": a.checkpoint.as_deref().map(text),
+        }),
+        Outcome::InProgress(p) => json!({
+            "outcome": "IN_PROGRESS", "owner": p.owner,
+            "lease_remaining_ms": p.lease_remaining_ms, "attempt": p.attempt,
+        }),
+        Outcome::Completed(c) => json!({
+            "outcome": "COMPLETED", "result": text(&c.result), "code": c.code,
+            "completed_at_ms": c.completed_at_ms, "token": c.token,
+        }),
+        Outcome::Failed(f) => json!({
+            "outcome": "FAILED", "attempts": f.attempts, "last_error": f.last_error,
+        }),
+    }
+}
+
+fn outcome_text(o: &Outcome) -> String {
+    match o {
+        Outcome::Acquired(a) => {
+            let mut s = format!("ACQUIRED token={} attempt={}", a.token, a.attempt);
+            if let Some(p) = &a.previous_owner {
+                s += &format!(" previous_owner={p}");
+            }
+            if let Some(cp) = &a.checkpoint {
+                s += &format!(" checkpoint={}", text(cp));
+            }
+            s
+        }
+        Outcome::InProgress(p) => format!(
+            "IN_PROGRESS owner={} lease_remaining={}ms attempt={}",
+            p.owner, p.lease_remaining_ms, p.attempt
+        ),
+        Outcome::Completed(c) => {
+            let code = c.code.map(|c| format!(" code={c}")).unwrap_or_default();
+            format!(
+                "COMPLETED result={}{code} token={}",
+                text(&c.result),
+                c.token
+            )
+        }
+        Outcome::Failed(f) => format!("FAILED attempts={} last_error={}", f.attempts, f.last_error),
+    }
+}
+
+fn state_name(s: i32) -> &'static str {
+    match api::RecordState::try_from(s) {
+        Ok(api::RecordState::InProgress) => "IN_PROGRESS",
+        Ok(api::RecordState::Available) => "AVAILABLE",
+        Ok(api::RecordState::Completed) => "COMPLETED",
+        Ok(api::RecordState::Failed) => "FAILED",
+        _ => "UNKNOWN",
+    }
+}
+
+fn record_json(r: &api::Record) -> Value {
+    json!({
+        "namespace": r.namespace, "key": text(&r.key), "state": state_name(r.state),
+        "owner": r.owner, "token": r.token, "lease_deadline_ms": r.lease_deadline_ms,
+        "attempts": r.attempts, "max_attempts": r.max_attempts,
+        "result": text(&r.result), "code": r.code, "completed_at_ms": r.completed_at_ms,
+        "expires_at_ms": r.expires_at_ms, "last_error": r.last_error,
+        "checkpoint": r.checkpoint.as_deref().map(text), "created_at_ms": r.created_at_ms,
+    })
+}
+
+fn record_text(r: &api::Record) -> String {
+    let mut s = format!("{} {}/{}", state_name(r.state), r.namespace, text(&r.key));
+    match api::RecordState::try_from(r.state) {
+        Ok(api::RecordState::InProgress) => {
+            s += &format!(
+                " owner={} token={} lease_deadline_ms={}",
+                r.owner, r.token, r.lease_deadline_ms
+            )
+        }
+        Ok(api::RecordState::Completed) => {
+            s += &format!(" result={} token={}", text(&r.result), r.token);
+            if let Some(c) = r.code {
+                s += &format!(" code={c}");
+            }
+        }
+        Ok(api::RecordState::Available) | Ok(api::RecordState::Failed) => {
+            s += &format!(" last_owner={} last_error={}", r.owner, r.last_error)
+        }
+        _ => {}
+    }
+    s + &format!(" attempts={} expires_at_ms={}", r.attempts, r.expires_at_ms)
+}
+
+/// Run one ctl command; returns the process exit code.
+pub async fn run(a: CtlArgs) -> anyhow::Result<i32> {
+    let client = Client::new(a.endpoints.split(','))?;
+    match exec(&client, a.op).await {
+        Ok((human, value)) => {
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                println!("{human}");
+            }
+            Ok(0)
+        }
+        Err(e) => {
+            let code = e.code().map(code_name).unwrap_or("ERROR");
+            if a.json {
+                let v = json!({"error": code, "reason": e.reason(), "message": e.message()});
+                eprintln!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                eprintln!("error: {code}: {}", e.message());
+            }
+            Ok(1)
+        }
+    }
+}
+
+async fn exec(client: &Client, op: CtlOp) -> Result<(String, Value), ClientError> {
+    Ok(match op {
+        CtlOp::Claim {
+            t,
+            owner,
+            lease,
+            claim_id,
+            fingerprint,
+            max_attempts,
+            retention,
+        } => {
+            let o = client
+                .claim(api::ClaimRequest {
+                    namespace: t.namespace,
+                    key: t.key.into_bytes(),
+                    owner,
+                    claim_id,
+                    lease_ms: lease,
+                    fingerprint: fingerprint.map(String::into_bytes),
+                    max_attempts,
+                    retention_ms: retention.unwrap_or(0),
+                })
+                .await?;
+            (outcome_text(&o), outcome_json(&o))
+        }
+        CtlOp::ClaimBatch {
+            namespace,
+            keys,
+            owner,
+            lease,
+            all_or_nothing,
+        } => {
+            let items = keys
+                .iter()
+                .map(|k| api::ClaimRequest {
+                    namespace: namespace.clone(),
+                    key: k.clone().into_bytes(),
+                    owner: owner.clone(),
+                    lease_ms: lease,
+                    ..Default::default()
+                })
+                .collect();
+            let r = client
+                .claim_batch(api::ClaimBatchRequest {
+                    items,
+                    all_or_nothing,
+                })
+                .await?;
+            let mut lines = vec![format!("applied={}", r.applied)];
+            let mut values = Vec::new();
+            for (k, item) in keys.iter().zip(&r.items) {
+                use api::claim_batch_item::Outcome as B;
+                let (h, v) = match &item.outcome {
+                    Some(B::Acquired(x)) => {
+                        let o = Outcome::Acquired(x.clone());
+                        (outcome_text(&o), outcome_json(&o))
+                    }
+                    Some(B::InProgress(x)) => {
+                        let o = Outcome::InProgress(x.clone());
+                        (outcome_text(&o), outcome_json(&o))
+                    }
+                    Some(B::Completed(x)) => {
+                        let o = Outcome::Completed(x.clone());
+                        (outcome_text(&o), outcome_json(&o))
+                    }
+                    Some(B::Failed(x)) => {
+                        let o = Outcome::Failed(x.clone());
+                        (outcome_text(&o), outcome_json(&o))
+                    }
+                    Some(B::Error(e)) => (
+                        format!("{}: {}", e.reason, e.message),
+                        json!({"outcome": "ERROR", "reason": e.reason, "message": e.message}),
+                    ),
+                    None => ("?".into(), Value::Null),
+                };
+                lines.push(format!("{k}: {h}"));
+                let mut v = v;
+                v["key"] = json!(k);
+                values.push(v);
+            }
+            (
+                lines.join("\n"),
+                json!({"applied": r.applied, "items": values}),
+            )
+        }
+        CtlOp::Complete {
+            t,
+            token,
+            result,
+            code,
+            retention,
+        } => {
+            let r = client
+                .complete(api::CompleteRequest {
+                    namespace: t.namespace,
+                    key: t.key.into_bytes(),
+                    token,
+                    result: result.into_bytes(),
+                    code,
+                    retention_ms: retention.unwrap_or(0),
+                })
+                .await?;
+            (
+                format!(
+                    "COMPLETED completed_at_ms={} expires_at_ms={}",
+                    r.completed_at_ms, r.expires_at_ms
+                ),
+                json!({"outcome": "COMPLETED", "completed_at_ms": r.completed_at_ms, "expires_at_ms": r.expires_at_ms}),
+            )
+        }
+        CtlOp::Renew {
+            t,
+            token,
+            lease,
+            checkpoint,
+        } => {
+            let r = client
+                .renew(api::RenewRequest {
+                    namespace: t.namespace,
+                    key: t.key.into_bytes(),
+                    token,
+                    lease_ms: lease,
+                    checkpoint: checkpoint.map(String::into_bytes),
+                })
+                .await?;
+            (
+                format!("RENEWED lease_deadline_ms={}", r.lease_deadline_ms),
+                json!({"outcome": "RENEWED", "lease_deadline_ms": r.lease_deadline_ms}),
+            )
+        }
+        CtlOp::Release { t, token, error } => {
+            let r = client
+                .release(api::ReleaseRequest {
+                    namespace: t.namespace,
+                    key: t.key.into_bytes(),
+                    token,
+                    error,
+                })
+                .await?;
+            let state = state_name(r.state);
+            (
+                format!("RELEASED state={state} attempts={}", r.attempts),
+                json!({"outcome": "RELEASED", "state": state, "attempts": r.attempts}),
+            )
+        }
+        CtlOp::Get { t, serializable } => {
+            let consistency = if serializable {
+                api::Consistency::Serializable
+            } else {
+                api::Consistency::Linearizable
+            };
+            let req = api::GetRequest {
+                namespace: t.namespace.clone(),
+                key: t.key.clone().into_bytes(),
+                consistency: consistency as i32,
+            };
+            match client.get(req).await? {
+                Some(r) => (record_text(&r), record_json(&r)),
+                None => (
+                    format!("ABSENT {}/{}", t.namespace, t.key),
+                    json!({"state": "ABSENT", "namespace": t.namespace, "key": t.key}),
+                ),
+            }
+        }
+        CtlOp::Await { t, timeout } => {
+            let r = client
+                .r#await(api::AwaitRequest {
+                    namespace: t.namespace,
+                    key: t.key.into_bytes(),
+                    timeout_ms: timeout,
+                })
+                .await?;
+            let rec = r.record.unwrap_or_default();
+            let mut v = record_json(&rec);
+            v["timed_out"] = json!(r.timed_out);
+            let suffix = if r.timed_out { " (timed out)" } else { "" };
+            (format!("{}{suffix}", record_text(&rec)), v)
+        }
+        CtlOp::Delete { t } => {
+            let r = client
+                .delete(api::DeleteRequest {
+                    namespace: t.namespace,
+                    key: t.key.into_bytes(),
+                })
+                .await?;
+            (
+                format!("DELETED existed={}", r.existed),
+                json!({"outcome": "DELETED", "existed": r.existed}),
+            )
+        }
+        CtlOp::Status => status(client).await,
+    })
+}
+
+async fn status(client: &Client) -> (String, Value) {
+    let all = client.status_all().await;
+    let mut lines = Vec::new();
+    let mut nodes = Vec::new();
+    for (ep, res) in &all {
+        match res {
+            Ok(s) => {
+                let leader = s.leader_id.map_or("none".to_string(), |l| l.to_string());
+                lines.push(format!(
+                    "{ep}  node {}  {:<9} term={} leader={} commit={} applied={} last_log={} snapshot={}",
+                    s.id, s.role, s.term, leader, s.commit_index, s.applied_index, s.last_log_index, s.snapshot_index
+                ));
+                nodes.push(json!({
+                    "endpoint": ep, "healthy": true, "id": s.id, "role": s.role, "term": s.term,
+                    "leader_id": s.leader_id, "commit_index": s.commit_index,
+                    "applied_index": s.applied_index, "last_log_index": s.last_log_index,
+                    "snapshot_index": s.snapshot_index,
+                }));
+            }
+            Err(e) => {
+                lines.push(format!("{ep}  UNREACHABLE ({})", e.message()));
+                nodes.push(json!({"endpoint": ep, "healthy": false, "error": e.message()}));
+            }
+        }
+    }
+    let members: Vec<Value> = all
+        .iter()
+        .find_map(|(_, r)| r.as_ref().ok())
+        .map(|s| {
+            s.members
+                .iter()
+                .map(|m| json!({"id": m.id, "api_addr": m.api_addr, "raft_addr": m.raft_addr, "voter": m.voter}))
+                .collect()
+        })
+        .unwrap_or_default();
+    for m in &members {
+        let kind = if m["voter"] == json!(true) {
+            "voter"
+        } else {
+            "learner"
+        };
+        lines.push(format!(
+            "member {}  {}  {kind}",
+            m["id"],
+            m["api_addr"].as_str().unwrap_or("")
+        ));
+    }
+    (
+        lines.join("\n"),
+        json!({"nodes": nodes, "members": members}),
+    )
+}

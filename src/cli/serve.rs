@@ -1,0 +1,193 @@
+//! `idemkv serve`: run one node until SIGINT/SIGTERM.
+//!
+//! Settings come from flags, then `IDEMKV_*` environment variables (clap
+//! reads both, flags first), then the TOML file given with `--config`, then
+//! the defaults of [`NodeConfig`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Deserialize;
+
+use crate::config::{Limits, NodeConfig};
+use crate::raft::PeerNode;
+use crate::Node;
+
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (flags and env win).
+    #[arg(long, env = "IDEMKV_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's id (a positive integer, unique in the cluster).
+    #[arg(long, env = "IDEMKV_ID")]
+    pub id: Option<u64>,
+    /// Client API address.
+    #[arg(long, env = "IDEMKV_LISTEN")]
+    pub listen: Option<String>,
+    /// Peer (Raft) address.
+    #[arg(long, env = "IDEMKV_PEER_LISTEN")]
+    pub peer_listen: Option<String>,
+    /// Client address to advertise, if not the bound one.
+    #[arg(long, env = "IDEMKV_ADVERTISE_API")]
+    pub advertise_api: Option<String>,
+    /// Peer address to advertise, if not the bound one.
+    #[arg(long, env = "IDEMKV_ADVERTISE_PEER")]
+    pub advertise_peer: Option<String>,
+    #[arg(long, env = "IDEMKV_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The initial members: `ID=API_ADDR/PEER_ADDR,...` (used with --init).
+    #[arg(long, env = "IDEMKV_PEERS")]
+    pub peers: Option<String>,
+    /// Initialise a new cluster from --peers (ignored if this node's data
+    /// already belongs to a cluster).
+    #[arg(long, env = "IDEMKV_INIT")]
+    pub init: bool,
+}
+
+/// The `--config` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub id: Option<u64>,
+    pub listen: Option<String>,
+    pub peer_listen: Option<String>,
+    pub advertise_api: Option<String>,
+    pub advertise_peer: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub peers: Option<String>,
+    pub init: Option<bool>,
+    pub heartbeat_ms: Option<u64>,
+    pub election_timeout_min_ms: Option<u64>,
+    pub election_timeout_max_ms: Option<u64>,
+    pub request_timeout_ms: Option<u64>,
+    pub snapshot_every: Option<u64>,
+    pub limits: Option<Limits>,
+}
+
+/// Parse `ID=API/PEER,...`.
+pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, PeerNode>> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addrs) = part
+            .split_once('=')
+            .with_context(|| format!("peers: {part:?} is not ID=API_ADDR/PEER_ADDR"))?;
+        let (api, raft) = addrs
+            .split_once('/')
+            .with_context(|| format!("peers: {part:?} is not ID=API_ADDR/PEER_ADDR"))?;
+        let id: u64 = id
+            .parse()
+            .with_context(|| format!("peers: bad node id {id:?}"))?;
+        out.insert(
+            id,
+            PeerNode {
+                api_addr: api.to_string(),
+                raft_addr: raft.to_string(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Merge flags/env over the file over defaults.
+pub fn resolve(args: ServeArgs) -> anyhow::Result<(NodeConfig, Option<BTreeMap<u64, PeerNode>>)> {
+    let file: FileConfig = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("config: cannot read {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("config: {}", p.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let Some(id) = args.id.or(file.id) else {
+        bail!("id: required (--id, IDEMKV_ID or `id` in the config file)");
+    };
+    if id == 0 {
+        bail!("id: must be a positive integer");
+    }
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from(format!(".idemkv/node-{id}")));
+    let mut cfg = NodeConfig::new(id, data_dir);
+    cfg.listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| format!("127.0.0.1:{}", 7000 + id));
+    cfg.peer_listen = args
+        .peer_listen
+        .or(file.peer_listen)
+        .unwrap_or_else(|| format!("127.0.0.1:{}", 7100 + id));
+    cfg.advertise_api = args.advertise_api.or(file.advertise_api);
+    cfg.advertise_peer = args.advertise_peer.or(file.advertise_peer);
+    if let Some(ms) = file.heartbeat_ms {
+        cfg.heartbeat = Duration::from_millis(ms);
+    }
+    if let Some(ms) = file.election_timeout_min_ms {
+        cfg.election_timeout.0 = Duration::from_millis(ms);
+    }
+    if let Some(ms) = file.election_timeout_max_ms {
+        cfg.election_timeout.1 = Duration::from_millis(ms);
+    }
+    if let Some(ms) = file.request_timeout_ms {
+        cfg.request_timeout = Duration::from_millis(ms);
+    }
+    if let Some(n) = file.snapshot_every {
+        cfg.snapshot_every = n;
+    }
+    if let Some(l) = file.limits {
+        cfg.limits = l;
+    }
+    let init = args.init || file.init.unwrap_or(false);
+    let peers = args.peers.or(file.peers);
+    let members = if init {
+        let Some(p) = peers else {
+            bail!("peers: --init needs --peers ID=API_ADDR/PEER_ADDR,...");
+        };
+        Some(parse_peers(&p)?)
+    } else {
+        None
+    };
+    Ok((cfg, members))
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let (cfg, members) = resolve(args)?;
+    let node = Node::start(cfg).await?;
+    if let Some(mut members) = members {
+        members
+            .entry(node.id)
+            .or_insert_with(|| node.member.clone());
+        if node.is_initialized().await {
+            tracing::info!("data directory already belongs to a cluster; not initialising");
+        } else {
+            node.initialize(members).await?;
+            tracing::info!("cluster initialised");
+        }
+    }
+    println!(
+        "idemkv node {} serving clients on {} (peers on {})",
+        node.id, node.api_addr, node.peer_addr
+    );
+    wait_for_signal().await;
+    tracing::info!("stopping");
+    node.shutdown().await;
+    Ok(())
+}
+
+/// Wait for SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
