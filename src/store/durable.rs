@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Mutex;
 
@@ -47,6 +48,10 @@ pub struct Syncer {
     /// Blob files already synced, with the length they had then.
     synced_blobs: Mutex<HashMap<std::ffi::OsString, u64>>,
     queue: Mutex<Option<mpsc::Sender<Waiter>>>,
+    /// Completed flush+fsync rounds, and the waiters they released: the
+    /// ratio is the group-commit factor.
+    syncs: std::sync::atomic::AtomicU64,
+    released: std::sync::atomic::AtomicU64,
 }
 
 impl Syncer {
@@ -59,6 +64,8 @@ impl Syncer {
             blob_dir: dir.join("blobs"),
             synced_blobs: Mutex::new(HashMap::new()),
             queue: Mutex::new(Some(tx)),
+            syncs: Default::default(),
+            released: Default::default(),
         });
         // The directory entries of the files sled created must be durable too.
         File::open(dir)?.sync_all()?;
@@ -70,7 +77,11 @@ impl Syncer {
                     let mut batch = vec![first];
                     batch.extend(rx.try_iter());
                     let res = match worker.upgrade() {
-                        Some(s) => s.sync_now(),
+                        Some(s) => {
+                            let res = s.sync_now();
+                            s.released.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                            res
+                        }
                         None => Err(io::Error::other("store closed")),
                     };
                     for w in batch {
@@ -106,7 +117,17 @@ impl Syncer {
     pub fn sync_now(&self) -> io::Result<()> {
         self.db.flush().map_err(sled_err)?;
         self.data_file.sync_data()?;
-        self.sync_blobs()
+        self.sync_blobs()?;
+        self.syncs.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// `(fsync rounds completed, waiters released by them)`.
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.syncs.load(Ordering::Acquire),
+            self.released.load(Ordering::Relaxed),
+        )
     }
 
     fn sync_blobs(&self) -> io::Result<()> {

@@ -1,0 +1,144 @@
+//! Clusters of real `idemkv serve` child processes, for crash and CLI tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use idemkv::Client;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_idemkv");
+
+/// Ask the OS for `n` free loopback ports. They are released before the
+/// children bind them; the window is tiny and the ports are never fixed.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+pub struct ProcCluster {
+    pub dir: PathBuf,
+    pub api: Vec<String>,
+    pub peer: Vec<String>,
+    pub children: Vec<Option<Child>>,
+    /// Extra TOML for every node's config file.
+    pub extra_config: String,
+}
+
+impl ProcCluster {
+    pub fn new(dir: &Path, n: usize, extra_config: &str) -> ProcCluster {
+        let ports = free_ports(2 * n);
+        ProcCluster {
+            dir: dir.to_path_buf(),
+            api: ports[..n]
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect(),
+            peer: ports[n..]
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect(),
+            children: (0..n).map(|_| None).collect(),
+            extra_config: extra_config.to_string(),
+        }
+    }
+
+    fn peers_arg(&self) -> String {
+        (0..self.api.len())
+            .map(|i| format!("{}={}/{}", i + 1, self.api[i], self.peer[i]))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Start (or restart) node `i` (0-based).
+    pub fn start_node(&mut self, i: usize) {
+        let id = i + 1;
+        let data = self.dir.join(format!("node-{id}"));
+        let conf = self.dir.join(format!("node-{id}.toml"));
+        std::fs::write(&conf, &self.extra_config).expect("write config");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("node-{id}.log")))
+            .expect("log file");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&conf)
+            .args(["--id", &id.to_string()])
+            .args(["--listen", &self.api[i]])
+            .args(["--peer-listen", &self.peer[i]])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--peers", &self.peers_arg()])
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if i == 0 {
+            cmd.arg("--init");
+        }
+        self.children[i] = Some(cmd.spawn().expect("spawn idemkv serve"));
+    }
+
+    pub fn start_all(&mut self) {
+        for i in 0..self.api.len() {
+            self.start_node(i);
+        }
+    }
+
+    /// SIGKILL node `i`: no shutdown path runs.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGKILL every node at once (signals first, then reap).
+    pub fn kill9_all(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+        }
+        for i in 0..self.children.len() {
+            self.kill9(i);
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.api).expect("client")
+    }
+
+    /// Wait until every node answers and agrees on a leader.
+    pub async fn wait_ready(&self, within: Duration) {
+        let client = self.client();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let all = client.status_all().await;
+            let leaders: Vec<Option<u64>> = all
+                .iter()
+                .map(|(_, r)| r.as_ref().ok().and_then(|s| s.leader_id))
+                .collect();
+            if leaders.iter().all(|l| l.is_some() && *l == leaders[0]) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "cluster not ready within {within:?}: {leaders:?}; logs in {}",
+                self.dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for ProcCluster {
+    fn drop(&mut self) {
+        self.kill9_all();
+    }
+}
