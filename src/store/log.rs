@@ -106,7 +106,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged_log_id: Option<LogId> = self.get_meta(PURGED)?;
         let last = match self.log.last().map_err(sled_err)? {
             Some((_, v)) => Some(decode::<Entry>(&v)?.log_id()),
-            None => last_purged_log_id.clone(),
+            None => last_purged_log_id,
         };
         Ok(LogState {
             last_purged_log_id,

@@ -229,12 +229,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 EntryPayload::Blank => Ok(Outcome::Nothing),
                 EntryPayload::Normal(req) => self.apply_request(&mut batch, req, log_id.index())?,
                 EntryPayload::Membership(m) => {
-                    let stored = StoredMembership::new(Some(log_id.clone()), m);
+                    let stored = StoredMembership::new(Some(log_id), m);
                     batch.insert(keys::MEMBERSHIP, encode(&stored)?);
                     Ok(Outcome::Nothing)
                 }
             };
-            batch.insert(keys::APPLIED, encode(&Some(log_id.clone()))?);
+            batch.insert(keys::APPLIED, encode(&Some(log_id))?);
             self.shared.tree.apply_batch(batch).map_err(sled_err)?;
             self.shared.applied.send_replace(log_id.index());
             if let Some(responder) = responder {
