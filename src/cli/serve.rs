@@ -191,3 +191,64 @@ pub async fn wait_for_signal() {
         _ = term.recv() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> (tempfile::NamedTempFile, PathBuf) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        let p = f.path().to_path_buf();
+        (f, p)
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let (_f, path) = file(
+            "id = 2\nlisten = \"127.0.0.1:9002\"\nsnapshot_every = 77\n[limits]\nbatch_max = 5\n",
+        );
+        let args = ServeArgs {
+            config: Some(path),
+            listen: Some("127.0.0.1:9999".into()),
+            ..Default::default()
+        };
+        let (cfg, members) = resolve(args).unwrap();
+        assert_eq!(cfg.id, 2, "id comes from the file");
+        assert_eq!(cfg.listen, "127.0.0.1:9999", "the flag wins");
+        assert_eq!(
+            cfg.peer_listen, "127.0.0.1:7102",
+            "default derived from the id"
+        );
+        assert_eq!(cfg.snapshot_every, 77);
+        assert_eq!(cfg.limits.batch_max, 5);
+        assert_eq!(cfg.limits.key_max, 1024, "unset limits keep their defaults");
+        assert!(members.is_none());
+    }
+
+    #[test]
+    fn bad_settings_name_the_field() {
+        let err = resolve(ServeArgs::default()).unwrap_err().to_string();
+        assert!(err.starts_with("id:"), "{err}");
+        let args = ServeArgs {
+            id: Some(1),
+            init: true,
+            ..Default::default()
+        };
+        let err = resolve(args).unwrap_err().to_string();
+        assert!(err.starts_with("peers:"), "{err}");
+        let (_f, path) = file("id = 1\nlisten_typo = \"x\"\n");
+        let err = format!(
+            "{:#}",
+            resolve(ServeArgs {
+                config: Some(path),
+                ..Default::default()
+            })
+            .unwrap_err()
+        );
+        assert!(err.contains("listen_typo"), "{err}");
+        assert!(parse_peers("1=a:1").is_err());
+        let peers = parse_peers("1=a:1/b:1, 2=a:2/b:2").unwrap();
+        assert_eq!(peers[&2].raft_addr, "b:2");
+    }
+}

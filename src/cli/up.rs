@@ -132,22 +132,9 @@ async fn first_exit(children: &mut [NodeProcess]) -> anyhow::Error {
 }
 
 async fn wait_ready(endpoints: &[String]) -> anyhow::Result<()> {
-    let client = Client::new(endpoints)?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let all = client.status_all().await;
-        let leaders: Vec<Option<u64>> = all
-            .iter()
-            .map(|(_, r)| r.as_ref().ok().and_then(|s| s.leader_id))
-            .collect();
-        if leaders.iter().all(|l| l.is_some() && *l == leaders[0]) {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("no leader after 30 s: {all:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    Ok(Client::new(endpoints)?
+        .wait_ready(Duration::from_secs(30))
+        .await?)
 }
 
 /// SIGTERM every child, then SIGKILL whatever is still running after 10 s.

@@ -10,6 +10,8 @@ pub enum ClientError {
     Status(Status),
     #[error("bad client configuration: {0}")]
     Config(String),
+    #[error("cluster not ready: {0}")]
+    Unready(String),
     #[error("unexpected reply: {0}")]
     Protocol(String),
 }

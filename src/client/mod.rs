@@ -309,6 +309,36 @@ impl Client {
         futures::future::join_all(calls).await
     }
 
+    /// Wait until every endpoint answers and all agree on one leader;
+    /// `Err` with what each endpoint said if that does not happen `within`.
+    pub async fn wait_ready(&self, within: Duration) -> Result<(), ClientError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let all = self.status_all().await;
+            let leaders: Vec<Option<u64>> = all
+                .iter()
+                .map(|(_, r)| r.as_ref().ok().and_then(|s| s.leader_id))
+                .collect();
+            if leaders.iter().all(|l| l.is_some() && *l == leaders[0]) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let seen: Vec<String> = all
+                    .iter()
+                    .map(|(ep, r)| match r {
+                        Ok(s) => format!("{ep}: {} leader={:?}", s.role, s.leader_id),
+                        Err(e) => format!("{ep}: {}", e.message()),
+                    })
+                    .collect();
+                return Err(ClientError::Unready(format!(
+                    "no agreed leader within {within:?}: {}",
+                    seen.join("; ")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// A `Cluster` client on the preferred endpoint, for membership calls.
     pub fn cluster(&self) -> ClusterClient<Channel> {
         let (_, ch) = self.channel_at(self.inner.preferred.load(Ordering::Relaxed));

@@ -116,23 +116,8 @@ impl ProcCluster {
 
     /// Wait until every node answers and agrees on a leader.
     pub async fn wait_ready(&self, within: Duration) {
-        let client = self.client();
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let all = client.status_all().await;
-            let leaders: Vec<Option<u64>> = all
-                .iter()
-                .map(|(_, r)| r.as_ref().ok().and_then(|s| s.leader_id))
-                .collect();
-            if leaders.iter().all(|l| l.is_some() && *l == leaders[0]) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "cluster not ready within {within:?}: {leaders:?}; logs in {}",
-                self.dir.display()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Err(e) = self.client().wait_ready(within).await {
+            panic!("{e}; logs in {}", self.dir.display());
         }
     }
 }
