@@ -5,6 +5,7 @@
 //! token, reads and Delete change nothing on a repeat.
 
 mod error;
+mod run_once;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 pub use error::ClientError;
+pub use run_once::{Claimed, Completion, RunError, RunOptions, RunOutcome};
 
 use crate::pb::api::{self, cluster_client::ClusterClient, idempotency_client::IdempotencyClient};
 
