@@ -59,6 +59,15 @@ impl From<Vec<u8>> for Completion {
     }
 }
 
+impl From<String> for Completion {
+    fn from(s: String) -> Self {
+        Completion {
+            result: s.into_bytes(),
+            code: None,
+        }
+    }
+}
+
 impl From<&str> for Completion {
     fn from(s: &str) -> Self {
         Completion {
@@ -174,7 +183,7 @@ impl Client {
             checkpoint_tx,
             lost_rx,
         };
-        let renewer = tokio::spawn(renew_loop(
+        let mut renewer = AbortOnDrop(tokio::spawn(renew_loop(
             self.clone(),
             namespace.to_string(),
             key.to_vec(),
@@ -182,10 +191,10 @@ impl Client {
             opts.clone(),
             checkpoint_rx,
             lost_tx,
-        ));
+        )));
         let res = work(claimed).await;
-        renewer.abort();
-        let lost = matches!(renewer.await, Ok(true));
+        renewer.0.abort();
+        let lost = matches!((&mut renewer.0).await, Ok(true));
         if lost {
             return Err(RunError::LeaseLost { token });
         }
@@ -256,6 +265,15 @@ impl Client {
             },
             _ => RunOutcome::Busy { owner: rec.owner },
         })
+    }
+}
+
+/// Stops the renewals if the caller drops the run (cancellation).
+struct AbortOnDrop(tokio::task::JoinHandle<bool>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
