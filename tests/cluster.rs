@@ -12,7 +12,12 @@ async fn a_claim_on_one_node_is_seen_from_every_node() {
     // Ask a follower, which forwards to the leader.
     let leader = c.wait_leader(Duration::from_secs(5)).await;
     let follower = (1..=3).find(|i| *i != leader).unwrap();
-    let a = acquired(c.client_of(follower).claim(claim_req("orders", "o-1", "w1", 30_000)).await.unwrap());
+    let a = acquired(
+        c.client_of(follower)
+            .claim(claim_req("orders", "o-1", "w1", 30_000))
+            .await
+            .unwrap(),
+    );
     assert!(a.token > 0);
     for id in 1..=3 {
         let rec = c
@@ -30,7 +35,12 @@ async fn a_claim_on_one_node_is_seen_from_every_node() {
         assert_eq!(rec.token, a.token);
     }
     // A second owner sees IN_PROGRESS from any node.
-    match c.client_of(3).claim(claim_req("orders", "o-1", "w2", 30_000)).await.unwrap() {
+    match c
+        .client_of(3)
+        .claim(claim_req("orders", "o-1", "w2", 30_000))
+        .await
+        .unwrap()
+    {
         Outcome::InProgress(p) => assert_eq!(p.owner, "w1"),
         other => panic!("expected IN_PROGRESS, got {other:?}"),
     }

@@ -37,14 +37,23 @@ impl TestCluster {
             members.insert(id, node.member.clone());
             nodes.push(Some(node));
         }
-        let c = TestCluster { dir, nodes, members };
-        c.node(1).initialize(c.members.clone()).await.expect("initialize");
+        let c = TestCluster {
+            dir,
+            nodes,
+            members,
+        };
+        c.node(1)
+            .initialize(c.members.clone())
+            .await
+            .expect("initialize");
         c.wait_leader(Duration::from_secs(10)).await;
         c
     }
 
     pub fn node(&self, id: u64) -> &Node {
-        self.nodes[(id - 1) as usize].as_ref().expect("node is running")
+        self.nodes[(id - 1) as usize]
+            .as_ref()
+            .expect("node is running")
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -76,7 +85,10 @@ impl TestCluster {
                     return *l;
                 }
             }
-            assert!(tokio::time::Instant::now() < deadline, "no leader within {within:?}: {leaders:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no leader within {within:?}: {leaders:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
