@@ -46,3 +46,224 @@ async fn a_claim_on_one_node_is_seen_from_every_node() {
     }
     c.shutdown().await;
 }
+
+fn get_req(ns: &str, key: &str) -> api::GetRequest {
+    api::GetRequest {
+        namespace: ns.into(),
+        key: key.as_bytes().to_vec(),
+        consistency: api::Consistency::Linearizable as i32,
+    }
+}
+
+fn complete_req(ns: &str, key: &str, token: u64, result: &str) -> api::CompleteRequest {
+    api::CompleteRequest {
+        namespace: ns.into(),
+        key: key.as_bytes().to_vec(),
+        token,
+        result: result.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_keeps_records_and_tokens_increasing() {
+    let mut c = TestCluster::start(3).await;
+    let client = c.client();
+    let mut max_token = 0;
+    for i in 0..20 {
+        let a = acquired(
+            client
+                .claim(claim_req("orders", &format!("k{i}"), "w1", 30_000))
+                .await
+                .unwrap(),
+        );
+        max_token = max_token.max(a.token);
+        if i % 2 == 0 {
+            client
+                .complete(complete_req("orders", &format!("k{i}"), a.token, "done"))
+                .await
+                .unwrap();
+        }
+    }
+    let old = c.wait_leader(Duration::from_secs(5)).await;
+    c.stop(old).await;
+    let new = c.wait_leader(Duration::from_secs(10)).await;
+    assert_ne!(new, old, "a survivor took over");
+    let client = c.client();
+    for i in 0..20 {
+        let rec = client
+            .get(get_req("orders", &format!("k{i}")))
+            .await
+            .unwrap()
+            .expect("record kept");
+        let want = if i % 2 == 0 {
+            api::RecordState::Completed
+        } else {
+            api::RecordState::InProgress
+        };
+        assert_eq!(rec.state, want as i32, "k{i}");
+    }
+    let a = acquired(
+        client
+            .claim(claim_req("orders", "after", "w2", 30_000))
+            .await
+            .unwrap(),
+    );
+    assert!(
+        a.token > max_token,
+        "token {} after failover must exceed {max_token}",
+        a.token
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_every_node_keeps_every_completed_record() {
+    let mut c = TestCluster::start(3).await;
+    let client = c.client();
+    let mut max_token = 0;
+    for i in 0..30 {
+        let key = format!("job-{i}");
+        let a = acquired(
+            client
+                .claim(claim_req("jobs", &key, "w1", 30_000))
+                .await
+                .unwrap(),
+        );
+        client
+            .complete(complete_req("jobs", &key, a.token, &format!("result-{i}")))
+            .await
+            .unwrap();
+        max_token = max_token.max(a.token);
+    }
+    for id in 1..=3 {
+        c.stop(id).await;
+    }
+    for id in 1..=3 {
+        c.restart(id).await;
+    }
+    c.wait_leader(Duration::from_secs(10)).await;
+    let client = c.client();
+    for i in 0..30 {
+        match client
+            .claim(claim_req("jobs", &format!("job-{i}"), "w9", 30_000))
+            .await
+            .unwrap()
+        {
+            Outcome::Completed(done) => assert_eq!(done.result, format!("result-{i}").as_bytes()),
+            other => panic!("job-{i} should replay its result after restart, got {other:?}"),
+        }
+    }
+    let a = acquired(
+        client
+            .claim(claim_req("jobs", "new", "w1", 30_000))
+            .await
+            .unwrap(),
+    );
+    assert!(
+        a.token > max_token,
+        "tokens keep increasing across restarts"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_is_taken_over_and_the_old_token_is_fenced() {
+    let c = TestCluster::start(3).await;
+    let client = c.client();
+    let w1 = acquired(
+        client
+            .claim(claim_req("orders", "o-7", "w1", 300))
+            .await
+            .unwrap(),
+    );
+    client
+        .renew(api::RenewRequest {
+            namespace: "orders".into(),
+            key: b"o-7".to_vec(),
+            token: w1.token,
+            lease_ms: 300,
+            checkpoint: Some(b"step-3".to_vec()),
+        })
+        .await
+        .unwrap();
+    match client
+        .claim(claim_req("orders", "o-7", "w2", 30_000))
+        .await
+        .unwrap()
+    {
+        Outcome::InProgress(p) => assert_eq!(p.owner, "w1"),
+        other => panic!("w1's lease is live, got {other:?}"),
+    }
+    // The leader's clock decides expiry: poll until w2 takes over.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let w2 = loop {
+        match client
+            .claim(claim_req("orders", "o-7", "w2", 30_000))
+            .await
+            .unwrap()
+        {
+            Outcome::Acquired(a) => break a,
+            Outcome::InProgress(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => panic!("expected a takeover, got {other:?}"),
+        }
+    };
+    assert!(w2.token > w1.token);
+    assert_eq!(w2.previous_owner.as_deref(), Some("w1"));
+    assert_eq!(w2.checkpoint.as_deref(), Some(&b"step-3"[..]));
+    assert_eq!(w2.attempt, 2);
+    let err = client
+        .complete(complete_req("orders", "o-7", w1.token, "late"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), Some("LEASE_LOST"), "{err}");
+    assert!(
+        err.message().contains("w2"),
+        "the error names the holder: {err}"
+    );
+    let rec = client.get(get_req("orders", "o-7")).await.unwrap().unwrap();
+    assert_eq!(rec.owner, "w2");
+    assert_eq!(
+        rec.state,
+        api::RecordState::InProgress as i32,
+        "w1's late result was not saved"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minority_answers_unavailable_and_grants_nothing() {
+    let mut c = TestCluster::start(3).await;
+    let leader = c.wait_leader(Duration::from_secs(5)).await;
+    let survivor = (1..=3).find(|i| *i != leader).unwrap();
+    for id in (1..=3).filter(|i| *i != survivor) {
+        c.stop(id).await;
+    }
+    let opts = idemkv::client::ClientOptions {
+        retry_for: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(4),
+        ..Default::default()
+    };
+    let lonely =
+        idemkv::Client::with_options([c.members[&survivor].api_addr.clone()], opts).unwrap();
+    let err = lonely
+        .claim(claim_req("orders", "o-m", "w1", 30_000))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err}");
+    for id in (1..=3).filter(|i| *i != survivor) {
+        c.restart(id).await;
+    }
+    c.wait_leader(Duration::from_secs(10)).await;
+    // Nothing was granted to w1 in the minority: w2 can claim the key.
+    let a = acquired(
+        c.client()
+            .claim(claim_req("orders", "o-m", "w2", 30_000))
+            .await
+            .unwrap(),
+    );
+    assert!(a.token > 0);
+    c.shutdown().await;
+}
