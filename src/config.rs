@@ -70,6 +70,9 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     /// Take a snapshot (and purge the log) every this many entries.
     pub snapshot_every: u64,
+    /// Log entries kept behind a snapshot (a follower further behind gets
+    /// the snapshot instead).
+    pub snapshot_keep_logs: u64,
     /// How often the leader checks the expiry index for records to sweep.
     pub sweep_interval: Duration,
     /// Most records one sweep entry removes.
@@ -90,6 +93,7 @@ impl NodeConfig {
             election_timeout: (Duration::from_millis(400), Duration::from_millis(800)),
             request_timeout: Duration::from_secs(5),
             snapshot_every: 50_000,
+            snapshot_keep_logs: 1000,
             sweep_interval: Duration::from_secs(1),
             sweep_limit: 1000,
         }

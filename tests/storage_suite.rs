@@ -97,3 +97,93 @@ async fn appends_and_votes_are_acknowledged_only_after_fsync() {
         .iter()
         .all(|e| matches!(&e.payload, EntryPayload::Normal(r) if *r == big)));
 }
+
+/// A snapshot built on one node and installed on another replaces the whole
+/// state: records, the expiry index (a sweep still finds expired records),
+/// the applied log id and the clock; and it survives a reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_install_replaces_the_whole_state() {
+    use futures::stream;
+    use idemkv::raft::Entry;
+    use idemkv::record::{Claim, Command, Op, RecordKey, Request};
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    use openraft::testing::log_id;
+    use openraft::EntryPayload;
+
+    let key = |k: &str| RecordKey {
+        namespace: "ns".into(),
+        key: k.as_bytes().to_vec(),
+    };
+    let claim = |k: &str, retention_ms: u64| Command::Op {
+        key: key(k),
+        op: Op::Claim(Claim {
+            owner: "w".into(),
+            claim_id: "c".into(),
+            lease_ms: 100,
+            fingerprint: None,
+            max_attempts: 0,
+            retention_ms,
+        }),
+    };
+    let entry = |i: u64, stamped_ms: u64, command: Command| -> Result<_, std::io::Error> {
+        Ok((
+            Entry {
+                log_id: log_id::<TypeConfig>(1, 1, i),
+                payload: EntryPayload::Normal(Request {
+                    stamped_ms,
+                    command,
+                }),
+            },
+            None,
+        ))
+    };
+    let src_dir = tempfile::tempdir().unwrap();
+    let mut src = Store::open(src_dir.path()).unwrap().state_machine;
+    src.apply(stream::iter(vec![
+        entry(1, 1_000, claim("short", 1_000)),
+        entry(2, 1_000, claim("long", 86_400_000)),
+    ]))
+    .await
+    .unwrap();
+    let snap = src.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id.unwrap().index(), 2);
+
+    let dst_dir = tempfile::tempdir().unwrap();
+    let dst_store = Store::open(dst_dir.path()).unwrap();
+    let mut dst = dst_store.state_machine;
+    // Something the snapshot must wipe out.
+    dst.apply(stream::iter(vec![entry(1, 5, claim("stale", 1_000))]))
+        .await
+        .unwrap();
+    dst.install_snapshot(&snap.meta, snap.snapshot)
+        .await
+        .unwrap();
+    assert!(
+        dst.get(&key("stale")).unwrap().is_none(),
+        "install replaced the old state"
+    );
+    assert!(dst.get(&key("short")).unwrap().is_some());
+    assert_eq!(dst.clock_ms(), 1_000);
+    assert_eq!(dst.applied_state().await.unwrap().0.unwrap().index(), 2);
+    // The expiry index was rebuilt: a sweep after the retention removes "short" only.
+    assert!(dst.has_expired(1_000 + 100 + 1_000).unwrap());
+    dst.apply(stream::iter(vec![entry(
+        3,
+        2_200,
+        Command::Sweep { limit: 10 },
+    )]))
+    .await
+    .unwrap();
+    assert!(
+        dst.get(&key("short")).unwrap().is_none(),
+        "swept after install"
+    );
+    assert!(dst.get(&key("long")).unwrap().is_some());
+    // And the installed snapshot is what a restart serves.
+    let current = dst
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .expect("snapshot kept");
+    assert_eq!(current.meta.last_log_id.unwrap().index(), 2);
+}

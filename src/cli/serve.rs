@@ -64,6 +64,7 @@ pub struct FileConfig {
     pub election_timeout_max_ms: Option<u64>,
     pub request_timeout_ms: Option<u64>,
     pub snapshot_every: Option<u64>,
+    pub snapshot_keep_logs: Option<u64>,
     pub limits: Option<Limits>,
 }
 
@@ -136,6 +137,9 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<(NodeConfig, Option<BTreeMap<u
     }
     if let Some(n) = file.snapshot_every {
         cfg.snapshot_every = n;
+    }
+    if let Some(n) = file.snapshot_keep_logs {
+        cfg.snapshot_keep_logs = n;
     }
     if let Some(l) = file.limits {
         cfg.limits = l;

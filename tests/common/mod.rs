@@ -21,6 +21,8 @@ pub fn config(id: u64, data_dir: PathBuf) -> NodeConfig {
     let mut cfg = NodeConfig::new(id, data_dir);
     cfg.request_timeout = Duration::from_secs(3);
     cfg.sweep_interval = Duration::from_millis(100);
+    // Purge eagerly so lagging nodes exercise snapshot installs.
+    cfg.snapshot_keep_logs = 50;
     cfg
 }
 
