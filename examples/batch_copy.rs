@@ -17,6 +17,16 @@ use idemkv::Client;
 /// The destination store: product id -> times it was written.
 pub type Destination = Arc<Mutex<HashMap<String, u32>>>;
 
+fn claim_item(run: &str, id: &str, owner: &str) -> api::ClaimRequest {
+    api::ClaimRequest {
+        namespace: "copy".into(),
+        key: format!("{run}/{id}").into_bytes(),
+        owner: owner.into(),
+        lease_ms: 30_000,
+        ..Default::default()
+    }
+}
+
 async fn worker(
     client: Client,
     w: usize,
@@ -27,15 +37,10 @@ async fn worker(
     let mut copied = 0;
     let ids: Vec<String> = (0..products).map(|i| format!("product-{i:05}")).collect();
     for chunk in ids.chunks(100) {
+        let owner = format!("worker-{w}");
         let items = chunk
             .iter()
-            .map(|id| api::ClaimRequest {
-                namespace: "copy".into(),
-                key: format!("{run}/{id}").into_bytes(),
-                owner: format!("worker-{w}"),
-                lease_ms: 30_000,
-                ..Default::default()
-            })
+            .map(|id| claim_item(&run, id, &owner))
             .collect();
         let resp = client
             .claim_batch(api::ClaimBatchRequest {
@@ -100,16 +105,7 @@ pub async fn claim_bundle(
     owner: &str,
     keys: &[&str],
 ) -> anyhow::Result<bool> {
-    let items = keys
-        .iter()
-        .map(|k| api::ClaimRequest {
-            namespace: "copy".into(),
-            key: format!("{run}/{k}").into_bytes(),
-            owner: owner.into(),
-            lease_ms: 30_000,
-            ..Default::default()
-        })
-        .collect();
+    let items = keys.iter().map(|k| claim_item(run, k, owner)).collect();
     let resp = client
         .claim_batch(api::ClaimBatchRequest {
             items,
@@ -122,9 +118,7 @@ pub async fn claim_bundle(
 #[allow(dead_code)]
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let endpoints =
-        std::env::var("IDEMKV_ENDPOINTS").unwrap_or_else(|_| idemkv::cli::DEFAULT_ENDPOINTS.into());
-    let client = Client::new(endpoints.split(','))?;
+    let client = Client::from_env()?;
     let run = format!("run-{}", std::process::id());
     let dest = copy_catalog(&client, &run, 3000).await?;
     let dest = dest.lock().unwrap().clone();

@@ -85,9 +85,7 @@ pub async fn story(client: &Client, prefix: &str) -> anyhow::Result<Ledger> {
 #[allow(dead_code)]
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let endpoints =
-        std::env::var("IDEMKV_ENDPOINTS").unwrap_or_else(|_| idemkv::cli::DEFAULT_ENDPOINTS.into());
-    let client = Client::new(endpoints.split(','))?;
+    let client = Client::from_env()?;
     let ledger = story(&client, &format!("msg-{}", std::process::id())).await?;
     println!("charges per message: {:?}", ledger.lock().unwrap());
     Ok(())

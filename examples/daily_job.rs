@@ -65,9 +65,7 @@ pub async fn fire(client: &Client, date: &str, schedulers: u32) -> anyhow::Resul
 #[allow(dead_code)]
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let endpoints =
-        std::env::var("IDEMKV_ENDPOINTS").unwrap_or_else(|_| idemkv::cli::DEFAULT_ENDPOINTS.into());
-    let client = Client::new(endpoints.split(','))?;
+    let client = Client::from_env()?;
     let date = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "2026-11-22".into());

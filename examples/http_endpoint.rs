@@ -175,9 +175,7 @@ pub async fn post(
 #[allow(dead_code)]
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let endpoints =
-        std::env::var("IDEMKV_ENDPOINTS").unwrap_or_else(|_| idemkv::cli::DEFAULT_ENDPOINTS.into());
-    let shop = Shop::new(Client::new(endpoints.split(','))?);
+    let shop = Shop::new(Client::from_env()?);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(serve(shop.clone(), listener));

@@ -93,9 +93,7 @@ pub async fn story(client: &Client, key: &str) -> anyhow::Result<Log> {
 #[allow(dead_code)]
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let endpoints =
-        std::env::var("IDEMKV_ENDPOINTS").unwrap_or_else(|_| idemkv::cli::DEFAULT_ENDPOINTS.into());
-    let client = Client::new(endpoints.split(','))?;
+    let client = Client::from_env()?;
     let log = story(&client, &format!("reindex-{}", std::process::id())).await?;
     let log = log.lock().unwrap();
     println!(

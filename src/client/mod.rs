@@ -82,6 +82,14 @@ impl Client {
         Client::with_options(endpoints, ClientOptions::default())
     }
 
+    /// A client for `IDEMKV_ENDPOINTS` (comma-separated), or the cluster
+    /// `idemkv up` starts by default.
+    pub fn from_env() -> Result<Client, ClientError> {
+        let endpoints = std::env::var("IDEMKV_ENDPOINTS")
+            .unwrap_or_else(|_| crate::cli::DEFAULT_ENDPOINTS.to_string());
+        Client::new(endpoints.split(','))
+    }
+
     pub fn with_options<S: AsRef<str>>(
         endpoints: impl IntoIterator<Item = S>,
         opts: ClientOptions,
