@@ -1,0 +1,171 @@
+//! Unit tests of the rules in `record.rs` that the model test does not
+//! reach: batches, exhausted attempts, expiry, the clock, fingerprints.
+use idemkv::record::*;
+
+fn claim(owner: &str, lease_ms: u64, max_attempts: u32) -> Claim {
+    Claim {
+        owner: owner.into(),
+        claim_id: format!("{owner}-id"),
+        lease_ms,
+        fingerprint: None,
+        max_attempts,
+        retention_ms: 10_000,
+    }
+}
+
+fn put(change: Change) -> Record {
+    match change {
+        Change::Put(r) => r,
+        other => panic!("expected a Put, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_clock_never_goes_backwards() {
+    assert_eq!(advance_clock(1_000, 900), 1_000);
+    assert_eq!(advance_clock(1_000, 1_200), 1_200);
+}
+
+#[test]
+fn an_expired_lease_on_the_last_attempt_becomes_failed() {
+    let (c, _) = apply_op(None, &Op::Claim(claim("a", 100, 1)), 0, 5);
+    let held = put(c);
+    let (c, out) = apply_op(Some(&held), &Op::Claim(claim("b", 100, 1)), 150, 6);
+    let failed = put(c);
+    assert!(matches!(failed.state, State::Failed { .. }));
+    match out {
+        Ok(Outcome::Claim(ClaimOutcome::Failed {
+            attempts,
+            last_error,
+        })) => {
+            assert_eq!(attempts, 1);
+            assert!(last_error.contains("expired"), "{last_error}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // FAILED is kept for the retention, then expires.
+    assert_eq!(expires_at(&failed), 150 + 10_000);
+}
+
+#[test]
+fn expiry_follows_the_state() {
+    let (c, _) = apply_op(None, &Op::Claim(claim("a", 100, 0)), 1_000, 1);
+    let held = put(c);
+    assert_eq!(
+        expires_at(&held),
+        1_100 + 10_000,
+        "idle for the retention after the lease"
+    );
+    assert!(lease_is_live(&held, 1_099) && !lease_is_live(&held, 1_100));
+    let release = Op::Release {
+        token: 1,
+        error: "e".into(),
+    };
+    let avail = put(apply_op(Some(&held), &release, 1_050, 2).0);
+    assert_eq!(expires_at(&avail), 1_050 + 10_000);
+    let done = Op::Complete {
+        token: 3,
+        result: b"r".to_vec(),
+        code: Some(7),
+        retention_ms: Some(2_000),
+    };
+    let again = put(apply_op(Some(&avail), &Op::Claim(claim("b", 100, 0)), 1_060, 3).0);
+    let completed = put(apply_op(Some(&again), &done, 1_070, 4).0);
+    assert_eq!(
+        expires_at(&completed),
+        1_070 + 2_000,
+        "Complete can set its own retention"
+    );
+    assert!(!is_expired(&completed, 3_069) && is_expired(&completed, 3_070));
+}
+
+#[test]
+fn fingerprints_are_checked_on_every_later_claim() {
+    let mut c = claim("a", 100, 0);
+    c.fingerprint = Some(b"f1".to_vec());
+    let rec = put(apply_op(None, &Op::Claim(c.clone()), 0, 1).0);
+    let mut other = claim("b", 100, 0);
+    other.fingerprint = Some(b"f2".to_vec());
+    let (change, out) = apply_op(Some(&rec), &Op::Claim(other), 500, 2);
+    assert_eq!(change, Change::Keep);
+    assert_eq!(out, Err(RuleError::FingerprintMismatch));
+    // Without a fingerprint, no check.
+    let (_, out) = apply_op(Some(&rec), &Op::Claim(claim("b", 100, 0)), 50, 3);
+    assert!(matches!(
+        out,
+        Ok(Outcome::Claim(ClaimOutcome::InProgress { .. }))
+    ));
+}
+
+#[test]
+fn batches_decide_per_item_or_all_or_nothing() {
+    let held = put(apply_op(None, &Op::Claim(claim("x", 1_000, 0)), 0, 1).0);
+    let current = vec![None, Some(held), None];
+    let (a, b, c) = (claim("w", 100, 0), claim("w", 100, 0), claim("w", 100, 0));
+    let claims = vec![&a, &b, &c];
+
+    let (changes, out) = apply_claim_batch(&current, &claims, false, 10, 9);
+    assert!(matches!(changes[0], Change::Put(_)));
+    assert_eq!(changes[1], Change::Keep);
+    match out {
+        Outcome::Batch { items, applied } => {
+            assert!(applied);
+            assert!(matches!(
+                items[0],
+                Ok(ClaimOutcome::Acquired { token: 9, .. })
+            ));
+            assert!(matches!(items[1], Ok(ClaimOutcome::InProgress { .. })));
+            assert!(matches!(
+                items[2],
+                Ok(ClaimOutcome::Acquired { token: 9, .. })
+            ));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let (changes, out) = apply_claim_batch(&current, &claims, true, 10, 9);
+    assert!(
+        changes.iter().all(|c| *c == Change::Keep),
+        "nothing changes"
+    );
+    match out {
+        Outcome::Batch { items, applied } => {
+            assert!(!applied);
+            assert_eq!(items[0], Err(RuleError::NotAttempted));
+            assert!(matches!(items[1], Ok(ClaimOutcome::InProgress { .. })));
+            assert_eq!(items[2], Err(RuleError::NotAttempted));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn lease_lost_names_the_current_holder() {
+    let held = put(apply_op(None, &Op::Claim(claim("alice", 1_000, 0)), 0, 4).0);
+    let (_, out) = apply_op(
+        Some(&held),
+        &Op::Renew {
+            token: 3,
+            lease_ms: 100,
+            checkpoint: None,
+        },
+        10,
+        5,
+    );
+    let err = out.unwrap_err();
+    assert!(err.to_string().starts_with("LEASE_LOST"), "{err}");
+    assert!(
+        err.to_string().contains("alice") && err.to_string().contains("token 4"),
+        "{err}"
+    );
+    let (_, out) = apply_op(
+        None,
+        &Op::Release {
+            token: 4,
+            error: String::new(),
+        },
+        10,
+        6,
+    );
+    assert!(out.unwrap_err().to_string().contains("absent"));
+}
