@@ -1,5 +1,6 @@
 //! Generates the gRPC code from `proto/` with protox (pure Rust), so no system
-//! `protoc` is needed. The descriptor set is kept for server reflection.
+//! `protoc` is needed. The public API's descriptor set is kept for server
+//! reflection.
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -9,7 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(protos, ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out.join("idemkv_descriptor.bin"), fds.encode_to_vec())?;
+    // Reflection shows clients the public API only, never the peer RPCs.
+    let public = protox::compile(["proto/idemkv/v1/api.proto"], ["proto"])?;
+    std::fs::write(out.join("idemkv_descriptor.bin"), public.encode_to_vec())?;
     tonic_prost_build::configure().compile_fds(fds)?;
     Ok(())
 }

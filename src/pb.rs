@@ -10,6 +10,7 @@ pub mod peer {
     tonic::include_proto!("idemkv.raft.v1");
 }
 
-/// Encoded descriptors of both protos, for server reflection.
+/// Encoded descriptors of the public API (not the peer RPCs), for server
+/// reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/idemkv_descriptor.bin"));

@@ -453,3 +453,58 @@ async fn a_restarted_node_catches_up_after_the_leader_snapshotted() {
     }
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generic_grpc_tools_find_health_and_reflection() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let c = TestCluster::start(3).await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", c.members[&2].api_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let resp = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: "idemkv.v1.Idempotency".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.status, ServingStatus::Serving as i32);
+
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = stream.message().await.unwrap().unwrap();
+    let names: Vec<String> = match msg.message_response {
+        Some(MessageResponse::ListServicesResponse(l)) => {
+            l.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        names.contains(&"idemkv.v1.Idempotency".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"idemkv.v1.Cluster".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.contains("RaftPeer")),
+        "peer RPCs are not shown to clients: {names:?}"
+    );
+    c.shutdown().await;
+}
