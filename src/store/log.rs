@@ -49,16 +49,24 @@ impl LogStore {
         Ok(())
     }
 
-    fn remove_from(&self, start: u64, end_inclusive: u64) -> io::Result<()> {
-        let mut batch = sled::Batch::default();
-        for item in self
+    /// Remove entries `start..=end`, one by one: sled batches force a log
+    /// buffer write each, and atomicity is not needed here. Purges go
+    /// upwards and truncations downwards, so a crash half-way leaves a
+    /// contiguous log, never a hole.
+    fn remove_range(&self, start: u64, end_inclusive: u64, downwards: bool) -> io::Result<()> {
+        let range = self
             .log
-            .range(start.to_be_bytes()..=end_inclusive.to_be_bytes())
-        {
-            let (k, _) = item.map_err(sled_err)?;
-            batch.remove(k);
+            .range(start.to_be_bytes()..=end_inclusive.to_be_bytes());
+        let keys: Vec<sled::IVec> = range.keys().collect::<Result<_, _>>().map_err(sled_err)?;
+        let ordered: Box<dyn Iterator<Item = sled::IVec>> = if downwards {
+            Box::new(keys.into_iter().rev())
+        } else {
+            Box::new(keys.into_iter())
+        };
+        for k in ordered {
+            self.log.remove(k).map_err(sled_err)?;
         }
-        self.log.apply_batch(batch).map_err(sled_err)
+        Ok(())
     }
 }
 
@@ -142,11 +150,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        // In index order, one insert each: a crash keeps a prefix (no hole),
+        // and none of it is acknowledged before the sync below.
         for entry in entries {
-            batch.insert(&entry.index().to_be_bytes(), encode(&entry)?);
+            self.log
+                .insert(entry.index().to_be_bytes(), encode(&entry)?)
+                .map_err(sled_err)?;
         }
-        self.log.apply_batch(batch).map_err(sled_err)?;
         self.syncer.submit(Waiter::Callback(Box::new(move |res| {
             callback.io_completed(res)
         })));
@@ -155,7 +165,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |l| l.index() + 1);
-        self.remove_from(from, u64::MAX)?;
+        self.remove_range(from, u64::MAX, true)?;
         // Conflicting entries must not come back after a crash.
         self.syncer.sync().await
     }
@@ -164,6 +174,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Record the purge point first: sled recovers a prefix of writes, so
         // the removals below never survive without it.
         self.put_meta(PURGED, &log_id)?;
-        self.remove_from(0, log_id.index())
+        self.remove_range(0, log_id.index(), false)
     }
 }

@@ -43,6 +43,17 @@ pub(super) struct Shared {
     pub(super) applied: watch::Sender<u64>,
 }
 
+/// Changes of the entries applied so far in one `apply` call, written as one
+/// atomic sled batch together with `last_applied`. (Every sled batch forces a
+/// log buffer write, so one per call instead of one per entry matters.)
+#[derive(Default)]
+struct Pending {
+    batch: sled::Batch,
+    /// Records written by this batch, for reads by later entries in it.
+    records: std::collections::HashMap<Vec<u8>, Option<Record>>,
+    last: Option<LogId>,
+}
+
 impl StateMachineStore {
     pub(super) fn open(
         db: &sled::Db,
@@ -122,11 +133,19 @@ impl StateMachineStore {
         }
     }
 
-    /// Write `change` of the record at `k` (currently `cur`) into `batch`,
-    /// keeping the expiry index in step.
+    /// The record at `k` as the pending batch leaves it.
+    fn get_pending(&self, p: &Pending, k: &RecordKey) -> io::Result<Option<Record>> {
+        match p.records.get(&keys::record(k)) {
+            Some(r) => Ok(r.clone()),
+            None => self.get(k),
+        }
+    }
+
+    /// Write `change` of the record at `k` (currently `cur`) into the
+    /// pending batch, keeping the expiry index in step.
     fn stage(
         &self,
-        batch: &mut sled::Batch,
+        p: &mut Pending,
         k: &RecordKey,
         cur: Option<&Record>,
         change: Change,
@@ -135,33 +154,46 @@ impl StateMachineStore {
             return Ok(());
         }
         if let Some(old) = cur {
-            batch.remove(keys::expiry(record::expires_at(old), k));
+            p.batch.remove(keys::expiry(record::expires_at(old), k));
         }
+        let rk = keys::record(k);
         match change {
             Change::Put(new) => {
-                batch.insert(keys::expiry(record::expires_at(&new), k), &[] as &[u8]);
-                batch.insert(keys::record(k), encode(&new)?);
+                p.batch
+                    .insert(keys::expiry(record::expires_at(&new), k), &[] as &[u8]);
+                p.batch.insert(rk.clone(), encode(&new)?);
+                p.records.insert(rk, Some(new));
             }
-            Change::Remove => batch.remove(keys::record(k)),
+            Change::Remove => {
+                p.batch.remove(rk.clone());
+                p.records.insert(rk, None);
+            }
             Change::Keep => {}
         }
         Ok(())
     }
 
-    fn apply_request(
-        &self,
-        batch: &mut sled::Batch,
-        req: Request,
-        index: u64,
-    ) -> io::Result<Response> {
+    /// Write the pending batch and its `last_applied` atomically.
+    fn commit(&self, p: &mut Pending) -> io::Result<()> {
+        let Some(last) = p.last else {
+            return Ok(());
+        };
+        let mut done = std::mem::take(p);
+        done.batch.insert(keys::APPLIED, encode(&Some(last))?);
+        self.shared.tree.apply_batch(done.batch).map_err(sled_err)?;
+        self.shared.applied.send_replace(last.index());
+        Ok(())
+    }
+
+    fn apply_request(&self, p: &mut Pending, req: Request, index: u64) -> io::Result<Response> {
         let now = record::advance_clock(self.clock_ms(), req.stamped_ms);
         self.shared.clock.store(now, Ordering::Release);
-        batch.insert(keys::CLOCK, encode(&now)?);
+        p.batch.insert(keys::CLOCK, encode(&now)?);
         match req.command {
             Command::Op { key, op } => {
-                let cur = self.get(&key)?;
+                let cur = self.get_pending(p, &key)?;
                 let (change, out) = record::apply_op(cur.as_ref(), &op, now, index);
-                self.stage(batch, &key, cur.as_ref(), change)?;
+                self.stage(p, &key, cur.as_ref(), change)?;
                 Ok(out)
             }
             Command::ClaimBatch {
@@ -170,17 +202,21 @@ impl StateMachineStore {
             } => {
                 let current = items
                     .iter()
-                    .map(|(k, _)| self.get(k))
+                    .map(|(k, _)| self.get_pending(p, k))
                     .collect::<io::Result<Vec<_>>>()?;
                 let claims: Vec<_> = items.iter().map(|(_, c)| c).collect();
                 let (changes, out) =
                     record::apply_claim_batch(&current, &claims, all_or_nothing, now, index);
                 for (((k, _), cur), change) in items.iter().zip(&current).zip(changes) {
-                    self.stage(batch, k, cur.as_ref(), change)?;
+                    self.stage(p, k, cur.as_ref(), change)?;
                 }
                 Ok(Ok(out))
             }
             Command::Sweep { limit } => {
+                // The sweep reads the expiry index from the tree: first write
+                // what this call applied before it. (The clock just set may go
+                // with it; re-applying this entry sets the same value.)
+                self.commit(p)?;
                 let mut removed = 0;
                 let due = self
                     .shared
@@ -194,11 +230,11 @@ impl StateMachineStore {
                     };
                     match cur {
                         Some((k, r)) if record::is_expired(&r, now) => {
-                            self.stage(batch, &k, Some(&r), Change::Remove)?;
+                            self.stage(p, &k, Some(&r), Change::Remove)?;
                             removed += 1;
                         }
                         // An index entry with no matching record: drop it.
-                        _ => batch.remove(ek),
+                        _ => p.batch.remove(ek),
                     }
                 }
                 Ok(Ok(Outcome::Swept { removed }))
@@ -222,24 +258,29 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let lock = self.shared.lock.clone();
         let _guard = lock.write().await;
+        let mut pending = Pending::default();
+        let mut replies = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
             let log_id = entry.log_id();
-            let mut batch = sled::Batch::default();
             let response = match entry.payload {
                 EntryPayload::Blank => Ok(Outcome::Nothing),
-                EntryPayload::Normal(req) => self.apply_request(&mut batch, req, log_id.index())?,
+                EntryPayload::Normal(req) => {
+                    self.apply_request(&mut pending, req, log_id.index())?
+                }
                 EntryPayload::Membership(m) => {
                     let stored = StoredMembership::new(Some(log_id), m);
-                    batch.insert(keys::MEMBERSHIP, encode(&stored)?);
+                    pending.batch.insert(keys::MEMBERSHIP, encode(&stored)?);
                     Ok(Outcome::Nothing)
                 }
             };
-            batch.insert(keys::APPLIED, encode(&Some(log_id))?);
-            self.shared.tree.apply_batch(batch).map_err(sled_err)?;
-            self.shared.applied.send_replace(log_id.index());
+            pending.last = Some(log_id);
             if let Some(responder) = responder {
-                responder.send(response);
+                replies.push((responder, response));
             }
+        }
+        self.commit(&mut pending)?;
+        for (responder, response) in replies {
+            responder.send(response);
         }
         Ok(())
     }
