@@ -14,5 +14,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let public = protox::compile(["proto/idemkv/v1/api.proto"], ["proto"])?;
     std::fs::write(out.join("idemkv_descriptor.bin"), public.encode_to_vec())?;
     tonic_prost_build::configure().compile_fds(fds)?;
+    // The slice of etcd's API that `idemkv bench --target etcd` speaks.
+    let etcd = "proto/etcd/kv_subset.proto";
+    println!("cargo:rerun-if-changed={etcd}");
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_fds(protox::compile([etcd], ["proto"])?)?;
     Ok(())
 }

@@ -12,9 +12,11 @@
 //! - [`client`]: the Rust client: endpoints, leader discovery, safe retries.
 //! - [`node`]: [`Node`], one node in-process.
 //! - [`config`]: node configuration and limits.
-//! - [`cli`]: the `idemkv` subcommands (`serve`, `up`, `ctl`).
+//! - [`cli`]: the `idemkv` subcommands (`serve`, `up`, `ctl`, `bench`).
+//! - [`bench`]: the load tool behind `idemkv bench` (idemkv, etcd, Redis).
 //! - [`codec`], [`pb`], [`error`]: encoding, generated code, the error type.
 pub mod api;
+pub mod bench;
 pub use client::Client;
 pub mod cli;
 pub mod client;

@@ -10,6 +10,11 @@ pub mod peer {
     tonic::include_proto!("idemkv.raft.v1");
 }
 
+/// The slice of etcd's v3 API the load tool uses (client side only).
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
 /// Encoded descriptors of the public API (not the peer RPCs), for server
 /// reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -34,6 +34,9 @@ pub enum Command {
     Up(up::UpArgs),
     /// Talk to a cluster: claim, complete, renew, release, get, await, delete, status.
     Ctl(ctl::CtlArgs),
+    /// Load a cluster (or etcd, or Redis) with a workload and report
+    /// throughput, latency percentiles and whether every check held.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Parse a duration such as `30s`, `250ms`, `24h`, or a bare number of ms.
@@ -51,5 +54,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Serve(a) => serve::run(a).await.map(|_| 0),
         Command::Up(a) => up::run(a).await.map(|_| 0),
         Command::Ctl(a) => ctl::run(a).await,
+        Command::Bench(a) => crate::bench::run(a).await,
     }
 }

@@ -1,0 +1,418 @@
+//! `idemkv bench`: the bundled load tool. N client tasks run one workload
+//! against idemkv, etcd or Redis for a duration or a number of operations,
+//! after a warm-up that is not measured. Latencies go into HDR histograms;
+//! the end prints ops/s and p50/p90/p99/p99.9/max (or one JSON object), and
+//! the exit code says whether every correctness check held.
+
+pub mod target;
+pub mod workload;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use hdrhistogram::Histogram;
+use tokio::time::Instant;
+
+use crate::cli::parse_duration_ms;
+pub use target::{Target, TargetKind};
+use workload::{Checks, Task};
+pub use workload::{Plan, Workload};
+
+/// Exit code when a correctness check failed.
+pub const EXIT_CHECK_FAILED: i32 = 3;
+/// Exit code when operations failed with errors (checks held).
+pub const EXIT_ERRORS: i32 = 4;
+
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Exit status: 0 when every check held and no operation failed, \
+3 when a correctness check failed, 4 when operations returned errors."
+)]
+pub struct BenchArgs {
+    /// The system to load.
+    #[arg(long, value_enum, default_value = "idemkv")]
+    pub target: TargetKind,
+    /// What each operation does.
+    #[arg(long, value_enum, default_value = "claim")]
+    pub workload: Workload,
+    /// Concurrent clients, each with one operation in flight.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Connections the clients share (0: one per client).
+    #[arg(long, default_value_t = 0)]
+    pub connections: usize,
+    /// How long to measure (default 10s unless --ops is given).
+    #[arg(long, value_parser = parse_duration_ms, conflicts_with = "ops")]
+    pub duration: Option<u64>,
+    /// Measure this many operations instead of a duration.
+    #[arg(long)]
+    pub ops: Option<u64>,
+    /// Load run before measuring starts.
+    #[arg(long, value_parser = parse_duration_ms, default_value = "2s")]
+    pub warmup: u64,
+    /// Keys: raced per storm generation, or preloaded for `get`.
+    #[arg(long, default_value_t = 1000)]
+    pub keys: u64,
+    /// Result bytes stored by complete.
+    #[arg(long, default_value_t = 100)]
+    pub value_size: usize,
+    /// `mixed`: share of operations that repeat a completed key.
+    #[arg(long, default_value_t = 0.2)]
+    pub dup_rate: f64,
+    /// Lease of each claim (long enough that none expires during the run).
+    #[arg(long, value_parser = parse_duration_ms, default_value = "60s")]
+    pub lease: u64,
+    /// Target endpoints, comma-separated (default: the local `idemkv up`
+    /// cluster, etcd on 2379, Redis on 6379).
+    #[arg(long, env = "IDEMKV_BENCH_ENDPOINTS")]
+    pub endpoints: Option<String>,
+    /// Print one JSON object instead of the human report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub target: &'static str,
+    pub workload: &'static str,
+    pub clients: usize,
+    pub connections: usize,
+    pub value_size: usize,
+    pub elapsed_s: f64,
+    pub ops: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub ops_per_sec: f64,
+    pub latency_us: Latency,
+    pub check: Check,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Latency {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+    pub mean: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    pub passed: bool,
+    pub detail: String,
+}
+
+impl Report {
+    pub fn exit_code(&self) -> i32 {
+        if !self.check.passed {
+            EXIT_CHECK_FAILED
+        } else if self.errors > 0 {
+            EXIT_ERRORS
+        } else {
+            0
+        }
+    }
+
+    fn human(&self) -> String {
+        let ms = |us: u64| us as f64 / 1000.0;
+        let l = &self.latency_us;
+        format!(
+            "idemkv bench: target {}, workload {}, {} clients over {} connections, {}-byte results\n\
+             ops         {} in {:.1} s ({} errors{})\n\
+             throughput  {:.0} ops/s\n\
+             latency     p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms\n\
+             check       {}: {}",
+            self.target,
+            self.workload,
+            self.clients,
+            self.connections,
+            self.value_size,
+            self.ops,
+            self.elapsed_s,
+            self.errors,
+            self.first_error
+                .as_ref()
+                .map(|e| format!("; first: {e}"))
+                .unwrap_or_default(),
+            self.ops_per_sec,
+            ms(l.p50),
+            ms(l.p90),
+            ms(l.p99),
+            ms(l.p999),
+            ms(l.max),
+            if self.check.passed { "passed" } else { "FAILED" },
+            self.check.detail,
+        )
+    }
+}
+
+/// Counters the client tasks share with the driver.
+#[derive(Default)]
+struct Progress {
+    measured: AtomicU64,
+    /// Operations started after warm-up (bounds `--ops`).
+    started: AtomicU64,
+    errors: AtomicU64,
+    first_error: std::sync::Mutex<Option<String>>,
+    stop: AtomicBool,
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 µs to 10 min at 3 significant digits.
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+fn check_args(a: &BenchArgs) -> anyhow::Result<()> {
+    if a.clients == 0 {
+        bail!("clients: must be at least 1");
+    }
+    if a.keys == 0 {
+        bail!("keys: must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&a.dup_rate) {
+        bail!("dup-rate: must be between 0 and 1, got {}", a.dup_rate);
+    }
+    if a.ops == Some(0) {
+        bail!("ops: must be at least 1");
+    }
+    if a.duration == Some(0) {
+        bail!("duration: must be more than 0");
+    }
+    let max = crate::Limits::default().result_max;
+    if a.value_size > max {
+        bail!(
+            "value-size: {} bytes is over the result limit of {max}",
+            a.value_size
+        );
+    }
+    if a.lease == 0 {
+        bail!("lease: must be more than 0");
+    }
+    Ok(())
+}
+
+/// Run the benchmark `a` describes and return its report.
+pub async fn bench(a: &BenchArgs) -> anyhow::Result<Report> {
+    check_args(a)?;
+    let endpoints: Vec<String> = a
+        .endpoints
+        .as_deref()
+        .unwrap_or(a.target.default_endpoints())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if endpoints.is_empty() {
+        bail!("endpoints: none given");
+    }
+    let measure = a.duration.map(Duration::from_millis);
+    let measure = if a.ops.is_none() && measure.is_none() {
+        Some(Duration::from_secs(10))
+    } else {
+        measure
+    };
+    let warmup = Duration::from_millis(a.warmup);
+    let plan = Arc::new(Plan {
+        workload: a.workload,
+        run_id: format!("{:08x}", rand::random::<u32>()),
+        keys: a.keys,
+        value_size: a.value_size,
+        dup_rate: a.dup_rate,
+        lease: Duration::from_millis(a.lease),
+        retention: Duration::from_secs(24 * 3600),
+    });
+    // etcd's per-connection lease must outlive every claim of the run.
+    let lease_for = warmup + measure.unwrap_or(Duration::from_secs(3600)) + plan.lease * 2;
+    let n_conn = if a.connections == 0 {
+        a.clients
+    } else {
+        a.connections.min(a.clients)
+    };
+    let mut conns = Vec::with_capacity(n_conn);
+    for _ in 0..n_conn {
+        conns.push(
+            Target::connect(a.target, &endpoints, lease_for)
+                .await
+                .with_context(|| format!("endpoints {}", endpoints.join(",")))?,
+        );
+    }
+    let checks = Arc::new(Checks::default());
+    if a.workload == Workload::Get {
+        preload(&conns, &plan, a.clients).await?;
+    }
+
+    let progress = Arc::new(Progress::default());
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let end = measure.map(|d| measure_from + d);
+    let bar = progress_bar(a, warmup, measure);
+    let ticker = {
+        let (bar, progress) = (bar.clone(), progress.clone());
+        let ops = a.ops;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let now = Instant::now();
+                let done = progress.measured.load(Ordering::Relaxed);
+                if now < measure_from {
+                    bar.set_message(format!(
+                        "warming up, {:.1} s left",
+                        (measure_from - now).as_secs_f64()
+                    ));
+                    continue;
+                }
+                let secs = (now - measure_from).as_secs_f64().max(1e-3);
+                bar.set_message(format!("{done} ops, {:.0} ops/s", done as f64 / secs));
+                bar.set_position(match ops {
+                    Some(_) => done,
+                    None => (now - measure_from).as_millis() as u64,
+                });
+            }
+        })
+    };
+
+    let mut handles = Vec::with_capacity(a.clients);
+    for id in 0..a.clients {
+        let mut target = conns[id % n_conn].clone();
+        let (plan, checks, progress) = (plan.clone(), checks.clone(), progress.clone());
+        let ops = a.ops;
+        handles.push(tokio::spawn(async move {
+            let mut task = Task::new(id, &plan);
+            let mut hist = new_histogram();
+            loop {
+                let t0 = Instant::now();
+                if progress.stop.load(Ordering::Relaxed) || end.is_some_and(|e| t0 >= e) {
+                    break;
+                }
+                let measured = t0 >= measure_from;
+                if let (true, Some(limit)) = (measured, ops) {
+                    if progress.started.fetch_add(1, Ordering::Relaxed) >= limit {
+                        break;
+                    }
+                }
+                let r = task.op(&mut target, &plan, &checks).await;
+                if let Err(e) = r {
+                    progress.errors.fetch_add(1, Ordering::Relaxed);
+                    progress
+                        .first_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert_with(|| format!("{e:#}"));
+                    // Do not spin on a target that is down.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                if measured {
+                    let us = t0.elapsed().as_micros().max(1) as u64;
+                    hist.saturating_record(us);
+                    progress.measured.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            hist
+        }));
+    }
+    let mut hist = new_histogram();
+    for h in handles {
+        hist.add(h.await.context("a client task panicked")?)
+            .context("merging histograms")?;
+    }
+    let elapsed = Instant::now().saturating_duration_since(measure_from);
+    progress.stop.store(true, Ordering::Relaxed);
+    ticker.abort();
+    bar.finish_and_clear();
+
+    let (passed, detail) = checks.verdict(&plan);
+    let ops = hist.len();
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let first_error = progress
+        .first_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    Ok(Report {
+        target: a.target.name(),
+        workload: a.workload.name(),
+        clients: a.clients,
+        connections: n_conn,
+        value_size: a.value_size,
+        elapsed_s: secs,
+        ops,
+        errors: progress.errors.load(Ordering::Relaxed),
+        first_error,
+        ops_per_sec: ops as f64 / secs,
+        latency_us: Latency {
+            p50: hist.value_at_quantile(0.5),
+            p90: hist.value_at_quantile(0.9),
+            p99: hist.value_at_quantile(0.99),
+            p999: hist.value_at_quantile(0.999),
+            max: hist.max(),
+            mean: hist.mean(),
+        },
+        check: Check { passed, detail },
+    })
+}
+
+/// `get`: complete `plan.keys` records first, spread over the connections.
+async fn preload(conns: &[Target], plan: &Arc<Plan>, clients: usize) -> anyhow::Result<()> {
+    let workers = clients.min(plan.keys as usize).max(1);
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..workers {
+        let mut t = conns[w % conns.len()].clone();
+        let plan = plan.clone();
+        set.spawn(async move {
+            let mut task = Task::new(w, &plan);
+            let mut k = w as u64;
+            while k < plan.keys {
+                task.preload(&mut t, &plan, k).await?;
+                k += workers as u64;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.context("a preload task panicked")??;
+    }
+    Ok(())
+}
+
+fn progress_bar(
+    a: &BenchArgs,
+    warmup: Duration,
+    measure: Option<Duration>,
+) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let len = match (a.ops, measure) {
+        (Some(n), _) => n,
+        (None, Some(d)) => d.as_millis() as u64,
+        (None, None) => 0,
+    };
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    let unit = if a.ops.is_some() { "ops" } else { "ms" };
+    let style = ProgressStyle::with_template(&format!(
+        "{{spinner}} {} {} [{{bar:32}}] {{pos}}/{{len}} {unit}  {{msg}}",
+        a.target.name(),
+        a.workload.name()
+    ))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    if warmup.is_zero() {
+        bar.set_message("starting");
+    }
+    bar
+}
+
+/// The `idemkv bench` subcommand.
+pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
+    let report = bench(&a).await?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.human());
+    }
+    Ok(report.exit_code())
+}

@@ -1,0 +1,280 @@
+//! The workloads of `idemkv bench`: what one operation does, and what it
+//! checks. A check that fails is a correctness violation, counted and
+//! reported; the run then exits non-zero.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rand::Rng;
+
+use super::target::{Claim, Target};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// Claim distinct keys; every claim must be ACQUIRED.
+    Claim,
+    /// All clients race on the same keys, in the same order; exactly one
+    /// claim per key may be ACQUIRED.
+    Storm,
+    /// Claim, complete, then a duplicate claim that must replay the result.
+    Lifecycle,
+    /// New keys (claim + complete) mixed with duplicates of completed keys
+    /// (`--dup-rate`), which must replay their result.
+    Mixed,
+    /// Linearizable reads of `--keys` completed records.
+    Get,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Claim => "claim",
+            Workload::Storm => "storm",
+            Workload::Lifecycle => "lifecycle",
+            Workload::Mixed => "mixed",
+            Workload::Get => "get",
+        }
+    }
+}
+
+/// Settings every client task shares.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub workload: Workload,
+    pub run_id: String,
+    pub keys: u64,
+    pub value_size: usize,
+    pub dup_rate: f64,
+    pub lease: Duration,
+    pub retention: Duration,
+}
+
+impl Plan {
+    /// The result stored for `key`: the key's bytes repeated to the size.
+    pub fn result_for(&self, key: &str) -> Vec<u8> {
+        key.bytes().cycle().take(self.value_size).collect()
+    }
+
+    pub fn get_key(&self, k: u64) -> String {
+        format!("{}/get/{k}", self.run_id)
+    }
+}
+
+/// Violations and the storm tally, shared by all tasks.
+#[derive(Default)]
+pub struct Checks {
+    violations: AtomicU64,
+    first: Mutex<Option<String>>,
+    /// Storm: ACQUIRED answers per key.
+    acquired: Mutex<HashMap<String, u32>>,
+    /// What passed, for the report (e.g. replays verified).
+    verified: AtomicU64,
+}
+
+impl Checks {
+    fn violation(&self, what: String) {
+        self.violations.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+        first.get_or_insert(what);
+    }
+
+    fn verified(&self) {
+        self.verified.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Finish: the storm tally, then the verdict and a one-line detail.
+    pub fn verdict(&self, plan: &Plan) -> (bool, String) {
+        if plan.workload == Workload::Storm {
+            let tally = self.acquired.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, n) in tally.iter() {
+                if *n != 1 {
+                    self.violation(format!("storm key {key} was ACQUIRED {n} times"));
+                }
+            }
+            if self.violations.load(Ordering::Relaxed) == 0 {
+                return (
+                    true,
+                    format!(
+                        "exactly one ACQUIRED for each of {} raced keys",
+                        tally.len()
+                    ),
+                );
+            }
+        }
+        let v = self.violations.load(Ordering::Relaxed);
+        if v > 0 {
+            let first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+            return (
+                false,
+                format!("{v} violations; first: {}", first.as_deref().unwrap_or("?")),
+            );
+        }
+        let n = self.verified.load(Ordering::Relaxed);
+        let what = match plan.workload {
+            Workload::Claim => "fresh claims ACQUIRED (warm-up included)",
+            Workload::Lifecycle => "lifecycles completed and replayed (warm-up included)",
+            Workload::Mixed => {
+                "operations verified: acquired and completed, or replayed (warm-up included)"
+            }
+            Workload::Get => "reads returned the stored result (warm-up included)",
+            Workload::Storm => unreachable!(),
+        };
+        (true, format!("{n} {what}"))
+    }
+}
+
+/// One client task's own state.
+pub struct Task {
+    pub id: usize,
+    owner: String,
+    seq: u64,
+    completed: Vec<String>,
+    rng: rand::rngs::SmallRng,
+}
+
+impl Task {
+    pub fn new(id: usize, plan: &Plan) -> Task {
+        use rand::SeedableRng;
+        Task {
+            id,
+            owner: format!("bench-{}-{id}", plan.run_id),
+            seq: 0,
+            completed: Vec::new(),
+            rng: rand::rngs::SmallRng::seed_from_u64(id as u64),
+        }
+    }
+
+    fn fresh_key(&mut self, plan: &Plan) -> String {
+        self.seq += 1;
+        format!("{}/{}/{}", plan.run_id, self.id, self.seq)
+    }
+
+    /// Claim a fresh key and complete it; `Some(key)` once both held.
+    async fn claim_and_complete(
+        &mut self,
+        t: &mut Target,
+        plan: &Plan,
+        checks: &Checks,
+    ) -> anyhow::Result<Option<String>> {
+        let key = self.fresh_key(plan);
+        let token = match t.claim(&key, &self.owner, plan.lease).await? {
+            Claim::Acquired { token } => token,
+            other => {
+                checks.violation(format!("fresh key {key} was not acquired: {other:?}"));
+                return Ok(None);
+            }
+        };
+        let result = plan.result_for(&key);
+        if !t
+            .complete(&key, &self.owner, token, &result, plan.retention)
+            .await?
+        {
+            checks.violation(format!("complete of {key} by its holder was refused"));
+            return Ok(None);
+        }
+        Ok(Some(key))
+    }
+
+    /// A second claim of a completed key must replay its result.
+    async fn replay(
+        &mut self,
+        t: &mut Target,
+        plan: &Plan,
+        checks: &Checks,
+        key: &str,
+    ) -> anyhow::Result<()> {
+        let dup_owner = format!("{}-dup", self.owner);
+        match t.claim(key, &dup_owner, plan.lease).await? {
+            Claim::Completed { result } if result == plan.result_for(key) => checks.verified(),
+            other => checks.violation(format!(
+                "duplicate claim of completed {key} did not replay its result: {other:?}"
+            )),
+        }
+        Ok(())
+    }
+
+    /// Run one operation of the plan's workload.
+    pub async fn op(&mut self, t: &mut Target, plan: &Plan, checks: &Checks) -> anyhow::Result<()> {
+        match plan.workload {
+            Workload::Claim => {
+                let key = self.fresh_key(plan);
+                match t.claim(&key, &self.owner, plan.lease).await? {
+                    Claim::Acquired { .. } => checks.verified(),
+                    other => {
+                        checks.violation(format!("fresh key {key} was not acquired: {other:?}"))
+                    }
+                }
+            }
+            Workload::Storm => {
+                // Every task walks the same keys in the same order, so they
+                // collide; `keys` keys make one generation.
+                let step = self.seq;
+                self.seq += 1;
+                let key = format!(
+                    "{}/storm/{}/{}",
+                    plan.run_id,
+                    step / plan.keys,
+                    step % plan.keys
+                );
+                let won = matches!(
+                    t.claim(&key, &self.owner, plan.lease).await?,
+                    Claim::Acquired { .. }
+                );
+                let mut tally = checks.acquired.lock().unwrap_or_else(|p| p.into_inner());
+                *tally.entry(key).or_insert(0) += u32::from(won);
+            }
+            Workload::Lifecycle => {
+                if let Some(key) = self.claim_and_complete(t, plan, checks).await? {
+                    self.replay(t, plan, checks, &key).await?;
+                }
+            }
+            Workload::Mixed => {
+                if !self.completed.is_empty() && self.rng.random_bool(plan.dup_rate) {
+                    let i = self.rng.random_range(0..self.completed.len());
+                    let key = self.completed[i].clone();
+                    self.replay(t, plan, checks, &key).await?;
+                } else if let Some(key) = self.claim_and_complete(t, plan, checks).await? {
+                    checks.verified();
+                    if self.completed.len() < 10_000 {
+                        self.completed.push(key);
+                    } else {
+                        let i = self.rng.random_range(0..self.completed.len());
+                        self.completed[i] = key;
+                    }
+                }
+            }
+            Workload::Get => {
+                let k = self.rng.random_range(0..plan.keys);
+                let key = plan.get_key(k);
+                match t.get(&key).await? {
+                    Some(r) if r == plan.result_for(&key) => checks.verified(),
+                    other => checks.violation(format!(
+                        "read of completed {key} returned {:?}",
+                        other.map(|r| r.len())
+                    )),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `get` workload set-up: complete key `k` (claim + complete).
+    pub async fn preload(&mut self, t: &mut Target, plan: &Plan, k: u64) -> anyhow::Result<()> {
+        let key = plan.get_key(k);
+        match t.claim(&key, &self.owner, plan.lease).await? {
+            Claim::Acquired { token } => {
+                let result = plan.result_for(&key);
+                if !t
+                    .complete(&key, &self.owner, token, &result, plan.retention)
+                    .await?
+                {
+                    anyhow::bail!("preload: complete of {key} refused");
+                }
+                Ok(())
+            }
+            other => anyhow::bail!("preload: fresh key {key} not acquired: {other:?}"),
+        }
+    }
+}
