@@ -15,9 +15,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::mpsc;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 /// Something waiting for the data written before it to be durable.
 pub enum Waiter {
@@ -40,59 +39,49 @@ fn clone_err(e: &io::Error) -> io::Error {
     io::Error::new(e.kind(), e.to_string())
 }
 
-/// Makes everything written to the sled database so far durable.
-pub struct Syncer {
-    db: sled::Db,
-    data_file: File,
-    blob_dir: PathBuf,
-    /// Blob files already synced, with the length they had then.
-    synced_blobs: Mutex<HashMap<std::ffi::OsString, u64>>,
+/// Group commit: one thread runs a blocking `sync` for everything queued
+/// while the previous round ran, then completes those waiters in order.
+pub struct GroupCommit {
     queue: Mutex<Option<mpsc::Sender<Waiter>>>,
-    /// Completed flush+fsync rounds, and the waiters they released: the
-    /// ratio is the group-commit factor.
-    syncs: std::sync::atomic::AtomicU64,
-    released: std::sync::atomic::AtomicU64,
+    /// Rounds run and waiters they released: the ratio is the group-commit
+    /// factor.
+    rounds: Arc<AtomicU64>,
+    released: Arc<AtomicU64>,
 }
 
-impl Syncer {
-    pub fn open(db: sled::Db, dir: &Path) -> io::Result<std::sync::Arc<Syncer>> {
-        let data_file = File::open(dir.join("db"))?;
+impl GroupCommit {
+    pub fn spawn(
+        name: &str,
+        sync: impl Fn() -> io::Result<()> + Send + 'static,
+    ) -> io::Result<GroupCommit> {
         let (tx, rx) = mpsc::channel::<Waiter>();
-        let syncer = std::sync::Arc::new(Syncer {
-            db,
-            data_file,
-            blob_dir: dir.join("blobs"),
-            synced_blobs: Mutex::new(HashMap::new()),
-            queue: Mutex::new(Some(tx)),
-            syncs: Default::default(),
-            released: Default::default(),
-        });
-        // The directory entries of the files sled created must be durable too.
-        File::open(dir)?.sync_all()?;
-        let worker = std::sync::Arc::downgrade(&syncer);
+        let rounds = Arc::new(AtomicU64::new(0));
+        let released = Arc::new(AtomicU64::new(0));
+        let (r, rel) = (rounds.clone(), released.clone());
         std::thread::Builder::new()
-            .name("idemkv-fsync".into())
+            .name(name.into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
                     let mut batch = vec![first];
                     batch.extend(rx.try_iter());
-                    let res = match worker.upgrade() {
-                        Some(s) => {
-                            let res = s.sync_now();
-                            s.released.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                            res
-                        }
-                        None => Err(io::Error::other("store closed")),
-                    };
+                    let res = sync();
+                    if res.is_ok() {
+                        r.fetch_add(1, Ordering::Release);
+                        rel.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    }
                     for w in batch {
                         w.done(res.as_ref().map(|_| ()).map_err(clone_err));
                     }
                 }
             })?;
-        Ok(syncer)
+        Ok(GroupCommit {
+            queue: Mutex::new(Some(tx)),
+            rounds,
+            released,
+        })
     }
 
-    /// Queue `w` to be completed after the next flush+fsync.
+    /// Queue `w` to be completed after the next round.
     pub fn submit(&self, w: Waiter) {
         let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         match queue.as_ref() {
@@ -113,6 +102,68 @@ impl Syncer {
             .map_err(|_| io::Error::other("fsync thread stopped"))?
     }
 
+    /// `(rounds completed, waiters released by them)`.
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.rounds.load(Ordering::Acquire),
+            self.released.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Stop the thread once the queue drains.
+    pub fn close(&self) {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+/// Makes everything written to the sled database so far durable.
+pub struct Syncer {
+    db: sled::Db,
+    data_file: File,
+    blob_dir: PathBuf,
+    /// Blob files already synced, with the length they had then.
+    synced_blobs: Mutex<HashMap<std::ffi::OsString, u64>>,
+    commit: OnceLock<GroupCommit>,
+    /// Completed flush+fsync rounds, from the thread or [`Syncer::sync_now`].
+    syncs: AtomicU64,
+}
+
+impl Syncer {
+    pub fn open(db: sled::Db, dir: &Path) -> io::Result<Arc<Syncer>> {
+        let data_file = File::open(dir.join("db"))?;
+        let syncer = Arc::new(Syncer {
+            db,
+            data_file,
+            blob_dir: dir.join("blobs"),
+            synced_blobs: Mutex::new(HashMap::new()),
+            commit: OnceLock::new(),
+            syncs: AtomicU64::new(0),
+        });
+        // The directory entries of the files sled created must be durable too.
+        File::open(dir)?.sync_all()?;
+        let worker = Arc::downgrade(&syncer);
+        let commit = GroupCommit::spawn("idemkv-sled-sync", move || match worker.upgrade() {
+            Some(s) => s.sync_now(),
+            None => Err(io::Error::other("store closed")),
+        })?;
+        let _ = syncer.commit.set(commit);
+        Ok(syncer)
+    }
+
+    fn commit(&self) -> &GroupCommit {
+        self.commit.get().expect("set in open")
+    }
+
+    /// Queue `w` to be completed after the next flush+fsync.
+    pub fn submit(&self, w: Waiter) {
+        self.commit().submit(w)
+    }
+
+    /// Wait until everything written so far is durable.
+    pub async fn sync(&self) -> io::Result<()> {
+        self.commit().sync().await
+    }
+
     /// Flush sled, then fsync for real. Blocking.
     pub fn sync_now(&self) -> io::Result<()> {
         self.db.flush().map_err(sled_err)?;
@@ -122,12 +173,9 @@ impl Syncer {
         Ok(())
     }
 
-    /// `(fsync rounds completed, waiters released by them)`.
+    /// `(flush+fsync rounds completed, waiters the group commit released)`.
     pub fn stats(&self) -> (u64, u64) {
-        (
-            self.syncs.load(Ordering::Acquire),
-            self.released.load(Ordering::Relaxed),
-        )
+        (self.syncs.load(Ordering::Acquire), self.commit().stats().1)
     }
 
     fn sync_blobs(&self) -> io::Result<()> {
@@ -163,7 +211,7 @@ impl Syncer {
 
     /// Stop the fsync thread once the queue drains.
     pub fn close(&self) {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.commit().close()
     }
 }
 

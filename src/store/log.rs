@@ -1,19 +1,37 @@
-//! The Raft log and vote in sled (`RaftLogStorage`).
+//! The Raft log (`RaftLogStorage`): append-only segment files of our own,
+//! with the vote, the purge point and the committed id in sled.
 //!
-//! Entries live in the `log` tree under their big-endian index; the vote, the
-//! last purged log id and the committed log id in the `raft` tree. An append
-//! is acknowledged, and a vote returns, only after [`Syncer`] made it durable.
+//! Why not sled for the log: an append is the one write on the path of every
+//! claim, and a sled insert costs a tree update, page-cache churn and, at
+//! flush, a `sync_file_range` per buffer. Here an append is one `pwrite` of
+//! all its entries, and the group-commit thread makes it durable with one
+//! `fdatasync` for everything appended meanwhile. An append is acknowledged
+//! only after that.
+//!
+//! Layout: `log/<first index, 20 digits>.seg`, each a run of records
+//! `[payload length u32 LE][crc32 of payload u32 LE][payload]`, the payload
+//! a bincode [`Entry`]; the entries of a segment have consecutive indexes
+//! from the one in its name. A torn record at the end of the last segment
+//! (a crash mid-write, never acknowledged) is cut off at open; damage
+//! anywhere else is an error.
+//!
+//! Recent entries stay in memory (up to [`CACHE_BYTES`]) for replication;
+//! older ones are read back from their segment.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
+use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 
-use super::durable::{sled_err, Syncer, Waiter};
+use super::durable::{sled_err, GroupCommit, Syncer, Waiter};
 use crate::codec::{decode, encode};
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
 
@@ -21,20 +39,317 @@ const VOTE: &[u8] = b"vote";
 const PURGED: &[u8] = b"last_purged";
 const COMMITTED: &[u8] = b"committed";
 
+/// By default a new segment is started once the current one is this big.
+pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Memory kept for the most recent entries.
+pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
+const HEADER: usize = 8;
+
+struct Segment {
+    first: u64,
+    /// Index the next entry appended here must have.
+    next: u64,
+    path: PathBuf,
+    file: Arc<File>,
+    len: u64,
+}
+
+/// Where an entry's record sits.
+#[derive(Clone, Copy)]
+struct Loc {
+    segment: u64,
+    offset: u64,
+    len: u32,
+}
+
+struct Inner {
+    dir: PathBuf,
+    segment_bytes: u64,
+    /// In index order; the last one is appended to.
+    segments: Vec<Segment>,
+    /// Records of entries `first..`, contiguous.
+    locs: VecDeque<Loc>,
+    first: u64,
+    last_log_id: Option<LogId>,
+    /// The newest entries, a suffix of the log, with their encoded sizes.
+    cache: VecDeque<(Entry, usize)>,
+    cache_bytes: usize,
+}
+
+/// The Raft log; clones share it.
 #[derive(Clone)]
 pub struct LogStore {
-    log: sled::Tree,
+    inner: Arc<Mutex<Inner>>,
+    /// The segment appends go to, for the group-commit thread to fsync.
+    active: Arc<Mutex<Option<Arc<File>>>>,
+    commit: Arc<GroupCommit>,
     meta: sled::Tree,
-    syncer: Arc<Syncer>,
+    /// The sled database (vote, purge point, state machine).
+    sled_sync: Arc<Syncer>,
+}
+
+fn corrupt(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+fn segment_name(first: u64) -> String {
+    format!("{first:020}.seg")
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Decode and check one record's payload.
+fn decode_record(payload: &[u8], crc: u32) -> io::Result<Entry> {
+    if crc32fast::hash(payload) != crc {
+        return Err(corrupt("log record checksum mismatch".into()));
+    }
+    decode(payload)
+}
+
+/// Read every whole record of a segment: `(entry, loc)`, and the length of
+/// the valid prefix.
+fn scan(path: &Path, first: u64) -> io::Result<(Vec<(Entry, Loc)>, u64)> {
+    let bytes = fs::read(path)?;
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    while pos + HEADER <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().expect("4 bytes"));
+        let end = pos + HEADER + len;
+        if end > bytes.len() {
+            break;
+        }
+        let Ok(entry) = decode_record(&bytes[pos + HEADER..end], crc) else {
+            break;
+        };
+        let want = first + out.len() as u64;
+        if entry.index() != want {
+            return Err(corrupt(format!(
+                "{}: entry {} where {want} belongs",
+                path.display(),
+                entry.index()
+            )));
+        }
+        let loc = Loc {
+            segment: first,
+            offset: pos as u64,
+            len: (HEADER + len) as u32,
+        };
+        out.push((entry, loc));
+        pos = end;
+    }
+    Ok((out, pos as u64))
+}
+
+impl Inner {
+    fn last_index(&self) -> Option<u64> {
+        self.last_log_id.map(|l| l.index())
+    }
+
+    fn segment(&self, first: u64) -> io::Result<&Segment> {
+        let i = self.segments.partition_point(|s| s.first < first);
+        match self.segments.get(i) {
+            Some(s) if s.first == first => Ok(s),
+            _ => Err(corrupt(format!("log segment {first} is missing"))),
+        }
+    }
+
+    fn cache_first(&self) -> u64 {
+        self.last_index().map_or(0, |l| l + 1) - self.cache.len() as u64
+    }
+
+    fn push_cache(&mut self, entry: Entry, size: usize) {
+        self.cache.push_back((entry, size));
+        self.cache_bytes += size;
+        while self.cache_bytes > CACHE_BYTES && self.cache.len() > 1 {
+            if let Some((_, s)) = self.cache.pop_front() {
+                self.cache_bytes -= s;
+            }
+        }
+    }
+
+    fn read(&self, index: u64) -> io::Result<Entry> {
+        let cache_first = self.cache_first();
+        if index >= cache_first {
+            if let Some((e, _)) = self.cache.get((index - cache_first) as usize) {
+                return Ok(e.clone());
+            }
+        }
+        let loc = self.locs[(index - self.first) as usize];
+        let seg = self.segment(loc.segment)?;
+        let mut buf = vec![0u8; loc.len as usize];
+        seg.file.read_exact_at(&mut buf, loc.offset)?;
+        let crc = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
+        decode_record(&buf[HEADER..], crc)
+    }
+
+    /// Start a new segment whose first entry will be `first`.
+    fn roll(&mut self, first: u64) -> io::Result<()> {
+        if let Some(last) = self.segments.last() {
+            if last.len == 0 {
+                // Never written: drop it rather than leave an empty file.
+                let last = self.segments.pop().expect("checked");
+                fs::remove_file(&last.path)?;
+            } else {
+                // Everything in it must be durable before appends move on.
+                last.file.sync_data()?;
+            }
+        }
+        let path = self.dir.join(segment_name(first));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        sync_dir(&self.dir)?;
+        self.segments.push(Segment {
+            first,
+            next: first,
+            path,
+            file: Arc::new(file),
+            len: 0,
+        });
+        Ok(())
+    }
 }
 
 impl LogStore {
-    pub(super) fn new(db: &sled::Db, syncer: Arc<Syncer>) -> io::Result<Self> {
+    pub(super) fn open(
+        dir: &Path,
+        db: &sled::Db,
+        sled_sync: Arc<Syncer>,
+        segment_bytes: u64,
+    ) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let meta = db.open_tree("raft").map_err(sled_err)?;
+        let purged: Option<LogId> = match meta.get(PURGED).map_err(sled_err)? {
+            Some(v) => Some(decode(&v)?),
+            None => None,
+        };
+        let keep_after = purged.map_or(0, |p| p.index() + 1);
+
+        let mut firsts = Vec::new();
+        for e in fs::read_dir(dir)? {
+            let name = e?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(n) = name
+                .strip_suffix(".seg")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                firsts.push(n);
+            }
+        }
+        firsts.sort_unstable();
+        let mut inner = Inner {
+            dir: dir.to_path_buf(),
+            segment_bytes,
+            segments: Vec::new(),
+            locs: VecDeque::new(),
+            first: keep_after,
+            last_log_id: None,
+            cache: VecDeque::new(),
+            cache_bytes: 0,
+        };
+        let count = firsts.len();
+        for (i, first) in firsts.into_iter().enumerate() {
+            let path = dir.join(segment_name(first));
+            let (records, valid) = scan(&path, first)?;
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let on_disk = file.metadata()?.len();
+            if valid < on_disk {
+                if i + 1 < count {
+                    return Err(corrupt(format!(
+                        "{}: damaged record at byte {valid} before the last segment",
+                        path.display()
+                    )));
+                }
+                tracing::warn!(path = %path.display(), valid, on_disk, "cutting a torn write off the log");
+                file.set_len(valid)?;
+                file.sync_all()?;
+            }
+            let next = first + records.len() as u64;
+            if next <= keep_after && i + 1 < count {
+                // Purged entirely.
+                fs::remove_file(&path)?;
+                continue;
+            }
+            for (entry, loc) in records {
+                if entry.index() < keep_after {
+                    continue;
+                }
+                let expect = inner.last_index().map_or(entry.index(), |l| l + 1);
+                if entry.index() != expect {
+                    return Err(corrupt(format!(
+                        "log has a gap: entry {} after {:?}",
+                        entry.index(),
+                        inner.last_index()
+                    )));
+                }
+                if inner.locs.is_empty() {
+                    inner.first = entry.index();
+                }
+                inner.last_log_id = Some(entry.log_id());
+                inner.locs.push_back(loc);
+                let size = loc.len as usize;
+                inner.push_cache(entry, size);
+            }
+            inner.segments.push(Segment {
+                first,
+                next,
+                path,
+                file: Arc::new(file),
+                len: valid,
+            });
+        }
+        sync_dir(dir)?;
+
+        let active = Arc::new(Mutex::new(inner.segments.last().map(|s| s.file.clone())));
+        let to_sync = active.clone();
+        let commit = GroupCommit::spawn("idemkv-log-sync", move || {
+            let file = to_sync.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            match file {
+                Some(f) => f.sync_data(),
+                None => Ok(()),
+            }
+        })?;
         Ok(LogStore {
-            log: db.open_tree("log").map_err(sled_err)?,
-            meta: db.open_tree("raft").map_err(sled_err)?,
-            syncer,
+            inner: Arc::new(Mutex::new(inner)),
+            active,
+            commit: Arc::new(commit),
+            meta,
+            sled_sync,
         })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_active(&self, inner: &Inner) {
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) =
+            inner.segments.last().map(|s| s.file.clone());
+    }
+
+    /// The segment files, oldest first.
+    pub fn segment_files(&self) -> Vec<PathBuf> {
+        self.lock()
+            .segments
+            .iter()
+            .map(|s| s.path.clone())
+            .collect()
+    }
+
+    /// `(fsync rounds, appends they acknowledged)` of the log.
+    pub fn sync_stats(&self) -> (u64, u64) {
+        self.commit.stats()
+    }
+
+    /// Stop the log's fsync thread (node shutdown).
+    pub fn close(&self) {
+        self.commit.close()
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
@@ -49,25 +364,65 @@ impl LogStore {
         Ok(())
     }
 
-    /// Remove entries `start..=end`, one by one: sled batches force a log
-    /// buffer write each, and atomicity is not needed here. Purges go
-    /// upwards and truncations downwards, so a crash half-way leaves a
-    /// contiguous log, never a hole.
-    fn remove_range(&self, start: u64, end_inclusive: u64, downwards: bool) -> io::Result<()> {
-        let range = self
-            .log
-            .range(start.to_be_bytes()..=end_inclusive.to_be_bytes());
-        let keys: Vec<sled::IVec> = range.keys().collect::<Result<_, _>>().map_err(sled_err)?;
-        let ordered: Box<dyn Iterator<Item = sled::IVec>> = if downwards {
-            Box::new(keys.into_iter().rev())
-        } else {
-            Box::new(keys.into_iter())
-        };
-        for k in ordered {
-            self.log.remove(k).map_err(sled_err)?;
+    /// Write `entries` to the active segment (not yet durable).
+    fn write(&self, entries: impl IntoIterator<Item = Entry>) -> io::Result<()> {
+        let mut inner = self.lock();
+        let mut buf = Vec::new();
+        let mut rolled = false;
+        for entry in entries {
+            let index = entry.index();
+            if let Some(last) = inner.last_index() {
+                if index != last + 1 {
+                    return Err(io::Error::other(format!(
+                        "append of entry {index} after {last}"
+                    )));
+                }
+            }
+            let needs_roll = match inner.segments.last() {
+                None => true,
+                Some(s) => s.next != index || (buf.is_empty() && s.len >= inner.segment_bytes),
+            };
+            if needs_roll {
+                flush_buf(&mut inner, &mut buf)?;
+                inner.roll(index)?;
+                rolled = true;
+            }
+            let payload = encode(&entry)?;
+            let seg = inner.segments.last_mut().expect("rolled above");
+            let loc = Loc {
+                segment: seg.first,
+                offset: seg.len + buf.len() as u64,
+                len: (HEADER + payload.len()) as u32,
+            };
+            seg.next = index + 1;
+            buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+            buf.extend_from_slice(&payload);
+            if inner.locs.is_empty() {
+                inner.first = index;
+            }
+            inner.locs.push_back(loc);
+            inner.last_log_id = Some(entry.log_id());
+            inner.push_cache(entry, loc.len as usize);
+        }
+        flush_buf(&mut inner, &mut buf)?;
+        if rolled {
+            self.set_active(&inner);
         }
         Ok(())
     }
+}
+
+/// Write `buf` at the end of the active segment.
+fn flush_buf(inner: &mut Inner, buf: &mut Vec<u8>) -> io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let seg = inner.segments.last_mut().expect("a segment to write to");
+    seg.file.write_all_at(buf, seg.len)?;
+    seg.len += buf.len() as u64;
+    buf.clear();
+    Ok(())
 }
 
 fn bound_index(b: Bound<&u64>, lower: bool) -> Option<u64> {
@@ -91,15 +446,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
         ) else {
             return Ok(Vec::new());
         };
-        if start > end {
+        let inner = self.lock();
+        let Some(last) = inner.last_index() else {
+            return Ok(Vec::new());
+        };
+        let (start, end) = (start.max(inner.first), end.min(last));
+        if start > end || inner.locs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut out = Vec::new();
-        for item in self.log.range(start.to_be_bytes()..=end.to_be_bytes()) {
-            let (_, v) = item.map_err(sled_err)?;
-            out.push(decode::<Entry>(&v)?);
-        }
-        Ok(out)
+        (start..=end).map(|i| inner.read(i)).collect()
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -112,13 +467,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let last_purged_log_id: Option<LogId> = self.get_meta(PURGED)?;
-        let last = match self.log.last().map_err(sled_err)? {
-            Some((_, v)) => Some(decode::<Entry>(&v)?.log_id()),
-            None => last_purged_log_id,
+        let last = self.lock().last_log_id;
+        let last_log_id = match (last, last_purged_log_id) {
+            (Some(l), Some(p)) => Some(if l.index() >= p.index() { l } else { p }),
+            (l, p) => l.or(p),
         };
         Ok(LogState {
             last_purged_log_id,
-            last_log_id: last,
+            last_log_id,
         })
     }
 
@@ -128,12 +484,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         self.put_meta(VOTE, vote)?;
-        self.syncer.sync().await
+        self.sled_sync.sync().await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        // Not synced on its own: it only speeds up recovery, and it becomes
-        // durable with the next append or vote.
+        // Not synced on its own: it only speeds up recovery.
         self.put_meta(COMMITTED, &committed)
     }
 
@@ -150,14 +505,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        // In index order, one insert each: a crash keeps a prefix (no hole),
-        // and none of it is acknowledged before the sync below.
-        for entry in entries {
-            self.log
-                .insert(entry.index().to_be_bytes(), encode(&entry)?)
-                .map_err(sled_err)?;
-        }
-        self.syncer.submit(Waiter::Callback(Box::new(move |res| {
+        self.write(entries)?;
+        // Acknowledged by the next fdatasync of the active segment, which
+        // starts after this write.
+        self.commit.submit(Waiter::Callback(Box::new(move |res| {
             callback.io_completed(res)
         })));
         Ok(())
@@ -165,15 +516,82 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |l| l.index() + 1);
-        self.remove_range(from, u64::MAX, true)?;
-        // Conflicting entries must not come back after a crash.
-        self.syncer.sync().await
+        {
+            let mut inner = self.lock();
+            let Some(last) = inner.last_index() else {
+                return Ok(());
+            };
+            if from > last {
+                return Ok(());
+            }
+            if from < inner.first {
+                return Err(io::Error::other(format!(
+                    "truncate from {from} reaches purged entries (first is {})",
+                    inner.first
+                )));
+            }
+            let cut = inner.locs[(from - inner.first) as usize];
+            // Later segments go whole, newest first; the one holding `from`
+            // is cut at its record.
+            while let Some(seg) = inner.segments.last() {
+                if seg.first <= cut.segment {
+                    break;
+                }
+                let seg = inner.segments.pop().expect("checked");
+                fs::remove_file(&seg.path)?;
+            }
+            let seg = inner
+                .segments
+                .last_mut()
+                .expect("the segment holding the cut");
+            seg.file.set_len(cut.offset)?;
+            seg.file.sync_all()?;
+            seg.len = cut.offset;
+            seg.next = from;
+            sync_dir(&inner.dir)?;
+            let keep = (from - inner.first) as usize;
+            inner.locs.truncate(keep);
+            let drop_cached = (last + 1 - from) as usize;
+            for _ in 0..drop_cached.min(inner.cache.len()) {
+                if let Some((_, s)) = inner.cache.pop_back() {
+                    inner.cache_bytes -= s;
+                }
+            }
+            inner.last_log_id = if inner.locs.is_empty() {
+                None
+            } else {
+                last_log_id
+            };
+            self.set_active(&inner);
+        }
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        // Record the purge point first: sled recovers a prefix of writes, so
-        // the removals below never survive without it.
+        // Entries are only dropped once the state machine that holds their
+        // effect is durable, and the purge point with it.
         self.put_meta(PURGED, &log_id)?;
-        self.remove_range(0, log_id.index(), false)
+        self.sled_sync.sync().await?;
+        let upto = log_id.index();
+        let mut inner = self.lock();
+        while inner.first <= upto && !inner.locs.is_empty() {
+            inner.locs.pop_front();
+            inner.first += 1;
+        }
+        inner.first = inner.first.max(upto + 1);
+        while !inner.cache.is_empty() && inner.cache_first() <= upto {
+            if let Some((_, s)) = inner.cache.pop_front() {
+                inner.cache_bytes -= s;
+            }
+        }
+        // Whole segments below the purge point go; the active one stays.
+        while inner.segments.len() > 1 && inner.segments[0].next <= upto + 1 {
+            let seg = inner.segments.remove(0);
+            fs::remove_file(&seg.path)?;
+        }
+        if inner.last_index().is_some_and(|l| l <= upto) {
+            inner.last_log_id = None;
+        }
+        Ok(())
     }
 }

@@ -1,9 +1,10 @@
-//! Durable storage in one sled database per node: the Raft log and vote
-//! ([`LogStore`]), the state machine ([`StateMachineStore`]) and its
-//! snapshots (files beside the database).
+//! Durable storage per node: the Raft log in segment files of our own
+//! ([`LogStore`]), the vote and the state machine ([`StateMachineStore`]) in
+//! one sled database, and snapshots (files beside it).
 //!
 //! Layout of a data directory:
-//! - `sled/` the sled database (trees `log`, `raft`, `sm`),
+//! - `log/` the Raft log segments,
+//! - `sled/` the sled database (trees `raft`: vote, purge point; `sm`),
 //! - `snapshots/` the latest snapshot file.
 //!
 //! This module never decides an idempotency rule; see `record.rs`.
@@ -31,6 +32,12 @@ pub struct Store {
 
 impl Store {
     pub fn open(dir: &Path) -> io::Result<Store> {
+        Store::open_with_segment_bytes(dir, log::SEGMENT_BYTES)
+    }
+
+    /// [`Store::open`] with log segments of `segment_bytes` (tests use small
+    /// ones to exercise segment rolling and removal).
+    pub fn open_with_segment_bytes(dir: &Path, segment_bytes: u64) -> io::Result<Store> {
         let sled_dir = dir.join("sled");
         std::fs::create_dir_all(&sled_dir)?;
         let db = sled::Config::new()
@@ -39,7 +46,7 @@ impl Store {
             .open()
             .map_err(durable::sled_err)?;
         let syncer = Syncer::open(db.clone(), &sled_dir)?;
-        let log = LogStore::new(&db, syncer.clone())?;
+        let log = LogStore::open(&dir.join("log"), &db, syncer.clone(), segment_bytes)?;
         let state_machine = StateMachineStore::open(&db, syncer.clone(), dir.join("snapshots"))?;
         Ok(Store {
             log,

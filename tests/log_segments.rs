@@ -1,0 +1,205 @@
+//! The Raft log's own segment files: what survives a torn write, damage,
+//! segment rolling, purge, truncation and reopening.
+use std::io::Write;
+use std::path::Path;
+
+use idemkv::raft::{Entry, TypeConfig};
+use idemkv::record::{Command, Op, RecordKey, Request};
+use idemkv::store::{LogStore, Store};
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::testing::log_id;
+use openraft::{EntryPayload, RaftLogReader};
+
+fn entry(index: u64, term: u64) -> Entry {
+    Entry {
+        log_id: log_id::<TypeConfig>(term, 1, index),
+        payload: EntryPayload::Normal(Request {
+            stamped_ms: index,
+            command: Command::Op {
+                key: RecordKey {
+                    namespace: "ns".into(),
+                    key: format!("key-{index}").into_bytes(),
+                },
+                op: Op::Complete {
+                    token: index,
+                    result: vec![index as u8; 100],
+                    code: None,
+                    retention_ms: None,
+                },
+            },
+        }),
+    }
+}
+
+async fn append(log: &mut LogStore, entries: Vec<Entry>) {
+    let (tx, rx) = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot();
+    log.append(entries, IOFlushed::signal(tx)).await.unwrap();
+    rx.await.unwrap().unwrap();
+}
+
+/// Close everything the store holds so the directory can be opened again.
+async fn close(store: Store) {
+    store.log.close();
+    store.syncer.close();
+    drop(store);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
+async fn indexes(log: &mut LogStore, range: std::ops::RangeInclusive<u64>) -> Vec<u64> {
+    log.try_get_log_entries(range)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.log_id.index)
+        .collect()
+}
+
+fn last_segment(dir: &Path) -> std::path::PathBuf {
+    let mut segs: Vec<_> = std::fs::read_dir(dir.join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segs.sort();
+    segs.pop().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_write_at_the_end_is_cut_off_and_appends_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    append(&mut store.log, (1..=10).map(|i| entry(i, 1)).collect()).await;
+    close(store).await;
+
+    // A crash in the middle of a write: a header promising 300 bytes, and 12.
+    let seg = last_segment(dir.path());
+    let len_before = std::fs::metadata(&seg).unwrap().len();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    f.write_all(&300u32.to_le_bytes()).unwrap();
+    f.write_all(&[0xAB; 16]).unwrap();
+    drop(f);
+
+    let mut store = Store::open(dir.path()).unwrap();
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), len_before);
+    let state = store.log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id.map(|l| l.index), Some(10));
+    assert_eq!(
+        indexes(&mut store.log, 1..=10).await,
+        (1..=10).collect::<Vec<_>>()
+    );
+    append(&mut store.log, vec![entry(11, 1)]).await;
+    close(store).await;
+
+    let mut store = Store::open(dir.path()).unwrap();
+    let got = store.log.try_get_log_entries(1..=11).await.unwrap();
+    assert_eq!(got.len(), 11);
+    assert_eq!(got[10], entry(11, 1));
+    close(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_before_the_last_segment_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open_with_segment_bytes(dir.path(), 1024).unwrap();
+    for i in 1..=40 {
+        append(&mut store.log, vec![entry(i, 1)]).await;
+    }
+    let segs = store.log.segment_files();
+    assert!(segs.len() > 2, "segments: {segs:?}");
+    close(store).await;
+
+    // Flip a byte inside the first record of the first segment.
+    let mut bytes = std::fs::read(&segs[0]).unwrap();
+    bytes[20] ^= 0xFF;
+    std::fs::write(&segs[0], bytes).unwrap();
+    let err = Store::open_with_segment_bytes(dir.path(), 1024)
+        .err()
+        .expect("a damaged log must not open");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+    assert!(err.to_string().contains("damaged"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_roll_purge_truncate_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open_with_segment_bytes(dir.path(), 2048).unwrap();
+    for batch in 0..20 {
+        let from = batch * 10 + 1;
+        append(
+            &mut store.log,
+            (from..from + 10).map(|i| entry(i, 1)).collect(),
+        )
+        .await;
+    }
+    let before = store.log.segment_files().len();
+    assert!(before > 5, "expected many segments, got {before}");
+
+    // Purge: entries up to 100 are gone, whole segments with them.
+    store
+        .log
+        .purge(log_id::<TypeConfig>(1, 1, 100))
+        .await
+        .unwrap();
+    let after_purge = store.log.segment_files();
+    assert!(after_purge.len() < before);
+    assert_eq!(
+        indexes(&mut store.log, 1..=200).await,
+        (101..=200).collect::<Vec<_>>()
+    );
+
+    // Truncate: 151.. go (a new leader's conflicting suffix), then a
+    // different term's entries take their place.
+    store
+        .log
+        .truncate_after(Some(log_id::<TypeConfig>(1, 1, 150)))
+        .await
+        .unwrap();
+    assert_eq!(
+        indexes(&mut store.log, 1..=200).await,
+        (101..=150).collect::<Vec<_>>()
+    );
+    append(&mut store.log, (151..=160).map(|i| entry(i, 2)).collect()).await;
+    close(store).await;
+
+    let mut store = Store::open_with_segment_bytes(dir.path(), 2048).unwrap();
+    let state = store.log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(100));
+    assert_eq!(state.last_log_id, Some(log_id::<TypeConfig>(2, 1, 160)));
+    let got = store.log.try_get_log_entries(101..=160).await.unwrap();
+    let want: Vec<Entry> = (101..=150)
+        .map(|i| entry(i, 1))
+        .chain((151..=160).map(|i| entry(i, 2)))
+        .collect();
+    assert_eq!(got, want);
+    // No segment file holds only purged entries any more.
+    let names: Vec<u64> = store
+        .log
+        .segment_files()
+        .iter()
+        .map(|p| p.file_stem().unwrap().to_str().unwrap().parse().unwrap())
+        .collect();
+    assert!(names.windows(2).all(|w| w[1] > 100), "segments: {names:?}");
+    close(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_purged_past_its_end_starts_again_after_the_purge_point() {
+    // A follower that installed a snapshot newer than its whole log.
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    append(&mut store.log, (1..=5).map(|i| entry(i, 1)).collect()).await;
+    store
+        .log
+        .purge(log_id::<TypeConfig>(3, 1, 500))
+        .await
+        .unwrap();
+    let state = store.log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id.map(|l| l.index), Some(500));
+    append(&mut store.log, vec![entry(501, 3)]).await;
+    close(store).await;
+
+    let mut store = Store::open(dir.path()).unwrap();
+    let state = store.log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id, Some(log_id::<TypeConfig>(3, 1, 501)));
+    assert_eq!(indexes(&mut store.log, 0..=600).await, vec![501]);
+    close(store).await;
+}
