@@ -278,3 +278,60 @@ impl Task {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storm_plan() -> Plan {
+        Plan {
+            workload: Workload::Storm,
+            run_id: "t".into(),
+            keys: 2,
+            value_size: 10,
+            dup_rate: 0.0,
+            lease: Duration::from_secs(60),
+            retention: Duration::from_secs(60),
+        }
+    }
+
+    fn tally(counts: &[(&str, u32)]) -> Checks {
+        let c = Checks::default();
+        let mut t = c.acquired.lock().unwrap();
+        for (k, n) in counts {
+            t.insert(k.to_string(), *n);
+        }
+        drop(t);
+        c
+    }
+
+    #[test]
+    fn a_storm_key_granted_twice_fails_the_run() {
+        let (ok, detail) = tally(&[("a", 1), ("b", 2)]).verdict(&storm_plan());
+        assert!(!ok);
+        assert!(detail.contains("b was ACQUIRED 2 times"), "{detail}");
+    }
+
+    #[test]
+    fn a_storm_key_nobody_got_fails_the_run() {
+        let (ok, detail) = tally(&[("a", 0), ("b", 1)]).verdict(&storm_plan());
+        assert!(!ok);
+        assert!(detail.contains("a was ACQUIRED 0 times"), "{detail}");
+    }
+
+    #[test]
+    fn a_clean_storm_passes() {
+        let (ok, detail) = tally(&[("a", 1), ("b", 1)]).verdict(&storm_plan());
+        assert!(ok, "{detail}");
+        assert!(detail.contains("each of 2 raced keys"), "{detail}");
+    }
+
+    #[test]
+    fn results_are_the_key_repeated_to_the_size() {
+        let p = Plan {
+            value_size: 7,
+            ..storm_plan()
+        };
+        assert_eq!(p.result_for("abc"), b"abcabca");
+    }
+}
