@@ -29,7 +29,7 @@ async fn sled_store_passes_openraft_suite() {
 }
 
 /// An append is acknowledged only after a flush+fsync that started after it;
-/// a vote returns only after one; large results (sled blob files) survive a
+/// a vote returns only after one; 1 MiB entries survive a
 /// reopen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_and_votes_are_acknowledged_only_after_fsync() {
@@ -50,7 +50,7 @@ async fn appends_and_votes_are_acknowledged_only_after_fsync() {
         "save_vote returned without an fsync"
     );
 
-    // An entry bigger than sled's inline limit goes to a blob file.
+    // Entries as large as the biggest result allowed.
     let big = idemkv::record::Request {
         stamped_ms: 1,
         command: idemkv::record::Command::Op {

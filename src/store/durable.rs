@@ -1,15 +1,17 @@
-//! Real durability on top of sled, with group commit.
+//! Real durability, with group commit.
+//!
+//! [`GroupCommit`] is one background thread per durable file set: writers
+//! hand it their completion callbacks; it drains everything queued, makes
+//! one sync that covers all of it, then completes the callbacks in order.
+//! That is what lets one fsync acknowledge many claims. The Raft log uses
+//! one for its segment files (`log.rs`); [`Syncer`] uses one for sled.
 //!
 //! sled's `flush` ends in `sync_file_range` on Linux, which neither flushes
 //! the disk cache nor file metadata, and sled never fsyncs its blob files
 //! (values too large for a log segment). [`Syncer`] therefore follows every
 //! flush with `sync_data` on the database file and on any blob file written
-//! since the last sync, plus the blob directory itself.
-//!
-//! One background thread does the syncing. Raft appends hand it their
-//! completion callbacks; it drains everything queued, makes one
-//! flush+fsync that covers all of it, then completes the callbacks in order.
-//! That is what lets one fsync acknowledge many claims.
+//! since the last sync, plus the blob directory itself. The vote, a purge
+//! point and an installed snapshot are made durable through it.
 
 use std::collections::HashMap;
 use std::fs::File;

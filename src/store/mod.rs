@@ -43,6 +43,7 @@ impl Store {
         let db = sled::Config::new()
             .path(&sled_dir)
             .cache_capacity(64 * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(durable::sled_err)?;
         let syncer = Syncer::open(db.clone(), &sled_dir)?;

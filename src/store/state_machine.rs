@@ -52,7 +52,13 @@ struct Pending {
     /// Records written by this batch, for reads by later entries in it.
     records: std::collections::HashMap<Vec<u8>, Option<Record>>,
     last: Option<LogId>,
+    /// A value big enough for sled to put in a blob file was written.
+    large: bool,
 }
+
+/// Values from this size may go to sled blob files (its threshold is a
+/// quarter of a 512 KiB segment), which sled never fsyncs.
+const BLOB_RISK_BYTES: usize = 64 * 1024;
 
 impl StateMachineStore {
     pub(super) fn open(
@@ -161,7 +167,9 @@ impl StateMachineStore {
             Change::Put(new) => {
                 p.batch
                     .insert(keys::expiry(record::expires_at(&new), k), &[] as &[u8]);
-                p.batch.insert(rk.clone(), encode(&new)?);
+                let value = encode(&new)?;
+                p.large |= value.len() >= BLOB_RISK_BYTES;
+                p.batch.insert(rk.clone(), value);
                 p.records.insert(rk, Some(new));
             }
             Change::Remove => {
@@ -181,6 +189,12 @@ impl StateMachineStore {
         let mut done = std::mem::take(p);
         done.batch.insert(keys::APPLIED, encode(&Some(last))?);
         self.shared.tree.apply_batch(done.batch).map_err(sled_err)?;
+        if done.large {
+            // The log holds the value durably, but a blob file lost in a
+            // power cut would leave the tree pointing at nothing, and the
+            // entry would not be applied again: sync it now.
+            self.shared.syncer.sync_now()?;
+        }
         self.shared.applied.send_replace(last.index());
         Ok(())
     }
