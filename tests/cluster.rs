@@ -508,3 +508,71 @@ async fn generic_grpc_tools_find_health_and_reflection() {
     );
     c.shutdown().await;
 }
+
+/// A claim that changes nothing — a replay of a completed result, or a key
+/// held under a live lease — is answered after a read-index barrier without
+/// a log entry; the answers are the same as through the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_that_change_nothing_add_no_log_entries() {
+    let c = TestCluster::start(3).await;
+    let leader = c.wait_leader(Duration::from_secs(5)).await;
+    let client = c.client_of(leader);
+    let done = acquired(
+        client
+            .claim(claim_req("jobs", "done", "w1", 30_000))
+            .await
+            .unwrap(),
+    );
+    client
+        .complete(complete_req("jobs", "done", done.token, "42 rows"))
+        .await
+        .unwrap();
+    let held = acquired(
+        client
+            .claim(claim_req("jobs", "held", "w1", 30_000))
+            .await
+            .unwrap(),
+    );
+    let last_log = || c.node(leader).consensus().status().last_log_index;
+    let before = last_log();
+    for i in 0..20 {
+        let owner = format!("dup-{i}");
+        match client
+            .claim(claim_req("jobs", "done", &owner, 30_000))
+            .await
+            .unwrap()
+        {
+            Outcome::Completed(r) => {
+                assert_eq!(r.result, b"42 rows");
+                assert_eq!(r.token, done.token);
+            }
+            other => panic!("expected COMPLETED, got {other:?}"),
+        }
+        match client
+            .claim(claim_req("jobs", "held", &owner, 30_000))
+            .await
+            .unwrap()
+        {
+            Outcome::InProgress(p) => {
+                assert_eq!(p.owner, "w1");
+                assert!(p.lease_remaining_ms > 0 && p.lease_remaining_ms <= 30_000);
+            }
+            other => panic!("expected IN_PROGRESS, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        last_log(),
+        before,
+        "duplicate claims were written to the log"
+    );
+    // A claim that does change something still goes through the log.
+    let fresh = acquired(
+        client
+            .claim(claim_req("jobs", "fresh", "w2", 30_000))
+            .await
+            .unwrap(),
+    );
+    assert!(fresh.token > held.token);
+    assert!(last_log() > before);
+    c.shutdown().await;
+}

@@ -54,7 +54,12 @@ impl Idempotency for IdempotencyService {
         req: Request<api::ClaimRequest>,
     ) -> Result<Response<api::ClaimResponse>, Status> {
         let (key, claim) = validate::claim(&self.limits, req.get_ref()).map_err(to_status)?;
-        match self.op(key, Op::Claim(claim)).await? {
+        let op = Op::Claim(claim);
+        let outcome = match self.consensus.claim_without_write(&key, &op).await {
+            Ok(Some(decided)) => decided.map_err(|e| to_status(Error::Rule(e)))?,
+            Ok(None) | Err(_) => self.op(key, op).await?,
+        };
+        match outcome {
             Outcome::Claim(o) => Ok(Response::new(api::ClaimResponse {
                 outcome: Some(convert::claim_outcome(o)),
             })),

@@ -19,7 +19,7 @@ use super::{NodeId, PeerNode, Raft, Response};
 use crate::codec::{decode, encode};
 use crate::error::{Error, Result};
 use crate::pb::peer::Payload;
-use crate::record::{Command, Outcome, Record, RecordKey, Request};
+use crate::record::{self, Change, Command, Op, Outcome, Record, RecordKey, Request, RuleError};
 use crate::store::StateMachineStore;
 
 /// A request a follower hands to the leader.
@@ -203,6 +203,38 @@ impl Consensus {
     }
 
     /// Read a record, linearizably or from the local replica.
+    /// Answer a claim that changes nothing without a log entry: a replay of a
+    /// completed result, a live lease held by someone else, the holder's own
+    /// retry, a fingerprint mismatch. Only on the leader, and only after a
+    /// read-index barrier, so the record judged is the committed one; the
+    /// clock is the one a write proposed now would get. `None`: the claim
+    /// changes something (or this node cannot tell) and must be written.
+    pub async fn claim_without_write(
+        &self,
+        key: &RecordKey,
+        op: &Op,
+    ) -> Result<Option<std::result::Result<Outcome, RuleError>>> {
+        if !matches!(op, Op::Claim(_)) || !self.raft.is_leader() {
+            return Ok(None);
+        }
+        let judge = |rec: Option<Record>| {
+            let now = record::advance_clock(self.sm.clock_ms(), wall_clock_ms());
+            match record::apply_op(rec.as_ref(), op, now, 0) {
+                (Change::Keep, out) => Some(out),
+                _ => None,
+            }
+        };
+        // Cheap local look first: a fresh key goes straight to the log.
+        if judge(self.sm.get(key)?).is_none() {
+            return Ok(None);
+        }
+        let Ok(index) = self.read_index_local().await else {
+            return Ok(None);
+        };
+        self.wait_applied(index).await?;
+        Ok(judge(self.sm.get(key)?))
+    }
+
     pub async fn get(&self, key: &RecordKey, linearizable: bool) -> Result<Option<Record>> {
         if linearizable {
             self.read_index().await?;
