@@ -4,8 +4,8 @@
 //!
 //! # Layout
 //! - [`record`]: the idempotency rules, pure and deterministic (the heart).
-//! - [`store`]: sled storage: Raft log and vote, state machine, snapshots,
-//!   real fsync with group commit.
+//! - [`store`]: storage: the Raft log in segment files of its own, the vote
+//!   and the state machine in sled, snapshots; real fsync with group commit.
 //! - [`raft`]: everything that names openraft: type config, peer network,
 //!   peer service, and [`raft::consensus`], the door to the Raft group.
 //! - [`api`]: the public gRPC services, validation, error → status mapping.
