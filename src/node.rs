@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -97,7 +98,11 @@ impl Node {
         let mut tasks = Vec::new();
 
         // Peer port.
-        let peer_service = PeerService::new(consensus.clone(), cfg.data_dir.join("snapshots"));
+        let peer_service = PeerService::new(
+            consensus.clone(),
+            cfg.data_dir.join("snapshots"),
+            shutdown.subscribe(),
+        );
         let peer_server = Server::builder().add_service(
             RaftPeerServer::new(peer_service)
                 .max_decoding_message_size(MAX_PEER_MESSAGE)
@@ -194,8 +199,16 @@ impl Node {
         if let Err(e) = self.consensus.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
-        for t in self.tasks {
-            let _ = t.await;
+        // The servers drain open calls first; a peer that keeps a call open
+        // must not hold the shutdown forever.
+        for mut t in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(5), &mut t)
+                .await
+                .is_err()
+            {
+                tracing::warn!("a server did not drain within 5 s; stopping it");
+                t.abort();
+            }
         }
         if let Err(e) = self.syncer.sync_now() {
             tracing::error!(error = %e, "final sync failed");

@@ -46,4 +46,6 @@ pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
 pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
 pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, std::fs::File>;
 pub type Config = openraft::Config;
+pub type AppendEntriesRequest = openraft::raft::AppendEntriesRequest<TypeConfig>;
+pub type StreamAppendResult = openraft::raft::StreamAppendResult<TypeConfig>;
 pub use openraft::{EntryPayload, ServerState};

@@ -6,18 +6,21 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
 use openraft::OptionalSend;
+use tokio_stream::{Stream, StreamExt};
 use tonic::transport::{Channel, Endpoint};
 
-use super::{NodeId, PeerNode, Snapshot, TypeConfig, Vote};
+use super::{NodeId, PeerNode, Snapshot, StreamAppendResult, TypeConfig, Vote};
 use crate::codec::{decode, encode};
 use crate::pb::peer::raft_peer_client::RaftPeerClient;
 use crate::pb::peer::{Payload, SnapshotChunk};
@@ -100,8 +103,107 @@ impl PeerConnection {
     }
 }
 
+/// The answers to a pipelined append stream, with a deadline: while any
+/// request is unanswered, the next answer must come within `ttl` (a follower
+/// cut off by a partition, or stopped, must not stall replication forever).
+fn append_answers(
+    answers: tonic::Streaming<Payload>,
+    sent: Arc<InFlight>,
+    ttl: Duration,
+) -> impl Stream<Item = Result<StreamAppendResult, RPCError<TypeConfig>>> + Send + 'static {
+    futures::stream::unfold(Some(answers), move |state| {
+        let sent = sent.clone();
+        async move {
+            let mut answers = state?;
+            let next = loop {
+                if sent.unanswered.load(Ordering::Acquire) == 0 {
+                    tokio::select! {
+                        next = answers.next() => break next,
+                        // A request went out: start its clock.
+                        _ = sent.notify.notified() => continue,
+                    }
+                }
+                match tokio::time::timeout(ttl, answers.next()).await {
+                    Ok(next) => break next,
+                    Err(_) => {
+                        let e = std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no append answer within {ttl:?}"),
+                        );
+                        return Some((Err(RPCError::Unreachable(Unreachable::new(&e))), None));
+                    }
+                }
+            };
+            sent.unanswered.fetch_sub(1, Ordering::AcqRel);
+            match next? {
+                Ok(p) => match decode::<StreamAppendResult>(&p.data) {
+                    Ok(r) => Some((Ok(r), Some(answers))),
+                    Err(e) => Some((Err(io_to_rpc(e)), None)),
+                },
+                Err(s) => Some((Err(status_to_rpc(s)), None)),
+            }
+        }
+    })
+}
+
+/// Requests of an append stream not answered yet.
+#[derive(Default)]
+struct InFlight {
+    unanswered: AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
 impl RaftNetworkV2<TypeConfig> for PeerConnection {
     type SnapshotData = std::fs::File;
+
+    /// Pipelined replication over one gRPC stream: requests go out as
+    /// openraft produces them, without waiting for earlier answers.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let mut client = self.client()?;
+            // Wait for the first request before connecting: openraft applies
+            // its backoff (after a peer was unreachable) while producing it,
+            // so connecting first would retry a dead peer in a tight loop.
+            let mut input = input;
+            let Some(first) = input.next().await else {
+                let none: BoxStream<'s, _> = Box::pin(futures::stream::empty());
+                return Ok(none);
+            };
+            let sent = Arc::new(InFlight::default());
+            let counter = sent.clone();
+            // A request that cannot be encoded ends the stream; openraft
+            // starts a new one.
+            let requests = futures::stream::iter([first])
+                .chain(input)
+                .map_while(move |rpc| {
+                    let data = encode(&rpc).ok()?;
+                    counter.unanswered.fetch_add(1, Ordering::AcqRel);
+                    counter.notify.notify_one();
+                    Some(Payload { data })
+                });
+            let answers = client
+                .append_stream(requests)
+                .await
+                .map_err(status_to_rpc)?
+                .into_inner();
+            let stream: BoxStream<'s, _> =
+                Box::pin(append_answers(answers, sent, option.hard_ttl()));
+            Ok(stream)
+        })
+    }
 
     async fn append_entries(
         &mut self,

@@ -5,25 +5,33 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use tokio_stream::StreamExt;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::consensus::{Consensus, Forwarded};
-use super::{Snapshot, SnapshotMeta, Vote};
+use super::{AppendEntriesRequest, Snapshot, SnapshotMeta, Vote};
 use crate::codec::{decode, encode};
 use crate::pb::peer::raft_peer_server::RaftPeer;
 use crate::pb::peer::{Payload, SnapshotChunk};
 
 pub struct PeerService {
     consensus: Arc<Consensus>,
+    /// Becomes true when the node shuts down: open append streams end then
+    /// (the server's graceful shutdown waits for every open call).
+    stop: tokio::sync::watch::Receiver<bool>,
     /// Where incoming snapshots are spooled before install.
     spool_dir: std::path::PathBuf,
 }
 
 impl PeerService {
-    pub fn new(consensus: Arc<Consensus>, spool_dir: std::path::PathBuf) -> Self {
+    pub fn new(
+        consensus: Arc<Consensus>,
+        spool_dir: std::path::PathBuf,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         PeerService {
             consensus,
+            stop,
             spool_dir,
         }
     }
@@ -42,8 +50,46 @@ fn raft_err(e: impl std::fmt::Display) -> Status {
     Status::unavailable(e.to_string())
 }
 
+/// The answers of a pipelined append stream, in request order.
+type AppendAnswers = std::pin::Pin<Box<dyn Stream<Item = Result<Payload, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
+    type AppendStreamStream = AppendAnswers;
+
+    async fn append_stream(
+        &self,
+        req: Request<Streaming<Payload>>,
+    ) -> Result<Response<AppendAnswers>, Status> {
+        // Both directions end when the node stops: openraft reads the input
+        // in a task of its own, which would otherwise keep the call (and so
+        // the server's graceful shutdown) open until the leader sends again.
+        let mut stop = self.stop.clone();
+        let stopping = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let stopping = futures::FutureExt::shared(Box::pin(stopping));
+        // A message that does not decode ends the input; the leader sees the
+        // stream end early and starts a new one.
+        let input = futures::StreamExt::take_until(req.into_inner(), stopping.clone());
+        let requests = input.map_while(|m| match m {
+            Ok(p) => decode::<AppendEntriesRequest>(&p.data).ok(),
+            Err(_) => None,
+        });
+        let answers = self
+            .consensus
+            .raft
+            .stream_append(requests)
+            .map(|r| match r {
+                Ok(result) => encode(&result)
+                    .map(|data| Payload { data })
+                    .map_err(|e| Status::internal(e.to_string())),
+                Err(fatal) => Err(raft_err(fatal)),
+            });
+        let answers = futures::StreamExt::take_until(answers, stopping);
+        Ok(Response::new(Box::pin(answers)))
+    }
+
     async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         let rpc = decode(&req.into_inner().data).map_err(bad)?;
         let resp = self
