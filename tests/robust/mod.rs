@@ -1,0 +1,6 @@
+//! The robustness suite's parts: recorded histories, their checker, the
+//! network lab for partitions.
+#![allow(dead_code)]
+
+pub mod checker;
+pub mod history;

@@ -1,0 +1,406 @@
+//! The robustness checker is itself tested: hand-made histories that a
+//! correct store could produce pass, and hand-made bad ones (double grant,
+//! lost completion, stale read, token going backwards, early takeover,
+//! half-applied batch) are flagged with the right kind of anomaly.
+mod robust;
+
+use robust::checker::{check, Config};
+use robust::history::{Call, Op, Ret, Seen};
+
+const LEASE: u64 = 1_000;
+
+/// Builds a history on one key; times are milliseconds from 1,000,000.
+struct H {
+    ops: Vec<Op>,
+}
+
+const T0: u64 = 1_000_000;
+
+impl H {
+    fn new() -> H {
+        H { ops: Vec::new() }
+    }
+
+    fn op(&mut self, p: usize, call: Call, ret: Ret, inv: u64, end: Option<u64>) -> &mut H {
+        self.op_on("k", p, call, ret, inv, end)
+    }
+
+    fn op_on(
+        &mut self,
+        key: &str,
+        p: usize,
+        call: Call,
+        ret: Ret,
+        inv: u64,
+        end: Option<u64>,
+    ) -> &mut H {
+        let id = self.ops.len();
+        self.ops.push(Op {
+            id,
+            process: p,
+            key: key.to_string(),
+            call,
+            ret,
+            invoke_ms: T0 + inv,
+            complete_ms: end.map(|e| T0 + e),
+        });
+        self
+    }
+
+    fn check(&self) -> Vec<String> {
+        let cfg = Config {
+            drift_ms: 100,
+            max_attempts: 3,
+            ..Config::default()
+        };
+        let r = check(&self.ops, &cfg);
+        r.anomalies.iter().map(|a| a.to_string()).collect()
+    }
+}
+
+fn claim(p: usize) -> Call {
+    Call::Claim {
+        owner: format!("w{p}"),
+        claim_id: format!("c{p}"),
+        lease_ms: LEASE,
+        batch: None,
+    }
+}
+
+fn claim_id(p: usize, id: &str) -> Call {
+    Call::Claim {
+        owner: format!("w{p}"),
+        claim_id: id.to_string(),
+        lease_ms: LEASE,
+        batch: None,
+    }
+}
+
+/// Acquired at (test-clock) time `at` with token `t`: deadline at + LEASE.
+fn acq(t: u64, at: u64, attempt: u32) -> Ret {
+    Ret::Acquired {
+        token: t,
+        deadline_ms: T0 + at + LEASE,
+        attempt,
+    }
+}
+
+fn complete(t: u64, r: &str) -> Call {
+    Call::Complete {
+        token: t,
+        result: r.to_string(),
+    }
+}
+
+fn completed(t: u64, r: &str) -> Ret {
+    Ret::Completed {
+        token: t,
+        result: r.to_string(),
+    }
+}
+
+fn read_completed(t: u64, r: &str) -> Ret {
+    Ret::Record(Some(Seen::Completed {
+        token: t,
+        result: r.to_string(),
+    }))
+}
+
+fn assert_flags(h: &H, kind: &str) {
+    let found = h.check();
+    assert!(
+        found.iter().any(|a| a.contains(kind)),
+        "expected a [{kind}] anomaly, found {found:#?}"
+    );
+}
+
+fn assert_clean(h: &H) {
+    let found = h.check();
+    assert!(found.is_empty(), "expected no anomaly, found {found:#?}");
+}
+
+#[test]
+fn a_plain_claim_complete_replay_history_passes() {
+    let mut h = H::new();
+    h.op(1, claim(1), acq(5, 0, 1), 0, Some(10))
+        .op(
+            2,
+            claim(2),
+            Ret::InProgress { owner: "w1".into() },
+            20,
+            Some(30),
+        )
+        .op(1, complete(5, "ok"), Ret::Done, 40, Some(50))
+        .op(2, claim(2), completed(5, "ok"), 60, Some(70))
+        .op(3, Call::Read, read_completed(5, "ok"), 80, Some(90));
+    assert_clean(&h);
+}
+
+#[test]
+fn concurrent_operations_may_take_effect_in_either_order() {
+    // The claim by w2 overlaps w1's completion: replaying the result is
+    // fine (completion first) and so is seeing w1 in progress.
+    let mut h = H::new();
+    h.op(1, claim(1), acq(5, 0, 1), 0, Some(10))
+        .op(1, complete(5, "ok"), Ret::Done, 40, Some(80))
+        .op(2, claim(2), completed(5, "ok"), 50, Some(60))
+        .op(
+            3,
+            claim(3),
+            Ret::InProgress { owner: "w1".into() },
+            45,
+            Some(90),
+        );
+    assert_clean(&h);
+}
+
+#[test]
+fn double_grant_of_a_live_lease_is_flagged() {
+    let mut h = H::new();
+    h.op(1, claim(1), acq(5, 0, 1), 0, Some(10))
+        .op(2, claim(2), acq(7, 100, 2), 100, Some(110));
+    assert_flags(&h, "not linearizable");
+}
+
+#[test]
+fn takeover_after_the_deadline_passes_and_before_it_is_flagged() {
+    // w2 takes over after w1's lease (deadline 1000) expired: allowed.
+    let mut ok = H::new();
+    ok.op(1, claim(1), acq(5, 0, 1), 0, Some(10)).op(
+        2,
+        claim(2),
+        acq(9, 1_050, 2),
+        1_050,
+        Some(1_060),
+    );
+    assert_clean(&ok);
+    // The same takeover 300 ms before the deadline, beyond the 100 ms
+    // drift bound: a double grant.
+    let mut early = H::new();
+    early.op(1, claim(1), acq(5, 0, 1), 0, Some(10)).op(
+        2,
+        claim(2),
+        acq(9, 700, 2),
+        700,
+        Some(710),
+    );
+    assert_flags(&early, "not linearizable");
+}
+
+#[test]
+fn lost_completion_is_flagged() {
+    let mut h = H::new();
+    h.op(1, claim(1), acq(5, 0, 1), 0, Some(10))
+        .op(1, complete(5, "ok"), Ret::Done, 20, Some(30))
+        // After the acknowledged completion (and after the lease), a new
+        // claim is granted: the completion was lost.
+        .op(2, claim(2), acq(9, 2_000, 2), 2_000, Some(2_010));
+    assert_flags(&h, "lost completion");
+    assert_flags(&h, "not linearizable");
+}
+
+#[test]
+fn completion_by_two_holders_is_flagged() {
+    let mut h = H::new();
+    h.op(1, claim(1), acq(5, 0, 1), 0, Some(10))
+        .op(2, claim(2), acq(9, 1_500, 2), 1_500, Some(1_510))
+        .op(1, complete(5, "one"), Ret::Done, 1_520, Some(1_530))
+        .op(2, complete(9, "two"), Ret::Done, 1_540, Some(1_550));
+    assert_flags(&h, "two holders completed");
+}
+
+#[test]
+fn changed_result_is_flagged() {
+    let mut h = H::new();
+    h.op(1, claim(1), acq(5, 0, 1), 0, Some(10))
+        .op(1, complete(5, "one"), Ret::Done, 20, Some(30))
+        .op(2, claim(2), completed(5, "two"), 40, Some(50));
+    assert_flags(&h, "completed result changed");
+}
+
+#[test]
+fn stale_read_is_flagged() {
+    // The completion was acknowledged at 30; a read invoked at 40 still
+    // sees the claim in progress.
+    let mut h = H::new();
+    h.op(1, claim(1), acq(5, 0, 1), 0, Some(10))
+        .op(1, complete(5, "ok"), Ret::Done, 20, Some(30))
+        .op(
+            2,
+            Call::Read,
+            Ret::Record(Some(Seen::InProgress {
+                owner: "w1".into(),
+                token: 5,
+                deadline_ms: T0 + LEASE,
+                attempts: 1,
+            })),
+            40,
+            Some(50),
+        );
+    assert_flags(&h, "not linearizable");
+    assert_flags(&h, "lost completion");
+}
+
+#[test]
+fn a_read_of_absent_after_an_acknowledged_claim_is_flagged() {
+    let mut h = H::new();
+    h.op(1, claim(1), acq(5, 0, 1), 0, Some(10))
+        .op(2, Call::Read, Ret::Record(None), 20, Some(30));
+    assert_flags(&h, "not linearizable");
+}
+
+#[test]
+fn tokens_going_backwards_are_flagged() {
+    let mut h = H::new();
+    h.op(1, claim(1), acq(9, 0, 1), 0, Some(10))
+        .op(
+            1,
+            Call::Release { token: 9 },
+            Ret::Released { failed: false },
+            20,
+            Some(30),
+        )
+        .op(2, claim(2), acq(7, 40, 2), 40, Some(50));
+    assert_flags(&h, "token not increasing");
+    assert_flags(&h, "not linearizable");
+}
+
+#[test]
+fn an_unknown_claim_may_have_taken_effect_or_not() {
+    // w1's claim timed out; a later read shows it took effect with a
+    // token no one was told: consistent.
+    let mut took = H::new();
+    took.op(1, claim(1), Ret::Unknown, 0, None).op(
+        2,
+        Call::Read,
+        Ret::Record(Some(Seen::InProgress {
+            owner: "w1".into(),
+            token: 4,
+            deadline_ms: T0 + 30 + LEASE,
+            attempts: 1,
+        })),
+        500,
+        Some(510),
+    );
+    assert_clean(&took);
+    // Or it never took effect: w2 acquires the absent key.
+    let mut never = H::new();
+    never
+        .op(1, claim(1), Ret::Unknown, 0, None)
+        .op(2, claim(2), acq(6, 500, 1), 500, Some(510))
+        .op(2, complete(6, "ok"), Ret::Done, 520, Some(530));
+    assert_clean(&never);
+    // But it cannot make a read see a holder nobody claimed as.
+    let mut ghost = H::new();
+    ghost.op(1, claim(1), Ret::Unknown, 0, None).op(
+        2,
+        Call::Read,
+        Ret::Record(Some(Seen::InProgress {
+            owner: "w9".into(),
+            token: 4,
+            deadline_ms: T0 + LEASE,
+            attempts: 1,
+        })),
+        500,
+        Some(510),
+    );
+    assert_flags(&ghost, "not linearizable");
+}
+
+#[test]
+fn a_retried_claim_gets_its_own_grant_back() {
+    let mut h = H::new();
+    h.op(1, claim_id(1, "a"), acq(5, 0, 1), 0, Some(10)).op(
+        1,
+        claim_id(1, "a"),
+        acq(5, 0, 1),
+        20,
+        Some(30),
+    );
+    assert_clean(&h);
+    // A different token for the same claim is a second grant.
+    let mut bad = H::new();
+    bad.op(1, claim_id(1, "a"), acq(5, 0, 1), 0, Some(10)).op(
+        1,
+        claim_id(1, "a"),
+        acq(8, 20, 2),
+        20,
+        Some(30),
+    );
+    assert_flags(&bad, "not linearizable");
+}
+
+#[test]
+fn fenced_writes_of_a_replaced_holder_must_fail() {
+    // w2 took over after expiry; w1's late Complete must get LEASE_LOST.
+    let mut ok = H::new();
+    ok.op(1, claim(1), acq(5, 0, 1), 0, Some(10))
+        .op(2, claim(2), acq(9, 1_200, 2), 1_200, Some(1_210))
+        .op(1, complete(5, "late"), Ret::LeaseLost, 1_300, Some(1_310));
+    assert_clean(&ok);
+    let mut bad = H::new();
+    bad.op(1, claim(1), acq(5, 0, 1), 0, Some(10))
+        .op(2, claim(2), acq(9, 1_200, 2), 1_200, Some(1_210))
+        .op(1, complete(5, "late"), Ret::Done, 1_300, Some(1_310));
+    assert_flags(&bad, "not linearizable");
+}
+
+#[test]
+fn release_then_attempts_exhausted_is_failed() {
+    // max_attempts = 3 in these tests.
+    let mut h = H::new();
+    let mut at = 0;
+    for (attempt, token) in [(1u32, 5u64), (2, 6), (3, 7)] {
+        h.op(
+            1,
+            claim_id(1, &format!("c{token}")),
+            acq(token, at, attempt),
+            at,
+            Some(at + 5),
+        );
+        let failed = attempt == 3;
+        h.op(
+            1,
+            Call::Release { token },
+            Ret::Released { failed },
+            at + 10,
+            Some(at + 15),
+        );
+        at += 20;
+    }
+    h.op(2, claim(2), Ret::Failed, at, Some(at + 5));
+    assert_clean(&h);
+    // A fourth grant after the attempts ran out is wrong.
+    h.op(3, claim(3), acq(8, at + 10, 4), at + 10, Some(at + 15));
+    assert_flags(&h, "not linearizable");
+}
+
+#[test]
+fn an_all_or_nothing_batch_applied_by_halves_is_flagged() {
+    let item = |p: usize, key: &str| Call::Claim {
+        owner: format!("w{p}"),
+        claim_id: format!("b-{key}"),
+        lease_ms: LEASE,
+        batch: Some(1),
+    };
+    let mut h = H::new();
+    h.op_on("a", 1, item(1, "a"), acq(5, 0, 1), 0, Some(10))
+        .op_on("b", 1, item(1, "b"), Ret::NotAttempted, 0, Some(10));
+    assert_flags(&h, "batch half applied");
+    let mut split = H::new();
+    split
+        .op_on("a", 1, item(1, "a"), acq(5, 0, 1), 0, Some(10))
+        .op_on("b", 1, item(1, "b"), acq(6, 0, 1), 0, Some(10));
+    assert_flags(&split, "batch split");
+}
+
+#[test]
+fn histories_round_trip_through_the_history_file() {
+    let mut h = H::new();
+    h.op(1, claim(1), acq(5, 0, 1), 0, Some(10))
+        .op(2, claim(2), Ret::Unknown, 5, None);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.jsonl");
+    robust::history::save(&h.ops, &path).unwrap();
+    assert_eq!(robust::history::load(&path).unwrap(), h.ops);
+}
