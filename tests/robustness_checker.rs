@@ -404,3 +404,37 @@ fn histories_round_trip_through_the_history_file() {
     robust::history::save(&h.ops, &path).unwrap();
     assert_eq!(robust::history::load(&path).unwrap(), h.ops);
 }
+
+/// Re-check a history a failed run kept:
+/// `IDEMKV_HISTORY=target/tmp/robustness/NAME.jsonl IDEMKV_DRIFT_MS=500
+/// cargo test --release --test robustness_checker -- --ignored recheck`.
+#[test]
+#[ignore = "needs IDEMKV_HISTORY"]
+fn recheck_a_kept_history() {
+    let path = std::env::var("IDEMKV_HISTORY").expect("IDEMKV_HISTORY");
+    let ops = robust::history::load(std::path::Path::new(&path)).expect("history");
+    let drift_ms = std::env::var("IDEMKV_DRIFT_MS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(500);
+    let r = check(
+        &ops,
+        &Config {
+            drift_ms,
+            max_attempts: 5,
+            ..Config::default()
+        },
+    );
+    for a in &r.anomalies {
+        eprintln!("{a}");
+    }
+    eprintln!(
+        "{} ops, {} unknown, {} keys, {} states searched, {} anomalies",
+        r.ops,
+        r.unknown,
+        r.keys,
+        r.states_explored,
+        r.anomalies.len()
+    );
+    assert!(r.anomalies.is_empty());
+}

@@ -28,23 +28,71 @@ pub struct ProcCluster {
     pub children: Vec<Option<Child>>,
     /// Extra TOML for every node's config file.
     pub extra_config: String,
+    /// Per node: a command the node runs under (e.g. `ip netns exec NS`).
+    pub wrap: Vec<Vec<String>>,
+    /// Per node: extra environment (e.g. libfaketime's).
+    pub envs: Vec<Vec<(String, String)>>,
+    /// Whether node 1 starts with `--init` (off once the cluster exists, so
+    /// a wiped node 1 rejoins instead of founding a new cluster).
+    pub init: bool,
 }
 
 impl ProcCluster {
     pub fn new(dir: &Path, n: usize, extra_config: &str) -> ProcCluster {
+        let hosts = vec!["127.0.0.1".to_string(); n];
+        ProcCluster::on_hosts(dir, &hosts, extra_config)
+    }
+
+    /// Node `i` listens on `hosts[i]` (e.g. its network namespace's address).
+    pub fn on_hosts(dir: &Path, hosts: &[String], extra_config: &str) -> ProcCluster {
+        let n = hosts.len();
         let ports = free_ports(2 * n);
         ProcCluster {
             dir: dir.to_path_buf(),
-            api: ports[..n]
-                .iter()
-                .map(|p| format!("127.0.0.1:{p}"))
+            api: (0..n)
+                .map(|i| format!("{}:{}", hosts[i], ports[i]))
                 .collect(),
-            peer: ports[n..]
-                .iter()
-                .map(|p| format!("127.0.0.1:{p}"))
+            peer: (0..n)
+                .map(|i| format!("{}:{}", hosts[i], ports[n + i]))
                 .collect(),
             children: (0..n).map(|_| None).collect(),
             extra_config: extra_config.to_string(),
+            wrap: vec![Vec::new(); n],
+            envs: vec![Vec::new(); n],
+            init: true,
+        }
+    }
+
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node-{}", i + 1))
+    }
+
+    /// The process id of node `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.children[i].as_ref().map(|c| c.id())
+    }
+
+    /// Has node `i` exited on its own (crashed)? Reaps it if so.
+    pub fn exited(&mut self, i: usize) -> bool {
+        let gone = match self.children[i].as_mut() {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => false,
+        };
+        if gone {
+            self.children[i] = None;
+        }
+        gone
+    }
+
+    /// SIGSTOP / SIGCONT node `i`.
+    pub fn signal(&self, i: usize, sig: &str) {
+        if let Some(pid) = self.pid(i) {
+            let ok = Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok, "kill {sig} {pid}");
         }
     }
 
@@ -58,7 +106,7 @@ impl ProcCluster {
     /// Start (or restart) node `i` (0-based).
     pub fn start_node(&mut self, i: usize) {
         let id = i + 1;
-        let data = self.dir.join(format!("node-{id}"));
+        let data = self.data_dir(i);
         let conf = self.dir.join(format!("node-{id}.toml"));
         std::fs::write(&conf, &self.extra_config).expect("write config");
         let log = std::fs::OpenOptions::new()
@@ -66,7 +114,15 @@ impl ProcCluster {
             .append(true)
             .open(self.dir.join(format!("node-{id}.log")))
             .expect("log file");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match self.wrap[i].split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        cmd.envs(self.envs[i].iter().map(|(k, v)| (k, v)));
         cmd.arg("serve")
             .arg("--config")
             .arg(&conf)
@@ -80,7 +136,7 @@ impl ProcCluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        if i == 0 {
+        if i == 0 && self.init {
             cmd.arg("--init");
         }
         self.children[i] = Some(cmd.spawn().expect("spawn idemkv serve"));

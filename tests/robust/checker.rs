@@ -411,6 +411,11 @@ impl Search<'_> {
                 self.deepest = (count, Some(i));
             }
             for next in nexts {
+                // An unknown operation that changes nothing here is better
+                // left pending: it may still take effect later, or never.
+                if self.ops[i].is_unknown() && next == *state {
+                    continue;
+                }
                 let mut d = done.to_vec();
                 d[i / 64] |= 1 << (i % 64);
                 if self.dfs(&d, count + 1, &next) {
