@@ -670,6 +670,8 @@ async fn wait_ready(rig: &Rig, within: Duration) {
 struct Nemesis {
     rng: StdRng,
     counts: BTreeMap<Fault, usize>,
+    /// Evidence that faults took effect (printed in the summary).
+    seen: BTreeMap<&'static str, usize>,
 }
 
 impl Nemesis {
@@ -700,6 +702,7 @@ impl Nemesis {
                 let l = wait_leader(&api, Duration::from_secs(10)).await;
                 rig.lock().await.cluster.signal(l, "-STOP");
                 tokio::time::sleep(hold.max(Duration::from_millis(2_500))).await;
+                self.note_new_leader(&api, l).await;
                 rig.lock().await.cluster.signal(l, "-CONT");
             }
             Fault::IsolateLeader | Fault::MajorityMinority | Fault::Bridge => {
@@ -726,10 +729,18 @@ impl Nemesis {
                     eprintln!("  partition: {}", lab.describe());
                 }
                 tokio::time::sleep(hold).await;
+                if fault == Fault::IsolateLeader {
+                    self.note_new_leader(&api, l).await;
+                }
                 rig.lock().await.lab.as_ref().unwrap().heal();
             }
             Fault::ClockSkew => {
-                let i = self.rng.random_range(0..n);
+                // Mostly the leader's clock: it stamps every command.
+                let i = if self.rng.random_bool(0.7) {
+                    wait_leader(&api, Duration::from_secs(10)).await
+                } else {
+                    self.rng.random_range(0..n)
+                };
                 let r = rig.lock().await;
                 std::fs::write(&r.clock_files[i], format!("+{SKEW_SECS}s\n")).unwrap();
                 drop(r);
@@ -744,14 +755,34 @@ impl Nemesis {
                 tokio::time::sleep(hold).await;
                 let _ = std::fs::remove_file(&filler);
                 let mut r = rig.lock().await;
+                let log =
+                    std::fs::read_to_string(r.cluster.dir.join(format!("node-{}.log", i + 1)))
+                        .unwrap_or_default();
+                if log.contains("No space left") {
+                    *self.seen.entry("disk refused writes").or_default() += 1;
+                }
                 if r.cluster.exited(i) {
-                    eprintln!("  node {} stopped on a full disk; restarting", i + 1);
+                    // The node exits when its storage fails (crash-only);
+                    // with space again it restarts from what is durable.
+                    *self.seen.entry("node exited on full disk").or_default() += 1;
                     r.cluster.start_node(i);
                 }
             }
             Fault::Membership => self.membership(rig).await,
         }
         *self.counts.entry(fault).or_default() += 1;
+    }
+
+    /// Did a node other than `old` take over? (The old leader, paused or
+    /// cut off, may still believe it leads; ask the others.)
+    async fn note_new_leader(&mut self, api: &[String], old: usize) {
+        let others: Vec<String> = (0..api.len())
+            .filter(|i| *i != old)
+            .map(|i| api[i].clone())
+            .collect();
+        if leader(&others).await.is_some() {
+            *self.seen.entry("leader replaced").or_default() += 1;
+        }
     }
 
     /// Remove a follower, wipe it, start it empty, add it back as a learner
@@ -849,8 +880,20 @@ fn fill(path: &std::path::Path) {
 
 // ------------------------------------------------------------------ a run
 
-/// Run a plan; the faults injected by kind, or None when it was skipped.
-async fn run_plan(plan: Plan) -> Option<BTreeMap<Fault, usize>> {
+/// What a run did: faults injected by kind, evidence they took effect.
+struct Done {
+    faults: BTreeMap<Fault, usize>,
+    seen: BTreeMap<&'static str, usize>,
+}
+
+impl Done {
+    fn saw(&self, what: &str) -> usize {
+        self.seen.get(what).copied().unwrap_or(0)
+    }
+}
+
+/// Run a plan; None when this machine cannot (it says why).
+async fn run_plan(plan: Plan) -> Option<Done> {
     if let Some(why) = missing(&plan) {
         eprintln!("skipping {}: {why}", plan.name);
         return None;
@@ -894,6 +937,7 @@ async fn run_plan(plan: Plan) -> Option<BTreeMap<Fault, usize>> {
     let mut nemesis = Nemesis {
         rng: StdRng::seed_from_u64(seed),
         counts: BTreeMap::new(),
+        seen: BTreeMap::new(),
     };
     let started = Instant::now();
     let mut injected = 0;
@@ -957,14 +1001,33 @@ async fn run_plan(plan: Plan) -> Option<BTreeMap<Fault, usize>> {
         .filter(|o| matches!(o.ret, Ret::Acquired { .. }))
         .count();
     let completed = ops.iter().filter(|o| o.ret == Ret::Done).count();
+    // Lease deadlines stamped by a clock running ahead of the test's.
+    let skewed = ops
+        .iter()
+        .filter(|o| match (&o.ret, o.complete_ms) {
+            (Ret::Acquired { deadline_ms, .. } | Ret::Renewed { deadline_ms }, Some(end)) => {
+                *deadline_ms > end + LEASE_MS + 2_000
+            }
+            _ => false,
+        })
+        .count();
+    if skewed > 0 {
+        nemesis.seen.insert("deadlines from a skewed clock", skewed);
+    }
+    let seen: Vec<String> = nemesis
+        .seen
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     eprintln!(
         "SUMMARY {}: {} ops ({} unknown, {acquired} acquired, {completed} completed) on {} keys; \
-         faults {}; {} states searched; anomalies {}; errors {}",
+         faults {} ({}); {} states searched; anomalies {}; errors {}",
         plan.name,
         report.ops,
         report.unknown,
         report.keys,
         faults.join(" "),
+        seen.join(", "),
         report.states_explored,
         report.anomalies.len(),
         errors.len()
@@ -990,7 +1053,10 @@ async fn run_plan(plan: Plan) -> Option<BTreeMap<Fault, usize>> {
             logs.display()
         );
     }
-    Some(nemesis.counts)
+    Some(Done {
+        faults: nemesis.counts,
+        seen: nemesis.seen,
+    })
 }
 
 /// A linearizable Get of every key, recorded like any other read.
@@ -1048,7 +1114,12 @@ async fn kill_random_node_and_leader() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_the_leader_longer_than_election_and_lease() {
-    run_plan(plan("pause", 3, &[Fault::PauseLeader], 20)).await;
+    if let Some(d) = run_plan(plan("pause", 3, &[Fault::PauseLeader], 20)).await {
+        assert!(
+            d.saw("leader replaced") > 0,
+            "no pause outlasted the leader"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1064,12 +1135,18 @@ async fn partitions_isolate_leader_and_majority_minority() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clock_skew_of_seconds_on_one_node() {
-    run_plan(plan("clock-skew", 3, &[Fault::ClockSkew], 20)).await;
+    if let Some(d) = run_plan(plan("clock-skew", 3, &[Fault::ClockSkew], 20)).await {
+        let hit = d.saw("deadlines from a skewed clock");
+        assert!(hit > 0, "no lease deadline came from a skewed clock");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_on_one_node() {
-    run_plan(plan("disk-full", 3, &[Fault::DiskFull], 20)).await;
+    if let Some(d) = run_plan(plan("disk-full", 3, &[Fault::DiskFull], 20)).await {
+        assert!(d.saw("disk refused writes") > 0, "the disk never filled");
+        assert!(d.saw("node exited on full disk") > 0, "the node lingered");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1109,7 +1186,7 @@ async fn crash_loop_whole_cluster_kill_9() {
     let s = run_plan(p)
         .await
         .expect("the crash loop needs nothing special");
-    assert_eq!(s.get(&Fault::KillAll), Some(&cycles));
+    assert_eq!(s.faults.get(&Fault::KillAll), Some(&cycles));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

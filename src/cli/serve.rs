@@ -175,7 +175,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "idemkv node {} serving clients on {} (peers on {})",
         node.id, node.api_addr, node.peer_addr
     );
-    wait_for_signal().await;
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        e = node.consensus().fatal() => {
+            // Crash-only: a node whose storage failed (a full disk, say)
+            // must not linger half-alive; its supervisor restarts it from
+            // what is durable, like after kill -9.
+            tracing::error!(error = %e, "Raft stopped on a fatal error; exiting");
+            eprintln!("idemkv node {}: Raft stopped on a fatal error: {e}", node.id);
+            std::process::exit(2);
+        }
+    }
     tracing::info!("stopping");
     node.shutdown().await;
     Ok(())

@@ -288,6 +288,20 @@ impl Consensus {
         Ok(decode(&resp.into_inner().data)?)
     }
 
+    /// Resolves when Raft has stopped on a fatal error (a write the disk
+    /// refused, for one), with that error.
+    pub async fn fatal(&self) -> String {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Err(e) = &metrics.borrow_watched().running_state {
+                return e.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "raft stopped".to_string();
+            }
+        }
+    }
+
     /// The leader as this node knows it.
     pub fn leader(&self) -> Option<(NodeId, PeerNode)> {
         let m = self.raft.metrics().borrow_watched().clone();
