@@ -118,6 +118,31 @@ pub enum CtlOp {
     },
     /// Cluster status as every endpoint sees it.
     Status,
+    /// Membership: list, add a learner, promote it, remove a node.
+    Member {
+        #[command(subcommand)]
+        op: MemberOp,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MemberOp {
+    /// Voters and learners with their addresses.
+    List,
+    /// Add node ID as a learner (it must be running, started without
+    /// --init); it then catches up from the leader (`ctl status` shows its
+    /// applied index), by snapshot if the log it needs was purged.
+    Add {
+        id: u64,
+        /// Its client address (host:port).
+        api_addr: String,
+        /// Its peer address (host:port).
+        raft_addr: String,
+    },
+    /// Make learner ID a voter.
+    Promote { id: u64 },
+    /// Remove node ID from the cluster (voter or learner).
+    Remove { id: u64 },
 }
 
 /// The canonical gRPC name of a status code (`FAILED_PRECONDITION`).
@@ -457,7 +482,62 @@ async fn exec(client: &Client, op: CtlOp) -> Result<(String, Value), ClientError
             )
         }
         CtlOp::Status => status(client).await,
+        CtlOp::Member { op } => member(client, op).await?,
     })
+}
+
+async fn member(client: &Client, op: MemberOp) -> Result<(String, Value), ClientError> {
+    let voters = |members: &[api::Member]| -> Vec<u64> {
+        members.iter().filter(|m| m.voter).map(|m| m.id).collect()
+    };
+    let (what, members) = match op {
+        MemberOp::List => ("MEMBERS".to_string(), client.members().await?),
+        MemberOp::Add {
+            id,
+            api_addr,
+            raft_addr,
+        } => (
+            format!("ADDED learner {id}"),
+            client.add_learner(id, &api_addr, &raft_addr).await?,
+        ),
+        MemberOp::Promote { id } => {
+            let members = client.members().await?;
+            if !members.iter().any(|m| m.id == id) {
+                return Err(ClientError::Config(format!(
+                    "node {id} is not a member; add it first with `ctl member add`"
+                )));
+            }
+            let mut v = voters(&members);
+            v.push(id);
+            (format!("PROMOTED {id}"), client.change_voters(v).await?)
+        }
+        MemberOp::Remove { id } => {
+            let members = client.members().await?;
+            let v: Vec<u64> = voters(&members).into_iter().filter(|x| *x != id).collect();
+            if v.is_empty() {
+                return Err(ClientError::Config(format!(
+                    "node {id} is the last voter; a cluster needs one"
+                )));
+            }
+            (format!("REMOVED {id}"), client.change_voters(v).await?)
+        }
+    };
+    let mut lines = vec![what.clone()];
+    let mut list = Vec::new();
+    for m in &members {
+        let kind = if m.voter { "voter" } else { "learner" };
+        lines.push(format!(
+            "member {}  {}  {}  {kind}",
+            m.id, m.api_addr, m.raft_addr
+        ));
+        list.push(
+            json!({"id": m.id, "api_addr": m.api_addr, "raft_addr": m.raft_addr, "voter": m.voter}),
+        );
+    }
+    Ok((
+        lines.join("\n"),
+        json!({"outcome": what.split(' ').next(), "members": list}),
+    ))
 }
 
 async fn status(client: &Client) -> (String, Value) {

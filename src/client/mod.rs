@@ -354,4 +354,86 @@ impl Client {
         let (_, ch) = self.channel_at(self.inner.preferred.load(Ordering::Relaxed));
         ClusterClient::new(ch)
     }
+
+    /// The members as the cluster knows them (voters and learners).
+    pub async fn members(&self) -> Result<Vec<api::Member>, ClientError> {
+        Ok(self.status().await?.members)
+    }
+
+    /// Add node `id` as a learner. It then catches up from the leader (by
+    /// snapshot if the log it needs was purged); promote it once its
+    /// applied index has reached the leader's.
+    pub async fn add_learner(
+        &self,
+        id: u64,
+        api_addr: &str,
+        raft_addr: &str,
+    ) -> Result<Vec<api::Member>, ClientError> {
+        let req = api::AddLearnerRequest {
+            id,
+            api_addr: api_addr.to_string(),
+            raft_addr: raft_addr.to_string(),
+        };
+        self.on_leader(|mut c| {
+            let req = req.clone();
+            async move { c.add_learner(req).await }
+        })
+        .await
+    }
+
+    /// Make exactly `voters` the voting members (joint consensus inside);
+    /// members left out are removed.
+    pub async fn change_voters(&self, voters: Vec<u64>) -> Result<Vec<api::Member>, ClientError> {
+        let req = api::ChangeMembershipRequest {
+            voters,
+            retain: false,
+        };
+        self.on_leader(|mut c| {
+            let req = req.clone();
+            async move { c.change_membership(req).await }
+        })
+        .await
+    }
+
+    /// Run a membership call on the leader: the endpoint that says it leads,
+    /// or the leader address the nodes report; retried across leader
+    /// changes for `retry_for`.
+    async fn on_leader<F, Fut>(&self, call: F) -> Result<Vec<api::Member>, ClientError>
+    where
+        F: Fn(ClusterClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<api::MembershipResponse>, Status>>,
+    {
+        let give_up = tokio::time::Instant::now() + self.inner.opts.retry_for;
+        let mut backoff = self.inner.opts.backoff_initial;
+        loop {
+            let all = self.status_all().await;
+            let leader = all
+                .iter()
+                .find(|(_, r)| r.as_ref().is_ok_and(|s| s.role == "leader"))
+                .map(|(ep, _)| ep.clone())
+                .or_else(|| {
+                    all.iter().find_map(|(_, r)| {
+                        r.as_ref()
+                            .ok()
+                            .map(|s| s.leader_api_addr.clone())
+                            .filter(|a| !a.is_empty())
+                    })
+                });
+            let res = match &leader {
+                Some(addr) => call(ClusterClient::new(channel(addr)?))
+                    .await
+                    .map(|r| r.into_inner().members),
+                None => Err(Status::unavailable("no leader known")),
+            };
+            match res {
+                Ok(members) => return Ok(members),
+                Err(s) if retryable(&s) && tokio::time::Instant::now() + backoff < give_up => {
+                    tracing::debug!(code = ?s.code(), msg = s.message(), "membership call: retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.inner.opts.backoff_max);
+                }
+                Err(s) => return Err(ClientError::Status(s)),
+            }
+        }
+    }
 }

@@ -35,6 +35,9 @@ pub struct ProcCluster {
     /// Whether node 1 starts with `--init` (off once the cluster exists, so
     /// a wiped node 1 rejoins instead of founding a new cluster).
     pub init: bool,
+    /// How many nodes (the first ones) `--peers` names: the founding
+    /// members. Later nodes join with `ctl member add`.
+    pub initial: usize,
 }
 
 impl ProcCluster {
@@ -60,6 +63,7 @@ impl ProcCluster {
             wrap: vec![Vec::new(); n],
             envs: vec![Vec::new(); n],
             init: true,
+            initial: n,
         }
     }
 
@@ -97,7 +101,7 @@ impl ProcCluster {
     }
 
     fn peers_arg(&self) -> String {
-        (0..self.api.len())
+        (0..self.initial)
             .map(|i| format!("{}={}/{}", i + 1, self.api[i], self.peer[i]))
             .collect::<Vec<_>>()
             .join(",")
