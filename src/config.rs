@@ -77,6 +77,8 @@ pub struct NodeConfig {
     pub sweep_interval: Duration,
     /// Most records one sweep entry removes.
     pub sweep_limit: u32,
+    /// Where to serve Prometheus `GET /metrics` (none: not served).
+    pub metrics_listen: Option<String>,
 }
 
 impl NodeConfig {
@@ -96,6 +98,7 @@ impl NodeConfig {
             snapshot_keep_logs: 1000,
             sweep_interval: Duration::from_secs(1),
             sweep_limit: 1000,
+            metrics_listen: None,
         }
     }
 }

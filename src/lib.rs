@@ -23,6 +23,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod node;
 pub mod pb;
 pub mod raft;

@@ -34,6 +34,8 @@ pub struct Node {
     pub api_addr: SocketAddr,
     /// The bound peer address.
     pub peer_addr: SocketAddr,
+    /// The bound metrics address, when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     /// How clients and peers reach this node (advertised addresses).
     pub member: PeerNode,
     consensus: Arc<Consensus>,
@@ -160,6 +162,22 @@ impl Node {
             }
         }));
 
+        let metrics_addr = match &cfg.metrics_listen {
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| Error::Internal(format!("bind metrics {addr}: {e}")))?;
+                let bound = l.local_addr().ok();
+                tasks.push(tokio::spawn(crate::metrics::serve(
+                    l,
+                    consensus.clone(),
+                    shutdown.subscribe(),
+                )));
+                bound
+            }
+            None => None,
+        };
+
         tasks.push(tokio::spawn(sweeper(
             consensus.clone(),
             cfg.clone(),
@@ -170,6 +188,7 @@ impl Node {
             id: cfg.id,
             api_addr,
             peer_addr,
+            metrics_addr,
             member,
             consensus,
             syncer: store.syncer,

@@ -60,9 +60,12 @@ impl Idempotency for IdempotencyService {
             Ok(None) | Err(_) => self.op(key, op).await?,
         };
         match outcome {
-            Outcome::Claim(o) => Ok(Response::new(api::ClaimResponse {
-                outcome: Some(convert::claim_outcome(o)),
-            })),
+            Outcome::Claim(o) => {
+                crate::metrics::claim(&o);
+                Ok(Response::new(api::ClaimResponse {
+                    outcome: Some(convert::claim_outcome(o)),
+                }))
+            }
             other => Err(unexpected(other)),
         }
     }
@@ -79,7 +82,15 @@ impl Idempotency for IdempotencyService {
         };
         match self.consensus.write(command).await.map_err(to_status)? {
             Outcome::Batch { items, applied } => Ok(Response::new(api::ClaimBatchResponse {
-                items: items.into_iter().map(convert::batch_item).collect(),
+                items: items
+                    .into_iter()
+                    .inspect(|i| {
+                        if let Ok(o) = i {
+                            crate::metrics::claim(o);
+                        }
+                    })
+                    .map(convert::batch_item)
+                    .collect(),
                 applied,
             })),
             other => Err(unexpected(other)),

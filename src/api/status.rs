@@ -29,6 +29,7 @@ pub fn to_status(e: Error) -> Status {
     };
     let mut status = Status::new(code, e.to_string());
     if let Some(r) = reason {
+        crate::metrics::refusal(r);
         if let Ok(v) = r.parse() {
             status.metadata_mut().insert(REASON_HEADER, v);
         }

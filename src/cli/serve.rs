@@ -38,6 +38,9 @@ pub struct ServeArgs {
     pub advertise_peer: Option<String>,
     #[arg(long, env = "IDEMKV_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address.
+    #[arg(long, env = "IDEMKV_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// The initial members: `ID=API_ADDR/PEER_ADDR,...` (used with --init).
     #[arg(long, env = "IDEMKV_PEERS")]
     pub peers: Option<String>,
@@ -57,6 +60,7 @@ pub struct FileConfig {
     pub advertise_api: Option<String>,
     pub advertise_peer: Option<String>,
     pub data_dir: Option<PathBuf>,
+    pub metrics_listen: Option<String>,
     pub peers: Option<String>,
     pub init: Option<bool>,
     pub heartbeat_ms: Option<u64>,
@@ -122,6 +126,7 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<(NodeConfig, Option<BTreeMap<u
         .or(file.peer_listen)
         .unwrap_or_else(|| format!("127.0.0.1:{}", 7100 + id));
     cfg.advertise_api = args.advertise_api.or(file.advertise_api);
+    cfg.metrics_listen = args.metrics_listen.or(file.metrics_listen);
     cfg.advertise_peer = args.advertise_peer.or(file.advertise_peer);
     if let Some(ms) = file.heartbeat_ms {
         cfg.heartbeat = Duration::from_millis(ms);
@@ -175,6 +180,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "idemkv node {} serving clients on {} (peers on {})",
         node.id, node.api_addr, node.peer_addr
     );
+    if let Some(m) = node.metrics_addr {
+        println!("idemkv node {}: metrics on http://{m}/metrics", node.id);
+    }
     tokio::select! {
         _ = wait_for_signal() => {}
         e = node.consensus().fatal() => {

@@ -311,7 +311,12 @@ impl LogStore {
         let commit = GroupCommit::spawn("idemkv-log-sync", move || {
             let file = to_sync.lock().unwrap_or_else(|p| p.into_inner()).clone();
             match file {
-                Some(f) => f.sync_data(),
+                Some(f) => {
+                    let started = std::time::Instant::now();
+                    let r = f.sync_data();
+                    crate::metrics::fsync(started.elapsed());
+                    r
+                }
                 None => Ok(()),
             }
         })?;

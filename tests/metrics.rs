@@ -1,0 +1,131 @@
+//! Prometheus `/metrics` on `--metrics-listen`: a scrape shows claims by
+//! outcome, takeovers, fenced rejections, fingerprint mismatches, the Raft
+//! term and indexes, and the log's fsync latency, as a user's actions
+//! changed them.
+mod procs;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use idemkv::pb::api::{self, claim_response::Outcome};
+use idemkv::Client;
+use procs::{free_ports, ProcCluster};
+
+fn scrape(addr: &str, path: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// The value of the sample named exactly `series` (name plus labels).
+fn value(body: &str, series: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{body}"))
+}
+
+fn claim(key: &str, owner: &str, lease_ms: u64, fingerprint: &str) -> api::ClaimRequest {
+    api::ClaimRequest {
+        namespace: "m".into(),
+        key: key.as_bytes().to_vec(),
+        owner: owner.into(),
+        lease_ms,
+        fingerprint: Some(fingerprint.as_bytes().to_vec()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_clients_saw() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = ProcCluster::new(dir.path(), 3, "");
+    let ports = free_ports(3);
+    let metrics: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    for (i, m) in metrics.iter().enumerate() {
+        c.envs[i] = vec![("IDEMKV_METRICS_LISTEN".into(), m.clone())];
+    }
+    c.start_all();
+    c.wait_ready(Duration::from_secs(20)).await;
+    // Every call through node 1, so node 1 answers (and counts) them all.
+    let client = Client::new([&c.api[0]]).unwrap();
+
+    let Outcome::Acquired(a) = client.claim(claim("k", "w1", 100, "f")).await.unwrap() else {
+        panic!("not acquired");
+    };
+    // The holder dies; wait (Await) until its 100 ms lease runs out.
+    client
+        .r#await(api::AwaitRequest {
+            namespace: "m".into(),
+            key: b"k".to_vec(),
+            timeout_ms: 5_000,
+        })
+        .await
+        .unwrap();
+    let Outcome::Acquired(b) = client.claim(claim("k", "w2", 60_000, "f")).await.unwrap() else {
+        panic!("no takeover");
+    };
+    assert_eq!(b.previous_owner.as_deref(), Some("w1"));
+    let busy = client.claim(claim("k", "w3", 60_000, "f")).await.unwrap();
+    assert!(matches!(busy, Outcome::InProgress(_)), "{busy:?}");
+    let mismatch = client.claim(claim("k", "w3", 60_000, "other")).await;
+    assert_eq!(mismatch.unwrap_err().reason(), Some("FINGERPRINT_MISMATCH"));
+    let stale = client
+        .complete(api::CompleteRequest {
+            namespace: "m".into(),
+            key: b"k".to_vec(),
+            token: a.token,
+            result: b"late".to_vec(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(stale.unwrap_err().reason(), Some("LEASE_LOST"));
+    client
+        .complete(api::CompleteRequest {
+            namespace: "m".into(),
+            key: b"k".to_vec(),
+            token: b.token,
+            result: b"ok".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let replay = client.claim(claim("k", "w4", 60_000, "f")).await.unwrap();
+    assert!(matches!(replay, Outcome::Completed(_)), "{replay:?}");
+
+    let (status, body) = scrape(&metrics[0], "/metrics");
+    assert!(status.contains("200"), "{status}");
+    for (series, want) in [
+        ("idemkv_claims_total{outcome=\"acquired\"}", 2.0),
+        ("idemkv_claims_total{outcome=\"in_progress\"}", 1.0),
+        ("idemkv_claims_total{outcome=\"completed\"}", 1.0),
+        ("idemkv_claims_total{outcome=\"failed\"}", 0.0),
+        ("idemkv_takeovers_total", 1.0),
+        ("idemkv_fenced_rejections_total", 1.0),
+        ("idemkv_fingerprint_mismatches_total", 1.0),
+    ] {
+        assert_eq!(value(&body, series), want, "{series}");
+    }
+    // Every node: Raft gauges and fsync latency of its own log.
+    let mut leaders = 0.0;
+    for m in &metrics {
+        let (_, body) = scrape(m, "/metrics");
+        assert!(value(&body, "idemkv_raft_term") >= 1.0);
+        assert!(value(&body, "idemkv_raft_commit_index") >= 4.0);
+        assert!(value(&body, "idemkv_raft_applied_index") >= 1.0);
+        assert!(value(&body, "idemkv_raft_apply_lag") >= 0.0);
+        assert!(value(&body, "idemkv_log_fsync_seconds_count") >= 1.0);
+        assert!(value(&body, "idemkv_log_fsync_seconds_bucket{le=\"+Inf\"}") >= 1.0);
+        leaders += value(&body, "idemkv_raft_is_leader");
+    }
+    assert_eq!(leaders, 1.0, "exactly one node says it leads");
+    let (status, _) = scrape(&metrics[0], "/other");
+    assert!(status.contains("404"), "{status}");
+}
