@@ -79,6 +79,8 @@ pub struct NodeConfig {
     pub sweep_limit: u32,
     /// Where to serve Prometheus `GET /metrics` (none: not served).
     pub metrics_listen: Option<String>,
+    /// TLS on both ports (none: plaintext). See [`crate::tls`].
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 impl NodeConfig {
@@ -99,6 +101,7 @@ impl NodeConfig {
             sweep_interval: Duration::from_secs(1),
             sweep_limit: 1000,
             metrics_listen: None,
+            tls: None,
         }
     }
 }

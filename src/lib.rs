@@ -12,7 +12,8 @@
 //! - [`client`]: the Rust client: endpoints, leader discovery, safe retries.
 //! - [`node`]: [`Node`], one node in-process.
 //! - [`config`]: node configuration and limits.
-//! - [`cli`]: the `idemkv` subcommands (`serve`, `up`, `ctl`, `bench`).
+//! - [`cli`]: the `idemkv` subcommands (`serve`, `up`, `ctl`, `bench`, `certs`).
+//! - [`tls`]: TLS (rustls) for the client and peer ports, and for clients.
 //! - [`bench`]: the load tool behind `idemkv bench` (idemkv, etcd, Redis).
 //! - [`codec`], [`pb`], [`error`]: encoding, generated code, the error type.
 pub mod api;
@@ -29,6 +30,7 @@ pub mod pb;
 pub mod raft;
 pub mod record;
 pub mod store;
+pub mod tls;
 
 pub use config::{Limits, NodeConfig};
 pub use error::Error;

@@ -84,7 +84,11 @@ impl Node {
         }
         .validate()
         .map_err(|e| internal("raft config", e))?;
-        let peers = Peers::default();
+        let tls = match &cfg.tls {
+            Some(files) => Some(files.load().map_err(|e| Error::invalid("tls", e))?),
+            None => None,
+        };
+        let peers = Peers::new(tls.as_ref().map(|t| t.peer_client.clone()));
         let sm = store.state_machine.clone();
         let raft = Raft::new(
             cfg.id,
@@ -105,7 +109,13 @@ impl Node {
             cfg.data_dir.join("snapshots"),
             shutdown.subscribe(),
         );
-        let peer_server = Server::builder().add_service(
+        let mut peer_builder = Server::builder();
+        if let Some(t) = &tls {
+            peer_builder = peer_builder
+                .tls_config(t.peer_server.clone())
+                .map_err(|e| Error::invalid("tls", format!("peer port: {e}")))?;
+        }
+        let peer_server = peer_builder.add_service(
             RaftPeerServer::new(peer_service)
                 .max_decoding_message_size(MAX_PEER_MESSAGE)
                 .max_encoding_message_size(MAX_PEER_MESSAGE),
@@ -133,7 +143,13 @@ impl Node {
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| internal("reflection", e))?;
-        let api_server = Server::builder()
+        let mut api_builder = Server::builder();
+        if let Some(t) = &tls {
+            api_builder = api_builder
+                .tls_config(t.api.clone())
+                .map_err(|e| Error::invalid("tls", format!("client port: {e}")))?;
+        }
+        let api_server = api_builder
             .add_service(
                 IdempotencyServer::new(IdempotencyService::new(
                     consensus.clone(),

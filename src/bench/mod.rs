@@ -72,6 +72,9 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the human report.
     #[arg(long)]
     pub json: bool,
+    /// TLS to an idemkv cluster.
+    #[command(flatten)]
+    pub tls: crate::cli::ClientTlsArgs,
 }
 
 /// What a run measured.
@@ -199,6 +202,7 @@ fn check_args(a: &BenchArgs) -> anyhow::Result<()> {
 /// Run the benchmark `a` describes and return its report.
 pub async fn bench(a: &BenchArgs) -> anyhow::Result<Report> {
     check_args(a)?;
+    let tls = a.tls.load()?;
     let endpoints: Vec<String> = a
         .endpoints
         .as_deref()
@@ -236,7 +240,7 @@ pub async fn bench(a: &BenchArgs) -> anyhow::Result<Report> {
     let mut conns = Vec::with_capacity(n_conn);
     for _ in 0..n_conn {
         conns.push(
-            Target::connect(a.target, &endpoints, lease_for)
+            Target::connect(a.target, &endpoints, lease_for, tls.clone())
                 .await
                 .with_context(|| format!("endpoints {}", endpoints.join(",")))?,
         );

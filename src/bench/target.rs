@@ -118,10 +118,15 @@ impl Target {
         kind: TargetKind,
         endpoints: &[String],
         lease_for: Duration,
+        tls: Option<crate::client::ClientTls>,
     ) -> anyhow::Result<Target> {
         match kind {
             TargetKind::Idemkv => {
-                let client = Client::new(endpoints)?;
+                let opts = crate::client::ClientOptions {
+                    tls,
+                    ..Default::default()
+                };
+                let client = Client::with_options(endpoints, opts)?;
                 client
                     .discover_leader()
                     .await

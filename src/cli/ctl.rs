@@ -18,6 +18,8 @@ pub struct CtlArgs {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub tls: super::ClientTlsArgs,
     #[command(subcommand)]
     pub op: CtlOp,
 }
@@ -268,7 +270,11 @@ fn record_text(r: &api::Record) -> String {
 
 /// Run one ctl command; returns the process exit code.
 pub async fn run(a: CtlArgs) -> anyhow::Result<i32> {
-    let client = Client::new(a.endpoints.split(','))?;
+    let opts = crate::client::ClientOptions {
+        tls: a.tls.load()?,
+        ..Default::default()
+    };
+    let client = Client::with_options(a.endpoints.split(','), opts)?;
     match exec(&client, a.op).await {
         Ok((human, value)) => {
             if a.json {

@@ -1,12 +1,18 @@
 //! The `idemkv` command line: `serve` (one node), `up` (a local three-node
-//! cluster), `ctl` (talk to a cluster). `main.rs` only parses and installs
+//! cluster), `ctl` (talk to a cluster), `bench` (load), `certs` (development
+//! TLS certificates). `main.rs` only parses and installs
 //! logging; everything else is here.
 
+pub mod certs;
 pub mod ctl;
 pub mod serve;
 pub mod up;
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::ClientTls;
 
 /// The client endpoints of the cluster `idemkv up` starts by default.
 pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003";
@@ -37,6 +43,35 @@ pub enum Command {
     /// Load a cluster (or etcd, or Redis) with a workload and report
     /// throughput, latency percentiles and whether every check held.
     Bench(crate::bench::BenchArgs),
+    /// Write a development CA, per-node certificates and a client
+    /// certificate for TLS (`serve --tls-*`, `ctl --tls-*`).
+    Certs(certs::CertsArgs),
+}
+
+/// A client's TLS flags (`ctl`, `bench`): none given means plaintext.
+#[derive(Debug, Args, Default, Clone)]
+pub struct ClientTlsArgs {
+    /// Connect over TLS, trusting this CA (PEM).
+    #[arg(long, env = "IDEMKV_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a cluster run with --client-auth.
+    #[arg(long, env = "IDEMKV_TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "IDEMKV_TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    /// The client TLS setting (none without --tls-ca).
+    pub fn load(&self) -> anyhow::Result<Option<ClientTls>> {
+        ClientTls::from_options(
+            self.tls_ca.as_deref(),
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)
+    }
 }
 
 /// Parse a duration such as `30s`, `250ms`, `24h`, or a bare number of ms.
@@ -55,5 +90,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Up(a) => up::run(a).await.map(|_| 0),
         Command::Ctl(a) => ctl::run(a).await,
         Command::Bench(a) => crate::bench::run(a).await,
+        Command::Certs(a) => certs::run(a).map(|_| 0),
     }
 }

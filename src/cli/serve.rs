@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::config::{Limits, NodeConfig};
 use crate::raft::PeerNode;
+use crate::tls::TlsFiles;
 use crate::Node;
 
 #[derive(Debug, Args, Default)]
@@ -48,6 +49,21 @@ pub struct ServeArgs {
     /// already belongs to a cluster).
     #[arg(long, env = "IDEMKV_INIT")]
     pub init: bool,
+    /// This node's TLS certificate (PEM): serve TLS on both ports. Also its
+    /// identity towards peers. Needs --tls-key and --tls-ca.
+    #[arg(long, env = "IDEMKV_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "IDEMKV_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) whose certificates peers must present (the peer port is
+    /// always mutual TLS), and clients too with --client-auth.
+    #[arg(long, env = "IDEMKV_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Require clients of the client port to present a certificate signed
+    /// by --tls-ca.
+    #[arg(long, env = "IDEMKV_CLIENT_AUTH")]
+    pub client_auth: bool,
 }
 
 /// The `--config` file.
@@ -63,6 +79,10 @@ pub struct FileConfig {
     pub metrics_listen: Option<String>,
     pub peers: Option<String>,
     pub init: Option<bool>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub client_auth: Option<bool>,
     pub heartbeat_ms: Option<u64>,
     pub election_timeout_min_ms: Option<u64>,
     pub election_timeout_max_ms: Option<u64>,
@@ -149,6 +169,28 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<(NodeConfig, Option<BTreeMap<u
     if let Some(l) = file.limits {
         cfg.limits = l;
     }
+    let client_auth = args.client_auth || file.client_auth.unwrap_or(false);
+    cfg.tls = match (
+        args.tls_cert.or(file.tls_cert),
+        args.tls_key.or(file.tls_key),
+        args.tls_ca.or(file.tls_ca),
+    ) {
+        (Some(cert), Some(key), Some(ca)) => Some(TlsFiles {
+            cert,
+            key,
+            ca,
+            client_auth,
+        }),
+        (None, None, None) if !client_auth => None,
+        (Some(_), Some(_), None) => bail!(
+            "tls-ca: --tls-ca is required with TLS (peers authenticate each other \
+             with certificates signed by it)"
+        ),
+        (None, _, _) => {
+            bail!("tls-cert: --tls-cert is required with --tls-key, --tls-ca or --client-auth")
+        }
+        (_, None, _) => bail!("tls-key: --tls-key is required with --tls-cert"),
+    };
     let init = args.init || file.init.unwrap_or(false);
     let peers = args.peers.or(file.peers);
     let members = if init {
@@ -272,5 +314,40 @@ mod tests {
         assert!(parse_peers("1=a:1").is_err());
         let peers = parse_peers("1=a:1/b:1, 2=a:2/b:2").unwrap();
         assert_eq!(peers[&2].raft_addr, "b:2");
+    }
+
+    #[test]
+    fn tls_needs_cert_key_and_ca() {
+        let tls = |cert: Option<&str>, key: Option<&str>, ca: Option<&str>, client_auth| {
+            resolve(ServeArgs {
+                id: Some(1),
+                tls_cert: cert.map(PathBuf::from),
+                tls_key: key.map(PathBuf::from),
+                tls_ca: ca.map(PathBuf::from),
+                client_auth,
+                ..Default::default()
+            })
+        };
+        let err = tls(Some("c"), Some("k"), None, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--tls-ca"), "{err}");
+        let err = tls(None, None, None, true).unwrap_err().to_string();
+        assert!(err.contains("--tls-cert"), "{err}");
+        let err = tls(Some("c"), None, Some("a"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--tls-key"), "{err}");
+        assert!(tls(None, None, None, false).unwrap().0.tls.is_none());
+        let (_f, path) =
+            file("id = 1\ntls_cert = \"c\"\ntls_key = \"k\"\ntls_ca = \"a\"\nclient_auth = true\n");
+        let (cfg, _) = resolve(ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
+        let files = cfg.tls.unwrap();
+        assert_eq!(files.ca, PathBuf::from("a"));
+        assert!(files.client_auth);
     }
 }

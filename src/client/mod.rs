@@ -17,6 +17,8 @@ use tonic::{Code, Status};
 pub use error::ClientError;
 pub use run_once::{Claimed, Completion, RunError, RunOptions, RunOutcome};
 
+pub use crate::tls::ClientTls;
+
 use crate::pb::api::{self, cluster_client::ClusterClient, idempotency_client::IdempotencyClient};
 
 /// Retry and timeout settings.
@@ -28,6 +30,9 @@ pub struct ClientOptions {
     pub retry_for: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// TLS (`https://` endpoints): the CA to trust and, for a cluster run
+    /// with `--client-auth`, a client certificate. None: plaintext.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ClientOptions {
@@ -37,6 +42,7 @@ impl Default for ClientOptions {
             retry_for: Duration::from_secs(15),
             backoff_initial: Duration::from_millis(25),
             backoff_max: Duration::from_millis(800),
+            tls: None,
         }
     }
 }
@@ -54,14 +60,20 @@ struct Inner {
     opts: ClientOptions,
 }
 
-fn channel(addr: &str) -> Result<Channel, ClientError> {
+fn channel(addr: &str, tls: Option<&ClientTls>) -> Result<Channel, ClientError> {
+    let bad = |e: tonic::transport::Error| ClientError::Config(format!("endpoint {addr:?}: {e}"));
     let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
         addr.to_string()
+    } else if tls.is_some() {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
     };
-    Ok(Endpoint::from_shared(uri)
-        .map_err(|e| ClientError::Config(format!("endpoint {addr:?}: {e}")))?
+    let mut endpoint = Endpoint::from_shared(uri).map_err(bad)?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.config()).map_err(bad)?;
+    }
+    Ok(endpoint
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .connect_lazy())
@@ -83,11 +95,27 @@ impl Client {
     }
 
     /// A client for `IDEMKV_ENDPOINTS` (comma-separated), or the cluster
-    /// `idemkv up` starts by default.
+    /// `idemkv up` starts by default; over TLS when `IDEMKV_TLS_CA` names a
+    /// CA file (with `IDEMKV_TLS_CERT` and `IDEMKV_TLS_KEY` as the client
+    /// certificate, if set).
     pub fn from_env() -> Result<Client, ClientError> {
         let endpoints = std::env::var("IDEMKV_ENDPOINTS")
             .unwrap_or_else(|_| crate::cli::DEFAULT_ENDPOINTS.to_string());
-        Client::new(endpoints.split(','))
+        let path = |v: &str| std::env::var_os(v).map(std::path::PathBuf::from);
+        let (ca, cert, key) = (
+            path("IDEMKV_TLS_CA"),
+            path("IDEMKV_TLS_CERT"),
+            path("IDEMKV_TLS_KEY"),
+        );
+        let tls = ClientTls::from_options(ca.as_deref(), cert.as_deref(), key.as_deref())
+            .map_err(ClientError::Config)?;
+        Client::with_options(
+            endpoints.split(','),
+            ClientOptions {
+                tls,
+                ..ClientOptions::default()
+            },
+        )
     }
 
     pub fn with_options<S: AsRef<str>>(
@@ -98,7 +126,7 @@ impl Client {
             .into_iter()
             .map(|e| {
                 let e = e.as_ref().trim().to_string();
-                channel(&e).map(|c| (e, c))
+                channel(&e, opts.tls.as_ref()).map(|c| (e, c))
             })
             .collect::<Result<Vec<_>, _>>()?;
         if endpoints.is_empty() {
@@ -137,7 +165,7 @@ impl Client {
         let pos = match eps.iter().position(|(a, _)| *a == status.leader_api_addr) {
             Some(p) => p,
             None => {
-                let ch = channel(&status.leader_api_addr)?;
+                let ch = channel(&status.leader_api_addr, self.inner.opts.tls.as_ref())?;
                 eps.push((status.leader_api_addr.clone(), ch));
                 eps.len() - 1
             }
@@ -420,9 +448,12 @@ impl Client {
                     })
                 });
             let res = match &leader {
-                Some(addr) => call(ClusterClient::new(channel(addr)?))
-                    .await
-                    .map(|r| r.into_inner().members),
+                Some(addr) => call(ClusterClient::new(channel(
+                    addr,
+                    self.inner.opts.tls.as_ref(),
+                )?))
+                .await
+                .map(|r| r.into_inner().members),
                 None => Err(Status::unavailable("no leader known")),
             };
             match res {

@@ -18,7 +18,7 @@ use openraft::raft::{
 };
 use openraft::OptionalSend;
 use tokio_stream::{Stream, StreamExt};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::{NodeId, PeerNode, Snapshot, StreamAppendResult, TypeConfig, Vote};
 use crate::codec::{decode, encode};
@@ -33,9 +33,20 @@ const SNAPSHOT_CHUNK: usize = 1024 * 1024;
 #[derive(Clone, Default)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
+    /// Mutual TLS to peers (`https://`, this node's certificate as its
+    /// identity); none: plaintext.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Peers {
+    /// Peers reached over TLS when `tls` is set.
+    pub fn new(tls: Option<ClientTlsConfig>) -> Peers {
+        Peers {
+            channels: Arc::default(),
+            tls,
+        }
+    }
+
     /// The gRPC client of peer `id` at `raft_addr` (reusing its channel).
     pub fn client(
         &self,
@@ -46,10 +57,16 @@ impl Peers {
         let channel = match map.get(&id) {
             Some((addr, ch)) if addr == raft_addr => ch.clone(),
             _ => {
-                let ch = Endpoint::from_shared(format!("http://{raft_addr}"))
-                    .map_err(|e| {
-                        tonic::Status::invalid_argument(format!("peer address {raft_addr:?}: {e}"))
-                    })?
+                let bad = |e: tonic::transport::Error| {
+                    tonic::Status::invalid_argument(format!("peer address {raft_addr:?}: {e}"))
+                };
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                let mut endpoint =
+                    Endpoint::from_shared(format!("{scheme}://{raft_addr}")).map_err(bad)?;
+                if let Some(tls) = &self.tls {
+                    endpoint = endpoint.tls_config(tls.clone()).map_err(bad)?;
+                }
+                let ch = endpoint
                     .connect_timeout(Duration::from_millis(500))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(5))
