@@ -10,6 +10,8 @@
 //! is missing or the Docker daemon is not reachable. The project is always
 //! torn down with `down -v`, also when an assertion fails.
 
+mod procs;
+
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -45,11 +47,8 @@ fn compose_program() -> Option<Vec<String>> {
 
 /// Three distinct free loopback ports (released before compose binds them).
 fn free_ports() -> [u16; 3] {
-    let ls: Vec<std::net::TcpListener> = (0..3)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0"))
-        .collect();
-    let port = |i: usize| ls[i].local_addr().unwrap().port();
-    [port(0), port(1), port(2)]
+    let p = procs::free_ports(3);
+    [p[0], p[1], p[2]]
 }
 
 fn show(out: &Output) -> String {

@@ -519,7 +519,8 @@ struct Rig {
     clock_files: Vec<PathBuf>,
     /// The node whose data dir is a small tmpfs (disk-full nemesis).
     tmpfs_node: Option<usize>,
-    _dir: tempfile::TempDir,
+    /// Removed when the run passes; kept (logs, data) when it panics.
+    dir: Option<tempfile::TempDir>,
 }
 
 impl Rig {
@@ -579,7 +580,7 @@ impl Rig {
             lab,
             clock_files,
             tmpfs_node,
-            _dir: dir,
+            dir: Some(dir),
         }
     }
 
@@ -611,6 +612,11 @@ impl Drop for Rig {
             let _ = std::process::Command::new("umount")
                 .args(["-l", &d])
                 .status();
+        }
+        if std::thread::panicking() {
+            if let Some(d) = self.dir.take() {
+                eprintln!("kept the run's logs and data in {}", d.keep().display());
+            }
         }
     }
 }

@@ -9,16 +9,46 @@ use idemkv::Client;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_idemkv");
 
-/// Ask the OS for `n` free loopback ports. They are released before the
-/// children bind them; the window is tiny and the ports are never fixed.
+/// `n` distinct free loopback ports for child processes to bind.
+///
+/// They are chosen at random *below* the kernel's ephemeral range
+/// (`ip_local_port_range`): a port taken from that range with bind-to-0
+/// and released can be handed out again as the source port of any
+/// outgoing connection (a client reconnecting to a killed node) before the
+/// child binds it, or when it restarts. Ports below the range are never
+/// used that way. Each is checked bindable, and none is handed out twice
+/// in one test process.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = if low > 12_000 {
+        (10_000, low)
+    } else {
+        (1024, low.max(2048))
+    };
+    let mut given = GIVEN.lock().unwrap();
+    let given = given.get_or_insert_with(HashSet::new);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..10_000 {
+        if out.len() == n {
+            break;
+        }
+        let p = rand::random_range(from..to);
+        if given.contains(&p) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            given.insert(p);
+            out.push(p);
+        }
+    }
+    assert_eq!(out.len(), n, "no {n} free ports in {from}..{to}");
+    out
 }
 
 pub struct ProcCluster {
