@@ -51,6 +51,39 @@ impl Default for Limits {
     }
 }
 
+/// Size and concurrency caps of the two ports. A message over a size cap is
+/// refused by gRPC before it is decoded; a call over `max_in_flight` gets
+/// `RESOURCE_EXHAUSTED` (reason `OVERLOADED`) at once and was not started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Caps {
+    /// Largest request or reply on the client port. Keep it above
+    /// `result_max` and a full batch, so that oversized fields reach
+    /// validation and get an error naming them.
+    pub max_message_bytes: usize,
+    /// Client-port calls running at once on this node (health checks are
+    /// not counted).
+    pub max_in_flight: usize,
+    /// HTTP/2 streams one connection may have open (both ports).
+    pub max_streams_per_connection: u32,
+    /// Largest message on the peer port (a batch of log entries).
+    pub peer_max_message_bytes: usize,
+    /// Peer-port calls running at once on this node.
+    pub peer_max_in_flight: usize,
+}
+
+impl Default for Caps {
+    fn default() -> Self {
+        Caps {
+            max_message_bytes: crate::api::MAX_API_MESSAGE,
+            max_in_flight: 4096,
+            max_streams_per_connection: 1024,
+            peer_max_message_bytes: crate::raft::network::MAX_PEER_MESSAGE,
+            peer_max_in_flight: 8192,
+        }
+    }
+}
+
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -81,6 +114,9 @@ pub struct NodeConfig {
     pub metrics_listen: Option<String>,
     /// TLS on both ports (none: plaintext). See [`crate::tls`].
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Bearer-token file (none: no auth). See [`crate::auth`].
+    pub auth_tokens: Option<PathBuf>,
+    pub caps: Caps,
 }
 
 impl NodeConfig {
@@ -102,6 +138,8 @@ impl NodeConfig {
             sweep_limit: 1000,
             metrics_listen: None,
             tls: None,
+            auth_tokens: None,
+            caps: Caps::default(),
         }
     }
 }

@@ -18,6 +18,15 @@ pub enum Error {
     /// No leader or no quorum right now; safe to retry.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// Auth is on and the request carries no valid bearer token.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The token is valid but may not touch this namespace or operation.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A concurrency cap is reached; nothing was done, safe to retry later.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
     /// This node cannot serve (storage or Raft fault).
     #[error("internal error: {0}")]
     Internal(String),

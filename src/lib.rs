@@ -17,7 +17,9 @@
 //! - [`bench`]: the load tool behind `idemkv bench` (idemkv, etcd, Redis).
 //! - [`codec`], [`pb`], [`error`]: encoding, generated code, the error type.
 pub mod api;
+pub mod auth;
 pub mod bench;
+pub mod caps;
 pub use client::Client;
 pub mod cli;
 pub mod client;

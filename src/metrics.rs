@@ -23,6 +23,10 @@ static CLAIM_FAILED: AtomicU64 = AtomicU64::new(0);
 static TAKEOVERS: AtomicU64 = AtomicU64::new(0);
 static LEASE_LOST: AtomicU64 = AtomicU64::new(0);
 static FINGERPRINT_MISMATCH: AtomicU64 = AtomicU64::new(0);
+static UNAUTHENTICATED: AtomicU64 = AtomicU64::new(0);
+static PERMISSION_DENIED: AtomicU64 = AtomicU64::new(0);
+static OVERLOADED: AtomicU64 = AtomicU64::new(0);
+static PEER_REFUSED: AtomicU64 = AtomicU64::new(0);
 
 /// Upper bounds (seconds) of the fsync latency histogram's buckets.
 const FSYNC_BUCKETS: [f64; 12] = [
@@ -53,8 +57,25 @@ pub fn refusal(reason: &str) {
     match reason {
         "LEASE_LOST" => LEASE_LOST.fetch_add(1, Ordering::Relaxed),
         "FINGERPRINT_MISMATCH" => FINGERPRINT_MISMATCH.fetch_add(1, Ordering::Relaxed),
+        "OVERLOADED" => OVERLOADED.fetch_add(1, Ordering::Relaxed),
         _ => 0,
     };
+}
+
+/// A client call refused by auth: `denied` for PERMISSION_DENIED, else
+/// UNAUTHENTICATED.
+pub fn auth_refused(denied: bool) {
+    let c = if denied {
+        &PERMISSION_DENIED
+    } else {
+        &UNAUTHENTICATED
+    };
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A peer call refused because it came from a non-member address.
+pub fn peer_refused() {
+    PEER_REFUSED.fetch_add(1, Ordering::Relaxed);
 }
 
 /// One fdatasync of the Raft log.
@@ -112,6 +133,27 @@ pub fn render(consensus: &Consensus) -> String {
         "idemkv_fingerprint_mismatches_total",
         "Claims refused with FINGERPRINT_MISMATCH (a key reused for another request).",
         &[("", load(&FINGERPRINT_MISMATCH))],
+    );
+    counter(
+        &mut out,
+        "idemkv_auth_refusals_total",
+        "Client calls refused by bearer-token auth, by status code.",
+        &[
+            ("{code=\"unauthenticated\"}", load(&UNAUTHENTICATED)),
+            ("{code=\"permission_denied\"}", load(&PERMISSION_DENIED)),
+        ],
+    );
+    counter(
+        &mut out,
+        "idemkv_overloaded_total",
+        "Calls refused because max_in_flight (client or peer port) was reached.",
+        &[("", load(&OVERLOADED))],
+    );
+    counter(
+        &mut out,
+        "idemkv_peer_refused_total",
+        "Peer-port calls refused because they came from a non-member address.",
+        &[("", load(&PEER_REFUSED))],
     );
     let s = consensus.status();
     gauge(&mut out, "idemkv_raft_term", "Current Raft term.", s.term);

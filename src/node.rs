@@ -16,6 +16,8 @@ use tokio_stream::StreamExt;
 use tonic::transport::Server;
 
 use crate::api::{ClusterService, IdempotencyService, MAX_API_MESSAGE};
+use crate::auth::Auth;
+use crate::caps::InFlightLayer;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::pb::api::cluster_server::ClusterServer;
@@ -39,6 +41,7 @@ pub struct Node {
     /// How clients and peers reach this node (advertised addresses).
     pub member: PeerNode,
     consensus: Arc<Consensus>,
+    auth: Option<Arc<Auth>>,
     syncer: Arc<Syncer>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -88,6 +91,13 @@ impl Node {
             Some(files) => Some(files.load().map_err(|e| Error::invalid("tls", e))?),
             None => None,
         };
+        let auth = match &cfg.auth_tokens {
+            Some(path) => Some(Arc::new(
+                Auth::load(path).map_err(|e| Error::invalid("auth_tokens", e))?,
+            )),
+            None => None,
+        };
+        let caps = &cfg.caps;
         let peers = Peers::new(tls.as_ref().map(|t| t.peer_client.clone()));
         let sm = store.state_machine.clone();
         let raft = Raft::new(
@@ -109,17 +119,24 @@ impl Node {
             cfg.data_dir.join("snapshots"),
             shutdown.subscribe(),
         );
-        let mut peer_builder = Server::builder();
+        let mut peer_builder =
+            Server::builder().max_concurrent_streams(Some(caps.max_streams_per_connection));
         if let Some(t) = &tls {
             peer_builder = peer_builder
                 .tls_config(t.peer_server.clone())
                 .map_err(|e| Error::invalid("tls", format!("peer port: {e}")))?;
         }
-        let peer_server = peer_builder.add_service(
-            RaftPeerServer::new(peer_service)
-                .max_decoding_message_size(MAX_PEER_MESSAGE)
-                .max_encoding_message_size(MAX_PEER_MESSAGE),
-        );
+        let peer_server = peer_builder
+            .layer(InFlightLayer::new(
+                caps.peer_max_in_flight,
+                "peer_max_in_flight",
+                "peer_max_message_bytes",
+            ))
+            .add_service(
+                RaftPeerServer::new(peer_service)
+                    .max_decoding_message_size(caps.peer_max_message_bytes)
+                    .max_encoding_message_size(MAX_PEER_MESSAGE),
+            );
         let mut stop = shutdown.subscribe();
         tasks.push(tokio::spawn(async move {
             let signal = async move {
@@ -143,25 +160,36 @@ impl Node {
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| internal("reflection", e))?;
-        let mut api_builder = Server::builder();
+        let mut api_builder =
+            Server::builder().max_concurrent_streams(Some(caps.max_streams_per_connection));
         if let Some(t) = &tls {
             api_builder = api_builder
                 .tls_config(t.api.clone())
                 .map_err(|e| Error::invalid("tls", format!("client port: {e}")))?;
         }
         let api_server = api_builder
+            .layer(InFlightLayer::new(
+                caps.max_in_flight,
+                "max_in_flight",
+                "max_message_bytes",
+            ))
             .add_service(
                 IdempotencyServer::new(IdempotencyService::new(
                     consensus.clone(),
                     cfg.limits.clone(),
+                    auth.clone(),
                 ))
-                .max_decoding_message_size(MAX_API_MESSAGE)
+                .max_decoding_message_size(caps.max_message_bytes)
                 .max_encoding_message_size(MAX_API_MESSAGE),
             )
-            .add_service(ClusterServer::new(ClusterService::new(
-                consensus.clone(),
-                member.api_addr.clone(),
-            )))
+            .add_service(
+                ClusterServer::new(ClusterService::new(
+                    consensus.clone(),
+                    member.api_addr.clone(),
+                    auth.clone(),
+                ))
+                .max_decoding_message_size(caps.max_message_bytes),
+            )
             .add_service(health_service)
             .add_service(reflection);
         let mut stop = shutdown.subscribe();
@@ -207,6 +235,7 @@ impl Node {
             metrics_addr,
             member,
             consensus,
+            auth,
             syncer: store.syncer,
             shutdown,
             tasks,
@@ -215,6 +244,11 @@ impl Node {
 
     pub fn consensus(&self) -> &Arc<Consensus> {
         &self.consensus
+    }
+
+    /// The bearer-token table, when auth is on.
+    pub fn auth(&self) -> Option<&Arc<Auth>> {
+        self.auth.as_ref()
     }
 
     /// Make this node's `members` the initial voters of a new cluster.

@@ -853,7 +853,7 @@ impl Nemesis {
 /// A Cluster RPC on the current leader, retried across leader changes.
 async fn cluster_call<F, Fut>(api: &[String], call: F)
 where
-    F: Fn(api::cluster_client::ClusterClient<tonic::transport::Channel>) -> Fut,
+    F: Fn(api::cluster_client::ClusterClient<idemkv::client::Transport>) -> Fut,
     Fut: std::future::Future<
         Output = Result<tonic::Response<api::MembershipResponse>, tonic::Status>,
     >,

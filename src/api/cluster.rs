@@ -4,6 +4,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::status::to_status;
+use crate::auth::{authenticate, Auth};
 use crate::error::Error;
 use crate::pb::api::{self, cluster_server::Cluster};
 use crate::raft::consensus::Consensus;
@@ -12,14 +13,29 @@ use crate::raft::PeerNode;
 pub struct ClusterService {
     consensus: Arc<Consensus>,
     api_addr: String,
+    auth: Option<Arc<Auth>>,
 }
 
 impl ClusterService {
-    pub fn new(consensus: Arc<Consensus>, api_addr: String) -> Self {
+    pub fn new(consensus: Arc<Consensus>, api_addr: String, auth: Option<Arc<Auth>>) -> Self {
         ClusterService {
             consensus,
             api_addr,
+            auth,
         }
+    }
+
+    /// With auth on: any known token may read status; changing the cluster
+    /// (`what`) takes an admin token.
+    fn allow(&self, md: &tonic::metadata::MetadataMap, what: Option<&str>) -> Result<(), Status> {
+        let refused = |e: Error| {
+            crate::metrics::auth_refused(matches!(e, Error::PermissionDenied(_)));
+            to_status(e)
+        };
+        if let (Some(who), Some(what)) = (authenticate(&self.auth, md).map_err(refused)?, what) {
+            who.check_admin(what).map_err(refused)?;
+        }
+        Ok(())
     }
 
     fn members(&self) -> Vec<api::Member> {
@@ -41,8 +57,9 @@ impl ClusterService {
 impl Cluster for ClusterService {
     async fn status(
         &self,
-        _: Request<api::StatusRequest>,
+        req: Request<api::StatusRequest>,
     ) -> Result<Response<api::StatusResponse>, Status> {
+        self.allow(req.metadata(), None)?;
         let s = self.consensus.status();
         Ok(Response::new(api::StatusResponse {
             id: s.id,
@@ -63,6 +80,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<api::AddLearnerRequest>,
     ) -> Result<Response<api::MembershipResponse>, Status> {
+        self.allow(req.metadata(), Some("add_learner"))?;
         let r = req.into_inner();
         if r.api_addr.is_empty() || r.raft_addr.is_empty() {
             return Err(to_status(Error::invalid(
@@ -87,6 +105,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<api::ChangeMembershipRequest>,
     ) -> Result<Response<api::MembershipResponse>, Status> {
+        self.allow(req.metadata(), Some("change_membership"))?;
         let r = req.into_inner();
         if r.voters.is_empty() {
             return Err(to_status(Error::invalid(
@@ -105,8 +124,9 @@ impl Cluster for ClusterService {
 
     async fn trigger_snapshot(
         &self,
-        _: Request<api::TriggerSnapshotRequest>,
+        req: Request<api::TriggerSnapshotRequest>,
     ) -> Result<Response<api::TriggerSnapshotResponse>, Status> {
+        self.allow(req.metadata(), Some("trigger_snapshot"))?;
         self.consensus.trigger_snapshot().await.map_err(to_status)?;
         Ok(Response::new(api::TriggerSnapshotResponse {}))
     }

@@ -10,6 +10,7 @@ use tracing::instrument;
 
 use super::status::to_status;
 use super::{convert, validate};
+use crate::auth::{authenticate, Auth};
 use crate::config::Limits;
 use crate::error::Error;
 use crate::pb::api::{self, idempotency_server::Idempotency};
@@ -19,11 +20,37 @@ use crate::record::{self, Command, Op, Outcome, RecordKey};
 pub struct IdempotencyService {
     consensus: Arc<Consensus>,
     limits: Limits,
+    auth: Option<Arc<Auth>>,
 }
 
 impl IdempotencyService {
-    pub fn new(consensus: Arc<Consensus>, limits: Limits) -> Self {
-        IdempotencyService { consensus, limits }
+    pub fn new(consensus: Arc<Consensus>, limits: Limits, auth: Option<Arc<Auth>>) -> Self {
+        IdempotencyService {
+            consensus,
+            limits,
+            auth,
+        }
+    }
+
+    /// With auth on: the call's token must be known (`UNAUTHENTICATED`)
+    /// and list every namespace the call names (`PERMISSION_DENIED`).
+    /// Checked on the raw names, before validation, so a caller without a
+    /// token learns nothing about its input.
+    fn allow<'a>(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+        namespaces: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), Status> {
+        let refused = |e: Error| {
+            crate::metrics::auth_refused(matches!(e, Error::PermissionDenied(_)));
+            to_status(e)
+        };
+        if let Some(who) = authenticate(&self.auth, md).map_err(refused)? {
+            for ns in namespaces {
+                who.check_namespace(ns).map_err(refused)?;
+            }
+        }
+        Ok(())
     }
 
     async fn op(&self, key: RecordKey, op: Op) -> Result<Outcome, Status> {
@@ -53,6 +80,7 @@ impl Idempotency for IdempotencyService {
         &self,
         req: Request<api::ClaimRequest>,
     ) -> Result<Response<api::ClaimResponse>, Status> {
+        self.allow(req.metadata(), [req.get_ref().namespace.as_str()])?;
         let (key, claim) = validate::claim(&self.limits, req.get_ref()).map_err(to_status)?;
         let op = Op::Claim(claim);
         let outcome = match self.consensus.claim_without_write(&key, &op).await {
@@ -75,6 +103,10 @@ impl Idempotency for IdempotencyService {
         &self,
         req: Request<api::ClaimBatchRequest>,
     ) -> Result<Response<api::ClaimBatchResponse>, Status> {
+        self.allow(
+            req.metadata(),
+            req.get_ref().items.iter().map(|i| i.namespace.as_str()),
+        )?;
         let items = validate::claim_batch(&self.limits, req.get_ref()).map_err(to_status)?;
         let command = Command::ClaimBatch {
             items,
@@ -102,6 +134,7 @@ impl Idempotency for IdempotencyService {
         &self,
         req: Request<api::CompleteRequest>,
     ) -> Result<Response<api::CompleteResponse>, Status> {
+        self.allow(req.metadata(), [req.get_ref().namespace.as_str()])?;
         let (key, op) = validate::complete(&self.limits, req.get_ref()).map_err(to_status)?;
         match self.op(key, op).await? {
             Outcome::Completed {
@@ -120,6 +153,7 @@ impl Idempotency for IdempotencyService {
         &self,
         req: Request<api::RenewRequest>,
     ) -> Result<Response<api::RenewResponse>, Status> {
+        self.allow(req.metadata(), [req.get_ref().namespace.as_str()])?;
         let (key, op) = validate::renew(&self.limits, req.get_ref()).map_err(to_status)?;
         match self.op(key, op).await? {
             Outcome::Renewed { lease_deadline_ms } => {
@@ -134,6 +168,7 @@ impl Idempotency for IdempotencyService {
         &self,
         req: Request<api::ReleaseRequest>,
     ) -> Result<Response<api::ReleaseResponse>, Status> {
+        self.allow(req.metadata(), [req.get_ref().namespace.as_str()])?;
         let (key, op) = validate::release(&self.limits, req.get_ref()).map_err(to_status)?;
         match self.op(key, op).await? {
             Outcome::Released { state, attempts } => Ok(Response::new(api::ReleaseResponse {
@@ -152,6 +187,7 @@ impl Idempotency for IdempotencyService {
         &self,
         req: Request<api::GetRequest>,
     ) -> Result<Response<api::GetResponse>, Status> {
+        self.allow(req.metadata(), [req.get_ref().namespace.as_str()])?;
         let r = req.get_ref();
         let key = validate::key(&self.limits, &r.namespace, &r.key).map_err(to_status)?;
         let linearizable = r.consistency != api::Consistency::Serializable as i32;
@@ -173,6 +209,7 @@ impl Idempotency for IdempotencyService {
         &self,
         req: Request<api::AwaitRequest>,
     ) -> Result<Response<api::AwaitResponse>, Status> {
+        self.allow(req.metadata(), [req.get_ref().namespace.as_str()])?;
         let r = req.get_ref();
         let key = validate::key(&self.limits, &r.namespace, &r.key).map_err(to_status)?;
         let timeout = validate::await_timeout(&self.limits, r.timeout_ms).map_err(to_status)?;
@@ -223,6 +260,7 @@ impl Idempotency for IdempotencyService {
         &self,
         req: Request<api::DeleteRequest>,
     ) -> Result<Response<api::DeleteResponse>, Status> {
+        self.allow(req.metadata(), [req.get_ref().namespace.as_str()])?;
         let r = req.get_ref();
         let key = validate::key(&self.limits, &r.namespace, &r.key).map_err(to_status)?;
         match self.op(key, Op::Delete).await? {

@@ -9,6 +9,10 @@ use crate::record::RuleError;
 
 pub const REASON_HEADER: &str = "idemkv-reason";
 
+/// The reason of a `RESOURCE_EXHAUSTED` that a concurrency cap gave: the
+/// request was not started, so retrying it later is safe.
+pub const OVERLOADED: &str = "OVERLOADED";
+
 pub fn reason(e: &RuleError) -> &'static str {
     match e {
         RuleError::LeaseLost { .. } => "LEASE_LOST",
@@ -25,6 +29,9 @@ pub fn to_status(e: Error) -> Status {
         Error::Rule(r) => (Code::FailedPrecondition, Some(reason(r))),
         Error::NotFound(_) => (Code::NotFound, None),
         Error::Unavailable(_) => (Code::Unavailable, None),
+        Error::Unauthenticated(_) => (Code::Unauthenticated, None),
+        Error::PermissionDenied(_) => (Code::PermissionDenied, None),
+        Error::Overloaded(_) => (Code::ResourceExhausted, Some(OVERLOADED)),
         Error::Internal(_) => (Code::Internal, None),
     };
     let mut status = Status::new(code, e.to_string());

@@ -74,7 +74,7 @@ pub struct BenchArgs {
     pub json: bool,
     /// TLS to an idemkv cluster.
     #[command(flatten)]
-    pub tls: crate::cli::ClientTlsArgs,
+    pub conn: crate::cli::ClientConnArgs,
 }
 
 /// What a run measured.
@@ -202,7 +202,7 @@ fn check_args(a: &BenchArgs) -> anyhow::Result<()> {
 /// Run the benchmark `a` describes and return its report.
 pub async fn bench(a: &BenchArgs) -> anyhow::Result<Report> {
     check_args(a)?;
-    let tls = a.tls.load()?;
+    let conn = a.conn.options()?;
     let endpoints: Vec<String> = a
         .endpoints
         .as_deref()
@@ -240,7 +240,7 @@ pub async fn bench(a: &BenchArgs) -> anyhow::Result<Report> {
     let mut conns = Vec::with_capacity(n_conn);
     for _ in 0..n_conn {
         conns.push(
-            Target::connect(a.target, &endpoints, lease_for, tls.clone())
+            Target::connect(a.target, &endpoints, lease_for, conn.clone())
                 .await
                 .with_context(|| format!("endpoints {}", endpoints.join(",")))?,
         );

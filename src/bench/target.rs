@@ -118,14 +118,10 @@ impl Target {
         kind: TargetKind,
         endpoints: &[String],
         lease_for: Duration,
-        tls: Option<crate::client::ClientTls>,
+        opts: crate::client::ClientOptions,
     ) -> anyhow::Result<Target> {
         match kind {
             TargetKind::Idemkv => {
-                let opts = crate::client::ClientOptions {
-                    tls,
-                    ..Default::default()
-                };
                 let client = Client::with_options(endpoints, opts)?;
                 client
                     .discover_leader()

@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use super::{parse_duration_ms, DEFAULT_ENDPOINTS};
-use crate::client::ClientError;
+use crate::client::{ClientError, ClientOptions};
 use crate::pb::api::{self, claim_response::Outcome};
 use crate::Client;
 
@@ -19,7 +19,7 @@ pub struct CtlArgs {
     #[arg(long, global = true)]
     pub json: bool,
     #[command(flatten)]
-    pub tls: super::ClientTlsArgs,
+    pub conn: super::ClientConnArgs,
     #[command(subcommand)]
     pub op: CtlOp,
 }
@@ -270,11 +270,17 @@ fn record_text(r: &api::Record) -> String {
 
 /// Run one ctl command; returns the process exit code.
 pub async fn run(a: CtlArgs) -> anyhow::Result<i32> {
-    let opts = crate::client::ClientOptions {
-        tls: a.tls.load()?,
-        ..Default::default()
-    };
-    let client = Client::with_options(a.endpoints.split(','), opts)?;
+    let opts = a.conn.options()?;
+    let client = Client::with_options(a.endpoints.split(','), opts.clone())?;
+    if let CtlOp::Status = a.op {
+        let (human, value, healthy) = status(&client, &opts).await;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        } else {
+            println!("{human}");
+        }
+        return Ok(if healthy { 0 } else { 1 });
+    }
     match exec(&client, a.op).await {
         Ok((human, value)) => {
             if a.json {
@@ -487,7 +493,7 @@ async fn exec(client: &Client, op: CtlOp) -> Result<(String, Value), ClientError
                 json!({"outcome": "DELETED", "existed": r.existed}),
             )
         }
-        CtlOp::Status => status(client).await,
+        CtlOp::Status => unreachable!("run() answers status itself"),
         CtlOp::Member { op } => member(client, op).await?,
     })
 }
@@ -546,14 +552,34 @@ async fn member(client: &Client, op: MemberOp) -> Result<(String, Value), Client
     ))
 }
 
-async fn status(client: &Client) -> (String, Value) {
-    let all = client.status_all().await;
+/// Every endpoint given and every member the cluster names, asked for its
+/// status. Healthy when each answers and all agree on one leader; the
+/// third value says so (ctl exits 1 otherwise, for scripts and probes).
+async fn status(client: &Client, opts: &ClientOptions) -> (String, Value, bool) {
+    let mut all = client.status_all().await;
+    let known: Vec<api::Member> = all
+        .iter()
+        .find_map(|(_, r)| r.as_ref().ok())
+        .map(|s| s.members.clone())
+        .unwrap_or_default();
+    for m in &known {
+        if all.iter().any(|(ep, _)| *ep == m.api_addr) {
+            continue;
+        }
+        match Client::with_options([&m.api_addr], opts.clone()) {
+            Ok(c) => all.extend(c.status_all().await),
+            Err(e) => all.push((m.api_addr.clone(), Err(e))),
+        }
+    }
     let mut lines = Vec::new();
     let mut nodes = Vec::new();
+    let mut problems = Vec::new();
+    let mut leaders = std::collections::BTreeSet::new();
     for (ep, res) in &all {
         match res {
             Ok(s) => {
                 let leader = s.leader_id.map_or("none".to_string(), |l| l.to_string());
+                leaders.insert(s.leader_id);
                 lines.push(format!(
                     "{ep}  node {}  {:<9} term={} leader={} commit={} applied={} last_log={} snapshot={}",
                     s.id, s.role, s.term, leader, s.commit_index, s.applied_index, s.last_log_index, s.snapshot_index
@@ -566,35 +592,35 @@ async fn status(client: &Client) -> (String, Value) {
                 }));
             }
             Err(e) => {
+                problems.push(format!("{ep} unreachable"));
                 lines.push(format!("{ep}  UNREACHABLE ({})", e.message()));
                 nodes.push(json!({"endpoint": ep, "healthy": false, "error": e.message()}));
             }
         }
     }
-    let members: Vec<Value> = all
-        .iter()
-        .find_map(|(_, r)| r.as_ref().ok())
-        .map(|s| {
-            s.members
-                .iter()
-                .map(|m| json!({"id": m.id, "api_addr": m.api_addr, "raft_addr": m.raft_addr, "voter": m.voter}))
-                .collect()
-        })
-        .unwrap_or_default();
-    for m in &members {
-        let kind = if m["voter"] == json!(true) {
-            "voter"
-        } else {
-            "learner"
-        };
-        lines.push(format!(
-            "member {}  {}  {kind}",
-            m["id"],
-            m["api_addr"].as_str().unwrap_or("")
-        ));
+    match leaders.len() {
+        0 => {}
+        1 if leaders.first() == Some(&None) => problems.push("no leader".into()),
+        1 => {}
+        _ => problems.push(format!("nodes disagree on the leader: {leaders:?}")),
     }
+    let members: Vec<Value> = known
+        .iter()
+        .map(|m| json!({"id": m.id, "api_addr": m.api_addr, "raft_addr": m.raft_addr, "voter": m.voter}))
+        .collect();
+    for m in &known {
+        let kind = if m.voter { "voter" } else { "learner" };
+        lines.push(format!("member {}  {}  {kind}", m.id, m.api_addr));
+    }
+    let healthy = problems.is_empty();
+    lines.push(if healthy {
+        "HEALTH ok".to_string()
+    } else {
+        format!("HEALTH degraded: {}", problems.join("; "))
+    });
     (
         lines.join("\n"),
-        json!({"nodes": nodes, "members": members}),
+        json!({"healthy": healthy, "problems": problems, "nodes": nodes, "members": members}),
+        healthy,
     )
 }

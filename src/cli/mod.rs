@@ -48,9 +48,10 @@ pub enum Command {
     Certs(certs::CertsArgs),
 }
 
-/// A client's TLS flags (`ctl`, `bench`): none given means plaintext.
+/// A client's connection flags (`ctl`, `bench`): TLS (none given means
+/// plaintext) and the bearer token.
 #[derive(Debug, Args, Default, Clone)]
-pub struct ClientTlsArgs {
+pub struct ClientConnArgs {
     /// Connect over TLS, trusting this CA (PEM).
     #[arg(long, env = "IDEMKV_TLS_CA", global = true)]
     pub tls_ca: Option<PathBuf>,
@@ -60,9 +61,21 @@ pub struct ClientTlsArgs {
     /// The key of --tls-cert (PEM).
     #[arg(long, env = "IDEMKV_TLS_KEY", global = true)]
     pub tls_key: Option<PathBuf>,
+    /// Bearer token, for a cluster run with --auth-tokens.
+    #[arg(long, env = "IDEMKV_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
 }
 
-impl ClientTlsArgs {
+impl ClientConnArgs {
+    /// Client options with these TLS settings and token.
+    pub fn options(&self) -> anyhow::Result<crate::client::ClientOptions> {
+        Ok(crate::client::ClientOptions {
+            tls: self.load()?,
+            token: self.token.clone().filter(|t| !t.is_empty()),
+            ..Default::default()
+        })
+    }
+
     /// The client TLS setting (none without --tls-ca).
     pub fn load(&self) -> anyhow::Result<Option<ClientTls>> {
         ClientTls::from_options(

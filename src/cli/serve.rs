@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::config::{Limits, NodeConfig};
+use crate::config::{Caps, Limits, NodeConfig};
 use crate::raft::PeerNode;
 use crate::tls::TlsFiles;
 use crate::Node;
@@ -64,6 +64,11 @@ pub struct ServeArgs {
     /// by --tls-ca.
     #[arg(long, env = "IDEMKV_CLIENT_AUTH")]
     pub client_auth: bool,
+    /// Bearer-token file (TOML): every client call must carry a token
+    /// listed there and may touch only that token's namespaces. Re-read on
+    /// SIGHUP.
+    #[arg(long, env = "IDEMKV_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
 }
 
 /// The `--config` file.
@@ -83,6 +88,7 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
     pub client_auth: Option<bool>,
+    pub auth_tokens: Option<PathBuf>,
     pub heartbeat_ms: Option<u64>,
     pub election_timeout_min_ms: Option<u64>,
     pub election_timeout_max_ms: Option<u64>,
@@ -90,6 +96,7 @@ pub struct FileConfig {
     pub snapshot_every: Option<u64>,
     pub snapshot_keep_logs: Option<u64>,
     pub limits: Option<Limits>,
+    pub caps: Option<Caps>,
 }
 
 /// Parse `ID=API/PEER,...`.
@@ -169,6 +176,10 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<(NodeConfig, Option<BTreeMap<u
     if let Some(l) = file.limits {
         cfg.limits = l;
     }
+    if let Some(c) = file.caps {
+        cfg.caps = c;
+    }
+    cfg.auth_tokens = args.auth_tokens.or(file.auth_tokens);
     let client_auth = args.client_auth || file.client_auth.unwrap_or(false);
     cfg.tls = match (
         args.tls_cert.or(file.tls_cert),
@@ -225,8 +236,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(m) = node.metrics_addr {
         println!("idemkv node {}: metrics on http://{m}/metrics", node.id);
     }
+    let reload = reload_on_sighup(&node);
     tokio::select! {
         _ = wait_for_signal() => {}
+        _ = reload => {}
         e = node.consensus().fatal() => {
             // Crash-only: a node whose storage failed (a full disk, say)
             // must not linger half-alive; its supervisor restarts it from
@@ -239,6 +252,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("stopping");
     node.shutdown().await;
     Ok(())
+}
+
+/// Re-read the token file on every SIGHUP (never returns while it can
+/// listen; returns at once when auth is off).
+async fn reload_on_sighup(node: &Node) {
+    let Some(auth) = node.auth().cloned() else {
+        return std::future::pending().await;
+    };
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return std::future::pending().await;
+    };
+    while hup.recv().await.is_some() {
+        match auth.reload() {
+            Ok(n) => tracing::info!(tokens = n, "auth tokens reloaded"),
+            Err(e) => tracing::error!(error = %e, "auth tokens not reloaded; the old ones stay"),
+        }
+    }
+    std::future::pending().await
 }
 
 /// Wait for SIGINT or SIGTERM.

@@ -33,6 +33,9 @@ pub struct ClientOptions {
     /// TLS (`https://` endpoints): the CA to trust and, for a cluster run
     /// with `--client-auth`, a client certificate. None: plaintext.
     pub tls: Option<ClientTls>,
+    /// Bearer token sent with every call, for a cluster run with
+    /// `--auth-tokens`. None: no `authorization` metadata.
+    pub token: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -43,9 +46,38 @@ impl Default for ClientOptions {
             backoff_initial: Duration::from_millis(25),
             backoff_max: Duration::from_millis(800),
             tls: None,
+            token: None,
         }
     }
 }
+
+/// Adds `authorization: Bearer <token>` to every call when a token is set.
+#[derive(Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl Bearer {
+    fn new(token: Option<&str>) -> Result<Bearer, ClientError> {
+        match token {
+            None => Ok(Bearer(None)),
+            Some(t) => format!("Bearer {}", t.trim())
+                .parse()
+                .map(|v| Bearer(Some(v)))
+                .map_err(|_| ClientError::Config("token: must be printable ASCII".into())),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The connection every generated client of this crate runs over.
+pub type Transport = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
 
 /// A handle to an idemkv cluster; cheap to clone, safe to share.
 #[derive(Clone)]
@@ -58,6 +90,7 @@ struct Inner {
     /// Index of the endpoint to try first (the leader, once discovered).
     preferred: AtomicUsize,
     opts: ClientOptions,
+    bearer: Bearer,
 }
 
 fn channel(addr: &str, tls: Option<&ClientTls>) -> Result<Channel, ClientError> {
@@ -84,6 +117,15 @@ fn retryable(s: &Status) -> bool {
         s.code(),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
     ) || (s.code() == Code::Unknown && s.message().contains("transport"))
+        || overloaded(s)
+}
+
+/// Refused by a node's in-flight cap before it started: safe to retry.
+fn overloaded(s: &Status) -> bool {
+    s.code() == Code::ResourceExhausted
+        && s.metadata()
+            .get(crate::api::status::REASON_HEADER)
+            .is_some_and(|v| v.as_bytes() == crate::api::status::OVERLOADED.as_bytes())
 }
 
 impl Client {
@@ -113,6 +155,7 @@ impl Client {
             endpoints.split(','),
             ClientOptions {
                 tls,
+                token: std::env::var("IDEMKV_TOKEN").ok().filter(|t| !t.is_empty()),
                 ..ClientOptions::default()
             },
         )
@@ -136,19 +179,24 @@ impl Client {
             inner: Arc::new(Inner {
                 endpoints: Mutex::new(endpoints),
                 preferred: AtomicUsize::new(0),
+                bearer: Bearer::new(opts.token.as_deref())?,
                 opts,
             }),
         })
     }
 
-    fn channel_at(&self, i: usize) -> (usize, Channel) {
+    fn channel_at(&self, i: usize) -> (usize, Transport) {
         let eps = self
             .inner
             .endpoints
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let i = i % eps.len();
-        (i, eps[i].1.clone())
+        (i, self.wrap(eps[i].1.clone()))
+    }
+
+    fn wrap(&self, ch: Channel) -> Transport {
+        Transport::new(ch, self.inner.bearer.clone())
     }
 
     /// Ask the cluster who leads and prefer that endpoint from now on.
@@ -178,7 +226,7 @@ impl Client {
     /// with backoff while the answer is retryable.
     async fn retry<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
     where
-        F: Fn(Channel, Duration) -> Fut,
+        F: Fn(Transport, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let opts = &self.inner.opts;
@@ -209,7 +257,7 @@ impl Client {
         r
     }
 
-    fn idem(ch: Channel) -> IdempotencyClient<Channel> {
+    fn idem(ch: Transport) -> IdempotencyClient<Transport> {
         IdempotencyClient::new(ch)
             .max_decoding_message_size(crate::api::MAX_API_MESSAGE)
             .max_encoding_message_size(crate::api::MAX_API_MESSAGE)
@@ -337,7 +385,7 @@ impl Client {
             .clone();
         let timeout = Duration::from_secs(2);
         let calls = eps.into_iter().map(|(addr, ch)| async move {
-            let res = ClusterClient::new(ch)
+            let res = ClusterClient::new(self.wrap(ch))
                 .status(Self::request(api::StatusRequest {}, timeout))
                 .await
                 .map(|r| r.into_inner())
@@ -378,7 +426,7 @@ impl Client {
     }
 
     /// A `Cluster` client on the preferred endpoint, for membership calls.
-    pub fn cluster(&self) -> ClusterClient<Channel> {
+    pub fn cluster(&self) -> ClusterClient<Transport> {
         let (_, ch) = self.channel_at(self.inner.preferred.load(Ordering::Relaxed));
         ClusterClient::new(ch)
     }
@@ -428,7 +476,7 @@ impl Client {
     /// changes for `retry_for`.
     async fn on_leader<F, Fut>(&self, call: F) -> Result<Vec<api::Member>, ClientError>
     where
-        F: Fn(ClusterClient<Channel>) -> Fut,
+        F: Fn(ClusterClient<Transport>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<api::MembershipResponse>, Status>>,
     {
         let give_up = tokio::time::Instant::now() + self.inner.opts.retry_for;
@@ -448,10 +496,9 @@ impl Client {
                     })
                 });
             let res = match &leader {
-                Some(addr) => call(ClusterClient::new(channel(
-                    addr,
-                    self.inner.opts.tls.as_ref(),
-                )?))
+                Some(addr) => call(ClusterClient::new(
+                    self.wrap(channel(addr, self.inner.opts.tls.as_ref())?),
+                ))
                 .await
                 .map(|r| r.into_inner().members),
                 None => Err(Status::unavailable("no leader known")),

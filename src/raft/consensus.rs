@@ -310,6 +310,18 @@ impl Consensus {
         Some((id, node))
     }
 
+    /// The peer addresses of every member (voters and learners) this node
+    /// knows of; empty before it belongs to a cluster.
+    pub fn member_raft_addrs(&self) -> Vec<String> {
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(_, n)| n.raft_addr.clone())
+            .collect()
+    }
+
     pub fn status(&self) -> RaftStatus {
         let m = self.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();

@@ -2,8 +2,11 @@
 //! from other nodes and requests forwarded by followers. Served on the peer
 //! port only.
 
+use std::collections::HashSet;
 use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -16,6 +19,7 @@ use crate::pb::peer::{Payload, SnapshotChunk};
 
 pub struct PeerService {
     consensus: Arc<Consensus>,
+    admission: Admission,
     /// Becomes true when the node shuts down: open append streams end then
     /// (the server's graceful shutdown waits for every open call).
     stop: tokio::sync::watch::Receiver<bool>,
@@ -30,9 +34,86 @@ impl PeerService {
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         PeerService {
+            admission: Admission::new(consensus.clone()),
             consensus,
             stop,
             spool_dir,
+        }
+    }
+}
+
+/// Peer calls are accepted only from the addresses of the cluster's members
+/// (voters and learners): a process elsewhere cannot vote, append or forward
+/// writes past the client port's checks. A node that belongs to no cluster
+/// yet (fresh, waiting to be added) accepts any peer, as it has nothing to
+/// protect and does not know its leader. Member host names are resolved and
+/// cached; an unknown address triggers at most one re-resolution a second.
+struct Admission {
+    consensus: Arc<Consensus>,
+    cache: tokio::sync::Mutex<AdmissionCache>,
+}
+
+#[derive(Default)]
+struct AdmissionCache {
+    addrs: Vec<String>,
+    ips: HashSet<IpAddr>,
+    resolved: Option<Instant>,
+}
+
+impl Admission {
+    fn new(consensus: Arc<Consensus>) -> Self {
+        Admission {
+            consensus,
+            cache: Default::default(),
+        }
+    }
+
+    async fn resolve(addrs: &[String]) -> HashSet<IpAddr> {
+        let mut ips = HashSet::new();
+        for a in addrs {
+            if let Ok(sa) = a.parse::<SocketAddr>() {
+                ips.insert(sa.ip());
+            } else if let Ok(found) = tokio::net::lookup_host(a.as_str()).await {
+                ips.extend(found.map(|sa| sa.ip()));
+            }
+        }
+        ips
+    }
+
+    async fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let mut addrs = self.consensus.member_raft_addrs();
+        if addrs.is_empty() {
+            return Ok(());
+        }
+        let Some(remote) = req.remote_addr() else {
+            return Err(Status::permission_denied(
+                "peer: the caller's address is unknown; peer calls are accepted only from members",
+            ));
+        };
+        let ip = match remote.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        addrs.sort();
+        let mut cache = self.cache.lock().await;
+        let stale = cache.addrs != addrs
+            || (!cache.ips.contains(&ip)
+                && cache
+                    .resolved
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(1)));
+        if stale {
+            cache.ips = Self::resolve(&addrs).await;
+            cache.addrs = addrs;
+            cache.resolved = Some(Instant::now());
+        }
+        if cache.ips.contains(&ip) {
+            Ok(())
+        } else {
+            crate::metrics::peer_refused();
+            tracing::warn!(%remote, "refused a peer call from a non-member address");
+            Err(Status::permission_denied(format!(
+                "peer: {ip} is not the address of a cluster member; peer calls are accepted only from members"
+            )))
         }
     }
 }
@@ -61,6 +142,7 @@ impl RaftPeer for PeerService {
         &self,
         req: Request<Streaming<Payload>>,
     ) -> Result<Response<AppendAnswers>, Status> {
+        self.admission.check(&req).await?;
         // Both directions end when the node stops: openraft reads the input
         // in a task of its own, which would otherwise keep the call (and so
         // the server's graceful shutdown) open until the leader sends again.
@@ -91,6 +173,7 @@ impl RaftPeer for PeerService {
     }
 
     async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        self.admission.check(&req).await?;
         let rpc = decode(&req.into_inner().data).map_err(bad)?;
         let resp = self
             .consensus
@@ -102,12 +185,14 @@ impl RaftPeer for PeerService {
     }
 
     async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        self.admission.check(&req).await?;
         let rpc = decode(&req.into_inner().data).map_err(bad)?;
         let resp = self.consensus.raft.vote(rpc).await.map_err(raft_err)?;
         reply(&resp)
     }
 
     async fn pre_vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        self.admission.check(&req).await?;
         let rpc = decode(&req.into_inner().data).map_err(bad)?;
         let resp = self.consensus.raft.pre_vote(rpc).await.map_err(raft_err)?;
         reply(&resp)
@@ -117,6 +202,7 @@ impl RaftPeer for PeerService {
         &self,
         req: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<Payload>, Status> {
+        self.admission.check(&req).await?;
         let mut stream = req.into_inner();
         let first = stream
             .next()
@@ -146,6 +232,7 @@ impl RaftPeer for PeerService {
     }
 
     async fn forward(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        self.admission.check(&req).await?;
         let fwd: Forwarded = decode(&req.into_inner().data).map_err(bad)?;
         reply(&self.consensus.serve_forwarded(fwd).await)
     }

@@ -29,13 +29,18 @@ pub fn config(id: u64, data_dir: PathBuf) -> NodeConfig {
 impl TestCluster {
     /// Start `n` nodes and initialise them as one cluster.
     pub async fn start(n: u64) -> TestCluster {
+        Self::start_with(n, |_| {}).await
+    }
+
+    /// Like `start`, with `tweak` applied to every node's configuration.
+    pub async fn start_with(n: u64, tweak: impl Fn(&mut NodeConfig)) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut nodes = Vec::new();
         let mut members = BTreeMap::new();
         for id in 1..=n {
-            let node = Node::start(config(id, dir.path().join(format!("n{id}"))))
-                .await
-                .expect("start node");
+            let mut cfg = config(id, dir.path().join(format!("n{id}")));
+            tweak(&mut cfg);
+            let node = Node::start(cfg).await.expect("start node");
             members.insert(id, node.member.clone());
             nodes.push(Some(node));
         }

@@ -1,0 +1,477 @@
+//! Bearer tokens, the peer port's member check, and the size and
+//! concurrency caps of both ports, as a caller meets them. Every refusal is
+//! checked for its code, a message naming what refused it, and for having
+//! changed nothing. (TLS is tests/tls.rs.)
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{acquired, claim_req, TestCluster};
+use idemkv::client::{ClientError, ClientOptions};
+use idemkv::pb::api;
+use idemkv::pb::peer::raft_peer_client::RaftPeerClient;
+use idemkv::pb::peer::Payload;
+use idemkv::raft::consensus::{ForwardReply, Forwarded};
+use idemkv::record::{Claim, Command, Op, RecordKey};
+use idemkv::Client;
+use tonic::Code;
+
+const BILLING: &str = "billing-secret-0001";
+const ALL: &str = "reader-secret-00002";
+const OPS: &str = "operator-secret-003";
+
+fn token_file(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("tokens.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[[token]]
+name = "billing"
+token = "{BILLING}"
+namespaces = ["billing", "billing-*"]
+
+[[token]]
+name = "reader"
+token_sha256 = "{}"
+namespaces = ["*"]
+
+[[token]]
+name = "ops"
+token = "{OPS}"
+admin = true
+"#,
+            idemkv::auth::token_sha256(ALL)
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn client(c: &TestCluster, token: Option<&str>) -> Client {
+    Client::with_options(
+        c.endpoints(),
+        ClientOptions {
+            token: token.map(str::to_string),
+            retry_for: Duration::from_secs(5),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn code(r: Result<impl std::fmt::Debug, ClientError>) -> (Code, String) {
+    match r {
+        Err(e) => (e.code().expect("a gRPC status"), e.message()),
+        Ok(v) => panic!("expected a refusal, got {v:?}"),
+    }
+}
+
+fn get_req(ns: &str, key: &str) -> api::GetRequest {
+    api::GetRequest {
+        namespace: ns.into(),
+        key: key.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_reach_only_their_namespaces() {
+    let files = tempfile::tempdir().unwrap();
+    let tokens = token_file(files.path());
+    let c = TestCluster::start_with(3, |cfg| cfg.auth_tokens = Some(tokens.clone())).await;
+    let none = client(&c, None);
+    let wrong = client(&c, Some("not-a-known-token-at-all"));
+    let billing = client(&c, Some(BILLING));
+    let reader = client(&c, Some(ALL));
+    let ops = client(&c, Some(OPS));
+
+    // No token, or an unknown one: UNAUTHENTICATED, for writes, reads and
+    // status alike; nothing is written.
+    for cl in [&none, &wrong] {
+        let (code_, msg) = code(cl.claim(claim_req("billing", "k1", "w", 5000)).await);
+        assert_eq!(code_, Code::Unauthenticated, "{msg}");
+        assert!(msg.contains("token"), "{msg}");
+        let (code_, _) = code(cl.get(get_req("billing", "k1")).await);
+        assert_eq!(code_, Code::Unauthenticated);
+        let (code_, _) = code(cl.status().await);
+        assert_eq!(code_, Code::Unauthenticated);
+    }
+    assert!(reader
+        .get(get_req("billing", "k1"))
+        .await
+        .unwrap()
+        .is_none());
+
+    // Health checks need no token (probes and load balancers).
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.endpoints()[0]))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(ch)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status, 1, "SERVING");
+
+    // A token works in its namespaces, through any node (followers
+    // forward), and is refused elsewhere with PERMISSION_DENIED.
+    for id in 1..=3 {
+        let only = Client::with_options(
+            [c.members[&id].api_addr.clone()],
+            ClientOptions {
+                token: Some(BILLING.into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let key = format!("via-{id}");
+        let a = acquired(
+            only.claim(claim_req("billing-eu", &key, "w", 5000))
+                .await
+                .unwrap(),
+        );
+        only.complete(api::CompleteRequest {
+            namespace: "billing-eu".into(),
+            key: key.as_bytes().to_vec(),
+            token: a.token,
+            result: b"done".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let (code_, msg) = code(billing.claim(claim_req("payments", "k1", "w", 5000)).await);
+    assert_eq!(code_, Code::PermissionDenied, "{msg}");
+    assert!(
+        msg.contains("namespace") && msg.contains("billing") && msg.contains("payments"),
+        "{msg}"
+    );
+    let (code_, _) = code(billing.get(get_req("payments", "k1")).await);
+    assert_eq!(code_, Code::PermissionDenied);
+    // `billing-*` is a prefix; `billingx` is another namespace.
+    let (code_, _) = code(billing.claim(claim_req("billingx", "k1", "w", 5000)).await);
+    assert_eq!(code_, Code::PermissionDenied);
+    assert!(reader
+        .get(get_req("payments", "k1"))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(reader
+        .get(get_req("billingx", "k1"))
+        .await
+        .unwrap()
+        .is_none());
+
+    // A batch is refused whole if any item names a foreign namespace.
+    let batch = api::ClaimBatchRequest {
+        items: vec![
+            claim_req("billing", "b1", "w", 5000),
+            claim_req("payments", "b2", "w", 5000),
+        ],
+        all_or_nothing: false,
+    };
+    let (code_, _) = code(billing.claim_batch(batch).await);
+    assert_eq!(code_, Code::PermissionDenied);
+    assert!(reader
+        .get(get_req("billing", "b1"))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(reader
+        .get(get_req("payments", "b2"))
+        .await
+        .unwrap()
+        .is_none());
+
+    // Status: any known token. Changing the cluster: admin tokens only.
+    assert!(billing.status().await.is_ok());
+    let (code_, msg) = code(
+        billing
+            .cluster()
+            .trigger_snapshot(api::TriggerSnapshotRequest {})
+            .await
+            .map_err(ClientError::Status),
+    );
+    assert_eq!(code_, Code::PermissionDenied, "{msg}");
+    assert!(msg.contains("admin"), "{msg}");
+    let (code_, _) = code(billing.change_voters(vec![1, 2]).await);
+    assert_eq!(code_, Code::PermissionDenied);
+    assert_eq!(reader.members().await.unwrap().len(), 3, "nothing removed");
+    ops.cluster()
+        .trigger_snapshot(api::TriggerSnapshotRequest {})
+        .await
+        .expect("an admin token may take a snapshot");
+    // An admin token is not a data token unless it lists namespaces.
+    let (code_, _) = code(ops.get(get_req("billing", "via-1")).await);
+    assert_eq!(code_, Code::PermissionDenied);
+
+    // Rotating: the file changes, a reload applies it; the old secret stops
+    // working at once.
+    std::fs::write(
+        &tokens,
+        "[[token]]\nname = \"billing\"\ntoken = \"billing-secret-0002\"\nnamespaces = [\"billing\"]\n",
+    )
+    .unwrap();
+    for id in 1..=3 {
+        assert_eq!(c.node(id).auth().unwrap().reload(), Ok(1));
+    }
+    let (code_, _) = code(billing.get(get_req("billing", "via-1")).await);
+    assert_eq!(code_, Code::Unauthenticated);
+    let rotated = client(&c, Some("billing-secret-0002"));
+    let rec = rotated.get(get_req("billing-eu", "via-1")).await;
+    assert_eq!(code(rec).0, Code::PermissionDenied, "billing-* was dropped");
+    assert!(rotated
+        .get(get_req("billing", "nothing"))
+        .await
+        .unwrap()
+        .is_none());
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bad_token_file_stops_the_node_from_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokens.toml");
+    std::fs::write(
+        &path,
+        "[[token]]\nname = \"a\"\ntoken = \"short\"\nnamespaces = [\"x\"]\n",
+    )
+    .unwrap();
+    let mut cfg = common::config(1, dir.path().join("n1"));
+    cfg.auth_tokens = Some(path);
+    let err = idemkv::Node::start(cfg).await.err().expect("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("auth_tokens") && msg.contains("shorter than 16"),
+        "{msg}"
+    );
+}
+
+/// A peer-port client whose connections come from `source` (any 127/8
+/// address reaches a loopback listener).
+async fn peer_from(source: &str, to: &str) -> RaftPeerClient<tonic::transport::Channel> {
+    let source: SocketAddr = format!("{source}:0").parse().unwrap();
+    let to: SocketAddr = to.parse().unwrap();
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{to}"))
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| async move {
+            let s = tokio::net::TcpSocket::new_v4()?;
+            s.bind(source)?;
+            let stream = s.connect(to).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }))
+        .await
+        .unwrap();
+    RaftPeerClient::new(ch)
+}
+
+fn forwarded_claim(key: &str, owner: &str) -> Payload {
+    let cmd = Command::Op {
+        key: RecordKey {
+            namespace: "peers".into(),
+            key: key.as_bytes().to_vec(),
+        },
+        op: Op::Claim(Claim {
+            owner: owner.into(),
+            claim_id: format!("{owner}-1"),
+            lease_ms: 60_000,
+            fingerprint: None,
+            max_attempts: 0,
+            retention_ms: 60_000,
+        }),
+    };
+    Payload {
+        data: idemkv::codec::encode(&Forwarded::Write(cmd)).unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peer_calls_are_accepted_only_from_member_addresses() {
+    let c = TestCluster::start(3).await;
+    let leader = c.wait_leader(Duration::from_secs(10)).await;
+    let peer_addr = c.members[&leader].raft_addr.clone();
+
+    // A process on another address writes through the peer port, the way a
+    // follower forwards: refused, nothing written.
+    let mut stranger = peer_from("127.0.0.2", &peer_addr).await;
+    let err = stranger
+        .forward(forwarded_claim("k", "stranger"))
+        .await
+        .expect_err("a non-member's forward is refused");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("127.0.0.2") && err.message().contains("member"),
+        "{}",
+        err.message()
+    );
+    let rec = c.client().get(get_req("peers", "k")).await.unwrap();
+    assert!(
+        rec.is_none(),
+        "the stranger's claim was not written: {rec:?}"
+    );
+    // Votes are refused too (a stranger cannot disrupt elections).
+    let err = stranger
+        .vote(Payload { data: vec![] })
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // The same call from a member's address is served: the check is what
+    // refused the stranger.
+    let mut member = peer_from("127.0.0.1", &peer_addr).await;
+    let reply = member
+        .forward(forwarded_claim("k", "member"))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply: ForwardReply = idemkv::codec::decode(&reply.data).unwrap();
+    assert!(matches!(reply, ForwardReply::Write(_)), "{reply:?}");
+    let rec = c
+        .client()
+        .get(get_req("peers", "k"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.owner, "member");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_messages_are_refused_on_both_ports() {
+    let c = TestCluster::start_with(3, |cfg| {
+        cfg.caps.max_message_bytes = 256 * 1024;
+        cfg.limits.result_max = 128 * 1024;
+        cfg.caps.peer_max_message_bytes = 4 * 1024 * 1024;
+    })
+    .await;
+    let cl = c.client();
+    let a = acquired(cl.claim(claim_req("ns", "big", "w", 30_000)).await.unwrap());
+    let complete = |len: usize| api::CompleteRequest {
+        namespace: "ns".into(),
+        key: b"big".to_vec(),
+        token: a.token,
+        result: vec![7; len],
+        ..Default::default()
+    };
+    // Over the field limit but under the message cap: validation names the
+    // field.
+    let (code_, msg) = code(cl.complete(complete(200 * 1024)).await);
+    assert_eq!(code_, Code::ResourceExhausted, "{msg}");
+    assert!(msg.contains("result"), "{msg}");
+    // Over the message cap: refused before decoding.
+    let (code_, msg) = code(cl.complete(complete(300 * 1024)).await);
+    assert_eq!(code_, Code::ResourceExhausted, "{msg}");
+    assert!(msg.contains("message") && msg.contains("262144"), "{msg}");
+    let rec = cl.get(get_req("ns", "big")).await.unwrap().unwrap();
+    assert_eq!(rec.state, api::RecordState::InProgress as i32, "unchanged");
+    cl.complete(complete(1000)).await.unwrap();
+
+    // The peer port: a message over its cap is refused before decoding
+    // (a small undecodable one gets as far as decoding).
+    let leader = c.wait_leader(Duration::from_secs(10)).await;
+    let mut member = peer_from("127.0.0.1", &c.members[&leader].raft_addr).await;
+    let err = member
+        .forward(Payload {
+            data: vec![0xff; 5 * 1024 * 1024],
+        })
+        .await
+        .expect_err("too large");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let err = member
+        .forward(Payload {
+            data: vec![0xff; 16],
+        })
+        .await
+        .expect_err("undecodable");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_at_its_in_flight_cap_refuses_more_and_recovers() {
+    let c = TestCluster::start_with(3, |cfg| cfg.caps.max_in_flight = 2).await;
+    let cl = c.client();
+    let a = acquired(
+        cl.claim(claim_req("ns", "slow", "w", 60_000))
+            .await
+            .unwrap(),
+    );
+    let node1 = c.members[&1].api_addr.clone();
+    let no_retry = ClientOptions {
+        retry_for: Duration::ZERO,
+        ..Default::default()
+    };
+    let one = Client::with_options([node1.clone()], no_retry).unwrap();
+
+    // Two Awaits on node 1 hold its two slots until the key completes
+    // (their client retries if a probe below holds a slot at that moment).
+    let waiting = Client::new([node1.clone()]).unwrap();
+    let waiters: Vec<_> = (0..2)
+        .map(|_| {
+            let one = waiting.clone();
+            tokio::spawn(async move {
+                one.r#await(api::AwaitRequest {
+                    namespace: "ns".into(),
+                    key: b"slow".to_vec(),
+                    timeout_ms: 60_000,
+                })
+                .await
+            })
+        })
+        .collect();
+    // Once both run, a third call is refused at once, naming the cap.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        match one.get(get_req("ns", "slow")).await {
+            Err(e) if e.code() == Some(Code::ResourceExhausted) => break e,
+            Err(e) => panic!("unexpected {e}"),
+            Ok(_) => {
+                for w in &waiters {
+                    assert!(!w.is_finished(), "an Await ended early");
+                }
+                assert!(tokio::time::Instant::now() < deadline, "never refused");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(refused.reason(), Some("OVERLOADED"));
+    assert!(refused.message().contains("max_in_flight"), "{refused}");
+    // Other nodes are not affected, and health checks still pass on node 1.
+    assert!(c.client_of(2).get(get_req("ns", "slow")).await.is_ok());
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{node1}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(ch)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("health is not capped");
+
+    // The library retries an OVERLOADED refusal: this call waits for a slot.
+    let patient = Client::new([node1.clone()]).unwrap();
+    let later = tokio::spawn(async move { patient.get(get_req("ns", "slow")).await });
+    c.client_of(2)
+        .complete(api::CompleteRequest {
+            namespace: "ns".into(),
+            key: b"slow".to_vec(),
+            token: a.token,
+            result: b"ok".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for w in waiters {
+        let r = w.await.unwrap().unwrap();
+        assert!(!r.timed_out);
+    }
+    let rec = later.await.unwrap().unwrap().unwrap();
+    assert_eq!(rec.state, api::RecordState::Completed as i32);
+    c.shutdown().await;
+}
