@@ -475,3 +475,136 @@ async fn a_node_at_its_in_flight_cap_refuses_more_and_recovers() {
     assert_eq!(rec.state, api::RecordState::Completed as i32);
     c.shutdown().await;
 }
+
+mod procs;
+
+/// `idemkv ctl` against a process cluster: (exit code, stdout JSON or text,
+/// stderr).
+fn ctl(endpoints: &[String], args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(procs::BIN)
+        .arg("ctl")
+        .args(["--endpoints", &endpoints.join(","), "--json"])
+        .args(args)
+        .env_remove("IDEMKV_AUTH_TOKEN")
+        .output()
+        .expect("run idemkv ctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn serve_and_ctl_with_tokens_reload_on_sighup_and_status_reports_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = token_file(dir.path());
+    let mut c = procs::ProcCluster::new(
+        dir.path(),
+        3,
+        &format!("auth_tokens = {:?}\n", tokens.display().to_string()),
+    );
+    c.start_all();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = c.api.clone();
+    // Wait for a leader with a token that may read status.
+    rt.block_on(async {
+        let admin = Client::with_options(
+            &api,
+            ClientOptions {
+                token: Some(OPS.into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        admin.wait_ready(Duration::from_secs(30)).await.unwrap();
+    });
+
+    let (rc, _, err) = ctl(&api, &["claim", "billing", "k1", "--owner", "w"]);
+    assert_eq!(rc, 1);
+    assert!(err.contains("UNAUTHENTICATED"), "{err}");
+    let (rc, out, err) = ctl(
+        &api,
+        &[
+            "--auth-token",
+            BILLING,
+            "claim",
+            "billing",
+            "k1",
+            "--owner",
+            "w",
+        ],
+    );
+    assert_eq!(rc, 0, "{out}{err}");
+    assert!(out.contains("ACQUIRED"), "{out}");
+    let (rc, _, err) = ctl(
+        &api,
+        &[
+            "--auth-token",
+            BILLING,
+            "claim",
+            "payments",
+            "k1",
+            "--owner",
+            "w",
+        ],
+    );
+    assert_eq!(rc, 1);
+    assert!(err.contains("PERMISSION_DENIED"), "{err}");
+
+    // Rotate the billing secret and send SIGHUP: the old one stops working.
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nname = \"billing\"\ntoken = \"billing-secret-0002\"\nnamespaces = [\"billing\"]\n\
+             [[token]]\nname = \"ops\"\ntoken = \"{OPS}\"\nadmin = true\n"
+        ),
+    )
+    .unwrap();
+    for i in 0..3 {
+        c.signal(i, "-HUP");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (rc, _, err) = ctl(&api, &["--auth-token", BILLING, "get", "billing", "k1"]);
+        if rc == 1 && err.contains("UNAUTHENTICATED") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old token still works"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (rc, out, err) = ctl(
+        &api,
+        &[
+            "--auth-token",
+            "billing-secret-0002",
+            "get",
+            "billing",
+            "k1",
+        ],
+    );
+    assert_eq!(rc, 0, "{out}{err}");
+
+    // `ctl status`: every member, leader, term, applied index, health; exit
+    // 0 when healthy, 1 (and the node named) when one is down.
+    let (rc, out, err) = ctl(&api[..1], &["--auth-token", OPS, "status"]);
+    assert_eq!(rc, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["healthy"], true, "{v}");
+    let nodes = v["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "members found from one endpoint: {v}");
+    for n in nodes {
+        assert!(n["applied_index"].as_u64().unwrap() > 0, "{n}");
+        assert!(n["leader_id"].as_u64().is_some(), "{n}");
+    }
+    c.kill9(2);
+    let (rc, out, _) = ctl(&api[..1], &["--auth-token", OPS, "status"]);
+    assert_eq!(rc, 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["healthy"], false, "{v}");
+    let problems = v["problems"].to_string();
+    assert!(problems.contains(&api[2]), "{problems}");
+}

@@ -61,9 +61,10 @@ pub struct ClientConnArgs {
     /// The key of --tls-cert (PEM).
     #[arg(long, env = "IDEMKV_TLS_KEY", global = true)]
     pub tls_key: Option<PathBuf>,
-    /// Bearer token, for a cluster run with --auth-tokens.
-    #[arg(long, env = "IDEMKV_TOKEN", global = true, hide_env_values = true)]
-    pub token: Option<String>,
+    /// Bearer token, for a cluster run with --auth-tokens (not to be
+    /// confused with a claim's fencing token).
+    #[arg(long, env = "IDEMKV_AUTH_TOKEN", global = true, hide_env_values = true)]
+    pub auth_token: Option<String>,
 }
 
 impl ClientConnArgs {
@@ -71,7 +72,7 @@ impl ClientConnArgs {
     pub fn options(&self) -> anyhow::Result<crate::client::ClientOptions> {
         Ok(crate::client::ClientOptions {
             tls: self.load()?,
-            token: self.token.clone().filter(|t| !t.is_empty()),
+            token: self.auth_token.clone().filter(|t| !t.is_empty()),
             ..Default::default()
         })
     }

@@ -155,7 +155,9 @@ impl Client {
             endpoints.split(','),
             ClientOptions {
                 tls,
-                token: std::env::var("IDEMKV_TOKEN").ok().filter(|t| !t.is_empty()),
+                token: std::env::var("IDEMKV_AUTH_TOKEN")
+                    .ok()
+                    .filter(|t| !t.is_empty()),
                 ..ClientOptions::default()
             },
         )
