@@ -113,6 +113,11 @@ fn channel(addr: &str, tls: Option<&ClientTls>) -> Result<Channel, ClientError> 
 }
 
 fn retryable(s: &Status) -> bool {
+    // A certificate the client does not trust stays untrusted: say so now
+    // instead of retrying for `retry_for`.
+    if s.message().contains("certificate") {
+        return false;
+    }
     matches!(
         s.code(),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
