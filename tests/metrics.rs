@@ -52,6 +52,11 @@ async fn metrics_count_what_clients_saw() {
     for (i, m) in metrics.iter().enumerate() {
         c.envs[i] = vec![("IDEMKV_METRICS_LISTEN".into(), m.clone())];
     }
+    // Logs: JSON on nodes 1 and 2; node 2 filters out everything below warn.
+    for (i, filter) in [(0, "info,openraft=warn"), (1, "warn")] {
+        c.envs[i].push(("IDEMKV_LOG_FORMAT".into(), "json".into()));
+        c.envs[i].push(("RUST_LOG".into(), filter.into()));
+    }
     c.start_all();
     c.wait_ready(Duration::from_secs(20)).await;
     // Every call through node 1, so node 1 answers (and counts) them all.
@@ -110,6 +115,9 @@ async fn metrics_count_what_clients_saw() {
         ("idemkv_takeovers_total", 1.0),
         ("idemkv_fenced_rejections_total", 1.0),
         ("idemkv_fingerprint_mismatches_total", 1.0),
+        ("idemkv_auth_refusals_total{code=\"unauthenticated\"}", 0.0),
+        ("idemkv_overloaded_total", 0.0),
+        ("idemkv_peer_refused_total", 0.0),
     ] {
         assert_eq!(value(&body, series), want, "{series}");
     }
@@ -128,4 +136,32 @@ async fn metrics_count_what_clients_saw() {
     assert_eq!(leaders, 1.0, "exactly one node says it leads");
     let (status, _) = scrape(&metrics[0], "/other");
     assert!(status.contains("404"), "{status}");
+
+    // `--log-format json` (here IDEMKV_LOG_FORMAT): one JSON object per
+    // line, with level, message and fields; RUST_LOG filters.
+    let events = |i: usize| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(dir.path().join(format!("node-{}.log", i + 1))).unwrap();
+        text.lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+            .collect()
+    };
+    let started: Vec<_> = events(0)
+        .into_iter()
+        .filter(|e| e["fields"]["message"] == "node started")
+        .collect();
+    assert_eq!(started.len(), 1, "node 1 logs its start as JSON");
+    assert_eq!(started[0]["level"], "INFO");
+    assert_eq!(started[0]["fields"]["api"], c.api[0].as_str());
+    assert!(
+        events(1)
+            .iter()
+            .all(|e| e["level"] == "WARN" || e["level"] == "ERROR"),
+        "RUST_LOG=warn keeps info out"
+    );
+    let plain = std::fs::read_to_string(dir.path().join("node-3.log")).unwrap();
+    assert!(
+        plain.contains("node started") && !plain.contains("\"fields\""),
+        "node 3 logs text"
+    );
 }

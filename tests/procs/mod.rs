@@ -156,6 +156,8 @@ impl ProcCluster {
             }
             None => Command::new(BIN),
         };
+        // A node's own environment (self.envs) wins over this default.
+        cmd.env("RUST_LOG", "info,openraft=warn");
         cmd.envs(self.envs[i].iter().map(|(k, v)| (k, v)));
         cmd.arg("serve")
             .arg("--config")
@@ -166,7 +168,6 @@ impl ProcCluster {
             .arg("--data-dir")
             .arg(&data)
             .args(["--peers", &self.peers_arg()])
-            .env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
