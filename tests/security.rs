@@ -70,6 +70,12 @@ fn code(r: Result<impl std::fmt::Debug, ClientError>) -> (Code, String) {
     }
 }
 
+/// Assert that no record exists at (ns, key): a refused call wrote nothing.
+async fn absent(reader: &Client, ns: &str, key: &str) {
+    let rec = reader.get(get_req(ns, key)).await.unwrap();
+    assert!(rec.is_none(), "{ns}/{key} was written: {rec:?}");
+}
+
 fn get_req(ns: &str, key: &str) -> api::GetRequest {
     api::GetRequest {
         namespace: ns.into(),
@@ -100,11 +106,7 @@ async fn tokens_reach_only_their_namespaces() {
         let (code_, _) = code(cl.status().await);
         assert_eq!(code_, Code::Unauthenticated);
     }
-    assert!(reader
-        .get(get_req("billing", "k1"))
-        .await
-        .unwrap()
-        .is_none());
+    absent(&reader, "billing", "k1").await;
 
     // Health checks need no token (probes and load balancers).
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.endpoints()[0]))
@@ -157,16 +159,8 @@ async fn tokens_reach_only_their_namespaces() {
     // `billing-*` is a prefix; `billingx` is another namespace.
     let (code_, _) = code(billing.claim(claim_req("billingx", "k1", "w", 5000)).await);
     assert_eq!(code_, Code::PermissionDenied);
-    assert!(reader
-        .get(get_req("payments", "k1"))
-        .await
-        .unwrap()
-        .is_none());
-    assert!(reader
-        .get(get_req("billingx", "k1"))
-        .await
-        .unwrap()
-        .is_none());
+    absent(&reader, "payments", "k1").await;
+    absent(&reader, "billingx", "k1").await;
 
     // A batch is refused whole if any item names a foreign namespace.
     let batch = api::ClaimBatchRequest {
@@ -178,16 +172,8 @@ async fn tokens_reach_only_their_namespaces() {
     };
     let (code_, _) = code(billing.claim_batch(batch).await);
     assert_eq!(code_, Code::PermissionDenied);
-    assert!(reader
-        .get(get_req("billing", "b1"))
-        .await
-        .unwrap()
-        .is_none());
-    assert!(reader
-        .get(get_req("payments", "b2"))
-        .await
-        .unwrap()
-        .is_none());
+    absent(&reader, "billing", "b1").await;
+    absent(&reader, "payments", "b2").await;
 
     // Status: any known token. Changing the cluster: admin tokens only.
     assert!(billing.status().await.is_ok());
