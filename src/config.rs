@@ -116,6 +116,10 @@ pub struct NodeConfig {
     pub tls: Option<crate::tls::TlsFiles>,
     /// Bearer-token file (none: no auth). See [`crate::auth`].
     pub auth_tokens: Option<PathBuf>,
+    /// Serve peer calls only from members' addresses (default). Turn off
+    /// where peers reach each other through address translation, and rely
+    /// on mutual TLS alone.
+    pub peer_members_only: bool,
     pub caps: Caps,
 }
 
@@ -139,6 +143,7 @@ impl NodeConfig {
             metrics_listen: None,
             tls: None,
             auth_tokens: None,
+            peer_members_only: true,
             caps: Caps::default(),
         }
     }

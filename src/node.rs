@@ -118,6 +118,7 @@ impl Node {
             consensus.clone(),
             cfg.data_dir.join("snapshots"),
             shutdown.subscribe(),
+            cfg.peer_members_only,
         );
         let mut peer_builder =
             Server::builder().max_concurrent_streams(Some(caps.max_streams_per_connection));

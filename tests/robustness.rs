@@ -217,6 +217,10 @@ struct Worker {
     unsure: Option<(String, String)>,
     /// The last call failed before reaching any server.
     not_sent: bool,
+    /// Unknown outcomes in a row: the worker backs off like a real client
+    /// (without it, an outage piles dozens of unknown claims onto one key,
+    /// more than the checker's exhaustive search can place).
+    unknown_streak: u32,
     n: u64,
 }
 
@@ -241,6 +245,9 @@ impl Worker {
     fn record(&mut self, key: &str, call: Call, ret: Ret, invoke: u64) {
         if ret == Ret::Unknown {
             self.at += 1;
+            self.unknown_streak += 1;
+        } else {
+            self.unknown_streak = 0;
         }
         if std::mem::take(&mut self.not_sent) {
             return;
@@ -261,7 +268,11 @@ impl Worker {
     async fn run(mut self) {
         while !self.shared.stop.load(Ordering::Relaxed) {
             self.step().await;
-            let pause = self.rng.random_range(10..120);
+            let backoff = match self.unknown_streak {
+                0 => 0,
+                n => (100u64 << n.min(4)).min(1500),
+            };
+            let pause = self.rng.random_range(10..120) + backoff;
             tokio::time::sleep(Duration::from_millis(pause)).await;
         }
     }
@@ -934,6 +945,7 @@ async fn run_plan(plan: Plan) -> Option<Done> {
                 held: None,
                 unsure: None,
                 not_sent: false,
+                unknown_streak: 0,
                 n: 0,
             };
             tokio::spawn(w.run())

@@ -89,6 +89,7 @@ pub struct FileConfig {
     pub tls_ca: Option<PathBuf>,
     pub client_auth: Option<bool>,
     pub auth_tokens: Option<PathBuf>,
+    pub peer_members_only: Option<bool>,
     pub heartbeat_ms: Option<u64>,
     pub election_timeout_min_ms: Option<u64>,
     pub election_timeout_max_ms: Option<u64>,
@@ -180,6 +181,9 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<(NodeConfig, Option<BTreeMap<u
         cfg.caps = c;
     }
     cfg.auth_tokens = args.auth_tokens.or(file.auth_tokens);
+    if let Some(b) = file.peer_members_only {
+        cfg.peer_members_only = b;
+    }
     let client_auth = args.client_auth || file.client_auth.unwrap_or(false);
     cfg.tls = match (
         args.tls_cert.or(file.tls_cert),

@@ -32,9 +32,14 @@ impl PeerService {
         consensus: Arc<Consensus>,
         spool_dir: std::path::PathBuf,
         stop: tokio::sync::watch::Receiver<bool>,
+        members_only: bool,
     ) -> Self {
         PeerService {
-            admission: Admission::new(consensus.clone()),
+            admission: Admission {
+                consensus: consensus.clone(),
+                members_only,
+                cache: Default::default(),
+            },
             consensus,
             stop,
             spool_dir,
@@ -50,6 +55,8 @@ impl PeerService {
 /// cached; an unknown address triggers at most one re-resolution a second.
 struct Admission {
     consensus: Arc<Consensus>,
+    /// Off: every caller is served (`peer_members_only = false`).
+    members_only: bool,
     cache: tokio::sync::Mutex<AdmissionCache>,
 }
 
@@ -61,13 +68,6 @@ struct AdmissionCache {
 }
 
 impl Admission {
-    fn new(consensus: Arc<Consensus>) -> Self {
-        Admission {
-            consensus,
-            cache: Default::default(),
-        }
-    }
-
     async fn resolve(addrs: &[String]) -> HashSet<IpAddr> {
         let mut ips = HashSet::new();
         for a in addrs {
@@ -81,6 +81,9 @@ impl Admission {
     }
 
     async fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if !self.members_only {
+            return Ok(());
+        }
         let mut addrs = self.consensus.member_raft_addrs();
         if addrs.is_empty() {
             return Ok(());
