@@ -326,6 +326,20 @@ async fn peer_calls_are_accepted_only_from_member_addresses() {
         .unwrap();
     assert_eq!(rec.owner, "member");
     c.shutdown().await;
+
+    // `peer_members_only = false` (peers behind address translation)
+    // serves the same stranger.
+    let open = TestCluster::start_with(3, |cfg| cfg.peer_members_only = false).await;
+    let leader = open.wait_leader(Duration::from_secs(10)).await;
+    let mut stranger = peer_from("127.0.0.2", &open.members[&leader].raft_addr).await;
+    let reply = stranger
+        .forward(forwarded_claim("k", "stranger"))
+        .await
+        .expect("served with the check off")
+        .into_inner();
+    let reply: ForwardReply = idemkv::codec::decode(&reply.data).unwrap();
+    assert!(matches!(reply, ForwardReply::Write(_)), "{reply:?}");
+    open.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
