@@ -815,17 +815,7 @@ impl Nemesis {
         let r = (l + 1 + self.rng.random_range(0..n - 1)) % n;
         let id = r as u64 + 1;
         let others: Vec<u64> = all.iter().copied().filter(|x| *x != id).collect();
-        cluster_call(&api, |mut c| {
-            let voters = others.clone();
-            async move {
-                c.change_membership(api::ChangeMembershipRequest {
-                    voters,
-                    retain: false,
-                })
-                .await
-            }
-        })
-        .await;
+        set_voters(&api, &others).await;
         {
             let mut g = rig.lock().await;
             g.cluster.kill9(r);
@@ -847,18 +837,23 @@ impl Nemesis {
             }
         })
         .await;
-        cluster_call(&api, |mut c| {
-            let voters = all.clone();
-            async move {
-                c.change_membership(api::ChangeMembershipRequest {
-                    voters,
-                    retain: false,
-                })
-                .await
-            }
-        })
-        .await;
+        set_voters(&api, &all).await;
     }
+}
+
+/// Make exactly `voters` the voting members.
+async fn set_voters(api: &[String], voters: &[u64]) {
+    cluster_call(api, |mut c| {
+        let voters = voters.to_vec();
+        async move {
+            c.change_membership(api::ChangeMembershipRequest {
+                voters,
+                retain: false,
+            })
+            .await
+        }
+    })
+    .await;
 }
 
 /// A Cluster RPC on the current leader, retried across leader changes.
