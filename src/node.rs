@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
-use tonic::transport::Server;
+use tonic::transport::{Server, ServerTlsConfig};
 
 use crate::api::{ClusterService, IdempotencyService, MAX_API_MESSAGE};
 use crate::auth::Auth;
@@ -120,24 +120,21 @@ impl Node {
             shutdown.subscribe(),
             cfg.peer_members_only,
         );
-        let mut peer_builder =
-            Server::builder().max_concurrent_streams(Some(caps.max_streams_per_connection));
-        if let Some(t) = &tls {
-            peer_builder = peer_builder
-                .tls_config(t.peer_server.clone())
-                .map_err(|e| Error::invalid("tls", format!("peer port: {e}")))?;
-        }
-        let peer_server = peer_builder
-            .layer(InFlightLayer::new(
-                caps.peer_max_in_flight,
-                "peer_max_in_flight",
-                "peer_max_message_bytes",
-            ))
-            .add_service(
-                RaftPeerServer::new(peer_service)
-                    .max_decoding_message_size(caps.peer_max_message_bytes)
-                    .max_encoding_message_size(MAX_PEER_MESSAGE),
-            );
+        let peer_server = server_builder(
+            tls.as_ref().map(|t| &t.peer_server),
+            caps.max_streams_per_connection,
+            "peer port",
+        )?
+        .layer(InFlightLayer::new(
+            caps.peer_max_in_flight,
+            "peer_max_in_flight",
+            "peer_max_message_bytes",
+        ))
+        .add_service(
+            RaftPeerServer::new(peer_service)
+                .max_decoding_message_size(caps.peer_max_message_bytes)
+                .max_encoding_message_size(MAX_PEER_MESSAGE),
+        );
         let mut stop = shutdown.subscribe();
         tasks.push(tokio::spawn(async move {
             let signal = async move {
@@ -161,38 +158,35 @@ impl Node {
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| internal("reflection", e))?;
-        let mut api_builder =
-            Server::builder().max_concurrent_streams(Some(caps.max_streams_per_connection));
-        if let Some(t) = &tls {
-            api_builder = api_builder
-                .tls_config(t.api.clone())
-                .map_err(|e| Error::invalid("tls", format!("client port: {e}")))?;
-        }
-        let api_server = api_builder
-            .layer(InFlightLayer::new(
-                caps.max_in_flight,
-                "max_in_flight",
-                "max_message_bytes",
+        let api_server = server_builder(
+            tls.as_ref().map(|t| &t.api),
+            caps.max_streams_per_connection,
+            "client port",
+        )?
+        .layer(InFlightLayer::new(
+            caps.max_in_flight,
+            "max_in_flight",
+            "max_message_bytes",
+        ))
+        .add_service(
+            IdempotencyServer::new(IdempotencyService::new(
+                consensus.clone(),
+                cfg.limits.clone(),
+                auth.clone(),
             ))
-            .add_service(
-                IdempotencyServer::new(IdempotencyService::new(
-                    consensus.clone(),
-                    cfg.limits.clone(),
-                    auth.clone(),
-                ))
-                .max_decoding_message_size(caps.max_message_bytes)
-                .max_encoding_message_size(MAX_API_MESSAGE),
-            )
-            .add_service(
-                ClusterServer::new(ClusterService::new(
-                    consensus.clone(),
-                    member.api_addr.clone(),
-                    auth.clone(),
-                ))
-                .max_decoding_message_size(caps.max_message_bytes),
-            )
-            .add_service(health_service)
-            .add_service(reflection);
+            .max_decoding_message_size(caps.max_message_bytes)
+            .max_encoding_message_size(MAX_API_MESSAGE),
+        )
+        .add_service(
+            ClusterServer::new(ClusterService::new(
+                consensus.clone(),
+                member.api_addr.clone(),
+                auth.clone(),
+            ))
+            .max_decoding_message_size(caps.max_message_bytes),
+        )
+        .add_service(health_service)
+        .add_service(reflection);
         let mut stop = shutdown.subscribe();
         tasks.push(tokio::spawn(async move {
             let signal = async move {
@@ -285,6 +279,18 @@ impl Node {
         }
         self.syncer.close();
         tracing::info!(id = self.id, "node stopped");
+    }
+}
+
+/// A server for one port: TLS when configured, `streams` HTTP/2 streams per
+/// connection.
+fn server_builder(tls: Option<&ServerTlsConfig>, streams: u32, port: &str) -> Result<Server> {
+    let builder = Server::builder().max_concurrent_streams(Some(streams));
+    match tls {
+        Some(t) => builder
+            .tls_config(t.clone())
+            .map_err(|e| Error::invalid("tls", format!("{port}: {e}"))),
+        None => Ok(builder),
     }
 }
 

@@ -28,12 +28,8 @@ impl ClusterService {
     /// With auth on: any known token may read status; changing the cluster
     /// (`what`) takes an admin token.
     fn allow(&self, md: &tonic::metadata::MetadataMap, what: Option<&str>) -> Result<(), Status> {
-        let refused = |e: Error| {
-            crate::metrics::auth_refused(matches!(e, Error::PermissionDenied(_)));
-            to_status(e)
-        };
-        if let (Some(who), Some(what)) = (authenticate(&self.auth, md).map_err(refused)?, what) {
-            who.check_admin(what).map_err(refused)?;
+        if let (Some(who), Some(what)) = (authenticate(&self.auth, md).map_err(to_status)?, what) {
+            who.check_admin(what).map_err(to_status)?;
         }
         Ok(())
     }

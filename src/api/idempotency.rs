@@ -41,13 +41,9 @@ impl IdempotencyService {
         md: &tonic::metadata::MetadataMap,
         namespaces: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), Status> {
-        let refused = |e: Error| {
-            crate::metrics::auth_refused(matches!(e, Error::PermissionDenied(_)));
-            to_status(e)
-        };
-        if let Some(who) = authenticate(&self.auth, md).map_err(refused)? {
+        if let Some(who) = authenticate(&self.auth, md).map_err(to_status)? {
             for ns in namespaces {
-                who.check_namespace(ns).map_err(refused)?;
+                who.check_namespace(ns).map_err(to_status)?;
             }
         }
         Ok(())

@@ -34,6 +34,9 @@ pub fn to_status(e: Error) -> Status {
         Error::Overloaded(_) => (Code::ResourceExhausted, Some(OVERLOADED)),
         Error::Internal(_) => (Code::Internal, None),
     };
+    if let Error::Unauthenticated(_) | Error::PermissionDenied(_) = &e {
+        crate::metrics::auth_refused(code == Code::PermissionDenied);
+    }
     let mut status = Status::new(code, e.to_string());
     if let Some(r) = reason {
         crate::metrics::refusal(r);

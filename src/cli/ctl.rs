@@ -272,23 +272,19 @@ fn record_text(r: &api::Record) -> String {
 pub async fn run(a: CtlArgs) -> anyhow::Result<i32> {
     let opts = a.conn.options()?;
     let client = Client::with_options(a.endpoints.split(','), opts.clone())?;
-    if let CtlOp::Status = a.op {
-        let (human, value, healthy) = status(&client, &opts).await;
-        if a.json {
-            println!("{}", serde_json::to_string_pretty(&value)?);
-        } else {
-            println!("{human}");
-        }
-        return Ok(if healthy { 0 } else { 1 });
-    }
-    match exec(&client, a.op).await {
+    match exec(&client, &opts, a.op).await {
         Ok((human, value)) => {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 println!("{human}");
             }
-            Ok(0)
+            // Only `status` says `healthy`; a degraded cluster exits 1.
+            Ok(if value["healthy"] == json!(false) {
+                1
+            } else {
+                0
+            })
         }
         Err(e) => {
             let code = e.code().map(code_name).unwrap_or("ERROR");
@@ -303,7 +299,11 @@ pub async fn run(a: CtlArgs) -> anyhow::Result<i32> {
     }
 }
 
-async fn exec(client: &Client, op: CtlOp) -> Result<(String, Value), ClientError> {
+async fn exec(
+    client: &Client,
+    opts: &ClientOptions,
+    op: CtlOp,
+) -> Result<(String, Value), ClientError> {
     Ok(match op {
         CtlOp::Claim {
             t,
@@ -493,7 +493,7 @@ async fn exec(client: &Client, op: CtlOp) -> Result<(String, Value), ClientError
                 json!({"outcome": "DELETED", "existed": r.existed}),
             )
         }
-        CtlOp::Status => unreachable!("run() answers status itself"),
+        CtlOp::Status => status(client, opts).await,
         CtlOp::Member { op } => member(client, op).await?,
     })
 }
@@ -554,8 +554,8 @@ async fn member(client: &Client, op: MemberOp) -> Result<(String, Value), Client
 
 /// Every endpoint given and every member the cluster names, asked for its
 /// status. Healthy when each answers and all agree on one leader; the
-/// third value says so (ctl exits 1 otherwise, for scripts and probes).
-async fn status(client: &Client, opts: &ClientOptions) -> (String, Value, bool) {
+/// value's `healthy` says so (ctl exits 1 otherwise, for scripts and probes).
+async fn status(client: &Client, opts: &ClientOptions) -> (String, Value) {
     let mut all = client.status_all().await;
     let known: Vec<api::Member> = all
         .iter()
@@ -621,6 +621,5 @@ async fn status(client: &Client, opts: &ClientOptions) -> (String, Value, bool) 
     (
         lines.join("\n"),
         json!({"healthy": healthy, "problems": problems, "nodes": nodes, "members": members}),
-        healthy,
     )
 }

@@ -310,6 +310,14 @@ impl Consensus {
         Some((id, node))
     }
 
+    /// The log index of the membership in force (None before any): changes
+    /// whenever the members do.
+    pub fn membership_index(&self) -> Option<u64> {
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
+        m.membership_config.log_id().as_ref().map(|l| l.index())
+    }
+
     /// The peer addresses of every member (voters and learners) this node
     /// knows of; empty before it belongs to a cluster.
     pub fn member_raft_addrs(&self) -> Vec<String> {

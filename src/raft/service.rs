@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio_stream::{Stream, StreamExt};
@@ -13,7 +13,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::consensus::{Consensus, Forwarded};
 use super::{AppendEntriesRequest, Snapshot, SnapshotMeta, Vote};
+use crate::api::status::to_status;
 use crate::codec::{decode, encode};
+use crate::error::Error;
 use crate::pb::peer::raft_peer_server::RaftPeer;
 use crate::pb::peer::{Payload, SnapshotChunk};
 
@@ -57,14 +59,35 @@ struct Admission {
     consensus: Arc<Consensus>,
     /// Off: every caller is served (`peer_members_only = false`).
     members_only: bool,
-    cache: tokio::sync::Mutex<AdmissionCache>,
+    cache: RwLock<AdmissionCache>,
 }
 
+/// The member addresses as resolved for one membership (its log index).
 #[derive(Default)]
 struct AdmissionCache {
-    addrs: Vec<String>,
+    membership: Option<u64>,
+    /// No members yet: a fresh node serves anyone.
+    open: bool,
     ips: HashSet<IpAddr>,
     resolved: Option<Instant>,
+}
+
+impl AdmissionCache {
+    /// Some(verdict) when this cache can decide for `membership`.
+    fn decide(&self, membership: Option<u64>, ip: Option<IpAddr>) -> Option<bool> {
+        if self.membership != membership || self.resolved.is_none() {
+            return None;
+        }
+        if self.open || ip.is_some_and(|ip| self.ips.contains(&ip)) {
+            return Some(true);
+        }
+        // An unknown address may be a member whose name now resolves
+        // elsewhere: look again, at most once a second.
+        let fresh = self
+            .resolved
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+        fresh.then_some(false)
+    }
 }
 
 impl Admission {
@@ -84,40 +107,40 @@ impl Admission {
         if !self.members_only {
             return Ok(());
         }
-        let mut addrs = self.consensus.member_raft_addrs();
-        if addrs.is_empty() {
-            return Ok(());
-        }
-        let Some(remote) = req.remote_addr() else {
-            return Err(Status::permission_denied(
-                "peer: the caller's address is unknown; peer calls are accepted only from members",
-            ));
-        };
-        let ip = match remote.ip() {
+        let ip = req.remote_addr().map(|a| match a.ip() {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
+        });
+        let membership = self.consensus.membership_index();
+        let cached = self
+            .cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .decide(membership, ip);
+        let admitted = match cached {
+            Some(verdict) => verdict,
+            None => {
+                let addrs = self.consensus.member_raft_addrs();
+                let fresh = AdmissionCache {
+                    membership,
+                    open: addrs.is_empty(),
+                    ips: Self::resolve(&addrs).await,
+                    resolved: Some(Instant::now()),
+                };
+                let verdict = fresh.decide(membership, ip) == Some(true);
+                *self.cache.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+                verdict
+            }
         };
-        addrs.sort();
-        let mut cache = self.cache.lock().await;
-        let stale = cache.addrs != addrs
-            || (!cache.ips.contains(&ip)
-                && cache
-                    .resolved
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(1)));
-        if stale {
-            cache.ips = Self::resolve(&addrs).await;
-            cache.addrs = addrs;
-            cache.resolved = Some(Instant::now());
+        if admitted {
+            return Ok(());
         }
-        if cache.ips.contains(&ip) {
-            Ok(())
-        } else {
-            crate::metrics::peer_refused();
-            tracing::warn!(%remote, "refused a peer call from a non-member address");
-            Err(Status::permission_denied(format!(
-                "peer: {ip} is not the address of a cluster member; peer calls are accepted only from members"
-            )))
-        }
+        crate::metrics::peer_refused();
+        let who = ip.map_or("an unknown address".to_string(), |ip| ip.to_string());
+        tracing::warn!(caller = %who, "refused a peer call from a non-member address");
+        Err(to_status(Error::PermissionDenied(format!(
+            "peer: {who} is not the address of a cluster member; peer calls are accepted only from members"
+        ))))
     }
 }
 

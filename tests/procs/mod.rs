@@ -19,9 +19,9 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_idemkv");
 /// used that way. Each is checked bindable, and none is handed out twice
 /// in one test process.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    use std::collections::HashSet;
+    use std::collections::BTreeSet;
     use std::sync::Mutex;
-    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
@@ -32,7 +32,6 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         (1024, low.max(2048))
     };
     let mut given = GIVEN.lock().unwrap();
-    let given = given.get_or_insert_with(HashSet::new);
     let mut out = Vec::with_capacity(n);
     for _ in 0..10_000 {
         if out.len() == n {
