@@ -50,15 +50,15 @@ fn rules(c: &mut Criterion) {
     let now = 1_700_000_000_000;
     let op = Op::Claim(claim("worker-1"));
     g.bench_function("claim_fresh_key", |b| {
-        b.iter(|| record::apply_op(black_box(None), black_box(&op), now, 42))
+        b.iter(|| record::apply_op(black_box(None), black_box(&op), now, &mut 41))
     });
-    let held = match record::apply_op(None, &op, now, 42).0 {
+    let held = match record::apply_op(None, &op, now, &mut 41).0 {
         Change::Put(r) => r,
         other => panic!("a fresh claim must store a record, got {other:?}"),
     };
     let dup = Op::Claim(claim("worker-2"));
     g.bench_function("claim_held_key", |b| {
-        b.iter(|| record::apply_op(black_box(Some(&held)), black_box(&dup), now + 1, 43))
+        b.iter(|| record::apply_op(black_box(Some(&held)), black_box(&dup), now + 1, &mut 42))
     });
     let complete = Op::Complete {
         token: 42,
@@ -67,14 +67,21 @@ fn rules(c: &mut Criterion) {
         retention_ms: None,
     };
     g.bench_function("complete_100b", |b| {
-        b.iter(|| record::apply_op(black_box(Some(&held)), black_box(&complete), now + 2, 44))
+        b.iter(|| {
+            record::apply_op(
+                black_box(Some(&held)),
+                black_box(&complete),
+                now + 2,
+                &mut 43,
+            )
+        })
     });
     let claims: Vec<Claim> = (0..100).map(|i| claim(&format!("w{i}"))).collect();
     let refs: Vec<&Claim> = claims.iter().collect();
     let current = vec![None; 100];
     g.throughput(Throughput::Elements(100));
     g.bench_function("claim_batch_100", |b| {
-        b.iter(|| record::apply_claim_batch(black_box(&current), &refs, true, now, 45))
+        b.iter(|| record::apply_claim_batch(black_box(&current), &refs, true, now, &mut 44))
     });
     g.finish();
 }

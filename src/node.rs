@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::pb::api::cluster_server::ClusterServer;
 use crate::pb::api::idempotency_server::IdempotencyServer;
 use crate::pb::peer::raft_peer_server::RaftPeerServer;
-use crate::raft::consensus::{wall_clock_ms, Consensus};
+use crate::raft::consensus::Consensus;
 use crate::raft::network::{Peers, MAX_PEER_MESSAGE};
 use crate::raft::service::PeerService;
 use crate::raft::{NodeId, PeerNode, Raft};
@@ -304,7 +304,10 @@ async fn sweeper(consensus: Arc<Consensus>, cfg: NodeConfig, mut stop: watch::Re
             _ = stop.wait_for(|s| *s) => return,
         }
         while consensus.raft.is_leader()
-            && consensus.sm.has_expired(wall_clock_ms()).unwrap_or(false)
+            && consensus
+                .sm
+                .has_expired(consensus.now_ms())
+                .unwrap_or(false)
         {
             let sweep = Command::Sweep {
                 limit: cfg.sweep_limit,

@@ -2,9 +2,10 @@
 //!
 //! Everything here is pure and deterministic: a decision depends only on the
 //! record as stored, the command, the state machine's clock (`now`, taken from
-//! the leader's stamp in the log entry) and the log index of the entry (which
-//! becomes the fencing token). No I/O, no local clock, no randomness: every
-//! replica that applies the same entry reaches the same state.
+//! the leader's stamp in the log entry) and the replicated token counter
+//! (each grant takes its next value: the fencing token). No I/O, no local
+//! clock, no randomness: every replica that applies the same entry reaches
+//! the same state.
 //!
 //! The storage layer reads the current record, calls [`apply_op`] or
 //! [`apply_claim_batch`], and writes back the [`Change`]s; the gRPC layer only
@@ -97,7 +98,13 @@ pub enum Op {
         token: u64,
         error: String,
     },
+    /// Unfenced: forget the record whatever its state.
     Delete,
+    /// Fenced: forget the record only if `token` holds or completed it.
+    /// (A variant of its own, so log entries written before it still decode.)
+    DeleteFenced {
+        token: u64,
+    },
 }
 
 /// `(namespace, key)`.
@@ -296,12 +303,13 @@ fn lease_lost(token: u64, cur: Option<&Record>) -> Decision {
     )
 }
 
-/// Decide one operation on one record. `index` is the log index of the entry
-/// carrying it: the fencing token of any claim it grants.
-pub fn apply_op(cur: Option<&Record>, op: &Op, now: u64, index: u64) -> Decision {
+/// Decide one operation on one record. `last_token` is the replicated token
+/// counter: a grant takes `last_token + 1` as its fencing token and leaves
+/// the counter there (SPEC §2 Tokens).
+pub fn apply_op(cur: Option<&Record>, op: &Op, now: u64, last_token: &mut u64) -> Decision {
     match op {
         Op::Claim(c) => {
-            let (change, out) = claim(cur, c, now, index);
+            let (change, out) = claim(cur, c, now, last_token);
             (change, out.map(Outcome::Claim))
         }
         Op::Complete {
@@ -320,12 +328,30 @@ pub fn apply_op(cur: Option<&Record>, op: &Op, now: u64, index: u64) -> Decision
             Some(_) => (Change::Remove, Ok(Outcome::Deleted { existed: true })),
             None => (Change::Keep, Ok(Outcome::Deleted { existed: false })),
         },
+        Op::DeleteFenced { token } => delete_fenced(cur, *token),
+    }
+}
+
+/// A fenced Delete removes the record its token holds (live or expired,
+/// until taken over) or completed; a retry after it succeeded finds the key
+/// absent and changes nothing. Anything else is a newer claim or another
+/// state the token never held: `LEASE_LOST`.
+fn delete_fenced(cur: Option<&Record>, token: u64) -> Decision {
+    match cur.map(|r| &r.state) {
+        None => (Change::Keep, Ok(Outcome::Deleted { existed: false })),
+        Some(State::InProgress { token: held, .. })
+        | Some(State::Completed { token: held, .. })
+            if *held == token =>
+        {
+            (Change::Remove, Ok(Outcome::Deleted { existed: true }))
+        }
+        _ => lease_lost(token, cur),
     }
 }
 
 type ClaimDecision = (Change, Result<ClaimOutcome, RuleError>);
 
-fn claim(cur: Option<&Record>, c: &Claim, now: u64, index: u64) -> ClaimDecision {
+fn claim(cur: Option<&Record>, c: &Claim, now: u64, last_token: &mut u64) -> ClaimDecision {
     let Some(r) = cur else {
         let fresh = Record {
             state: State::Available {
@@ -341,7 +367,7 @@ fn claim(cur: Option<&Record>, c: &Claim, now: u64, index: u64) -> ClaimDecision
             max_attempts: c.max_attempts,
             retention_ms: c.retention_ms,
         };
-        return acquire(fresh, c, None, None, now, index);
+        return acquire(fresh, c, None, None, now, last_token);
     };
     if let (Some(stored), Some(given)) = (&r.fingerprint, &c.fingerprint) {
         if stored != given {
@@ -379,7 +405,9 @@ fn claim(cur: Option<&Record>, c: &Claim, now: u64, index: u64) -> ClaimDecision
             // The lease expired: that attempt failed; take over if allowed.
             if attempts_exhausted(r) {
                 let error = format!("lease of owner {owner:?} (token {token}) expired");
-                let failed = fail(r, owner, *token, &error, now);
+                // Token 0 is never granted: no Release matches it, so the
+                // fenced-out holder's late Release gets LEASE_LOST.
+                let failed = fail(r, owner, 0, &error, now);
                 let out = ClaimOutcome::Failed {
                     attempts: r.attempts,
                     last_error: error,
@@ -392,7 +420,7 @@ fn claim(cur: Option<&Record>, c: &Claim, now: u64, index: u64) -> ClaimDecision
                 Some(owner.clone()),
                 checkpoint.clone(),
                 now,
-                index,
+                last_token,
             )
         }
         State::Available {
@@ -401,7 +429,7 @@ fn claim(cur: Option<&Record>, c: &Claim, now: u64, index: u64) -> ClaimDecision
             ..
         } => {
             let prev = (!last_owner.is_empty()).then(|| last_owner.clone());
-            acquire(r.clone(), c, prev, checkpoint.clone(), now, index)
+            acquire(r.clone(), c, prev, checkpoint.clone(), now, last_token)
         }
         State::Completed {
             token,
@@ -438,8 +466,10 @@ fn acquire(
     previous_owner: Option<String>,
     checkpoint: Option<Vec<u8>>,
     now: u64,
-    index: u64,
+    last_token: &mut u64,
 ) -> ClaimDecision {
+    *last_token += 1;
+    let token = *last_token;
     let lease_deadline_ms = now.saturating_add(c.lease_ms);
     r.attempts += 1;
     r.updated_at_ms = now;
@@ -449,13 +479,13 @@ fn acquire(
     r.state = State::InProgress {
         owner: c.owner.clone(),
         claim_id: c.claim_id.clone(),
-        token: index,
+        token,
         lease_deadline_ms,
         previous_owner: previous_owner.clone(),
         checkpoint: checkpoint.clone(),
     };
     let out = ClaimOutcome::Acquired {
-        token: index,
+        token,
         lease_deadline_ms,
         attempt: r.attempts,
         previous_owner,
@@ -633,22 +663,27 @@ fn release(cur: Option<&Record>, token: u64, error: &str, now: u64) -> Decision 
 /// record of `claims[i]`'s key; keys are distinct (the API edge rejects
 /// duplicates). With `all_or_nothing`, either every item is acquired or no
 /// change is made and the items that would have been acquired report
-/// [`RuleError::NotAttempted`].
+/// [`RuleError::NotAttempted`], and the token counter is left untouched.
+/// Each item acquired takes a token of its own.
 pub fn apply_claim_batch(
     current: &[Option<Record>],
     claims: &[&Claim],
     all_or_nothing: bool,
     now: u64,
-    index: u64,
+    last_token: &mut u64,
 ) -> (Vec<Change>, Outcome) {
+    let mut counter = *last_token;
     let decisions: Vec<ClaimDecision> = current
         .iter()
         .zip(claims)
-        .map(|(cur, c)| claim(cur.as_ref(), c, now, index))
+        .map(|(cur, c)| claim(cur.as_ref(), c, now, &mut counter))
         .collect();
     let all_acquired = decisions
         .iter()
         .all(|(_, out)| matches!(out, Ok(ClaimOutcome::Acquired { .. })));
+    if !all_or_nothing || all_acquired {
+        *last_token = counter;
+    }
     if all_or_nothing && !all_acquired {
         let items = decisions
             .into_iter()
@@ -685,6 +720,7 @@ impl std::fmt::Display for Request {
                 Op::Renew { .. } => "renew",
                 Op::Release { .. } => "release",
                 Op::Delete => "delete",
+                Op::DeleteFenced { .. } => "delete-fenced",
             },
             Command::ClaimBatch { .. } => "claim-batch",
             Command::Sweep { .. } => "sweep",

@@ -101,12 +101,12 @@ fn model_claim(m: &M, owner: u8, claim_id: u8, now: u64, index: u64) -> (M, Want
         M::Held {
             owner: o, deadline, ..
         } if now < deadline => (m.clone(), Want::InProgress { owner: o }),
-        M::Held {
-            attempts, token, ..
-        } if attempts >= MAX_ATTEMPTS => (
+        // The expired holder's attempt ends in FAILED; no Release made it
+        // so, so its late Release must get LEASE_LOST (last_token 0).
+        M::Held { attempts, .. } if attempts >= MAX_ATTEMPTS => (
             M::Failed {
                 attempts,
-                last_token: token,
+                last_token: 0,
             },
             Want::Failed,
         ),
@@ -219,6 +219,8 @@ proptest! {
         let mut model = M::Absent;
         let mut now = 1_000u64;
         let mut index = 0u64;
+        // The replicated token counter: each grant takes the next value.
+        let mut last_token = 0u64;
         let mut granted: Vec<u64> = Vec::new();
         let mut completed: Option<(u64, Vec<u8>)> = None;
         for step in &steps {
@@ -235,7 +237,7 @@ proptest! {
                         max_attempts: MAX_ATTEMPTS,
                         retention_ms: 86_400_000,
                     });
-                    (op, model_claim(&model, *owner, *claim_id, now, index))
+                    (op, model_claim(&model, *owner, *claim_id, now, last_token + 1))
                 }
                 Step::Delete => (Op::Delete, (M::Absent, Want::Ok)),
                 Step::Complete { pick, .. } | Step::Renew { pick } | Step::Release { pick } => {
@@ -254,7 +256,9 @@ proptest! {
                 }
             };
             let before = rec.clone();
-            let (change, out) = apply_op(rec.as_ref(), &op, now, index);
+            let mut tokens = last_token;
+            let (change, out) = apply_op(rec.as_ref(), &op, now, &mut tokens);
+            last_token = tokens;
             let (next_model, want) = want_model;
             prop_assert_eq!(observe(&out), want, "step {:?} on {:?}", step, model);
             if out.is_err() {

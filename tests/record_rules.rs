@@ -1,5 +1,6 @@
 //! Unit tests of the rules in `record.rs` that the model test does not
-//! reach: batches, exhausted attempts, expiry, the clock, fingerprints.
+//! reach: batches, exhausted attempts, expiry, the clock, fingerprints,
+//! tokens per grant, fenced Delete, Release after being fenced out.
 use idemkv::record::*;
 
 fn claim(owner: &str, lease_ms: u64, max_attempts: u32) -> Claim {
@@ -28,9 +29,9 @@ fn the_clock_never_goes_backwards() {
 
 #[test]
 fn an_expired_lease_on_the_last_attempt_becomes_failed() {
-    let (c, _) = apply_op(None, &Op::Claim(claim("a", 100, 1)), 0, 5);
+    let (c, _) = apply_op(None, &Op::Claim(claim("a", 100, 1)), 0, &mut 4);
     let held = put(c);
-    let (c, out) = apply_op(Some(&held), &Op::Claim(claim("b", 100, 1)), 150, 6);
+    let (c, out) = apply_op(Some(&held), &Op::Claim(claim("b", 100, 1)), 150, &mut 5);
     let failed = put(c);
     assert!(matches!(failed.state, State::Failed { .. }));
     match out {
@@ -49,7 +50,7 @@ fn an_expired_lease_on_the_last_attempt_becomes_failed() {
 
 #[test]
 fn expiry_follows_the_state() {
-    let (c, _) = apply_op(None, &Op::Claim(claim("a", 100, 0)), 1_000, 1);
+    let (c, _) = apply_op(None, &Op::Claim(claim("a", 100, 0)), 1_000, &mut 0);
     let held = put(c);
     assert_eq!(
         expires_at(&held),
@@ -61,7 +62,7 @@ fn expiry_follows_the_state() {
         token: 1,
         error: "e".into(),
     };
-    let avail = put(apply_op(Some(&held), &release, 1_050, 2).0);
+    let avail = put(apply_op(Some(&held), &release, 1_050, &mut 1).0);
     assert_eq!(expires_at(&avail), 1_050 + 10_000);
     let done = Op::Complete {
         token: 3,
@@ -69,8 +70,8 @@ fn expiry_follows_the_state() {
         code: Some(7),
         retention_ms: Some(2_000),
     };
-    let again = put(apply_op(Some(&avail), &Op::Claim(claim("b", 100, 0)), 1_060, 3).0);
-    let completed = put(apply_op(Some(&again), &done, 1_070, 4).0);
+    let again = put(apply_op(Some(&avail), &Op::Claim(claim("b", 100, 0)), 1_060, &mut 2).0);
+    let completed = put(apply_op(Some(&again), &done, 1_070, &mut 3).0);
     assert_eq!(
         expires_at(&completed),
         1_070 + 2_000,
@@ -83,14 +84,14 @@ fn expiry_follows_the_state() {
 fn fingerprints_are_checked_on_every_later_claim() {
     let mut c = claim("a", 100, 0);
     c.fingerprint = Some(b"f1".to_vec());
-    let rec = put(apply_op(None, &Op::Claim(c.clone()), 0, 1).0);
+    let rec = put(apply_op(None, &Op::Claim(c.clone()), 0, &mut 0).0);
     let mut other = claim("b", 100, 0);
     other.fingerprint = Some(b"f2".to_vec());
-    let (change, out) = apply_op(Some(&rec), &Op::Claim(other), 500, 2);
+    let (change, out) = apply_op(Some(&rec), &Op::Claim(other), 500, &mut 1);
     assert_eq!(change, Change::Keep);
     assert_eq!(out, Err(RuleError::FingerprintMismatch));
     // Without a fingerprint, no check.
-    let (_, out) = apply_op(Some(&rec), &Op::Claim(claim("b", 100, 0)), 50, 3);
+    let (_, out) = apply_op(Some(&rec), &Op::Claim(claim("b", 100, 0)), 50, &mut 2);
     assert!(matches!(
         out,
         Ok(Outcome::Claim(ClaimOutcome::InProgress { .. }))
@@ -99,17 +100,19 @@ fn fingerprints_are_checked_on_every_later_claim() {
 
 #[test]
 fn batches_decide_per_item_or_all_or_nothing() {
-    let held = put(apply_op(None, &Op::Claim(claim("x", 1_000, 0)), 0, 1).0);
+    let held = put(apply_op(None, &Op::Claim(claim("x", 1_000, 0)), 0, &mut 0).0);
     let current = vec![None, Some(held), None];
     let (a, b, c) = (claim("w", 100, 0), claim("w", 100, 0), claim("w", 100, 0));
     let claims = vec![&a, &b, &c];
 
-    let (changes, out) = apply_claim_batch(&current, &claims, false, 10, 9);
+    let mut tokens = 8;
+    let (changes, out) = apply_claim_batch(&current, &claims, false, 10, &mut tokens);
     assert!(matches!(changes[0], Change::Put(_)));
     assert_eq!(changes[1], Change::Keep);
     match out {
         Outcome::Batch { items, applied } => {
             assert!(applied);
+            // Each grant takes a token of its own (SPEC §2 Tokens).
             assert!(matches!(
                 items[0],
                 Ok(ClaimOutcome::Acquired { token: 9, .. })
@@ -117,13 +120,19 @@ fn batches_decide_per_item_or_all_or_nothing() {
             assert!(matches!(items[1], Ok(ClaimOutcome::InProgress { .. })));
             assert!(matches!(
                 items[2],
-                Ok(ClaimOutcome::Acquired { token: 9, .. })
+                Ok(ClaimOutcome::Acquired { token: 10, .. })
             ));
         }
         other => panic!("{other:?}"),
     }
+    assert_eq!(tokens, 10, "the counter moved past both grants");
 
-    let (changes, out) = apply_claim_batch(&current, &claims, true, 10, 9);
+    let mut tokens = 8;
+    let (changes, out) = apply_claim_batch(&current, &claims, true, 10, &mut tokens);
+    assert_eq!(
+        tokens, 8,
+        "an all-or-nothing batch that changed nothing granted nothing"
+    );
     assert!(
         changes.iter().all(|c| *c == Change::Keep),
         "nothing changes"
@@ -141,7 +150,7 @@ fn batches_decide_per_item_or_all_or_nothing() {
 
 #[test]
 fn lease_lost_names_the_current_holder() {
-    let held = put(apply_op(None, &Op::Claim(claim("alice", 1_000, 0)), 0, 4).0);
+    let held = put(apply_op(None, &Op::Claim(claim("alice", 1_000, 0)), 0, &mut 3).0);
     let (_, out) = apply_op(
         Some(&held),
         &Op::Renew {
@@ -150,7 +159,7 @@ fn lease_lost_names_the_current_holder() {
             checkpoint: None,
         },
         10,
-        5,
+        &mut 4,
     );
     let err = out.unwrap_err();
     assert!(err.to_string().starts_with("LEASE_LOST"), "{err}");
@@ -165,7 +174,70 @@ fn lease_lost_names_the_current_holder() {
             error: String::new(),
         },
         10,
-        6,
+        &mut 5,
     );
     assert!(out.unwrap_err().to_string().contains("absent"));
+}
+
+#[test]
+fn a_holder_fenced_out_by_exhausted_attempts_cannot_release() {
+    // a holds the last attempt; its lease expires; b's claim turns it FAILED.
+    let held = put(apply_op(None, &Op::Claim(claim("a", 100, 1)), 0, &mut 0).0);
+    let failed = put(apply_op(Some(&held), &Op::Claim(claim("b", 100, 1)), 150, &mut 1).0);
+    assert!(matches!(failed.state, State::Failed { .. }));
+    let release = Op::Release {
+        token: 1,
+        error: "late".into(),
+    };
+    let (change, out) = apply_op(Some(&failed), &release, 160, &mut 1);
+    assert_eq!(change, Change::Keep);
+    let err = out.unwrap_err();
+    assert!(matches!(err, RuleError::LeaseLost { .. }), "{err}");
+    assert!(err.to_string().contains("FAILED"), "{err}");
+
+    // A Release that itself turned the record FAILED is still recognised
+    // when retried.
+    let held = put(apply_op(None, &Op::Claim(claim("a", 100, 1)), 0, &mut 0).0);
+    let by_release = put(apply_op(Some(&held), &release, 50, &mut 1).0);
+    let (_, again) = apply_op(Some(&by_release), &release, 60, &mut 1);
+    assert!(matches!(
+        again,
+        Ok(Outcome::Released {
+            state: Released::Failed,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_fenced_delete_removes_only_what_its_token_holds() {
+    let held = put(apply_op(None, &Op::Claim(claim("a", 100, 0)), 0, &mut 0).0);
+    let del = |token| Op::DeleteFenced { token };
+    // Its own claim, live or expired, is deleted.
+    for now in [10, 500] {
+        let (change, out) = apply_op(Some(&held), &del(1), now, &mut 1);
+        assert_eq!(change, Change::Remove);
+        assert_eq!(out, Ok(Outcome::Deleted { existed: true }));
+    }
+    // A retry after it succeeded finds nothing and changes nothing.
+    let (change, out) = apply_op(None, &del(1), 10, &mut 1);
+    assert_eq!(change, Change::Keep);
+    assert_eq!(out, Ok(Outcome::Deleted { existed: false }));
+    // A newer claim (token 2 took over) is never deleted by token 1.
+    let newer = put(apply_op(Some(&held), &Op::Claim(claim("b", 100, 0)), 200, &mut 1).0);
+    let (change, out) = apply_op(Some(&newer), &del(1), 210, &mut 2);
+    assert_eq!(change, Change::Keep);
+    assert!(matches!(out, Err(RuleError::LeaseLost { token: 1, .. })));
+    // The token that completed a record may delete it.
+    let done = Op::Complete {
+        token: 2,
+        result: b"r".to_vec(),
+        code: None,
+        retention_ms: None,
+    };
+    let completed = put(apply_op(Some(&newer), &done, 220, &mut 2).0);
+    let (change, _) = apply_op(Some(&completed), &del(1), 230, &mut 2);
+    assert_eq!(change, Change::Keep);
+    let (change, _) = apply_op(Some(&completed), &del(2), 230, &mut 2);
+    assert_eq!(change, Change::Remove);
 }

@@ -106,6 +106,7 @@ async fn losing_the_lease_stops_the_work_and_saves_nothing() {
                     .delete(api::DeleteRequest {
                         namespace: "orders".into(),
                         key: b"o-9".to_vec(),
+                        token: None,
                     })
                     .await
                     .unwrap();

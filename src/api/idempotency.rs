@@ -14,7 +14,7 @@ use crate::auth::{authenticate, Auth};
 use crate::config::Limits;
 use crate::error::Error;
 use crate::pb::api::{self, idempotency_server::Idempotency};
-use crate::raft::consensus::{wall_clock_ms, Consensus};
+use crate::raft::consensus::Consensus;
 use crate::record::{self, Command, Op, Outcome, RecordKey};
 
 pub struct IdempotencyService {
@@ -222,7 +222,7 @@ impl Idempotency for IdempotencyService {
             else {
                 return Err(not_found(&key));
             };
-            let now = wall_clock_ms();
+            let now = self.consensus.now_ms();
             let live = record::lease_is_live(&rec, now);
             let timed_out = tokio::time::Instant::now() >= deadline;
             if !live || timed_out {
@@ -257,9 +257,8 @@ impl Idempotency for IdempotencyService {
         req: Request<api::DeleteRequest>,
     ) -> Result<Response<api::DeleteResponse>, Status> {
         self.allow(req.metadata(), [req.get_ref().namespace.as_str()])?;
-        let r = req.get_ref();
-        let key = validate::key(&self.limits, &r.namespace, &r.key).map_err(to_status)?;
-        match self.op(key, Op::Delete).await? {
+        let (key, op) = validate::delete(&self.limits, req.get_ref()).map_err(to_status)?;
+        match self.op(key, op).await? {
             Outcome::Deleted { existed } => Ok(Response::new(api::DeleteResponse { existed })),
             other => Err(unexpected(other)),
         }

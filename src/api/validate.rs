@@ -98,12 +98,30 @@ fn token(t: u64) -> Result<u64> {
     Ok(t)
 }
 
+pub fn delete(limits: &Limits, r: &api::DeleteRequest) -> Result<(RecordKey, Op)> {
+    let k = key(limits, &r.namespace, &r.key)?;
+    let op = match r.token {
+        Some(t) => Op::DeleteFenced { token: token(t)? },
+        None => Op::Delete,
+    };
+    Ok((k, op))
+}
+
 pub fn claim(limits: &Limits, r: &api::ClaimRequest) -> Result<(RecordKey, Claim)> {
     let k = key(limits, &r.namespace, &r.key)?;
     if r.owner.is_empty() {
         return Err(Error::invalid("owner", "is required"));
     }
     check_len("owner", r.owner.len(), limits.owner_max, "bytes").map_err(as_invalid)?;
+    if r.claim_id.is_empty() {
+        return Err(Error::invalid(
+            "claim_id",
+            format!(
+                "is required (1-{} bytes, fixed for every retry of one claim; the client library makes one)",
+                limits.claim_id_max
+            ),
+        ));
+    }
     check_len("claim_id", r.claim_id.len(), limits.claim_id_max, "bytes").map_err(as_invalid)?;
     if let Some(fp) = &r.fingerprint {
         check_len("fingerprint", fp.len(), limits.fingerprint_max, "bytes").map_err(as_invalid)?;

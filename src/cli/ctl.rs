@@ -113,10 +113,14 @@ pub enum CtlOp {
         #[arg(long, default_value = "30s", value_parser = parse_duration_ms)]
         timeout: u64,
     },
-    /// Forget a record.
+    /// Forget a record. With --token, only the record that token holds or
+    /// completed (safe to retry); without, whatever is there (not retried
+    /// when its outcome is unknown).
     Delete {
         #[command(flatten)]
         t: Target,
+        #[arg(long)]
+        token: Option<u64>,
     },
     /// Cluster status as every endpoint sees it.
     Status,
@@ -481,11 +485,12 @@ async fn exec(
             let suffix = if r.timed_out { " (timed out)" } else { "" };
             (format!("{}{suffix}", record_text(&rec)), v)
         }
-        CtlOp::Delete { t } => {
+        CtlOp::Delete { t, token } => {
             let r = client
                 .delete(api::DeleteRequest {
                     namespace: t.namespace,
                     key: t.key.into_bytes(),
+                    token,
                 })
                 .await?;
             (

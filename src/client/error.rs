@@ -14,12 +14,19 @@ pub enum ClientError {
     Unready(String),
     #[error("unexpected reply: {0}")]
     Protocol(String),
+    /// A write that is not safe to retry (an unfenced Delete) was sent and
+    /// no answer came: it may or may not have taken effect. Read the record
+    /// to find out, or use a fenced call.
+    #[error("outcome unknown: the {what} may or may not have taken effect, and retrying it is not safe ({}: {})", .status.code(), .status.message())]
+    OutcomeUnknown { what: &'static str, status: Status },
 }
 
 impl ClientError {
     pub fn code(&self) -> Option<Code> {
         match self {
-            ClientError::Status(s) => Some(s.code()),
+            ClientError::Status(s) | ClientError::OutcomeUnknown { status: s, .. } => {
+                Some(s.code())
+            }
             _ => None,
         }
     }

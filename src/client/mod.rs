@@ -236,6 +236,20 @@ impl Client {
         F: Fn(Transport, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        self.retry_if(call, retryable).await
+    }
+
+    /// Call, retrying on other endpoints with backoff while `again` says
+    /// the failure is safe to retry and time is left.
+    async fn retry_if<T, F, Fut>(
+        &self,
+        call: F,
+        again: fn(&Status) -> bool,
+    ) -> Result<T, ClientError>
+    where
+        F: Fn(Transport, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let opts = &self.inner.opts;
         let give_up = tokio::time::Instant::now() + opts.retry_for;
         let mut backoff = opts.backoff_initial;
@@ -247,7 +261,7 @@ impl Client {
                     self.inner.preferred.store(at, Ordering::Relaxed);
                     return Ok(resp.into_inner());
                 }
-                Err(s) if retryable(&s) && tokio::time::Instant::now() + backoff < give_up => {
+                Err(s) if again(&s) && tokio::time::Instant::now() + backoff < give_up => {
                     tracing::debug!(code = ?s.code(), msg = s.message(), "retrying on another endpoint");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(opts.backoff_max);
@@ -361,15 +375,29 @@ impl Client {
         .await
     }
 
+    /// Delete a record. A fenced Delete (`token` set) is retried like every
+    /// other fenced write. An unfenced one is retried only when the server
+    /// refused it before running it (overloaded); any other failure where
+    /// it may have been applied is [`ClientError::OutcomeUnknown`], because
+    /// a retry could delete a newer claim.
     pub async fn delete(
         &self,
         req: api::DeleteRequest,
     ) -> Result<api::DeleteResponse, ClientError> {
-        self.retry(|ch, t| {
+        let call = |ch, t| {
             let req = req.clone();
             async move { Self::idem(ch).delete(Self::request(req, t)).await }
-        })
-        .await
+        };
+        if req.token.is_some() {
+            return self.retry(call).await;
+        }
+        match self.retry_if(call, overloaded).await {
+            Err(ClientError::Status(s)) if retryable(&s) => Err(ClientError::OutcomeUnknown {
+                what: "unfenced delete",
+                status: s,
+            }),
+            other => other,
+        }
     }
 
     /// Status of whichever node answers first.

@@ -44,8 +44,8 @@ enum Local {
     Failed(Error),
 }
 
-/// The node's wall clock in ms since the epoch: used only to stamp commands
-/// on the leader and to bound waits, never inside the state machine.
+/// The node's wall clock in ms since the epoch: only steers the leader's
+/// stamps (see [`super::clock`]); never a lease decision.
 pub fn wall_clock_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -82,6 +82,8 @@ pub struct Consensus {
     /// How long a write or read index may wait for a quorum before the
     /// caller gets `Unavailable`.
     pub timeout: Duration,
+    /// Stamps this node's proposals while it leads.
+    clock: super::clock::LeaderClock,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
@@ -102,6 +104,27 @@ impl Consensus {
             sm,
             peers,
             timeout,
+            clock: Default::default(),
+        }
+    }
+
+    /// The stamp a command proposed now gets (SPEC §2 Time).
+    fn stamp(&self) -> u64 {
+        let term = self.raft.metrics().borrow_watched().current_term;
+        self.clock
+            .stamp(term, self.sm.now_ms(), self.sm.clock_ms(), wall_clock_ms())
+    }
+
+    /// The one clock for lease decisions made outside the state machine
+    /// (Await, the no-write claim path, the sweeper): on the leader, the
+    /// stamp a write would get now; elsewhere the state machine clock plus
+    /// the monotonic time since this node last applied a stamp.
+    pub fn now_ms(&self) -> u64 {
+        let sm = self.sm.now_ms();
+        if self.raft.is_leader() {
+            sm.max(self.stamp())
+        } else {
+            sm
         }
     }
 
@@ -125,7 +148,7 @@ impl Consensus {
             return Err(Local::NotLeader(self.leader()));
         }
         let request = Request {
-            stamped_ms: wall_clock_ms(),
+            stamped_ms: self.stamp(),
             command,
         };
         let res = tokio::time::timeout(self.timeout, self.raft.client_write(request)).await;
@@ -218,8 +241,11 @@ impl Consensus {
             return Ok(None);
         }
         let judge = |rec: Option<Record>| {
-            let now = record::advance_clock(self.sm.clock_ms(), wall_clock_ms());
-            match record::apply_op(rec.as_ref(), op, now, 0) {
+            let now = record::advance_clock(self.sm.clock_ms(), self.now_ms());
+            // A decision that keeps the record grants nothing, so the
+            // counter is only read.
+            let mut tokens = self.sm.last_token();
+            match record::apply_op(rec.as_ref(), op, now, &mut tokens) {
                 (Change::Keep, out) => Some(out),
                 _ => None,
             }

@@ -3,6 +3,7 @@
 //! rest of idemkv sees only the aliases exported here, so an openraft API
 //! change stays in one place.
 
+pub mod clock;
 pub mod consensus;
 pub mod network;
 pub mod service;

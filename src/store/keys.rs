@@ -19,6 +19,9 @@ pub const EXPIRY: u8 = b'x';
 pub const APPLIED: &[u8] = b"m:applied";
 pub const MEMBERSHIP: &[u8] = b"m:membership";
 pub const CLOCK: &[u8] = b"m:clock";
+/// The last fencing token granted (SPEC §2 Tokens); absent before the first
+/// grant under this scheme, when the applied index bounds every token given.
+pub const LAST_TOKEN: &[u8] = b"m:last_token";
 /// Present while a snapshot is being installed: the snapshot file name.
 pub const INSTALLING: &[u8] = b"m:installing";
 

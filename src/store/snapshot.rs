@@ -1,8 +1,8 @@
 //! Snapshots of the state machine: building, installing, finding the latest.
 //!
 //! A snapshot is one file in `<data>/snapshots/`:
-//! `IDKVSNP1`, then a length-prefixed header (snapshot meta and the state
-//! machine clock), then length-prefixed `(key, record)` pairs. The expiry
+//! `IDKVSNP1`, then a length-prefixed header (snapshot meta, the state
+//! machine clock and the token counter), then length-prefixed `(key, record)` pairs. The expiry
 //! index is not stored: it is derived from the records on install.
 //!
 //! Building holds the state machine's read lock for the whole scan, so the
@@ -12,7 +12,6 @@
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 
 use openraft::RaftSnapshotBuilder;
 
@@ -23,13 +22,16 @@ use crate::codec::{decode, encode};
 use crate::raft::{Snapshot, SnapshotMeta, TypeConfig};
 use crate::record::{self, Record};
 
-const MAGIC: &[u8; 8] = b"IDKVSNP1";
+const MAGIC: &[u8; 8] = b"IDKVSNP2";
 const PREFIX: &str = "snap-";
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Header {
     meta: SnapshotMeta,
     clock_ms: u64,
+    /// The token counter: a node restored from this snapshot must never
+    /// grant a token already given.
+    last_token: u64,
 }
 
 fn write_frame(w: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
@@ -194,9 +196,13 @@ impl StateMachineStore {
         batch.insert(keys::APPLIED, encode(&header.meta.last_log_id)?);
         batch.insert(keys::MEMBERSHIP, encode(&header.meta.last_membership)?);
         batch.insert(keys::CLOCK, encode(&header.clock_ms)?);
+        batch.insert(keys::LAST_TOKEN, encode(&header.last_token)?);
         batch.remove(keys::INSTALLING);
         tree.apply_batch(batch).map_err(sled_err)?;
-        self.shared.clock.store(header.clock_ms, Ordering::Release);
+        self.set_clock(header.clock_ms);
+        self.shared
+            .last_token
+            .store(header.last_token, std::sync::atomic::Ordering::Release);
         let applied = header.meta.last_log_id.as_ref().map_or(0, |l| l.index());
         self.shared.applied.send_replace(applied);
         Ok(())
@@ -233,6 +239,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             let header = Header {
                 meta: meta.clone(),
                 clock_ms: this.clock_ms(),
+                last_token: this.last_token(),
             };
             let path = this.write_snapshot_file(&meta, |w| {
                 w.write_all(MAGIC)?;

@@ -39,6 +39,11 @@ pub(super) struct Shared {
     pub(super) lock: Arc<RwLock<()>>,
     /// The state machine clock: max of every stamp applied so far.
     pub(super) clock: AtomicU64,
+    /// When (monotonic) `clock` last took a stamp, or the store opened:
+    /// [`StateMachineStore::now_ms`] adds the time since.
+    pub(super) anchor: std::sync::Mutex<std::time::Instant>,
+    /// The last fencing token granted (SPEC §2 Tokens), as committed.
+    pub(super) last_token: AtomicU64,
     /// Index of the last applied entry, for waiters (Await).
     pub(super) applied: watch::Sender<u64>,
 }
@@ -51,6 +56,8 @@ struct Pending {
     batch: sled::Batch,
     /// Records written by this batch, for reads by later entries in it.
     records: std::collections::HashMap<Vec<u8>, Option<Record>>,
+    /// The token counter as the batch leaves it (`None`: unchanged).
+    last_token: Option<u64>,
     last: Option<LogId>,
     /// A value big enough for sled to put in a blob file was written.
     large: bool,
@@ -73,6 +80,7 @@ impl StateMachineStore {
             None => 0,
         };
         let (applied, _) = watch::channel(0);
+        let last_token = Self::read_last_token(&tree)?;
         let sm = StateMachineStore {
             shared: Arc::new(Shared {
                 tree,
@@ -80,6 +88,8 @@ impl StateMachineStore {
                 snapshot_dir,
                 lock: Arc::new(RwLock::new(())),
                 clock: AtomicU64::new(clock),
+                anchor: std::sync::Mutex::new(std::time::Instant::now()),
+                last_token: AtomicU64::new(last_token),
                 applied,
             }),
         };
@@ -87,6 +97,24 @@ impl StateMachineStore {
         let applied = sm.applied_log_id()?.map_or(0, |l| l.index());
         sm.shared.applied.send_replace(applied);
         Ok(sm)
+    }
+
+    /// The stored token counter. Before tokens had a counter of their own
+    /// every token was the log index of its grant, so a store without one
+    /// continues from its applied index, which no earlier token exceeds.
+    pub(super) fn read_last_token(tree: &sled::Tree) -> io::Result<u64> {
+        if let Some(v) = tree.get(keys::LAST_TOKEN).map_err(sled_err)? {
+            return decode::<u64>(&v);
+        }
+        Ok(match tree.get(keys::APPLIED).map_err(sled_err)? {
+            Some(v) => decode::<Option<LogId>>(&v)?.map_or(0, |l| l.index()),
+            None => 0,
+        })
+    }
+
+    /// The last fencing token granted, as of the last applied entry.
+    pub fn last_token(&self) -> u64 {
+        self.shared.last_token.load(Ordering::Acquire)
     }
 
     /// The record stored under `k`, as of the last applied entry.
@@ -100,6 +128,26 @@ impl StateMachineStore {
     /// The state machine clock (ms since the epoch, leader-stamped).
     pub fn clock_ms(&self) -> u64 {
         self.shared.clock.load(Ordering::Acquire)
+    }
+
+    /// The state machine clock as of now: the last applied stamp plus the
+    /// monotonic time since it was applied (or since this store opened).
+    /// Behind the leader's clock, never ahead of what real time allows, and
+    /// immune to wall-clock jumps: every lease decision outside `apply`
+    /// (Await, the no-write claim path, the sweep trigger) reads this.
+    pub fn now_ms(&self) -> u64 {
+        let anchor = *self.shared.anchor.lock().unwrap_or_else(|p| p.into_inner());
+        let clock = self.clock_ms();
+        clock.saturating_add(anchor.elapsed().as_millis() as u64)
+    }
+
+    /// Take the stamp `now` into the clock (on apply and snapshot install).
+    pub(super) fn set_clock(&self, now: u64) {
+        let mut anchor = self.shared.anchor.lock().unwrap_or_else(|p| p.into_inner());
+        if now != self.clock_ms() {
+            *anchor = std::time::Instant::now();
+        }
+        self.shared.clock.store(now, Ordering::Release);
     }
 
     /// Watch the index of the last applied entry.
@@ -188,7 +236,13 @@ impl StateMachineStore {
         };
         let mut done = std::mem::take(p);
         done.batch.insert(keys::APPLIED, encode(&Some(last))?);
+        if let Some(t) = done.last_token {
+            done.batch.insert(keys::LAST_TOKEN, encode(&t)?);
+        }
         self.shared.tree.apply_batch(done.batch).map_err(sled_err)?;
+        if let Some(t) = done.last_token {
+            self.shared.last_token.store(t, Ordering::Release);
+        }
         if done.large {
             // The log holds the value durably, but a blob file lost in a
             // power cut would leave the tree pointing at nothing, and the
@@ -199,14 +253,30 @@ impl StateMachineStore {
         Ok(())
     }
 
-    fn apply_request(&self, p: &mut Pending, req: Request, index: u64) -> io::Result<Response> {
+    fn apply_request(&self, p: &mut Pending, req: Request) -> io::Result<Response> {
         let now = record::advance_clock(self.clock_ms(), req.stamped_ms);
-        self.shared.clock.store(now, Ordering::Release);
+        self.set_clock(now);
         p.batch.insert(keys::CLOCK, encode(&now)?);
-        match req.command {
+        let mut tokens = p.last_token.unwrap_or_else(|| self.last_token());
+        let before = tokens;
+        let out = self.apply_command(p, req.command, now, &mut tokens);
+        if tokens != before {
+            p.last_token = Some(tokens);
+        }
+        out
+    }
+
+    fn apply_command(
+        &self,
+        p: &mut Pending,
+        command: Command,
+        now: u64,
+        tokens: &mut u64,
+    ) -> io::Result<Response> {
+        match command {
             Command::Op { key, op } => {
                 let cur = self.get_pending(p, &key)?;
-                let (change, out) = record::apply_op(cur.as_ref(), &op, now, index);
+                let (change, out) = record::apply_op(cur.as_ref(), &op, now, tokens);
                 self.stage(p, &key, cur.as_ref(), change)?;
                 Ok(out)
             }
@@ -220,7 +290,7 @@ impl StateMachineStore {
                     .collect::<io::Result<Vec<_>>>()?;
                 let claims: Vec<_> = items.iter().map(|(_, c)| c).collect();
                 let (changes, out) =
-                    record::apply_claim_batch(&current, &claims, all_or_nothing, now, index);
+                    record::apply_claim_batch(&current, &claims, all_or_nothing, now, tokens);
                 for (((k, _), cur), change) in items.iter().zip(&current).zip(changes) {
                     self.stage(p, k, cur.as_ref(), change)?;
                 }
@@ -278,9 +348,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let log_id = entry.log_id();
             let response = match entry.payload {
                 EntryPayload::Blank => Ok(Outcome::Nothing),
-                EntryPayload::Normal(req) => {
-                    self.apply_request(&mut pending, req, log_id.index())?
-                }
+                EntryPayload::Normal(req) => self.apply_request(&mut pending, req)?,
                 EntryPayload::Membership(m) => {
                     let stored = StoredMembership::new(Some(log_id), m);
                     pending.batch.insert(keys::MEMBERSHIP, encode(&stored)?);
