@@ -109,7 +109,17 @@ impl Node {
         )
         .await
         .map_err(|e| internal("raft start", e))?;
-        let consensus = Arc::new(Consensus::new(cfg.id, raft, sm, peers, cfg.request_timeout));
+        let limits = cfg.limits.clone();
+        let check: crate::raft::consensus::CommandCheck =
+            Arc::new(move |c| crate::api::validate::command(&limits, c));
+        let consensus = Arc::new(Consensus::new(
+            cfg.id,
+            raft,
+            sm,
+            peers,
+            cfg.request_timeout,
+            check,
+        ));
         let (shutdown, _) = watch::channel(false);
         let mut tasks = Vec::new();
 

@@ -387,11 +387,22 @@ fn an_all_or_nothing_batch_applied_by_halves_is_flagged() {
     h.op_on("a", 1, item(1, "a"), acq(5, 0, 1), 0, Some(10))
         .op_on("b", 1, item(1, "b"), Ret::NotAttempted, 0, Some(10));
     assert_flags(&h, "batch half applied");
-    let mut split = H::new();
-    split
+    // One entry grants each item a token of its own, consecutive ones.
+    let mut whole = H::new();
+    whole
         .op_on("a", 1, item(1, "a"), acq(5, 0, 1), 0, Some(10))
         .op_on("b", 1, item(1, "b"), acq(6, 0, 1), 0, Some(10));
-    assert_flags(&split, "batch split");
+    assert_clean(&whole);
+    // Two items with one token, or tokens with a gap (two entries): split.
+    let mut shared = H::new();
+    shared
+        .op_on("a", 1, item(1, "a"), acq(5, 0, 1), 0, Some(10))
+        .op_on("b", 1, item(1, "b"), acq(5, 0, 1), 0, Some(10));
+    assert_flags(&shared, "batch split");
+    let mut gap = H::new();
+    gap.op_on("a", 1, item(1, "a"), acq(5, 0, 1), 0, Some(10))
+        .op_on("b", 1, item(1, "b"), acq(9, 0, 1), 0, Some(10));
+    assert_flags(&gap, "batch split");
 }
 
 #[test]

@@ -608,3 +608,111 @@ fn serve_and_ctl_with_tokens_reload_on_sighup_and_status_reports_health() {
     let problems = v["problems"].to_string();
     assert!(problems.contains(&api[2]), "{problems}");
 }
+
+/// A forwarded write is checked against the leader's own limits: the peer
+/// port never takes what the client port would refuse (SPEC §5), and the
+/// refusal comes back as bad input, not as a retryable outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forwarded_commands_are_validated_again_on_the_leader() {
+    let c = TestCluster::start(3).await;
+    let leader = c.wait_leader(Duration::from_secs(10)).await;
+    let mut member = peer_from("127.0.0.1", &c.members[&leader].raft_addr).await;
+    let key = |k: &str| RecordKey {
+        namespace: "peers".into(),
+        key: k.as_bytes().to_vec(),
+    };
+    let claim = |lease_ms: u64, claim_id: &str| Claim {
+        owner: "w".into(),
+        claim_id: claim_id.into(),
+        lease_ms,
+        fingerprint: None,
+        max_attempts: 0,
+        retention_ms: 60_000,
+    };
+    let bad: Vec<(&str, Command)> = vec![
+        (
+            "lease_ms",
+            Command::Op {
+                key: key("huge-lease"),
+                op: Op::Claim(claim(1 << 60, "c1")),
+            },
+        ),
+        (
+            "claim_id",
+            Command::Op {
+                key: key("no-claim-id"),
+                op: Op::Claim(claim(1_000, "")),
+            },
+        ),
+        (
+            "namespace",
+            Command::Op {
+                key: RecordKey {
+                    namespace: "bad ns\0".into(),
+                    key: b"k".to_vec(),
+                },
+                op: Op::Claim(claim(1_000, "c1")),
+            },
+        ),
+        (
+            "result",
+            Command::Op {
+                key: key("big-result"),
+                op: Op::Complete {
+                    token: 1,
+                    result: vec![0; 2 * 1024 * 1024],
+                    code: None,
+                    retention_ms: None,
+                },
+            },
+        ),
+        (
+            "items[1].key",
+            Command::ClaimBatch {
+                items: vec![
+                    (key("dup"), claim(1_000, "c1")),
+                    (key("dup"), claim(1_000, "c2")),
+                ],
+                all_or_nothing: false,
+            },
+        ),
+    ];
+    for (field, cmd) in bad {
+        let reply = member
+            .forward(Payload {
+                data: idemkv::codec::encode(&Forwarded::Write(cmd)).unwrap(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let reply: ForwardReply = idemkv::codec::decode(&reply.data).unwrap();
+        match &reply {
+            ForwardReply::Invalid { field: f, .. } | ForwardReply::TooLarge { field: f, .. } => {
+                assert_eq!(f, field, "{reply:?}")
+            }
+            other => panic!("{field}: the leader accepted or mis-refused it: {other:?}"),
+        }
+    }
+    for k in ["huge-lease", "no-claim-id", "big-result", "dup"] {
+        let rec = c.client().get(get_req("peers", k)).await.unwrap();
+        assert!(rec.is_none(), "{k}: a refused forward wrote {rec:?}");
+    }
+    // A client of a follower still gets INVALID_ARGUMENT for bad input.
+    let follower = c.members.keys().find(|id| **id != leader).unwrap();
+    let mut req = claim_req("peers", "empty-id", "w", 1_000);
+    req.claim_id = String::new();
+    let err = raw_claim(&c.members[follower].api_addr, req).await;
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("claim_id"), "{}", err.message());
+    c.shutdown().await;
+}
+
+/// The client library fills an empty claim_id; a generated client calling
+/// the RPC directly does not, and must be refused.
+async fn raw_claim(addr: &str, req: api::ClaimRequest) -> tonic::Status {
+    let addr = format!("http://{addr}");
+    let mut raw = api::idempotency_client::IdempotencyClient::connect(addr)
+        .await
+        .unwrap();
+    raw.claim(req).await.expect_err("refused")
+}

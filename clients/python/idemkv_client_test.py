@@ -205,6 +205,9 @@ class IdemkvContract(unittest.TestCase):
             ("owner", claim_request(b"no-owner", "")),
             ("namespace", claim_request(b"k", "worker-a", namespace="")),
             ("namespace", claim_request(b"k", "worker-a", namespace="has space")),
+            # The proto3 default "" is no identity: two processes sharing an
+            # owner name would both hold the claim.
+            ("claim_id", pb.ClaimRequest(namespace=NAMESPACE, key=b"no-id", owner="w", lease_ms=LEASE_MS)),
         ]
         for field, req in cases:
             with self.subTest(field=field, request=str(req)):
@@ -223,6 +226,40 @@ class IdemkvContract(unittest.TestCase):
             grpc.StatusCode.NOT_FOUND,
             stub.Get,
             pb.GetRequest(namespace=NAMESPACE, key=b"bad-lease"),
+        )
+
+    def test_each_batch_item_gets_its_own_token(self):
+        stub = self.stubs[0]
+        items = [claim_request(f"batch-{i}".encode(), "worker-a") for i in range(3)]
+        got = call(stub.ClaimBatch, pb.ClaimBatchRequest(items=items))
+        tokens = [item.acquired.token for item in got.items]
+        self.assertTrue(all(item.WhichOneof("outcome") == "acquired" for item in got.items), got)
+        self.assertEqual(len(set(tokens)), 3, tokens)
+        self.assertEqual(tokens, sorted(tokens), tokens)
+
+    def test_fenced_delete(self):
+        stub = self.stubs[-1]
+        key = b"delete-me"
+        first = call(stub.Claim, claim_request(key, "worker-a", lease_ms=200))
+        old = first.acquired.token
+        time.sleep(0.3)
+        newer = call(stub.Claim, claim_request(key, "worker-b"))
+        self.assertEqual(newer.WhichOneof("outcome"), "acquired", newer)
+        # The old holder's token cannot delete its successor's claim.
+        err = self.expect_error(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            stub.Delete,
+            pb.DeleteRequest(namespace=NAMESPACE, key=key, token=old),
+        )
+        self.assertEqual(reason_of(err), "LEASE_LOST")
+        rec = call(stub.Get, pb.GetRequest(namespace=NAMESPACE, key=key)).record
+        self.assertEqual(rec.owner, "worker-b")
+        # The holder's own token deletes it, and a retry is harmless.
+        req = pb.DeleteRequest(namespace=NAMESPACE, key=key, token=newer.acquired.token)
+        self.assertTrue(call(stub.Delete, req).existed)
+        self.assertFalse(call(stub.Delete, req).existed)
+        self.expect_error(
+            grpc.StatusCode.NOT_FOUND, stub.Get, pb.GetRequest(namespace=NAMESPACE, key=key)
         )
 
 

@@ -69,6 +69,8 @@ impl Cluster for ClusterService {
             members: self.members(),
             snapshot_index: s.snapshot_index,
             api_addr: self.api_addr.clone(),
+            clock_ms: self.consensus.now_ms(),
+            wall_clock_ms: crate::raft::consensus::wall_clock_ms(),
         }))
     }
 

@@ -5,7 +5,7 @@
 use crate::config::Limits;
 use crate::error::{Error, Result};
 use crate::pb::api;
-use crate::record::{Claim, Op, RecordKey};
+use crate::record::{Claim, Command, Op, RecordKey};
 
 fn check_len(field: &str, len: usize, max: usize, unit: &str) -> Result<()> {
     if len > max {
@@ -245,4 +245,127 @@ pub fn await_timeout(limits: &Limits, ms: u64) -> Result<u64> {
         ));
     }
     Ok(ms)
+}
+
+/// The most records one sweep entry may remove, whoever proposed it.
+pub const SWEEP_LIMIT_MAX: u32 = 100_000;
+
+/// Check a decoded command against every limit the client port enforces:
+/// the peer port runs this on every forwarded write, so a peer (or a
+/// follower configured with looser limits) can never get in what a client
+/// could not (SPEC §5). The client port's own checks give the friendlier
+/// field names; this one guards what reaches the log.
+pub fn command(limits: &Limits, c: &Command) -> Result<()> {
+    match c {
+        Command::Op { key: k, op } => {
+            record_key(limits, k)?;
+            op_limits(limits, op)
+        }
+        Command::ClaimBatch { items, .. } => {
+            if items.is_empty() {
+                return Err(Error::invalid("items", "the batch is empty"));
+            }
+            if items.len() > limits.batch_max {
+                return Err(Error::too_large(
+                    "items",
+                    format!(
+                        "the batch has {} items; the limit is {}",
+                        items.len(),
+                        limits.batch_max
+                    ),
+                ));
+            }
+            let mut seen = std::collections::HashSet::new();
+            for (i, (k, c)) in items.iter().enumerate() {
+                let at = |e: Error| match e {
+                    Error::InvalidArgument { field, message } => Error::InvalidArgument {
+                        field: format!("items[{i}].{field}"),
+                        message,
+                    },
+                    other => other,
+                };
+                record_key(limits, k).map_err(at)?;
+                claim_limits(limits, c).map_err(at)?;
+                if !seen.insert(k) {
+                    return Err(Error::invalid(
+                        &format!("items[{i}].key"),
+                        "appears twice in the batch",
+                    ));
+                }
+            }
+            Ok(())
+        }
+        Command::Sweep { limit } => {
+            if *limit == 0 || *limit > SWEEP_LIMIT_MAX {
+                return Err(Error::invalid(
+                    "sweep.limit",
+                    format!("is {limit}; it must be 1-{SWEEP_LIMIT_MAX}"),
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn record_key(limits: &Limits, k: &RecordKey) -> Result<()> {
+    key(limits, &k.namespace, &k.key).map(|_| ())
+}
+
+fn claim_limits(limits: &Limits, c: &Claim) -> Result<()> {
+    if c.owner.is_empty() {
+        return Err(Error::invalid("owner", "is required"));
+    }
+    check_len("owner", c.owner.len(), limits.owner_max, "bytes").map_err(as_invalid)?;
+    if c.claim_id.is_empty() {
+        return Err(Error::invalid("claim_id", "is required"));
+    }
+    check_len("claim_id", c.claim_id.len(), limits.claim_id_max, "bytes").map_err(as_invalid)?;
+    if let Some(fp) = &c.fingerprint {
+        check_len("fingerprint", fp.len(), limits.fingerprint_max, "bytes").map_err(as_invalid)?;
+    }
+    lease(limits, "lease_ms", c.lease_ms)?;
+    // Already filled with the default at the client port: never 0 here.
+    if retention(limits, c.retention_ms)?.is_none() {
+        return Err(Error::invalid("retention_ms", "is 0"));
+    }
+    Ok(())
+}
+
+fn op_limits(limits: &Limits, op: &Op) -> Result<()> {
+    match op {
+        Op::Claim(c) => claim_limits(limits, c),
+        Op::Complete {
+            token: t,
+            result,
+            retention_ms,
+            ..
+        } => {
+            token(*t)?;
+            check_len("result", result.len(), limits.result_max, "bytes")?;
+            if let Some(ms) = retention_ms {
+                if retention(limits, *ms)?.is_none() {
+                    return Err(Error::invalid("retention_ms", "is 0"));
+                }
+            }
+            Ok(())
+        }
+        Op::Renew {
+            token: t,
+            lease_ms,
+            checkpoint,
+        } => {
+            token(*t)?;
+            lease(limits, "lease_ms", *lease_ms)?;
+            if let Some(cp) = checkpoint {
+                check_len("checkpoint", cp.len(), limits.checkpoint_max, "bytes")?;
+            }
+            Ok(())
+        }
+        Op::Release { token: t, error } => {
+            token(*t)?;
+            check_len("error", error.len(), limits.error_max, "bytes")
+        }
+        Op::Delete => Ok(()),
+        Op::DeleteFenced { token: t } => token(*t).map(|_| ()),
+    }
 }

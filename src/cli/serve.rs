@@ -69,6 +69,12 @@ pub struct ServeArgs {
     /// SIGHUP.
     #[arg(long, env = "IDEMKV_AUTH_TOKENS")]
     pub auth_tokens: Option<PathBuf>,
+    /// Serve the peer port without TLS although --auth-tokens is on and a
+    /// peer address is not loopback. Without TLS anyone who can reach the
+    /// peer port from a member's address can forward writes past the
+    /// tokens; say so explicitly.
+    #[arg(long, env = "IDEMKV_INSECURE_PEERS")]
+    pub insecure_peers: bool,
 }
 
 /// The `--config` file.
@@ -89,6 +95,7 @@ pub struct FileConfig {
     pub tls_ca: Option<PathBuf>,
     pub client_auth: Option<bool>,
     pub auth_tokens: Option<PathBuf>,
+    pub insecure_peers: Option<bool>,
     pub peer_members_only: Option<bool>,
     pub heartbeat_ms: Option<u64>,
     pub election_timeout_min_ms: Option<u64>,
@@ -98,6 +105,17 @@ pub struct FileConfig {
     pub snapshot_keep_logs: Option<u64>,
     pub limits: Option<Limits>,
     pub caps: Option<Caps>,
+}
+
+/// Whether `addr` (`host:port`) is on this host only: 127.0.0.0/8, ::1 or
+/// `localhost`. Any other name counts as reachable from elsewhere.
+fn is_loopback(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Parse `ID=API/PEER,...`.
@@ -208,6 +226,22 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<(NodeConfig, Option<BTreeMap<u
     };
     let init = args.init || file.init.unwrap_or(false);
     let peers = args.peers.or(file.peers);
+    let insecure_peers = args.insecure_peers || file.insecure_peers.unwrap_or(false);
+    if cfg.auth_tokens.is_some() && cfg.tls.is_none() && !insecure_peers {
+        let mut addrs = vec![cfg.peer_listen.clone()];
+        addrs.extend(cfg.advertise_peer.clone());
+        if let Some(p) = &peers {
+            addrs.extend(parse_peers(p)?.into_values().map(|n| n.raft_addr));
+        }
+        if let Some(a) = addrs.iter().find(|a| !is_loopback(a)) {
+            bail!(
+                "insecure-peers: --auth-tokens is set but the peer port has no TLS and \
+                 peer address {a} is not loopback, so a process that reaches it could \
+                 forward writes past the tokens; give --tls-cert/--tls-key/--tls-ca \
+                 (see `idemkv certs`), or --insecure-peers to accept the risk"
+            );
+        }
+    }
     let members = if init {
         let Some(p) = peers else {
             bail!("peers: --init needs --peers ID=API_ADDR/PEER_ADDR,...");
@@ -384,5 +418,35 @@ mod tests {
         let files = cfg.tls.unwrap();
         assert_eq!(files.ca, PathBuf::from("a"));
         assert!(files.client_auth);
+    }
+
+    #[test]
+    fn auth_without_peer_tls_off_loopback_needs_insecure_peers() {
+        let args = |peer: &str, insecure| ServeArgs {
+            id: Some(1),
+            peer_listen: Some(peer.into()),
+            auth_tokens: Some("tokens.toml".into()),
+            insecure_peers: insecure,
+            ..Default::default()
+        };
+        let err = resolve(args("0.0.0.0:7101", false))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("insecure-peers:"), "{err}");
+        assert!(
+            err.contains("0.0.0.0:7101") && err.contains("--tls-cert"),
+            "{err}"
+        );
+        assert!(resolve(args("0.0.0.0:7101", true)).is_ok());
+        assert!(resolve(args("127.0.0.1:7101", false)).is_ok());
+        assert!(resolve(args("[::1]:7101", false)).is_ok());
+        assert!(resolve(args("localhost:7101", false)).is_ok());
+        // A member elsewhere counts too, whatever this node binds.
+        let mut a = args("127.0.0.1:7101", false);
+        a.peers = Some("2=10.0.0.2:7002/10.0.0.2:7102".into());
+        assert!(resolve(a)
+            .unwrap_err()
+            .to_string()
+            .contains("10.0.0.2:7102"));
     }
 }

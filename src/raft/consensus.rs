@@ -36,7 +36,22 @@ pub enum ForwardReply {
     /// The receiver is not the leader (any more) or has no quorum.
     Unavailable(String),
     Internal(String),
+    /// The leader's own limits refused the command (bad input or too
+    /// large): nothing was proposed. (Added last, so older replies decode.)
+    Invalid {
+        field: String,
+        message: String,
+    },
+    TooLarge {
+        field: String,
+        message: String,
+    },
 }
+
+/// Checks a command against the node's limits before it is proposed: the
+/// API layer supplies it (this layer knows no limits), and it runs on every
+/// proposal, forwarded ones included.
+pub type CommandCheck = std::sync::Arc<dyn Fn(&Command) -> Result<()> + Send + Sync>;
 
 /// Why the local node could not serve a leader-only request.
 enum Local {
@@ -84,6 +99,7 @@ pub struct Consensus {
     pub timeout: Duration,
     /// Stamps this node's proposals while it leads.
     clock: super::clock::LeaderClock,
+    check: CommandCheck,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
@@ -97,6 +113,7 @@ impl Consensus {
         sm: StateMachineStore,
         peers: Peers,
         timeout: Duration,
+        check: CommandCheck,
     ) -> Self {
         Consensus {
             id,
@@ -105,6 +122,7 @@ impl Consensus {
             peers,
             timeout,
             clock: Default::default(),
+            check,
         }
     }
 
@@ -144,6 +162,7 @@ impl Consensus {
     }
 
     async fn propose_local(&self, command: Command) -> Result<Response, Local> {
+        (self.check)(&command).map_err(Local::Failed)?;
         if !self.raft.is_leader() {
             return Err(Local::NotLeader(self.leader()));
         }
@@ -282,6 +301,12 @@ impl Consensus {
                 l.map_or("unknown".to_string(), |(id, _)| id.to_string())
             )),
             Err(Local::Failed(Error::Unavailable(m))) => ForwardReply::Unavailable(m),
+            Err(Local::Failed(Error::InvalidArgument { field, message })) => {
+                ForwardReply::Invalid { field, message }
+            }
+            Err(Local::Failed(Error::TooLarge { field, message })) => {
+                ForwardReply::TooLarge { field, message }
+            }
             Err(Local::Failed(e)) => ForwardReply::Internal(e.to_string()),
         }
     }
@@ -405,6 +430,16 @@ impl Consensus {
         membership_result(self.raft.change_membership(set, retain).await)
     }
 
+    /// Ask the leader (this node) to hand leadership to voter `to`; the
+    /// change shows in metrics once `to` has won its election.
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<()> {
+        self.raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| Error::Internal(format!("raft stopped: {e}")))
+    }
+
     pub async fn trigger_snapshot(&self) -> Result<()> {
         self.raft
             .trigger()
@@ -435,6 +470,8 @@ fn reply_error(reply: ForwardReply) -> Error {
     match reply {
         ForwardReply::Unavailable(m) => Error::Unavailable(m),
         ForwardReply::Internal(m) => Error::Internal(m),
+        ForwardReply::Invalid { field, message } => Error::InvalidArgument { field, message },
+        ForwardReply::TooLarge { field, message } => Error::TooLarge { field, message },
         other => Error::Internal(format!("unexpected reply from the leader: {other:?}")),
     }
 }

@@ -287,8 +287,9 @@ fn same_claim(a: &Op, b: &Op) -> bool {
     }
 }
 
-/// An all-or-nothing batch is applied whole (every item acquired, one
-/// token) or not at all.
+/// A batch is one entry, so the items it granted took consecutive values
+/// of the token counter (a token per grant, SPEC §2 Tokens): distinct and
+/// without gaps. An all-or-nothing batch is applied whole or not at all.
 fn check_batches(history: &[Op]) -> Vec<Anomaly> {
     let mut batches: HashMap<u64, Vec<&Op>> = HashMap::new();
     for op in history {
@@ -298,12 +299,20 @@ fn check_batches(history: &[Op]) -> Vec<Anomaly> {
     }
     let mut out = Vec::new();
     for (b, items) in batches {
-        let tokens: HashSet<u64> = items.iter().filter_map(|o| granted(o)).collect();
-        if tokens.len() > 1 {
+        let grants: Vec<u64> = items.iter().filter_map(|o| granted(o)).collect();
+        let tokens: HashSet<u64> = grants.iter().copied().collect();
+        let (lo, hi) = (tokens.iter().min(), tokens.iter().max());
+        let consecutive = match (lo, hi) {
+            (Some(lo), Some(hi)) => hi - lo + 1 == grants.len() as u64,
+            _ => true,
+        };
+        if tokens.len() != grants.len() || !consecutive {
             out.push(anomaly(
                 &items[0].key,
                 "batch split",
-                format!("batch {b} granted several tokens {tokens:?}; one entry grants one"),
+                format!(
+                    "batch {b} granted tokens {grants:?}; one entry grants distinct, consecutive ones"
+                ),
             ));
         }
         let not_attempted = items.iter().any(|o| o.ret == Ret::NotAttempted);

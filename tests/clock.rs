@@ -1,0 +1,206 @@
+//! SPEC §2 Time, with real processes: the leader's wall clock jumps by
+//! ±25 h (libfaketime, monotonic clock untouched) while clients hold
+//! leases and completed records wait out a short retention. A jump must
+//! neither end a lease early, nor sweep every completed record, nor freeze
+//! takeovers once the clock is put right.
+//!
+//! Needs Debian's `faketime` (`.ci/run` installs it); skips without it.
+
+mod procs;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use idemkv::pb::api::{self, claim_response::Outcome};
+use idemkv::Client;
+use procs::ProcCluster;
+
+const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+const DAY_AND_HOUR_S: i64 = 25 * 3600;
+
+fn faketime_env(file: &Path) -> Vec<(String, String)> {
+    vec![
+        ("LD_PRELOAD".into(), FAKETIME_LIB.into()),
+        ("FAKETIME_TIMESTAMP_FILE".into(), file.display().to_string()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+    ]
+}
+
+fn set_offset(file: &Path, secs: i64) {
+    std::fs::write(file, format!("{secs:+}\n")).unwrap();
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+async fn claim(c: &Client, key: &str, owner: &str, lease_ms: u64) -> Outcome {
+    c.claim(api::ClaimRequest {
+        namespace: "clock".into(),
+        key: key.into(),
+        owner: owner.into(),
+        claim_id: format!("{owner}-{key}"),
+        lease_ms,
+        retention_ms: 60_000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+async fn status_of(c: &Client, api_addr: &str) -> api::StatusResponse {
+    let all = c.status_all().await;
+    let (_, s) = all
+        .into_iter()
+        .find(|(a, _)| a == api_addr)
+        .expect("the node answers");
+    s.unwrap()
+}
+
+/// Wait until node `i`'s wall clock reads `offset_s` off ours (libfaketime
+/// re-reads its file every second), and return what it reads then.
+async fn wait_wall_offset(c: &Client, addr: &str, offset_s: i64) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = status_of(c, addr).await;
+        let off = s.wall_clock_ms as i64 - now_ms() as i64;
+        if (off - offset_s * 1000).abs() < 5_000 || Instant::now() > deadline {
+            return off;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wall_clock_jump_on_the_leader_moves_no_lease_and_no_retention() {
+    if !Path::new(FAKETIME_LIB).exists() {
+        eprintln!("skipping: needs Debian's faketime ({FAKETIME_LIB})");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cl = ProcCluster::new(dir.path(), 3, "");
+    let files: Vec<_> = (0..3)
+        .map(|i| dir.path().join(format!("faketime-{i}")))
+        .collect();
+    for (i, f) in files.iter().enumerate() {
+        set_offset(f, 0);
+        cl.envs[i] = faketime_env(f);
+    }
+    cl.start_all();
+    cl.wait_ready(Duration::from_secs(20)).await;
+    let c = cl.client();
+    let first = c.status().await.unwrap();
+    let leader_addr = first.leader_api_addr.clone();
+    let leader = cl.api.iter().position(|a| *a == leader_addr).unwrap();
+    let term = status_of(&c, &leader_addr).await.term;
+
+    // Completed records with a 60 s retention, and a 4 s lease held by a.
+    for i in 0..20 {
+        let key = format!("done-{i}");
+        let Outcome::Acquired(a) = claim(&c, &key, "w", 10_000).await else {
+            panic!("fresh key not acquired");
+        };
+        c.complete(api::CompleteRequest {
+            namespace: "clock".into(),
+            key: key.into(),
+            token: a.token,
+            result: b"ok".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let held_at = Instant::now();
+    let Outcome::Acquired(held) = claim(&c, "held", "a", 4_000).await else {
+        panic!("a's claim not acquired");
+    };
+
+    // The leader's wall clock jumps 25 h ahead.
+    set_offset(&files[leader], DAY_AND_HOUR_S);
+    let off = wait_wall_offset(&c, &leader_addr, DAY_AND_HOUR_S).await;
+    assert!(
+        (off - DAY_AND_HOUR_S * 1000).abs() < 5_000,
+        "the fault took effect: the leader's wall clock reads {off} ms ahead"
+    );
+    let s = status_of(&c, &leader_addr).await;
+    assert!(
+        s.clock_ms < now_ms() + 60_000,
+        "the lease clock did not follow the jump: it is {} ms ahead",
+        s.clock_ms as i64 - now_ms() as i64
+    );
+    // Within a's lease, b is refused: the lease did not end early.
+    assert!(held_at.elapsed() < Duration::from_millis(3_500), "too slow");
+    match claim(&c, "held", "b", 4_000).await {
+        Outcome::InProgress(p) => assert_eq!(p.owner, "a"),
+        other => panic!("a's live lease was taken over after the jump: {other:?}"),
+    }
+    // Two sweep rounds later every completed record is still there.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    for i in 0..20 {
+        let rec = c
+            .get(api::GetRequest {
+                namespace: "clock".into(),
+                key: format!("done-{i}").into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(
+            rec.is_some(),
+            "done-{i} was swept by the jumped clock (retention 60 s)"
+        );
+    }
+
+    // The clock is put right (25 h back): takeovers must not freeze.
+    set_offset(&files[leader], 0);
+    let off = wait_wall_offset(&c, &leader_addr, 0).await;
+    assert!(off.abs() < 5_000, "the clock was put right: {off} ms");
+    let taken = loop {
+        match claim(&c, "held", "b", 4_000).await {
+            Outcome::Acquired(a) => break a,
+            Outcome::InProgress(_) if held_at.elapsed() < Duration::from_secs(12) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => panic!("a's 4 s lease never expired after the clock was fixed: {other:?}"),
+        }
+    };
+    let waited = held_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(3_900),
+        "taken over {waited:?} after a 4 s lease"
+    );
+    assert!(taken.token > held.token);
+    assert_eq!(taken.previous_owner.as_deref(), Some("a"));
+
+    // And the other way: the leader's clock falls 25 h behind. A 1 s lease
+    // still expires after about 1 s.
+    set_offset(&files[leader], -DAY_AND_HOUR_S);
+    let off = wait_wall_offset(&c, &leader_addr, -DAY_AND_HOUR_S).await;
+    assert!((off + DAY_AND_HOUR_S * 1000).abs() < 5_000, "{off}");
+    let t0 = Instant::now();
+    claim(&c, "short", "c", 1_000).await;
+    let taken = loop {
+        match claim(&c, "short", "d", 1_000).await {
+            Outcome::Acquired(a) => break a,
+            Outcome::InProgress(_) if t0.elapsed() < Duration::from_secs(6) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => panic!("a 1 s lease froze when the clock fell back: {other:?}"),
+        }
+    };
+    assert!(t0.elapsed() >= Duration::from_millis(950));
+    assert_eq!(taken.previous_owner.as_deref(), Some("c"));
+
+    // The whole run had one leader, so every decision above was its clock's.
+    let end = status_of(&c, &leader_addr).await;
+    assert_eq!(
+        (end.role.as_str(), end.term),
+        ("leader", term),
+        "the leader changed during the test; its logs are in {}",
+        dir.path().display()
+    );
+}
