@@ -11,9 +11,29 @@
 //! Layout: `log/<first index, 20 digits>.seg`, each a run of records
 //! `[payload length u32 LE][crc32 of payload u32 LE][payload]`, the payload
 //! a bincode [`Entry`]; the entries of a segment have consecutive indexes
-//! from the one in its name. A torn record at the end of the last segment
-//! (a crash mid-write, never acknowledged) is cut off at open; damage
-//! anywhere else is an error.
+//! from the one in its name.
+//!
+//! Recovery at open. A record is valid when it is whole, its checksum
+//! matches and it decodes to the entry whose index belongs there.
+//! - Cut: a torn tail, i.e. a bad or short record in the last segment with
+//!   nothing valid after it (zeros, garbage, part of a record: a write the
+//!   crash interrupted, so never acknowledged). "Nothing valid" means that
+//!   at no byte offset after the bad point is there a valid-checksum record
+//!   of an entry whose index could follow. The segment is cut at the bad
+//!   record.
+//! - Refused (an `InvalidData` error naming the file, the byte offset, the
+//!   entry index expected there and, for the last segment, how many valid
+//!   records follow; the file is left untouched and the node must not start):
+//!   a bad record in the last segment with any valid record after it, since
+//!   those may have been acknowledged; a bad record in any other segment;
+//!   a valid record holding the wrong index; a gap between segments.
+//! - Every segment kept is fsynced (`sync_data`; `sync_all` for one just
+//!   cut) before it is used, and the directory after: what an earlier run
+//!   wrote may be in the page cache only, if its fsync failed.
+//!
+//! A caveat of the rule: if a crash tore an unacknowledged multi-record
+//! write so that a later part reached the disk and an earlier one did not,
+//! it is refused too; the operator's remedy is the same.
 //!
 //! Recent entries stay in memory (up to [`CACHE_BYTES`]) for replication;
 //! older ones are read back from their segment.
@@ -86,10 +106,42 @@ pub struct LogStore {
     meta: sled::Tree,
     /// The sled database (vote, purge point, state machine).
     sled_sync: Arc<Syncer>,
+    /// Segment files fsynced by `open`: every one it kept.
+    synced_at_open: usize,
 }
 
 fn corrupt(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// `e`, naming the file (or directory) and what was being done to it.
+fn at(path: &Path, what: &str, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {what}: {e}", path.display()))
+}
+
+/// Why a damaged segment is refused rather than cut, and what the operator
+/// can do about it.
+fn damaged(path: &Path, offset: u64, want: u64, valid_after: usize, is_last: bool) -> io::Error {
+    let why = if is_last {
+        let records = if valid_after == 1 {
+            "record"
+        } else {
+            "records"
+        };
+        format!(
+            "with {valid_after} valid {records} after it, so not a torn write; \
+             entries after it may have been acknowledged and the log is not cut"
+        )
+    } else {
+        "in a segment before the last, where no torn write can be".to_string()
+    };
+    corrupt(format!(
+        "{}: damaged record at byte {offset}, where entry {want} belongs, {why}. \
+         This node must not start: restore its data directory from a backup, \
+         or wipe the data directory and add the node back as a new member \
+         (ctl member remove, then member add) so it catches up from the leader",
+        path.display()
+    ))
 }
 
 fn segment_name(first: u64) -> String {
@@ -108,26 +160,78 @@ fn decode_record(payload: &[u8], crc: u32) -> io::Result<Entry> {
     decode(payload)
 }
 
-/// Read every whole record of a segment: `(entry, loc)`, and the length of
-/// the valid prefix.
-fn scan(path: &Path, first: u64) -> io::Result<(Vec<(Entry, Loc)>, u64)> {
-    let bytes = fs::read(path)?;
-    let mut out = Vec::new();
-    let mut pos = 0usize;
-    while pos + HEADER <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().expect("4 bytes"));
-        let end = pos + HEADER + len;
-        if end > bytes.len() {
-            break;
+/// A whole record at `pos` with a correct checksum, decoding to an entry:
+/// the entry and where the record ends. `accept` sees the entry's log id
+/// (decoded from the payload's start, before the checksum is computed)
+/// and can turn it away cheaply.
+fn record_at(bytes: &[u8], pos: usize, accept: impl Fn(u64) -> bool) -> Option<(Entry, usize)> {
+    let header = bytes.get(pos..pos.checked_add(HEADER)?)?;
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    // No entry encodes to nothing.
+    if len == 0 {
+        return None;
+    }
+    let payload = bytes.get(pos + HEADER..(pos + HEADER).checked_add(len)?)?;
+    // An entry's encoding starts with its log id (the first field of
+    // `Entry`), so a wrong index is seen without hashing the payload.
+    let id: LogId = decode(payload).ok()?;
+    if !accept(id.index()) || crc32fast::hash(payload) != crc {
+        return None;
+    }
+    let entry = decode::<Entry>(payload).ok()?;
+    Some((entry, pos + HEADER + len))
+}
+
+/// How many whole, valid records lie after a bad record at `bad`, where
+/// entry `want` belongs. Past damage the record boundaries are unknown, so
+/// every byte offset is tried. A record found counts only if its index
+/// could follow: at least `want`, and no further ahead than the records
+/// that fit between `bad` and it (each takes more than `HEADER` bytes).
+fn valid_records_after(bytes: &[u8], bad: usize, want: u64) -> usize {
+    let mut count = 0;
+    let mut pos = bad + 1;
+    while pos + HEADER < bytes.len() {
+        let fit = ((pos - bad) / (HEADER + 1)) as u64;
+        match record_at(bytes, pos, |i| i >= want && i - want <= fit) {
+            Some((_, end)) => {
+                count += 1;
+                pos = end;
+            }
+            None => pos += 1,
         }
-        let Ok(entry) = decode_record(&bytes[pos + HEADER..end], crc) else {
-            break;
+    }
+    count
+}
+
+/// What [`scan`] found in a segment.
+struct Scanned {
+    /// The whole, valid records from the start, in order.
+    records: Vec<(Entry, Loc)>,
+    /// Where they end. Anything after is a bad record (or a torn tail).
+    valid: u64,
+    /// Whole valid records found after the bad one: 0 for a torn tail.
+    valid_after: usize,
+}
+
+/// Read a segment: its run of whole, valid records from the start, and
+/// whether anything valid follows the first bad one.
+fn scan(path: &Path, first: u64) -> io::Result<Scanned> {
+    let bytes = fs::read(path).map_err(|e| at(path, "read", e))?;
+    let mut records = Vec::new();
+    let mut pos = 0usize;
+    while pos < bytes.len() {
+        let want = first + records.len() as u64;
+        let Some((entry, end)) = record_at(&bytes, pos, |_| true) else {
+            return Ok(Scanned {
+                records,
+                valid: pos as u64,
+                valid_after: valid_records_after(&bytes, pos, want),
+            });
         };
-        let want = first + out.len() as u64;
         if entry.index() != want {
             return Err(corrupt(format!(
-                "{}: entry {} where {want} belongs",
+                "{}: entry {} at byte {pos} where entry {want} belongs",
                 path.display(),
                 entry.index()
             )));
@@ -135,12 +239,48 @@ fn scan(path: &Path, first: u64) -> io::Result<(Vec<(Entry, Loc)>, u64)> {
         let loc = Loc {
             segment: first,
             offset: pos as u64,
-            len: (HEADER + len) as u32,
+            len: (end - pos) as u32,
         };
-        out.push((entry, loc));
+        records.push((entry, loc));
         pos = end;
     }
-    Ok((out, pos as u64))
+    Ok(Scanned {
+        records,
+        valid: pos as u64,
+        valid_after: 0,
+    })
+}
+
+impl Segment {
+    /// A segment found at open, usable only once fsynced: what an earlier
+    /// run wrote may sit in the page cache alone (its fsync failed, or the
+    /// process died first), and nothing may be acknowledged or built on it
+    /// until it is on disk. A segment just cut gets `sync_all` (its length
+    /// changed), the others `sync_data`. Counts itself in `synced`.
+    fn recovered(
+        first: u64,
+        next: u64,
+        path: PathBuf,
+        file: File,
+        len: u64,
+        cut: bool,
+        synced: &mut usize,
+    ) -> io::Result<Segment> {
+        let res = if cut {
+            file.sync_all()
+        } else {
+            file.sync_data()
+        };
+        res.map_err(|e| at(&path, "fsync at open", e))?;
+        *synced += 1;
+        Ok(Segment {
+            first,
+            next,
+            path,
+            file: Arc::new(file),
+            len,
+        })
+    }
 }
 
 impl Inner {
@@ -254,28 +394,39 @@ impl LogStore {
             cache_bytes: 0,
         };
         let count = firsts.len();
+        let mut synced_at_open = 0;
         for (i, first) in firsts.into_iter().enumerate() {
             let path = dir.join(segment_name(first));
-            let (records, valid) = scan(&path, first)?;
-            let file = OpenOptions::new().read(true).write(true).open(&path)?;
-            let on_disk = file.metadata()?.len();
-            if valid < on_disk {
-                if i + 1 < count {
-                    return Err(corrupt(format!(
-                        "{}: damaged record at byte {valid} before the last segment",
-                        path.display()
-                    )));
+            let is_last = i + 1 == count;
+            let Scanned {
+                records,
+                valid,
+                valid_after,
+            } = scan(&path, first)?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| at(&path, "open", e))?;
+            let on_disk = file.metadata().map_err(|e| at(&path, "stat", e))?.len();
+            let cut = valid < on_disk;
+            if cut {
+                let want = first + records.len() as u64;
+                if !is_last || valid_after > 0 {
+                    return Err(damaged(&path, valid, want, valid_after, is_last));
                 }
                 tracing::warn!(path = %path.display(), valid, on_disk, "cutting a torn write off the log");
-                file.set_len(valid)?;
-                file.sync_all()?;
+                file.set_len(valid)
+                    .map_err(|e| at(&path, &format!("cut at byte {valid}"), e))?;
             }
             let next = first + records.len() as u64;
-            if next <= keep_after && i + 1 < count {
+            if next <= keep_after && !is_last {
                 // Purged entirely.
-                fs::remove_file(&path)?;
+                fs::remove_file(&path).map_err(|e| at(&path, "remove", e))?;
                 continue;
             }
+            let segment =
+                Segment::recovered(first, next, path, file, valid, cut, &mut synced_at_open)?;
             for (entry, loc) in records {
                 if entry.index() < keep_after {
                     continue;
@@ -296,15 +447,9 @@ impl LogStore {
                 let size = loc.len as usize;
                 inner.push_cache(entry, size);
             }
-            inner.segments.push(Segment {
-                first,
-                next,
-                path,
-                file: Arc::new(file),
-                len: valid,
-            });
+            inner.segments.push(segment);
         }
-        sync_dir(dir)?;
+        sync_dir(dir).map_err(|e| at(dir, "fsync", e))?;
 
         let active = Arc::new(Mutex::new(inner.segments.last().map(|s| s.file.clone())));
         let to_sync = active.clone();
@@ -326,6 +471,7 @@ impl LogStore {
             commit: Arc::new(commit),
             meta,
             sled_sync,
+            synced_at_open,
         })
     }
 
@@ -345,6 +491,12 @@ impl LogStore {
             .iter()
             .map(|s| s.path.clone())
             .collect()
+    }
+
+    /// How many segment files `open` fsynced before the log could be used:
+    /// all it kept, or the log trusted what the page cache said.
+    pub fn synced_at_open(&self) -> usize {
+        self.synced_at_open
     }
 
     /// `(fsync rounds, appends they acknowledged)` of the log.

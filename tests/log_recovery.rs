@@ -1,0 +1,331 @@
+//! What opening the Raft log does with a damaged last segment: a torn tail
+//! (a write that never finished, so never acknowledged) is cut off and the
+//! node starts; damage with acknowledged records after it is refused, the
+//! file left as it was, and `idemkv serve` exits saying what to do. Also:
+//! every segment kept is fsynced at open, before anything is acknowledged.
+mod procs;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use idemkv::raft::{Entry, TypeConfig};
+use idemkv::record::{Command, Op, RecordKey, Request};
+use idemkv::store::{LogStore, Store};
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::testing::log_id;
+use openraft::{EntryPayload, RaftLogReader};
+
+fn entry(index: u64) -> Entry {
+    Entry {
+        log_id: log_id::<TypeConfig>(1, 1, index),
+        payload: EntryPayload::Normal(Request {
+            stamped_ms: index,
+            command: Command::Op {
+                key: RecordKey {
+                    namespace: "ns".into(),
+                    key: format!("key-{index}").into_bytes(),
+                },
+                op: Op::Complete {
+                    token: index,
+                    result: vec![index as u8; 100],
+                    code: None,
+                    retention_ms: None,
+                },
+            },
+        }),
+    }
+}
+
+async fn append(log: &mut LogStore, entries: Vec<Entry>) {
+    let (tx, rx) = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot();
+    log.append(entries, IOFlushed::signal(tx)).await.unwrap();
+    rx.await.unwrap().unwrap();
+}
+
+/// Stop the store's threads and drop it, releasing the data directory.
+fn close(store: Store) {
+    store.log.close();
+    store.syncer.close();
+    drop(store);
+}
+
+/// A data directory whose log holds entries 1..=10 (acknowledged), in one
+/// segment; returns that segment's path.
+async fn ten_entries(dir: &Path) -> PathBuf {
+    let mut store = Store::open(dir).unwrap();
+    append(&mut store.log, (1..=10).map(entry).collect()).await;
+    let segs = store.log.segment_files();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    close(store);
+    segs[0].clone()
+}
+
+/// `(offset, length)` of each whole record in a segment.
+fn records(bytes: &[u8]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos + 8 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        if pos + 8 + len > bytes.len() {
+            break;
+        }
+        out.push((pos, 8 + len));
+        pos += 8 + len;
+    }
+    out
+}
+
+async fn all_indexes(store: &mut Store) -> Vec<u64> {
+    let state = store.log.get_log_state().await.unwrap();
+    let last = state.last_log_id.map_or(0, |l| l.index);
+    let got = store.log.try_get_log_entries(1..=last).await.unwrap();
+    assert_eq!(got, (1..=last).map(entry).collect::<Vec<_>>());
+    got.iter().map(|e| e.log_id.index).collect()
+}
+
+/// Open must refuse, with an error an operator can act on, and leave the
+/// segment byte for byte as it was.
+fn assert_refused(dir: &Path, seg: &Path, offset: usize, index: u64, after: usize) -> String {
+    let before = std::fs::read(seg).unwrap();
+    let err = Store::open(dir)
+        .err()
+        .expect("a log with acknowledged entries after damage must not open");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+    let msg = err.to_string();
+    for part in [
+        seg.display().to_string(),
+        format!("byte {offset}"),
+        format!("entry {index}"),
+        format!("{after} valid records after it"),
+        "backup".to_string(),
+        "new member".to_string(),
+    ] {
+        assert!(msg.contains(&part), "{part:?} missing from: {msg}");
+    }
+    assert_eq!(
+        std::fs::read(seg).unwrap(),
+        before,
+        "the segment was changed"
+    );
+    msg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_mid_segment_refuses_to_open_and_cuts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = ten_entries(dir.path()).await;
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let recs = records(&bytes);
+    assert_eq!(recs.len(), 10);
+    let (at, len) = recs[2];
+    bytes[at + len / 2] ^= 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    assert_refused(dir.path(), &seg, at, 3, 7);
+    // Still refused the second time: nothing was cut meanwhile.
+    assert_refused(dir.path(), &seg, at, 3, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_length_field_mid_segment_refuses_to_open_and_cuts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = ten_entries(dir.path()).await;
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let (at, _) = records(&bytes)[2];
+    bytes[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    std::fs::write(&seg, &bytes).unwrap();
+
+    assert_refused(dir.path(), &seg, at, 3, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_to_the_last_record_with_a_torn_write_after_it_is_cut() {
+    // Nothing valid follows the bad record: still a torn tail.
+    let dir = tempfile::tempdir().unwrap();
+    let seg = ten_entries(dir.path()).await;
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let (at, _) = records(&bytes)[9];
+    bytes[at + 20] ^= 0x01;
+    bytes.extend_from_slice(&[0u8; 512]);
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let mut store = Store::open(dir.path()).unwrap();
+    assert_eq!(all_indexes(&mut store).await, (1..=9).collect::<Vec<_>>());
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), at as u64);
+    close(store);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_tails_are_cut_and_every_entry_before_them_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = ten_entries(dir.path()).await;
+    let whole = std::fs::read(&seg).unwrap();
+    let (third, third_len) = records(&whole)[2];
+    // Bytes that look like no record: a fixed pseudo-random sequence.
+    let mut x: u32 = 0x9E37_79B9;
+    let garbage: Vec<u8> = (0..3000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 24) as u8
+        })
+        .collect();
+    // A record of entry 11 that was being written when the node died.
+    let mut store = Store::open(dir.path()).unwrap();
+    append(&mut store.log, vec![entry(11)]).await;
+    close(store);
+    let with_11 = std::fs::read(&seg).unwrap();
+    let record_11 = with_11[whole.len()..].to_vec();
+    std::fs::write(&seg, &whole).unwrap();
+
+    let tails: Vec<(&str, Vec<u8>)> = vec![
+        ("zeros", vec![0u8; 4096]),
+        ("garbage", garbage),
+        ("half a record", record_11[..record_11.len() / 2].to_vec()),
+        ("a header alone", record_11[..8].to_vec()),
+        ("three bytes", record_11[..3].to_vec()),
+        // A whole old record (entry 3) after a torn one, say from a reused
+        // disk block: its index does not belong after entry 10.
+        (
+            "a stale old record",
+            [
+                &record_11[..20],
+                &whole[third..third + third_len],
+                &[0u8; 100][..],
+            ]
+            .concat(),
+        ),
+    ];
+    for (what, tail) in tails {
+        std::fs::write(&seg, [&whole[..], &tail[..]].concat()).unwrap();
+        let mut store = Store::open(dir.path())
+            .unwrap_or_else(|e| panic!("{what}: a torn tail must not stop the node: {e}"));
+        assert_eq!(
+            all_indexes(&mut store).await,
+            (1..=10).collect::<Vec<_>>(),
+            "{what}"
+        );
+        assert_eq!(std::fs::read(&seg).unwrap(), whole, "{what}: not cut back");
+        close(store);
+    }
+
+    // And the log goes on after the cut.
+    let mut store = Store::open(dir.path()).unwrap();
+    append(&mut store.log, vec![entry(11)]).await;
+    close(store);
+    let mut store = Store::open(dir.path()).unwrap();
+    assert_eq!(all_indexes(&mut store).await, (1..=11).collect::<Vec<_>>());
+    close(store);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_exits_non_zero_with_the_whole_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node-1");
+    let seg = ten_entries(&data).await;
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let (at, len) = records(&bytes)[2];
+    bytes[at + len / 2] ^= 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let child = std::process::Command::new(procs::BIN)
+        .args(["serve", "--id", "1"])
+        .args(["--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+            panic!("idemkv serve started on a damaged log");
+        }
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    for part in [
+        seg.display().to_string(),
+        format!("byte {at}"),
+        "entry 3".to_string(),
+        "7 valid records after it".to_string(),
+        "backup".to_string(),
+    ] {
+        assert!(stderr.contains(&part), "{part:?} missing from: {stderr}");
+    }
+    assert_eq!(
+        std::fs::read(&seg).unwrap(),
+        bytes,
+        "the segment was changed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_segment_kept_is_fsynced_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with_segment_bytes(dir.path(), 1024).unwrap();
+    assert_eq!(store.log.synced_at_open(), 0, "a new log has no segment");
+    let mut log = store.log.clone();
+    for i in 1..=40 {
+        append(&mut log, vec![entry(i)]).await;
+    }
+    drop(log);
+    close(store);
+
+    let mut store = Store::open_with_segment_bytes(dir.path(), 1024).unwrap();
+    let segs = store.log.segment_files();
+    assert!(segs.len() > 2, "segments: {segs:?}");
+    assert_eq!(store.log.synced_at_open(), segs.len());
+    // A purge drops whole segments; the next open syncs those left.
+    store
+        .log
+        .purge(log_id::<TypeConfig>(1, 1, 20))
+        .await
+        .unwrap();
+    close(store);
+
+    // With a torn tail on the last segment, which is cut and synced too.
+    let last = segs.last().unwrap();
+    let mut bytes = std::fs::read(last).unwrap();
+    bytes.extend_from_slice(&[0xAB; 300]);
+    std::fs::write(last, &bytes).unwrap();
+    let mut store = Store::open_with_segment_bytes(dir.path(), 1024).unwrap();
+    let kept = store.log.segment_files();
+    assert!(
+        kept.len() < segs.len(),
+        "purge removed no segment: {kept:?}"
+    );
+    assert_eq!(store.log.synced_at_open(), kept.len());
+    assert_eq!(
+        all_indexes_from(&mut store, 21).await,
+        (21..=40).collect::<Vec<_>>()
+    );
+    close(store);
+}
+
+async fn all_indexes_from(store: &mut Store, from: u64) -> Vec<u64> {
+    let got = store
+        .log
+        .try_get_log_entries(from..=u64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        (from..from + got.len() as u64)
+            .map(entry)
+            .collect::<Vec<_>>()
+    );
+    got.iter().map(|e| e.log_id.index).collect()
+}
