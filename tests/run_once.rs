@@ -1,6 +1,9 @@
 //! The run-once helper against a real three-node cluster: the work's effect
 //! happens once, duplicates get the saved result, failures release, lost
-//! leases stop the work, checkpoints reach the next attempt.
+//! leases stop the work, checkpoints reach the next attempt. The client
+//! times its own lease (SPEC §2 Time): a worker cut off from the cluster (a
+//! proxy that can cut or delay its path) stops before the server's lease
+//! ends and saves nothing, and a grant that arrives too late is not started.
 mod common;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -8,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::TestCluster;
-use idemkv::client::{RunError, RunOptions, RunOutcome};
+use idemkv::client::{LeaseLoss, RunError, RunOptions, RunOutcome};
 use idemkv::pb::api;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,7 +120,16 @@ async fn losing_the_lease_stops_the_work_and_saves_nothing() {
             },
         )
         .await;
-    assert!(matches!(res, Err(RunError::LeaseLost { .. })), "{res:?}");
+    assert!(
+        matches!(
+            res,
+            Err(RunError::LeaseLost {
+                why: LeaseLoss::Fenced,
+                ..
+            })
+        ),
+        "{res:?}"
+    );
     let rec = c
         .client()
         .get(api::GetRequest {
@@ -132,4 +144,353 @@ async fn losing_the_lease_stops_the_work_and_saves_nothing() {
         "nothing was completed with the stale token: {rec:?}"
     );
     c.shutdown().await;
+}
+
+// ------------------------------------------------------------ lease timing
+
+/// A TCP proxy between one client and one node. It can cut the path (drop
+/// every open connection and refuse new ones) or hold back what the node
+/// sends, which is how a worker loses the cluster without root.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    path: tokio::sync::watch::Sender<PathState>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct PathState {
+    cut: bool,
+    /// How long the node's bytes are held before they reach the client.
+    reply_delay: Duration,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (path, _) = tokio::sync::watch::channel(PathState::default());
+        let rx = path.subscribe();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                if rx.borrow().cut {
+                    continue; // dropped: the client sees a reset
+                }
+                let (target, rx) = (target.clone(), rx.clone());
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    let (ci, co) = inbound.into_split();
+                    let (ni, no) = outbound.into_split();
+                    tokio::join!(pump(ci, no, rx.clone(), false), pump(ni, co, rx, true));
+                });
+            }
+        });
+        Proxy { addr, path }
+    }
+
+    fn cut(&self) {
+        self.path.send_modify(|p| p.cut = true);
+    }
+
+    fn heal(&self) {
+        self.path.send_modify(|p| *p = PathState::default());
+    }
+
+    fn delay_replies(&self, by: Duration) {
+        self.path.send_modify(|p| p.reply_delay = by);
+    }
+
+    /// A client whose only way to the cluster is this proxy.
+    fn client(&self, request_timeout: Duration, retry_for: Duration) -> idemkv::Client {
+        idemkv::Client::with_options(
+            [self.addr.to_string()],
+            idemkv::client::ClientOptions {
+                request_timeout,
+                retry_for,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+}
+
+/// Copy one direction of a proxied connection until either side closes or
+/// the path is cut (then both halves drop: the connection is gone).
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    path: tokio::sync::watch::Receiver<PathState>,
+    replies: bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let delay = path.clone();
+    let read = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            let hold = if replies {
+                delay.borrow().reply_delay
+            } else {
+                Duration::ZERO
+            };
+            if tx
+                .send((tokio::time::Instant::now() + hold, buf[..n].to_vec()))
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let write = async move {
+        while let Some((at, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    let mut cut = path;
+    tokio::select! {
+        _ = async { tokio::join!(read, write) } => {}
+        _ = cut.wait_for(|p| p.cut) => {}
+    }
+}
+
+fn get_req(ns: &str, key: &[u8]) -> api::GetRequest {
+    api::GetRequest {
+        namespace: ns.into(),
+        key: key.to_vec(),
+        consistency: 0,
+    }
+}
+
+/// Run `key` as `owner` on a direct client until it is no longer Busy (the
+/// previous holder's lease expired), recording the interval the work ran.
+async fn take_over(
+    client: &idemkv::Client,
+    ns: &str,
+    key: &[u8],
+    owner: &str,
+    lease: Duration,
+) -> (
+    RunOutcome,
+    Option<(tokio::time::Instant, tokio::time::Instant)>,
+) {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let ran = Arc::new(std::sync::Mutex::new(None));
+        let out = client
+            .run_once(ns, key, &RunOptions::new(owner, lease), |_claimed| {
+                let ran = ran.clone();
+                async move {
+                    let start = tokio::time::Instant::now();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    *ran.lock().unwrap() = Some((start, tokio::time::Instant::now()));
+                    Ok::<_, String>(format!("from-{owner}"))
+                }
+            })
+            .await
+            .unwrap();
+        if !matches!(out, RunOutcome::Busy { .. }) {
+            let interval = *ran.lock().unwrap();
+            return (out, interval);
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "{owner} never took over"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_the_cluster_stops_before_its_lease_ends_and_saves_nothing() {
+    let c = TestCluster::start(3).await;
+    let proxy = Proxy::start(c.members[&1].api_addr.clone()).await;
+    let worker = proxy.client(Duration::from_millis(300), Duration::from_secs(15));
+    let direct = c.client();
+    let (ns, key) = ("jobs", &b"cut/1"[..]);
+    let lease = Duration::from_secs(1);
+
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let w1 = tokio::spawn(async move {
+        worker
+            .run_once(
+                ns,
+                key,
+                &RunOptions::new("w1", lease),
+                |claimed| async move {
+                    let start = tokio::time::Instant::now();
+                    let _ = started_tx.send(claimed.token);
+                    claimed.lost().await;
+                    let _ = lost_tx.send((start, tokio::time::Instant::now()));
+                    // Told to stop, it still hands back a result: never saved.
+                    let _ = go_rx.await;
+                    Ok::<_, String>("from-w1")
+                },
+            )
+            .await
+    });
+    let token1 = tokio::time::timeout(Duration::from_secs(5), started_rx)
+        .await
+        .expect("w1 starts")
+        .unwrap();
+
+    proxy.cut();
+    let probe = proxy.client(Duration::from_millis(200), Duration::from_millis(300));
+    let through = probe.get(get_req(ns, key)).await;
+    assert!(through.is_err(), "the cut took effect: {through:?}");
+
+    let (w1_start, w1_end) = tokio::time::timeout(Duration::from_secs(3), lost_rx)
+        .await
+        .expect("lost() fires once no renewal got through by the deadline")
+        .unwrap();
+    // At that moment the server still counts w1's lease as live: lost()
+    // fired before the server-side deadline, not after it.
+    match direct
+        .claim(common::claim_req(ns, "cut/1", "w2", 1000))
+        .await
+    {
+        Ok(api::claim_response::Outcome::InProgress(p)) => {
+            assert_eq!(p.owner, "w1");
+            assert!(p.lease_remaining_ms > 0, "{p:?}");
+        }
+        other => panic!("w1's lease should still be live on the server: {other:?}"),
+    }
+
+    // Heal the path, so a Complete would get through, and let w1 return.
+    proxy.heal();
+    let healed = proxy.client(Duration::from_millis(300), Duration::from_secs(3));
+    healed
+        .get(get_req(ns, key))
+        .await
+        .expect("the path is back");
+    go_tx.send(()).unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(5), w1)
+        .await
+        .expect("w1's run returns")
+        .unwrap();
+    assert!(
+        matches!(res, Err(RunError::LeaseLost { token, why: LeaseLoss::Expired }) if token == token1),
+        "{res:?}"
+    );
+    let rec = direct.get(get_req(ns, key)).await.unwrap().unwrap();
+    assert_eq!(
+        (rec.state, rec.token),
+        (api::RecordState::InProgress as i32, token1),
+        "w1's result was not saved: {rec:?}"
+    );
+
+    let (out, w2) = take_over(&direct, ns, key, "w2", lease).await;
+    let (w2_start, w2_end) = w2.expect("w2 ran the work");
+    assert!(matches!(out, RunOutcome::Ran { .. }), "{out:?}");
+    assert!(
+        w1_end < w2_start,
+        "w1 [{w1_start:?}, {w1_end:?}] overlaps w2 [{w2_start:?}, {w2_end:?}]"
+    );
+    let rec = direct.get(get_req(ns, key)).await.unwrap().unwrap();
+    assert_eq!(rec.state, api::RecordState::Completed as i32);
+    assert_eq!(rec.result, b"from-w2");
+    assert_ne!(rec.token, token1);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_that_arrives_after_its_lease_deadline_is_not_started() {
+    let c = TestCluster::start(3).await;
+    let proxy = Proxy::start(c.members[&1].api_addr.clone()).await;
+    let worker = proxy.client(Duration::from_secs(3), Duration::from_secs(15));
+    let direct = c.client();
+    let (ns, key) = ("jobs", &b"slow/1"[..]);
+    let lease = Duration::from_millis(400);
+    let delay = Duration::from_millis(700);
+    worker
+        .status()
+        .await
+        .expect("connected while the path is fast");
+
+    proxy.delay_replies(delay);
+    let t = tokio::time::Instant::now();
+    worker.get(get_req(ns, key)).await.unwrap();
+    assert!(
+        t.elapsed() >= delay,
+        "the delay took effect: {:?}",
+        t.elapsed()
+    );
+
+    let ran = Arc::new(AtomicU32::new(0));
+    let res = {
+        let ran = ran.clone();
+        worker
+            .run_once(
+                ns,
+                key,
+                &RunOptions::new("slow", lease),
+                |_claimed| async move {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, String>("from-slow")
+                },
+            )
+            .await
+    };
+    assert_eq!(ran.load(Ordering::SeqCst), 0, "the work was not started");
+    assert!(
+        matches!(&res, Err(RunError::GrantExpired { waited, .. }) if *waited >= delay),
+        "{res:?}"
+    );
+
+    let (out, _) = take_over(&direct, ns, key, "w2", lease).await;
+    assert!(matches!(out, RunOutcome::Ran { .. }), "{out:?}");
+    let rec = direct.get(get_req(ns, key)).await.unwrap().unwrap();
+    assert_eq!(rec.result, b"from-w2");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_counts_from_before_the_claim_and_moves_with_each_renewal() {
+    let c = TestCluster::start(3).await;
+    let opts = RunOptions::new("w1", Duration::from_secs(1));
+    assert_eq!(opts.margin(), Duration::from_millis(100));
+    let valid = Duration::from_millis(900);
+    let before = tokio::time::Instant::now();
+    let out = c
+        .client()
+        .run_once("jobs", b"deadline/1", &opts, |claimed| async move {
+            let first = claimed.deadline();
+            assert!(first >= before + valid, "not earlier than the send allows");
+            assert!(
+                first <= tokio::time::Instant::now() + valid,
+                "from the send, not the reply"
+            );
+            assert!(claimed.remaining() <= valid && !claimed.remaining().is_zero());
+            // Renewals go every lease / 3.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            assert!(claimed.deadline() > first, "a renewal moved the deadline");
+            assert!(!claimed.is_lost());
+            Ok::<_, String>("done")
+        })
+        .await
+        .unwrap();
+    assert!(matches!(out, RunOutcome::Ran { .. }), "{out:?}");
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_margin_as_long_as_the_lease_is_refused_before_claiming() {
+    // Nothing listens there: the options are refused before any call.
+    let client = idemkv::Client::new(["127.0.0.1:1"]).unwrap();
+    let mut opts = RunOptions::new("w1", Duration::from_millis(500));
+    opts.safety_margin = Some(Duration::from_millis(500));
+    let res = client
+        .run_once("jobs", b"k", &opts, |_| async { Ok::<_, String>("never") })
+        .await;
+    assert!(
+        matches!(&res, Err(RunError::Client(e)) if e.to_string().contains("safety_margin")),
+        "{res:?}"
+    );
 }

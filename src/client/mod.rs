@@ -15,7 +15,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 pub use error::ClientError;
-pub use run_once::{Claimed, Completion, RunError, RunOptions, RunOutcome};
+pub use run_once::{Claimed, Completion, LeaseLoss, RunError, RunOptions, RunOutcome};
 
 pub use crate::tls::ClientTls;
 

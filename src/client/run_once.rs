@@ -2,14 +2,24 @@
 //!
 //! [`Client::run_once`] claims a key, runs the work while renewing the lease
 //! in the background, and completes with the work's result — or replays the
-//! result a previous run saved. If the lease is lost (another worker took
-//! over after it expired), the work's [`Claimed::lost`] future fires so it
-//! can stop, and nothing is completed with the stale token.
+//! result a previous run saved.
+//!
+//! It times its own lease (SPEC §2, Time): the lease is valid until the
+//! client's monotonic instant *before the claim was sent* plus the lease,
+//! minus a safety margin ([`RunOptions::safety_margin`]); each successful
+//! renewal moves that deadline to its own send instant plus the lease minus
+//! the margin. When no renewal has succeeded by the deadline — the cluster is
+//! unreachable, or refused the token — [`Claimed::lost`] fires and the
+//! work's result is never saved. This module must not trust the server's
+//! lease deadline (another clock) for that decision, nor wait for a reply
+//! past the deadline before telling the work to stop.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::{Client, ClientError};
 use crate::pb::api::{self, claim_response::Outcome};
@@ -19,8 +29,13 @@ use crate::pb::api::{self, claim_response::Outcome};
 pub struct RunOptions {
     pub owner: String,
     pub lease: Duration,
-    /// Renew every `lease / renew_divisor` (default 3).
+    /// Renew every `lease / renew_divisor` (default 3), and at least twice
+    /// per `lease − margin`.
     pub renew_divisor: u32,
+    /// How much earlier than the server the client gives its lease up.
+    /// `None`: `max(lease / 10, min(100 ms, lease / 2))`; see
+    /// [`RunOptions::margin`]. Must be shorter than the lease.
+    pub safety_margin: Option<Duration>,
     pub fingerprint: Option<Vec<u8>>,
     /// 0 = unlimited.
     pub max_attempts: u32,
@@ -37,11 +52,36 @@ impl RunOptions {
             owner: owner.into(),
             lease,
             renew_divisor: 3,
+            safety_margin: None,
             fingerprint: None,
             max_attempts: 0,
             retention: None,
             wait_for_duplicate: None,
         }
+    }
+
+    /// The safety margin in force. The default assumes the client's and the
+    /// leader's monotonic clocks run at the same rate within 1 % (the leader
+    /// steers its clock toward wall time by at most 1 %, so it may run that
+    /// much fast): `lease / 10` covers that drift ten times over, and the
+    /// 100 ms floor covers scheduling and network slack on short leases —
+    /// capped at half the lease so the shortest leases stay usable.
+    pub fn margin(&self) -> Duration {
+        self.safety_margin.unwrap_or_else(|| {
+            (self.lease / 10).max(Duration::from_millis(100).min(self.lease / 2))
+        })
+    }
+
+    /// How long after a send the client may rely on the lease it asked for.
+    fn validity(&self) -> Result<Duration, ClientError> {
+        let margin = self.margin();
+        if margin >= self.lease {
+            return Err(ClientError::Config(format!(
+                "safety_margin ({margin:?}) must be shorter than the lease ({:?})",
+                self.lease
+            )));
+        }
+        Ok(self.lease - margin)
     }
 }
 
@@ -77,8 +117,110 @@ impl From<&str> for Completion {
     }
 }
 
+/// Why a run lost its lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseLoss {
+    /// The server refused the token (`LEASE_LOST`): another claim took the
+    /// record over, or it was deleted.
+    Fenced,
+    /// No renewal succeeded before the client-side deadline (the cluster was
+    /// unreachable or slow); another worker may take over at any moment.
+    Expired,
+}
+
+impl std::fmt::Display for LeaseLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LeaseLoss::Fenced => "the server fenced the token out",
+            LeaseLoss::Expired => "no renewal succeeded before the client-side lease deadline",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LeaseState {
+    deadline: Instant,
+    lost: Option<LeaseLoss>,
+}
+
+/// The client's own view of one lease, shared by the renewer, the work and
+/// `run_once`. Once lost it stays lost, even if a renewal sent in time
+/// answers late: every reader decides under the channel's lock.
+#[derive(Clone)]
+struct LeaseClock(Arc<watch::Sender<LeaseState>>);
+
+impl LeaseClock {
+    fn new(deadline: Instant) -> Self {
+        LeaseClock(Arc::new(watch::Sender::new(LeaseState {
+            deadline,
+            lost: None,
+        })))
+    }
+
+    /// The state at `now`, marking the lease expired if its deadline passed.
+    fn check(&self, now: Instant) -> LeaseState {
+        let mut seen = None;
+        self.0.send_if_modified(|s| {
+            let expire = s.lost.is_none() && now >= s.deadline;
+            if expire {
+                s.lost = Some(LeaseLoss::Expired);
+            }
+            seen = Some(*s);
+            expire
+        });
+        // Invariant: send_if_modified always runs the closure.
+        seen.unwrap_or_else(|| *self.0.borrow())
+    }
+
+    /// A renewal sent at `sent` succeeded: the lease now runs to
+    /// `sent + validity`, unless it was already lost. False if it was.
+    fn renewed(&self, sent: Instant, validity: Duration) -> bool {
+        let now = Instant::now();
+        let mut live = false;
+        self.0.send_if_modified(|s| {
+            if s.lost.is_none() && now >= s.deadline {
+                s.lost = Some(LeaseLoss::Expired);
+                return true;
+            }
+            if s.lost.is_some() {
+                return false;
+            }
+            live = true;
+            s.deadline = s.deadline.max(sent + validity);
+            true
+        });
+        live
+    }
+
+    /// Mark the lease lost; the first reason recorded stays.
+    fn lose(&self, why: LeaseLoss) {
+        self.0.send_if_modified(|s| {
+            let first = s.lost.is_none();
+            if first {
+                s.lost = Some(why);
+            }
+            first
+        });
+    }
+
+    async fn lost(&self) {
+        let mut rx = self.0.subscribe();
+        loop {
+            let s = self.check(Instant::now());
+            if s.lost.is_some() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(s.deadline) => {}
+                // The sender lives as long as `self`: this never errors.
+                _ = rx.changed() => {}
+            }
+        }
+    }
+}
+
 /// What the work gets: its fencing token, the previous holder's checkpoint,
-/// a way to save its own, and a signal for a lost lease.
+/// a way to save its own, its lease deadline, and a signal for a lost lease.
 pub struct Claimed {
     pub token: u64,
     pub attempt: u32,
@@ -86,7 +228,7 @@ pub struct Claimed {
     /// The last checkpoint saved by whoever held the claim before.
     pub checkpoint: Option<Vec<u8>>,
     checkpoint_tx: watch::Sender<Option<Vec<u8>>>,
-    lost_rx: watch::Receiver<bool>,
+    lease: LeaseClock,
 }
 
 impl Claimed {
@@ -96,14 +238,31 @@ impl Claimed {
         self.checkpoint_tx.send_replace(Some(checkpoint.into()));
     }
 
-    /// Resolves when the lease is lost: stop, the result would be refused.
+    /// Until when, on this client's monotonic clock, the lease is known to
+    /// be held (if no renewal moves it later). Past it, the work must stop.
+    pub fn deadline(&self) -> Instant {
+        self.lease.check(Instant::now()).deadline
+    }
+
+    /// Time left before [`Claimed::deadline`]; zero once the lease is lost.
+    pub fn remaining(&self) -> Duration {
+        let now = Instant::now();
+        let s = self.lease.check(now);
+        match s.lost {
+            Some(_) => Duration::ZERO,
+            None => s.deadline.saturating_duration_since(now),
+        }
+    }
+
+    /// Resolves when the lease is lost — the server refused the token, or
+    /// the deadline passed without a successful renewal: stop, the result
+    /// will not be saved.
     pub async fn lost(&self) {
-        let mut rx = self.lost_rx.clone();
-        let _ = rx.wait_for(|l| *l).await;
+        self.lease.lost().await
     }
 
     pub fn is_lost(&self) -> bool {
-        *self.lost_rx.borrow()
+        self.lease.check(Instant::now()).lost.is_some()
     }
 }
 
@@ -126,8 +285,13 @@ pub enum RunError<E> {
     #[error("the work failed: {0}")]
     Work(E),
     /// The lease was lost while the work ran; its result was not saved.
-    #[error("lease lost while running (token {token}); the result was not saved")]
-    LeaseLost { token: u64 },
+    #[error("lease lost while running (token {token}): {why}; the result was not saved")]
+    LeaseLost { token: u64, why: LeaseLoss },
+    /// The claim's reply came back after the client-side lease deadline
+    /// (the claim was retried or delayed for longer than `lease − margin`):
+    /// the work was not started, and the claim was released (best effort).
+    #[error("the grant (token {token}) arrived {waited:?} after the claim was sent, past its lease deadline; the work was not started")]
+    GrantExpired { token: u64, waited: Duration },
     #[error(transparent)]
     Client(#[from] ClientError),
 }
@@ -136,6 +300,13 @@ impl Client {
     /// Run `work` at most once per `(namespace, key)` with exactly-once
     /// effect: claim, renew while it runs, complete with its result; replay
     /// the saved result to every later call.
+    ///
+    /// The work is told (through [`Claimed::lost`]) when the lease is lost,
+    /// but not cancelled: `run_once` waits for it to return, then saves
+    /// nothing and returns [`RunError::LeaseLost`]. A Complete is sent only
+    /// while the client-side deadline has not passed; if it is retried past
+    /// the deadline, its token still fences it (saved only if no other
+    /// claim took the record over).
     pub async fn run_once<F, Fut, T, E>(
         &self,
         namespace: &str,
@@ -149,16 +320,20 @@ impl Client {
         T: Into<Completion>,
         E: std::fmt::Display,
     {
+        let validity = opts.validity()?;
         let claim = api::ClaimRequest {
             namespace: namespace.into(),
             key: key.to_vec(),
             owner: opts.owner.clone(),
+            // Fixed here, so every retry below is the same claim (and grant)
+            // and the instant taken next precedes all of them.
+            claim_id: uuid::Uuid::new_v4().to_string(),
             lease_ms: opts.lease.as_millis() as u64,
             fingerprint: opts.fingerprint.clone(),
             max_attempts: opts.max_attempts,
             retention_ms: opts.retention.map_or(0, |d| d.as_millis() as u64),
-            ..Default::default()
         };
+        let sent = Instant::now();
         let acquired = match self.claim(claim.clone()).await? {
             Outcome::Acquired(a) => a,
             Outcome::Completed(c) => return Ok(replayed(c)),
@@ -173,30 +348,39 @@ impl Client {
             }
         };
         let token = acquired.token;
+        let lease = LeaseClock::new(sent + validity);
+        if lease.check(Instant::now()).lost.is_some() {
+            let waited = sent.elapsed();
+            self.release_late_grant(namespace, key, token, waited, opts.lease)
+                .await;
+            return Err(RunError::GrantExpired { token, waited });
+        }
         let (checkpoint_tx, checkpoint_rx) = watch::channel(None);
-        let (lost_tx, lost_rx) = watch::channel(false);
         let claimed = Claimed {
             token,
             attempt: acquired.attempt,
             previous_owner: acquired.previous_owner,
             checkpoint: acquired.checkpoint,
             checkpoint_tx,
-            lost_rx,
+            lease: lease.clone(),
         };
-        let mut renewer = AbortOnDrop(tokio::spawn(renew_loop(
-            self.clone(),
-            namespace.to_string(),
-            key.to_vec(),
-            token,
-            opts.clone(),
-            checkpoint_rx,
-            lost_tx,
-        )));
+        let renewer = AbortOnDrop(tokio::spawn(
+            Renewer {
+                client: self.clone(),
+                namespace: namespace.to_string(),
+                key: key.to_vec(),
+                token,
+                opts: opts.clone(),
+                validity,
+                checkpoint: checkpoint_rx,
+                lease: lease.clone(),
+            }
+            .run(sent),
+        ));
         let res = work(claimed).await;
-        renewer.0.abort();
-        let lost = matches!((&mut renewer.0).await, Ok(true));
-        if lost {
-            return Err(RunError::LeaseLost { token });
+        drop(renewer);
+        if let Some(why) = lease.check(Instant::now()).lost {
+            return Err(RunError::LeaseLost { token, why });
         }
         match res {
             Ok(done) => {
@@ -211,9 +395,10 @@ impl Client {
                 };
                 match self.complete(req).await {
                     Ok(_) => Ok(RunOutcome::Ran { completion, token }),
-                    Err(e) if e.reason() == Some("LEASE_LOST") => {
-                        Err(RunError::LeaseLost { token })
-                    }
+                    Err(e) if e.reason() == Some("LEASE_LOST") => Err(RunError::LeaseLost {
+                        token,
+                        why: LeaseLoss::Fenced,
+                    }),
                     Err(e) => Err(e.into()),
                 }
             }
@@ -230,6 +415,32 @@ impl Client {
                 }
                 Err(RunError::Work(e))
             }
+        }
+    }
+
+    /// Give back a grant that came too late to be used, so the key is
+    /// claimable at once rather than after the server's lease. The token
+    /// fences it, so it can only release this grant. Bounded by one lease:
+    /// by then the server's lease has run out anyway, and waiting longer
+    /// would only delay the caller.
+    async fn release_late_grant(
+        &self,
+        namespace: &str,
+        key: &[u8],
+        token: u64,
+        waited: Duration,
+        lease: Duration,
+    ) {
+        let req = api::ReleaseRequest {
+            namespace: namespace.into(),
+            key: key.to_vec(),
+            token,
+            error: format!("grant arrived {waited:?} after the claim was sent; not started"),
+        };
+        match tokio::time::timeout(lease, self.release(req)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, token, "release of a late grant"),
+            Err(_) => tracing::warn!(token, "release of a late grant: no answer within the lease"),
         }
     }
 
@@ -268,8 +479,8 @@ impl Client {
     }
 }
 
-/// Stops the renewals if the caller drops the run (cancellation).
-struct AbortOnDrop(tokio::task::JoinHandle<bool>);
+/// Stops the renewals when the work returns or the caller drops the run.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -287,35 +498,70 @@ fn replayed(c: api::Completed) -> RunOutcome {
     }
 }
 
-/// Renew until aborted; returns `true` (and signals) if the lease was lost.
-async fn renew_loop(
+/// The background heartbeat of one run.
+struct Renewer {
     client: Client,
     namespace: String,
     key: Vec<u8>,
     token: u64,
     opts: RunOptions,
+    /// `lease − margin`: how far a successful renewal moves the deadline
+    /// past its own send instant.
+    validity: Duration,
     checkpoint: watch::Receiver<Option<Vec<u8>>>,
-    lost: watch::Sender<bool>,
-) -> bool {
-    let every = opts.lease / opts.renew_divisor.max(2);
-    loop {
-        tokio::time::sleep(every).await;
-        let req = api::RenewRequest {
-            namespace: namespace.clone(),
-            key: key.clone(),
-            token,
-            lease_ms: opts.lease.as_millis() as u64,
-            checkpoint: checkpoint.borrow().clone(),
-        };
-        match client.renew(req).await {
-            Ok(_) => {}
-            Err(e) if e.reason() == Some("LEASE_LOST") => {
-                lost.send_replace(true);
-                return true;
+    lease: LeaseClock,
+}
+
+impl Renewer {
+    /// Renew every `every` after the last successful send; after a failure,
+    /// try again shortly. Gives up (lease lost) on `LEASE_LOST`, or when the
+    /// deadline passes with no renewal through — a renewal still in flight
+    /// then is abandoned, because its answer would come too late.
+    async fn run(self, claim_sent: Instant) {
+        let every = (self.opts.lease / self.opts.renew_divisor.max(2))
+            .min(self.validity / 2)
+            .max(Duration::from_millis(1));
+        let pause = (every / 4).max(Duration::from_millis(10));
+        let mut next = claim_sent + every;
+        loop {
+            let deadline = self.lease.check(Instant::now()).deadline;
+            tokio::time::sleep_until(next.min(deadline)).await;
+            if self.lease.check(Instant::now()).lost.is_some() {
+                return;
             }
-            // Unavailable for longer than the client's retries: keep trying;
-            // the token stays valid until someone else takes over.
-            Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
+            let req = api::RenewRequest {
+                namespace: self.namespace.clone(),
+                key: self.key.clone(),
+                token: self.token,
+                lease_ms: self.opts.lease.as_millis() as u64,
+                checkpoint: self.checkpoint.borrow().clone(),
+            };
+            let sent = Instant::now();
+            match tokio::time::timeout_at(deadline, self.client.renew(req)).await {
+                Ok(Ok(_)) => {
+                    if !self.lease.renewed(sent, self.validity) {
+                        return;
+                    }
+                    next = sent + every;
+                }
+                Ok(Err(e)) if e.reason() == Some("LEASE_LOST") => {
+                    self.lease.lose(LeaseLoss::Fenced);
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, left = ?deadline.saturating_duration_since(Instant::now()),
+                        "lease renewal failed; retrying until the lease deadline");
+                    next = Instant::now() + pause;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        token = self.token,
+                        "no lease renewal got through before the deadline; the lease is lost"
+                    );
+                    self.lease.lose(LeaseLoss::Expired);
+                    return;
+                }
+            }
         }
     }
 }
