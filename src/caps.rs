@@ -6,23 +6,35 @@
 //!   its handler, so it changed nothing and may be retried. Health checks
 //!   pass uncounted, so an orchestrator does not restart a node for being
 //!   busy.
+//! - Await: a call that may wait for minutes does not hold an in-flight
+//!   slot; it has caps of its own, per node and per namespace
+//!   ([`AwaitCaps`]), taken by its handler once it knows the namespace.
+//! - Health `Watch`: each open stream holds a slot of its own cap
+//!   ([`CappedHealth`]) until the stream ends; plain health checks are not
+//!   counted anywhere.
 //! - Message size: gRPC refuses a message over the port's size cap before
 //!   decoding it, with `OUT_OF_RANGE`; the layer turns that into the
 //!   `RESOURCE_EXHAUSTED` the spec promises for "too large", naming the
 //!   setting.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
+use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tonic::codegen::http;
+use tonic_health::pb::health_server::Health;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use crate::api::status::to_status;
 use crate::error::Error;
 
 const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
+/// Await has its own caps ([`AwaitCaps`]) instead of an in-flight slot.
+const AWAIT_PATH: &str = "/idemkv.v1.Idempotency/Await";
 
 /// Cap on the calls running at once on one port.
 #[derive(Clone)]
@@ -122,7 +134,8 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let size_setting = self.cap.size_setting;
-        if req.uri().path().starts_with(HEALTH_PATH) {
+        let path = req.uri().path();
+        if path.starts_with(HEALTH_PATH) || path == AWAIT_PATH {
             return Box::pin(self.inner.call(req));
         }
         match self.cap.permits.clone().try_acquire_owned() {
@@ -142,5 +155,138 @@ where
                 Box::pin(async move { Ok(status.into_http()) })
             }
         }
+    }
+}
+
+/// The caps on Await calls waiting at once on one node: `max_awaits` in all,
+/// `max_awaits_per_namespace` in any one namespace.
+pub struct AwaitCaps {
+    max: usize,
+    per_namespace: usize,
+    waiting: Mutex<Waiting>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    total: usize,
+    /// Only namespaces with a waiting Await have an entry.
+    by_namespace: HashMap<String, usize>,
+}
+
+impl AwaitCaps {
+    pub fn new(max: usize, per_namespace: usize) -> Arc<Self> {
+        Arc::new(AwaitCaps {
+            max,
+            per_namespace,
+            waiting: Mutex::default(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Waiting> {
+        // Every update is a pair of counter changes made together; a panic
+        // cannot leave them half done.
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for one Await in `namespace`, or `Overloaded` naming the cap
+    /// that is reached. The slot is given back when the permit drops.
+    pub fn try_acquire(self: &Arc<Self>, namespace: &str) -> Result<AwaitPermit, Error> {
+        let mut w = self.lock();
+        if w.total >= self.max {
+            return Err(Error::Overloaded(format!(
+                "max_awaits: {} Await calls are already waiting on this node; retry later",
+                self.max
+            )));
+        }
+        let in_ns = w.by_namespace.get(namespace).copied().unwrap_or(0);
+        if in_ns >= self.per_namespace {
+            return Err(Error::Overloaded(format!(
+                "max_awaits_per_namespace: {} Await calls are already waiting in namespace {namespace:?} on this node; retry later",
+                self.per_namespace
+            )));
+        }
+        w.total += 1;
+        w.by_namespace.insert(namespace.to_string(), in_ns + 1);
+        Ok(AwaitPermit {
+            caps: self.clone(),
+            namespace: namespace.to_string(),
+        })
+    }
+
+    /// Await calls waiting now on this node.
+    pub fn waiting(&self) -> usize {
+        self.lock().total
+    }
+}
+
+/// One Await's slot; dropping it frees the slot.
+pub struct AwaitPermit {
+    caps: Arc<AwaitCaps>,
+    namespace: String,
+}
+
+impl Drop for AwaitPermit {
+    fn drop(&mut self) {
+        let mut w = self.caps.lock();
+        w.total = w.total.saturating_sub(1);
+        if let Some(n) = w.by_namespace.get_mut(&self.namespace) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                w.by_namespace.remove(&self.namespace);
+            }
+        }
+    }
+}
+
+/// The health service with a cap on open `Watch` streams
+/// (`max_health_watches`): each stream holds a slot until it ends or its
+/// client goes away. `Check` is passed through uncounted.
+pub struct CappedHealth<H> {
+    inner: H,
+    watches: Arc<Semaphore>,
+    max: usize,
+}
+
+impl<H> CappedHealth<H> {
+    pub fn new(inner: H, max: usize) -> Self {
+        CappedHealth {
+            inner,
+            watches: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+}
+
+type HealthStream =
+    Pin<Box<dyn futures::Stream<Item = Result<HealthCheckResponse, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<H: Health> Health for CappedHealth<H> {
+    async fn check(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = HealthStream;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthStream>, tonic::Status> {
+        let Ok(slot) = self.watches.clone().try_acquire_owned() else {
+            return Err(to_status(Error::Overloaded(format!(
+                "max_health_watches: {} health Watch streams are already open on this node; use Check, or retry later",
+                self.max
+            ))));
+        };
+        let stream = self.inner.watch(request).await?.into_inner();
+        // The slot lives as long as the stream.
+        let held: HealthStream = Box::pin(stream.map(move |item| {
+            let _slot = &slot;
+            item
+        }));
+        Ok(tonic::Response::new(held))
     }
 }

@@ -70,6 +70,16 @@ pub struct Caps {
     pub peer_max_message_bytes: usize,
     /// Peer-port calls running at once on this node.
     pub peer_max_in_flight: usize,
+    /// Await calls waiting at once on this node. They wait for up to
+    /// `await_max_ms`, so they have this cap of their own instead of
+    /// holding `max_in_flight` slots.
+    pub max_awaits: usize,
+    /// Await calls waiting at once in one namespace on this node, so one
+    /// tenant cannot take every Await slot.
+    pub max_awaits_per_namespace: usize,
+    /// Health `Watch` streams open at once on this node (plain health
+    /// checks are not counted).
+    pub max_health_watches: usize,
 }
 
 impl Default for Caps {
@@ -80,6 +90,9 @@ impl Default for Caps {
             max_streams_per_connection: 1024,
             peer_max_message_bytes: crate::raft::network::MAX_PEER_MESSAGE,
             peer_max_in_flight: 8192,
+            max_awaits: 1024,
+            max_awaits_per_namespace: 256,
+            max_health_watches: 64,
         }
     }
 }

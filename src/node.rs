@@ -17,7 +17,7 @@ use tonic::transport::{Server, ServerTlsConfig};
 
 use crate::api::{ClusterService, IdempotencyService, MAX_API_MESSAGE};
 use crate::auth::Auth;
-use crate::caps::InFlightLayer;
+use crate::caps::{AwaitCaps, CappedHealth, InFlightLayer};
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::pb::api::cluster_server::ClusterServer;
@@ -160,14 +160,26 @@ impl Node {
         }));
 
         // Client port.
-        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        // Health: Check uncounted, Watch streams capped.
+        let health_reporter = tonic_health::server::HealthReporter::new();
         health_reporter
             .set_serving::<IdempotencyServer<IdempotencyService>>()
             .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        let health_service = tonic_health::pb::health_server::HealthServer::new(CappedHealth::new(
+            tonic_health::server::HealthService::from_health_reporter(health_reporter.clone()),
+            caps.max_health_watches,
+        ));
+        // Reflection in both versions: common tools still ask for v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
             .build_v1()
-            .map_err(|e| internal("reflection", e))?;
+            .map_err(|e| internal("reflection v1", e))?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| internal("reflection v1alpha", e))?;
         let api_server = server_builder(
             tls.as_ref().map(|t| &t.api),
             caps.max_streams_per_connection,
@@ -183,6 +195,7 @@ impl Node {
                 consensus.clone(),
                 cfg.limits.clone(),
                 auth.clone(),
+                AwaitCaps::new(caps.max_awaits, caps.max_awaits_per_namespace),
             ))
             .max_decoding_message_size(caps.max_message_bytes)
             .max_encoding_message_size(MAX_API_MESSAGE),
@@ -196,7 +209,8 @@ impl Node {
             .max_decoding_message_size(caps.max_message_bytes),
         )
         .add_service(health_service)
-        .add_service(reflection);
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
         let mut stop = shutdown.subscribe();
         tasks.push(tokio::spawn(async move {
             let signal = async move {

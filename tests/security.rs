@@ -409,22 +409,9 @@ async fn a_node_at_its_in_flight_cap_refuses_more_and_recovers() {
     };
     let one = Client::with_options([node1.clone()], no_retry).unwrap();
 
-    // Two Awaits on node 1 hold its two slots until the key completes
-    // (their client retries if a probe below holds a slot at that moment).
-    let waiting = Client::new([node1.clone()]).unwrap();
-    let waiters: Vec<_> = (0..2)
-        .map(|_| {
-            let one = waiting.clone();
-            tokio::spawn(async move {
-                one.r#await(api::AwaitRequest {
-                    namespace: "ns".into(),
-                    key: b"slow".to_vec(),
-                    timeout_ms: 60_000,
-                })
-                .await
-            })
-        })
-        .collect();
+    // Two calls whose request bodies never arrive hold node 1's two slots
+    // (Awaits would not: they have caps of their own).
+    let waiters = vec![stall_a_call(&node1).await, stall_a_call(&node1).await];
     // Once both run, a third call is refused at once, naming the cap.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let refused = loop {
@@ -433,7 +420,7 @@ async fn a_node_at_its_in_flight_cap_refuses_more_and_recovers() {
             Err(e) => panic!("unexpected {e}"),
             Ok(_) => {
                 for w in &waiters {
-                    assert!(!w.is_finished(), "an Await ended early");
+                    assert!(!w.is_finished(), "a stalled call ended early");
                 }
                 assert!(tokio::time::Instant::now() < deadline, "never refused");
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -457,23 +444,35 @@ async fn a_node_at_its_in_flight_cap_refuses_more_and_recovers() {
     // The library retries an OVERLOADED refusal: this call waits for a slot.
     let patient = Client::new([node1.clone()]).unwrap();
     let later = tokio::spawn(async move { patient.get(get_req("ns", "slow")).await });
-    c.client_of(2)
-        .complete(api::CompleteRequest {
-            namespace: "ns".into(),
-            key: b"slow".to_vec(),
-            token: a.token,
-            result: b"ok".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
     for w in waiters {
-        let r = w.await.unwrap().unwrap();
-        assert!(!r.timed_out);
+        w.abort();
     }
     let rec = later.await.unwrap().unwrap().unwrap();
-    assert_eq!(rec.state, api::RecordState::Completed as i32);
+    assert_eq!(rec.state, api::RecordState::InProgress as i32);
+    assert_eq!(rec.token, a.token);
     c.shutdown().await;
+}
+
+/// A unary call whose request message never comes: it holds an in-flight
+/// slot on the node at `addr` until the returned task is aborted.
+async fn stall_a_call(addr: &str) -> tokio::task::JoinHandle<()> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let mut grpc = tonic::client::Grpc::new(ch);
+        grpc.ready().await.unwrap();
+        let never = futures::stream::pending::<api::GetRequest>();
+        let _ = grpc
+            .client_streaming(
+                tonic::Request::new(never),
+                tonic::codegen::http::uri::PathAndQuery::from_static("/idemkv.v1.Idempotency/Get"),
+                tonic_prost::ProstCodec::<api::GetRequest, api::GetResponse>::default(),
+            )
+            .await;
+    })
 }
 
 mod procs;

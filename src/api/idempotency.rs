@@ -11,6 +11,7 @@ use tracing::instrument;
 use super::status::to_status;
 use super::{convert, validate};
 use crate::auth::{authenticate, Auth};
+use crate::caps::AwaitCaps;
 use crate::config::Limits;
 use crate::error::Error;
 use crate::pb::api::{self, idempotency_server::Idempotency};
@@ -21,14 +22,22 @@ pub struct IdempotencyService {
     consensus: Arc<Consensus>,
     limits: Limits,
     auth: Option<Arc<Auth>>,
+    /// Slots for waiting Awaits (they hold no in-flight slot).
+    awaits: Arc<AwaitCaps>,
 }
 
 impl IdempotencyService {
-    pub fn new(consensus: Arc<Consensus>, limits: Limits, auth: Option<Arc<Auth>>) -> Self {
+    pub fn new(
+        consensus: Arc<Consensus>,
+        limits: Limits,
+        auth: Option<Arc<Auth>>,
+        awaits: Arc<AwaitCaps>,
+    ) -> Self {
         IdempotencyService {
             consensus,
             limits,
             auth,
+            awaits,
         }
     }
 
@@ -209,10 +218,13 @@ impl Idempotency for IdempotencyService {
         let r = req.get_ref();
         let key = validate::key(&self.limits, &r.namespace, &r.key).map_err(to_status)?;
         let timeout = validate::await_timeout(&self.limits, r.timeout_ms).map_err(to_status)?;
+        let _slot = self.awaits.try_acquire(&key.namespace).map_err(to_status)?;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout);
         // Start from a linearizable view, then follow the local replica.
         self.consensus.read_index().await.map_err(to_status)?;
-        let mut applied = self.consensus.sm.subscribe_applied();
+        // Registered before the record is read, so a change committed in
+        // between still wakes this call.
+        let mut changes = self.consensus.sm.watch_key(&key);
         loop {
             let Some(rec) = self
                 .consensus
@@ -231,21 +243,17 @@ impl Idempotency for IdempotencyService {
                     timed_out: live,
                 }));
             }
-            // Wake on the next applied entry, at lease expiry, or at the deadline.
+            // Wake when this key changes, at lease expiry, or at the deadline.
             let lease_left = match &rec.state {
                 record::State::InProgress {
                     lease_deadline_ms, ..
-                } => lease_deadline_ms.saturating_sub(now),
-                _ => 0,
+                } => lease_deadline_ms.saturating_sub(now).max(1),
+                _ => 1,
             };
             let wake =
                 deadline.min(tokio::time::Instant::now() + Duration::from_millis(lease_left));
             tokio::select! {
-                changed = applied.changed() => {
-                    if changed.is_err() {
-                        return Err(to_status(Error::Internal("state machine closed".into())));
-                    }
-                }
+                _ = changes.changed() => {}
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }

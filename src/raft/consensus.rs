@@ -173,7 +173,8 @@ impl Consensus {
         let res = tokio::time::timeout(self.timeout, self.raft.client_write(request)).await;
         match res {
             Err(_) => Err(Local::Failed(Error::Unavailable(format!(
-                "write not committed within {:?} (no quorum?); it may still commit, and retrying is safe",
+                "{}; the write was not committed within {:?} (it may still commit once they answer), and retrying is safe",
+                self.quorum_lost(),
                 self.timeout
             )))),
             Ok(Ok(resp)) => Ok(resp.data),
@@ -214,14 +215,26 @@ impl Consensus {
         .await;
         match res {
             Err(_) => Err(Local::Failed(Error::Unavailable(format!(
-                "leadership not confirmed by a quorum within {:?}",
+                "{}; its leadership was not confirmed within {:?}, so the linearizable read was not served",
+                self.quorum_lost(),
                 self.timeout
             )))),
             Ok(Ok(read)) => Ok(read.index()),
             Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
                 Err(Local::NotLeader(f.leader_id.zip(f.leader_node)))
             }
-            Ok(Err(RaftError::APIError(e))) => Err(Local::Failed(unavailable("read index", e))),
+            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)))) => {
+                let voters = self.voter_ids();
+                let silent: Vec<NodeId> =
+                    voters.iter().filter(|id| !q.got.contains(id)).copied().collect();
+                let got: Vec<NodeId> = q.got.iter().copied().collect();
+                Err(Local::Failed(Error::Unavailable(format!(
+                    "this node (id {}) is leader of term {}, but only {:?} of its voters {voters:?} confirmed its leadership (no answer from {silent:?}; a majority is needed), so the linearizable read was not served; check that the other nodes are up",
+                    self.id,
+                    self.term(),
+                    got,
+                ))))
+            }
             Ok(Err(RaftError::Fatal(e))) => {
                 Err(Local::Failed(Error::Internal(format!("raft stopped: {e}"))))
             }
@@ -317,12 +330,17 @@ impl Consensus {
         req: Forwarded,
     ) -> Result<ForwardReply> {
         let Some((id, node)) = leader else {
-            return Err(Error::Unavailable(
-                "no leader is known to this node (election in progress or no quorum)".into(),
-            ));
+            return Err(Error::Unavailable(self.no_leader()));
         };
         if id == self.id {
-            return Err(Error::Unavailable("leadership is changing; retry".into()));
+            // This node's last vote made it leader, but it does not act as
+            // one (it stepped down, or it is taking office right now).
+            return Err(Error::Unavailable(format!(
+                "this node (id {}) was elected leader of term {} but is not serving as leader now ({}): leadership is changing; retry shortly",
+                self.id,
+                self.term(),
+                self.role(),
+            )));
         }
         let mut client = self
             .peers
@@ -332,11 +350,87 @@ impl Consensus {
             data: encode(&req)?,
         });
         request.set_timeout(self.timeout + Duration::from_secs(1));
-        let resp = client
-            .forward(request)
-            .await
-            .map_err(|s| unavailable(&format!("forward to leader {id}"), s.message()))?;
-        Ok(decode(&resp.into_inner().data)?)
+        let resp = client.forward(request).await.map_err(|s| {
+            Error::Unavailable(format!(
+                "this node (id {}) cannot reach the leader it knows, node {id} at {}: {}; check that the other nodes are up (a new leader is elected once a majority of the voters {:?} can reach each other); retrying is safe",
+                self.id,
+                node.raft_addr,
+                s.message(),
+                self.voter_ids(),
+            ))
+        })?;
+        Ok(match decode(&resp.into_inner().data)? {
+            ForwardReply::Unavailable(m) => {
+                ForwardReply::Unavailable(format!("the leader, node {id}, answered: {m}"))
+            }
+            other => other,
+        })
+    }
+
+    fn term(&self) -> u64 {
+        self.raft.metrics().borrow_watched().current_term
+    }
+
+    fn role(&self) -> String {
+        format!("{:?}", self.raft.metrics().borrow_watched().state).to_lowercase()
+    }
+
+    /// The voters of the membership in force.
+    fn voter_ids(&self) -> Vec<NodeId> {
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
+        m.membership_config.membership().voter_ids().collect()
+    }
+
+    /// On the leader: the other voters it has not heard from within an
+    /// election timeout (empty elsewhere).
+    fn silent_voters(&self) -> Vec<NodeId> {
+        let within = Duration::from_millis(self.raft.config().election_timeout_max);
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
+        let Some(acks) = &m.heartbeat else {
+            return Vec::new();
+        };
+        m.membership_config
+            .membership()
+            .voter_ids()
+            .filter(|id| *id != self.id)
+            .filter(|id| !matches!(acks.get(id), Some(Some(t)) if openraft::Instant::elapsed(&**t) <= within))
+            .collect()
+    }
+
+    /// A leader that cannot reach a majority, in words: who it is, which
+    /// voters it needs, which of them are silent.
+    fn quorum_lost(&self) -> String {
+        let silent = self.silent_voters();
+        let silent = if silent.is_empty() {
+            String::new()
+        } else {
+            format!(" (no answer from {silent:?})")
+        };
+        format!(
+            "this node (id {}) is leader of term {} but cannot reach a majority of its voters {:?}{silent}; check that the other nodes are up",
+            self.id,
+            self.term(),
+            self.voter_ids(),
+        )
+    }
+
+    /// Why no leader can be named, from what this node is doing now.
+    fn no_leader(&self) -> String {
+        let (id, term, voters) = (self.id, self.term(), self.voter_ids());
+        match self.raft.metrics().borrow_watched().state {
+            openraft::ServerState::Candidate => format!(
+                "no leader: this node (id {id}) is standing for election in term {term} and has not got the votes of a majority of the voters {voters:?}; check that the other nodes are up; retrying is safe"
+            ),
+            openraft::ServerState::Leader => format!(
+                "this node (id {id}) is taking office as leader of term {term}: leadership is changing; retry shortly"
+            ),
+            state => format!(
+                "no leader is known to this node (id {id}, {} in term {term}): an election is under way, or a majority of the voters {voters:?} cannot reach each other; check that the other nodes are up; retrying is safe",
+                format!("{state:?}").to_lowercase()
+            ),
+        }
     }
 
     /// Resolves when Raft has stopped on a fatal error (a write the disk

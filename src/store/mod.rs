@@ -14,6 +14,7 @@ pub mod keys;
 mod log;
 mod snapshot;
 mod state_machine;
+pub mod watch;
 
 use std::io;
 use std::path::Path;

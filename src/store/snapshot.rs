@@ -205,6 +205,7 @@ impl StateMachineStore {
             .store(header.last_token, std::sync::atomic::Ordering::Release);
         let applied = header.meta.last_log_id.as_ref().map_or(0, |l| l.index());
         self.shared.applied.send_replace(applied);
+        self.notify_all_watches();
         Ok(())
     }
 

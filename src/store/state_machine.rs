@@ -46,6 +46,8 @@ pub(super) struct Shared {
     pub(super) last_token: AtomicU64,
     /// Index of the last applied entry, for waiters (Await).
     pub(super) applied: watch::Sender<u64>,
+    /// Waiters on single keys (Await), woken by the commits that write them.
+    pub(super) watches: Arc<super::watch::Watches>,
 }
 
 /// Changes of the entries applied so far in one `apply` call, written as one
@@ -91,6 +93,7 @@ impl StateMachineStore {
                 anchor: std::sync::Mutex::new(std::time::Instant::now()),
                 last_token: AtomicU64::new(last_token),
                 applied,
+                watches: Default::default(),
             }),
         };
         sm.finish_interrupted_install()?;
@@ -240,6 +243,7 @@ impl StateMachineStore {
             done.batch.insert(keys::LAST_TOKEN, encode(&t)?);
         }
         self.shared.tree.apply_batch(done.batch).map_err(sled_err)?;
+        self.shared.watches.notify(done.records.keys());
         if let Some(t) = done.last_token {
             self.shared.last_token.store(t, Ordering::Release);
         }
