@@ -70,6 +70,10 @@ pub struct Caps {
     pub peer_max_message_bytes: usize,
     /// Peer-port calls running at once on this node.
     pub peer_max_in_flight: usize,
+    /// Largest snapshot this node accepts from a leader (the spool file is
+    /// refused and removed once a stream passes it). Keep it above the
+    /// size of the whole state.
+    pub peer_max_snapshot_bytes: u64,
 }
 
 impl Default for Caps {
@@ -80,6 +84,7 @@ impl Default for Caps {
             max_streams_per_connection: 1024,
             peer_max_message_bytes: crate::raft::network::MAX_PEER_MESSAGE,
             peer_max_in_flight: 8192,
+            peer_max_snapshot_bytes: 16 * 1024 * 1024 * 1024,
         }
     }
 }
