@@ -111,6 +111,10 @@ impl<W: Write> Writer<W> {
     }
 }
 
+/// One stored record as read: its tree key, its encoded value, and the
+/// offset of its key frame (for errors).
+pub type Pair = (Vec<u8>, Vec<u8>, u64);
+
 /// Reads a snapshot file, checking it as it goes.
 pub struct Reader<R: Read> {
     r: R,
@@ -234,9 +238,8 @@ impl<R: Read> Reader<R> {
         Ok(Some(buf))
     }
 
-    /// The next `(key, value, offset of the key frame)`, or `None` at the
-    /// end. Call [`Self::finish`] after `None` before trusting anything.
-    pub fn pair(&mut self) -> io::Result<Option<(Vec<u8>, Vec<u8>, u64)>> {
+    /// The next [`Pair`], or `None` at the end. Call [`Self::finish`] after `None` before trusting anything.
+    pub fn pair(&mut self) -> io::Result<Option<Pair>> {
         let at = self.offset;
         let Some(k) = self.frame(KEY_MAX, "key")? else {
             return Ok(None);
