@@ -80,6 +80,10 @@ pub struct Caps {
     /// Health `Watch` streams open at once on this node (plain health
     /// checks are not counted).
     pub max_health_watches: usize,
+    /// Largest snapshot this node accepts from a leader (the spool file is
+    /// refused and removed once a stream passes it). Keep it above the
+    /// size of the whole state.
+    pub peer_max_snapshot_bytes: u64,
 }
 
 impl Default for Caps {
@@ -93,6 +97,7 @@ impl Default for Caps {
             max_awaits: 1024,
             max_awaits_per_namespace: 256,
             max_health_watches: 64,
+            peer_max_snapshot_bytes: 16 * 1024 * 1024 * 1024,
         }
     }
 }

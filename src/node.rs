@@ -127,6 +127,7 @@ impl Node {
         let peer_service = PeerService::new(
             consensus.clone(),
             cfg.data_dir.join("snapshots"),
+            caps.peer_max_snapshot_bytes,
             shutdown.subscribe(),
             cfg.peer_members_only,
         );

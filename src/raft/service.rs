@@ -1,6 +1,11 @@
 //! The peer gRPC service (`idemkv.raft.v1.RaftPeer`): receives Raft messages
 //! from other nodes and requests forwarded by followers. Served on the peer
 //! port only.
+//!
+//! An incoming snapshot is spooled to an unnamed temp file in the snapshot
+//! directory (gone when dropped, so an error or a crash leaves nothing
+//! behind), at most `peer_max_snapshot_bytes` of it and one at a time per
+//! node; the state machine checks it whole before installing anything.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -27,12 +32,17 @@ pub struct PeerService {
     stop: tokio::sync::watch::Receiver<bool>,
     /// Where incoming snapshots are spooled before install.
     spool_dir: std::path::PathBuf,
+    /// Largest snapshot stream accepted (`peer_max_snapshot_bytes`).
+    spool_max: u64,
+    /// One snapshot received (and installed) at a time.
+    spooling: Arc<tokio::sync::Semaphore>,
 }
 
 impl PeerService {
     pub fn new(
         consensus: Arc<Consensus>,
         spool_dir: std::path::PathBuf,
+        spool_max: u64,
         stop: tokio::sync::watch::Receiver<bool>,
         members_only: bool,
     ) -> Self {
@@ -45,6 +55,8 @@ impl PeerService {
             consensus,
             stop,
             spool_dir,
+            spool_max,
+            spooling: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 }
@@ -229,20 +241,70 @@ impl RaftPeer for PeerService {
         req: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<Payload>, Status> {
         self.admission.check(&req).await?;
+        let _one = self.spooling.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(
+                "peer: this node is already receiving a snapshot; one at a time (retry later)",
+            )
+        })?;
         let mut stream = req.into_inner();
         let first = stream
             .next()
             .await
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
         let (vote, meta): (Vote, SnapshotMeta) = decode(&first.meta).map_err(bad)?;
-        std::fs::create_dir_all(&self.spool_dir).map_err(|e| Status::internal(e.to_string()))?;
-        let mut file =
-            tempfile::tempfile_in(&self.spool_dir).map_err(|e| Status::internal(e.to_string()))?;
-        file.write_all(&first.data)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        while let Some(chunk) = stream.next().await {
-            file.write_all(&chunk?.data)
-                .map_err(|e| Status::internal(e.to_string()))?;
+        let spool_err = |e: std::io::Error| {
+            Status::internal(format!(
+                "peer: spooling the snapshot in {}: {e}",
+                self.spool_dir.display()
+            ))
+        };
+        std::fs::create_dir_all(&self.spool_dir).map_err(spool_err)?;
+        // Unnamed: every early return below drops (and so removes) it.
+        let mut file = tempfile::tempfile_in(&self.spool_dir).map_err(spool_err)?;
+        let mut spooled: u64 = 0;
+        let mut chunk = Some(first.data);
+        while let Some(data) = chunk {
+            spooled += data.len() as u64;
+            if spooled > self.spool_max {
+                tracing::warn!(
+                    spooled,
+                    cap = self.spool_max,
+                    "refused a snapshot over peer_max_snapshot_bytes"
+                );
+                return Err(Status::resource_exhausted(format!(
+                    "peer: the snapshot stream passed peer_max_snapshot_bytes ({} bytes); refused",
+                    self.spool_max
+                )));
+            }
+            file.write_all(&data).map_err(spool_err)?;
+            chunk = match stream.next().await {
+                Some(c) => Some(c?.data),
+                None => None,
+            };
+        }
+        // A damaged file is refused here, so openraft never sees it (an
+        // install error would stop this node's Raft); the leader retries.
+        let checked = tokio::task::spawn_blocking(move || {
+            let res = crate::store::check_received_snapshot(&mut file, "received from the leader");
+            (file, res)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let (file, sent_meta) = checked;
+        match sent_meta {
+            Ok(m) if m.last_log_id == meta.last_log_id => {}
+            Ok(m) => {
+                return Err(Status::invalid_argument(format!(
+                    "peer: the snapshot received is of log id {:?}, sent as {:?}; refused",
+                    m.last_log_id, meta.last_log_id
+                )))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refused a damaged snapshot from the leader");
+                return Err(Status::invalid_argument(format!(
+                    "peer: the snapshot received is damaged, refused: {e}"
+                )));
+            }
         }
         let snapshot = Snapshot {
             meta,

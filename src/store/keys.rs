@@ -1,4 +1,5 @@
-//! Key layout of the state machine tree `sm`:
+//! Key layout of the state machine trees (`sm`, `sm-b`; the one in force is
+//! named by [`ACTIVE_TREE`] in sled's default tree):
 //!
 //! | prefix | key                              | value                      |
 //! |--------|----------------------------------|----------------------------|
@@ -22,8 +23,13 @@ pub const CLOCK: &[u8] = b"m:clock";
 /// The last fencing token granted (SPEC §2 Tokens); absent before the first
 /// grant under this scheme, when the applied index bounds every token given.
 pub const LAST_TOKEN: &[u8] = b"m:last_token";
-/// Present while a snapshot is being installed: the snapshot file name.
+/// Written only by versions that installed a snapshot in place: present
+/// while such an install ran, naming its snapshot file. A tree that still
+/// has it was left half-installed; opening finishes that install.
 pub const INSTALLING: &[u8] = b"m:installing";
+/// In sled's default tree: the name of the state machine tree in force
+/// (absent: `sm`). Flipped in one write when a snapshot is installed.
+pub const ACTIVE_TREE: &[u8] = b"sm:active";
 
 fn push_key(out: &mut Vec<u8>, k: &RecordKey) {
     out.extend_from_slice(k.namespace.as_bytes());

@@ -4,14 +4,18 @@
 //!
 //! Layout of a data directory:
 //! - `log/` the Raft log segments,
-//! - `sled/` the sled database (trees `raft`: vote, purge point; `sm`),
-//! - `snapshots/` the latest snapshot file.
+//! - `sled/` the sled database (trees `raft`: vote, purge point; `sm` and
+//!   `sm-b`, the state machine in force and the one a snapshot install
+//!   fills; the default tree names the one in force),
+//! - `snapshots/` the latest snapshot file (and an install's or build's
+//!   `*.tmp`, removed at open; `*.refused`, files that failed their check).
 //!
 //! This module never decides an idempotency rule; see `record.rs`.
 
 pub mod durable;
 pub mod keys;
 mod log;
+mod snapfile;
 mod snapshot;
 mod state_machine;
 pub mod watch;
@@ -22,6 +26,7 @@ use std::sync::Arc;
 
 pub use durable::Syncer;
 pub use log::LogStore;
+pub use snapshot::check_received as check_received_snapshot;
 pub use state_machine::StateMachineStore;
 
 /// An opened data directory.

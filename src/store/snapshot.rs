@@ -1,72 +1,48 @@
 //! Snapshots of the state machine: building, installing, finding the latest.
 //!
-//! A snapshot is one file in `<data>/snapshots/`:
-//! `IDKVSNP1`, then a length-prefixed header (snapshot meta, the state
-//! machine clock and the token counter), then length-prefixed `(key, record)` pairs. The expiry
-//! index is not stored: it is derived from the records on install.
+//! A snapshot is one file in `<data>/snapshots/`, `snap-<index>.bin`, in the
+//! checked format of [`super::snapfile`] (per-frame crc32, bounded frame
+//! sizes, a trailer with the record count and a sha256 of the file). The
+//! expiry index is not stored: it is derived from the records on install.
 //!
-//! Building holds the state machine's read lock for the whole scan, so the
-//! copy is consistent. Installing marks the tree as "installing" first, so a
-//! crash half-way is finished from the same file when the node reopens.
+//! Guarantees:
+//! - Building holds the state machine's read lock for the whole scan, so the
+//!   copy is consistent; the file is written to a temp name, fsynced,
+//!   renamed, then read back and checked before it is served.
+//! - A file is checked whole once — when built, installed, or found at open
+//!   — and then served as it is. A newest file that fails its check at open
+//!   (or is of the old, unchecked format) is renamed `*.refused` and not
+//!   served; openraft then builds a fresh one from the state if it needs
+//!   one. A file that rots on disk after its check is caught by the
+//!   follower that receives it, which checks everything before installing.
+//! - Installing never touches the tree in force. The received file is copied
+//!   next to the snapshots and loaded, checked on the way, into the other
+//!   state machine tree (records, expiry index, applied id, membership,
+//!   clock, token counter), which is then flushed. Only a file that passed
+//!   every check is renamed into place; then one durable write flips
+//!   [`keys::ACTIVE_TREE`] and the in-memory handle is swapped together
+//!   with the clock, token and applied-index atomics. Readers see the old
+//!   state or the new one. A refused file changes nothing, and a crash at
+//!   any point leaves the old state in force or the new one: before the
+//!   rename nothing changed; between the rename and the flip the newest
+//!   snapshot is newer than the state, and openraft installs it again when
+//!   the node starts.
 
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
+use std::io::{self, BufReader, BufWriter, Seek};
 use std::path::{Path, PathBuf};
 
 use openraft::RaftSnapshotBuilder;
 
 use super::durable::sled_err;
 use super::keys;
-use super::state_machine::StateMachineStore;
+use super::snapfile::{Header, Reader, Writer};
+use super::state_machine::{StateMachineStore, TREES};
 use crate::codec::{decode, encode};
 use crate::raft::{Snapshot, SnapshotMeta, TypeConfig};
 use crate::record::{self, Record};
 
-const MAGIC: &[u8; 8] = b"IDKVSNP2";
 const PREFIX: &str = "snap-";
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Header {
-    meta: SnapshotMeta,
-    clock_ms: u64,
-    /// The token counter: a node restored from this snapshot must never
-    /// grant a token already given.
-    last_token: u64,
-}
-
-fn write_frame(w: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
-    let len =
-        u32::try_from(bytes.len()).map_err(|_| io::Error::other("snapshot frame over 4 GiB"))?;
-    w.write_all(&len.to_le_bytes())?;
-    w.write_all(bytes)
-}
-
-/// Read one frame; `None` at a clean end of file.
-fn read_frame(r: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
-    r.read_exact(&mut buf)?;
-    Ok(Some(buf))
-}
-
-fn read_header(r: &mut impl Read) -> io::Result<Header> {
-    let mut magic = [0u8; 8];
-    r.read_exact(&mut magic)?;
-    if &magic != MAGIC {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not an idemkv snapshot",
-        ));
-    }
-    let header = read_frame(r)?
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "snapshot has no header"))?;
-    decode(&header)
-}
 
 fn file_name(meta: &SnapshotMeta) -> String {
     let index = meta.last_log_id.as_ref().map_or(0, |l| l.index());
@@ -77,9 +53,56 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// `e` with the path it happened on.
+fn at_path(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+fn open_reader(path: &Path, legacy: bool) -> io::Result<(Reader<BufReader<File>>, Header)> {
+    let f = File::open(path).map_err(|e| at_path(path, e))?;
+    Reader::open(BufReader::new(f), path.display().to_string(), legacy)
+}
+
+/// Read `path` whole and check it (every frame, every record, the trailer).
+fn verify(path: &Path) -> io::Result<Header> {
+    let (mut r, header) = open_reader(path, false)?;
+    while let Some((k, v, at)) = r.pair()? {
+        check_pair(&r, &k, &v, at)?;
+    }
+    r.finish()?;
+    Ok(header)
+}
+
+fn check_pair<R: io::Read>(
+    r: &Reader<R>,
+    k: &[u8],
+    v: &[u8],
+    at: u64,
+) -> io::Result<(record::RecordKey, Record)> {
+    let rk = keys::parse_record(k).ok_or_else(|| r.err(at, "not a record key"))?;
+    let rec: Record = decode(v).map_err(|e| r.err(at, format!("undecodable record: {e}")))?;
+    Ok((rk, rec))
+}
+
+/// Check a snapshot file received from a leader, whole, before it goes
+/// anywhere near the state machine; returns its meta. `label` names it in
+/// errors. Blocking.
+pub fn check_received(file: &mut File, label: &str) -> io::Result<SnapshotMeta> {
+    file.rewind()?;
+    let (mut r, header) = Reader::open(BufReader::new(&mut *file), label, false)?;
+    while let Some((k, v, at)) = r.pair()? {
+        check_pair(&r, &k, &v, at)?;
+    }
+    r.finish()?;
+    file.rewind()?;
+    Ok(header.meta)
+}
+
 impl StateMachineStore {
     fn snapshot_files(&self) -> io::Result<Vec<PathBuf>> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.shared.snapshot_dir)?
+        let dir = &self.shared.snapshot_dir;
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| at_path(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 p.file_name()
@@ -101,89 +124,188 @@ impl StateMachineStore {
         Ok(())
     }
 
-    /// Write a snapshot file atomically (temp file, fsync, rename, fsync dir).
-    fn write_snapshot_file(
-        &self,
-        meta: &SnapshotMeta,
-        write_body: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
-    ) -> io::Result<PathBuf> {
+    fn set_verified(&self, path: Option<PathBuf>) {
+        *self
+            .shared
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = path;
+    }
+
+    /// Rename a snapshot that failed its check out of the way.
+    fn refuse(&self, path: &Path, e: &io::Error) {
+        let aside = path.with_extension("bin.refused");
+        tracing::error!(path = %path.display(), error = %e, "snapshot refused; set aside, not served");
+        if let Err(e) = std::fs::rename(path, &aside) {
+            tracing::error!(path = %path.display(), error = %e, "cannot set the refused snapshot aside");
+        }
+    }
+
+    /// The newest snapshot, checked once per file.
+    pub(super) fn current_snapshot(&self) -> io::Result<Option<Snapshot>> {
+        loop {
+            let Some(path) = self.snapshot_files()?.pop() else {
+                return Ok(None);
+            };
+            let known = self
+                .shared
+                .verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let meta = if known.as_deref() == Some(path.as_path()) {
+                open_reader(&path, false)?.1.meta
+            } else {
+                match verify(&path) {
+                    Ok(h) => {
+                        self.set_verified(Some(path.clone()));
+                        h.meta
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                        self.refuse(&path, &e);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            let f = File::open(&path).map_err(|e| at_path(&path, e))?;
+            return Ok(Some(Snapshot { meta, snapshot: f }));
+        }
+    }
+
+    /// At open: drop temp files of an interrupted build or install, finish
+    /// an in-place install that an earlier version left half-done, and check
+    /// the newest snapshot once.
+    pub(super) fn recover_snapshots(&self) -> io::Result<()> {
+        let dir = &self.shared.snapshot_dir;
+        for e in std::fs::read_dir(dir).map_err(|e| at_path(dir, e))? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "tmp") {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+        if let Some(name) = self.shared.tree.get(keys::INSTALLING).map_err(sled_err)? {
+            let path = dir.join(String::from_utf8_lossy(&name).as_ref());
+            tracing::warn!(path = %path.display(), "finishing a snapshot install an earlier version left half-done");
+            self.install_file(&path, &path, None, true)?;
+        }
+        let _ = self.current_snapshot()?;
+        Ok(())
+    }
+
+    /// Replace the whole state with the snapshot in `file` (received from
+    /// the leader); refused, changing nothing, unless every check passes.
+    pub(super) async fn install(&self, meta: &SnapshotMeta, file: File) -> io::Result<()> {
+        let lock = self.shared.lock.clone();
+        let _guard = lock.write().await;
+        let this = self.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || this.install_received(&meta, file))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    /// Copy the received file beside the snapshots, then install it. Blocking.
+    fn install_received(&self, meta: &SnapshotMeta, mut file: File) -> io::Result<()> {
         let dir = &self.shared.snapshot_dir;
         let path = dir.join(file_name(meta));
         let tmp = dir.join(format!("{}.tmp", file_name(meta)));
-        let mut w = BufWriter::new(File::create(&tmp)?);
-        write_body(&mut w)?;
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        sync_dir(dir)?;
-        self.remove_older_snapshots(&path)?;
-        Ok(path)
+        let copied = (|| {
+            file.rewind()?;
+            let mut w = BufWriter::new(File::create(&tmp)?);
+            io::copy(&mut file, &mut w)?;
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()
+        })();
+        let res = copied
+            .map_err(|e| at_path(&tmp, e))
+            .and_then(|()| self.install_file(&tmp, &path, Some(meta), false));
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        res
     }
 
-    pub(super) fn current_snapshot(&self) -> io::Result<Option<Snapshot>> {
-        let Some(path) = self.snapshot_files()?.pop() else {
-            return Ok(None);
+    /// Load `src` into the tree not in force, checking it on the way; then
+    /// rename it to `dest`, flip the trees and keep `dest` as the current
+    /// snapshot. Blocking; the caller holds the write lock (or is `open`).
+    fn install_file(
+        &self,
+        src: &Path,
+        dest: &Path,
+        expect: Option<&SnapshotMeta>,
+        legacy: bool,
+    ) -> io::Result<()> {
+        let shared = &self.shared;
+        let active = shared.tree.current().name();
+        let other = TREES
+            .into_iter()
+            .find(|t| t.as_bytes() != &active[..])
+            .unwrap_or(TREES[0]);
+        let tree = shared.db.open_tree(other).map_err(sled_err)?;
+        let header = match self.load_into(&tree, src, expect, legacy) {
+            Ok(h) => h,
+            Err(e) => {
+                if let Err(c) = tree.clear() {
+                    tracing::warn!(error = %c, "cannot clear the refused install's tree");
+                }
+                return Err(e);
+            }
         };
-        let mut f = File::open(&path)?;
-        let header = read_header(&mut BufReader::new(&mut f))?;
-        f.rewind()?;
-        Ok(Some(Snapshot {
-            meta: header.meta,
-            snapshot: f,
-        }))
-    }
-
-    /// Replace the whole state with the snapshot in `file`.
-    pub(super) async fn install(&self, meta: &SnapshotMeta, mut file: File) -> io::Result<()> {
-        let lock = self.shared.lock.clone();
-        let _guard = lock.write().await;
-        // Keep the snapshot as our current one first: it is also what an
-        // interrupted install is finished from.
-        file.rewind()?;
-        let path = self.write_snapshot_file(meta, |w| io::copy(&mut file, w).map(|_| ()))?;
-        let this = self.clone();
-        let meta = meta.clone();
-        tokio::task::spawn_blocking(move || this.load_snapshot_file(&path, Some(&meta)))
-            .await
-            .map_err(io::Error::other)??;
-        self.shared.syncer.sync().await
-    }
-
-    /// Clear the tree and load `path` into it. Blocking.
-    fn load_snapshot_file(&self, path: &Path, expect: Option<&SnapshotMeta>) -> io::Result<()> {
-        let tree = &self.shared.tree;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        tree.insert(keys::INSTALLING, name.as_bytes())
+        shared.syncer.sync_now()?;
+        if src != dest {
+            std::fs::rename(src, dest).map_err(|e| at_path(dest, e))?;
+        }
+        sync_dir(&shared.snapshot_dir).map_err(|e| at_path(&shared.snapshot_dir, e))?;
+        shared
+            .db
+            .insert(keys::ACTIVE_TREE, other.as_bytes())
             .map_err(sled_err)?;
-        let mut r = BufReader::new(File::open(path)?);
-        let header = read_header(&mut r)?;
+        shared.syncer.sync_now()?;
+        let applied = header.meta.last_log_id.as_ref().map_or(0, |l| l.index());
+        let old = shared.tree.swap(tree, || {
+            self.set_clock(header.clock_ms);
+            shared
+                .last_token
+                .store(header.last_token, std::sync::atomic::Ordering::Release);
+            shared.applied.send_replace(applied);
+        });
+        // Every record may have changed: wake every Await to look again.
+        self.notify_all_watches();
+        tracing::info!(path = %dest.display(), tree = other, applied, "snapshot installed");
+        self.set_verified(Some(dest.to_path_buf()));
+        self.remove_older_snapshots(dest)?;
+        // Nobody reads the old tree any more (`swap` waited for them).
+        if let Err(e) = old.clear() {
+            tracing::warn!(error = %e, "cannot clear the state machine tree replaced by a snapshot");
+        }
+        Ok(())
+    }
+
+    /// Clear `tree` and fill it from `path`; fails on any check. Blocking.
+    fn load_into(
+        &self,
+        tree: &sled::Tree,
+        path: &Path,
+        expect: Option<&SnapshotMeta>,
+        legacy: bool,
+    ) -> io::Result<Header> {
+        let (mut r, header) = open_reader(path, legacy)?;
         if let Some(meta) = expect {
             if header.meta.last_log_id != meta.last_log_id {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "snapshot file does not match its meta",
+                return Err(r.err(
+                    8,
+                    format!(
+                        "the header is of log id {:?}, the leader sent it as {:?}",
+                        header.meta.last_log_id, meta.last_log_id
+                    ),
                 ));
             }
         }
-        for prefix in [keys::RECORD, keys::EXPIRY] {
-            let mut batch = sled::Batch::default();
-            for item in tree.scan_prefix([prefix]) {
-                batch.remove(item.map_err(sled_err)?.0);
-            }
-            tree.apply_batch(batch).map_err(sled_err)?;
-        }
+        tree.clear().map_err(sled_err)?;
         let mut batch = sled::Batch::default();
         let mut pending = 0;
-        while let Some(k) = read_frame(&mut r)? {
-            let v = read_frame(&mut r)?
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "truncated snapshot"))?;
-            let rk = keys::parse_record(&k).ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidData, "bad record key in snapshot")
-            })?;
-            let rec: Record = decode(&v)?;
+        while let Some((k, v, at)) = r.pair()? {
+            let (rk, rec) = check_pair(&r, &k, &v, at)?;
             batch.insert(keys::expiry(record::expires_at(&rec), &rk), &[] as &[u8]);
             batch.insert(k, v);
             pending += 1;
@@ -193,34 +315,13 @@ impl StateMachineStore {
                 pending = 0;
             }
         }
+        r.finish()?;
         batch.insert(keys::APPLIED, encode(&header.meta.last_log_id)?);
         batch.insert(keys::MEMBERSHIP, encode(&header.meta.last_membership)?);
         batch.insert(keys::CLOCK, encode(&header.clock_ms)?);
         batch.insert(keys::LAST_TOKEN, encode(&header.last_token)?);
-        batch.remove(keys::INSTALLING);
         tree.apply_batch(batch).map_err(sled_err)?;
-        self.set_clock(header.clock_ms);
-        self.shared
-            .last_token
-            .store(header.last_token, std::sync::atomic::Ordering::Release);
-        let applied = header.meta.last_log_id.as_ref().map_or(0, |l| l.index());
-        self.shared.applied.send_replace(applied);
-        self.notify_all_watches();
-        Ok(())
-    }
-
-    /// If the node stopped while installing a snapshot, finish it now.
-    pub(super) fn finish_interrupted_install(&self) -> io::Result<()> {
-        let Some(name) = self.shared.tree.get(keys::INSTALLING).map_err(sled_err)? else {
-            return Ok(());
-        };
-        let path = self
-            .shared
-            .snapshot_dir
-            .join(String::from_utf8_lossy(&name).as_ref());
-        tracing::warn!(path = %path.display(), "finishing an interrupted snapshot install");
-        self.load_snapshot_file(&path, None)?;
-        self.shared.syncer.sync_now()
+        Ok(header)
     }
 }
 
@@ -231,36 +332,59 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let guard = self.shared.lock.clone().read_owned().await;
         let this = self.clone();
-        let path = tokio::task::spawn_blocking(move || -> io::Result<(PathBuf, SnapshotMeta)> {
-            let _guard = guard;
-            let meta = SnapshotMeta {
-                last_log_id: this.applied_log_id()?,
-                last_membership: this.membership()?,
-            };
-            let header = Header {
-                meta: meta.clone(),
-                clock_ms: this.clock_ms(),
-                last_token: this.last_token(),
-            };
-            let path = this.write_snapshot_file(&meta, |w| {
-                w.write_all(MAGIC)?;
-                write_frame(w, &encode(&header)?)?;
-                for item in this.shared.tree.scan_prefix([keys::RECORD]) {
-                    let (k, v) = item.map_err(sled_err)?;
-                    write_frame(w, &k)?;
-                    write_frame(w, &v)?;
-                }
-                Ok(())
-            })?;
-            Ok((path, meta))
-        })
-        .await
-        .map_err(io::Error::other)??;
-        let (path, meta) = path;
+        let (path, meta) =
+            tokio::task::spawn_blocking(move || -> io::Result<(PathBuf, SnapshotMeta)> {
+                let written = {
+                    let _guard = guard;
+                    this.write_snapshot()?
+                };
+                // Read back what reached the disk before it is served.
+                verify(&written.0)?;
+                this.set_verified(Some(written.0.clone()));
+                Ok(written)
+            })
+            .await
+            .map_err(io::Error::other)??;
         tracing::info!(path = %path.display(), "snapshot built");
         Ok(Snapshot {
             meta,
-            snapshot: File::open(path)?,
+            snapshot: File::open(&path).map_err(|e| at_path(&path, e))?,
         })
+    }
+}
+
+impl StateMachineStore {
+    /// Write the state to a new snapshot file atomically (temp file, fsync,
+    /// rename, fsync dir). Blocking; the caller holds the read lock.
+    fn write_snapshot(&self) -> io::Result<(PathBuf, SnapshotMeta)> {
+        let meta = SnapshotMeta {
+            last_log_id: self.applied_log_id()?,
+            last_membership: self.membership()?,
+        };
+        let header = Header {
+            meta: meta.clone(),
+            clock_ms: self.clock_ms(),
+            last_token: self.last_token(),
+        };
+        let dir = &self.shared.snapshot_dir;
+        let path = dir.join(file_name(&meta));
+        let tmp = dir.join(format!("{}.tmp", file_name(&meta)));
+        let written = (|| {
+            let mut w = Writer::new(BufWriter::new(File::create(&tmp)?), &header)?;
+            for item in self.shared.tree.scan_prefix([keys::RECORD]) {
+                let (k, v) = item.map_err(sled_err)?;
+                w.pair(&k, &v)?;
+            }
+            let f = w.finish()?.into_inner().map_err(|e| e.into_error())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            sync_dir(dir)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(at_path(&tmp, e));
+        }
+        self.remove_older_snapshots(&path)?;
+        Ok((path, meta))
     }
 }

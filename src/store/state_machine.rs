@@ -4,6 +4,12 @@
 //! decided changes back, keeping the expiry index exact. Each entry's changes
 //! and the new `last_applied` go into one atomic sled batch. It must not
 //! decide anything itself: every rule lives in `record.rs`.
+//!
+//! The state lives in one of two sled trees, `sm` and `sm-b`; a key of the
+//! database's default tree ([`keys::ACTIVE_TREE`], absent: `sm`) names the
+//! one in force, and [`ActiveTree`] holds it in memory. Installing a
+//! snapshot fills the other tree and then flips both (see `snapshot.rs`),
+//! so a reader sees the old state or the new one, never a mix.
 
 use std::io;
 use std::path::PathBuf;
@@ -23,14 +29,16 @@ use crate::raft::{EntryPayload, LogId, Response, SnapshotMeta, StoredMembership,
 use crate::record::{self, Change, Command, Outcome, Record, RecordKey, Request};
 
 /// Handle to the state machine; cheap to clone. Reads ([`Self::get`]) go
-/// straight to sled and never wait for apply.
+/// straight to sled and never wait for apply or a snapshot install.
 #[derive(Clone)]
 pub struct StateMachineStore {
     pub(super) shared: Arc<Shared>,
 }
 
 pub(super) struct Shared {
-    pub(super) tree: sled::Tree,
+    pub(super) db: sled::Db,
+    /// The tree in force; swapped whole when a snapshot is installed.
+    pub(super) tree: ActiveTree,
     pub(super) syncer: Arc<Syncer>,
     pub(super) snapshot_dir: PathBuf,
     /// Held for writing while entries are applied or a snapshot installed,
@@ -48,7 +56,68 @@ pub(super) struct Shared {
     pub(super) applied: watch::Sender<u64>,
     /// Waiters on single keys (Await), woken by the commits that write them.
     pub(super) watches: Arc<super::watch::Watches>,
+    /// The snapshot file last checked whole (built, installed or checked
+    /// at open): served without reading it again.
+    pub(super) verified: std::sync::Mutex<Option<PathBuf>>,
 }
+
+/// The state machine tree in force. Every read and write goes through it;
+/// [`ActiveTree::swap`] waits for the calls running on the old tree, so
+/// once it returns nobody reads that tree any more.
+pub(super) struct ActiveTree {
+    tree: std::sync::RwLock<sled::Tree>,
+}
+
+impl ActiveTree {
+    fn new(tree: sled::Tree) -> Self {
+        ActiveTree {
+            tree: std::sync::RwLock::new(tree),
+        }
+    }
+
+    /// Run `f` on the tree in force; a swap waits until it returns.
+    pub(super) fn with<R>(&self, f: impl FnOnce(&sled::Tree) -> R) -> R {
+        f(&self.tree.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A handle of the tree in force (to learn its name, or to iterate
+    /// under `Shared::lock`, which keeps an install from swapping it).
+    pub(super) fn current(&self) -> sled::Tree {
+        self.with(|t| t.clone())
+    }
+
+    pub(super) fn get(&self, k: impl AsRef<[u8]>) -> sled::Result<Option<sled::IVec>> {
+        self.with(|t| t.get(k))
+    }
+
+    pub(super) fn apply_batch(&self, batch: sled::Batch) -> sled::Result<()> {
+        self.with(|t| t.apply_batch(batch))
+    }
+
+    /// Only under `Shared::lock` (apply, snapshot build): the iterator
+    /// outlives this call.
+    pub(super) fn range(&self, r: std::ops::Range<Vec<u8>>) -> sled::Iter {
+        self.with(|t| t.range(r))
+    }
+
+    /// Only under `Shared::lock`, like [`Self::range`].
+    pub(super) fn scan_prefix(&self, prefix: impl AsRef<[u8]>) -> sled::Iter {
+        self.with(|t| t.scan_prefix(prefix))
+    }
+
+    /// Put `new` in force and run `then` before any reader can see it
+    /// (the clock, token and applied-index atomics); returns the old tree.
+    pub(super) fn swap(&self, new: sled::Tree, then: impl FnOnce()) -> sled::Tree {
+        let mut cur = self.tree.write().unwrap_or_else(|p| p.into_inner());
+        let old = std::mem::replace(&mut *cur, new);
+        then();
+        old
+    }
+}
+
+/// The two state machine trees: the one in force and the one a snapshot
+/// install fills.
+pub(super) const TREES: [&str; 2] = ["sm", "sm-b"];
 
 /// Changes of the entries applied so far in one `apply` call, written as one
 /// atomic sled batch together with `last_applied`. (Every sled batch forces a
@@ -76,7 +145,24 @@ impl StateMachineStore {
         snapshot_dir: PathBuf,
     ) -> io::Result<Self> {
         std::fs::create_dir_all(&snapshot_dir)?;
-        let tree = db.open_tree("sm").map_err(sled_err)?;
+        // A data directory from before the second tree has no pointer: `sm`.
+        let active = match db.get(keys::ACTIVE_TREE).map_err(sled_err)? {
+            Some(name) => TREES
+                .into_iter()
+                .find(|t| t.as_bytes() == &name[..])
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "sled key {:?} names an unknown state machine tree {:?}",
+                            String::from_utf8_lossy(keys::ACTIVE_TREE),
+                            String::from_utf8_lossy(&name)
+                        ),
+                    )
+                })?,
+            None => TREES[0],
+        };
+        let tree = db.open_tree(active).map_err(sled_err)?;
         let clock = match tree.get(keys::CLOCK).map_err(sled_err)? {
             Some(v) => decode::<u64>(&v)?,
             None => 0,
@@ -85,7 +171,8 @@ impl StateMachineStore {
         let last_token = Self::read_last_token(&tree)?;
         let sm = StateMachineStore {
             shared: Arc::new(Shared {
-                tree,
+                db: db.clone(),
+                tree: ActiveTree::new(tree),
                 syncer,
                 snapshot_dir,
                 lock: Arc::new(RwLock::new(())),
@@ -94,9 +181,10 @@ impl StateMachineStore {
                 last_token: AtomicU64::new(last_token),
                 applied,
                 watches: Default::default(),
+                verified: std::sync::Mutex::new(None),
             }),
         };
-        sm.finish_interrupted_install()?;
+        sm.recover_snapshots()?;
         let applied = sm.applied_log_id()?.map_or(0, |l| l.index());
         sm.shared.applied.send_replace(applied);
         Ok(sm)
@@ -161,19 +249,19 @@ impl StateMachineStore {
     /// Whether some record's retention has passed at `now` (so a sweep has
     /// work to do).
     pub fn has_expired(&self, now: u64) -> io::Result<bool> {
-        let first = self
-            .shared
-            .tree
-            .range(vec![keys::EXPIRY]..keys::expiry_upper(now))
-            .next()
-            .transpose()
-            .map_err(sled_err)?;
-        Ok(first.is_some())
+        let first = self.shared.tree.with(|t| {
+            t.range(vec![keys::EXPIRY]..keys::expiry_upper(now))
+                .next()
+                .transpose()
+        });
+        Ok(first.map_err(sled_err)?.is_some())
     }
 
     /// Number of stored records (a full scan: for status and tests).
     pub fn record_count(&self) -> usize {
-        self.shared.tree.scan_prefix([keys::RECORD]).count()
+        self.shared
+            .tree
+            .with(|t| t.scan_prefix([keys::RECORD]).count())
     }
 
     pub(super) fn applied_log_id(&self) -> io::Result<Option<LogId>> {
