@@ -12,6 +12,7 @@
 //!
 //! This module never decides an idempotency rule; see `record.rs`.
 
+pub mod boot_clock;
 pub mod durable;
 pub mod keys;
 mod log;

@@ -22,6 +22,7 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::OptionalSend;
 use tokio::sync::{watch, RwLock};
 
+use super::boot_clock;
 use super::durable::{sled_err, Syncer};
 use super::keys;
 use crate::codec::{decode, encode};
@@ -50,6 +51,12 @@ pub(super) struct Shared {
     /// When (monotonic) `clock` last took a stamp, or the store opened:
     /// [`StateMachineStore::now_ms`] adds the time since.
     pub(super) anchor: std::sync::Mutex<std::time::Instant>,
+    /// A reading the clock had certainly reached when this store opened
+    /// (from the last [`boot_clock::Anchor`] of this boot; 0 without one),
+    /// so the time this node was down counts.
+    pub(super) floor_ms: u64,
+    pub(super) opened: std::time::Instant,
+    pub(super) boot_id: Option<String>,
     /// The last fencing token granted (SPEC §2 Tokens), as committed.
     pub(super) last_token: AtomicU64,
     /// Index of the last applied entry, for waiters (Await).
@@ -169,6 +176,13 @@ impl StateMachineStore {
         };
         let (applied, _) = watch::channel(0);
         let last_token = Self::read_last_token(&tree)?;
+        let boot_id = boot_clock::boot_id();
+        let floor_ms = match tree.get(keys::CLOCK_ANCHOR).map_err(sled_err)? {
+            Some(v) => decode::<boot_clock::Anchor>(&v)?
+                .reached_ms(&boot_id)
+                .unwrap_or(0),
+            None => 0,
+        };
         let sm = StateMachineStore {
             shared: Arc::new(Shared {
                 db: db.clone(),
@@ -178,6 +192,9 @@ impl StateMachineStore {
                 lock: Arc::new(RwLock::new(())),
                 clock: AtomicU64::new(clock),
                 anchor: std::sync::Mutex::new(std::time::Instant::now()),
+                floor_ms,
+                opened: std::time::Instant::now(),
+                boot_id,
                 last_token: AtomicU64::new(last_token),
                 applied,
                 watches: Default::default(),
@@ -229,7 +246,12 @@ impl StateMachineStore {
     pub fn now_ms(&self) -> u64 {
         let anchor = *self.shared.anchor.lock().unwrap_or_else(|p| p.into_inner());
         let clock = self.clock_ms();
-        clock.saturating_add(anchor.elapsed().as_millis() as u64)
+        let since_apply = clock.saturating_add(anchor.elapsed().as_millis() as u64);
+        let since_open = match self.shared.floor_ms {
+            0 => 0,
+            f => f.saturating_add(self.shared.opened.elapsed().as_millis() as u64),
+        };
+        since_apply.max(since_open)
     }
 
     /// Take the stamp `now` into the clock (on apply and snapshot install).
@@ -327,6 +349,9 @@ impl StateMachineStore {
         };
         let mut done = std::mem::take(p);
         done.batch.insert(keys::APPLIED, encode(&Some(last))?);
+        if let Some(a) = boot_clock::Anchor::now(&self.shared.boot_id, self.now_ms()) {
+            done.batch.insert(keys::CLOCK_ANCHOR, encode(&a)?);
+        }
         if let Some(t) = done.last_token {
             done.batch.insert(keys::LAST_TOKEN, encode(&t)?);
         }

@@ -1,0 +1,96 @@
+//! Delete as the client library sends it (SPEC §2 Delete): a fenced Delete
+//! is retried like any fenced write; an unfenced one is sent once, and when
+//! its reply is lost the caller is told the outcome is unknown instead of
+//! the library retrying it (a retry could delete a newer claim).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{acquired, claim_req, TestCluster};
+use idemkv::client::{ClientError, ClientOptions};
+use idemkv::pb::api;
+use idemkv::Client;
+
+/// A TCP endpoint that accepts connections and never answers: a request
+/// sent there is lost (its outcome unknown to the sender).
+async fn black_hole() -> (String, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    (addr, task)
+}
+
+fn del(key: &str, token: Option<u64>) -> api::DeleteRequest {
+    api::DeleteRequest {
+        namespace: "del".into(),
+        key: key.into(),
+        token,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_fenced_deletes_are_retried() {
+    let c = TestCluster::start(3).await;
+    let direct = c.client();
+    let (hole, _task) = black_hole().await;
+    // The black hole first: every call's first attempt is lost.
+    let mut endpoints = vec![hole.clone()];
+    endpoints.extend(c.endpoints());
+    let client = Client::with_options(
+        endpoints,
+        ClientOptions {
+            request_timeout: Duration::from_millis(300),
+            retry_for: Duration::from_secs(5),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let a = acquired(
+        direct
+            .claim(claim_req("del", "k", "w", 60_000))
+            .await
+            .unwrap(),
+    );
+
+    // The fault took effect: a call to the black hole alone times out.
+    let lone = Client::with_options(
+        [hole.clone()],
+        ClientOptions {
+            request_timeout: Duration::from_millis(300),
+            retry_for: Duration::from_millis(100),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let err = lone.delete(del("k", Some(a.token))).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::DeadlineExceeded), "{err}");
+
+    // Unfenced: sent once, lost, reported as unknown; not retried on the
+    // nodes that would have answered, so the record is still there.
+    let err = client.delete(del("k", None)).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::OutcomeUnknown { .. }),
+        "an unfenced delete with a lost reply must not be retried: {err:?}"
+    );
+    assert!(err.to_string().contains("outcome unknown"), "{err}");
+    let still = direct
+        .get(api::GetRequest {
+            namespace: "del".into(),
+            key: "k".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(still.is_some(), "the unfenced delete was retried elsewhere");
+
+    // Fenced: the lost attempt is retried on another node and succeeds.
+    let res = client.delete(del("k", Some(a.token))).await.unwrap();
+    assert!(res.existed);
+    c.shutdown().await;
+}
