@@ -204,3 +204,51 @@ async fn a_wall_clock_jump_on_the_leader_moves_no_lease_and_no_retention() {
         dir.path().display()
     );
 }
+
+/// A node that is down keeps counting time: after `kill -9` of a lone node
+/// held down for 2 s, a 3 s lease taken before the kill expires about 3 s
+/// after it was granted, not 3 s plus the downtime, and the clock reads
+/// real time again (no faketime needed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_counts_the_time_it_was_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cl = ProcCluster::new(dir.path(), 1, "");
+    cl.start_all();
+    cl.wait_ready(Duration::from_secs(20)).await;
+    let c = cl.client();
+    let granted = Instant::now();
+    let Outcome::Acquired(_) = claim(&c, "down", "a", 3_000).await else {
+        panic!("not acquired");
+    };
+    // The anchor reaches disk with sled's background flush (every 0.5 s;
+    // kill -9 keeps the page cache), so let one happen: the clock loses at
+    // most the time since the last flush, never the downtime.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cl.kill9(0);
+    assert!(cl.pid(0).is_none(), "the node is down");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cl.start_node(0);
+    cl.wait_ready(Duration::from_secs(20)).await;
+    let s = c.status().await.unwrap();
+    let lag = now_ms() as i64 - s.clock_ms as i64;
+    assert!(
+        lag < 700,
+        "the clock lost the downtime: it is {lag} ms behind real time"
+    );
+    let taken = loop {
+        match claim(&c, "down", "b", 3_000).await {
+            Outcome::Acquired(a) => break a,
+            Outcome::InProgress(_) if granted.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    let waited = granted.elapsed();
+    assert!(
+        waited < Duration::from_millis(3_800),
+        "a 3 s lease lasted {waited:?}: the downtime was not counted"
+    );
+    assert!(waited >= Duration::from_millis(2_900), "{waited:?}");
+    assert_eq!(taken.previous_owner.as_deref(), Some("a"));
+}

@@ -349,8 +349,11 @@ impl StateMachineStore {
         };
         let mut done = std::mem::take(p);
         done.batch.insert(keys::APPLIED, encode(&Some(last))?);
-        if let Some(a) = boot_clock::Anchor::now(&self.shared.boot_id, self.now_ms()) {
-            done.batch.insert(keys::CLOCK_ANCHOR, encode(&a)?);
+        // Before the first stamp there is no clock to anchor.
+        if self.clock_ms() > 0 {
+            if let Some(a) = boot_clock::Anchor::now(&self.shared.boot_id, self.now_ms()) {
+                done.batch.insert(keys::CLOCK_ANCHOR, encode(&a)?);
+            }
         }
         if let Some(t) = done.last_token {
             done.batch.insert(keys::LAST_TOKEN, encode(&t)?);
