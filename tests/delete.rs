@@ -69,7 +69,14 @@ async fn only_fenced_deletes_are_retried() {
     )
     .unwrap();
     let err = lone.delete(del("k", Some(a.token))).await.unwrap_err();
-    assert_eq!(err.code(), Some(tonic::Code::DeadlineExceeded), "{err}");
+    assert!(
+        matches!(
+            err.code(),
+            Some(tonic::Code::DeadlineExceeded | tonic::Code::Cancelled)
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("Timeout"), "{err}");
 
     // Unfenced: sent once, lost, reported as unknown; not retried on the
     // nodes that would have answered, so the record is still there.
