@@ -131,7 +131,7 @@ fn complete_req(ns: &str, key: &str, token: u64) -> api::CompleteRequest {
 /// Probe with Awaits on an absent key (answered NOT_FOUND at once while a
 /// slot is free) until one is refused; that refusal.
 async fn refused_await(cl: &Client, ns: &str) -> idemkv::client::ClientError {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         match cl.r#await(await_req(ns, "absent", 1_000)).await {
             Err(e) if e.code() == Some(Code::ResourceExhausted) => return e,
@@ -157,15 +157,37 @@ async fn awaits_have_caps_of_their_own_and_leave_other_calls_alone() {
     let addr = c.members[&1].api_addr.clone();
     let cl = no_retry(&addr);
     let a = acquired(cl.claim(claim_req("a", "k", "w", 60_000)).await.unwrap());
+    let a2 = acquired(cl.claim(claim_req("a", "k2", "w", 60_000)).await.unwrap());
     let b = acquired(cl.claim(claim_req("b", "k", "w", 60_000)).await.unwrap());
-    let wait = |ns: &'static str| {
+    let wait_on = |ns: &'static str, key: &'static str| {
         let cl = cl.clone();
-        tokio::spawn(async move { cl.r#await(await_req(ns, "k", 60_000)).await })
+        tokio::spawn(async move { cl.r#await(await_req(ns, key, 60_000)).await })
+    };
+    let wait = |ns: &'static str| wait_on(ns, "k");
+    let sm = c.node(1).consensus().sm.clone();
+    // Each Await is waiting (registered on its key) before the next call,
+    // so none of them races another for a slot.
+    let settle = |want: usize| {
+        let sm = sm.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while sm.watched_keys() < want {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the Awaits never waited"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     };
 
     // Two Awaits fill namespace "a"; a third there is refused, naming the
     // setting, its value and the namespace; other namespaces still wait.
-    let in_a = vec![wait("a"), wait("a")];
+    let first = wait_on("a", "k");
+    settle(1).await;
+    let second = wait_on("a", "k2");
+    settle(2).await;
+    let in_a = vec![first, second];
     let e = refused_await(&cl, "a").await;
     assert_eq!(e.reason(), Some("OVERLOADED"), "{e}");
     let m = e.message();
@@ -174,6 +196,7 @@ async fn awaits_have_caps_of_their_own_and_leave_other_calls_alone() {
         "{m}"
     );
     let in_b = wait("b");
+    settle(3).await;
     // Now three wait on the node: the node's own cap refuses a fourth.
     let e = refused_await(&cl, "c").await;
     assert!(e.message().contains("max_awaits: 3"), "{e}");
@@ -191,6 +214,9 @@ async fn awaits_have_caps_of_their_own_and_leave_other_calls_alone() {
     }
 
     cl.complete(complete_req("a", "k", a.token)).await.unwrap();
+    cl.complete(complete_req("a", "k2", a2.token))
+        .await
+        .unwrap();
     cl.complete(complete_req("b", "k", b.token)).await.unwrap();
     for w in in_a.into_iter().chain([in_b]) {
         let r = w.await.unwrap().unwrap();
