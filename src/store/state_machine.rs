@@ -48,14 +48,9 @@ pub(super) struct Shared {
     pub(super) lock: Arc<RwLock<()>>,
     /// The state machine clock: max of every stamp applied so far.
     pub(super) clock: AtomicU64,
-    /// When (monotonic) `clock` last took a stamp, or the store opened:
-    /// [`StateMachineStore::now_ms`] adds the time since.
-    pub(super) anchor: std::sync::Mutex<std::time::Instant>,
-    /// A reading the clock had certainly reached when this store opened
-    /// (from the last [`boot_clock::Anchor`] of this boot; 0 without one),
-    /// so the time this node was down counts.
-    pub(super) floor_ms: u64,
-    pub(super) opened: std::time::Instant,
+    /// `(ns, at)`: a reading the clock had certainly reached at monotonic
+    /// instant `at`; [`StateMachineStore::now_ms`] adds the time since.
+    pub(super) estimate: std::sync::Mutex<(u64, std::time::Instant)>,
     pub(super) boot_id: Option<String>,
     /// The last fencing token granted (SPEC §2 Tokens), as committed.
     pub(super) last_token: AtomicU64,
@@ -177,6 +172,8 @@ impl StateMachineStore {
         let (applied, _) = watch::channel(0);
         let last_token = Self::read_last_token(&tree)?;
         let boot_id = boot_clock::boot_id();
+        // The time this node was down counts: the last anchor of this boot
+        // plus the boot time since (0 without one).
         let floor_ms = match tree.get(keys::CLOCK_ANCHOR).map_err(sled_err)? {
             Some(v) => decode::<boot_clock::Anchor>(&v)?
                 .reached_ms(&boot_id)
@@ -191,9 +188,10 @@ impl StateMachineStore {
                 snapshot_dir,
                 lock: Arc::new(RwLock::new(())),
                 clock: AtomicU64::new(clock),
-                anchor: std::sync::Mutex::new(std::time::Instant::now()),
-                floor_ms,
-                opened: std::time::Instant::now(),
+                estimate: std::sync::Mutex::new((
+                    clock.max(floor_ms).saturating_mul(1_000_000),
+                    std::time::Instant::now(),
+                )),
                 boot_id,
                 last_token: AtomicU64::new(last_token),
                 applied,
@@ -238,28 +236,35 @@ impl StateMachineStore {
         self.shared.clock.load(Ordering::Acquire)
     }
 
-    /// The state machine clock as of now: the last applied stamp plus the
-    /// monotonic time since it was applied (or since this store opened).
-    /// Behind the leader's clock, never ahead of what real time allows, and
-    /// immune to wall-clock jumps: every lease decision outside `apply`
-    /// (Await, the no-write claim path, the sweep trigger) reads this.
+    /// The state machine clock as of now: the greatest reading it is known
+    /// to have reached (an applied stamp, or the anchor of a restart) plus
+    /// the monotonic time since it was known. Behind the leader's clock,
+    /// never ahead of what real time allows, immune to wall-clock jumps, and
+    /// never lowered by a stamp applied late (entries a follower applies
+    /// only after an election carry stamps from before it). Every lease
+    /// decision outside `apply` (Await, the no-write claim path, the sweep
+    /// trigger) and a new leader's first stamp read this.
     pub fn now_ms(&self) -> u64 {
-        let anchor = *self.shared.anchor.lock().unwrap_or_else(|p| p.into_inner());
-        let clock = self.clock_ms();
-        let since_apply = clock.saturating_add(anchor.elapsed().as_millis() as u64);
-        let since_open = match self.shared.floor_ms {
-            0 => 0,
-            f => f.saturating_add(self.shared.opened.elapsed().as_millis() as u64),
-        };
-        since_apply.max(since_open)
+        let (ns, at) = *self
+            .shared
+            .estimate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        (ns.saturating_add(at.elapsed().as_nanos() as u64) / 1_000_000).max(self.clock_ms())
     }
 
     /// Take the stamp `now` into the clock (on apply and snapshot install).
     pub(super) fn set_clock(&self, now: u64) {
-        let mut anchor = self.shared.anchor.lock().unwrap_or_else(|p| p.into_inner());
-        if now != self.clock_ms() {
-            *anchor = std::time::Instant::now();
-        }
+        let mut est = self
+            .shared
+            .estimate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let at = std::time::Instant::now();
+        let known = est
+            .0
+            .saturating_add(at.saturating_duration_since(est.1).as_nanos() as u64);
+        *est = (known.max(now.saturating_mul(1_000_000)), at);
         self.shared.clock.store(now, Ordering::Release);
     }
 
@@ -501,5 +506,33 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<crate::raft::Snapshot>, io::Error> {
         self.current_snapshot()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// A follower applies the last entries of a leader that stopped only
+    /// after the next election; their stamps are older than the time that
+    /// has passed, and must not set the clock's reading back (a paused
+    /// leader in the robustness suite once cost the cluster 1.3 s that way).
+    #[test]
+    fn a_stamp_applied_late_never_sets_the_reading_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let sm = &store.state_machine;
+        sm.set_clock(1_000_000);
+        std::thread::sleep(Duration::from_millis(100));
+        let before = sm.now_ms();
+        assert!(before >= 1_000_100, "{before}");
+        sm.set_clock(1_000_010);
+        assert_eq!(sm.clock_ms(), 1_000_010, "the deterministic clock takes it");
+        assert!(
+            sm.now_ms() >= before,
+            "the reading went back from {before} to {}",
+            sm.now_ms()
+        );
+        store.log.close();
     }
 }
