@@ -212,11 +212,6 @@ impl AwaitCaps {
             namespace: namespace.to_string(),
         })
     }
-
-    /// Await calls waiting now on this node.
-    pub fn waiting(&self) -> usize {
-        self.lock().total
-    }
 }
 
 /// One Await's slot; dropping it frees the slot.

@@ -277,7 +277,18 @@ pub fn is_expired(r: &Record, now: u64) -> bool {
 
 /// True while a worker holds a live lease at time `now`.
 pub fn lease_is_live(r: &Record, now: u64) -> bool {
-    matches!(&r.state, State::InProgress { lease_deadline_ms, .. } if now < *lease_deadline_ms)
+    live_lease_left(r, now).is_some()
+}
+
+/// How long the live lease on `r` still runs at `now` (ms, at least 1);
+/// `None` when no worker holds a live lease.
+pub fn live_lease_left(r: &Record, now: u64) -> Option<u64> {
+    match &r.state {
+        State::InProgress {
+            lease_deadline_ms, ..
+        } if now < *lease_deadline_ms => Some(lease_deadline_ms - now),
+        _ => None,
+    }
 }
 
 fn holder(cur: Option<&Record>) -> Holder {

@@ -52,6 +52,28 @@ async fn claim(c: &Client, key: &str, owner: &str, lease_ms: u64) -> Outcome {
     .unwrap()
 }
 
+/// Claim `key` as `owner` until the claim takes the lease over, while less
+/// than `within` has passed since `since`; panics with `what` otherwise.
+async fn take_over(
+    c: &Client,
+    key: &str,
+    owner: &str,
+    lease_ms: u64,
+    since: Instant,
+    within: Duration,
+    what: &str,
+) -> api::Acquired {
+    loop {
+        match claim(c, key, owner, lease_ms).await {
+            Outcome::Acquired(a) => return a,
+            Outcome::InProgress(_) if since.elapsed() < within => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+}
+
 async fn status_of(c: &Client, api_addr: &str) -> api::StatusResponse {
     let all = c.status_all().await;
     let (_, s) = all
@@ -159,15 +181,16 @@ async fn a_wall_clock_jump_on_the_leader_moves_no_lease_and_no_retention() {
     set_offset(&files[leader], 0);
     let off = wait_wall_offset(&c, &leader_addr, 0).await;
     assert!(off.abs() < 5_000, "the clock was put right: {off} ms");
-    let taken = loop {
-        match claim(&c, "held", "b", 4_000).await {
-            Outcome::Acquired(a) => break a,
-            Outcome::InProgress(_) if held_at.elapsed() < Duration::from_secs(12) => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            other => panic!("a's 4 s lease never expired after the clock was fixed: {other:?}"),
-        }
-    };
+    let taken = take_over(
+        &c,
+        "held",
+        "b",
+        4_000,
+        held_at,
+        Duration::from_secs(12),
+        "a's 4 s lease never expired after the clock was fixed",
+    )
+    .await;
     let waited = held_at.elapsed();
     assert!(
         waited >= Duration::from_millis(3_900),
@@ -183,15 +206,16 @@ async fn a_wall_clock_jump_on_the_leader_moves_no_lease_and_no_retention() {
     assert!((off + DAY_AND_HOUR_S * 1000).abs() < 5_000, "{off}");
     let t0 = Instant::now();
     claim(&c, "short", "c", 1_000).await;
-    let taken = loop {
-        match claim(&c, "short", "d", 1_000).await {
-            Outcome::Acquired(a) => break a,
-            Outcome::InProgress(_) if t0.elapsed() < Duration::from_secs(6) => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            other => panic!("a 1 s lease froze when the clock fell back: {other:?}"),
-        }
-    };
+    let taken = take_over(
+        &c,
+        "short",
+        "d",
+        1_000,
+        t0,
+        Duration::from_secs(6),
+        "a 1 s lease froze when the clock fell back",
+    )
+    .await;
     assert!(t0.elapsed() >= Duration::from_millis(950));
     assert_eq!(taken.previous_owner.as_deref(), Some("c"));
 
@@ -235,15 +259,16 @@ async fn a_restarted_node_counts_the_time_it_was_down() {
         lag < 700,
         "the clock lost the downtime: it is {lag} ms behind real time"
     );
-    let taken = loop {
-        match claim(&c, "down", "b", 3_000).await {
-            Outcome::Acquired(a) => break a,
-            Outcome::InProgress(_) if granted.elapsed() < Duration::from_secs(10) => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            other => panic!("{other:?}"),
-        }
-    };
+    let taken = take_over(
+        &c,
+        "down",
+        "b",
+        3_000,
+        granted,
+        Duration::from_secs(10),
+        "a's 3 s lease never expired after the restart",
+    )
+    .await;
     let waited = granted.elapsed();
     assert!(
         waited < Duration::from_millis(3_800),

@@ -3,57 +3,24 @@
 //! node starts; damage with acknowledged records after it is refused, the
 //! file left as it was, and `idemkv serve` exits saying what to do. Also:
 //! every segment kept is fsynced at open, before anything is acknowledged.
+mod log_files;
 mod procs;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use idemkv::raft::{Entry, TypeConfig};
-use idemkv::record::{Command, Op, RecordKey, Request};
-use idemkv::store::{LogStore, Store};
-use openraft::storage::{IOFlushed, RaftLogStorage};
+use idemkv::raft::TypeConfig;
+use idemkv::store::Store;
+use log_files::{append, close, entry};
+use openraft::storage::RaftLogStorage;
 use openraft::testing::log_id;
-use openraft::{EntryPayload, RaftLogReader};
-
-fn entry(index: u64) -> Entry {
-    Entry {
-        log_id: log_id::<TypeConfig>(1, 1, index),
-        payload: EntryPayload::Normal(Request {
-            stamped_ms: index,
-            command: Command::Op {
-                key: RecordKey {
-                    namespace: "ns".into(),
-                    key: format!("key-{index}").into_bytes(),
-                },
-                op: Op::Complete {
-                    token: index,
-                    result: vec![index as u8; 100],
-                    code: None,
-                    retention_ms: None,
-                },
-            },
-        }),
-    }
-}
-
-async fn append(log: &mut LogStore, entries: Vec<Entry>) {
-    let (tx, rx) = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot();
-    log.append(entries, IOFlushed::signal(tx)).await.unwrap();
-    rx.await.unwrap().unwrap();
-}
-
-/// Stop the store's threads and drop it, releasing the data directory.
-fn close(store: Store) {
-    store.log.close();
-    store.syncer.close();
-    drop(store);
-}
+use openraft::RaftLogReader;
 
 /// A data directory whose log holds entries 1..=10 (acknowledged), in one
 /// segment; returns that segment's path.
 async fn ten_entries(dir: &Path) -> PathBuf {
     let mut store = Store::open(dir).unwrap();
-    append(&mut store.log, (1..=10).map(entry).collect()).await;
+    append(&mut store.log, (1..=10).map(|i| entry(i, 1)).collect()).await;
     let segs = store.log.segment_files();
     assert_eq!(segs.len(), 1, "{segs:?}");
     close(store);
@@ -79,7 +46,7 @@ async fn all_indexes(store: &mut Store) -> Vec<u64> {
     let state = store.log.get_log_state().await.unwrap();
     let last = state.last_log_id.map_or(0, |l| l.index);
     let got = store.log.try_get_log_entries(1..=last).await.unwrap();
-    assert_eq!(got, (1..=last).map(entry).collect::<Vec<_>>());
+    assert_eq!(got, (1..=last).map(|i| entry(i, 1)).collect::<Vec<_>>());
     got.iter().map(|e| e.log_id.index).collect()
 }
 
@@ -173,7 +140,7 @@ async fn torn_tails_are_cut_and_every_entry_before_them_kept() {
         .collect();
     // A record of entry 11 that was being written when the node died.
     let mut store = Store::open(dir.path()).unwrap();
-    append(&mut store.log, vec![entry(11)]).await;
+    append(&mut store.log, vec![entry(11, 1)]).await;
     close(store);
     let with_11 = std::fs::read(&seg).unwrap();
     let record_11 = with_11[whole.len()..].to_vec();
@@ -212,7 +179,7 @@ async fn torn_tails_are_cut_and_every_entry_before_them_kept() {
 
     // And the log goes on after the cut.
     let mut store = Store::open(dir.path()).unwrap();
-    append(&mut store.log, vec![entry(11)]).await;
+    append(&mut store.log, vec![entry(11, 1)]).await;
     close(store);
     let mut store = Store::open(dir.path()).unwrap();
     assert_eq!(all_indexes(&mut store).await, (1..=11).collect::<Vec<_>>());
@@ -279,7 +246,7 @@ async fn every_segment_kept_is_fsynced_at_open() {
     assert_eq!(store.log.synced_at_open(), 0, "a new log has no segment");
     let mut log = store.log.clone();
     for i in 1..=40 {
-        append(&mut log, vec![entry(i)]).await;
+        append(&mut log, vec![entry(i, 1)]).await;
     }
     drop(log);
     close(store);
@@ -324,7 +291,7 @@ async fn all_indexes_from(store: &mut Store, from: u64) -> Vec<u64> {
     assert_eq!(
         got,
         (from..from + got.len() as u64)
-            .map(entry)
+            .map(|i| entry(i, 1))
             .collect::<Vec<_>>()
     );
     got.iter().map(|e| e.log_id.index).collect()

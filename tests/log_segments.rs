@@ -3,47 +3,14 @@
 use std::io::Write;
 use std::path::Path;
 
+mod log_files;
+
 use idemkv::raft::{Entry, TypeConfig};
-use idemkv::record::{Command, Op, RecordKey, Request};
 use idemkv::store::{LogStore, Store};
-use openraft::storage::{IOFlushed, RaftLogStorage};
+use log_files::{append, close, entry};
+use openraft::storage::RaftLogStorage;
 use openraft::testing::log_id;
-use openraft::{EntryPayload, RaftLogReader};
-
-fn entry(index: u64, term: u64) -> Entry {
-    Entry {
-        log_id: log_id::<TypeConfig>(term, 1, index),
-        payload: EntryPayload::Normal(Request {
-            stamped_ms: index,
-            command: Command::Op {
-                key: RecordKey {
-                    namespace: "ns".into(),
-                    key: format!("key-{index}").into_bytes(),
-                },
-                op: Op::Complete {
-                    token: index,
-                    result: vec![index as u8; 100],
-                    code: None,
-                    retention_ms: None,
-                },
-            },
-        }),
-    }
-}
-
-async fn append(log: &mut LogStore, entries: Vec<Entry>) {
-    let (tx, rx) = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot();
-    log.append(entries, IOFlushed::signal(tx)).await.unwrap();
-    rx.await.unwrap().unwrap();
-}
-
-/// Close everything the store holds so the directory can be opened again.
-async fn close(store: Store) {
-    store.log.close();
-    store.syncer.close();
-    drop(store);
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-}
+use openraft::RaftLogReader;
 
 async fn indexes(log: &mut LogStore, range: std::ops::RangeInclusive<u64>) -> Vec<u64> {
     log.try_get_log_entries(range)
@@ -68,7 +35,7 @@ async fn a_torn_write_at_the_end_is_cut_off_and_appends_go_on() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path()).unwrap();
     append(&mut store.log, (1..=10).map(|i| entry(i, 1)).collect()).await;
-    close(store).await;
+    close(store);
 
     // A crash in the middle of a write: a header promising 300 bytes, and 12.
     let seg = last_segment(dir.path());
@@ -87,13 +54,13 @@ async fn a_torn_write_at_the_end_is_cut_off_and_appends_go_on() {
         (1..=10).collect::<Vec<_>>()
     );
     append(&mut store.log, vec![entry(11, 1)]).await;
-    close(store).await;
+    close(store);
 
     let mut store = Store::open(dir.path()).unwrap();
     let got = store.log.try_get_log_entries(1..=11).await.unwrap();
     assert_eq!(got.len(), 11);
     assert_eq!(got[10], entry(11, 1));
-    close(store).await;
+    close(store);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,7 +72,7 @@ async fn damage_before_the_last_segment_refuses_to_open() {
     }
     let segs = store.log.segment_files();
     assert!(segs.len() > 2, "segments: {segs:?}");
-    close(store).await;
+    close(store);
 
     // Flip a byte inside the first record of the first segment.
     let mut bytes = std::fs::read(&segs[0]).unwrap();
@@ -158,7 +125,7 @@ async fn segments_roll_purge_truncate_and_reopen() {
         (101..=150).collect::<Vec<_>>()
     );
     append(&mut store.log, (151..=160).map(|i| entry(i, 2)).collect()).await;
-    close(store).await;
+    close(store);
 
     let mut store = Store::open_with_segment_bytes(dir.path(), 2048).unwrap();
     let state = store.log.get_log_state().await.unwrap();
@@ -178,7 +145,7 @@ async fn segments_roll_purge_truncate_and_reopen() {
         .map(|p| p.file_stem().unwrap().to_str().unwrap().parse().unwrap())
         .collect();
     assert!(names.windows(2).all(|w| w[1] > 100), "segments: {names:?}");
-    close(store).await;
+    close(store);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,11 +162,11 @@ async fn a_log_purged_past_its_end_starts_again_after_the_purge_point() {
     let state = store.log.get_log_state().await.unwrap();
     assert_eq!(state.last_log_id.map(|l| l.index), Some(500));
     append(&mut store.log, vec![entry(501, 3)]).await;
-    close(store).await;
+    close(store);
 
     let mut store = Store::open(dir.path()).unwrap();
     let state = store.log.get_log_state().await.unwrap();
     assert_eq!(state.last_log_id, Some(log_id::<TypeConfig>(3, 1, 501)));
     assert_eq!(indexes(&mut store.log, 0..=600).await, vec![501]);
-    close(store).await;
+    close(store);
 }

@@ -234,22 +234,15 @@ impl Idempotency for IdempotencyService {
             else {
                 return Err(not_found(&key));
             };
-            let now = self.consensus.now_ms();
-            let live = record::lease_is_live(&rec, now);
+            let lease_left = record::live_lease_left(&rec, self.consensus.now_ms());
             let timed_out = tokio::time::Instant::now() >= deadline;
-            if !live || timed_out {
+            let Some(lease_left) = lease_left.filter(|_| !timed_out) else {
                 return Ok(Response::new(api::AwaitResponse {
                     record: Some(convert::record(&key, &rec)),
-                    timed_out: live,
+                    timed_out: lease_left.is_some(),
                 }));
-            }
-            // Wake when this key changes, at lease expiry, or at the deadline.
-            let lease_left = match &rec.state {
-                record::State::InProgress {
-                    lease_deadline_ms, ..
-                } => lease_deadline_ms.saturating_sub(now).max(1),
-                _ => 1,
             };
+            // Wake when this key changes, at lease expiry, or at the deadline.
             let wake =
                 deadline.min(tokio::time::Instant::now() + Duration::from_millis(lease_left));
             tokio::select! {

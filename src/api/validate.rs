@@ -1,5 +1,7 @@
 //! The API edge: every limit of SPEC §4 is checked here, before anything is
-//! proposed, and protobuf requests become record commands. An error names the
+//! proposed, and protobuf requests become record commands. Each validator
+//! builds the command, then checks it with the same functions the leader
+//! runs on forwarded commands ([`command`]), so the two cannot drift. An error names the
 //! field and the limit; a rejected request changes nothing.
 
 use crate::config::Limits;
@@ -101,44 +103,29 @@ fn token(t: u64) -> Result<u64> {
 pub fn delete(limits: &Limits, r: &api::DeleteRequest) -> Result<(RecordKey, Op)> {
     let k = key(limits, &r.namespace, &r.key)?;
     let op = match r.token {
-        Some(t) => Op::DeleteFenced { token: token(t)? },
+        Some(token) => Op::DeleteFenced { token },
         None => Op::Delete,
     };
+    op_limits(limits, &op)?;
     Ok((k, op))
 }
 
 pub fn claim(limits: &Limits, r: &api::ClaimRequest) -> Result<(RecordKey, Claim)> {
     let k = key(limits, &r.namespace, &r.key)?;
-    if r.owner.is_empty() {
-        return Err(Error::invalid("owner", "is required"));
-    }
-    check_len("owner", r.owner.len(), limits.owner_max, "bytes").map_err(as_invalid)?;
-    if r.claim_id.is_empty() {
-        return Err(Error::invalid(
-            "claim_id",
-            format!(
-                "is required (1-{} bytes, fixed for every retry of one claim; the client library makes one)",
-                limits.claim_id_max
-            ),
-        ));
-    }
-    check_len("claim_id", r.claim_id.len(), limits.claim_id_max, "bytes").map_err(as_invalid)?;
-    if let Some(fp) = &r.fingerprint {
-        check_len("fingerprint", fp.len(), limits.fingerprint_max, "bytes").map_err(as_invalid)?;
-    }
-    let lease_ms = lease(limits, "lease_ms", r.lease_ms)?;
-    let retention_ms = retention(limits, r.retention_ms)?.unwrap_or(limits.retention_default_ms);
-    Ok((
-        k,
-        Claim {
-            owner: r.owner.clone(),
-            claim_id: r.claim_id.clone(),
-            lease_ms,
-            fingerprint: r.fingerprint.clone(),
-            max_attempts: r.max_attempts,
-            retention_ms,
+    let c = Claim {
+        owner: r.owner.clone(),
+        claim_id: r.claim_id.clone(),
+        lease_ms: r.lease_ms,
+        fingerprint: r.fingerprint.clone(),
+        max_attempts: r.max_attempts,
+        // 0 means "not given".
+        retention_ms: match r.retention_ms {
+            0 => limits.retention_default_ms,
+            ms => ms,
         },
-    ))
+    };
+    claim_limits(limits, &c)?;
+    Ok((k, c))
 }
 
 /// Short identifiers over their limit are bad input, not "too large" data.
@@ -150,88 +137,90 @@ fn as_invalid(e: Error) -> Error {
 }
 
 pub fn claim_batch(limits: &Limits, r: &api::ClaimBatchRequest) -> Result<Vec<(RecordKey, Claim)>> {
-    if r.items.is_empty() {
+    batch_len(limits, r.items.len())?;
+    let items = r
+        .items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| claim(limits, item).map_err(at_item(i)))
+        .collect::<Result<Vec<_>>>()?;
+    distinct_keys(&items)?;
+    Ok(items)
+}
+
+fn batch_len(limits: &Limits, n: usize) -> Result<()> {
+    if n == 0 {
         return Err(Error::invalid("items", "the batch is empty"));
     }
-    if r.items.len() > limits.batch_max {
+    if n > limits.batch_max {
         return Err(Error::too_large(
             "items",
-            format!(
-                "the batch has {} items; the limit is {}",
-                r.items.len(),
-                limits.batch_max
-            ),
+            format!("the batch has {n} items; the limit is {}", limits.batch_max),
         ));
     }
-    let mut seen = std::collections::HashSet::new();
-    let mut out = Vec::with_capacity(r.items.len());
-    for (i, item) in r.items.iter().enumerate() {
-        let (k, c) = claim(limits, item).map_err(|e| match e {
-            Error::InvalidArgument { field, message } => Error::InvalidArgument {
-                field: format!("items[{i}].{field}"),
-                message,
-            },
-            Error::TooLarge { field, message } => Error::TooLarge {
-                field: format!("items[{i}].{field}"),
-                message,
-            },
-            other => other,
-        })?;
-        if !seen.insert(k.clone()) {
+    Ok(())
+}
+
+/// The field of an error about item `i` of a batch, as `items[i].field`.
+fn at_item(i: usize) -> impl Fn(Error) -> Error {
+    move |e| match e {
+        Error::InvalidArgument { field, message } => Error::InvalidArgument {
+            field: format!("items[{i}].{field}"),
+            message,
+        },
+        Error::TooLarge { field, message } => Error::TooLarge {
+            field: format!("items[{i}].{field}"),
+            message,
+        },
+        other => other,
+    }
+}
+
+fn distinct_keys(items: &[(RecordKey, Claim)]) -> Result<()> {
+    let mut seen = std::collections::HashSet::with_capacity(items.len());
+    for (i, (k, _)) in items.iter().enumerate() {
+        if !seen.insert(k) {
             return Err(Error::invalid(
                 &format!("items[{i}].key"),
                 "appears twice in the batch; each key may be claimed once per batch",
             ));
         }
-        out.push((k, c));
     }
-    Ok(out)
+    Ok(())
 }
 
 pub fn complete(limits: &Limits, r: &api::CompleteRequest) -> Result<(RecordKey, Op)> {
     let k = key(limits, &r.namespace, &r.key)?;
-    let token = token(r.token)?;
-    check_len("result", r.result.len(), limits.result_max, "bytes")?;
-    let retention_ms = retention(limits, r.retention_ms)?;
-    Ok((
-        k,
-        Op::Complete {
-            token,
-            result: r.result.clone(),
-            code: r.code,
-            retention_ms,
-        },
-    ))
+    let op = Op::Complete {
+        token: r.token,
+        result: r.result.clone(),
+        code: r.code,
+        // 0 means "keep the retention chosen at claim time".
+        retention_ms: (r.retention_ms != 0).then_some(r.retention_ms),
+    };
+    op_limits(limits, &op)?;
+    Ok((k, op))
 }
 
 pub fn renew(limits: &Limits, r: &api::RenewRequest) -> Result<(RecordKey, Op)> {
     let k = key(limits, &r.namespace, &r.key)?;
-    let token = token(r.token)?;
-    let lease_ms = lease(limits, "lease_ms", r.lease_ms)?;
-    if let Some(cp) = &r.checkpoint {
-        check_len("checkpoint", cp.len(), limits.checkpoint_max, "bytes")?;
-    }
-    Ok((
-        k,
-        Op::Renew {
-            token,
-            lease_ms,
-            checkpoint: r.checkpoint.clone(),
-        },
-    ))
+    let op = Op::Renew {
+        token: r.token,
+        lease_ms: r.lease_ms,
+        checkpoint: r.checkpoint.clone(),
+    };
+    op_limits(limits, &op)?;
+    Ok((k, op))
 }
 
 pub fn release(limits: &Limits, r: &api::ReleaseRequest) -> Result<(RecordKey, Op)> {
     let k = key(limits, &r.namespace, &r.key)?;
-    let token = token(r.token)?;
-    check_len("error", r.error.len(), limits.error_max, "bytes")?;
-    Ok((
-        k,
-        Op::Release {
-            token,
-            error: r.error.clone(),
-        },
-    ))
+    let op = Op::Release {
+        token: r.token,
+        error: r.error.clone(),
+    };
+    op_limits(limits, &op)?;
+    Ok((k, op))
 }
 
 pub fn await_timeout(limits: &Limits, ms: u64) -> Result<u64> {
@@ -250,11 +239,11 @@ pub fn await_timeout(limits: &Limits, ms: u64) -> Result<u64> {
 /// The most records one sweep entry may remove, whoever proposed it.
 pub const SWEEP_LIMIT_MAX: u32 = 100_000;
 
-/// Check a decoded command against every limit the client port enforces:
-/// the peer port runs this on every forwarded write, so a peer (or a
-/// follower configured with looser limits) can never get in what a client
-/// could not (SPEC §5). The client port's own checks give the friendlier
-/// field names; this one guards what reaches the log.
+/// Check a decoded command against every limit of SPEC §4: the same checks
+/// the client port makes (its validators above build the command and call
+/// these), run again by the leader on every forwarded write, so a peer (or
+/// a follower configured with looser limits) never gets in what a client
+/// could not (SPEC §5).
 pub fn command(limits: &Limits, c: &Command) -> Result<()> {
     match c {
         Command::Op { key: k, op } => {
@@ -262,38 +251,13 @@ pub fn command(limits: &Limits, c: &Command) -> Result<()> {
             op_limits(limits, op)
         }
         Command::ClaimBatch { items, .. } => {
-            if items.is_empty() {
-                return Err(Error::invalid("items", "the batch is empty"));
-            }
-            if items.len() > limits.batch_max {
-                return Err(Error::too_large(
-                    "items",
-                    format!(
-                        "the batch has {} items; the limit is {}",
-                        items.len(),
-                        limits.batch_max
-                    ),
-                ));
-            }
-            let mut seen = std::collections::HashSet::new();
+            batch_len(limits, items.len())?;
             for (i, (k, c)) in items.iter().enumerate() {
-                let at = |e: Error| match e {
-                    Error::InvalidArgument { field, message } => Error::InvalidArgument {
-                        field: format!("items[{i}].{field}"),
-                        message,
-                    },
-                    other => other,
-                };
-                record_key(limits, k).map_err(at)?;
-                claim_limits(limits, c).map_err(at)?;
-                if !seen.insert(k) {
-                    return Err(Error::invalid(
-                        &format!("items[{i}].key"),
-                        "appears twice in the batch",
-                    ));
-                }
+                record_key(limits, k)
+                    .and_then(|()| claim_limits(limits, c))
+                    .map_err(at_item(i))?;
             }
-            Ok(())
+            distinct_keys(items)
         }
         Command::Sweep { limit } => {
             if *limit == 0 || *limit > SWEEP_LIMIT_MAX {
@@ -317,18 +281,28 @@ fn claim_limits(limits: &Limits, c: &Claim) -> Result<()> {
     }
     check_len("owner", c.owner.len(), limits.owner_max, "bytes").map_err(as_invalid)?;
     if c.claim_id.is_empty() {
-        return Err(Error::invalid("claim_id", "is required"));
+        return Err(Error::invalid(
+            "claim_id",
+            format!(
+                "is required (1-{} bytes, fixed for every retry of one claim; the client library makes one)",
+                limits.claim_id_max
+            ),
+        ));
     }
     check_len("claim_id", c.claim_id.len(), limits.claim_id_max, "bytes").map_err(as_invalid)?;
     if let Some(fp) = &c.fingerprint {
         check_len("fingerprint", fp.len(), limits.fingerprint_max, "bytes").map_err(as_invalid)?;
     }
     lease(limits, "lease_ms", c.lease_ms)?;
-    // Already filled with the default at the client port: never 0 here.
-    if retention(limits, c.retention_ms)?.is_none() {
-        return Err(Error::invalid("retention_ms", "is 0"));
+    retention_set(limits, c.retention_ms)
+}
+
+/// A retention that is set (never 0 inside a command) and within limits.
+fn retention_set(limits: &Limits, ms: u64) -> Result<()> {
+    match retention(limits, ms)? {
+        Some(_) => Ok(()),
+        None => Err(Error::invalid("retention_ms", "is 0")),
     }
-    Ok(())
 }
 
 fn op_limits(limits: &Limits, op: &Op) -> Result<()> {
@@ -342,12 +316,10 @@ fn op_limits(limits: &Limits, op: &Op) -> Result<()> {
         } => {
             token(*t)?;
             check_len("result", result.len(), limits.result_max, "bytes")?;
-            if let Some(ms) = retention_ms {
-                if retention(limits, *ms)?.is_none() {
-                    return Err(Error::invalid("retention_ms", "is 0"));
-                }
+            match retention_ms {
+                Some(ms) => retention_set(limits, *ms),
+                None => Ok(()),
             }
-            Ok(())
         }
         Op::Renew {
             token: t,
@@ -356,10 +328,10 @@ fn op_limits(limits: &Limits, op: &Op) -> Result<()> {
         } => {
             token(*t)?;
             lease(limits, "lease_ms", *lease_ms)?;
-            if let Some(cp) = checkpoint {
-                check_len("checkpoint", cp.len(), limits.checkpoint_max, "bytes")?;
+            match checkpoint {
+                Some(cp) => check_len("checkpoint", cp.len(), limits.checkpoint_max, "bytes"),
+                None => Ok(()),
             }
-            Ok(())
         }
         Op::Release { token: t, error } => {
             token(*t)?;

@@ -143,6 +143,18 @@ struct LeaseState {
     lost: Option<LeaseLoss>,
 }
 
+impl LeaseState {
+    /// Mark the lease expired if its deadline has passed at `now`; true if
+    /// this call did.
+    fn expire_at(&mut self, now: Instant) -> bool {
+        let expire = self.lost.is_none() && now >= self.deadline;
+        if expire {
+            self.lost = Some(LeaseLoss::Expired);
+        }
+        expire
+    }
+}
+
 /// The client's own view of one lease, shared by the renewer, the work and
 /// `run_once`. Once lost it stays lost, even if a renewal sent in time
 /// answers late: every reader decides under the channel's lock.
@@ -161,12 +173,9 @@ impl LeaseClock {
     fn check(&self, now: Instant) -> LeaseState {
         let mut seen = None;
         self.0.send_if_modified(|s| {
-            let expire = s.lost.is_none() && now >= s.deadline;
-            if expire {
-                s.lost = Some(LeaseLoss::Expired);
-            }
+            let expired = s.expire_at(now);
             seen = Some(*s);
-            expire
+            expired
         });
         // Invariant: send_if_modified always runs the closure.
         seen.unwrap_or_else(|| *self.0.borrow())
@@ -178,8 +187,7 @@ impl LeaseClock {
         let now = Instant::now();
         let mut live = false;
         self.0.send_if_modified(|s| {
-            if s.lost.is_none() && now >= s.deadline {
-                s.lost = Some(LeaseLoss::Expired);
+            if s.expire_at(now) {
                 return true;
             }
             if s.lost.is_some() {

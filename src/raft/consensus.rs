@@ -48,9 +48,10 @@ pub enum ForwardReply {
     },
 }
 
-/// Checks a command against the node's limits before it is proposed: the
-/// API layer supplies it (this layer knows no limits), and it runs on every
-/// proposal, forwarded ones included.
+/// Checks a forwarded command against this node's limits before the leader
+/// proposes it (SPEC §5: the peer port never takes what the client port
+/// would refuse). The API layer supplies it, as this layer knows no limits;
+/// commands from this node's own client port were checked there already.
 pub type CommandCheck = std::sync::Arc<dyn Fn(&Command) -> Result<()> + Send + Sync>;
 
 /// Why the local node could not serve a leader-only request.
@@ -128,9 +129,12 @@ impl Consensus {
 
     /// The stamp a command proposed now gets (SPEC §2 Time).
     fn stamp(&self) -> u64 {
-        let term = self.raft.metrics().borrow_watched().current_term;
-        self.clock
-            .stamp(term, self.sm.now_ms(), self.sm.clock_ms(), wall_clock_ms())
+        self.clock.stamp(
+            self.term(),
+            self.sm.now_ms(),
+            self.sm.clock_ms(),
+            wall_clock_ms(),
+        )
     }
 
     /// The one clock for lease decisions made outside the state machine
@@ -162,7 +166,6 @@ impl Consensus {
     }
 
     async fn propose_local(&self, command: Command) -> Result<Response, Local> {
-        (self.check)(&command).map_err(Local::Failed)?;
         if !self.raft.is_leader() {
             return Err(Local::NotLeader(self.leader()));
         }
@@ -303,7 +306,10 @@ impl Consensus {
     /// Serve a request forwarded by a follower. Never forwards again.
     pub async fn serve_forwarded(&self, req: Forwarded) -> ForwardReply {
         let res = match req {
-            Forwarded::Write(c) => self.propose_local(c).await.map(ForwardReply::Write),
+            Forwarded::Write(c) => match (self.check)(&c) {
+                Ok(()) => self.propose_local(c).await.map(ForwardReply::Write),
+                Err(e) => Err(Local::Failed(e)),
+            },
             Forwarded::ReadIndex => self.read_index_local().await.map(ForwardReply::ReadIndex),
         };
         match res {

@@ -242,9 +242,10 @@ impl RaftPeer for PeerService {
     ) -> Result<Response<Payload>, Status> {
         self.admission.check(&req).await?;
         let _one = self.spooling.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(
-                "peer: this node is already receiving a snapshot; one at a time (retry later)",
-            )
+            to_status(Error::Overloaded(
+                "peer: this node is already receiving a snapshot; one at a time (retry later)"
+                    .into(),
+            ))
         })?;
         let mut stream = req.into_inner();
         let first = stream
@@ -253,10 +254,10 @@ impl RaftPeer for PeerService {
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
         let (vote, meta): (Vote, SnapshotMeta) = decode(&first.meta).map_err(bad)?;
         let spool_err = |e: std::io::Error| {
-            Status::internal(format!(
+            to_status(Error::Internal(format!(
                 "peer: spooling the snapshot in {}: {e}",
                 self.spool_dir.display()
-            ))
+            )))
         };
         std::fs::create_dir_all(&self.spool_dir).map_err(spool_err)?;
         // Unnamed: every early return below drops (and so removes) it.
@@ -271,9 +272,12 @@ impl RaftPeer for PeerService {
                     cap = self.spool_max,
                     "refused a snapshot over peer_max_snapshot_bytes"
                 );
-                return Err(Status::resource_exhausted(format!(
-                    "peer: the snapshot stream passed peer_max_snapshot_bytes ({} bytes); refused",
-                    self.spool_max
+                return Err(to_status(Error::too_large(
+                    "peer_max_snapshot_bytes",
+                    format!(
+                        "peer: the snapshot stream passed the cap of {} bytes; refused",
+                        self.spool_max
+                    ),
                 )));
             }
             file.write_all(&data).map_err(spool_err)?;
@@ -289,20 +293,24 @@ impl RaftPeer for PeerService {
             (file, res)
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?;
+        .map_err(|e| to_status(Error::Internal(e.to_string())))?;
         let (file, sent_meta) = checked;
         match sent_meta {
             Ok(m) if m.last_log_id == meta.last_log_id => {}
             Ok(m) => {
-                return Err(Status::invalid_argument(format!(
-                    "peer: the snapshot received is of log id {:?}, sent as {:?}; refused",
-                    m.last_log_id, meta.last_log_id
+                return Err(to_status(Error::invalid(
+                    "snapshot",
+                    format!(
+                        "peer: the snapshot received is of log id {:?}, sent as {:?}; refused",
+                        m.last_log_id, meta.last_log_id
+                    ),
                 )))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "refused a damaged snapshot from the leader");
-                return Err(Status::invalid_argument(format!(
-                    "peer: the snapshot received is damaged, refused: {e}"
+                return Err(to_status(Error::invalid(
+                    "snapshot",
+                    format!("peer: the snapshot received is damaged, refused: {e}"),
                 )));
             }
         }

@@ -208,7 +208,7 @@ impl StateMachineStore {
     /// The stored token counter. Before tokens had a counter of their own
     /// every token was the log index of its grant, so a store without one
     /// continues from its applied index, which no earlier token exceeds.
-    pub(super) fn read_last_token(tree: &sled::Tree) -> io::Result<u64> {
+    fn read_last_token(tree: &sled::Tree) -> io::Result<u64> {
         if let Some(v) = tree.get(keys::LAST_TOKEN).map_err(sled_err)? {
             return decode::<u64>(&v);
         }

@@ -1,0 +1,46 @@
+//! Shared by the log tests (`log_segments.rs`, `log_recovery.rs`): entries
+//! to append, an append that waits for its fsync, closing a store.
+#![allow(dead_code)]
+
+use idemkv::raft::{Entry, TypeConfig};
+use idemkv::record::{Command, Op, RecordKey, Request};
+use idemkv::store::{LogStore, Store};
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::testing::log_id;
+use openraft::EntryPayload;
+
+/// An entry of `term` at `index`, carrying a Complete of about 100 bytes.
+pub fn entry(index: u64, term: u64) -> Entry {
+    Entry {
+        log_id: log_id::<TypeConfig>(term, 1, index),
+        payload: EntryPayload::Normal(Request {
+            stamped_ms: index,
+            command: Command::Op {
+                key: RecordKey {
+                    namespace: "ns".into(),
+                    key: format!("key-{index}").into_bytes(),
+                },
+                op: Op::Complete {
+                    token: index,
+                    result: vec![index as u8; 100],
+                    code: None,
+                    retention_ms: None,
+                },
+            },
+        }),
+    }
+}
+
+/// Append `entries` and wait until the log says they are durable.
+pub async fn append(log: &mut LogStore, entries: Vec<Entry>) {
+    let (tx, rx) = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot();
+    log.append(entries, IOFlushed::signal(tx)).await.unwrap();
+    rx.await.unwrap().unwrap();
+}
+
+/// Stop the store's threads and drop it, releasing the data directory.
+pub fn close(store: Store) {
+    store.log.close();
+    store.syncer.close();
+    drop(store);
+}
