@@ -1,10 +1,16 @@
 //! Property test: random command sequences on one key, run through
-//! `record::apply_op` and through a deliberately simple model written from
-//! SPEC §1–§2. Outcomes must agree, and the invariants must hold: at most one
+//! `record::apply_op` and through the test-side model of SPEC §1–§2
+//! (`robust::model`, the same model the robustness checker replays
+//! histories through). Outcomes must agree, and the invariants must hold: at most one
 //! live holder, tokens strictly increase, a completed result never changes,
 //! a stale token never changes anything.
-use idemkv::record::{apply_op, Change, Claim, ClaimOutcome, Op, Outcome, Record, RuleError};
+mod robust;
+
+use idemkv::record::{
+    apply_op, Change, Claim, ClaimOutcome, Op, Outcome, Record, Released, RuleError,
+};
 use proptest::prelude::*;
+use robust::model::{self, Answer, Rec};
 
 const LEASE: u64 = 200;
 const MAX_ATTEMPTS: u32 = 3;
@@ -16,6 +22,7 @@ enum Step {
     Renew { pick: u8 },
     Release { pick: u8 },
     Delete,
+    DeleteFenced { pick: u8 },
     Advance(u64),
 }
 
@@ -26,188 +33,65 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0u8..3).prop_map(|pick| Step::Renew { pick }),
         1 => (0u8..3).prop_map(|pick| Step::Release { pick }),
         1 => Just(Step::Delete),
+        1 => (0u8..3).prop_map(|pick| Step::DeleteFenced { pick }),
         3 => (0u64..300).prop_map(Step::Advance),
     ]
 }
 
-/// The model: what SPEC says a record is.
-#[derive(Debug, Clone, PartialEq)]
-enum M {
-    Absent,
-    Held {
-        owner: u8,
-        claim_id: u8,
-        token: u64,
-        deadline: u64,
-        attempts: u32,
-    },
-    Avail {
-        attempts: u32,
-        last_token: u64,
-    },
-    Done {
-        token: u64,
-        result: u8,
-    },
-    Failed {
-        attempts: u32,
-        last_token: u64,
-    },
+type M = Rec<u64, u64>;
+
+fn claim_of(owner: u8, claim_id: u8) -> (String, String) {
+    (format!("w{owner}"), format!("c{claim_id}"))
 }
 
-/// What the model expects an operation to answer.
-#[derive(Debug, PartialEq)]
-enum Want {
-    Acquired { token: u64, attempt: u32 },
-    InProgress { owner: u8 },
-    Completed { token: u64, result: u8 },
-    Failed,
-    Ok,
-    LeaseLost,
-    AlreadyCompleted,
-}
-
-fn model_claim(m: &M, owner: u8, claim_id: u8, now: u64, index: u64) -> (M, Want) {
-    let grant = |attempts: u32| {
-        (
-            M::Held {
-                owner,
-                claim_id,
-                token: index,
-                deadline: now + LEASE,
-                attempts,
-            },
-            Want::Acquired {
-                token: index,
-                attempt: attempts,
-            },
-        )
-    };
-    match *m {
-        M::Absent => grant(1),
-        M::Held {
-            owner: o,
-            claim_id: c,
-            token,
-            attempts,
-            ..
-        } if o == owner && c == claim_id => (
-            m.clone(),
-            Want::Acquired {
-                token,
-                attempt: attempts,
-            },
-        ),
-        M::Held {
-            owner: o, deadline, ..
-        } if now < deadline => (m.clone(), Want::InProgress { owner: o }),
-        // The expired holder's attempt ends in FAILED; no Release made it
-        // so, so its late Release must get LEASE_LOST (last_token 0).
-        M::Held { attempts, .. } if attempts >= MAX_ATTEMPTS => (
-            M::Failed {
-                attempts,
-                last_token: 0,
-            },
-            Want::Failed,
-        ),
-        M::Held { attempts, .. } | M::Avail { attempts, .. } => grant(attempts + 1),
-        M::Done { token, result } => (m.clone(), Want::Completed { token, result }),
-        M::Failed { .. } => (m.clone(), Want::Failed),
+/// The model's answer and next state for one step at time `now`; a grant
+/// takes token `next_token`.
+fn model_step(m: &M, step: &Step, token: u64, now: u64, next_token: u64) -> (M, Answer<u64>) {
+    match step {
+        Step::Claim { owner, claim_id } => {
+            let (owner, claim_id) = claim_of(*owner, *claim_id);
+            let c = model::Claim {
+                owner: &owner,
+                claim_id: &claim_id,
+                max_attempts: MAX_ATTEMPTS,
+            };
+            let live = matches!(m, Rec::Held { deadline, .. } if now < *deadline);
+            model::claim(m, &c, live, || (next_token, now + LEASE))
+        }
+        Step::Complete { result, .. } => model::complete(m, token, &result.to_string()),
+        Step::Renew { .. } => model::renew(m, token, |d| (now + LEASE).max(*d)),
+        Step::Release { .. } => model::release(m, token, MAX_ATTEMPTS),
+        Step::Delete => model::delete(m, None),
+        Step::DeleteFenced { .. } => model::delete(m, Some(token)),
+        Step::Advance(_) => unreachable!("time only"),
     }
 }
 
-fn model_fenced(m: &M, step: &Step, token: u64, now: u64) -> (M, Want) {
-    match (step, m) {
-        (Step::Complete { result, .. }, M::Held { token: t, .. }) if *t == token => (
-            M::Done {
-                token,
-                result: *result,
-            },
-            Want::Ok,
-        ),
-        (
-            Step::Complete { result, .. },
-            M::Done {
-                token: t,
-                result: r,
-            },
-        ) if *t == token => {
-            if r == result {
-                (m.clone(), Want::Ok)
-            } else {
-                (m.clone(), Want::AlreadyCompleted)
-            }
-        }
-        (
-            Step::Renew { .. },
-            M::Held {
-                owner,
-                claim_id,
-                token: t,
-                deadline,
-                attempts,
-            },
-        ) if *t == token => (
-            M::Held {
-                owner: *owner,
-                claim_id: *claim_id,
-                token,
-                deadline: (now + LEASE).max(*deadline),
-                attempts: *attempts,
-            },
-            Want::Ok,
-        ),
-        (
-            Step::Release { .. },
-            M::Held {
-                token: t, attempts, ..
-            },
-        ) if *t == token => {
-            if *attempts >= MAX_ATTEMPTS {
-                (
-                    M::Failed {
-                        attempts: *attempts,
-                        last_token: token,
-                    },
-                    Want::Ok,
-                )
-            } else {
-                (
-                    M::Avail {
-                        attempts: *attempts,
-                        last_token: token,
-                    },
-                    Want::Ok,
-                )
-            }
-        }
-        (Step::Release { .. }, M::Avail { last_token, .. } | M::Failed { last_token, .. })
-            if *last_token == token =>
-        {
-            (m.clone(), Want::Ok)
-        }
-        _ => (m.clone(), Want::LeaseLost),
-    }
-}
-
-fn observe(out: &Result<Outcome, RuleError>) -> Want {
+/// The product's answer in the model's terms.
+fn observe(out: &Result<Outcome, RuleError>, holder: Option<u64>) -> Answer<u64> {
     match out {
-        Ok(Outcome::Claim(ClaimOutcome::Acquired { token, attempt, .. })) => Want::Acquired {
+        Ok(Outcome::Claim(ClaimOutcome::Acquired { token, attempt, .. })) => Answer::Acquired {
             token: *token,
             attempt: *attempt,
+            fresh: holder != Some(*token),
         },
-        Ok(Outcome::Claim(ClaimOutcome::InProgress { owner, .. })) => Want::InProgress {
-            owner: owner.as_bytes()[1] - b'0',
+        Ok(Outcome::Claim(ClaimOutcome::InProgress { owner, .. })) => Answer::InProgress {
+            owner: owner.clone(),
         },
-        Ok(Outcome::Claim(ClaimOutcome::Completed { token, result, .. })) => Want::Completed {
+        Ok(Outcome::Claim(ClaimOutcome::Completed { token, result, .. })) => Answer::Completed {
             token: *token,
-            result: result[0],
+            result: String::from_utf8_lossy(result).into_owned(),
         },
-        Ok(Outcome::Claim(ClaimOutcome::Failed { .. })) => Want::Failed,
-        Ok(_) => Want::Ok,
-        Err(RuleError::LeaseLost { .. }) => Want::LeaseLost,
-        Err(RuleError::AlreadyCompleted { .. }) => Want::AlreadyCompleted,
-        Err(e) => panic!("unexpected rule error {e:?}"),
+        Ok(Outcome::Claim(ClaimOutcome::Failed { .. })) => Answer::Failed,
+        Ok(Outcome::Completed { .. }) => Answer::Done,
+        Ok(Outcome::Renewed { .. }) => Answer::Renewed,
+        Ok(Outcome::Released { state, .. }) => Answer::Released {
+            failed: *state == Released::Failed,
+        },
+        Ok(Outcome::Deleted { .. }) => Answer::Deleted,
+        Err(RuleError::LeaseLost { .. }) => Answer::LeaseLost,
+        Err(RuleError::AlreadyCompleted { .. }) => Answer::AlreadyCompleted,
+        other => panic!("unexpected answer {other:?}"),
     }
 }
 
@@ -226,41 +110,43 @@ proptest! {
         for step in &steps {
             index += 1;
             let current_token = match &model { M::Held { token, .. } => Some(*token), _ => None };
-            let (op, want_model) = match step {
+            // Fenced steps pick 0: the current token (if any), 1: an older
+            // granted one, 2: a bogus one.
+            let token = match step {
+                Step::Complete { pick, .. } | Step::Renew { pick } | Step::Release { pick }
+                | Step::DeleteFenced { pick } => match pick {
+                    0 => current_token.or(granted.last().copied()).unwrap_or(7),
+                    1 => granted.first().copied().unwrap_or(9),
+                    _ => 1_000_000 + index,
+                },
+                _ => 0,
+            };
+            let op = match step {
                 Step::Advance(ms) => { now += ms; continue; }
                 Step::Claim { owner, claim_id } => {
-                    let op = Op::Claim(Claim {
-                        owner: format!("w{owner}"),
-                        claim_id: format!("c{claim_id}"),
+                    let (owner, claim_id) = claim_of(*owner, *claim_id);
+                    Op::Claim(Claim {
+                        owner,
+                        claim_id,
                         lease_ms: LEASE,
                         fingerprint: None,
                         max_attempts: MAX_ATTEMPTS,
                         retention_ms: 86_400_000,
-                    });
-                    (op, model_claim(&model, *owner, *claim_id, now, last_token + 1))
+                    })
                 }
-                Step::Delete => (Op::Delete, (M::Absent, Want::Ok)),
-                Step::Complete { pick, .. } | Step::Renew { pick } | Step::Release { pick } => {
-                    // 0: the current token (if any), 1: an older granted one, 2: a bogus one.
-                    let token = match pick {
-                        0 => current_token.or(granted.last().copied()).unwrap_or(7),
-                        1 => granted.first().copied().unwrap_or(9),
-                        _ => 1_000_000 + index,
-                    };
-                    let op = match step {
-                        Step::Complete { result, .. } => Op::Complete { token, result: vec![*result], code: None, retention_ms: None },
-                        Step::Renew { .. } => Op::Renew { token, lease_ms: LEASE, checkpoint: None },
-                        _ => Op::Release { token, error: "boom".into() },
-                    };
-                    (op, model_fenced(&model, step, token, now))
-                }
+                Step::Delete => Op::Delete,
+                Step::DeleteFenced { .. } => Op::DeleteFenced { token },
+                Step::Complete { result, .. } => Op::Complete { token, result: result.to_string().into_bytes(), code: None, retention_ms: None },
+                Step::Renew { .. } => Op::Renew { token, lease_ms: LEASE, checkpoint: None },
+                Step::Release { .. } => Op::Release { token, error: "boom".into() },
             };
+            let want_model = model_step(&model, step, token, now, last_token + 1);
             let before = rec.clone();
             let mut tokens = last_token;
             let (change, out) = apply_op(rec.as_ref(), &op, now, &mut tokens);
             last_token = tokens;
             let (next_model, want) = want_model;
-            prop_assert_eq!(observe(&out), want, "step {:?} on {:?}", step, model);
+            prop_assert_eq!(observe(&out, current_token), want, "step {:?} on {:?}", step, model);
             if out.is_err() {
                 prop_assert_eq!(&change, &Change::Keep, "a refused op must not change the record");
             }

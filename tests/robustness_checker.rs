@@ -64,6 +64,7 @@ fn claim(p: usize) -> Call {
         claim_id: format!("c{p}"),
         lease_ms: LEASE,
         batch: None,
+        all_or_nothing: false,
     }
 }
 
@@ -73,6 +74,7 @@ fn claim_id(p: usize, id: &str) -> Call {
         claim_id: id.to_string(),
         lease_ms: LEASE,
         batch: None,
+        all_or_nothing: false,
     }
 }
 
@@ -382,6 +384,7 @@ fn an_all_or_nothing_batch_applied_by_halves_is_flagged() {
         claim_id: format!("b-{key}"),
         lease_ms: LEASE,
         batch: Some(1),
+        all_or_nothing: true,
     };
     let mut h = H::new();
     h.op_on("a", 1, item(1, "a"), acq(5, 0, 1), 0, Some(10))
@@ -448,4 +451,231 @@ fn recheck_a_kept_history() {
         r.anomalies.len()
     );
     assert!(r.anomalies.is_empty());
+}
+
+#[test]
+fn an_all_or_nothing_batch_with_a_refused_item_is_flagged() {
+    // w2 holds b; an all_or_nothing batch of {a, b} must acquire neither.
+    let item = |key: &str, all_or_nothing: bool| Call::Claim {
+        owner: "w1".into(),
+        claim_id: format!("b-{key}"),
+        lease_ms: LEASE,
+        batch: Some(1),
+        all_or_nothing,
+    };
+    let busy = Ret::InProgress { owner: "w2".into() };
+    let history = |all_or_nothing: bool| {
+        let mut h = H::new();
+        h.op_on("b", 2, claim(2), acq(3, 0, 1), 0, Some(10))
+            .op_on(
+                "a",
+                1,
+                item("a", all_or_nothing),
+                acq(5, 20, 1),
+                20,
+                Some(30),
+            )
+            .op_on(
+                "b",
+                1,
+                item("b", all_or_nothing),
+                busy.clone(),
+                20,
+                Some(30),
+            );
+        h
+    };
+    assert_flags(&history(true), "batch half applied");
+    // Without all_or_nothing each item is decided on its own.
+    assert_clean(&history(false));
+}
+
+#[test]
+fn a_lease_stamp_far_from_the_clock_is_flagged() {
+    // Granted within [0, 10] but stamped 300 ms later: the leader's clock
+    // ran ahead, and every lease decision with it.
+    let mut h = H::new();
+    h.op(1, claim(1), acq(5, 310, 1), 0, Some(10));
+    assert_flags(&h, "clock");
+    let mut near = H::new();
+    near.op(1, claim(1), acq(5, 8, 1), 0, Some(10));
+    assert_clean(&near);
+}
+
+/// A simulated store that decides with the shared model, its lease rule
+/// optionally mutated to take over `early_ms` before the deadline, driven
+/// by workers that claim, complete, renew, abandon and read. Stamps are
+/// exact, as on one host.
+fn simulate(early_ms: u64, seed: u64) -> Vec<Op> {
+    use rand::{Rng, SeedableRng};
+    use robust::model::{self, Answer, Rec};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut recs: std::collections::HashMap<String, Rec<u64, u64>> = Default::default();
+    let mut tokens = 0u64;
+    let workers = 4;
+    let mut free = vec![0u64; workers];
+    let mut held: Vec<Option<(String, u64)>> = vec![None; workers];
+    let mut h = H::new();
+    let mut t = 0u64;
+    let mut n = 0;
+    while t < 30_000 {
+        t += rng.random_range(1..15);
+        let w = rng.random_range(0..workers);
+        if free[w] > t {
+            continue;
+        }
+        n += 1;
+        let inv = t - rng.random_range(0..3).min(t - free[w].min(t));
+        let end = t + rng.random_range(1..4);
+        free[w] = end + rng.random_range(5..30);
+        let key = format!("g{}-k{}", t / 3_000, rng.random_range(0..2));
+        let (key, call, ret) = match held[w].clone() {
+            Some((key, token)) => {
+                let roll: f64 = rng.random();
+                let rec = recs.get(&key).cloned().unwrap_or(Rec::Absent);
+                if roll < 0.3 {
+                    let result = format!("r{n}");
+                    let (next, a) = model::complete(&rec, token, &result);
+                    recs.insert(key.clone(), next);
+                    held[w] = None;
+                    let ret = match a {
+                        Answer::Done => Ret::Done,
+                        _ => Ret::LeaseLost,
+                    };
+                    (key, complete(token, &result), ret)
+                } else if roll < 0.5 {
+                    let (next, a) = model::renew(&rec, token, |d| (t + LEASE).max(*d));
+                    let ret = match (&a, &next) {
+                        (Answer::Renewed, Rec::Held { deadline, .. }) => Ret::Renewed {
+                            deadline_ms: T0 + deadline,
+                        },
+                        _ => {
+                            held[w] = None;
+                            Ret::LeaseLost
+                        }
+                    };
+                    recs.insert(key.clone(), next);
+                    (
+                        key,
+                        Call::Renew {
+                            token,
+                            lease_ms: LEASE,
+                        },
+                        ret,
+                    )
+                } else {
+                    // Abandoned: the lease runs out.
+                    held[w] = None;
+                    continue;
+                }
+            }
+            None if rng.random_bool(0.2) => {
+                let seen = match recs.get(&key) {
+                    None | Some(Rec::Absent) => None,
+                    Some(Rec::Held {
+                        owner,
+                        token,
+                        deadline,
+                        attempts,
+                        ..
+                    }) => Some(Seen::InProgress {
+                        owner: owner.clone(),
+                        token: *token,
+                        deadline_ms: T0 + deadline,
+                        attempts: *attempts,
+                    }),
+                    Some(Rec::Available { attempts, .. }) => Some(Seen::Available {
+                        attempts: *attempts,
+                    }),
+                    Some(Rec::Completed { token, result }) => Some(Seen::Completed {
+                        token: *token,
+                        result: result.clone(),
+                    }),
+                    Some(Rec::Failed { attempts, .. }) => Some(Seen::Failed {
+                        attempts: *attempts,
+                    }),
+                };
+                (key, Call::Read, Ret::Record(seen))
+            }
+            None => {
+                let rec = recs.get(&key).cloned().unwrap_or(Rec::Absent);
+                let (owner, claim_id) = (format!("w{w}"), format!("c{n}"));
+                let c = model::Claim {
+                    owner: &owner,
+                    claim_id: &claim_id,
+                    max_attempts: 3,
+                };
+                // The mutation: a lease counts as expired early_ms early.
+                let live = matches!(rec, Rec::Held { deadline, .. } if t + early_ms < deadline);
+                let (next, a) = model::claim(&rec, &c, live, || (tokens + 1, t + LEASE));
+                let ret = match a {
+                    Answer::Acquired { token, attempt, .. } => {
+                        tokens = token;
+                        held[w] = Some((key.clone(), token));
+                        Ret::Acquired {
+                            token,
+                            deadline_ms: T0 + t + LEASE,
+                            attempt,
+                        }
+                    }
+                    Answer::InProgress { owner } => Ret::InProgress { owner },
+                    Answer::Completed { token, result } => Ret::Completed { token, result },
+                    _ => Ret::Failed,
+                };
+                recs.insert(key.clone(), next);
+                let call = Call::Claim {
+                    owner,
+                    claim_id,
+                    lease_ms: LEASE,
+                    batch: None,
+                    all_or_nothing: false,
+                };
+                (key, call, ret)
+            }
+        };
+        h.op_on(&key, w, call, ret, inv, Some(end));
+    }
+    h.ops
+}
+
+#[test]
+fn a_store_taking_over_100_ms_early_is_flagged() {
+    for seed in 1..=3 {
+        let fine = simulate(0, seed);
+        let r = check(
+            &fine,
+            &Config {
+                drift_ms: 100,
+                max_attempts: 3,
+                ..Config::default()
+            },
+        );
+        assert!(
+            r.anomalies.is_empty(),
+            "seed {seed}: the correct store failed: {:?}",
+            r.anomalies
+        );
+        let takeovers = fine
+            .iter()
+            .filter(|o| matches!(o.ret, Ret::Acquired { attempt: 2.., .. }))
+            .count();
+        assert!(
+            takeovers > 5,
+            "seed {seed}: the workload took over only {takeovers} leases"
+        );
+        let early = simulate(100, seed);
+        let r = check(
+            &early,
+            &Config {
+                drift_ms: 100,
+                max_attempts: 3,
+                ..Config::default()
+            },
+        );
+        assert!(
+            r.anomalies.iter().any(|a| a.kind == "not linearizable"),
+            "seed {seed}: a takeover 100 ms early passed ({} ops)",
+            early.len()
+        );
+    }
 }

@@ -12,21 +12,28 @@
 //!    complete one key; an all-or-nothing batch is applied whole or not at
 //!    all.
 //!
-//! Time. The servers decide leases with their wall clock; the checker only
-//! knows each operation's window on the test's clock. A lease may be taken
-//! over only if the taking claim could have happened at or after the lease
-//! deadline, allowing `drift_ms` between the clocks: `complete + drift >=
-//! deadline`. Symmetrically a claim may be refused for a live lease only if
-//! `invoke - drift < deadline`.
+//! Time. The servers decide leases with the leader's stamping clock; the
+//! checker only knows each operation's window on the test's clock. Every
+//! reply that carries a lease deadline shows how far that clock strayed
+//! from the test's: the stamp (deadline minus lease) must fall inside the
+//! operation's window. The checker measures the largest such distance over
+//! the whole history (`stamp_drift`), fails the run when it exceeds
+//! `Config::drift_ms`, and otherwise allows exactly that much (plus
+//! rounding): a lease may be taken over only if the taking claim could have
+//! happened at or after the deadline, `complete + drift >= deadline`, and a
+//! claim may be refused for a live lease only if `invoke - drift <
+//! deadline`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::history::{Call, Op, Ret, Seen};
+use super::model::{self, Rec};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
-    /// The largest difference allowed between a server's clock and the
-    /// test's (clock-skew nemesis: the skew plus scheduling slack).
+    /// The most the servers' stamps may stray from the test's clock; a
+    /// history whose stamps stray further fails ("clock"). Within it, the
+    /// search allows what the history measured, not this bound.
     pub drift_ms: u64,
     /// `max_attempts` every claim of the workload uses (0 = unlimited).
     pub max_attempts: u32,
@@ -38,11 +45,60 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            drift_ms: 500,
+            drift_ms: 100,
             max_attempts: 0,
             max_states: 2_000_000,
         }
     }
+}
+
+/// Milliseconds on both clocks are whole; a stamp and a window edge read
+/// in the same millisecond may differ by one each way.
+const ROUNDING_MS: u64 = 2;
+
+/// How far the servers' stamps strayed from the test's clock: for every
+/// grant and renewal whose reply came, the distance of its stamp (deadline
+/// minus lease) outside the operation's window. A claim retried with the
+/// same claim_id may get an earlier grant back, so only a stamp later than
+/// its window counts for it.
+pub fn stamp_drift(history: &[Op]) -> u64 {
+    let mut ops: Vec<&Op> = history.iter().collect();
+    ops.sort_by_key(|o| o.invoke_ms);
+    let mut claimed: HashSet<(&str, &str, &str)> = HashSet::new();
+    let mut drift = 0;
+    for o in ops {
+        let (lease_ms, deadline_ms, retry) = match (&o.call, &o.ret) {
+            (
+                Call::Claim {
+                    owner,
+                    claim_id,
+                    lease_ms,
+                    ..
+                },
+                ret,
+            ) => {
+                let first = claimed.insert((&o.key, owner, claim_id));
+                match ret {
+                    Ret::Acquired { deadline_ms, .. } => (*lease_ms, *deadline_ms, !first),
+                    _ => continue,
+                }
+            }
+            (Call::Renew { lease_ms, .. }, Ret::Renewed { deadline_ms }) => {
+                (*lease_ms, *deadline_ms, false)
+            }
+            _ => continue,
+        };
+        let Some(end) = o.complete_ms else { continue };
+        let stamp = deadline_ms.saturating_sub(lease_ms);
+        let late = stamp.saturating_sub(end);
+        let early = if retry {
+            0
+        } else {
+            o.invoke_ms.saturating_sub(stamp)
+        };
+        drift = drift.max(late).max(early);
+    }
+    drift
 }
 
 /// A token the model knows, or one granted by an operation whose reply was
@@ -53,14 +109,15 @@ enum Tok {
     Above(u64),
 }
 
-impl Tok {
-    /// Does the holder of token `t` hold this one? A worker only knows tokens
-    /// it was granted, and an unknown grant on the same key is a different
-    /// log entry, so `Above` never matches.
+impl model::Token for Tok {
+    /// A worker only knows tokens it was granted, and an unknown grant on
+    /// the same key is a different log entry, so `Above` never matches.
     fn is(&self, t: u64) -> bool {
         *self == Tok::Known(t)
     }
+}
 
+impl Tok {
     /// Narrow to an observed value, if it can be this token.
     fn observe(&self, t: u64) -> Option<Tok> {
         match self {
@@ -71,34 +128,8 @@ impl Tok {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Rec {
-    Absent,
-    Held {
-        owner: String,
-        claim_id: String,
-        token: Tok,
-        /// The lease deadline lies in `[lo, hi]` (server clock).
-        lo: u64,
-        hi: u64,
-        attempts: u32,
-    },
-    Available {
-        attempts: u32,
-        last: Tok,
-    },
-    Completed {
-        token: u64,
-        result: String,
-    },
-    Failed {
-        attempts: u32,
-        last: Tok,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct State {
-    rec: Rec,
+    rec: ModelRec,
     /// The greatest token known to have been granted on this key.
     floor: u64,
 }
@@ -123,6 +154,8 @@ pub struct Report {
     pub unknown: usize,
     pub keys: usize,
     pub states_explored: usize,
+    /// The stamps' measured distance from the test's clock, ms.
+    pub drift_ms: u64,
     pub anomalies: Vec<Anomaly>,
 }
 
@@ -132,11 +165,27 @@ pub fn check(history: &[Op], cfg: &Config) -> Report {
     for op in history {
         by_key.entry(op.key.as_str()).or_default().push(op);
     }
+    let measured = stamp_drift(history);
     let mut report = Report {
         ops: history.len(),
         unknown: history.iter().filter(|o| o.is_unknown()).count(),
         keys: by_key.len(),
+        drift_ms: measured,
         ..Report::default()
+    };
+    if measured > cfg.drift_ms {
+        report.anomalies.push(anomaly(
+            "*",
+            "clock",
+            format!(
+                "a lease stamp strayed {measured} ms from the operation's window (at most {} allowed)",
+                cfg.drift_ms
+            ),
+        ));
+    }
+    let cfg = &Config {
+        drift_ms: measured.min(cfg.drift_ms) + ROUNDING_MS,
+        ..*cfg
     };
     report.anomalies.extend(check_batches(history));
     for (key, ops) in &by_key {
@@ -216,7 +265,19 @@ fn direct_checks(key: &str, ops: &[&Op]) -> Vec<Anomaly> {
             }
         }
     }
-    // One completion per key, never replaced, never lost.
+    // One completion per key, never replaced, never lost: until a Delete
+    // may have forgotten it (the search checks what follows).
+    let first_delete = ops
+        .iter()
+        .filter(|o| matches!(o.call, Call::Delete { .. }))
+        .map(|o| o.invoke_ms)
+        .min()
+        .unwrap_or(u64::MAX);
+    let ops: Vec<&Op> = ops
+        .iter()
+        .copied()
+        .filter(|o| o.end() < first_delete)
+        .collect();
     let mut completions: Vec<(&Op, u64, &str)> = ops
         .iter()
         .filter_map(|o| completion_seen(o).map(|(t, r)| (*o, t, r)))
@@ -242,7 +303,7 @@ fn direct_checks(key: &str, ops: &[&Op]) -> Vec<Anomaly> {
         }
         // After a completion was acknowledged, every later answer shows it.
         let acked = first.end();
-        for o in ops {
+        for o in &ops {
             if o.invoke_ms <= acked || o.is_unknown() {
                 continue;
             }
@@ -315,12 +376,32 @@ fn check_batches(history: &[Op]) -> Vec<Anomaly> {
                 ),
             ));
         }
+        let all_or_nothing = items.iter().any(|o| {
+            matches!(
+                o.call,
+                Call::Claim {
+                    all_or_nothing: true,
+                    ..
+                }
+            )
+        });
         let not_attempted = items.iter().any(|o| o.ret == Ret::NotAttempted);
-        if not_attempted && !tokens.is_empty() {
+        // Under all_or_nothing, an item answered with a definite "not
+        // acquired" next to an acquired one means the batch was split.
+        let refused = items.iter().any(|o| {
+            matches!(
+                o.ret,
+                Ret::InProgress { .. } | Ret::Completed { .. } | Ret::Failed | Ret::NotAttempted
+            )
+        });
+        if (not_attempted || all_or_nothing && refused) && !tokens.is_empty() {
             out.push(anomaly(
                 &items[0].key,
                 "batch half applied",
-                format!("batch {b} both acquired items and reported others NOT_ATTEMPTED"),
+                format!(
+                    "batch {b} (all_or_nothing: {all_or_nothing}) acquired some items and not others: {:?}",
+                    items.iter().map(|o| &o.ret).collect::<Vec<_>>()
+                ),
             ));
         }
     }
@@ -439,14 +520,36 @@ impl Search<'_> {
     }
 }
 
-/// The held record `s` with its token and deadline now known exactly (a
-/// reply showed them).
+/// The model's view of the record at one point of a search.
+type ModelRec = model::Rec<Tok, Window>;
+
+/// A lease deadline known to lie in `[lo, hi]` (server clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Window {
+    lo: u64,
+    hi: u64,
+}
+
+impl Window {
+    fn exact(t: u64) -> Window {
+        Window { lo: t, hi: t }
+    }
+
+    fn contains(&self, t: u64) -> bool {
+        (self.lo..=self.hi).contains(&t)
+    }
+}
+
+/// The held record with its token and deadline now known exactly (a reply
+/// showed them).
 fn pin_holder(s: &State, tok: Tok, t: u64, deadline_ms: u64) -> State {
     let mut rec = s.rec.clone();
-    if let Rec::Held { token, lo, hi, .. } = &mut rec {
+    if let Rec::Held {
+        token, deadline, ..
+    } = &mut rec
+    {
         *token = tok;
-        *lo = deadline_ms;
-        *hi = deadline_ms;
+        *deadline = Window::exact(deadline_ms);
     }
     State {
         rec,
@@ -455,19 +558,27 @@ fn pin_holder(s: &State, tok: Tok, t: u64, deadline_ms: u64) -> State {
 }
 
 /// Every state the model can be in after `op` takes effect in `s` with the
-/// recorded outcome (all outcomes when it is unknown). Empty: impossible.
+/// recorded outcome (any outcome when it is unknown). Empty: impossible.
+///
+/// The rules come from `model`; this function only says what the history
+/// cannot tell (is the lease live at this moment? which token and deadline
+/// did a lost reply carry?) and whether the recorded answer fits.
 fn step(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
     let inv = op.invoke_ms;
     let end = op.end();
     let drift = cfg.drift_ms;
     let unknown = op.is_unknown();
     let mut out = Vec::new();
-    let keep = |out: &mut Vec<State>| out.push(s.clone());
-    let put = |out: &mut Vec<State>, rec: Rec| {
+    let put = |out: &mut Vec<State>, rec: ModelRec| {
         out.push(State {
             rec,
             floor: s.floor,
         })
+    };
+    // The deadline a grant or renewal stamped within this operation.
+    let stamped = |lease_ms: u64| Window {
+        lo: inv.saturating_add(lease_ms).saturating_sub(drift),
+        hi: end.saturating_add(lease_ms).saturating_add(drift),
     };
     match &op.call {
         Call::Claim {
@@ -476,223 +587,167 @@ fn step(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
             lease_ms,
             ..
         } => {
-            // A grant by this claim, after `attempts` earlier attempts.
-            let acquire = |out: &mut Vec<State>, attempts: u32| {
-                let attempt = attempts + 1;
-                match &op.ret {
-                    Ret::Acquired {
-                        token,
-                        deadline_ms,
-                        attempt: a,
-                    } => {
-                        let earliest = inv.saturating_add(*lease_ms).saturating_sub(drift);
-                        let latest = end.saturating_add(*lease_ms).saturating_add(drift);
-                        if *token > s.floor
-                            && *a == attempt
-                            && (earliest..=latest).contains(deadline_ms)
-                        {
-                            out.push(State {
-                                rec: Rec::Held {
-                                    owner: owner.clone(),
-                                    claim_id: claim_id.clone(),
-                                    token: Tok::Known(*token),
-                                    lo: *deadline_ms,
-                                    hi: *deadline_ms,
-                                    attempts: attempt,
-                                },
-                                floor: *token,
-                            });
-                        }
-                    }
-                    Ret::NotAttempted => keep(out),
-                    Ret::Unknown => out.push(State {
-                        rec: Rec::Held {
-                            owner: owner.clone(),
-                            claim_id: claim_id.clone(),
-                            token: Tok::Above(s.floor),
-                            lo: inv.saturating_add(*lease_ms).saturating_sub(drift),
-                            hi: u64::MAX,
-                            attempts: attempt,
-                        },
-                        floor: s.floor,
-                    }),
-                    _ => {}
-                }
+            let c = model::Claim {
+                owner,
+                claim_id,
+                max_attempts: cfg.max_attempts,
             };
+            // Was another claim's lease live at this moment? Both, where
+            // the clocks cannot tell.
+            let mut lives = Vec::new();
             match &s.rec {
-                Rec::Absent => acquire(&mut out, 0),
                 Rec::Held {
-                    owner: holder,
-                    claim_id: held_id,
-                    token,
-                    lo,
-                    hi,
-                    attempts,
-                } => {
-                    if holder == owner && held_id == claim_id {
-                        // A retry of the claim that holds the key.
-                        match &op.ret {
-                            Ret::Acquired {
-                                token: t,
-                                deadline_ms,
-                                attempt,
-                            } => {
-                                if let Some(tok) = token.observe(*t) {
-                                    if attempt == attempts && (*lo..=*hi).contains(deadline_ms) {
-                                        out.push(pin_holder(s, tok, *t, *deadline_ms));
-                                    }
-                                }
-                            }
-                            Ret::Unknown | Ret::NotAttempted => keep(&mut out),
-                            _ => {}
-                        }
-                    } else {
-                        let may_be_live = inv.saturating_sub(drift) < *hi;
-                        let may_be_expired = end.saturating_add(drift) >= *lo;
-                        if may_be_live {
-                            match &op.ret {
-                                Ret::InProgress { owner: o } if o == holder => keep(&mut out),
-                                Ret::Unknown => keep(&mut out),
-                                _ => {}
-                            }
-                        }
-                        if may_be_expired {
-                            let exhausted = cfg.max_attempts > 0 && *attempts >= cfg.max_attempts;
-                            if exhausted {
-                                if matches!(op.ret, Ret::Failed | Ret::Unknown) {
-                                    put(
-                                        &mut out,
-                                        Rec::Failed {
-                                            attempts: *attempts,
-                                            last: token.clone(),
-                                        },
-                                    );
-                                }
-                            } else {
-                                acquire(&mut out, *attempts);
-                            }
-                        }
+                    owner: o,
+                    claim_id: id,
+                    deadline,
+                    ..
+                } if (o, id) != (owner, claim_id) => {
+                    if inv.saturating_sub(drift) < deadline.hi {
+                        lives.push(true);
+                    }
+                    if end.saturating_add(drift) >= deadline.lo {
+                        lives.push(false);
                     }
                 }
-                Rec::Available { attempts, .. } => acquire(&mut out, *attempts),
-                Rec::Completed { token, result } => match &op.ret {
-                    Ret::Completed {
-                        token: t,
-                        result: r,
-                    } if t == token && r == result => keep(&mut out),
-                    Ret::Unknown => keep(&mut out),
-                    _ => {}
-                },
-                Rec::Failed { .. } => {
-                    if matches!(op.ret, Ret::Failed | Ret::Unknown) {
-                        keep(&mut out)
+                _ => lives.push(false),
+            }
+            for live in lives {
+                let grant = || match &op.ret {
+                    Ret::Acquired {
+                        token, deadline_ms, ..
+                    } => (Tok::Known(*token), Window::exact(*deadline_ms)),
+                    _ => {
+                        let lo = stamped(*lease_ms).lo;
+                        (Tok::Above(s.floor), Window { lo, hi: u64::MAX })
                     }
+                };
+                let (rec, answer) = model::claim(&s.rec, &c, live, grant);
+                match (&answer, &op.ret) {
+                    (_, Ret::Unknown) => put(&mut out, rec),
+                    // An all-or-nothing batch not applied: this item would
+                    // have been acquired, and nothing changed.
+                    (model::Answer::Acquired { .. }, Ret::NotAttempted) => out.push(s.clone()),
+                    (
+                        model::Answer::Acquired {
+                            fresh: true,
+                            attempt,
+                            ..
+                        },
+                        Ret::Acquired {
+                            token,
+                            deadline_ms,
+                            attempt: a,
+                        },
+                    ) => {
+                        if *token > s.floor
+                            && a == attempt
+                            && stamped(*lease_ms).contains(*deadline_ms)
+                        {
+                            out.push(State { rec, floor: *token });
+                        }
+                    }
+                    (
+                        model::Answer::Acquired {
+                            fresh: false,
+                            token: held,
+                            attempt,
+                        },
+                        Ret::Acquired {
+                            token,
+                            deadline_ms,
+                            attempt: a,
+                        },
+                    ) => {
+                        let window = match &s.rec {
+                            Rec::Held { deadline, .. } => *deadline,
+                            _ => unreachable!("a retry finds its own grant"),
+                        };
+                        if let Some(tok) = held.observe(*token) {
+                            if a == attempt && window.contains(*deadline_ms) {
+                                out.push(pin_holder(s, tok, *token, *deadline_ms));
+                            }
+                        }
+                    }
+                    (model::Answer::InProgress { owner: o }, Ret::InProgress { owner: r })
+                        if o == r =>
+                    {
+                        put(&mut out, rec)
+                    }
+                    (
+                        model::Answer::Completed { token, result },
+                        Ret::Completed {
+                            token: t,
+                            result: r,
+                        },
+                    ) if token == t && result == r => put(&mut out, rec),
+                    (model::Answer::Failed, Ret::Failed) => put(&mut out, rec),
+                    _ => {}
                 }
             }
         }
-        Call::Renew { token, lease_ms } => match &s.rec {
-            Rec::Held {
-                token: held,
-                lo,
-                hi,
-                ..
-            } if held.is(*token) => {
-                // A renewal never shortens the lease.
-                let earliest = (*lo).max(inv.saturating_add(*lease_ms).saturating_sub(drift));
-                let latest = (*hi).max(end.saturating_add(*lease_ms).saturating_add(drift));
-                let (nlo, nhi) = match &op.ret {
-                    Ret::Renewed { deadline_ms } if (earliest..=latest).contains(deadline_ms) => {
-                        (*deadline_ms, *deadline_ms)
+        Call::Renew { token, lease_ms } => {
+            let window = stamped(*lease_ms);
+            // A renewal never shortens the lease.
+            let (rec, answer) = model::renew(&s.rec, *token, |d| Window {
+                lo: d.lo.max(window.lo),
+                hi: if unknown {
+                    u64::MAX
+                } else {
+                    d.hi.max(window.hi)
+                },
+            });
+            match (&answer, &op.ret) {
+                (_, Ret::Unknown) => put(&mut out, rec),
+                (model::Answer::Renewed, Ret::Renewed { deadline_ms }) => {
+                    if let Rec::Held { deadline, .. } = &rec {
+                        if deadline.contains(*deadline_ms) {
+                            let mut rec = rec.clone();
+                            if let Rec::Held { deadline: d, .. } = &mut rec {
+                                *d = Window::exact(*deadline_ms);
+                            }
+                            put(&mut out, rec);
+                        }
                     }
-                    Ret::Unknown => {
-                        // Applied (later deadline) or never.
-                        keep(&mut out);
-                        (earliest, u64::MAX)
-                    }
-                    _ => return out,
-                };
-                let mut rec = s.rec.clone();
-                if let Rec::Held { lo: l, hi: h, .. } = &mut rec {
-                    *l = nlo;
-                    *h = nhi;
                 }
+                (model::Answer::LeaseLost, Ret::LeaseLost) => put(&mut out, rec),
+                _ => {}
+            }
+        }
+        Call::Complete { token, result } => {
+            let (rec, answer) = model::complete(&s.rec, *token, result);
+            let fits = match (&answer, &op.ret) {
+                (_, Ret::Unknown) => true,
+                (model::Answer::Done, Ret::Done) => true,
+                (model::Answer::AlreadyCompleted, Ret::AlreadyCompleted) => true,
+                (model::Answer::LeaseLost, Ret::LeaseLost) => true,
+                _ => false,
+            };
+            if fits {
                 put(&mut out, rec);
             }
-            _ => {
-                if matches!(op.ret, Ret::LeaseLost | Ret::Unknown) {
-                    keep(&mut out)
-                }
-            }
-        },
-        Call::Complete { token, result } => match &s.rec {
-            Rec::Held { token: held, .. } if held.is(*token) => {
-                if matches!(op.ret, Ret::Done | Ret::Unknown) {
-                    put(
-                        &mut out,
-                        Rec::Completed {
-                            token: *token,
-                            result: result.clone(),
-                        },
-                    );
-                }
-                if unknown {
-                    keep(&mut out);
-                }
-            }
-            Rec::Completed {
-                token: by,
-                result: saved,
-            } if by == token => {
-                let want = if saved == result {
-                    Ret::Done
-                } else {
-                    Ret::AlreadyCompleted
-                };
-                if op.ret == want || unknown {
-                    keep(&mut out)
-                }
-            }
-            _ => {
-                if matches!(op.ret, Ret::LeaseLost | Ret::Unknown) {
-                    keep(&mut out)
-                }
-            }
-        },
+        }
         Call::Release { token } => {
-            let (attempts, holds, released_as) = match &s.rec {
-                Rec::Held {
-                    token: held,
-                    attempts,
-                    ..
-                } => (*attempts, held.is(*token), None),
-                Rec::Available { attempts, last } => (*attempts, false, Some((last, false))),
-                Rec::Failed { attempts, last } => (*attempts, false, Some((last, true))),
-                _ => (0, false, None),
+            let (rec, answer) = model::release(&s.rec, *token, cfg.max_attempts);
+            let fits = match (&answer, &op.ret) {
+                (_, Ret::Unknown) => true,
+                (model::Answer::Released { failed }, Ret::Released { failed: f }) => failed == f,
+                (model::Answer::LeaseLost, Ret::LeaseLost) => true,
+                _ => false,
             };
-            if holds {
-                let failed = cfg.max_attempts > 0 && attempts >= cfg.max_attempts;
-                if op.ret == (Ret::Released { failed }) || unknown {
-                    let last = Tok::Known(*token);
-                    put(
-                        &mut out,
-                        if failed {
-                            Rec::Failed { attempts, last }
-                        } else {
-                            Rec::Available { attempts, last }
-                        },
-                    );
-                }
-                if unknown {
-                    keep(&mut out);
-                }
-            } else if let Some((last, failed)) = released_as.filter(|(l, _)| l.is(*token)) {
-                // A retried Release of the claim that already released it.
-                let _ = last;
-                if op.ret == (Ret::Released { failed }) || unknown {
-                    keep(&mut out)
-                }
-            } else if matches!(op.ret, Ret::LeaseLost | Ret::Unknown) {
-                keep(&mut out)
+            if fits {
+                put(&mut out, rec);
+            }
+        }
+        Call::Delete { token } => {
+            let (rec, answer) = model::delete(&s.rec, *token);
+            let fits = match (&answer, &op.ret) {
+                (_, Ret::Unknown) => true,
+                (model::Answer::Deleted, Ret::Deleted) => true,
+                (model::Answer::LeaseLost, Ret::LeaseLost) => true,
+                _ => false,
+            };
+            if fits {
+                put(&mut out, rec);
             }
         }
         Call::Read => {
@@ -700,13 +755,12 @@ fn step(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
                 return out;
             };
             match (&s.rec, seen) {
-                (Rec::Absent, None) => keep(&mut out),
+                (Rec::Absent, None) => out.push(s.clone()),
                 (
                     Rec::Held {
                         owner,
                         token,
-                        lo,
-                        hi,
+                        deadline,
                         attempts,
                         ..
                     },
@@ -718,7 +772,7 @@ fn step(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
                     }),
                 ) => {
                     if let Some(tok) = token.observe(*t) {
-                        if o == owner && a == attempts && (*lo..=*hi).contains(deadline_ms) {
+                        if o == owner && a == attempts && deadline.contains(*deadline_ms) {
                             out.push(pin_holder(s, tok, *t, *deadline_ms));
                         }
                     }
@@ -727,7 +781,7 @@ fn step(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
                 | (Rec::Failed { attempts, .. }, Some(Seen::Failed { attempts: a }))
                     if a == attempts =>
                 {
-                    keep(&mut out)
+                    out.push(s.clone())
                 }
                 (
                     Rec::Completed { token, result },
@@ -735,7 +789,7 @@ fn step(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
                         token: t,
                         result: r,
                     }),
-                ) if t == token && r == result => keep(&mut out),
+                ) if t == token && r == result => out.push(s.clone()),
                 _ => {}
             }
         }

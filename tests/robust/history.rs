@@ -18,6 +18,9 @@ pub enum Call {
         /// Set for items of a ClaimBatch: the batch's id (its items share
         /// one Raft entry, so an applied batch grants one token to all).
         batch: Option<u64>,
+        /// The batch was all-or-nothing: every item acquired, or none.
+        #[serde(default)]
+        all_or_nothing: bool,
     },
     Renew {
         token: u64,
@@ -29,6 +32,10 @@ pub enum Call {
     },
     Release {
         token: u64,
+    },
+    /// Delete, fenced by a token or not.
+    Delete {
+        token: Option<u64>,
     },
     /// A linearizable Get, or an Await (which starts from a read index and
     /// returns a state the record had within the call).
@@ -83,6 +90,8 @@ pub enum Ret {
     Released {
         failed: bool,
     },
+    /// Delete succeeded (the key is absent now).
+    Deleted,
     LeaseLost,
     AlreadyCompleted,
     Record(Option<Seen>),

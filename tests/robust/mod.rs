@@ -4,4 +4,5 @@
 
 pub mod checker;
 pub mod history;
+pub mod model;
 pub mod netlab;

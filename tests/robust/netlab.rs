@@ -46,8 +46,14 @@ pub struct NetLab {
 struct State {
     /// Cut pairs, always `(lo, hi)` with `lo < hi`.
     cuts: BTreeSet<(usize, usize)>,
-    /// Per node: the peers whose packets its INPUT chain currently drops.
-    applied: Vec<BTreeSet<usize>>,
+    /// One-way cuts `(from, to)`: `to` drops what `from` sends it.
+    one_way: BTreeSet<(usize, usize)>,
+    /// Every node drops this share (percent) of what the others send it.
+    loss_pct: u32,
+    /// Per node: the rules its INPUT chain holds now.
+    applied: Vec<String>,
+    /// Packets dropped by rules since replaced (their counters reset).
+    dropped: u64,
 }
 
 impl NetLab {
@@ -85,8 +91,8 @@ impl NetLab {
             root_if: format!("{IF_PREFIX}{pid:x}x{:x}", ctr & 0xffff),
             net,
             state: Mutex::new(State {
-                cuts: BTreeSet::new(),
-                applied: vec![BTreeSet::new(); n],
+                applied: vec![String::new(); n],
+                ..State::default()
             }),
         };
         match lab.setup() {
@@ -140,7 +146,7 @@ impl NetLab {
             try_run(&["ip", "-n", ns, "addr", "add", &addr, "dev", "eth0"], None)?;
             try_run(&["ip", "-n", ns, "link", "set", "eth0", "up"], None)?;
             // Start from an empty filter table; proves iptables works in there.
-            self.restore(i, &BTreeSet::new())?;
+            self.restore(i, "")?;
         }
         let root_if = self.root_if.as_str();
         let root_addr = format!("{}/24", self.root_ip());
@@ -316,9 +322,66 @@ impl NetLab {
         self.set_cuts(cuts);
     }
 
-    /// Remove every cut.
+    /// One direction only: `to` drops what `from` sends it (replies from
+    /// `to` still leave). Adds to the current cuts.
+    pub fn cut_one_way(&self, from: usize, to: usize) {
+        self.check(from);
+        self.check(to);
+        assert_ne!(from, to, "cannot cut node {from} from itself");
+        let mut st = self.lock();
+        st.one_way.insert((from, to));
+        self.apply(&mut st);
+    }
+
+    /// Every node drops `pct` percent of the packets the other nodes send
+    /// it, at random (iptables' `statistic` match: no netem needed).
+    pub fn lossy(&self, pct: u32) {
+        assert!(pct <= 100, "loss of {pct}%");
+        let mut st = self.lock();
+        st.loss_pct = pct;
+        self.apply(&mut st);
+    }
+
+    /// Remove every cut and all loss.
     pub fn heal(&self) {
-        self.set_cuts(BTreeSet::new());
+        let mut st = self.lock();
+        st.cuts.clear();
+        st.one_way.clear();
+        st.loss_pct = 0;
+        self.apply(&mut st);
+    }
+
+    /// Packets the lab's rules dropped so far (proof that a cut cut).
+    pub fn dropped(&self) -> u64 {
+        let st = self.lock();
+        st.dropped + (0..self.len()).map(|k| self.counter(k)).sum::<u64>()
+    }
+
+    /// Packets node `k`'s current DROP rules matched.
+    fn counter(&self, k: usize) -> u64 {
+        let out = try_run(
+            &[
+                "ip",
+                "netns",
+                "exec",
+                &self.nodes[k],
+                "iptables",
+                "-L",
+                "INPUT",
+                "-v",
+                "-x",
+                "-n",
+            ],
+            None,
+        )
+        .unwrap_or_default();
+        out.lines()
+            .skip(2)
+            .filter_map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                (cols.get(2) == Some(&"DROP")).then(|| cols[0].parse::<u64>().unwrap_or(0))
+            })
+            .sum()
     }
 
     /// The cut pairs right now, each `(lo, hi)`.
@@ -330,10 +393,33 @@ impl NetLab {
     /// groups that talk within and not across; otherwise the cut pairs,
     /// e.g. "cut 0-2,1-2".
     pub fn describe(&self) -> String {
-        let cuts = self.lock().cuts.clone();
-        if cuts.is_empty() {
-            return "healed".to_string();
+        let (cuts, one_way, loss) = {
+            let st = self.lock();
+            (st.cuts.clone(), st.one_way.clone(), st.loss_pct)
+        };
+        let mut extra: Vec<String> = one_way
+            .iter()
+            .map(|(f, t)| format!("{f}->{t} cut"))
+            .collect();
+        if loss > 0 {
+            extra.push(format!("{loss}% loss"));
         }
+        if cuts.is_empty() {
+            return if extra.is_empty() {
+                "healed".to_string()
+            } else {
+                extra.join(", ")
+            };
+        }
+        let extra = if extra.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", extra.join(", "))
+        };
+        self.describe_cuts(&cuts) + &extra
+    }
+
+    fn describe_cuts(&self, cuts: &BTreeSet<(usize, usize)>) -> String {
         let n = self.len();
         let talk = |i: usize, j: usize| i == j || !cuts.contains(&(i.min(j), i.max(j)));
         // Groups by first-member reachability; a clean partition iff every
@@ -388,44 +474,42 @@ impl NetLab {
         self.apply(&mut st);
     }
 
-    /// Bring every node's INPUT chain in line with `st.cuts`, atomically per
-    /// namespace (one `iptables-restore`), touching only nodes that change.
+    /// Bring every node's INPUT chain in line with the cuts and the loss,
+    /// atomically per namespace (one `iptables-restore`), touching only
+    /// nodes that change.
     fn apply(&self, st: &mut State) {
         for k in 0..self.len() {
-            let want: BTreeSet<usize> = st
-                .cuts
-                .iter()
-                .filter_map(|&(i, j)| {
-                    if i == k {
-                        Some(j)
-                    } else if j == k {
-                        Some(i)
-                    } else {
-                        None
-                    }
-                })
-                .collect();
-            if want != st.applied[k] {
-                if let Err(e) = self.restore(k, &want) {
+            let mut rules = String::new();
+            for p in (0..self.len()).filter(|&p| p != k) {
+                let cut = st.cuts.contains(&(k.min(p), k.max(p))) || st.one_way.contains(&(p, k));
+                if cut {
+                    rules.push_str(&format!("-A INPUT -s {}/32 -j DROP\n", self.ip(p)));
+                } else if st.loss_pct > 0 {
+                    rules.push_str(&format!(
+                        "-A INPUT -s {}/32 -m statistic --mode random --probability {:.2} -j DROP\n",
+                        self.ip(p),
+                        st.loss_pct as f64 / 100.0
+                    ));
+                }
+            }
+            if rules != st.applied[k] {
+                st.dropped += self.counter(k);
+                if let Err(e) = self.restore(k, &rules) {
                     panic!("netlab: {e}");
                 }
-                st.applied[k] = want;
+                st.applied[k] = rules;
             }
         }
     }
 
-    /// Replace node `k`'s filter table with DROPs for packets from `peers`.
-    fn restore(&self, k: usize, peers: &BTreeSet<usize>) -> Result<(), String> {
-        let mut rules = String::from(
-            "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n",
+    /// Replace node `k`'s filter table with `rules` in its INPUT chain.
+    fn restore(&self, k: usize, rules: &str) -> Result<(), String> {
+        let table = format!(
+            "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n{rules}COMMIT\n"
         );
-        for &p in peers {
-            rules.push_str(&format!("-A INPUT -s {}/32 -j DROP\n", self.ip(p)));
-        }
-        rules.push_str("COMMIT\n");
         try_run(
             &["ip", "netns", "exec", &self.nodes[k], "iptables-restore"],
-            Some(&rules),
+            Some(&table),
         )
         .map(drop)
     }

@@ -1,0 +1,174 @@
+//! The rig: the cluster's processes, on loopback or in network namespaces,
+//! with the hooks the nemeses need (libfaketime clock files, a tmpfs data
+//! dir), and the questions every run asks of it (who leads, is it ready).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use idemkv::client::ClientOptions;
+use idemkv::Client;
+
+use crate::nemeses::{Fault, Plan};
+use crate::procs::ProcCluster;
+use crate::robust::netlab::NetLab;
+
+pub const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+pub struct Rig {
+    pub cluster: ProcCluster,
+    pub lab: Option<NetLab>,
+    /// Per node: libfaketime's offset file ("+0" or "+3s").
+    pub clock_files: Vec<PathBuf>,
+    /// The node whose data dir is a small tmpfs (disk-full nemesis).
+    pub tmpfs_node: Option<usize>,
+    /// Removed when the run passes; kept (logs, data) when it panics.
+    pub dir: Option<tempfile::TempDir>,
+}
+
+impl Rig {
+    pub fn start(plan: &Plan) -> Rig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let n = plan.nodes;
+        let lab = if plan.faults.iter().any(|f| f.partitions()) {
+            Some(NetLab::new(n).expect("network lab (root)"))
+        } else {
+            None
+        };
+        let hosts: Vec<String> = match &lab {
+            Some(l) => (0..n).map(|i| l.ip(i)).collect(),
+            None => vec!["127.0.0.1".to_string(); n],
+        };
+        let config = "heartbeat_ms = 100\nsnapshot_every = 300\nsnapshot_keep_logs = 100\n";
+        let mut cluster = ProcCluster::on_hosts(dir.path(), &hosts, config);
+        if let Some(l) = &lab {
+            for i in 0..n {
+                cluster.wrap[i] = l.exec_prefix(i);
+            }
+        }
+        let mut clock_files = Vec::new();
+        if plan.faults.contains(&Fault::ClockSkew) {
+            for i in 0..n {
+                let f = dir.path().join(format!("clock-{}", i + 1));
+                std::fs::write(&f, "+0\n").unwrap();
+                cluster.envs[i] = vec![
+                    ("LD_PRELOAD".into(), FAKETIME_LIB.into()),
+                    ("FAKETIME_TIMESTAMP_FILE".into(), f.display().to_string()),
+                    ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+                    ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+                ];
+                clock_files.push(f);
+            }
+        }
+        let tmpfs_node = plan.faults.contains(&Fault::DiskFull).then(|| {
+            let i = n - 1;
+            let d = cluster.data_dir(i);
+            std::fs::create_dir_all(&d).unwrap();
+            run(
+                "mount",
+                &[
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    "size=96m",
+                    "tmpfs",
+                    &d.display().to_string(),
+                ],
+            );
+            i
+        });
+        cluster.start_all();
+        Rig {
+            cluster,
+            lab,
+            clock_files,
+            tmpfs_node,
+            dir: Some(dir),
+        }
+    }
+
+    /// Every node running, no partition, no skew, no full disk.
+    pub fn heal_all(&mut self) {
+        if let Some(l) = &self.lab {
+            l.heal();
+        }
+        for f in &self.clock_files {
+            std::fs::write(f, "+0\n").unwrap();
+        }
+        if let Some(i) = self.tmpfs_node {
+            let _ = std::fs::remove_file(self.cluster.data_dir(i).join("filler"));
+        }
+        for i in 0..self.cluster.api.len() {
+            self.cluster.signal(i, "-CONT");
+            if self.cluster.exited(i) || self.cluster.pid(i).is_none() {
+                self.cluster.start_node(i);
+            }
+        }
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.cluster.kill9_all();
+        if let Some(i) = self.tmpfs_node {
+            let d = self.cluster.data_dir(i).display().to_string();
+            let _ = std::process::Command::new("umount")
+                .args(["-l", &d])
+                .status();
+        }
+        if std::thread::panicking() {
+            if let Some(d) = self.dir.take() {
+                eprintln!("kept the run's logs and data in {}", d.keep().display());
+            }
+        }
+    }
+}
+
+pub fn run(prog: &str, args: &[&str]) {
+    let out = std::process::Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"));
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The node that says it leads, if one answers within half a second.
+pub async fn leader(api: &[String]) -> Option<usize> {
+    let opts = ClientOptions {
+        request_timeout: Duration::from_millis(500),
+        retry_for: Duration::ZERO,
+        ..ClientOptions::default()
+    };
+    for (i, a) in api.iter().enumerate() {
+        let c = Client::with_options([a], opts.clone()).ok()?;
+        if let Ok(s) = c.status().await {
+            if s.role == "leader" {
+                return Some(i);
+            }
+        }
+    }
+    None
+}
+
+pub async fn wait_leader(api: &[String], within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(l) = leader(api).await {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "no leader within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn wait_ready(rig: &Rig, within: Duration) {
+    if let Err(e) = rig.cluster.client().wait_ready(within).await {
+        panic!(
+            "cluster not ready: {e}; logs in {}",
+            rig.cluster.dir.display()
+        );
+    }
+}
