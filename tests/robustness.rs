@@ -319,6 +319,23 @@ async fn five_nodes_mixed_faults_with_bridge() {
     run_plan(p).await;
 }
 
+/// Power loss: the whole cluster is SIGKILLed and every log segment loses
+/// what was written after its last fsync, cycle after cycle under load; no
+/// acknowledged write may be lost (an acknowledgement given before its
+/// fsync would be).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_loss_drops_unsynced_log_writes() {
+    let mut p = plan("power-loss", 3, &[Fault::PowerLoss], 0);
+    p.quiet = Duration::ZERO;
+    p.cycles = Some(12);
+    let d = run_plan(p).await.expect("power loss needs nothing special");
+    assert_eq!(d.faults.get(&Fault::PowerLoss), Some(&12));
+    assert!(
+        d.saw("un-fsynced bytes dropped") > 0,
+        "no cycle found anything written and not yet fsynced to drop"
+    );
+}
+
 /// The durability crash loop: the whole cluster is SIGKILLed and restarted
 /// under load, cycle after cycle (each waits until the cluster serves again
 /// and lets the load run a moment); no acknowledged write may be lost.
@@ -348,6 +365,7 @@ async fn soak() {
         Fault::PauseFollower,
         Fault::Membership,
         Fault::MembershipCrash,
+        Fault::PowerLoss,
     ];
     if is_root() {
         faults.extend([

@@ -679,3 +679,53 @@ fn a_store_taking_over_100_ms_early_is_flagged() {
         );
     }
 }
+
+#[test]
+fn an_all_or_nothing_item_that_fails_changes_nothing() {
+    // The last attempt's lease ran out. A plain claim then fails the
+    // record; an item of an all-or-nothing batch answers FAILED too, but the
+    // batch is not applied, so the record still reads IN_PROGRESS.
+    let item = |all_or_nothing: bool| Call::Claim {
+        owner: "w2".into(),
+        claim_id: "late".into(),
+        lease_ms: LEASE,
+        batch: all_or_nothing.then_some(7),
+        all_or_nothing,
+    };
+    let history = |all_or_nothing: bool| {
+        let mut h = H::new();
+        let mut at = 0;
+        for attempt in 1..=3 {
+            h.op(
+                1,
+                claim_id(1, &format!("a{attempt}")),
+                acq(attempt as u64, at, attempt),
+                at,
+                Some(at + 5),
+            );
+            if attempt < 3 {
+                h.op(
+                    1,
+                    Call::Release {
+                        token: attempt as u64,
+                    },
+                    Ret::Released { failed: false },
+                    at + 10,
+                    Some(at + 15),
+                );
+            }
+            at += 20;
+        }
+        let held = Seen::InProgress {
+            owner: "w1".into(),
+            token: 3,
+            deadline_ms: T0 + 40 + LEASE,
+            attempts: 3,
+        };
+        h.op(2, item(all_or_nothing), Ret::Failed, 1_100, Some(1_110))
+            .op(3, Call::Read, Ret::Record(Some(held)), 1_200, Some(1_210));
+        h
+    };
+    assert_clean(&history(true));
+    assert_flags(&history(false), "not linearizable");
+}

@@ -52,6 +52,7 @@ use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 
 use super::durable::{sled_err, GroupCommit, Syncer, Waiter};
+use super::test_hooks;
 use crate::codec::{decode, encode};
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
 
@@ -101,7 +102,7 @@ struct Inner {
 pub struct LogStore {
     inner: Arc<Mutex<Inner>>,
     /// The segment appends go to, for the group-commit thread to fsync.
-    active: Arc<Mutex<Option<Arc<File>>>>,
+    active: Arc<Mutex<Option<(PathBuf, Arc<File>)>>>,
     commit: Arc<GroupCommit>,
     meta: sled::Tree,
     /// The sled database (vote, purge point, state machine).
@@ -272,6 +273,7 @@ impl Segment {
             file.sync_data()
         };
         res.map_err(|e| at(&path, "fsync at open", e))?;
+        test_hooks::synced(&path, len);
         *synced += 1;
         Ok(Segment {
             first,
@@ -334,7 +336,9 @@ impl Inner {
                 fs::remove_file(&last.path)?;
             } else {
                 // Everything in it must be durable before appends move on.
+                let len = last.file.metadata()?.len();
                 last.file.sync_data()?;
+                test_hooks::synced(&last.path, len);
             }
         }
         let path = self.dir.join(segment_name(first));
@@ -345,6 +349,7 @@ impl Inner {
             .write(true)
             .open(&path)?;
         sync_dir(&self.dir)?;
+        test_hooks::synced(&path, 0);
         self.segments.push(Segment {
             first,
             next: first,
@@ -451,15 +456,26 @@ impl LogStore {
         }
         sync_dir(dir).map_err(|e| at(dir, "fsync", e))?;
 
-        let active = Arc::new(Mutex::new(inner.segments.last().map(|s| s.file.clone())));
+        let active = Arc::new(Mutex::new(
+            inner
+                .segments
+                .last()
+                .map(|s| (s.path.clone(), s.file.clone())),
+        ));
         let to_sync = active.clone();
         let commit = GroupCommit::spawn("idemkv-log-sync", move || {
             let file = to_sync.lock().unwrap_or_else(|p| p.into_inner()).clone();
             match file {
-                Some(f) => {
+                Some((path, f)) => {
+                    // The size before the fsync: all of it is on disk after.
+                    let len = test_hooks::enabled().then(|| f.metadata().map(|m| m.len()));
+                    test_hooks::before_fsync();
                     let started = std::time::Instant::now();
                     let r = f.sync_data();
                     crate::metrics::fsync(started.elapsed());
+                    if let (Ok(()), Some(Ok(len))) = (&r, len) {
+                        test_hooks::synced(&path, len);
+                    }
                     r
                 }
                 None => Ok(()),
@@ -480,8 +496,10 @@ impl LogStore {
     }
 
     fn set_active(&self, inner: &Inner) {
-        *self.active.lock().unwrap_or_else(|p| p.into_inner()) =
-            inner.segments.last().map(|s| s.file.clone());
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) = inner
+            .segments
+            .last()
+            .map(|s| (s.path.clone(), s.file.clone()));
     }
 
     /// The segment files, oldest first.
@@ -703,6 +721,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .expect("the segment holding the cut");
             seg.file.set_len(cut.offset)?;
             seg.file.sync_all()?;
+            test_hooks::synced(&seg.path, cut.offset);
             seg.len = cut.offset;
             seg.next = from;
             sync_dir(&inner.dir)?;

@@ -19,6 +19,7 @@ mod log;
 mod snapfile;
 mod snapshot;
 mod state_machine;
+pub mod test_hooks;
 pub mod watch;
 
 use std::io;

@@ -585,6 +585,7 @@ fn step(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
             owner,
             claim_id,
             lease_ms,
+            all_or_nothing,
             ..
         } => {
             let c = model::Claim {
@@ -621,7 +622,11 @@ fn step(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
                         (Tok::Above(s.floor), Window { lo, hi: u64::MAX })
                     }
                 };
-                let (rec, answer) = model::claim(&s.rec, &c, live, grant);
+                let mut step = model::claim(&s.rec, &c, live, grant);
+                if *all_or_nothing {
+                    step = model::all_or_nothing_item(&s.rec, step);
+                }
+                let (rec, answer) = step;
                 match (&answer, &op.ret) {
                     (_, Ret::Unknown) => put(&mut out, rec),
                     // An all-or-nothing batch not applied: this item would

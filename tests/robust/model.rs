@@ -156,6 +156,16 @@ pub fn claim<T: Token, D: Clone>(
     (held, answer)
 }
 
+/// An item of an all-or-nothing ClaimBatch: the batch is applied only if
+/// every item is acquired, so an item that is not acquired leaves its
+/// record as it was (its answer stands: FAILED, IN_PROGRESS, the replay).
+pub fn all_or_nothing_item<T: Token, D: Clone>(rec: &Rec<T, D>, step: Step<T, D>) -> Step<T, D> {
+    match step.1 {
+        Answer::Acquired { .. } => step,
+        answer => (rec.clone(), answer),
+    }
+}
+
 /// Renew: the holder's token extends its lease (`extend` gives the new
 /// deadline, never earlier); any other token has lost it.
 pub fn renew<T: Token, D: Clone>(

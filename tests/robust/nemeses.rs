@@ -40,6 +40,9 @@ pub enum Fault {
     /// Kill the leader while a membership change is under way.
     MembershipCrash,
     KillAll,
+    /// Power loss on every node at once: kill -9, then every log segment
+    /// loses what was written after its last fsync.
+    PowerLoss,
 }
 
 impl Fault {
@@ -173,6 +176,26 @@ impl Nemesis {
                     rig.lock().await.cluster.start_node(second);
                 }
                 rig.lock().await.cluster.start_node(first);
+            }
+            Fault::PowerLoss => {
+                wait_ready(&*rig.lock().await, Duration::from_secs(30)).await;
+                tokio::time::sleep(Duration::from_millis(self.rng.random_range(300..1_200))).await;
+                let mut r = rig.lock().await;
+                let pids: Vec<u32> = (0..n).filter_map(|i| r.cluster.pid(i)).collect();
+                r.cluster.kill9_all();
+                let dead = pids.len() == n && pids.iter().all(|p| !alive(*p));
+                self.prove(fault, dead, "every process killed");
+                let mut lost = 0;
+                let mut hooked = true;
+                for i in 0..n {
+                    match lose_unsynced(&r.cluster.data_dir(i), &r.ledgers[i]) {
+                        Some(bytes) => lost += bytes,
+                        None => hooked = false,
+                    }
+                }
+                self.prove(fault, hooked, "fsync ledger kept by every node");
+                *self.seen.entry("un-fsynced bytes dropped").or_default() += lost as usize;
+                r.cluster.start_all();
             }
             Fault::KillAll => {
                 wait_ready(&*rig.lock().await, Duration::from_secs(30)).await;
@@ -399,6 +422,46 @@ impl Nemesis {
                 .or_default() += 1;
         }
     }
+}
+
+/// What a power cut leaves of a dead node's log: each segment cut back to
+/// the length its last fsync covered (the node's fsync ledger, see
+/// `idemkv::store::test_hooks`), a segment never fsynced removed. Returns
+/// the bytes dropped, or None when the node kept no ledger.
+fn lose_unsynced(data: &std::path::Path, ledger: &std::path::Path) -> Option<u64> {
+    let text = std::fs::read_to_string(ledger).ok()?;
+    let mut synced: BTreeMap<String, u64> = BTreeMap::new();
+    for line in text.lines() {
+        if let Some((path, len)) = line.rsplit_once('\t') {
+            if let Ok(len) = len.parse() {
+                synced.insert(path.to_string(), len);
+            }
+        }
+    }
+    if synced.is_empty() {
+        return None;
+    }
+    let mut dropped = 0;
+    for entry in std::fs::read_dir(data.join("log")).ok()?.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "seg") {
+            continue;
+        }
+        let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+        match synced.get(&path.display().to_string()) {
+            Some(&keep) if keep < len => {
+                let f = std::fs::OpenOptions::new().write(true).open(&path).ok()?;
+                f.set_len(keep).ok()?;
+                dropped += len - keep;
+            }
+            Some(_) => {}
+            None => {
+                std::fs::remove_file(&path).ok()?;
+                dropped += len;
+            }
+        }
+    }
+    Some(dropped)
 }
 
 /// The voters the leader reports, sorted.

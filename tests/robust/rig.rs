@@ -21,6 +21,8 @@ pub struct Rig {
     pub clock_files: Vec<PathBuf>,
     /// The node whose data dir is a small tmpfs (disk-full nemesis).
     pub tmpfs_node: Option<usize>,
+    /// Per node: its fsync ledger (power-loss nemesis).
+    pub ledgers: Vec<PathBuf>,
     /// Removed when the run passes; kept (logs, data) when it panics.
     pub dir: Option<tempfile::TempDir>,
 }
@@ -50,13 +52,26 @@ impl Rig {
             for i in 0..n {
                 let f = dir.path().join(format!("clock-{}", i + 1));
                 std::fs::write(&f, "+0\n").unwrap();
-                cluster.envs[i] = vec![
+                cluster.envs[i].extend([
                     ("LD_PRELOAD".into(), FAKETIME_LIB.into()),
                     ("FAKETIME_TIMESTAMP_FILE".into(), f.display().to_string()),
                     ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
                     ("FAKETIME_CACHE_DURATION".into(), "1".into()),
-                ];
+                ]);
                 clock_files.push(f);
+            }
+        }
+        // Power-loss runs: every node keeps an fsync ledger (outside its
+        // data dir, which the membership nemesis wipes).
+        let ledgers: Vec<PathBuf> = (0..n)
+            .map(|i| dir.path().join(format!("fsync-ledger-{}", i + 1)))
+            .collect();
+        if plan.faults.contains(&Fault::PowerLoss) {
+            for (i, l) in ledgers.iter().enumerate() {
+                use idemkv::store::test_hooks::{FSYNC_DELAY_ENV, LEDGER_ENV};
+                cluster.envs[i].push((LEDGER_ENV.into(), l.display().to_string()));
+                // A slow disk, so that a power cut finds writes in flight.
+                cluster.envs[i].push((FSYNC_DELAY_ENV.into(), "25".into()));
             }
         }
         let tmpfs_node = plan.faults.contains(&Fault::DiskFull).then(|| {
@@ -82,6 +97,7 @@ impl Rig {
             lab,
             clock_files,
             tmpfs_node,
+            ledgers,
             dir: Some(dir),
         }
     }

@@ -1,0 +1,65 @@
+//! Fault-injection hooks for the robustness suite's power-loss and slow-disk
+//! runs, both off unless their environment variable is set.
+//!
+//! **fsync ledger** (`IDEMKV_TEST_SYNC_LEDGER` names a file).
+//! A `kill -9` keeps the page cache, so it never shows an acknowledgement
+//! given before its fsync. A power loss would: it drops every byte written
+//! since the file's last fsync. With the hook on, each fsync of a log
+//! segment appends one line, `<segment path>\t<length>`, where the length
+//! is the file's size *before* the fsync began (every byte below it is on
+//! disk once the fsync returns). A test that kills the process can then cut
+//! each segment back to its last line (and remove segments with no line),
+//! which is what the disk would hold after a power cut, and start the node
+//! again. Observing only: the hook never changes what is written or when.
+//!
+//! **Slow disk** (`IDEMKV_TEST_FSYNC_DELAY_MS`): each fsync of the log
+//! waits that long first, as a stalling disk would; what is acknowledged,
+//! and when relative to its fsync, is unchanged.
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+pub const LEDGER_ENV: &str = "IDEMKV_TEST_SYNC_LEDGER";
+pub const FSYNC_DELAY_ENV: &str = "IDEMKV_TEST_FSYNC_DELAY_MS";
+
+fn ledger() -> Option<&'static Mutex<File>> {
+    static LEDGER: OnceLock<Option<Mutex<File>>> = OnceLock::new();
+    LEDGER
+        .get_or_init(|| {
+            let path = std::env::var_os(LEDGER_ENV)?;
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .unwrap_or_else(|e| panic!("{LEDGER_ENV}={}: {e}", Path::new(&path).display()));
+            Some(Mutex::new(f))
+        })
+        .as_ref()
+}
+
+/// Is the hook on?
+pub fn enabled() -> bool {
+    ledger().is_some()
+}
+
+/// `path` holds at least `len` bytes on disk.
+pub fn synced(path: &Path, len: u64) {
+    if let Some(l) = ledger() {
+        let mut f = l.lock().unwrap_or_else(|p| p.into_inner());
+        // One write per line (O_APPEND): a kill never leaves half a line.
+        let _ = f.write_all(format!("{}\t{len}\n", path.display()).as_bytes());
+    }
+}
+
+/// Called before each log fsync: stall like a slow disk, if asked to.
+pub fn before_fsync() {
+    static DELAY: OnceLock<Option<std::time::Duration>> = OnceLock::new();
+    let delay = DELAY.get_or_init(|| {
+        let ms: u64 = std::env::var(FSYNC_DELAY_ENV).ok()?.parse().ok()?;
+        Some(std::time::Duration::from_millis(ms))
+    });
+    if let Some(d) = delay {
+        std::thread::sleep(*d);
+    }
+}
