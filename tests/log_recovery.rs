@@ -3,6 +3,7 @@
 //! node starts; damage with acknowledged records after it is refused, the
 //! file left as it was, and `idemkv serve` exits saying what to do. Also:
 //! every segment kept is fsynced at open, before anything is acknowledged.
+//! And a commit point stored beyond a cut tail is not reported.
 mod log_files;
 mod procs;
 
@@ -295,4 +296,39 @@ async fn all_indexes_from(store: &mut Store, from: u64) -> Vec<u64> {
             .collect::<Vec<_>>()
     );
     got.iter().map(|e| e.log_id.index).collect()
+}
+
+/// A follower learns that entries are committed before its own fsync of
+/// them returns, and its commit point (a hint, in sled) can reach the disk
+/// through another sled flush. If its log then loses its tail (a torn
+/// write, or a flipped bit that looks like one), the stored commit point
+/// lies beyond the log, and Raft at start tries to apply entries that are
+/// gone ("raft start: when Read LogIndex(n)", found by the robustness
+/// suite's log-damage nemesis: the node never started again). The log must
+/// never report a commit point it does not hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_point_beyond_a_cut_tail_is_not_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = ten_entries(dir.path()).await;
+    {
+        let mut store = Store::open(dir.path()).unwrap();
+        let ten = log_id::<TypeConfig>(1, 1, 10);
+        store.log.save_committed(Some(ten)).await.unwrap();
+        assert_eq!(store.log.read_committed().await.unwrap(), Some(ten));
+        close(store);
+    }
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let (at, len) = *records(&bytes).last().expect("a record");
+    bytes[at + len - 1] ^= 0x40;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let mut store = Store::open(dir.path()).unwrap();
+    // The fault took effect: entry 10 was cut.
+    assert_eq!(all_indexes(&mut store).await, (1..=9).collect::<Vec<_>>());
+    let committed = store.log.read_committed().await.unwrap();
+    assert_eq!(
+        committed,
+        Some(log_id::<TypeConfig>(1, 1, 9)),
+        "the commit point must not lie beyond the log"
+    );
 }

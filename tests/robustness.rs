@@ -319,6 +319,17 @@ async fn five_nodes_mixed_faults_with_bridge() {
     run_plan(p).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_faults_slow_fsync_eio_and_log_damage() {
+    let faults = [
+        Fault::SlowDisk,
+        Fault::FsyncEio,
+        Fault::LogCorruptTail,
+        Fault::LogCorruptMid,
+    ];
+    run_plan(plan("disk", 3, &faults, 20)).await;
+}
+
 /// Power loss: the whole cluster is SIGKILLed and every log segment loses
 /// what was written after its last fsync, cycle after cycle under load; no
 /// acknowledged write may be lost (an acknowledgement given before its
@@ -366,6 +377,10 @@ async fn soak() {
         Fault::Membership,
         Fault::MembershipCrash,
         Fault::PowerLoss,
+        Fault::SlowDisk,
+        Fault::FsyncEio,
+        Fault::LogCorruptTail,
+        Fault::LogCorruptMid,
     ];
     if is_root() {
         faults.extend([

@@ -185,7 +185,7 @@ impl Consensus {
                 Err(Local::NotLeader(f.leader_id.zip(f.leader_node)))
             }
             Ok(Err(RaftError::APIError(e))) => Err(Local::Failed(unavailable("write", e))),
-            Ok(Err(RaftError::Fatal(e))) => Err(Local::Failed(Error::Internal(format!("raft stopped: {e}")))),
+            Ok(Err(RaftError::Fatal(e))) => Err(Local::Failed(raft_stopped(e))),
         }
     }
 
@@ -239,7 +239,7 @@ impl Consensus {
                 ))))
             }
             Ok(Err(RaftError::Fatal(e))) => {
-                Err(Local::Failed(Error::Internal(format!("raft stopped: {e}"))))
+                Err(Local::Failed(raft_stopped(e)))
             }
         }
     }
@@ -517,7 +517,7 @@ impl Consensus {
             Err(RaftError::APIError(e)) => {
                 Err(Error::invalid("members", format!("cannot initialise: {e}")))
             }
-            Err(RaftError::Fatal(e)) => Err(Error::Internal(format!("raft stopped: {e}"))),
+            Err(RaftError::Fatal(e)) => Err(raft_stopped(e)),
         }
     }
 
@@ -537,7 +537,7 @@ impl Consensus {
             .trigger()
             .transfer_leader(to)
             .await
-            .map_err(|e| Error::Internal(format!("raft stopped: {e}")))
+            .map_err(|e| raft_stopped(e))
     }
 
     pub async fn trigger_snapshot(&self) -> Result<()> {
@@ -545,8 +545,18 @@ impl Consensus {
             .trigger()
             .snapshot()
             .await
-            .map_err(|e| Error::Internal(format!("raft stopped: {e}")))
+            .map_err(|e| raft_stopped(e))
     }
+}
+
+/// Raft stopped on this node (its storage failed: crash-only, it exits).
+/// The request may or may not have been committed by the others before; to
+/// the client this is one node gone, so UNAVAILABLE: go to another node
+/// (INTERNAL would say the request itself broke something).
+fn raft_stopped(e: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!(
+        "this node stopped serving after a storage failure ({e}); retry on another node"
+    ))
 }
 
 fn membership_result<T>(
@@ -562,7 +572,7 @@ fn membership_result<T>(
             )))
         }
         Err(RaftError::APIError(e)) => Err(Error::invalid("membership", e.to_string())),
-        Err(RaftError::Fatal(e)) => Err(Error::Internal(format!("raft stopped: {e}"))),
+        Err(RaftError::Fatal(e)) => Err(raft_stopped(e)),
     }
 }
 
@@ -573,5 +583,20 @@ fn reply_error(reply: ForwardReply) -> Error {
         ForwardReply::Invalid { field, message } => Error::InvalidArgument { field, message },
         ForwardReply::TooLarge { field, message } => Error::TooLarge { field, message },
         other => Error::Internal(format!("unexpected reply from the leader: {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod stopped {
+    use super::*;
+
+    /// A node whose Raft stopped (its storage failed) tells clients to go
+    /// elsewhere; INTERNAL would blame their request.
+    #[test]
+    fn a_stopped_raft_is_unavailable_to_clients() {
+        let e = membership_result::<()>(Err(RaftError::Fatal(openraft::error::Fatal::Stopped)));
+        assert!(matches!(e, Err(Error::Unavailable(_))), "{e:?}");
+        let status = crate::api::status::to_status(e.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::Unavailable);
     }
 }

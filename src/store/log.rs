@@ -469,9 +469,8 @@ impl LogStore {
                 Some((path, f)) => {
                     // The size before the fsync: all of it is on disk after.
                     let len = test_hooks::enabled().then(|| f.metadata().map(|m| m.len()));
-                    test_hooks::before_fsync();
                     let started = std::time::Instant::now();
-                    let r = f.sync_data();
+                    let r = test_hooks::before_fsync().and_then(|()| f.sync_data());
                     crate::metrics::fsync(started.elapsed());
                     if let (Ok(()), Some(Ok(len))) = (&r, len) {
                         test_hooks::synced(&path, len);
@@ -667,8 +666,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.put_meta(COMMITTED, &committed)
     }
 
+    /// The stored commit point, never beyond the log's last entry: it is
+    /// saved unsynced, and may reach the disk (with another sled flush)
+    /// ahead of entries this node had not yet fsynced; if those were then
+    /// lost (a cut tail), Raft would try to apply entries that are gone and
+    /// the node would never start. Capped, it stays a correct hint: what
+    /// the log holds up to it was committed, the rest comes from the leader.
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self.get_meta::<Option<LogId>>(COMMITTED)?.flatten())
+        let stored = self.get_meta::<Option<LogId>>(COMMITTED)?.flatten();
+        let last = match self.lock().last_log_id {
+            Some(l) => Some(l),
+            None => self.get_meta::<Option<LogId>>(PURGED)?.flatten(),
+        };
+        Ok(match (stored, last) {
+            (Some(c), Some(l)) if c.index() > l.index() => Some(l),
+            (Some(_), None) => None,
+            (c, _) => c,
+        })
     }
 
     async fn append<I>(

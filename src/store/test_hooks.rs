@@ -12,16 +12,20 @@
 //! which is what the disk would hold after a power cut, and start the node
 //! again. Observing only: the hook never changes what is written or when.
 //!
-//! **Slow disk** (`IDEMKV_TEST_FSYNC_DELAY_MS`): each fsync of the log
-//! waits that long first, as a stalling disk would; what is acknowledged,
-//! and when relative to its fsync, is unchanged.
+//! **Disk faults** (`IDEMKV_TEST_FSYNC_CONTROL` names a file, read before
+//! each fsync of the log): `delay <ms>` stalls the fsync that long first,
+//! as a slow disk would; `eio` makes it fail with EIO, as a dying disk
+//! would (fsyncgate: the node must not go on as if the data were safe);
+//! empty or missing, nothing. Each time it acts, it appends a line to
+//! `<control file>.taken` (the test's proof that the fault struck). What
+//! is acknowledged, and when relative to its fsync, is unchanged.
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
 pub const LEDGER_ENV: &str = "IDEMKV_TEST_SYNC_LEDGER";
-pub const FSYNC_DELAY_ENV: &str = "IDEMKV_TEST_FSYNC_DELAY_MS";
+pub const FSYNC_CONTROL_ENV: &str = "IDEMKV_TEST_FSYNC_CONTROL";
 
 fn ledger() -> Option<&'static Mutex<File>> {
     static LEDGER: OnceLock<Option<Mutex<File>>> = OnceLock::new();
@@ -52,14 +56,36 @@ pub fn synced(path: &Path, len: u64) {
     }
 }
 
-/// Called before each log fsync: stall like a slow disk, if asked to.
-pub fn before_fsync() {
-    static DELAY: OnceLock<Option<std::time::Duration>> = OnceLock::new();
-    let delay = DELAY.get_or_init(|| {
-        let ms: u64 = std::env::var(FSYNC_DELAY_ENV).ok()?.parse().ok()?;
-        Some(std::time::Duration::from_millis(ms))
-    });
-    if let Some(d) = delay {
-        std::thread::sleep(*d);
+/// Called before each log fsync: stall or fail like a bad disk, if the
+/// control file says so.
+pub fn before_fsync() -> std::io::Result<()> {
+    static CONTROL: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+    let Some(path) = CONTROL.get_or_init(|| std::env::var_os(FSYNC_CONTROL_ENV).map(Into::into))
+    else {
+        return Ok(());
+    };
+    let order = std::fs::read_to_string(path).unwrap_or_default();
+    let mut words = order.split_whitespace();
+    let taken = || {
+        let mut p = path.as_os_str().to_owned();
+        p.push(".taken");
+        if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(p) {
+            let _ = f.write_all(order.as_bytes());
+        }
+    };
+    match (
+        words.next(),
+        words.next().and_then(|w| w.parse::<u64>().ok()),
+    ) {
+        (Some("delay"), Some(ms)) => {
+            taken();
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        (Some("eio"), _) => {
+            taken();
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        _ => {}
     }
+    Ok(())
 }

@@ -43,6 +43,16 @@ pub enum Fault {
     /// Power loss on every node at once: kill -9, then every log segment
     /// loses what was written after its last fsync.
     PowerLoss,
+    /// One node's log fsyncs stall for seconds.
+    SlowDisk,
+    /// One node's log fsync fails with EIO.
+    FsyncEio,
+    /// A flipped byte in the last record of a stopped node's log: a torn
+    /// write, cut at restart.
+    LogCorruptTail,
+    /// A flipped byte mid-segment in a stopped node's log: the node must
+    /// refuse to start; the operator wipes it and adds it back.
+    LogCorruptMid,
 }
 
 impl Fault {
@@ -343,28 +353,104 @@ impl Nemesis {
                 self.prove(fault, refused, "disk refused writes");
                 self.prove(fault, exited, "node exited on full disk");
             }
+            Fault::SlowDisk | Fault::FsyncEio => {
+                let l = wait_leader(&api, Duration::from_secs(10)).await;
+                let i = if self.rng.random_bool(0.5) {
+                    l
+                } else {
+                    self.rng.random_range(0..n)
+                };
+                let (control, normal) = {
+                    let r = rig.lock().await;
+                    (r.fsync_controls[i].clone(), r.fsync_normal)
+                };
+                let mut taken = control.clone().into_os_string();
+                taken.push(".taken");
+                let _ = std::fs::remove_file(&taken);
+                let order = if fault == Fault::SlowDisk {
+                    format!("delay {}\n", self.rng.random_range(1_000..2_500))
+                } else {
+                    "eio\n".to_string()
+                };
+                std::fs::write(&control, order).unwrap();
+                tokio::time::sleep(hold).await;
+                // A node installing a snapshot fsyncs no log for a while:
+                // keep the fault on until it strikes (or 10 s more).
+                let struck = || std::fs::metadata(&taken).is_ok_and(|m| m.len() > 0);
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !struck() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                std::fs::write(&control, normal).unwrap();
+                let struck = struck();
+                self.prove(fault, struck, "fsync stalled or failed");
+                if fault == Fault::FsyncEio {
+                    // Crash-only: a node whose fsync failed must stop, not
+                    // carry on over pages the kernel may have dropped.
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    let mut exited = false;
+                    while !exited && Instant::now() < deadline {
+                        exited = rig.lock().await.cluster.exited(i);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    self.prove(fault, exited, "node exited on EIO");
+                    let mut r = rig.lock().await;
+                    if r.cluster.pid(i).is_none() {
+                        r.cluster.start_node(i);
+                    }
+                }
+            }
+            Fault::LogCorruptTail | Fault::LogCorruptMid => {
+                let l = wait_leader(&api, Duration::from_secs(10)).await;
+                let i = (l + 1 + self.rng.random_range(0..n - 1)) % n;
+                let mut r = rig.lock().await;
+                self.kill(&mut r, fault, i);
+                let mid = fault == Fault::LogCorruptMid;
+                let flipped = flip_log_byte(&r.cluster.data_dir(i), mid);
+                self.prove(fault, flipped, "log byte flipped");
+                r.cluster.start_node(i);
+                drop(r);
+                if !mid {
+                    tokio::time::sleep(hold / 2).await;
+                    let up = !rig.lock().await.cluster.exited(i);
+                    self.prove(fault, up, "node restarted over a torn tail");
+                } else {
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    let mut refused = false;
+                    while !refused && Instant::now() < deadline {
+                        refused = rig.lock().await.cluster.exited(i);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    let log = {
+                        let r = rig.lock().await;
+                        let f = r.cluster.dir.join(format!("node-{}.log", i + 1));
+                        std::fs::read_to_string(f).unwrap_or_default()
+                    };
+                    let said = log.contains("add the node back as a new member");
+                    self.prove(fault, refused && said, "node refused a damaged log");
+                    // The remedy the message names: wipe it, add it back.
+                    let id = i as u64 + 1;
+                    let others: Vec<u64> = (1..=n as u64).filter(|x| *x != id).collect();
+                    set_voters(&api, &others).await;
+                    self.readd(rig, fault, i).await;
+                }
+            }
             Fault::Membership | Fault::MembershipCrash => self.membership(rig, fault).await,
         }
         *self.counts.entry(fault).or_default() += 1;
     }
 
-    /// Remove a follower, wipe it, start it empty, add it back as a learner
-    /// and make it a voter again; all while the workload runs. With
-    /// `MembershipCrash` the leader is killed while the voters change.
-    async fn membership(&mut self, rig: &Arc<tokio::sync::Mutex<Rig>>, fault: Fault) {
+    /// Wipe node `r` (no longer a voter), start it empty, add it back as a
+    /// learner and make every node a voter again. With `MembershipCrash`
+    /// the leader is killed while the voters change.
+    async fn readd(&mut self, rig: &Arc<tokio::sync::Mutex<Rig>>, fault: Fault, r: usize) {
         let (api, peer) = {
-            let r = rig.lock().await;
-            (r.cluster.api.clone(), r.cluster.peer.clone())
+            let g = rig.lock().await;
+            (g.cluster.api.clone(), g.cluster.peer.clone())
         };
         let n = api.len();
         let all: Vec<u64> = (1..=n as u64).collect();
-        let l = wait_leader(&api, Duration::from_secs(10)).await;
-        let r = (l + 1 + self.rng.random_range(0..n - 1)) % n;
         let id = r as u64 + 1;
-        let others: Vec<u64> = all.iter().copied().filter(|x| *x != id).collect();
-        set_voters(&api, &others).await;
-        let out = voters(&api).await.is_some_and(|v| v == others);
-        self.prove(fault, out, "node removed");
         {
             let mut g = rig.lock().await;
             g.cluster.kill9(r);
@@ -422,6 +508,23 @@ impl Nemesis {
                 .or_default() += 1;
         }
     }
+
+    /// Remove a follower, wipe it, start it empty, add it back as a learner
+    /// and make it a voter again; all while the workload runs. With
+    /// `MembershipCrash` the leader is killed while the voters change.
+    async fn membership(&mut self, rig: &Arc<tokio::sync::Mutex<Rig>>, fault: Fault) {
+        let api = rig.lock().await.cluster.api.clone();
+        let n = api.len();
+        let all: Vec<u64> = (1..=n as u64).collect();
+        let l = wait_leader(&api, Duration::from_secs(10)).await;
+        let r = (l + 1 + self.rng.random_range(0..n - 1)) % n;
+        let id = r as u64 + 1;
+        let others: Vec<u64> = all.iter().copied().filter(|x| *x != id).collect();
+        set_voters(&api, &others).await;
+        let out = voters(&api).await.is_some_and(|v| v == others);
+        self.prove(fault, out, "node removed");
+        self.readd(rig, fault, r).await;
+    }
 }
 
 /// What a power cut leaves of a dead node's log: each segment cut back to
@@ -462,6 +565,45 @@ fn lose_unsynced(data: &std::path::Path, ledger: &std::path::Path) -> Option<u64
         }
     }
     Some(dropped)
+}
+
+/// Flip one payload byte of a record in a stopped node's newest log
+/// segment: in its last record (`mid` false: a torn tail), or in a record
+/// with valid records after it (`mid` true). Records are `[len u32][crc
+/// u32][payload]`.
+fn flip_log_byte(data: &std::path::Path, mid: bool) -> bool {
+    let Ok(dir) = std::fs::read_dir(data.join("log")) else {
+        return false;
+    };
+    let mut segs: Vec<std::path::PathBuf> = dir
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    let Some(last) = segs.last() else {
+        return false;
+    };
+    let Ok(mut bytes) = std::fs::read(last) else {
+        return false;
+    };
+    let mut records = Vec::new();
+    let mut at = 0usize;
+    while at + 8 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        if len == 0 || at + 8 + len > bytes.len() {
+            break;
+        }
+        records.push((at, len));
+        at += 8 + len;
+    }
+    let (at, len) = match (mid, records.len()) {
+        (false, k) if k >= 1 => records[k - 1],
+        (true, k) if k >= 3 => records[k / 2],
+        _ => return false,
+    };
+    bytes[at + 8 + len / 2] ^= 0x40;
+    std::fs::write(last, bytes).is_ok()
 }
 
 /// The voters the leader reports, sorted.

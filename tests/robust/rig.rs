@@ -23,6 +23,10 @@ pub struct Rig {
     pub tmpfs_node: Option<usize>,
     /// Per node: its fsync ledger (power-loss nemesis).
     pub ledgers: Vec<PathBuf>,
+    /// Per node: its fsync control file (slow disk, EIO), and what it holds
+    /// when no disk fault is on.
+    pub fsync_controls: Vec<PathBuf>,
+    pub fsync_normal: &'static str,
     /// Removed when the run passes; kept (logs, data) when it panics.
     pub dir: Option<tempfile::TempDir>,
 }
@@ -66,12 +70,21 @@ impl Rig {
         let ledgers: Vec<PathBuf> = (0..n)
             .map(|i| dir.path().join(format!("fsync-ledger-{}", i + 1)))
             .collect();
-        if plan.faults.contains(&Fault::PowerLoss) {
-            for (i, l) in ledgers.iter().enumerate() {
-                use idemkv::store::test_hooks::{FSYNC_DELAY_ENV, LEDGER_ENV};
+        // Disk-fault runs: every node reads an fsync control file.
+        let fsync_controls: Vec<PathBuf> = (0..n)
+            .map(|i| dir.path().join(format!("fsync-control-{}", i + 1)))
+            .collect();
+        let disk = [Fault::PowerLoss, Fault::SlowDisk, Fault::FsyncEio];
+        if plan.faults.iter().any(|f| disk.contains(f)) {
+            use idemkv::store::test_hooks::{FSYNC_CONTROL_ENV, LEDGER_ENV};
+            for i in 0..n {
+                let (l, c) = (&ledgers[i], &fsync_controls[i]);
                 cluster.envs[i].push((LEDGER_ENV.into(), l.display().to_string()));
-                // A slow disk, so that a power cut finds writes in flight.
-                cluster.envs[i].push((FSYNC_DELAY_ENV.into(), "25".into()));
+                cluster.envs[i].push((FSYNC_CONTROL_ENV.into(), c.display().to_string()));
+                if plan.faults.contains(&Fault::PowerLoss) {
+                    // A slow disk, so that a power cut finds writes in flight.
+                    std::fs::write(c, "delay 25\n").unwrap();
+                }
             }
         }
         let tmpfs_node = plan.faults.contains(&Fault::DiskFull).then(|| {
@@ -98,6 +111,12 @@ impl Rig {
             clock_files,
             tmpfs_node,
             ledgers,
+            fsync_controls,
+            fsync_normal: if plan.faults.contains(&Fault::PowerLoss) {
+                "delay 25\n"
+            } else {
+                ""
+            },
             dir: Some(dir),
         }
     }
@@ -109,6 +128,11 @@ impl Rig {
         }
         for f in &self.clock_files {
             std::fs::write(f, "+0\n").unwrap();
+        }
+        for f in &self.fsync_controls {
+            if f.exists() {
+                std::fs::write(f, self.fsync_normal).unwrap();
+            }
         }
         if let Some(i) = self.tmpfs_node {
             let _ = std::fs::remove_file(self.cluster.data_dir(i).join("filler"));
