@@ -173,7 +173,9 @@ async fn run_plan(plan: Plan) -> Option<Done> {
             _ => false,
         })
         .count();
-    nemesis.seen.insert("deadlines from a skewed clock", skewed);
+    if plan.faults.contains(&Fault::ClockSkew) {
+        nemesis.seen.insert("deadlines from a skewed clock", skewed);
+    }
     let seen: Vec<String> = nemesis
         .seen
         .iter()

@@ -537,15 +537,11 @@ impl Consensus {
             .trigger()
             .transfer_leader(to)
             .await
-            .map_err(|e| raft_stopped(e))
+            .map_err(raft_stopped)
     }
 
     pub async fn trigger_snapshot(&self) -> Result<()> {
-        self.raft
-            .trigger()
-            .snapshot()
-            .await
-            .map_err(|e| raft_stopped(e))
+        self.raft.trigger().snapshot().await.map_err(raft_stopped)
     }
 }
 

@@ -56,6 +56,9 @@ use super::test_hooks;
 use crate::codec::{decode, encode};
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
 
+/// The segment appends go to: its path (for the fsync ledger) and file.
+type ActiveSegment = (PathBuf, Arc<File>);
+
 const VOTE: &[u8] = b"vote";
 const PURGED: &[u8] = b"last_purged";
 const COMMITTED: &[u8] = b"committed";
@@ -102,7 +105,7 @@ struct Inner {
 pub struct LogStore {
     inner: Arc<Mutex<Inner>>,
     /// The segment appends go to, for the group-commit thread to fsync.
-    active: Arc<Mutex<Option<(PathBuf, Arc<File>)>>>,
+    active: Arc<Mutex<Option<ActiveSegment>>>,
     commit: Arc<GroupCommit>,
     meta: sled::Tree,
     /// The sled database (vote, purge point, state machine).

@@ -520,6 +520,23 @@ impl Search<'_> {
     }
 }
 
+/// Does a recorded answer match the model's (grants and renewals, which
+/// carry values to pin, are matched where they are handled)?
+fn fits(answer: &model::Answer<Tok>, ret: &Ret) -> bool {
+    use model::Answer as A;
+    match (answer, ret) {
+        (A::Released { failed }, Ret::Released { failed: f }) => failed == f,
+        _ => matches!(
+            (answer, ret),
+            (_, Ret::Unknown)
+                | (A::Done, Ret::Done)
+                | (A::AlreadyCompleted, Ret::AlreadyCompleted)
+                | (A::LeaseLost, Ret::LeaseLost)
+                | (A::Deleted, Ret::Deleted)
+        ),
+    }
+}
+
 /// The model's view of the record at one point of a search.
 type ModelRec = model::Rec<Tok, Window>;
 
@@ -643,13 +660,11 @@ fn step(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
                             deadline_ms,
                             attempt: a,
                         },
-                    ) => {
-                        if *token > s.floor
-                            && a == attempt
-                            && stamped(*lease_ms).contains(*deadline_ms)
-                        {
-                            out.push(State { rec, floor: *token });
-                        }
+                    ) if *token > s.floor
+                        && a == attempt
+                        && stamped(*lease_ms).contains(*deadline_ms) =>
+                    {
+                        out.push(State { rec, floor: *token });
                     }
                     (
                         model::Answer::Acquired {
@@ -720,38 +735,19 @@ fn step(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
         }
         Call::Complete { token, result } => {
             let (rec, answer) = model::complete(&s.rec, *token, result);
-            let fits = match (&answer, &op.ret) {
-                (_, Ret::Unknown) => true,
-                (model::Answer::Done, Ret::Done) => true,
-                (model::Answer::AlreadyCompleted, Ret::AlreadyCompleted) => true,
-                (model::Answer::LeaseLost, Ret::LeaseLost) => true,
-                _ => false,
-            };
-            if fits {
+            if fits(&answer, &op.ret) {
                 put(&mut out, rec);
             }
         }
         Call::Release { token } => {
             let (rec, answer) = model::release(&s.rec, *token, cfg.max_attempts);
-            let fits = match (&answer, &op.ret) {
-                (_, Ret::Unknown) => true,
-                (model::Answer::Released { failed }, Ret::Released { failed: f }) => failed == f,
-                (model::Answer::LeaseLost, Ret::LeaseLost) => true,
-                _ => false,
-            };
-            if fits {
+            if fits(&answer, &op.ret) {
                 put(&mut out, rec);
             }
         }
         Call::Delete { token } => {
             let (rec, answer) = model::delete(&s.rec, *token);
-            let fits = match (&answer, &op.ret) {
-                (_, Ret::Unknown) => true,
-                (model::Answer::Deleted, Ret::Deleted) => true,
-                (model::Answer::LeaseLost, Ret::LeaseLost) => true,
-                _ => false,
-            };
-            if fits {
+            if fits(&answer, &op.ret) {
                 put(&mut out, rec);
             }
         }

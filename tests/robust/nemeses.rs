@@ -187,7 +187,7 @@ impl Nemesis {
                 }
                 rig.lock().await.cluster.start_node(first);
             }
-            Fault::PowerLoss => {
+            Fault::KillAll | Fault::PowerLoss => {
                 wait_ready(&*rig.lock().await, Duration::from_secs(30)).await;
                 tokio::time::sleep(Duration::from_millis(self.rng.random_range(300..1_200))).await;
                 let mut r = rig.lock().await;
@@ -195,26 +195,18 @@ impl Nemesis {
                 r.cluster.kill9_all();
                 let dead = pids.len() == n && pids.iter().all(|p| !alive(*p));
                 self.prove(fault, dead, "every process killed");
-                let mut lost = 0;
-                let mut hooked = true;
-                for i in 0..n {
-                    match lose_unsynced(&r.cluster.data_dir(i), &r.ledgers[i]) {
-                        Some(bytes) => lost += bytes,
-                        None => hooked = false,
+                if fault == Fault::PowerLoss {
+                    let mut lost = 0;
+                    let mut hooked = true;
+                    for i in 0..n {
+                        match lose_unsynced(&r.cluster.data_dir(i), &r.ledgers[i]) {
+                            Some(bytes) => lost += bytes,
+                            None => hooked = false,
+                        }
                     }
+                    self.prove(fault, hooked, "fsync ledger kept by every node");
+                    *self.seen.entry("un-fsynced bytes dropped").or_default() += lost as usize;
                 }
-                self.prove(fault, hooked, "fsync ledger kept by every node");
-                *self.seen.entry("un-fsynced bytes dropped").or_default() += lost as usize;
-                r.cluster.start_all();
-            }
-            Fault::KillAll => {
-                wait_ready(&*rig.lock().await, Duration::from_secs(30)).await;
-                tokio::time::sleep(Duration::from_millis(self.rng.random_range(300..1_200))).await;
-                let mut r = rig.lock().await;
-                let pids: Vec<u32> = (0..n).filter_map(|i| r.cluster.pid(i)).collect();
-                r.cluster.kill9_all();
-                let dead = pids.len() == n && pids.iter().all(|p| !alive(*p));
-                self.prove(fault, dead, "every process killed");
                 r.cluster.start_all();
             }
             Fault::PauseLeader | Fault::PauseFollower => {
