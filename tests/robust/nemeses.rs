@@ -107,6 +107,8 @@ pub struct Nemesis {
     pub seen: BTreeMap<&'static str, usize>,
     /// Faults whose effect could not be shown: the run fails with these.
     pub unproven: Vec<String>,
+    /// Total time some wall clock was skewed, ms.
+    pub skewed_ms: u64,
 }
 
 /// Is process `pid` still there (not reaped)?
@@ -259,6 +261,11 @@ impl Nemesis {
                         }
                         Fault::PacketLoss => lab.lossy(self.rng.random_range(20..45)),
                         _ => {
+                            // The leader on one side, so that its traffic to
+                            // the other side is cut (and counted).
+                            if order[n / 2] == l {
+                                order.swap(n / 2, 0);
+                            }
                             let (a, rest) = order.split_at(n / 2);
                             let (bridge, b) = rest.split_first().unwrap();
                             lab.bridge(a, *bridge, b);
@@ -323,6 +330,7 @@ impl Nemesis {
                 tokio::time::sleep_until(until).await;
                 let r = rig.lock().await;
                 std::fs::write(&r.clock_files[i], "+0\n").unwrap();
+                self.skewed_ms += (hold * 2).as_millis() as u64 + 1_000;
             }
             Fault::DiskFull => {
                 let i = rig.lock().await.tmpfs_node.unwrap();
@@ -473,10 +481,19 @@ impl Nemesis {
                 tokio::spawn(async move { set_voters(&api, &all).await })
             };
             let l = wait_leader(&api, Duration::from_secs(10)).await;
-            tokio::time::sleep(Duration::from_millis(self.rng.random_range(0..40))).await;
+            // At once: the change takes only a few ms.
+            let during = !change.is_finished();
             self.kill(&mut *rig.lock().await, fault, l);
-            let replaced = new_leader(&api, l, Duration::from_secs(10)).await;
-            self.prove(fault, replaced.is_some(), "leader replaced");
+            // Counted, and asserted over the run: one kill may come late.
+            if during {
+                *self
+                    .seen
+                    .entry("leader killed during the change")
+                    .or_default() += 1;
+            }
+            // With two voters left before the change, none can be elected
+            // without it: it comes back soon, as an operator would bring it.
+            tokio::time::sleep(Duration::from_millis(self.rng.random_range(200..1_000))).await;
             rig.lock().await.cluster.start_node(l);
             change.await.expect("membership change");
         } else {

@@ -183,6 +183,8 @@ pub struct Worker {
     pub shared: Arc<Shared>,
     /// (key, token) of the claim this worker holds.
     pub held: Option<(String, u64)>,
+    /// (key, token) of the last result this worker completed.
+    pub done: Option<(String, u64)>,
     /// A claim whose outcome is unknown, to retry with the same claim_id.
     pub unsure: Option<(String, String)>,
     /// The last call failed before reaching any server.
@@ -250,10 +252,13 @@ impl Worker {
         if let Some((key, token)) = self.held.clone() {
             if roll < 0.45 {
                 self.complete(&key, token).await
-            } else if roll < 0.65 {
+            } else if roll < 0.63 {
                 self.renew(&key, token).await
-            } else if roll < 0.8 {
+            } else if roll < 0.78 {
                 self.release(&key, token).await
+            } else if roll < 0.83 {
+                // The job's business row went away: forget the claim.
+                self.delete(key, Some(token)).await
             } else {
                 // Abandon it: the lease runs out and someone takes over.
                 self.held = None;
@@ -268,9 +273,35 @@ impl Worker {
             self.get().await
         } else if roll < 0.87 {
             self.wait().await
+        } else if roll < 0.9 && self.done.is_some() {
+            // Forget a completed result, fenced by the token that made it.
+            let (key, token) = self.done.take().unwrap();
+            self.delete(key, Some(token)).await
+        } else if roll < 0.92 {
+            let key = self.pick_key();
+            self.delete(key, None).await
         } else {
             self.batch().await
         }
+    }
+
+    /// Delete, fenced by `token` or not. A fenced one ends the hold.
+    async fn delete(&mut self, key: String, token: Option<u64>) {
+        let req = api::DeleteRequest {
+            namespace: NS.into(),
+            key: key.clone().into_bytes(),
+            token,
+        };
+        let t = now_ms();
+        let ret = match self.client().delete(req).await {
+            Ok(_) => Ret::Deleted,
+            Err(e) => self.err(&e),
+        };
+        let held_here = self.held.as_ref().is_some_and(|(k, _)| *k == key);
+        if token.is_some() && ret != Ret::Unknown && held_here {
+            self.held = None;
+        }
+        self.record(&key, Call::Delete { token }, ret, t);
     }
 
     async fn claim(&mut self, key: String, claim_id: String) {
@@ -325,6 +356,9 @@ impl Worker {
         // the model accepts either ALREADY_COMPLETED or success).
         if ret != Ret::Unknown {
             self.held = None;
+        }
+        if ret == Ret::Done {
+            self.done = Some((key.to_string(), token));
         }
         self.record(key, call, ret, t);
     }
