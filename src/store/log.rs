@@ -679,7 +679,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let stored = self.get_meta::<Option<LogId>>(COMMITTED)?.flatten();
         let last = match self.lock().last_log_id {
             Some(l) => Some(l),
-            None => self.get_meta::<Option<LogId>>(PURGED)?.flatten(),
+            None => self.get_meta::<LogId>(PURGED)?,
         };
         Ok(match (stored, last) {
             (Some(c), Some(l)) if c.index() > l.index() => Some(l),
