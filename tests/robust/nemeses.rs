@@ -221,6 +221,11 @@ impl Nemesis {
                 };
                 let pid = rig.lock().await.cluster.pid(i);
                 rig.lock().await.cluster.signal(i, "-STOP");
+                // The signal is delivered asynchronously: allow it a moment.
+                let deadline = Instant::now() + Duration::from_secs(1);
+                while !pid.is_some_and(stopped) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 self.prove(fault, pid.is_some_and(stopped), "process stopped");
                 tokio::time::sleep(hold.max(Duration::from_millis(2_500))).await;
                 if fault == Fault::PauseLeader {
