@@ -76,6 +76,7 @@ impl Node {
                 .unwrap_or_else(|| peer_addr.to_string()),
         };
 
+        let rejoin = store.log.rejoin();
         let raft_config = openraft::Config {
             cluster_name: "idemkv".into(),
             heartbeat_interval: cfg.heartbeat.as_millis() as u64,
@@ -83,6 +84,14 @@ impl Node {
             election_timeout_max: cfg.election_timeout.1.as_millis() as u64,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
             max_in_snapshot_log_to_keep: cfg.snapshot_keep_logs,
+            // Off while this node must first regain a damaged entry it may
+            // have acknowledged (store/rejoin.rs); `Consensus::rejoin`
+            // turns it on.
+            enable_elect: rejoin.until().is_none(),
+            // Such a node's log is behind what it acknowledged: the leader
+            // must search for the match again instead of stalling on its
+            // old progress. A commit is never withdrawn by this.
+            allow_log_reversion: Some(true),
             ..Default::default()
         }
         .validate()
@@ -119,6 +128,7 @@ impl Node {
             peers,
             cfg.request_timeout,
             check,
+            rejoin,
         ));
         let (shutdown, _) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -247,6 +257,10 @@ impl Node {
             cfg.clone(),
             shutdown.subscribe(),
         )));
+        {
+            let consensus = consensus.clone();
+            tasks.push(tokio::spawn(async move { consensus.rejoin().await }));
+        }
         tracing::info!(id = cfg.id, api = %api_addr, peer = %peer_addr, "node started");
         Ok(Node {
             id: cfg.id,

@@ -146,3 +146,57 @@ async fn tokens_are_per_grant_and_increase_across_leaders_restarts_and_snapshots
     fourth.shutdown().await;
     c.shutdown().await;
 }
+
+/// A node restarted before the cluster's first grant must mint the same
+/// tokens as the others: the token counter is replicated state, so every
+/// node's record of a claim holds the token its holder was given, and a
+/// Complete with that token succeeds after a failover to that node.
+/// (A store without a stored counter used to start it from the applied
+/// index it found at open, which depends on when the node restarted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_before_the_first_grant_mints_the_same_tokens() {
+    let mut c = TestCluster::start(3).await;
+    let leader = c.wait_leader(Duration::from_secs(10)).await;
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    // It has applied the leader's first entries, and restarts before any grant.
+    let want = c.node(leader).consensus().status().applied_index;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while c.node(follower).consensus().status().applied_index < want {
+        assert!(tokio::time::Instant::now() < deadline, "follower lags");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.stop(follower).await;
+    c.restart(follower).await;
+
+    let mut req = claim_req("tokens", "after-restart", "w", 60_000);
+    req.claim_id = "after-restart-id".into();
+    let granted = match c.client_of(leader).claim(req).await.unwrap() {
+        api::claim_response::Outcome::Acquired(a) => a.token,
+        other => panic!("expected ACQUIRED, got {other:?}"),
+    };
+    let get = api::GetRequest {
+        namespace: "tokens".into(),
+        key: b"after-restart".to_vec(),
+        consistency: api::Consistency::Serializable as i32,
+    };
+    for id in 1..=3u64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let rec = loop {
+            if let Some(r) = c.client_of(id).get(get.clone()).await.unwrap() {
+                break r;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {id} lacks the claim"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(
+            rec.token,
+            granted,
+            "node {id} (restarted: {}) holds another token than the holder was given",
+            id == follower
+        );
+    }
+    c.shutdown().await;
+}

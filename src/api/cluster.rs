@@ -71,6 +71,7 @@ impl Cluster for ClusterService {
             api_addr: self.api_addr.clone(),
             clock_ms: self.consensus.now_ms(),
             wall_clock_ms: crate::raft::consensus::wall_clock_ms(),
+            rejoin_until: s.rejoin_until,
         }))
     }
 

@@ -585,15 +585,24 @@ async fn status(client: &Client, opts: &ClientOptions) -> (String, Value) {
             Ok(s) => {
                 let leader = s.leader_id.map_or("none".to_string(), |l| l.to_string());
                 leaders.insert(s.leader_id);
-                lines.push(format!(
+                let mut line = format!(
                     "{ep}  node {}  {:<9} term={} leader={} commit={} applied={} last_log={} snapshot={}",
                     s.id, s.role, s.term, leader, s.commit_index, s.applied_index, s.last_log_index, s.snapshot_index
-                ));
+                );
+                if let Some(until) = s.rejoin_until {
+                    line.push_str(&format!(
+                        "  REJOINING (no vote until it holds entry {until})"
+                    ));
+                    problems.push(format!(
+                        "{ep} cut a damaged log record and gives no vote until it holds entry {until}"
+                    ));
+                }
+                lines.push(line);
                 nodes.push(json!({
                     "endpoint": ep, "healthy": true, "id": s.id, "role": s.role, "term": s.term,
                     "leader_id": s.leader_id, "commit_index": s.commit_index,
                     "applied_index": s.applied_index, "last_log_index": s.last_log_index,
-                    "snapshot_index": s.snapshot_index,
+                    "snapshot_index": s.snapshot_index, "rejoin_until": s.rejoin_until,
                 }));
             }
             Err(e) => {

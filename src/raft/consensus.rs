@@ -7,6 +7,7 @@
 //! (safe to retry: every write is idempotent), a stopped Raft is `Internal`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
@@ -20,7 +21,7 @@ use crate::codec::{decode, encode};
 use crate::error::{Error, Result};
 use crate::pb::peer::Payload;
 use crate::record::{self, Change, Command, Op, Outcome, Record, RecordKey, Request, RuleError};
-use crate::store::StateMachineStore;
+use crate::store::{Rejoin, StateMachineStore};
 
 /// A request a follower hands to the leader.
 #[derive(Debug, Serialize, Deserialize)]
@@ -88,6 +89,10 @@ pub struct RaftStatus {
     pub last_log_index: u64,
     pub snapshot_index: u64,
     pub members: Vec<MemberInfo>,
+    /// Set while this node, having cut a damaged log record it may have
+    /// acknowledged, neither votes nor campaigns: the entry it must hold
+    /// again first.
+    pub rejoin_until: Option<u64>,
 }
 
 pub struct Consensus {
@@ -101,6 +106,9 @@ pub struct Consensus {
     /// Stamps this node's proposals while it leads.
     clock: super::clock::LeaderClock,
     check: CommandCheck,
+    /// Set while this node keeps out of elections after cutting a damaged
+    /// log record (see `store/rejoin.rs`).
+    rejoin: Arc<Rejoin>,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
@@ -115,6 +123,7 @@ impl Consensus {
         peers: Peers,
         timeout: Duration,
         check: CommandCheck,
+        rejoin: Arc<Rejoin>,
     ) -> Self {
         Consensus {
             id,
@@ -124,7 +133,44 @@ impl Consensus {
             timeout,
             clock: Default::default(),
             check,
+            rejoin,
         }
+    }
+
+    /// The entry this node must hold again before it votes or campaigns
+    /// (it cut a damaged record it may have acknowledged); `None` normally.
+    pub fn rejoin_until(&self) -> Option<u64> {
+        self.rejoin.until()
+    }
+
+    /// While [`Consensus::rejoin_until`] is set the node was started with
+    /// elections off; turn them on once it holds the entry again. The only
+    /// voter of its cluster has no one to get the entry from: it says the
+    /// entry is lost and goes on.
+    pub async fn rejoin(&self) {
+        let Some(until) = self.rejoin.until() else {
+            return;
+        };
+        let voters: Vec<NodeId> = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            m.membership_config.membership().voter_ids().collect()
+        };
+        if voters == [self.id] {
+            tracing::error!(
+                entry = until,
+                "this node is the only voter and cut a damaged log record it may have \
+                 acknowledged: entries up to {until} may be lost"
+            );
+            self.rejoin.forget("the only voter: no one holds the entry");
+        } else {
+            tracing::warn!(
+                entry = until,
+                "not voting or campaigning until this node holds entry {until} again"
+            );
+            self.rejoin.wait().await;
+        }
+        self.raft.runtime_config().elect(true);
     }
 
     /// The stamp a command proposed now gets (SPEC §2 Time).
@@ -506,6 +552,7 @@ impl Consensus {
             last_log_index: m.last_log_index.unwrap_or(0),
             snapshot_index: m.snapshot.map_or(0, |l| l.index()),
             members,
+            rejoin_until: self.rejoin.until(),
         }
     }
 

@@ -39,6 +39,20 @@ pub struct PeerService {
 }
 
 impl PeerService {
+    /// A node that cut a damaged log record it may have acknowledged gives
+    /// no vote until it holds that entry again (store/rejoin.rs): to the
+    /// candidate it is as if this node were down.
+    fn refuse_vote_while_rejoining(&self) -> Result<(), Status> {
+        match self.consensus.rejoin_until() {
+            Some(until) => Err(Status::unavailable(format!(
+                "node {} gives no vote until it holds log entry {until} again \
+                 (it cut a damaged record it may have acknowledged)",
+                self.consensus.id
+            ))),
+            None => Ok(()),
+        }
+    }
+
     pub fn new(
         consensus: Arc<Consensus>,
         spool_dir: std::path::PathBuf,
@@ -224,6 +238,7 @@ impl RaftPeer for PeerService {
 
     async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         self.admission.check(&req).await?;
+        self.refuse_vote_while_rejoining()?;
         let rpc = decode(&req.into_inner().data).map_err(bad)?;
         let resp = self.consensus.raft.vote(rpc).await.map_err(raft_err)?;
         reply(&resp)
@@ -231,6 +246,7 @@ impl RaftPeer for PeerService {
 
     async fn pre_vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         self.admission.check(&req).await?;
+        self.refuse_vote_while_rejoining()?;
         let rpc = decode(&req.into_inner().data).map_err(bad)?;
         let resp = self.consensus.raft.pre_vote(rpc).await.map_err(raft_err)?;
         reply(&resp)

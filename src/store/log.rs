@@ -15,12 +15,17 @@
 //!
 //! Recovery at open. A record is valid when it is whole, its checksum
 //! matches and it decodes to the entry whose index belongs there.
-//! - Cut: a torn tail, i.e. a bad or short record in the last segment with
-//!   nothing valid after it (zeros, garbage, part of a record: a write the
-//!   crash interrupted, so never acknowledged). "Nothing valid" means that
-//!   at no byte offset after the bad point is there a valid-checksum record
-//!   of an entry whose index could follow. The segment is cut at the bad
-//!   record.
+//! - Cut: a bad or short record in the last segment with nothing valid
+//!   after it. "Nothing valid" means that at no byte offset after the bad
+//!   point is there a valid-checksum record of an entry whose index could
+//!   follow. The segment is cut at the bad record. Two kinds:
+//!   - a torn write (zeros, part of a record: a write the crash
+//!     interrupted, so never acknowledged);
+//!   - a damaged record: whole by its length field but failing its check,
+//!     or one whose length field alone was hit (the rest of the file
+//!     matches its checksum). This node may have acknowledged it, so
+//!     before cutting it records, durably, that it must regain that entry
+//!     before it votes again (see `rejoin.rs`).
 //! - Refused (an `InvalidData` error naming the file, the byte offset, the
 //!   entry index expected there and, for the last segment, how many valid
 //!   records follow; the file is left untouched and the node must not start):
@@ -52,6 +57,7 @@ use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 
 use super::durable::{sled_err, GroupCommit, Syncer, Waiter};
+use super::rejoin::Rejoin;
 use super::test_hooks;
 use crate::codec::{decode, encode};
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
@@ -112,6 +118,7 @@ pub struct LogStore {
     sled_sync: Arc<Syncer>,
     /// Segment files fsynced by `open`: every one it kept.
     synced_at_open: usize,
+    rejoin: Arc<Rejoin>,
 }
 
 fn corrupt(msg: String) -> io::Error {
@@ -216,6 +223,35 @@ struct Scanned {
     valid: u64,
     /// Whole valid records found after the bad one: 0 for a torn tail.
     valid_after: usize,
+    /// How many entries the bad bytes may hold that were acknowledged:
+    /// 0 for a torn write (see [`possibly_acknowledged`]).
+    damaged: u64,
+}
+
+/// How many records from `bad` on may be entries this node acknowledged,
+/// though they fail their check: records that are whole by their length
+/// fields, chained from `bad`; or one whose length field alone is damaged
+/// (what follows its header is exactly the payload its checksum names). A
+/// torn write is neither: it ends before its length says, or is zeros.
+fn possibly_acknowledged(bytes: &[u8], bad: usize) -> u64 {
+    let mut count = 0;
+    let mut pos = bad;
+    while let Some(header) = bytes.get(pos..pos + HEADER) {
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let end = (pos + HEADER).saturating_add(len);
+        if len > 0 && end <= bytes.len() {
+            count += 1;
+            pos = end;
+            continue;
+        }
+        let rest = &bytes[pos + HEADER..];
+        if !rest.is_empty() && crc32fast::hash(rest) == crc {
+            count += 1;
+        }
+        break;
+    }
+    count
 }
 
 /// Read a segment: its run of whole, valid records from the start, and
@@ -231,6 +267,7 @@ fn scan(path: &Path, first: u64) -> io::Result<Scanned> {
                 records,
                 valid: pos as u64,
                 valid_after: valid_records_after(&bytes, pos, want),
+                damaged: possibly_acknowledged(&bytes, pos),
             });
         };
         if entry.index() != want {
@@ -252,6 +289,7 @@ fn scan(path: &Path, first: u64) -> io::Result<Scanned> {
         records,
         valid: pos as u64,
         valid_after: 0,
+        damaged: 0,
     })
 }
 
@@ -378,6 +416,7 @@ impl LogStore {
             None => None,
         };
         let keep_after = purged.map_or(0, |p| p.index() + 1);
+        let rejoin = Arc::new(Rejoin::open(meta.clone(), sled_sync.clone())?);
 
         let mut firsts = Vec::new();
         for e in fs::read_dir(dir)? {
@@ -410,6 +449,7 @@ impl LogStore {
                 records,
                 valid,
                 valid_after,
+                damaged: maybe_acked,
             } = scan(&path, first)?;
             let file = OpenOptions::new()
                 .read(true)
@@ -423,7 +463,17 @@ impl LogStore {
                 if !is_last || valid_after > 0 {
                     return Err(damaged(&path, valid, want, valid_after, is_last));
                 }
-                tracing::warn!(path = %path.display(), valid, on_disk, "cutting a torn write off the log");
+                if maybe_acked > 0 {
+                    let until = want + maybe_acked - 1;
+                    tracing::error!(
+                        path = %path.display(), valid, on_disk, entry = want, until,
+                        "cutting a damaged log record this node may have acknowledged; \
+                         it will neither vote nor campaign until it holds entry {until} again"
+                    );
+                    rejoin.must_regain(until)?;
+                } else {
+                    tracing::warn!(path = %path.display(), valid, on_disk, "cutting a torn write off the log");
+                }
                 file.set_len(valid)
                     .map_err(|e| at(&path, &format!("cut at byte {valid}"), e))?;
             }
@@ -458,6 +508,11 @@ impl LogStore {
             inner.segments.push(segment);
         }
         sync_dir(dir).map_err(|e| at(dir, "fsync", e))?;
+        // A marker left by an earlier run that got the entries back but
+        // died before clearing it: what is kept is on disk now.
+        if let Some(held) = inner.last_index().or(purged.map(|p| p.index())) {
+            rejoin.regained(held);
+        }
 
         let active = Arc::new(Mutex::new(
             inner
@@ -490,7 +545,13 @@ impl LogStore {
             meta,
             sled_sync,
             synced_at_open,
+            rejoin,
         })
+    }
+
+    /// The marker a damaged tail leaves (see `rejoin.rs`).
+    pub fn rejoin(&self) -> Arc<Rejoin> {
+        self.rejoin.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -698,9 +759,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         self.write(entries)?;
+        // Once durable, these entries may be the ones a damaged tail lost.
+        let regained = match (self.rejoin.until(), self.lock().last_index()) {
+            (Some(_), Some(last)) => Some((self.rejoin.clone(), last)),
+            _ => None,
+        };
         // Acknowledged by the next fdatasync of the active segment, which
         // starts after this write.
         self.commit.submit(Waiter::Callback(Box::new(move |res| {
+            if let (Ok(()), Some((rejoin, last))) = (&res, regained) {
+                rejoin.regained(last);
+            }
             callback.io_completed(res)
         })));
         Ok(())
@@ -766,6 +835,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.put_meta(PURGED, &log_id)?;
         self.sled_sync.sync().await?;
         let upto = log_id.index();
+        self.rejoin.regained(upto);
         let mut inner = self.lock();
         while inner.first <= upto && !inner.locs.is_empty() {
             inner.locs.pop_front();

@@ -16,6 +16,7 @@ pub mod boot_clock;
 pub mod durable;
 pub mod keys;
 mod log;
+mod rejoin;
 mod snapfile;
 mod snapshot;
 mod state_machine;
@@ -28,6 +29,7 @@ use std::sync::Arc;
 
 pub use durable::Syncer;
 pub use log::LogStore;
+pub use rejoin::Rejoin;
 pub use snapshot::check_received as check_received_snapshot;
 pub use state_machine::StateMachineStore;
 

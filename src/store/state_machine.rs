@@ -140,6 +140,9 @@ struct Pending {
 /// quarter of a 512 KiB segment), which sled never fsyncs.
 const BLOB_RISK_BYTES: usize = 64 * 1024;
 
+/// The token counter of a store that has none stored (`read_last_token`).
+const NO_COUNTER: u64 = u64::MAX;
+
 impl StateMachineStore {
     pub(super) fn open(
         db: &sled::Db,
@@ -170,7 +173,7 @@ impl StateMachineStore {
             None => 0,
         };
         let (applied, _) = watch::channel(0);
-        let last_token = Self::read_last_token(&tree)?;
+        let last_token = Self::read_last_token(&tree, &syncer)?;
         let boot_id = boot_clock::boot_id();
         // The time this node was down counts: the last anchor of this boot
         // plus the boot time since (0 without one).
@@ -205,22 +208,42 @@ impl StateMachineStore {
         Ok(sm)
     }
 
-    /// The stored token counter. Before tokens had a counter of their own
-    /// every token was the log index of its grant, so a store without one
-    /// continues from its applied index, which no earlier token exceeds.
-    fn read_last_token(tree: &sled::Tree) -> io::Result<u64> {
+    /// The stored token counter, or [`NO_COUNTER`]. A new store starts
+    /// with one (0). A store without one, from before tokens had a counter
+    /// (every token was the log index of its grant) or that applied entries
+    /// but granted nothing yet, counts as if the counter stood at the index
+    /// before each entry until its first grant (see [`Self::token_base`]).
+    /// That is what every node computes alike, whenever it restarted; the
+    /// applied index found at open, used here before, is not.
+    fn read_last_token(tree: &sled::Tree, syncer: &Syncer) -> io::Result<u64> {
         if let Some(v) = tree.get(keys::LAST_TOKEN).map_err(sled_err)? {
             return decode::<u64>(&v);
         }
-        Ok(match tree.get(keys::APPLIED).map_err(sled_err)? {
-            Some(v) => decode::<Option<LogId>>(&v)?.map_or(0, |l| l.index()),
-            None => 0,
-        })
+        if tree.get(keys::APPLIED).map_err(sled_err)?.is_none() {
+            // Durable before anything is applied, else a crash could leave
+            // applied entries and no counter.
+            tree.insert(keys::LAST_TOKEN, encode(&0u64)?)
+                .map_err(sled_err)?;
+            syncer.sync_now()?;
+            return Ok(0);
+        }
+        Ok(NO_COUNTER)
+    }
+
+    /// The counter the grants of the entry at `index` start from.
+    fn token_base(&self, index: u64) -> u64 {
+        match self.shared.last_token.load(Ordering::Acquire) {
+            NO_COUNTER => index.saturating_sub(1),
+            t => t,
+        }
     }
 
     /// The last fencing token granted, as of the last applied entry.
     pub fn last_token(&self) -> u64 {
-        self.shared.last_token.load(Ordering::Acquire)
+        match self.shared.last_token.load(Ordering::Acquire) {
+            NO_COUNTER => *self.shared.applied.borrow(),
+            t => t,
+        }
     }
 
     /// The record stored under `k`, as of the last applied entry.
@@ -378,11 +401,11 @@ impl StateMachineStore {
         Ok(())
     }
 
-    fn apply_request(&self, p: &mut Pending, req: Request) -> io::Result<Response> {
+    fn apply_request(&self, p: &mut Pending, req: Request, index: u64) -> io::Result<Response> {
         let now = record::advance_clock(self.clock_ms(), req.stamped_ms);
         self.set_clock(now);
         p.batch.insert(keys::CLOCK, encode(&now)?);
-        let mut tokens = p.last_token.unwrap_or_else(|| self.last_token());
+        let mut tokens = p.last_token.unwrap_or_else(|| self.token_base(index));
         let before = tokens;
         let out = self.apply_command(p, req.command, now, &mut tokens);
         if tokens != before {
@@ -473,7 +496,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let log_id = entry.log_id();
             let response = match entry.payload {
                 EntryPayload::Blank => Ok(Outcome::Nothing),
-                EntryPayload::Normal(req) => self.apply_request(&mut pending, req)?,
+                EntryPayload::Normal(req) => {
+                    self.apply_request(&mut pending, req, log_id.index())?
+                }
                 EntryPayload::Membership(m) => {
                     let stored = StoredMembership::new(Some(log_id), m);
                     pending.batch.insert(keys::MEMBERSHIP, encode(&stored)?);
