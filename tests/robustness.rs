@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use nemeses::{is_root, missing, Fault, Nemesis, Plan};
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rig::{wait_ready, Rig, FAKETIME_LIB};
 use robust::checker::{check, Config};
@@ -105,13 +106,20 @@ async fn run_plan(plan: Plan) -> Option<Done> {
     };
     let started = Instant::now();
     let mut injected = 0;
+    // Every fault of the plan once, in a random order, then at random; a
+    // timed run lasts until each has had its turn.
+    let mut first_round = plan.faults.clone();
+    first_round.shuffle(&mut nemesis.rng);
     while match plan.cycles {
         Some(c) => injected < c,
-        None => started.elapsed() < plan.duration,
+        None => started.elapsed() < plan.duration || injected < plan.faults.len(),
     } {
         injected += 1;
         tokio::time::sleep(plan.quiet).await;
-        let fault = plan.faults[nemesis.rng.random_range(0..plan.faults.len())];
+        let fault = match first_round.get(injected - 1) {
+            Some(f) => *f,
+            None => plan.faults[nemesis.rng.random_range(0..plan.faults.len())],
+        };
         eprintln!("  {:>5.1}s {fault:?}", started.elapsed().as_secs_f64());
         nemesis.inject(&rig, fault).await;
     }
@@ -337,6 +345,7 @@ async fn disk_faults_slow_fsync_eio_and_log_damage() {
         Fault::FsyncEio,
         Fault::LogCorruptTail,
         Fault::LogCorruptMid,
+        Fault::LogDamagedTail,
     ];
     run_plan(plan("disk", 3, &faults, 20)).await;
 }
@@ -392,6 +401,7 @@ async fn soak() {
         Fault::FsyncEio,
         Fault::LogCorruptTail,
         Fault::LogCorruptMid,
+        Fault::LogDamagedTail,
     ];
     if is_root() {
         faults.extend([

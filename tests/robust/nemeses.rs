@@ -53,6 +53,10 @@ pub enum Fault {
     /// A flipped byte mid-segment in a stopped node's log: the node must
     /// refuse to start; the operator wipes it and adds it back.
     LogCorruptMid,
+    /// A flipped byte in the last (acknowledged) record of a stopped
+    /// node's log: it cuts the record, says so, keeps out of elections
+    /// until it holds the entry again, then votes again.
+    LogDamagedTail,
 }
 
 impl Fault {
@@ -405,17 +409,42 @@ impl Nemesis {
                     }
                 }
             }
-            Fault::LogCorruptTail | Fault::LogCorruptMid => {
+            Fault::LogCorruptTail | Fault::LogCorruptMid | Fault::LogDamagedTail => {
                 let l = wait_leader(&api, Duration::from_secs(10)).await;
                 let i = (l + 1 + self.rng.random_range(0..n - 1)) % n;
                 let mut r = rig.lock().await;
                 self.kill(&mut r, fault, i);
                 let mid = fault == Fault::LogCorruptMid;
-                let flipped = flip_log_byte(&r.cluster.data_dir(i), mid);
+                let damage = match fault {
+                    Fault::LogCorruptMid => Damage::Mid,
+                    Fault::LogDamagedTail => Damage::LastRecord,
+                    _ => Damage::TornTail,
+                };
+                let flipped = flip_log_byte(&r.cluster.data_dir(i), damage);
                 self.prove(fault, flipped, "log byte flipped");
                 r.cluster.start_node(i);
                 drop(r);
-                if !mid {
+                if fault == Fault::LogDamagedTail {
+                    // It says it cut a record it may have acknowledged, and
+                    // votes again once it holds the entry (at once, if its
+                    // state machine had applied it before the kill).
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    let (mut said, mut rejoined) = (false, false);
+                    while !(said && rejoined) && Instant::now() < deadline {
+                        let log = {
+                            let r = rig.lock().await;
+                            let f = r.cluster.dir.join(format!("node-{}.log", i + 1));
+                            std::fs::read_to_string(f).unwrap_or_default()
+                        };
+                        said = log.contains("cutting a damaged log record");
+                        rejoined = status(&api[i])
+                            .await
+                            .is_some_and(|s| s.rejoin_until.is_none());
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    self.prove(fault, said, "node cut a damaged acknowledged record");
+                    self.prove(fault, rejoined, "node votes again after regaining it");
+                } else if !mid {
                     tokio::time::sleep(hold / 2).await;
                     let up = !rig.lock().await.cluster.exited(i);
                     self.prove(fault, up, "node restarted over a torn tail");
@@ -581,11 +610,19 @@ fn lose_unsynced(data: &std::path::Path, ledger: &std::path::Path) -> Option<u64
     Some(dropped)
 }
 
-/// Damage a stopped node's newest log segment: half a record appended
-/// after the last one (`mid` false: a torn tail), or a payload byte
-/// flipped in a record with valid records after it (`mid` true). Records are `[len u32][crc
+#[derive(Clone, Copy, PartialEq)]
+enum Damage {
+    /// Half a record appended after the last one: a torn write.
+    TornTail,
+    /// A payload byte flipped in the last record, which was acknowledged.
+    LastRecord,
+    /// A payload byte flipped in a record with valid records after it.
+    Mid,
+}
+
+/// Damage a stopped node's newest log segment. Records are `[len u32][crc
 /// u32][payload]`.
-fn flip_log_byte(data: &std::path::Path, mid: bool) -> bool {
+fn flip_log_byte(data: &std::path::Path, damage: Damage) -> bool {
     let Ok(dir) = std::fs::read_dir(data.join("log")) else {
         return false;
     };
@@ -611,21 +648,19 @@ fn flip_log_byte(data: &std::path::Path, mid: bool) -> bool {
         records.push((at, len));
         at += 8 + len;
     }
-    if !mid {
-        // A torn write: half a record after the last whole one, as a crash
-        // during an (unacknowledged) append leaves it. (Flipping a byte of
-        // the last, acknowledged record instead is damage Raft alone does
-        // not survive: see ROBUSTNESS.md, open findings.)
-        let Some(&(at, len)) = records.last() else {
-            return false;
-        };
-        let torn = bytes[at..at + 8 + len / 2].to_vec();
-        bytes.truncate(at + 8 + len);
+    let Some(&(last_at, last_len)) = records.last() else {
+        return false;
+    };
+    if damage == Damage::TornTail {
+        // As a crash during an (unacknowledged) append leaves it.
+        let torn = bytes[last_at..last_at + 8 + last_len / 2].to_vec();
+        bytes.truncate(last_at + 8 + last_len);
         bytes.extend_from_slice(&torn);
         return std::fs::write(last, bytes).is_ok();
     }
-    let (at, len) = match records.len() {
-        k if k >= 3 => records[k / 2],
+    let (at, len) = match (damage, records.len()) {
+        (Damage::LastRecord, _) => (last_at, last_len),
+        (_, k) if k >= 3 => records[k / 2],
         _ => return false,
     };
     bytes[at + 8 + len / 2] ^= 0x40;
