@@ -92,6 +92,13 @@ impl Node {
             // must search for the match again instead of stalling on its
             // old progress. A commit is never withdrawn by this.
             allow_log_reversion: Some(true),
+            // A restarted leader must win a new election: a power cut may
+            // have taken entries from its log that the followers hold, and
+            // leading on in its old term it would write other entries under
+            // those entries' log ids; the followers would take them for the
+            // ones they have and the replicas would differ for good
+            // (tests/damaged_log.rs). openraft restores it by default.
+            enable_leader_restore: Some(false),
             ..Default::default()
         }
         .validate()

@@ -24,6 +24,7 @@ use common::{acquired, claim_req, TestCluster};
 use idemkv::pb::api;
 use idemkv::store::Store;
 use openraft::storage::RaftLogStorage;
+use openraft::RaftLogReader;
 
 fn last_segment(node_dir: &Path) -> PathBuf {
     let mut segs: Vec<PathBuf> = std::fs::read_dir(node_dir.join("log"))
@@ -66,9 +67,7 @@ async fn damage_last_record(node_dir: &Path) -> u64 {
         .last_log_id
         .map_or(0, |l| l.index);
     let rejoin = store.log.rejoin().until();
-    store.log.close();
-    store.syncer.close();
-    drop(store);
+    close(store);
     assert_eq!(
         after,
         last_before - 1,
@@ -96,6 +95,12 @@ async fn log_last_index(node_dir: &Path) -> u64 {
         n += 1;
     }
     first + n - 1
+}
+
+fn close(store: Store) {
+    store.log.close();
+    store.syncer.close();
+    drop(store);
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -290,5 +295,116 @@ async fn a_node_that_cut_an_acknowledged_record_does_not_vote_until_it_has_it_ag
     assert_ne!(new, old);
     let rec = c.client().get(get("acked")).await.unwrap().expect("kept");
     assert_eq!(rec.result, b"result of acked");
+    c.shutdown().await;
+}
+
+/// The leader's newest entry is on both followers (committed, acknowledged)
+/// but a power cut takes it from the leader's own log before its fsync
+/// finished (and from its state machine: sled is rolled back to a copy
+/// from before the write). Restarted at once, before the followers'
+/// election timeouts, it must not go on leading in its old term: its next
+/// entry would take the lost one's log id, the followers would take it for
+/// the entry they hold, and the replicas would differ for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_lost_its_unsynced_tail_does_not_reuse_its_log_ids() {
+    let mut c = TestCluster::start_with(3, |cfg| {
+        cfg.election_timeout = (Duration::from_secs(3), Duration::from_secs(4));
+    })
+    .await;
+    // Every node's sled as of now, taken with the cluster stopped.
+    for id in 1..=3 {
+        c.stop(id).await;
+    }
+    for id in 1..=3 {
+        copy_dir(
+            &node_dir(&c, id).join("sled"),
+            &c.dir.path().join(format!("sled-copy-{id}")),
+        );
+    }
+    for id in 1..=3 {
+        c.restart(id).await;
+    }
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let copy = c.dir.path().join(format!("sled-copy-{leader}"));
+    let term = c.node(leader).consensus().status().term;
+    write_completed(&c, leader, "acked").await;
+    let (a, b) = followers(leader);
+    caught_up(&c, leader, a).await;
+    caught_up(&c, leader, b).await;
+    assert_eq!(c.node(leader).consensus().status().term, term);
+
+    // The power cut: the leader's last record and its sled since the copy.
+    c.stop(leader).await;
+    let seg = last_segment(&node_dir(&c, leader));
+    let bytes = std::fs::read(&seg).unwrap();
+    let mut pos = 0;
+    let mut last_at = 0;
+    while pos + 8 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        last_at = pos;
+        pos += 8 + len;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(last_at as u64)
+        .unwrap();
+    // The vote is fsynced when cast, so no power cut loses it: put the
+    // current one into the rolled-back sled.
+    let vote = {
+        let mut st = Store::open(&node_dir(&c, leader)).unwrap();
+        let v = st.log.read_vote().await.unwrap().expect("a vote");
+        close(st);
+        v
+    };
+    let sled = node_dir(&c, leader).join("sled");
+    std::fs::remove_dir_all(&sled).unwrap();
+    copy_dir(&copy, &sled);
+    {
+        let mut st = Store::open(&node_dir(&c, leader)).unwrap();
+        st.log.save_vote(&vote).await.unwrap();
+        close(st);
+    }
+    c.restart(leader).await;
+
+    // Writes go on (to whichever node leads), then every replica must
+    // hold the same records, the acknowledged completion among them.
+    let now = c.wait_leader(Duration::from_secs(30)).await;
+    let client = c.client_of(now);
+    acquired(
+        client
+            .claim(claim_req("dmg", "after", "w", 60_000))
+            .await
+            .expect("claim after the restart"),
+    );
+    for id in 1..=3 {
+        if id != now {
+            caught_up(&c, now, id).await;
+        }
+    }
+    for key in ["acked", "after"] {
+        let copies: Vec<Option<api::Record>> = {
+            let mut v = Vec::new();
+            for id in 1..=3 {
+                let r = c
+                    .client_of(id)
+                    .get(api::GetRequest {
+                        consistency: api::Consistency::Serializable as i32,
+                        ..get(key)
+                    })
+                    .await
+                    .unwrap();
+                v.push(r);
+            }
+            v
+        };
+        assert!(
+            copies.iter().all(|r| *r == copies[0]),
+            "replicas differ on {key} (leader was {leader}, now {now}): {copies:#?}"
+        );
+    }
+    let rec = c.client().get(get("acked")).await.unwrap().unwrap();
+    assert_eq!(rec.state, api::RecordState::Completed as i32);
     c.shutdown().await;
 }

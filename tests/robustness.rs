@@ -32,9 +32,10 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rig::{wait_ready, Rig, FAKETIME_LIB};
 use robust::checker::{check, Config};
-use robust::history::{save, Ret};
+use robust::history::{save, Op, Ret};
 use workload::{
-    final_reads, worker_clients, Recorder, Shared, Worker, LEASE_MS, MAX_ATTEMPTS, WORKERS,
+    final_reads, replicas_disagree, worker_clients, Recorder, Shared, Worker, LEASE_MS,
+    MAX_ATTEMPTS, WORKERS,
 };
 
 /// The most a lease stamp may stray from the test's clock (tens of ms are
@@ -142,14 +143,16 @@ async fn run_plan(plan: Plan) -> Option<Done> {
         .map(|o| o.key.clone())
         .collect();
     final_reads(&r.cluster.api, &keys, &shared, 1_000).await;
+    let mut diverged = replicas_disagree(&r.cluster.api, &keys).await;
     r.cluster.kill9_all();
     r.cluster.start_all();
     wait_ready(&r, Duration::from_secs(30)).await;
     final_reads(&r.cluster.api, &keys, &shared, 1_001).await;
+    diverged.extend(replicas_disagree(&r.cluster.api, &keys).await);
+    shared.errors.lock().unwrap().extend(diverged);
     let ops = std::mem::take(&mut *shared.rec.ops.lock().unwrap());
     let errors = std::mem::take(&mut *shared.errors.lock().unwrap());
     let logs = r.cluster.dir.clone();
-    drop(r);
 
     // One host: every node and the test read one clock, and the stamps
     // follow the leader's monotonic clock (SPEC §2 Time), even while the
@@ -175,19 +178,25 @@ async fn run_plan(plan: Plan) -> Option<Done> {
         .filter(|o| matches!(o.ret, Ret::Acquired { .. }))
         .count();
     let completed = ops.iter().filter(|o| o.ret == Ret::Done).count();
-    // Lease deadlines stamped by a clock running ahead of the test's.
+    // Lease deadlines stamped by a clock seconds ahead of the test's, or
+    // behind it.
     let skewed = ops
         .iter()
         .filter(|o| match (&o.ret, o.complete_ms) {
             (Ret::Acquired { deadline_ms, .. } | Ret::Renewed { deadline_ms }, Some(end)) => {
                 *deadline_ms > end + LEASE_MS + 2_000
+                    || *deadline_ms + 2_000 < o.invoke_ms + LEASE_MS
             }
             _ => false,
         })
         .count();
-    if plan.faults.contains(&Fault::ClockSkew) {
+    if plan.faults.iter().any(|f| f.moves_a_clock()) {
         nemesis.seen.insert("deadlines from a skewed clock", skewed);
     }
+    let swept = swept_keys(&ops);
+    nemesis
+        .seen
+        .insert("short-retention records seen swept", swept);
     let seen: Vec<String> = nemesis
         .seen
         .iter()
@@ -215,7 +224,9 @@ async fn run_plan(plan: Plan) -> Option<Done> {
         || !nemesis.unproven.is_empty()
         || acquired == 0
         || completed == 0
+        || swept == 0
     {
+        r.keep_files();
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("robustness");
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join(format!("{}-{seed}.jsonl", plan.name));
@@ -228,7 +239,7 @@ async fn run_plan(plan: Plan) -> Option<Done> {
         }
         panic!(
             "{}: {} anomalies, {} errors, {} faults not shown to take effect, \
-             {acquired} acquired, {completed} completed; \
+             {acquired} acquired, {completed} completed, {swept} records seen swept; \
              history kept in {} (seed {seed}); node logs were in {}",
             plan.name,
             report.anomalies.len(),
@@ -251,6 +262,26 @@ fn secs(var: &str, default: u64) -> Duration {
             .and_then(|s| s.parse().ok())
             .unwrap_or(default),
     )
+}
+
+/// Keys with short retention whose record, after an acknowledged
+/// Complete, was later seen gone (a read of nothing, or a fresh grant):
+/// evidence that sweeps ran during the run.
+fn swept_keys(ops: &[Op]) -> usize {
+    let mut done: BTreeMap<&str, u64> = BTreeMap::new();
+    for o in ops {
+        if o.ret == Ret::Done && workload::retention_of(&o.key).is_some() {
+            let e = done.entry(o.key.as_str()).or_insert(u64::MAX);
+            *e = (*e).min(o.end());
+        }
+    }
+    let gone: BTreeSet<&str> = ops
+        .iter()
+        .filter(|o| done.get(o.key.as_str()).is_some_and(|d| o.invoke_ms > *d))
+        .filter(|o| matches!(o.ret, Ret::Record(None) | Ret::Acquired { attempt: 1, .. }))
+        .map(|o| o.key.as_str())
+        .collect();
+    gone.len()
 }
 
 fn plan(name: &'static str, nodes: usize, faults: &[Fault], default_secs: u64) -> Plan {
@@ -296,8 +327,9 @@ async fn flapping_partitions_packet_loss_and_bridge() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clock_skew_of_seconds_on_one_node() {
-    if let Some(d) = run_plan(plan("clock-skew", 3, &[Fault::ClockSkew], 20)).await {
+async fn clock_skew_of_seconds_and_jumps_of_hours() {
+    let faults = [Fault::ClockSkew, Fault::ClockJump];
+    if let Some(d) = run_plan(plan("clock", 3, &faults, 20)).await {
         let hit = d.saw("deadlines from a skewed clock");
         assert_eq!(hit, 0, "lease deadlines followed a skewed wall clock");
     }
@@ -415,7 +447,7 @@ async fn soak() {
         ]);
     }
     if std::path::Path::new(FAKETIME_LIB).exists() {
-        faults.push(Fault::ClockSkew);
+        faults.extend([Fault::ClockSkew, Fault::ClockJump]);
     }
     let mut p = plan("soak", 3, &faults, 600);
     p.duration = secs("IDEMKV_SOAK_SECS", 600);

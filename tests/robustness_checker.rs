@@ -65,6 +65,7 @@ fn claim(p: usize) -> Call {
         lease_ms: LEASE,
         batch: None,
         all_or_nothing: false,
+        retention_ms: None,
     }
 }
 
@@ -75,6 +76,7 @@ fn claim_id(p: usize, id: &str) -> Call {
         lease_ms: LEASE,
         batch: None,
         all_or_nothing: false,
+        retention_ms: None,
     }
 }
 
@@ -385,6 +387,7 @@ fn an_all_or_nothing_batch_applied_by_halves_is_flagged() {
         lease_ms: LEASE,
         batch: Some(1),
         all_or_nothing: true,
+        retention_ms: None,
     };
     let mut h = H::new();
     h.op_on("a", 1, item(1, "a"), acq(5, 0, 1), 0, Some(10))
@@ -462,6 +465,7 @@ fn an_all_or_nothing_batch_with_a_refused_item_is_flagged() {
         lease_ms: LEASE,
         batch: Some(1),
         all_or_nothing,
+        retention_ms: None,
     };
     let busy = Ret::InProgress { owner: "w2".into() };
     let history = |all_or_nothing: bool| {
@@ -629,6 +633,7 @@ fn simulate(early_ms: u64, seed: u64) -> Vec<Op> {
                     lease_ms: LEASE,
                     batch: None,
                     all_or_nothing: false,
+                    retention_ms: None,
                 };
                 (key, call, ret)
             }
@@ -691,6 +696,7 @@ fn an_all_or_nothing_item_that_fails_changes_nothing() {
         lease_ms: LEASE,
         batch: all_or_nothing.then_some(7),
         all_or_nothing,
+        retention_ms: None,
     };
     let history = |all_or_nothing: bool| {
         let mut h = H::new();
@@ -728,4 +734,87 @@ fn an_all_or_nothing_item_that_fails_changes_nothing() {
     };
     assert_clean(&history(true));
     assert_flags(&history(false), "not linearizable");
+}
+
+const RETENTION: u64 = 1_500;
+
+fn short_claim(p: usize) -> Call {
+    match claim(p) {
+        Call::Claim {
+            owner,
+            claim_id,
+            lease_ms,
+            batch,
+            all_or_nothing,
+            ..
+        } => Call::Claim {
+            owner,
+            claim_id,
+            lease_ms,
+            batch,
+            all_or_nothing,
+            retention_ms: Some(RETENTION),
+        },
+        _ => unreachable!(),
+    }
+}
+
+/// A completed record of a key with 1.5 s retention, completed at 40–50 ms.
+fn completed_short() -> H {
+    let mut h = H::new();
+    h.op(1, short_claim(1), acq(5, 0, 1), 0, Some(10)).op(
+        1,
+        complete(5, "ok"),
+        Ret::Done,
+        40,
+        Some(50),
+    );
+    h
+}
+
+#[test]
+fn a_record_swept_after_its_retention_passes_and_the_key_is_claimed_afresh() {
+    let mut h = completed_short();
+    h.op(2, Call::Read, read_completed(5, "ok"), 1_000, Some(1_010))
+        .op(3, Call::Read, Ret::Record(None), 1_600, Some(1_610))
+        .op(2, short_claim(2), acq(6, 1_700, 1), 1_700, Some(1_710))
+        .op(2, complete(6, "again"), Ret::Done, 1_720, Some(1_730))
+        .op(3, short_claim(3), completed(6, "again"), 1_740, Some(1_750));
+    assert_clean(&h);
+}
+
+#[test]
+fn a_completed_record_removed_before_its_retention_is_flagged() {
+    // 500 ms early: the retention runs from the Complete (40 ms) to 1,540.
+    let mut h = completed_short();
+    h.op(3, Call::Read, Ret::Record(None), 1_030, Some(1_040));
+    assert_flags(&h, "lost completion");
+    assert_flags(&h, "not linearizable");
+    // Claimed afresh too early: a second execution of the job.
+    let mut h = completed_short();
+    h.op(2, short_claim(2), acq(6, 1_000, 1), 1_000, Some(1_010));
+    assert_flags(&h, "not linearizable");
+}
+
+#[test]
+fn an_available_record_removed_before_it_was_idle_for_its_retention_is_flagged() {
+    let released = || {
+        let mut h = H::new();
+        h.op(1, short_claim(1), acq(5, 0, 1), 0, Some(10)).op(
+            1,
+            Call::Release { token: 5 },
+            Ret::Released { failed: false },
+            40,
+            Some(50),
+        );
+        h
+    };
+    let available = Ret::Record(Some(Seen::Available { attempts: 1 }));
+    let mut h = released();
+    h.op(2, Call::Read, available.clone(), 1_000, Some(1_010))
+        .op(2, Call::Read, Ret::Record(None), 1_700, Some(1_710));
+    assert_clean(&h);
+    let mut h = released();
+    h.op(2, Call::Read, Ret::Record(None), 1_000, Some(1_010));
+    assert_flags(&h, "not linearizable");
 }

@@ -132,6 +132,22 @@ struct State {
     rec: ModelRec,
     /// The greatest token known to have been granted on this key.
     floor: u64,
+    /// The earliest server time the record can have reached its present
+    /// state (the invocation of the operation that changed it, less the
+    /// drift): retention of a completed, failed or available record runs
+    /// from there (SPEC §2 Retention).
+    since: u64,
+}
+
+/// The retention the key's records were given (every claim on a key asks
+/// for the same); `None`: the default 24 h, longer than any run.
+fn retention(ops: &[&Op]) -> Option<u64> {
+    ops.iter()
+        .filter_map(|o| match &o.call {
+            Call::Claim { retention_ms, .. } => *retention_ms,
+            _ => None,
+        })
+        .min()
 }
 
 /// One anomaly, in words a user would understand.
@@ -189,7 +205,7 @@ pub fn check(history: &[Op], cfg: &Config) -> Report {
     };
     report.anomalies.extend(check_batches(history));
     for (key, ops) in &by_key {
-        report.anomalies.extend(direct_checks(key, ops));
+        report.anomalies.extend(direct_checks(key, ops, cfg));
         let (explored, anomaly) = linearizable(key, ops, cfg);
         report.states_explored += explored;
         report.anomalies.extend(anomaly);
@@ -222,7 +238,7 @@ fn completion_seen(op: &Op) -> Option<(u64, &str)> {
     }
 }
 
-fn direct_checks(key: &str, ops: &[&Op]) -> Vec<Anomaly> {
+fn direct_checks(key: &str, ops: &[&Op], cfg: &Config) -> Vec<Anomaly> {
     let mut out = Vec::new();
     // Tokens strictly increase: a grant that finished before another
     // began has the smaller token; distinct claims never share one.
@@ -267,16 +283,27 @@ fn direct_checks(key: &str, ops: &[&Op]) -> Vec<Anomaly> {
     }
     // One completion per key, never replaced, never lost: until a Delete
     // may have forgotten it (the search checks what follows).
+    // Or until retention may have removed it: from the first Complete's
+    // invocation (less the drift) plus the retention.
     let first_delete = ops
         .iter()
         .filter(|o| matches!(o.call, Call::Delete { .. }))
         .map(|o| o.invoke_ms)
         .min()
         .unwrap_or(u64::MAX);
+    let swept = match retention(ops) {
+        Some(r) => ops
+            .iter()
+            .filter(|o| matches!(o.call, Call::Complete { .. }))
+            .map(|o| o.invoke_ms.saturating_sub(cfg.drift_ms).saturating_add(r))
+            .min()
+            .unwrap_or(u64::MAX),
+        None => u64::MAX,
+    };
     let ops: Vec<&Op> = ops
         .iter()
         .copied()
-        .filter(|o| o.end() < first_delete)
+        .filter(|o| o.end() < first_delete.min(swept))
         .collect();
     let mut completions: Vec<(&Op, u64, &str)> = ops
         .iter()
@@ -418,6 +445,7 @@ fn linearizable(key: &str, ops: &[&Op], cfg: &Config) -> (usize, Option<Anomaly>
         .collect();
     ops.sort_by_key(|o| o.invoke_ms);
     let mut search = Search {
+        retention: retention(&ops),
         ops: &ops,
         cfg,
         seen: HashSet::new(),
@@ -428,6 +456,7 @@ fn linearizable(key: &str, ops: &[&Op], cfg: &Config) -> (usize, Option<Anomaly>
     let start = State {
         rec: Rec::Absent,
         floor: 0,
+        since: 0,
     };
     let done = vec![0u64; ops.len().div_ceil(64)];
     if search.dfs(&done, 0, &start) {
@@ -460,6 +489,7 @@ fn linearizable(key: &str, ops: &[&Op], cfg: &Config) -> (usize, Option<Anomaly>
 
 struct Search<'a> {
     ops: &'a [&'a Op],
+    retention: Option<u64>,
     cfg: &'a Config,
     seen: HashSet<(Vec<u64>, State)>,
     explored: usize,
@@ -496,7 +526,7 @@ impl Search<'_> {
             if is_done(i) || self.ops[i].invoke_ms > horizon {
                 continue;
             }
-            let nexts = step(state, self.ops[i], self.cfg);
+            let nexts = step(state, self.ops[i], self.cfg, self.retention);
             if nexts.is_empty() && count >= self.deepest.0 {
                 self.deepest = (count, Some(i));
             }
@@ -571,16 +601,48 @@ fn pin_holder(s: &State, tok: Tok, t: u64, deadline_ms: u64) -> State {
     State {
         rec,
         floor: s.floor.max(t),
+        since: s.since,
     }
 }
 
 /// Every state the model can be in after `op` takes effect in `s` with the
 /// recorded outcome (any outcome when it is unknown). Empty: impossible.
 ///
-/// The rules come from `model`; this function only says what the history
-/// cannot tell (is the lease live at this moment? which token and deadline
-/// did a lost reply carry?) and whether the recorded answer fits.
-fn step(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
+/// Retention first: when the record's retention may have run out by the
+/// latest moment `op` can take effect, it may be gone (swept, or treated
+/// as absent), or not yet. It runs from `since` for a completed, failed or
+/// available record, and from the lease deadline for an expired holder. A
+/// record removed earlier than that is what the check catches.
+fn step(s: &State, op: &Op, cfg: &Config, retention: Option<u64>) -> Vec<State> {
+    let mut starts = vec![s.clone()];
+    if let Some(r) = retention {
+        let from = match &s.rec {
+            Rec::Absent => None,
+            Rec::Held { deadline, .. } => Some(deadline.lo),
+            _ => Some(s.since),
+        };
+        if from.is_some_and(|f| op.end().saturating_add(cfg.drift_ms) >= f.saturating_add(r)) {
+            starts.push(State {
+                rec: Rec::Absent,
+                floor: s.floor,
+                since: 0,
+            });
+        }
+    }
+    let mut out = Vec::new();
+    for start in &starts {
+        for mut next in step_in(start, op, cfg) {
+            if next.rec != start.rec {
+                next.since = op.invoke_ms.saturating_sub(cfg.drift_ms);
+            }
+            out.push(next);
+        }
+    }
+    out
+}
+
+/// [`step`] without retention.
+fn step_in(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
     let inv = op.invoke_ms;
     let end = op.end();
     let drift = cfg.drift_ms;
@@ -590,6 +652,7 @@ fn step(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
         out.push(State {
             rec,
             floor: s.floor,
+            since: s.since,
         })
     };
     // The deadline a grant or renewal stamped within this operation.
@@ -664,7 +727,11 @@ fn step(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
                         && a == attempt
                         && stamped(*lease_ms).contains(*deadline_ms) =>
                     {
-                        out.push(State { rec, floor: *token });
+                        out.push(State {
+                            rec,
+                            floor: *token,
+                            since: s.since,
+                        });
                     }
                     (
                         model::Answer::Acquired {

@@ -21,6 +21,9 @@ pub enum Call {
         /// The batch was all-or-nothing: every item acquired, or none.
         #[serde(default)]
         all_or_nothing: bool,
+        /// The retention asked for (`None`: the default, 24 h).
+        #[serde(default)]
+        retention_ms: Option<u64>,
     },
     Renew {
         token: u64,

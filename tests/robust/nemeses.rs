@@ -14,6 +14,8 @@ use crate::rig::{wait_leader, wait_ready, Rig, FAKETIME_LIB};
 
 /// How far the clock-skew nemesis moves one node's wall clock.
 pub const SKEW_SECS: u64 = 3;
+/// How far the clock-jump nemesis moves a wall clock.
+pub const JUMP_SECS: i64 = 2 * 3_600;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Fault {
@@ -35,6 +37,10 @@ pub enum Fault {
     MajorityMinority,
     Bridge,
     ClockSkew,
+    /// A node's wall clock jumps two hours forward or back (the leader or
+    /// a follower), for a few seconds, then back: leases and retention
+    /// (1.5 s on half the keys) must not follow it.
+    ClockJump,
     DiskFull,
     Membership,
     /// Kill the leader while a membership change is under way.
@@ -60,6 +66,11 @@ pub enum Fault {
 }
 
 impl Fault {
+    /// Moves a wall clock (libfaketime).
+    pub fn moves_a_clock(self) -> bool {
+        matches!(self, Fault::ClockSkew | Fault::ClockJump)
+    }
+
     pub fn needs_root(self) -> bool {
         self.partitions() || self == Fault::DiskFull
     }
@@ -98,7 +109,8 @@ pub fn missing(plan: &Plan) -> Option<String> {
     if plan.faults.iter().any(|f| f.needs_root()) && !is_root() {
         return Some("needs root (network namespaces, iptables, tmpfs)".into());
     }
-    if plan.faults.contains(&Fault::ClockSkew) && !std::path::Path::new(FAKETIME_LIB).exists() {
+    let clock = plan.faults.iter().any(|f| f.moves_a_clock());
+    if clock && !std::path::Path::new(FAKETIME_LIB).exists() {
         return Some(format!("needs Debian's faketime ({FAKETIME_LIB})"));
     }
     None
@@ -140,6 +152,31 @@ async fn status(api: &str) -> Option<api::StatusResponse> {
         ..Default::default()
     };
     Client::with_options([api], opts).ok()?.status().await.ok()
+}
+
+/// Move node `i`'s wall clock by `secs` (libfaketime's offset file), then
+/// watch its `Status.wall_clock_ms` until `until` for an offset from the
+/// test's clock (ms) that `shows` accepts.
+async fn set_clock(
+    rig: &Arc<tokio::sync::Mutex<Rig>>,
+    api: &str,
+    i: usize,
+    secs: i64,
+    until: tokio::time::Instant,
+    shows: impl Fn(i64) -> bool,
+) -> bool {
+    let file = rig.lock().await.clock_files[i].clone();
+    std::fs::write(&file, format!("{secs:+}s\n")).unwrap();
+    while tokio::time::Instant::now() < until {
+        let off = status(api)
+            .await
+            .map(|s| s.wall_clock_ms as i64 - crate::robust::history::now_ms() as i64);
+        if off.is_some_and(&shows) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
 }
 
 impl Nemesis {
@@ -322,20 +359,43 @@ impl Nemesis {
                 } else {
                     self.rng.random_range(0..n)
                 };
-                let r = rig.lock().await;
-                std::fs::write(&r.clock_files[i], format!("+{SKEW_SECS}s\n")).unwrap();
-                drop(r);
                 let until = tokio::time::Instant::now() + hold * 2;
                 // Evidence: the node's wall clock (Status) reads ahead.
-                let mut skewed = false;
-                while !skewed && tokio::time::Instant::now() < until {
-                    let ahead = status(&api[i])
-                        .await
-                        .map(|s| s.wall_clock_ms as i64 - crate::robust::history::now_ms() as i64);
-                    skewed = ahead.is_some_and(|a| a > SKEW_SECS as i64 * 1_000 - 500);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+                let skewed = set_clock(rig, &api[i], i, SKEW_SECS as i64, until, |a| {
+                    a > SKEW_SECS as i64 * 1_000 - 500
+                })
+                .await;
                 self.prove(fault, skewed, "wall clock skewed");
+                tokio::time::sleep_until(until).await;
+                let r = rig.lock().await;
+                std::fs::write(&r.clock_files[i], "+0\n").unwrap();
+                self.skewed_ms += (hold * 2).as_millis() as u64 + 1_000;
+            }
+            Fault::ClockJump => {
+                let leader = wait_leader(&api, Duration::from_secs(10)).await;
+                let i = if self.rng.random_bool(0.5) {
+                    leader
+                } else {
+                    (leader + 1 + self.rng.random_range(0..n - 1)) % n
+                };
+                let secs: i64 = if self.rng.random_bool(0.5) {
+                    JUMP_SECS
+                } else {
+                    -JUMP_SECS
+                };
+                let until = tokio::time::Instant::now() + hold * 2;
+                // Evidence: the node's wall clock (Status) reads hours off.
+                let jumped = set_clock(rig, &api[i], i, secs, until, |o| {
+                    o.signum() == secs.signum() && o.abs() > 3_600_000
+                })
+                .await;
+                let what = match (i == leader, secs > 0) {
+                    (true, true) => "leader's clock jumped forward",
+                    (true, false) => "leader's clock jumped back",
+                    (false, true) => "follower's clock jumped forward",
+                    (false, false) => "follower's clock jumped back",
+                };
+                self.prove(fault, jumped, what);
                 tokio::time::sleep_until(until).await;
                 let r = rig.lock().await;
                 std::fs::write(&r.clock_files[i], "+0\n").unwrap();

@@ -52,7 +52,7 @@ impl Rig {
             }
         }
         let mut clock_files = Vec::new();
-        if plan.faults.contains(&Fault::ClockSkew) {
+        if plan.faults.iter().any(|f| f.moves_a_clock()) {
             for i in 0..n {
                 let f = dir.path().join(format!("clock-{}", i + 1));
                 std::fs::write(&f, "+0\n").unwrap();
@@ -156,9 +156,16 @@ impl Drop for Rig {
                 .status();
         }
         if std::thread::panicking() {
-            if let Some(d) = self.dir.take() {
-                eprintln!("kept the run's logs and data in {}", d.keep().display());
-            }
+            self.keep_files();
+        }
+    }
+}
+
+impl Rig {
+    /// Keep the run's node logs and data directories (a failed run).
+    pub fn keep_files(&mut self) {
+        if let Some(d) = self.dir.take() {
+            eprintln!("kept the run's logs and data in {}", d.keep().display());
         }
     }
 }
