@@ -122,6 +122,8 @@ impl GroupCommit {
 pub struct Syncer {
     db: sled::Db,
     data_file: File,
+    /// The sled directory.
+    dir: PathBuf,
     blob_dir: PathBuf,
     /// Blob files already synced, with the length they had then.
     synced_blobs: Mutex<HashMap<std::ffi::OsString, u64>>,
@@ -136,6 +138,7 @@ impl Syncer {
         let syncer = Arc::new(Syncer {
             db,
             data_file,
+            dir: dir.to_path_buf(),
             blob_dir: dir.join("blobs"),
             synced_blobs: Mutex::new(HashMap::new()),
             commit: OnceLock::new(),
@@ -171,6 +174,7 @@ impl Syncer {
         self.db.flush().map_err(sled_err)?;
         self.data_file.sync_data()?;
         self.sync_blobs()?;
+        super::test_hooks::sled_synced(&self.dir);
         self.syncs.fetch_add(1, Ordering::Release);
         Ok(())
     }

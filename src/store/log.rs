@@ -62,8 +62,9 @@ use super::test_hooks;
 use crate::codec::{decode, encode};
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
 
-/// The segment appends go to: its path (for the fsync ledger) and file.
-type ActiveSegment = (PathBuf, Arc<File>);
+/// The segment appends go to: its path (for the fsync ledger) and file;
+/// both shared, so the fsync thread takes them without allocating.
+type ActiveSegment = (Arc<Path>, Arc<File>);
 
 const VOTE: &[u8] = b"vote";
 const PURGED: &[u8] = b"last_purged";
@@ -518,7 +519,7 @@ impl LogStore {
             inner
                 .segments
                 .last()
-                .map(|s| (s.path.clone(), s.file.clone())),
+                .map(|s| (Arc::from(s.path.as_path()), s.file.clone())),
         ));
         let to_sync = active.clone();
         let commit = GroupCommit::spawn("idemkv-log-sync", move || {
@@ -562,7 +563,7 @@ impl LogStore {
         *self.active.lock().unwrap_or_else(|p| p.into_inner()) = inner
             .segments
             .last()
-            .map(|s| (s.path.clone(), s.file.clone()));
+            .map(|s| (Arc::from(s.path.as_path()), s.file.clone()));
     }
 
     /// The segment files, oldest first.

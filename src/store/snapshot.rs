@@ -217,6 +217,7 @@ impl StateMachineStore {
             file.rewind()?;
             let mut w = BufWriter::new(File::create(&tmp)?);
             io::copy(&mut file, &mut w)?;
+            super::test_hooks::before_fsync()?;
             w.into_inner().map_err(|e| e.into_error())?.sync_all()
         })();
         let res = copied

@@ -12,8 +12,18 @@
 //! which is what the disk would hold after a power cut, and start the node
 //! again. Observing only: the hook never changes what is written or when.
 //!
+//! sled is not ours to cut back file by file, so with the ledger on, each
+//! flush+fsync of sled also copies the sled directory, as it stands right
+//! after the fsync and before anyone is told it is durable, to
+//! `<ledger>.sled-<pid>-<n>`, and then names that copy in `<ledger>.sled`
+//! (written whole, then renamed). After a kill the test puts the named copy
+//! in place of the sled directory: the state a power cut could leave, since
+//! what sled wrote after that fsync may all be gone. (A copy cut short by
+//! the kill is never named: the fsync it belonged to was never reported.)
+//!
 //! **Disk faults** (`IDEMKV_TEST_FSYNC_CONTROL` names a file, read before
-//! each fsync of the log): `delay <ms>` stalls the fsync that long first,
+//! each fsync of the log and of a snapshot received from the leader):
+//! `delay <ms>` stalls the fsync that long first,
 //! as a slow disk would; `eio` makes it fail with EIO, as a dying disk
 //! would (fsyncgate: the node must not go on as if the data were safe);
 //! empty or missing, nothing. Each time it acts, it appends a line to
@@ -54,6 +64,54 @@ pub fn synced(path: &Path, len: u64) {
         // One write per line (O_APPEND): a kill never leaves half a line.
         let _ = f.write_all(format!("{}\t{len}\n", path.display()).as_bytes());
     }
+}
+
+/// sled's files in `dir` were just flushed and fsynced: keep a copy of the
+/// directory for a power-loss test (see the module docs).
+pub fn sled_synced(dir: &Path) {
+    if !enabled() {
+        return;
+    }
+    let Some(ledger) = std::env::var_os(LEDGER_ENV) else {
+        return;
+    };
+    static LAST: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let with = |suffix: String| {
+        let mut p = ledger.clone();
+        p.push(suffix);
+        std::path::PathBuf::from(p)
+    };
+    let copy = with(format!(".sled-{}-{n}", std::process::id()));
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if copy_dir(dir, &copy).is_err() {
+        let _ = std::fs::remove_dir_all(&copy);
+        return;
+    }
+    let pointer = with(".sled".into());
+    let tmp = with(".sled.tmp".into());
+    let named = std::fs::write(&tmp, copy.display().to_string())
+        .and_then(|()| std::fs::rename(&tmp, &pointer));
+    if named.is_ok() {
+        if let Some(old) = last.replace(copy) {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let dest = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &dest)?;
+        } else {
+            std::fs::copy(e.path(), dest)?;
+        }
+    }
+    Ok(())
 }
 
 /// Called before each log fsync: stall or fail like a bad disk, if the

@@ -40,6 +40,12 @@ pub struct Config {
     /// Give up on a key after exploring this many states (reported as
     /// undecided, which fails the run: shorten per-key histories).
     pub max_states: usize,
+    /// How far the servers' clock may lag the test's on top of the drift:
+    /// 0, except after whole-cluster outages in which the state machine
+    /// clock's durable state was lost too (it pauses for the outage, see
+    /// ROBUSTNESS.md). Only server times *earlier* than the test's are
+    /// widened by it.
+    pub lag_ms: u64,
 }
 
 impl Default for Config {
@@ -48,6 +54,7 @@ impl Default for Config {
             drift_ms: 100,
             max_attempts: 0,
             max_states: 2_000_000,
+            lag_ms: 0,
         }
     }
 }
@@ -61,7 +68,7 @@ const ROUNDING_MS: u64 = 2;
 /// minus lease) outside the operation's window. A claim retried with the
 /// same claim_id may get an earlier grant back, so only a stamp later than
 /// its window counts for it.
-pub fn stamp_drift(history: &[Op]) -> u64 {
+pub fn stamp_drift(history: &[Op], lag_ms: u64) -> u64 {
     let mut ops: Vec<&Op> = history.iter().collect();
     ops.sort_by_key(|o| o.invoke_ms);
     let mut claimed: HashSet<(&str, &str, &str)> = HashSet::new();
@@ -94,7 +101,7 @@ pub fn stamp_drift(history: &[Op]) -> u64 {
         let early = if retry {
             0
         } else {
-            o.invoke_ms.saturating_sub(stamp)
+            o.invoke_ms.saturating_sub(stamp).saturating_sub(lag_ms)
         };
         drift = drift.max(late).max(early);
     }
@@ -181,7 +188,7 @@ pub fn check(history: &[Op], cfg: &Config) -> Report {
     for op in history {
         by_key.entry(op.key.as_str()).or_default().push(op);
     }
-    let measured = stamp_drift(history);
+    let measured = stamp_drift(history, cfg.lag_ms);
     let mut report = Report {
         ops: history.len(),
         unknown: history.iter().filter(|o| o.is_unknown()).count(),
@@ -295,7 +302,11 @@ fn direct_checks(key: &str, ops: &[&Op], cfg: &Config) -> Vec<Anomaly> {
         Some(r) => ops
             .iter()
             .filter(|o| matches!(o.call, Call::Complete { .. }))
-            .map(|o| o.invoke_ms.saturating_sub(cfg.drift_ms).saturating_add(r))
+            .map(|o| {
+                o.invoke_ms
+                    .saturating_sub(cfg.drift_ms + cfg.lag_ms)
+                    .saturating_add(r)
+            })
             .min()
             .unwrap_or(u64::MAX),
         None => u64::MAX,
@@ -633,7 +644,7 @@ fn step(s: &State, op: &Op, cfg: &Config, retention: Option<u64>) -> Vec<State> 
     for start in &starts {
         for mut next in step_in(start, op, cfg) {
             if next.rec != start.rec {
-                next.since = op.invoke_ms.saturating_sub(cfg.drift_ms);
+                next.since = op.invoke_ms.saturating_sub(cfg.drift_ms + cfg.lag_ms);
             }
             out.push(next);
         }
@@ -646,6 +657,8 @@ fn step_in(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
     let inv = op.invoke_ms;
     let end = op.end();
     let drift = cfg.drift_ms;
+    // The earliest server time the operation can have taken effect at.
+    let behind = drift + cfg.lag_ms;
     let unknown = op.is_unknown();
     let mut out = Vec::new();
     let put = |out: &mut Vec<State>, rec: ModelRec| {
@@ -657,7 +670,7 @@ fn step_in(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
     };
     // The deadline a grant or renewal stamped within this operation.
     let stamped = |lease_ms: u64| Window {
-        lo: inv.saturating_add(lease_ms).saturating_sub(drift),
+        lo: inv.saturating_add(lease_ms).saturating_sub(behind),
         hi: end.saturating_add(lease_ms).saturating_add(drift),
     };
     match &op.call {
@@ -683,7 +696,7 @@ fn step_in(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
                     deadline,
                     ..
                 } if (o, id) != (owner, claim_id) => {
-                    if inv.saturating_sub(drift) < deadline.hi {
+                    if inv.saturating_sub(behind) < deadline.hi {
                         lives.push(true);
                     }
                     if end.saturating_add(drift) >= deadline.lo {

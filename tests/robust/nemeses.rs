@@ -45,10 +45,18 @@ pub enum Fault {
     Membership,
     /// Kill the leader while a membership change is under way.
     MembershipCrash,
+    /// Wipe a follower and add it back, and kill it while it installs the
+    /// snapshot the leader sends (its snapshot fsync is slowed so the
+    /// install is surely under way); restarted, it must catch up.
+    InstallCrash,
     KillAll,
     /// Power loss on every node at once: kill -9, then every log segment
     /// loses what was written after its last fsync.
     PowerLoss,
+    /// As `PowerLoss`, and every node's sled directory goes back to its
+    /// state at its last sled fsync (the state machine loses its applies
+    /// since, and the clock anchor with them).
+    PowerLossSled,
     /// One node's log fsyncs stall for seconds.
     SlowDisk,
     /// One node's log fsync fails with EIO.
@@ -63,6 +71,10 @@ pub enum Fault {
     /// node's log: it cuts the record, says so, keeps out of elections
     /// until it holds the entry again, then votes again.
     LogDamagedTail,
+    /// A flipped byte in a stopped node's newest snapshot file: at restart
+    /// it is checked, refused and set aside (`*.bin.refused`), never served;
+    /// the node runs on (its state is in sled).
+    SnapshotCorrupt,
 }
 
 impl Fault {
@@ -125,6 +137,10 @@ pub struct Nemesis {
     pub unproven: Vec<String>,
     /// Total time some wall clock was skewed, ms.
     pub skewed_ms: u64,
+    /// Summed outages of whole-cluster power losses that rolled sled back
+    /// (from the kill until the cluster serves again): how far the lease
+    /// clock may lag.
+    pub lag_ms: u64,
 }
 
 /// Is process `pid` still there (not reaped)?
@@ -230,27 +246,39 @@ impl Nemesis {
                 }
                 rig.lock().await.cluster.start_node(first);
             }
-            Fault::KillAll | Fault::PowerLoss => {
+            Fault::KillAll | Fault::PowerLoss | Fault::PowerLossSled => {
                 wait_ready(&*rig.lock().await, Duration::from_secs(30)).await;
                 tokio::time::sleep(Duration::from_millis(self.rng.random_range(300..1_200))).await;
                 let mut r = rig.lock().await;
                 let pids: Vec<u32> = (0..n).filter_map(|i| r.cluster.pid(i)).collect();
+                let killed = Instant::now();
                 r.cluster.kill9_all();
                 let dead = pids.len() == n && pids.iter().all(|p| !alive(*p));
                 self.prove(fault, dead, "every process killed");
-                if fault == Fault::PowerLoss {
+                if fault != Fault::KillAll {
                     let mut lost = 0;
                     let mut hooked = true;
+                    let mut sled_back = true;
                     for i in 0..n {
                         match lose_unsynced(&r.cluster.data_dir(i), &r.ledgers[i]) {
                             Some(bytes) => lost += bytes,
                             None => hooked = false,
                         }
+                        if fault == Fault::PowerLossSled {
+                            sled_back &= roll_sled_back(&r.cluster.data_dir(i), &r.ledgers[i]);
+                        }
                     }
                     self.prove(fault, hooked, "fsync ledger kept by every node");
+                    if fault == Fault::PowerLossSled {
+                        self.prove(fault, sled_back, "sled rolled back to its last fsync");
+                    }
                     *self.seen.entry("un-fsynced bytes dropped").or_default() += lost as usize;
                 }
                 r.cluster.start_all();
+                if fault == Fault::PowerLossSled {
+                    wait_ready(&r, Duration::from_secs(30)).await;
+                    self.lag_ms += killed.elapsed().as_millis() as u64;
+                }
             }
             Fault::PauseLeader | Fault::PauseFollower => {
                 // Longer than the election timeout (800 ms) and the lease.
@@ -469,6 +497,53 @@ impl Nemesis {
                     }
                 }
             }
+            Fault::SnapshotCorrupt => {
+                // A node with a snapshot: one is built every 300 entries.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let i = loop {
+                    let with: Vec<usize> = {
+                        let r = rig.lock().await;
+                        (0..n)
+                            .filter(|i| newest_snapshot(&r.cluster.data_dir(*i)).is_some())
+                            .collect()
+                    };
+                    if !with.is_empty() || Instant::now() > deadline {
+                        break with
+                            .get(self.rng.random_range(0..with.len().max(1)))
+                            .copied();
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                };
+                let Some(i) = i else {
+                    self.prove(fault, false, "snapshot byte flipped");
+                    return;
+                };
+                let mut r = rig.lock().await;
+                self.kill(&mut r, fault, i);
+                let data = r.cluster.data_dir(i);
+                let flipped = newest_snapshot(&data).is_some_and(|p| {
+                    std::fs::read(&p).is_ok_and(|mut b| {
+                        let at = b.len() / 2;
+                        b[at] ^= 0x10;
+                        std::fs::write(&p, b).is_ok()
+                    })
+                });
+                self.prove(fault, flipped, "snapshot byte flipped");
+                r.cluster.start_node(i);
+                drop(r);
+                let deadline = Instant::now() + Duration::from_secs(20);
+                let mut refused = false;
+                while !refused && Instant::now() < deadline {
+                    refused = std::fs::read_dir(data.join("snapshots"))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .any(|e| e.file_name().to_string_lossy().ends_with(".refused"));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let up = !rig.lock().await.cluster.exited(i);
+                self.prove(fault, refused && up, "damaged snapshot set aside, node up");
+            }
             Fault::LogCorruptTail | Fault::LogCorruptMid | Fault::LogDamagedTail => {
                 let l = wait_leader(&api, Duration::from_secs(10)).await;
                 let i = (l + 1 + self.rng.random_range(0..n - 1)) % n;
@@ -529,7 +604,9 @@ impl Nemesis {
                     self.readd(rig, fault, i).await;
                 }
             }
-            Fault::Membership | Fault::MembershipCrash => self.membership(rig, fault).await,
+            Fault::Membership | Fault::MembershipCrash | Fault::InstallCrash => {
+                self.membership(rig, fault).await
+            }
         }
         *self.counts.entry(fault).or_default() += 1;
     }
@@ -554,18 +631,50 @@ impl Nemesis {
             g.cluster.start_node(r);
         }
         let (a, p) = (api[r].clone(), peer[r].clone());
-        cluster_call(&api, |mut c| {
-            let (a, p) = (a.clone(), p.clone());
-            async move {
-                c.add_learner(api::AddLearnerRequest {
-                    id,
-                    api_addr: a,
-                    raft_addr: p,
+        let control = rig.lock().await.fsync_controls[r].clone();
+        if fault == Fault::InstallCrash {
+            // Each fsync of the node's received snapshot takes 1.5 s.
+            std::fs::write(&control, "delay 1500\n").unwrap();
+        }
+        let add = {
+            let api = api.clone();
+            tokio::spawn(async move {
+                cluster_call(&api, |mut c| {
+                    let (a, p) = (a.clone(), p.clone());
+                    async move {
+                        c.add_learner(api::AddLearnerRequest {
+                            id,
+                            api_addr: a,
+                            raft_addr: p,
+                        })
+                        .await
+                    }
                 })
                 .await
+            })
+        };
+        if fault == Fault::InstallCrash {
+            let snapshots = rig.lock().await.cluster.data_dir(r).join("snapshots");
+            let installing = || {
+                std::fs::read_dir(&snapshots)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|e| e.path().extension().is_some_and(|x| x == "tmp"))
+            };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !installing() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-        })
-        .await;
+            let mut g = rig.lock().await;
+            g.cluster.kill9(r);
+            // Dead, with the install's file still there: it was cut short.
+            self.prove(fault, installing(), "node killed during a snapshot install");
+            let _ = std::fs::write(&control, "");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            g.cluster.start_node(r);
+        }
+        add.await.expect("add learner");
         if fault == Fault::MembershipCrash {
             // Kill the leader a moment into the change (joint consensus
             // under way), then bring it back; the change must still finish.
@@ -597,7 +706,8 @@ impl Nemesis {
         self.prove(fault, back, "node added back");
         // The wiped node learnt the state: from a snapshot when the
         // leader's log no longer starts at 1 (it keeps 100 entries behind
-        // a snapshot taken every 300).
+        // a snapshot taken every 300); after an install cut short, from the
+        // one sent again.
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut sent = false;
         while !sent && Instant::now() < deadline {
@@ -626,6 +736,28 @@ impl Nemesis {
         set_voters(&api, &others).await;
         let out = voters(&api).await.is_some_and(|v| v == others);
         self.prove(fault, out, "node removed");
+        if fault == Fault::InstallCrash {
+            // A snapshot far enough on that the leader's log no longer
+            // starts at 1 (it keeps 100 entries behind one): the wiped
+            // node can only get the state from a snapshot.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let l = wait_leader(&api, Duration::from_secs(10)).await;
+                let c = Client::new([&api[l]]).expect("client");
+                let _ = c
+                    .cluster()
+                    .trigger_snapshot(api::TriggerSnapshotRequest {})
+                    .await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let far = status(&api[l])
+                    .await
+                    .is_some_and(|s| s.snapshot_index > 150);
+                if far || Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(700)).await;
+            }
+        }
         self.readd(rig, fault, r).await;
     }
 }
@@ -668,6 +800,71 @@ fn lose_unsynced(data: &std::path::Path, ledger: &std::path::Path) -> Option<u64
         }
     }
     Some(dropped)
+}
+
+/// Put the copy of a killed node's sled directory taken at its last sled
+/// fsync (named by `<ledger>.sled`, see `src/store/test_hooks.rs`) in place
+/// of the directory: what sled wrote since may all be lost in a power cut.
+/// Copies no longer named are removed. False if there is no copy.
+fn roll_sled_back(data: &std::path::Path, ledger: &std::path::Path) -> bool {
+    let with = |suffix: &str| {
+        let mut p = ledger.as_os_str().to_owned();
+        p.push(suffix);
+        std::path::PathBuf::from(p)
+    };
+    let Ok(named) = std::fs::read_to_string(with(".sled")) else {
+        return false;
+    };
+    let copy = std::path::PathBuf::from(named);
+    if !copy.is_dir() {
+        return false;
+    }
+    let sled = data.join("sled");
+    if std::fs::remove_dir_all(&sled).is_err() || !copy_tree(&copy, &sled) {
+        return false;
+    }
+    let prefix = with(".sled-");
+    let (dir, stem) = (prefix.parent().unwrap(), prefix.file_name().unwrap());
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        let ours = e
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&*stem.to_string_lossy());
+        if ours && p != copy {
+            let _ = std::fs::remove_dir_all(&p);
+        }
+    }
+    true
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return false;
+    };
+    if std::fs::create_dir_all(to).is_err() {
+        return false;
+    }
+    entries.flatten().all(|e| {
+        let dest = to.join(e.file_name());
+        match e.file_type() {
+            Ok(t) if t.is_dir() => copy_tree(&e.path(), &dest),
+            Ok(_) => std::fs::copy(e.path(), dest).is_ok(),
+            Err(_) => false,
+        }
+    })
+}
+
+/// The newest snapshot file in a node's data directory.
+fn newest_snapshot(data: &std::path::Path) -> Option<std::path::PathBuf> {
+    let mut snaps: Vec<std::path::PathBuf> = std::fs::read_dir(data.join("snapshots"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "bin"))
+        .collect();
+    snaps.sort();
+    snaps.pop()
 }
 
 #[derive(Clone, Copy, PartialEq)]

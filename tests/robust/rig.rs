@@ -74,14 +74,22 @@ impl Rig {
         let fsync_controls: Vec<PathBuf> = (0..n)
             .map(|i| dir.path().join(format!("fsync-control-{}", i + 1)))
             .collect();
-        let disk = [Fault::PowerLoss, Fault::SlowDisk, Fault::FsyncEio];
+        let disk = [
+            Fault::PowerLoss,
+            Fault::PowerLossSled,
+            Fault::SlowDisk,
+            Fault::FsyncEio,
+            Fault::InstallCrash,
+        ];
         if plan.faults.iter().any(|f| disk.contains(f)) {
             use idemkv::store::test_hooks::{FSYNC_CONTROL_ENV, LEDGER_ENV};
             for i in 0..n {
                 let (l, c) = (&ledgers[i], &fsync_controls[i]);
                 cluster.envs[i].push((LEDGER_ENV.into(), l.display().to_string()));
                 cluster.envs[i].push((FSYNC_CONTROL_ENV.into(), c.display().to_string()));
-                if plan.faults.contains(&Fault::PowerLoss) {
+                if plan.faults.contains(&Fault::PowerLoss)
+                    || plan.faults.contains(&Fault::PowerLossSled)
+                {
                     // A slow disk, so that a power cut finds writes in flight.
                     std::fs::write(c, "delay 25\n").unwrap();
                 }
