@@ -818,3 +818,40 @@ fn an_available_record_removed_before_it_was_idle_for_its_retention_is_flagged()
     h.op(2, Call::Read, Ret::Record(None), 1_000, Some(1_010));
     assert_flags(&h, "not linearizable");
 }
+
+fn check_with_lag(h: &H, lag_ms: u64) -> Vec<String> {
+    let cfg = Config {
+        drift_ms: 100,
+        max_attempts: 3,
+        lag_ms,
+        ..Config::default()
+    };
+    check(&h.ops, &cfg)
+        .anomalies
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+}
+
+#[test]
+fn a_lag_allowance_admits_a_server_clock_behind_but_never_one_ahead() {
+    // A grant stamped 2 s before its claim was sent: the server's clock
+    // lags (a whole-cluster outage paused it).
+    let behind = |stamp_off: i64| {
+        let mut h = H::new();
+        let at = (10_000 + stamp_off) as u64;
+        h.op(1, claim(1), acq(5, at, 1), 10_000, Some(10_010));
+        h
+    };
+    assert!(
+        check_with_lag(&behind(-2_000), 0)
+            .iter()
+            .any(|a| a.contains("clock")),
+        "a 2 s lag must fail a run that allows none"
+    );
+    assert!(check_with_lag(&behind(-2_000), 3_000).is_empty());
+    // Ahead of the test's clock by 2 s: the allowance does not cover it.
+    assert!(check_with_lag(&behind(2_000), 3_000)
+        .iter()
+        .any(|a| a.contains("clock")));
+}
