@@ -104,16 +104,7 @@ fn close(store: Store) {
 }
 
 fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
+    idemkv::store::test_hooks::copy_dir(from, to).unwrap();
 }
 
 /// Stop node `id`, keep a copy of its sled directory, start it again.

@@ -44,11 +44,11 @@ impl PeerService {
     /// candidate it is as if this node were down.
     fn refuse_vote_while_rejoining(&self) -> Result<(), Status> {
         match self.consensus.rejoin_until() {
-            Some(until) => Err(Status::unavailable(format!(
+            Some(until) => Err(to_status(Error::Unavailable(format!(
                 "node {} gives no vote until it holds log entry {until} again \
                  (it cut a damaged record it may have acknowledged)",
                 self.consensus.id
-            ))),
+            )))),
             None => Ok(()),
         }
     }

@@ -761,9 +761,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         self.write(entries)?;
         // Once durable, these entries may be the ones a damaged tail lost.
-        let regained = match (self.rejoin.until(), self.lock().last_index()) {
-            (Some(_), Some(last)) => Some((self.rejoin.clone(), last)),
-            _ => None,
+        // (Checked first: the common case takes no second lock.)
+        let regained = match self.rejoin.until() {
+            Some(_) => self.lock().last_index().map(|l| (self.rejoin.clone(), l)),
+            None => None,
         };
         // Acknowledged by the next fdatasync of the active segment, which
         // starts after this write.

@@ -100,7 +100,9 @@ pub fn sled_synced(dir: &Path) {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+/// Copy the directory tree `from` to `to` (also used by the tests that
+/// roll a data directory back).
+pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for e in std::fs::read_dir(from)? {
         let e = e?;

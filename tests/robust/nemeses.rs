@@ -823,7 +823,9 @@ fn roll_sled_back(data: &std::path::Path, ledger: &std::path::Path) -> bool {
         return false;
     }
     let sled = data.join("sled");
-    if std::fs::remove_dir_all(&sled).is_err() || !copy_tree(&copy, &sled) {
+    if std::fs::remove_dir_all(&sled).is_err()
+        || idemkv::store::test_hooks::copy_dir(&copy, &sled).is_err()
+    {
         return false;
     }
     let prefix = with(".sled-");
@@ -839,23 +841,6 @@ fn roll_sled_back(data: &std::path::Path, ledger: &std::path::Path) -> bool {
         }
     }
     true
-}
-
-fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> bool {
-    let Ok(entries) = std::fs::read_dir(from) else {
-        return false;
-    };
-    if std::fs::create_dir_all(to).is_err() {
-        return false;
-    }
-    entries.flatten().all(|e| {
-        let dest = to.join(e.file_name());
-        match e.file_type() {
-            Ok(t) if t.is_dir() => copy_tree(&e.path(), &dest),
-            Ok(_) => std::fs::copy(e.path(), dest).is_ok(),
-            Err(_) => false,
-        }
-    })
 }
 
 /// The newest snapshot file in a node's data directory.
