@@ -311,6 +311,12 @@ async fn a_leader_that_lost_its_unsynced_tail_does_not_reuse_its_log_ids() {
             &node_dir(&c, id).join("sled"),
             &c.dir.path().join(format!("sled-copy-{id}")),
         );
+        // What sled had made durable of the vote then, kept beside it.
+        std::fs::copy(
+            node_dir(&c, id).join(idemkv::store::sled_mark::FILE),
+            c.dir.path().join(format!("sled-mark-{id}")),
+        )
+        .unwrap();
     }
     for id in 1..=3 {
         c.restart(id).await;
@@ -352,6 +358,11 @@ async fn a_leader_that_lost_its_unsynced_tail_does_not_reuse_its_log_ids() {
     let sled = node_dir(&c, leader).join("sled");
     std::fs::remove_dir_all(&sled).unwrap();
     copy_dir(&copy, &sled);
+    std::fs::copy(
+        c.dir.path().join(format!("sled-mark-{leader}")),
+        node_dir(&c, leader).join(idemkv::store::sled_mark::FILE),
+    )
+    .unwrap();
     {
         let mut st = Store::open(&node_dir(&c, leader)).unwrap();
         st.log.save_vote(&vote).await.unwrap();

@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
+use super::sled_mark::{Marked, SledMark};
+
 /// Something waiting for the data written before it to be durable.
 pub enum Waiter {
     Callback(Box<dyn FnOnce(io::Result<()>) + Send>),
@@ -130,10 +132,12 @@ pub struct Syncer {
     commit: OnceLock<GroupCommit>,
     /// Completed flush+fsync rounds, from the thread or [`Syncer::sync_now`].
     syncs: AtomicU64,
+    /// Raft's state as the last sync covered it, kept outside sled.
+    mark: SledMark,
 }
 
 impl Syncer {
-    pub fn open(db: sled::Db, dir: &Path) -> io::Result<Arc<Syncer>> {
+    pub fn open(db: sled::Db, dir: &Path, mark: SledMark) -> io::Result<Arc<Syncer>> {
         let data_file = File::open(dir.join("db"))?;
         let syncer = Arc::new(Syncer {
             db,
@@ -143,6 +147,7 @@ impl Syncer {
             synced_blobs: Mutex::new(HashMap::new()),
             commit: OnceLock::new(),
             syncs: AtomicU64::new(0),
+            mark,
         });
         // The directory entries of the files sled created must be durable too.
         File::open(dir)?.sync_all()?;
@@ -169,14 +174,22 @@ impl Syncer {
         self.commit().sync().await
     }
 
-    /// Flush sled, then fsync for real. Blocking.
+    /// Flush sled, then fsync for real, then record in the mark what of
+    /// Raft's state that covered (read before the flush). Blocking.
     pub fn sync_now(&self) -> io::Result<()> {
+        let covered = Marked::read(&self.db)?;
         self.db.flush().map_err(sled_err)?;
         self.data_file.sync_data()?;
         self.sync_blobs()?;
         super::test_hooks::sled_synced(&self.dir);
+        self.mark.advance(covered)?;
         self.syncs.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    /// At open: sled must still hold what the mark says it made durable.
+    pub fn check_mark(&self) -> io::Result<()> {
+        self.mark.check(&self.db)
     }
 
     /// `(flush+fsync rounds completed, waiters the group commit released)`.

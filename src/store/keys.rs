@@ -30,6 +30,17 @@ pub const CLOCK_ANCHOR: &[u8] = b"m:clock_anchor";
 /// while such an install ran, naming its snapshot file. A tree that still
 /// has it was left half-installed; opening finishes that install.
 pub const INSTALLING: &[u8] = b"m:installing";
+/// The sled tree of Raft's own state (see `log.rs`, `rejoin.rs`).
+pub const RAFT_TREE: &str = "raft";
+/// In [`RAFT_TREE`]: the vote (made durable before it is acknowledged).
+pub const VOTE: &[u8] = b"vote";
+/// In [`RAFT_TREE`]: the last purged log id.
+pub const PURGED: &[u8] = b"last_purged";
+/// In [`RAFT_TREE`]: the commit point, a hint saved without a sync.
+pub const COMMITTED: &[u8] = b"committed";
+/// In [`RAFT_TREE`]: the entry a node that cut a damaged record must hold
+/// again before it votes (`rejoin.rs`).
+pub const REJOIN_UNTIL: &[u8] = b"rejoin_until";
 /// In sled's default tree: the name of the state machine tree in force
 /// (absent: `sm`). Flipped in one write when a snapshot is installed.
 pub const ACTIVE_TREE: &[u8] = b"sm:active";

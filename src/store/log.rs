@@ -57,6 +57,7 @@ use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 
 use super::durable::{sled_err, GroupCommit, Syncer, Waiter};
+use super::keys::{COMMITTED, PURGED, VOTE};
 use super::rejoin::Rejoin;
 use super::test_hooks;
 use crate::codec::{decode, encode};
@@ -65,10 +66,6 @@ use crate::raft::{Entry, LogId, TypeConfig, Vote};
 /// The segment appends go to: its path (for the fsync ledger) and file;
 /// both shared, so the fsync thread takes them without allocating.
 type ActiveSegment = (Arc<Path>, Arc<File>);
-
-const VOTE: &[u8] = b"vote";
-const PURGED: &[u8] = b"last_purged";
-const COMMITTED: &[u8] = b"committed";
 
 /// By default a new segment is started once the current one is this big.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -149,10 +146,9 @@ fn damaged(path: &Path, offset: u64, want: u64, valid_after: usize, is_last: boo
     };
     corrupt(format!(
         "{}: damaged record at byte {offset}, where entry {want} belongs, {why}. \
-         This node must not start: restore its data directory from a backup, \
-         or wipe the data directory and add the node back as a new member \
-         (ctl member remove, then member add) so it catches up from the leader",
-        path.display()
+         This node must not start. {}",
+        path.display(),
+        super::REMEDY
     ))
 }
 
@@ -411,7 +407,7 @@ impl LogStore {
         segment_bytes: u64,
     ) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
-        let meta = db.open_tree("raft").map_err(sled_err)?;
+        let meta = db.open_tree(super::keys::RAFT_TREE).map_err(sled_err)?;
         let purged: Option<LogId> = match meta.get(PURGED).map_err(sled_err)? {
             Some(v) => Some(decode(&v)?),
             None => None,

@@ -7,6 +7,8 @@
 //! - `sled/` the sled database (trees `raft`: vote, purge point; `sm` and
 //!   `sm-b`, the state machine in force and the one a snapshot install
 //!   fills; the default tree names the one in force),
+//! - `sled.mark` what sled last made durable of Raft's state, to check
+//!   sled against at open (see `sled_mark.rs`),
 //! - `snapshots/` the latest snapshot file (and an install's or build's
 //!   `*.tmp`, removed at open; `*.refused`, files that failed their check).
 //!
@@ -17,6 +19,7 @@ pub mod durable;
 pub mod keys;
 mod log;
 mod rejoin;
+pub mod sled_mark;
 mod snapfile;
 mod snapshot;
 mod state_machine;
@@ -33,11 +36,49 @@ pub use rejoin::Rejoin;
 pub use snapshot::check_received as check_received_snapshot;
 pub use state_machine::StateMachineStore;
 
+/// What an operator does about a data directory that must not be used: the
+/// end of every refusal to open one.
+pub const REMEDY: &str = "Restore its data directory from a backup, or wipe the data \
+     directory and add the node back as a new member (ctl member remove, then member add) \
+     so it catches up from the leader";
+
 /// An opened data directory.
 pub struct Store {
     pub log: LogStore,
     pub state_machine: StateMachineStore,
     pub syncer: Arc<Syncer>,
+}
+
+/// Open sled, turning a panic in its recovery (a damaged file can cause
+/// one) into an error that says what to do.
+fn open_sled(sled_dir: &Path) -> io::Result<sled::Db> {
+    let config = sled::Config::new()
+        .path(sled_dir)
+        .cache_capacity(64 * 1024 * 1024)
+        .mode(sled::Mode::HighThroughput);
+    let damaged = |why: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{}: sled could not open the database ({why}): it is damaged. \
+                 This node must not start. {REMEDY}",
+                sled_dir.display()
+            ),
+        )
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open())) {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(sled::Error::Io(e))) => Err(e),
+        Ok(Err(e)) => Err(damaged(e.to_string())),
+        Err(panic) => Err(damaged(format!(
+            "it panicked: {}",
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default()
+        ))),
+    }
 }
 
 impl Store {
@@ -50,15 +91,15 @@ impl Store {
     pub fn open_with_segment_bytes(dir: &Path, segment_bytes: u64) -> io::Result<Store> {
         let sled_dir = dir.join("sled");
         std::fs::create_dir_all(&sled_dir)?;
-        let db = sled::Config::new()
-            .path(&sled_dir)
-            .cache_capacity(64 * 1024 * 1024)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(durable::sled_err)?;
-        let syncer = Syncer::open(db.clone(), &sled_dir)?;
+        let mark = sled_mark::SledMark::load(dir)?;
+        let db = open_sled(&sled_dir)?;
+        let syncer = Syncer::open(db.clone(), &sled_dir, mark)?;
+        syncer.check_mark()?;
         let log = LogStore::open(&dir.join("log"), &db, syncer.clone(), segment_bytes)?;
         let state_machine = StateMachineStore::open(&db, syncer.clone(), dir.join("snapshots"))?;
+        // Record what sled holds now, durably (a data directory from before
+        // the mark gets one here).
+        syncer.sync_now()?;
         Ok(Store {
             log,
             state_machine,

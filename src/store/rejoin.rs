@@ -22,9 +22,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::durable::{sled_err, Syncer};
+use super::keys::REJOIN_UNTIL;
 use crate::codec::{decode, encode};
-
-const REJOIN_UNTIL: &[u8] = b"rejoin_until";
 
 /// Shared by the log (which sets and clears it) and the node (which keeps
 /// out of elections while it is set).
