@@ -390,6 +390,7 @@ async fn disk_faults_slow_fsync_eio_and_log_damage() {
         Fault::LogCorruptMid,
         Fault::LogDamagedTail,
         Fault::SnapshotCorrupt,
+        Fault::SledCorrupt,
     ];
     run_plan(plan("disk", 3, &faults, 20)).await;
 }
@@ -466,6 +467,7 @@ async fn soak() {
         Fault::LogCorruptMid,
         Fault::LogDamagedTail,
         Fault::SnapshotCorrupt,
+        Fault::SledCorrupt,
     ];
     if is_root() {
         faults.extend([
