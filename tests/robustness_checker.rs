@@ -66,6 +66,7 @@ fn claim(p: usize) -> Call {
         batch: None,
         all_or_nothing: false,
         retention_ms: None,
+        fingerprint: None,
     }
 }
 
@@ -77,6 +78,7 @@ fn claim_id(p: usize, id: &str) -> Call {
         batch: None,
         all_or_nothing: false,
         retention_ms: None,
+        fingerprint: None,
     }
 }
 
@@ -388,6 +390,7 @@ fn an_all_or_nothing_batch_applied_by_halves_is_flagged() {
         batch: Some(1),
         all_or_nothing: true,
         retention_ms: None,
+        fingerprint: None,
     };
     let mut h = H::new();
     h.op_on("a", 1, item(1, "a"), acq(5, 0, 1), 0, Some(10))
@@ -466,6 +469,7 @@ fn an_all_or_nothing_batch_with_a_refused_item_is_flagged() {
         batch: Some(1),
         all_or_nothing,
         retention_ms: None,
+        fingerprint: None,
     };
     let busy = Ret::InProgress { owner: "w2".into() };
     let history = |all_or_nothing: bool| {
@@ -591,7 +595,7 @@ fn simulate(early_ms: u64, seed: u64) -> Vec<Op> {
                     Some(Rec::Available { attempts, .. }) => Some(Seen::Available {
                         attempts: *attempts,
                     }),
-                    Some(Rec::Completed { token, result }) => Some(Seen::Completed {
+                    Some(Rec::Completed { token, result, .. }) => Some(Seen::Completed {
                         token: *token,
                         result: result.clone(),
                     }),
@@ -604,10 +608,18 @@ fn simulate(early_ms: u64, seed: u64) -> Vec<Op> {
             None => {
                 let rec = recs.get(&key).cloned().unwrap_or(Rec::Absent);
                 let (owner, claim_id) = (format!("w{w}"), format!("c{n}"));
+                // Mostly the key's request, sometimes none, now and then
+                // another one (as the real workload sends).
+                let fingerprint = match rng.random_range(0..20) {
+                    0..=1 => None,
+                    2 => Some("b".to_string()),
+                    _ => Some("a".to_string()),
+                };
                 let c = model::Claim {
                     owner: &owner,
                     claim_id: &claim_id,
                     max_attempts: 3,
+                    fingerprint: fingerprint.as_deref(),
                 };
                 // The mutation: a lease counts as expired early_ms early.
                 let live = matches!(rec, Rec::Held { deadline, .. } if t + early_ms < deadline);
@@ -624,6 +636,7 @@ fn simulate(early_ms: u64, seed: u64) -> Vec<Op> {
                     }
                     Answer::InProgress { owner } => Ret::InProgress { owner },
                     Answer::Completed { token, result } => Ret::Completed { token, result },
+                    Answer::FingerprintMismatch => Ret::FingerprintMismatch,
                     _ => Ret::Failed,
                 };
                 recs.insert(key.clone(), next);
@@ -634,6 +647,7 @@ fn simulate(early_ms: u64, seed: u64) -> Vec<Op> {
                     batch: None,
                     all_or_nothing: false,
                     retention_ms: None,
+                    fingerprint,
                 };
                 (key, call, ret)
             }
@@ -668,6 +682,11 @@ fn a_store_taking_over_100_ms_early_is_flagged() {
             takeovers > 5,
             "seed {seed}: the workload took over only {takeovers} leases"
         );
+        assert!(
+            r.mismatches > 5,
+            "seed {seed}: only {} fingerprint mismatches",
+            r.mismatches
+        );
         let early = simulate(100, seed);
         let r = check(
             &early,
@@ -697,6 +716,7 @@ fn an_all_or_nothing_item_that_fails_changes_nothing() {
         batch: all_or_nothing.then_some(7),
         all_or_nothing,
         retention_ms: None,
+        fingerprint: None,
     };
     let history = |all_or_nothing: bool| {
         let mut h = H::new();
@@ -746,6 +766,7 @@ fn short_claim(p: usize) -> Call {
             lease_ms,
             batch,
             all_or_nothing,
+            fingerprint,
             ..
         } => Call::Claim {
             owner,
@@ -754,6 +775,7 @@ fn short_claim(p: usize) -> Call {
             batch,
             all_or_nothing,
             retention_ms: Some(RETENTION),
+            fingerprint,
         },
         _ => unreachable!(),
     }
@@ -854,4 +876,286 @@ fn a_lag_allowance_admits_a_server_clock_behind_but_never_one_ahead() {
     assert!(check_with_lag(&behind(2_000), 3_000)
         .iter()
         .any(|a| a.contains("clock")));
+}
+
+/// A claim by worker `p` with claim_id `id`, sending `fingerprint`.
+fn fp_claim(p: usize, id: &str, fingerprint: Option<&str>) -> Call {
+    match claim_id(p, id) {
+        Call::Claim {
+            owner,
+            claim_id,
+            lease_ms,
+            batch,
+            all_or_nothing,
+            retention_ms,
+            ..
+        } => Call::Claim {
+            owner,
+            claim_id,
+            lease_ms,
+            batch,
+            all_or_nothing,
+            retention_ms,
+            fingerprint: fingerprint.map(str::to_string),
+        },
+        _ => unreachable!(),
+    }
+}
+
+/// w1 claims with fingerprint "a" (token 5) and releases it: the record is
+/// available and bound to request "a".
+fn released_with_a() -> H {
+    let mut h = H::new();
+    h.op(1, fp_claim(1, "c1", Some("a")), acq(5, 0, 1), 0, Some(10))
+        .op(
+            1,
+            Call::Release { token: 5 },
+            Ret::Released { failed: false },
+            20,
+            Some(30),
+        );
+    h
+}
+
+#[test]
+fn a_claim_granted_or_replayed_despite_another_fingerprint_is_flagged() {
+    // Available, bound to "a": a claim for request "b" is acquired.
+    let mut h = released_with_a();
+    h.op(2, fp_claim(2, "c2", Some("b")), acq(6, 40, 2), 40, Some(50));
+    assert_flags(&h, "not linearizable");
+    // The same claim answered FINGERPRINT_MISMATCH is right.
+    let mut ok = released_with_a();
+    ok.op(
+        2,
+        fp_claim(2, "c2", Some("b")),
+        Ret::FingerprintMismatch,
+        40,
+        Some(50),
+    );
+    assert_clean(&ok);
+    // Completed under "a": request "b" is replayed the result.
+    let mut replay = released_with_a();
+    replay
+        .op(3, fp_claim(3, "c3", Some("a")), acq(6, 40, 2), 40, Some(50))
+        .op(3, complete(6, "r"), Ret::Done, 60, Some(70))
+        .op(
+            2,
+            fp_claim(2, "c2", Some("b")),
+            completed(6, "r"),
+            80,
+            Some(90),
+        );
+    assert_flags(&replay, "not linearizable");
+    // The holder's own retry (same owner and claim_id) with another
+    // fingerprint is another request: its grant back is wrong too.
+    let mut retry = H::new();
+    retry
+        .op(1, fp_claim(1, "c1", Some("a")), acq(5, 0, 1), 0, Some(10))
+        .op(1, fp_claim(1, "c1", Some("b")), acq(5, 0, 1), 20, Some(30));
+    assert_flags(&retry, "not linearizable");
+}
+
+#[test]
+fn a_fingerprint_mismatch_answered_to_a_matching_or_missing_fingerprint_is_flagged() {
+    let mismatch = |h: &mut H, fingerprint: Option<&str>| {
+        h.op(
+            2,
+            fp_claim(2, "c2", fingerprint),
+            Ret::FingerprintMismatch,
+            40,
+            Some(50),
+        );
+    };
+    // Stored "a": a claim for "a", and one without a fingerprint, match.
+    for fingerprint in [Some("a"), None] {
+        let mut h = released_with_a();
+        mismatch(&mut h, fingerprint);
+        assert_flags(&h, "not linearizable");
+    }
+    // Nothing stored (the first claim sent none): nothing mismatches.
+    let mut none_stored = H::new();
+    none_stored
+        .op(1, fp_claim(1, "c1", None), acq(5, 0, 1), 0, Some(10))
+        .op(
+            1,
+            Call::Release { token: 5 },
+            Ret::Released { failed: false },
+            20,
+            Some(30),
+        );
+    mismatch(&mut none_stored, Some("b"));
+    assert_flags(&none_stored, "not linearizable");
+    // Absent: nothing to differ from.
+    let mut absent = H::new();
+    mismatch(&mut absent, Some("b"));
+    assert_flags(&absent, "not linearizable");
+    // Deleted: the binding went with the record.
+    let mut deleted = released_with_a();
+    deleted.op(3, Call::Delete { token: None }, Ret::Deleted, 32, Some(38));
+    mismatch(&mut deleted, Some("b"));
+    assert_flags(&deleted, "not linearizable");
+}
+
+#[test]
+fn a_correct_history_with_fingerprint_mismatches_passes() {
+    let batch_item = |key: &str, fingerprint: Option<&str>| Call::Claim {
+        owner: "w4".into(),
+        claim_id: format!("b-{key}"),
+        lease_ms: LEASE,
+        batch: Some(1),
+        all_or_nothing: true,
+        retention_ms: None,
+        fingerprint: fingerprint.map(str::to_string),
+    };
+    let mut h = H::new();
+    // w1 claims without a fingerprint: the record stays unbound, and a
+    // claim for "b" meets w1's live lease, not a mismatch.
+    h.op(1, fp_claim(1, "c1", None), acq(5, 0, 1), 0, Some(10))
+        .op(
+            2,
+            fp_claim(2, "c2", Some("b")),
+            Ret::InProgress { owner: "w1".into() },
+            20,
+            Some(30),
+        )
+        .op(
+            1,
+            Call::Release { token: 5 },
+            Ret::Released { failed: false },
+            40,
+            Some(50),
+        )
+        // The next grant binds the key to "b".
+        .op(2, fp_claim(2, "c2", Some("b")), acq(6, 60, 2), 60, Some(70))
+        .op(
+            3,
+            fp_claim(3, "c3", Some("a")),
+            Ret::FingerprintMismatch,
+            80,
+            Some(90),
+        )
+        // The holder's own retry with another fingerprint mismatches.
+        .op(
+            2,
+            fp_claim(2, "c2", Some("a")),
+            Ret::FingerprintMismatch,
+            100,
+            Some(110),
+        )
+        // An unknown claim for "a" changed nothing either way.
+        .op(5, fp_claim(5, "c5", Some("a")), Ret::Unknown, 105, None)
+        .op(2, complete(6, "r"), Ret::Done, 120, Some(130))
+        .op(
+            3,
+            fp_claim(3, "c3", Some("a")),
+            Ret::FingerprintMismatch,
+            140,
+            Some(150),
+        )
+        // Without a fingerprint, or with "b": the replay.
+        .op(
+            1,
+            fp_claim(1, "c6", None),
+            completed(6, "r"),
+            160,
+            Some(170),
+        )
+        .op(
+            1,
+            fp_claim(1, "c7", Some("b")),
+            completed(6, "r"),
+            175,
+            Some(178),
+        )
+        // An all-or-nothing batch whose item on k mismatches is not
+        // applied: its item on k2 is NOT_ATTEMPTED and k2 stays absent.
+        .op_on(
+            "k",
+            4,
+            batch_item("k", Some("a")),
+            Ret::FingerprintMismatch,
+            180,
+            Some(190),
+        )
+        .op_on(
+            "k2",
+            4,
+            batch_item("k2", Some("a")),
+            Ret::NotAttempted,
+            180,
+            Some(190),
+        )
+        .op_on("k2", 4, Call::Read, Ret::Record(None), 195, Some(198))
+        // Deleted, the key may serve request "a".
+        .op(
+            3,
+            Call::Delete { token: None },
+            Ret::Deleted,
+            200,
+            Some(210),
+        )
+        .op(
+            3,
+            fp_claim(3, "c8", Some("a")),
+            acq(7, 220, 1),
+            220,
+            Some(230),
+        )
+        .op(
+            2,
+            fp_claim(2, "c9", Some("b")),
+            Ret::FingerprintMismatch,
+            240,
+            Some(250),
+        );
+    assert_clean(&h);
+    let report = check(
+        &h.ops,
+        &Config {
+            drift_ms: 100,
+            max_attempts: 3,
+            ..Config::default()
+        },
+    );
+    assert_eq!(report.mismatches, 5);
+}
+
+#[test]
+fn an_all_or_nothing_batch_acquired_next_to_a_mismatch_is_flagged() {
+    let item = |key: &str, fingerprint: &str| Call::Claim {
+        owner: "w4".into(),
+        claim_id: format!("b-{key}"),
+        lease_ms: LEASE,
+        batch: Some(1),
+        all_or_nothing: true,
+        retention_ms: None,
+        fingerprint: Some(fingerprint.to_string()),
+    };
+    let mut h = released_with_a();
+    h.op_on(
+        "k",
+        4,
+        item("k", "b"),
+        Ret::FingerprintMismatch,
+        40,
+        Some(50),
+    )
+    .op_on("k2", 4, item("k2", "b"), acq(6, 40, 1), 40, Some(50));
+    assert_flags(&h, "batch half applied");
+}
+
+#[test]
+fn a_history_recorded_before_fingerprints_loads_as_sending_none() {
+    let line = r#"{"id":0,"process":1,"key":"k","call":{"Claim":{"owner":"w1","claim_id":"c1","lease_ms":1000,"batch":null}},"ret":"Unknown","invoke_ms":5,"complete_ms":null}"#;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.jsonl");
+    std::fs::write(&path, line).unwrap();
+    let ops = robust::history::load(&path).unwrap();
+    assert!(matches!(
+        &ops[0].call,
+        Call::Claim {
+            fingerprint: None,
+            ..
+        }
+    ));
 }

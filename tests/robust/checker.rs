@@ -6,7 +6,10 @@
 //!    the operations' time windows allow, memoised on (linearized set, model
 //!    state). Keys are independent (P-compositionality), so each is searched
 //!    alone. An operation whose outcome is unknown may take effect at any
-//!    point after its invocation, or never.
+//!    point after its invocation, or never. The model state includes the
+//!    stored request fingerprint, so a `FINGERPRINT_MISMATCH` is placed
+//!    only where the stored one differs from the claim's (and changes
+//!    nothing), and a grant or replay where it differs cannot be placed.
 //! 2. Direct checks with plain messages: tokens strictly increase per key;
 //!    a completed result never changes or disappears; no two tokens both
 //!    complete one key; an all-or-nothing batch is applied whole or not at
@@ -176,6 +179,8 @@ pub struct Report {
     pub ops: usize,
     pub unknown: usize,
     pub keys: usize,
+    /// Claims and batch items answered `FINGERPRINT_MISMATCH`.
+    pub mismatches: usize,
     pub states_explored: usize,
     /// The stamps' measured distance from the test's clock, ms.
     pub drift_ms: u64,
@@ -193,6 +198,10 @@ pub fn check(history: &[Op], cfg: &Config) -> Report {
         ops: history.len(),
         unknown: history.iter().filter(|o| o.is_unknown()).count(),
         keys: by_key.len(),
+        mismatches: history
+            .iter()
+            .filter(|o| o.ret == Ret::FingerprintMismatch)
+            .count(),
         drift_ms: measured,
         ..Report::default()
     };
@@ -429,7 +438,11 @@ fn check_batches(history: &[Op]) -> Vec<Anomaly> {
         let refused = items.iter().any(|o| {
             matches!(
                 o.ret,
-                Ret::InProgress { .. } | Ret::Completed { .. } | Ret::Failed | Ret::NotAttempted
+                Ret::InProgress { .. }
+                    | Ret::Completed { .. }
+                    | Ret::Failed
+                    | Ret::NotAttempted
+                    | Ret::FingerprintMismatch
             )
         });
         if (not_attempted || all_or_nothing && refused) && !tokens.is_empty() {
@@ -679,12 +692,14 @@ fn step_in(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
             claim_id,
             lease_ms,
             all_or_nothing,
+            fingerprint,
             ..
         } => {
             let c = model::Claim {
                 owner,
                 claim_id,
                 max_attempts: cfg.max_attempts,
+                fingerprint: fingerprint.as_deref(),
             };
             // Was another claim's lease live at this moment? Both, where
             // the clocks cannot tell.
@@ -781,6 +796,11 @@ fn step_in(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
                         },
                     ) if token == t && result == r => put(&mut out, rec),
                     (model::Answer::Failed, Ret::Failed) => put(&mut out, rec),
+                    // Placed only where the stored fingerprint differs; an
+                    // acquisition or a replay there cannot be placed.
+                    (model::Answer::FingerprintMismatch, Ret::FingerprintMismatch) => {
+                        put(&mut out, rec)
+                    }
                     _ => {}
                 }
             }
@@ -865,7 +885,7 @@ fn step_in(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
                     out.push(s.clone())
                 }
                 (
-                    Rec::Completed { token, result },
+                    Rec::Completed { token, result, .. },
                     Some(Seen::Completed {
                         token: t,
                         result: r,

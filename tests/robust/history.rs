@@ -24,6 +24,10 @@ pub enum Call {
         /// The retention asked for (`None`: the default, 24 h).
         #[serde(default)]
         retention_ms: Option<u64>,
+        /// The request fingerprint sent (`None`: none; histories recorded
+        /// before fingerprints were sent load as none).
+        #[serde(default)]
+        fingerprint: Option<String>,
     },
     Renew {
         token: u64,
@@ -97,6 +101,9 @@ pub enum Ret {
     Deleted,
     LeaseLost,
     AlreadyCompleted,
+    /// FAILED_PRECONDITION, reason FINGERPRINT_MISMATCH: the claim's
+    /// fingerprint differs from the stored one (a claim, or a batch item).
+    FingerprintMismatch,
     Record(Option<Seen>),
     /// Timed out, connection broken, no leader: maybe applied, maybe not.
     Unknown,

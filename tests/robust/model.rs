@@ -11,6 +11,11 @@
 //! (`D`) are known; the caller decides whether a lease is live (the checker
 //! tries both where its clocks cannot tell) and supplies the new holder's
 //! token and deadline. A rule change is made in `record.rs` and here.
+//!
+//! Every present state carries the request fingerprint the key is bound to
+//! (SPEC §2: a claim whose fingerprint differs is `FINGERPRINT_MISMATCH` and
+//! changes nothing); the checker always knows it exactly, since it follows
+//! from which claims the search placed, so it is not generic.
 
 /// A fencing token as the caller knows it.
 pub trait Token: Clone + PartialEq {
@@ -24,7 +29,10 @@ impl Token for u64 {
     }
 }
 
-/// One record: the states of SPEC §1.
+/// One record: the states of SPEC §1. `fingerprint` is the request the
+/// key is bound to, `None` while no claim that was granted it gave one; it
+/// lives as long as the record and is forgotten only with it (Delete,
+/// retention), so a key deleted or swept may serve another request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Rec<T, D> {
     Absent,
@@ -34,23 +42,45 @@ pub enum Rec<T, D> {
         token: T,
         deadline: D,
         attempts: u32,
+        fingerprint: Option<String>,
     },
     Available {
         attempts: u32,
         /// The token whose Release made it available (a retried Release
         /// of that token succeeds again).
         last: u64,
+        fingerprint: Option<String>,
     },
     Completed {
         token: u64,
         result: String,
+        fingerprint: Option<String>,
     },
     Failed {
         attempts: u32,
         /// The token whose Release made it fail; `None` when the last
         /// attempt's lease ran out (no Release matches).
         last: Option<u64>,
+        fingerprint: Option<String>,
     },
+}
+
+impl<T, D> Rec<T, D> {
+    /// The stored fingerprint; none for an absent record.
+    pub fn fingerprint(&self) -> Option<&str> {
+        match self {
+            Rec::Absent => None,
+            Rec::Held { fingerprint, .. }
+            | Rec::Available { fingerprint, .. }
+            | Rec::Completed { fingerprint, .. }
+            | Rec::Failed { fingerprint, .. } => fingerprint.as_deref(),
+        }
+    }
+
+    /// The stored fingerprint, for the record's next state.
+    fn kept(&self) -> Option<String> {
+        self.fingerprint().map(str::to_string)
+    }
 }
 
 /// What the spec says an operation answers.
@@ -79,6 +109,9 @@ pub enum Answer<T> {
     Deleted,
     LeaseLost,
     AlreadyCompleted,
+    /// The claim's fingerprint differs from the stored one: the key was
+    /// reused for another request. Nothing changes.
+    FingerprintMismatch,
 }
 
 /// A Claim's identity and limits.
@@ -87,6 +120,8 @@ pub struct Claim<'a> {
     pub claim_id: &'a str,
     /// 0: unlimited.
     pub max_attempts: u32,
+    /// The request's fingerprint, if the claim gave one.
+    pub fingerprint: Option<&'a str>,
 }
 
 type Step<T, D> = (Rec<T, D>, Answer<T>);
@@ -94,12 +129,23 @@ type Step<T, D> = (Rec<T, D>, Answer<T>);
 /// Claim. `live`: the current holder's lease is live at this moment (only
 /// read when another claim holds the record). `grant` gives the new
 /// holder's token and deadline.
+///
+/// The fingerprint comes first, in every state: a claim for another
+/// request must not be told a result, a holder or a failure that belong to
+/// a different one, and the holder's own retry (same owner and claim_id)
+/// with another fingerprint is another request too. A claim without a
+/// fingerprint, or a record without one, never mismatches.
 pub fn claim<T: Token, D: Clone>(
     rec: &Rec<T, D>,
     c: &Claim,
     live: bool,
     grant: impl FnOnce() -> (T, D),
 ) -> Step<T, D> {
+    if let (Some(stored), Some(given)) = (rec.fingerprint(), c.fingerprint) {
+        if stored != given {
+            return (rec.clone(), Answer::FingerprintMismatch);
+        }
+    }
     let attempts = match rec {
         Rec::Absent => 0,
         Rec::Held {
@@ -127,13 +173,14 @@ pub fn claim<T: Token, D: Clone>(
                 let failed = Rec::Failed {
                     attempts: *attempts,
                     last: None,
+                    fingerprint: rec.kept(),
                 };
                 return (failed, Answer::Failed);
             }
             *attempts
         }
         Rec::Available { attempts, .. } => *attempts,
-        Rec::Completed { token, result } => {
+        Rec::Completed { token, result, .. } => {
             let (token, result) = (*token, result.clone());
             return (rec.clone(), Answer::Completed { token, result });
         }
@@ -141,12 +188,16 @@ pub fn claim<T: Token, D: Clone>(
     };
     let (token, deadline) = grant();
     let attempt = attempts + 1;
+    // The first fingerprint a grant sees binds the key: a record created
+    // or last granted without one takes this claim's.
+    let fingerprint = rec.kept().or(c.fingerprint.map(str::to_string));
     let held = Rec::Held {
         owner: c.owner.to_string(),
         claim_id: c.claim_id.to_string(),
         token: token.clone(),
         deadline,
         attempts: attempt,
+        fingerprint,
     };
     let answer = Answer::Acquired {
         token,
@@ -158,7 +209,8 @@ pub fn claim<T: Token, D: Clone>(
 
 /// An item of an all-or-nothing ClaimBatch: the batch is applied only if
 /// every item is acquired, so an item that is not acquired leaves its
-/// record as it was (its answer stands: FAILED, IN_PROGRESS, the replay).
+/// record as it was (its answer stands: FAILED, IN_PROGRESS, the replay,
+/// FINGERPRINT_MISMATCH).
 pub fn all_or_nothing_item<T: Token, D: Clone>(rec: &Rec<T, D>, step: Step<T, D>) -> Step<T, D> {
     match step.1 {
         Answer::Acquired { .. } => step,
@@ -198,12 +250,14 @@ pub fn complete<T: Token, D: Clone>(rec: &Rec<T, D>, token: u64, result: &str) -
             let done = Rec::Completed {
                 token,
                 result: result.to_string(),
+                fingerprint: rec.kept(),
             };
             (done, Answer::Done)
         }
         Rec::Completed {
             token: by,
             result: saved,
+            ..
         } if *by == token => {
             let answer = if saved == result {
                 Answer::Done
@@ -229,14 +283,24 @@ pub fn release<T: Token, D: Clone>(rec: &Rec<T, D>, token: u64, max_attempts: u3
             let attempts = *attempts;
             if max_attempts > 0 && attempts >= max_attempts {
                 let last = Some(token);
+                let fingerprint = rec.kept();
                 (
-                    Rec::Failed { attempts, last },
+                    Rec::Failed {
+                        attempts,
+                        last,
+                        fingerprint,
+                    },
                     Answer::Released { failed: true },
                 )
             } else {
                 let last = token;
+                let fingerprint = rec.kept();
                 (
-                    Rec::Available { attempts, last },
+                    Rec::Available {
+                        attempts,
+                        last,
+                        fingerprint,
+                    },
                     Answer::Released { failed: false },
                 )
             }
@@ -251,7 +315,8 @@ pub fn release<T: Token, D: Clone>(rec: &Rec<T, D>, token: u64, max_attempts: u3
     }
 }
 
-/// Delete. Unfenced: forget the record. Fenced: only the record the token
+/// Delete. Unfenced: forget the record (and the request its fingerprint
+/// bound the key to). Fenced: only the record the token
 /// holds (live or expired) or completed; absent stays absent (a retry after
 /// success); anything else is LEASE_LOST.
 pub fn delete<T: Token, D: Clone>(rec: &Rec<T, D>, token: Option<u64>) -> Step<T, D> {

@@ -1,6 +1,11 @@
 //! The workload: clients that claim, complete, renew, release, delete and
 //! read while faults strike, recording every attempt as one operation of
 //! the history (`robust::history`), with its outcome or "unknown".
+//!
+//! Every claim (batch items too) carries a request fingerprint: mostly the
+//! key's usual one, sometimes none (a client that does not send one), and
+//! now and then another one (the key reused for a different request), so
+//! `FINGERPRINT_MISMATCH` is answered, and checked, under every fault.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,6 +39,26 @@ pub fn retention_of(key: &str) -> Option<u64> {
     key.ends_with("-s").then_some(SHORT_RETENTION_MS)
 }
 pub const WORKERS: usize = 6;
+
+/// The fingerprint of the request every key normally guards.
+pub const USUAL_FINGERPRINT: &str = "request-1";
+/// Another request's fingerprint: a key reused by mistake.
+pub const OTHER_FINGERPRINT: &str = "request-2";
+
+/// Fingerprints a claim sends: the usual one 82 %, none 11 %, another
+/// request's 7 % (enough mismatches per run without starving the keys:
+/// a record created by the other request refuses the usual one until it
+/// is deleted or swept).
+fn pick_fingerprint(rng: &mut StdRng) -> Option<String> {
+    let roll: f64 = rng.random();
+    if roll < 0.82 {
+        Some(USUAL_FINGERPRINT.to_string())
+    } else if roll < 0.93 {
+        None
+    } else {
+        Some(OTHER_FINGERPRINT.to_string())
+    }
+}
 
 #[derive(Default)]
 pub struct Recorder {
@@ -141,6 +166,7 @@ fn error_ret(e: &ClientError, errors: &Mutex<Vec<String>>) -> Ret {
     match (e.code(), e.reason()) {
         (Some(Code::FailedPrecondition), Some("LEASE_LOST")) => Ret::LeaseLost,
         (Some(Code::FailedPrecondition), Some("ALREADY_COMPLETED")) => Ret::AlreadyCompleted,
+        (Some(Code::FailedPrecondition), Some("FINGERPRINT_MISMATCH")) => Ret::FingerprintMismatch,
         (Some(Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange), _) => {
             errors
                 .lock()
@@ -194,8 +220,9 @@ pub struct Worker {
     pub held: Option<(String, u64)>,
     /// (key, token) of the last result this worker completed.
     pub done: Option<(String, u64)>,
-    /// A claim whose outcome is unknown, to retry with the same claim_id.
-    pub unsure: Option<(String, String)>,
+    /// A claim whose outcome is unknown, to retry with the same claim_id
+    /// (and the same request, so the same fingerprint).
+    pub unsure: Option<(String, String, Option<String>)>,
     /// The last call failed before reaching any server.
     pub not_sent: bool,
     /// Unknown outcomes in a row: the worker backs off like a real client
@@ -274,11 +301,13 @@ impl Worker {
                 self.held = None;
             }
         } else if roll < 0.15 && self.unsure.is_some() {
-            let (key, claim_id) = self.unsure.take().unwrap();
-            self.claim(key, claim_id).await
+            let (key, claim_id, fingerprint) = self.unsure.take().unwrap();
+            self.claim(key, claim_id, fingerprint).await
         } else if roll < 0.6 {
             let key = self.pick_key();
-            self.claim(key, uuid::Uuid::new_v4().to_string()).await
+            let fingerprint = pick_fingerprint(&mut self.rng);
+            self.claim(key, uuid::Uuid::new_v4().to_string(), fingerprint)
+                .await
         } else if roll < 0.75 {
             self.get().await
         } else if roll < 0.87 {
@@ -314,7 +343,7 @@ impl Worker {
         self.record(&key, Call::Delete { token }, ret, t);
     }
 
-    async fn claim(&mut self, key: String, claim_id: String) {
+    async fn claim(&mut self, key: String, claim_id: String, fingerprint: Option<String>) {
         let call = Call::Claim {
             owner: self.owner(),
             claim_id: claim_id.clone(),
@@ -322,6 +351,7 @@ impl Worker {
             batch: None,
             all_or_nothing: false,
             retention_ms: retention_of(&key),
+            fingerprint: fingerprint.clone(),
         };
         let req = api::ClaimRequest {
             namespace: NS.into(),
@@ -331,7 +361,7 @@ impl Worker {
             lease_ms: LEASE_MS,
             max_attempts: MAX_ATTEMPTS,
             retention_ms: retention_of(&key).unwrap_or(0),
-            ..Default::default()
+            fingerprint: fingerprint.clone().map(String::into_bytes),
         };
         let t = now_ms();
         let ret = match self.client().claim(req).await {
@@ -340,7 +370,7 @@ impl Worker {
         };
         match &ret {
             Ret::Acquired { token, .. } => self.held = Some((key.clone(), *token)),
-            Ret::Unknown => self.unsure = Some((key.clone(), claim_id)),
+            Ret::Unknown => self.unsure = Some((key.clone(), claim_id, fingerprint)),
             _ => {}
         }
         self.record(&key, call, ret, t);
@@ -465,10 +495,15 @@ impl Worker {
             .iter()
             .map(|_| uuid::Uuid::new_v4().to_string())
             .collect();
+        let fingerprints: Vec<Option<String>> = keys
+            .iter()
+            .map(|_| pick_fingerprint(&mut self.rng))
+            .collect();
         let items = keys
             .iter()
             .zip(&claim_ids)
-            .map(|(k, c)| api::ClaimRequest {
+            .zip(&fingerprints)
+            .map(|((k, c), f)| api::ClaimRequest {
                 namespace: NS.into(),
                 key: k.clone().into_bytes(),
                 owner: self.owner(),
@@ -476,7 +511,7 @@ impl Worker {
                 lease_ms: LEASE_MS,
                 max_attempts: MAX_ATTEMPTS,
                 retention_ms: retention_of(k).unwrap_or(0),
-                ..Default::default()
+                fingerprint: f.clone().map(String::into_bytes),
             })
             .collect();
         let t = now_ms();
@@ -497,6 +532,9 @@ impl Worker {
                     Some(Item::Completed(c)) => claim_ret(Outcome::Completed(c)),
                     Some(Item::Failed(f)) => claim_ret(Outcome::Failed(f)),
                     Some(Item::Error(e)) if e.reason == "NOT_ATTEMPTED" => Ret::NotAttempted,
+                    Some(Item::Error(e)) if e.reason == "FINGERPRINT_MISMATCH" => {
+                        Ret::FingerprintMismatch
+                    }
                     other => {
                         self.shared
                             .errors
@@ -520,7 +558,8 @@ impl Worker {
                 vec![ret.clone(), ret]
             }
         };
-        for ((key, claim_id), ret) in keys.iter().zip(claim_ids).zip(rets) {
+        let items = keys.iter().zip(claim_ids).zip(fingerprints).zip(rets);
+        for (((key, claim_id), fingerprint), ret) in items {
             // Hold the first acquired key; the other lease runs out.
             if let (None, Ret::Acquired { token, .. }) = (&self.held, &ret) {
                 self.held = Some((key.clone(), *token));
@@ -532,6 +571,7 @@ impl Worker {
                 batch: Some(id),
                 all_or_nothing,
                 retention_ms: retention_of(key),
+                fingerprint,
             };
             self.record(key, call, ret, t);
         }
