@@ -33,6 +33,7 @@ use rand::{Rng, SeedableRng};
 use rig::{wait_ready, Rig, FAKETIME_LIB};
 use robust::checker::{check, Config};
 use robust::history::{save, Op, Ret};
+use robust::once::{self, OnceRun};
 use workload::{
     final_reads, replicas_disagree, worker_clients, Recorder, Shared, Worker, LEASE_MS,
     MAX_ATTEMPTS, WORKERS,
@@ -97,6 +98,11 @@ async fn run_plan(plan: Plan) -> Option<Done> {
             tokio::spawn(w.run())
         })
         .collect();
+    // Two more workers through `Client::run_once`, on keys of their own.
+    let once_run = OnceRun::new(shared.started, |e| {
+        workload::origin(e) == workload::Origin::Server
+    });
+    let once_workers = once_run.spawn(&api, seed);
 
     let mut nemesis = Nemesis {
         rng: StdRng::seed_from_u64(seed),
@@ -126,7 +132,8 @@ async fn run_plan(plan: Plan) -> Option<Done> {
         nemesis.inject(&rig, fault).await;
     }
     shared.stop.store(true, Ordering::Relaxed);
-    for w in workers {
+    once_run.stop.store(true, Ordering::Relaxed);
+    for w in workers.into_iter().chain(once_workers) {
         w.await.expect("worker");
     }
 
@@ -144,6 +151,9 @@ async fn run_plan(plan: Plan) -> Option<Done> {
         .map(|o| o.key.clone())
         .collect();
     final_reads(&r.cluster.api, &keys, &shared, 1_000).await;
+    let mut once_records = once_run.records();
+    once::final_reads(&r.cluster.api, &mut once_records).await;
+    let once_report = once::check(&once_records);
     let mut diverged = replicas_disagree(&r.cluster.api, &keys).await;
     r.cluster.kill9_all();
     r.cluster.start_all();
@@ -206,7 +216,7 @@ async fn run_plan(plan: Plan) -> Option<Done> {
         .collect();
     eprintln!(
         "SUMMARY {}: {} ops ({} unknown, {acquired} acquired, {completed} completed) on {} keys; \
-         faults {} ({}); stamps within {} ms{}; {} states searched; anomalies {}; errors {}",
+         faults {} ({}); stamps within {} ms{}; {} states searched; {}; anomalies {}; errors {}",
         plan.name,
         report.ops,
         report.unknown,
@@ -220,6 +230,7 @@ async fn run_plan(plan: Plan) -> Option<Done> {
             String::new()
         },
         report.states_explored,
+        once_report.summary(),
         report.anomalies.len(),
         errors.len()
     );
@@ -232,6 +243,8 @@ async fn run_plan(plan: Plan) -> Option<Done> {
         || acquired == 0
         || completed == 0
         || swept == 0
+        || !once_report.problems.is_empty()
+        || once_report.takeovers_with_checkpoint == 0
     {
         r.keep_files();
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("robustness");
@@ -244,14 +257,19 @@ async fn run_plan(plan: Plan) -> Option<Done> {
         for e in errors.iter().take(10) {
             eprintln!("ERROR {e}");
         }
+        for p in once_report.problems.iter().take(10) {
+            eprintln!("RUN_ONCE {p}");
+        }
         panic!(
             "{}: {} anomalies, {} errors, {} faults not shown to take effect, \
-             {acquired} acquired, {completed} completed, {swept} records seen swept; \
-             history kept in {} (seed {seed}); node logs were in {}",
+             {acquired} acquired, {completed} completed, {swept} records seen swept, \
+             {} run_once problems, {} takeovers with a checkpoint; history kept in {} (seed {seed}); node logs were in {}",
             plan.name,
             report.anomalies.len(),
             errors.len(),
             nemesis.unproven.len(),
+            once_report.problems.len(),
+            once_report.takeovers_with_checkpoint,
             file.display(),
             logs.display()
         );
