@@ -205,6 +205,9 @@ async fn run_plan(plan: Plan) -> Option<Done> {
     if plan.faults.iter().any(|f| f.moves_a_clock()) {
         nemesis.seen.insert("deadlines from a skewed clock", skewed);
     }
+    nemesis
+        .seen
+        .insert("fingerprint mismatches answered", report.mismatches);
     let swept = swept_keys(&ops);
     nemesis
         .seen

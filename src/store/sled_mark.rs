@@ -169,7 +169,7 @@ impl SledMark {
         let mut next = seen;
         if let Some(old) = written.as_ref() {
             if !at_least(&next.vote, &old.vote) {
-                next.vote = old.vote.clone();
+                next.vote = old.vote;
             }
             if !at_least(&next.purged, &old.purged) {
                 next.purged = old.purged;
@@ -218,6 +218,34 @@ fn parse(bytes: &[u8]) -> Option<Marked> {
 mod tests {
     use super::*;
 
+    /// A rejoin marker sled lost (or one cleared just before a crash that
+    /// kept the old mark) is put back: the node then waits to hold the
+    /// entry again before it votes, which is the safe reading of both.
+    #[test]
+    fn a_rejoin_marker_sled_lacks_is_put_back_and_a_lost_vote_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let mark = SledMark::load(dir.path()).unwrap();
+        let vote = Vote::new(4, 2);
+        mark.advance(Marked {
+            vote: Some(vote),
+            rejoin_until: Some(9),
+            ..Marked::default()
+        })
+        .unwrap();
+        let meta = db.open_tree(RAFT_TREE).unwrap();
+        meta.insert(VOTE, encode(&vote).unwrap()).unwrap();
+        mark.check(&db).unwrap();
+        assert_eq!(Marked::read(&db).unwrap().rejoin_until, Some(9));
+
+        meta.insert(VOTE, encode(&Vote::new(3, 2)).unwrap())
+            .unwrap();
+        let Err(err) = mark.check(&db) else {
+            panic!("an older vote must be refused")
+        };
+        assert!(err.to_string().contains(super::super::REMEDY), "{err}");
+    }
+
     #[test]
     fn a_damaged_mark_is_refused_and_a_good_one_read_back() {
         let dir = tempfile::tempdir().unwrap();
@@ -233,7 +261,9 @@ mod tests {
         let mut bytes = fs::read(&p).unwrap();
         *bytes.last_mut().unwrap() ^= 1;
         fs::write(&p, bytes).unwrap();
-        let err = SledMark::load(dir.path()).err().expect("refused");
+        let Err(err) = SledMark::load(dir.path()) else {
+            panic!("a damaged mark must be refused")
+        };
         assert!(err.to_string().contains("damaged"), "{err}");
     }
 }
