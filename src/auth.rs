@@ -201,8 +201,17 @@ impl Auth {
         Ok(n)
     }
 
-    /// The principal of the request's bearer token.
+    /// The principal of the request's bearer token. A refusal is counted
+    /// (`idemkv_auth_refusals_total`).
     pub fn authenticate(&self, md: &MetadataMap) -> Result<Arc<Principal>, Error> {
+        let found = self.principal(md);
+        if found.is_err() {
+            crate::metrics::auth_refused(false);
+        }
+        found
+    }
+
+    fn principal(&self, md: &MetadataMap) -> Result<Arc<Principal>, Error> {
         let value = md.get("authorization").ok_or_else(|| {
             Error::Unauthenticated(
                 "this cluster requires a bearer token (authorization metadata)".into(),
@@ -245,6 +254,7 @@ impl Principal {
         if self.may_use(namespace) {
             Ok(())
         } else {
+            crate::metrics::auth_refused(true);
             Err(Error::PermissionDenied(format!(
                 "namespace: token {:?} may not use namespace {namespace:?}",
                 self.name
@@ -256,6 +266,7 @@ impl Principal {
         if self.admin {
             Ok(())
         } else {
+            crate::metrics::auth_refused(true);
             Err(Error::PermissionDenied(format!(
                 "{what}: token {:?} is not an admin token",
                 self.name

@@ -29,7 +29,7 @@ use tonic::codegen::http;
 use tonic_health::pb::health_server::Health;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-use crate::api::status::to_status;
+use crate::error::to_status;
 use crate::error::Error;
 
 const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
@@ -148,6 +148,7 @@ where
                 })
             }
             Err(_) => {
+                crate::metrics::overloaded();
                 let status = to_status(Error::Overloaded(format!(
                     "{}: {} calls are already running on this node; retry later",
                     self.cap.setting, self.cap.max
@@ -193,6 +194,7 @@ impl AwaitCaps {
     pub fn try_acquire(self: &Arc<Self>, namespace: &str) -> Result<AwaitPermit, Error> {
         let mut w = self.lock();
         if w.total >= self.max {
+            crate::metrics::overloaded();
             return Err(Error::Overloaded(format!(
                 "max_awaits: {} Await calls are already waiting on this node; retry later",
                 self.max
@@ -200,6 +202,7 @@ impl AwaitCaps {
         }
         let in_ns = w.by_namespace.get(namespace).copied().unwrap_or(0);
         if in_ns >= self.per_namespace {
+            crate::metrics::overloaded();
             return Err(Error::Overloaded(format!(
                 "max_awaits_per_namespace: {} Await calls are already waiting in namespace {namespace:?} on this node; retry later",
                 self.per_namespace
@@ -271,6 +274,7 @@ impl<H: Health> Health for CappedHealth<H> {
         request: tonic::Request<HealthCheckRequest>,
     ) -> Result<tonic::Response<HealthStream>, tonic::Status> {
         let Ok(slot) = self.watches.clone().try_acquire_owned() else {
+            crate::metrics::overloaded();
             return Err(to_status(Error::Overloaded(format!(
                 "max_health_watches: {} health Watch streams are already open on this node; use Check, or retry later",
                 self.max

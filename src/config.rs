@@ -89,10 +89,10 @@ pub struct Caps {
 impl Default for Caps {
     fn default() -> Self {
         Caps {
-            max_message_bytes: crate::api::MAX_API_MESSAGE,
+            max_message_bytes: crate::wire::MAX_API_MESSAGE,
             max_in_flight: 4096,
             max_streams_per_connection: 1024,
-            peer_max_message_bytes: crate::raft::network::MAX_PEER_MESSAGE,
+            peer_max_message_bytes: crate::wire::MAX_PEER_MESSAGE,
             peer_max_in_flight: 8192,
             max_awaits: 1024,
             max_awaits_per_namespace: 256,

@@ -1,6 +1,11 @@
-//! The library's error type. Every failure a request can meet is one of
-//! these; `api::status` maps them to gRPC status codes in one place.
+//! The library's error type, and the one mapping from it to a gRPC
+//! status, used by every port (client, peer). Every failure a request can
+//! meet is one of these. The mapping has no side effects: metrics are
+//! counted where a refusal happens, not here.
+use tonic::{Code, Status};
+
 use crate::record::RuleError;
+use crate::wire::{Reason, REASON_HEADER};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -55,3 +60,43 @@ impl From<std::io::Error> for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The reason a rule refusal carries on the wire.
+pub fn reason(e: &RuleError) -> Reason {
+    match e {
+        RuleError::LeaseLost { .. } => Reason::LeaseLost,
+        RuleError::FingerprintMismatch => Reason::FingerprintMismatch,
+        RuleError::AlreadyCompleted { .. } => Reason::AlreadyCompleted,
+        RuleError::NotAttempted => Reason::NotAttempted,
+    }
+}
+
+/// The status a port answers for `e`: its code, its message, and for a
+/// rule refusal or an overload the reason in [`REASON_HEADER`].
+pub fn to_status(e: Error) -> Status {
+    let (code, reason) = match &e {
+        Error::InvalidArgument { .. } => (Code::InvalidArgument, None),
+        Error::TooLarge { .. } => (Code::ResourceExhausted, None),
+        Error::Rule(r) => (Code::FailedPrecondition, Some(reason(r))),
+        Error::NotFound(_) => (Code::NotFound, None),
+        Error::Unavailable(_) => (Code::Unavailable, None),
+        Error::Unauthenticated(_) => (Code::Unauthenticated, None),
+        Error::PermissionDenied(_) => (Code::PermissionDenied, None),
+        Error::Overloaded(_) => (Code::ResourceExhausted, Some(Reason::Overloaded)),
+        Error::Internal(_) => (Code::Internal, None),
+    };
+    let mut status = Status::new(code, e.to_string());
+    if let Some(r) = reason {
+        status.metadata_mut().insert(
+            REASON_HEADER,
+            tonic::metadata::MetadataValue::from_static(r.as_str()),
+        );
+    }
+    status
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        to_status(e)
+    }
+}

@@ -2,38 +2,68 @@
 //! idempotency records in sled on every node and serves them over gRPC, so
 //! at-least-once work gets exactly-once effect.
 //!
-//! # Layout
-//! - [`record`]: the idempotency rules, pure and deterministic (the heart).
-//! - [`store`]: storage: the Raft log in segment files of its own, the vote
-//!   and the state machine in sled, snapshots; real fsync with group commit.
-//! - [`raft`]: everything that names openraft: type config, peer network,
-//!   peer service, and [`raft::consensus`], the door to the Raft group.
-//! - [`api`]: the public gRPC services, validation, error → status mapping.
-//! - [`client`]: the Rust client: endpoints, leader discovery, safe retries.
-//! - [`node`]: [`Node`], one node in-process.
-//! - [`config`]: node configuration and limits.
-//! - [`cli`]: the `idemkv` subcommands (`serve`, `up`, `ctl`, `bench`, `certs`).
-//! - [`tls`]: TLS (rustls) for the client and peer ports, and for clients.
-//! - [`bench`]: the load tool behind `idemkv bench` (idemkv, etcd, Redis).
-//! - [`codec`], [`pb`], [`error`]: encoding, generated code, the error type.
-pub mod api;
-pub mod auth;
-pub mod bench;
-pub mod caps;
-pub use client::Client;
-pub mod cli;
+//! # Layers
+//! Each layer imports only from the layers below it (`tests/layers.rs`
+//! checks this; docs/ARCHITECTURE.md draws it):
+//!
+//! 1. [`wire`], [`pb`], [`tls`], [`metrics`], [`record`], [`codec`]: what
+//!    client and node agree on beyond the protobuf (reasons, header names,
+//!    message caps, default endpoints); generated code; TLS settings;
+//!    counters (a leaf); the idempotency rules, pure and deterministic (the
+//!    heart); encoding.
+//! 2. [`error`] (the error type and the one error → status mapping),
+//!    [`raft::types`] (openraft's type configuration), [`config`] (node
+//!    configuration and limits), [`auth`] (bearer tokens), [`caps`]
+//!    (concurrency and size caps).
+//! 3. [`store`]: the Raft log in segment files of its own, the vote and the
+//!    state machine in sled, snapshots; real fsync with group commit.
+//! 4. [`raft`]: [`raft::consensus`] (the one door to the Raft group), the
+//!    peer network and the peer service.
+//! 5. [`api`]: the public gRPC services and input validation.
+//! 6. [`node`]: [`Node`], one node in-process.
+//!
+//! Beside them: [`client`] (the Rust client: endpoints, leader discovery,
+//! safe retries, `run_once`) uses only `wire`, `pb` and `tls`; [`bench`]
+//! (the load tool behind `idemkv bench`) only the client. The command
+//! line is the `idemkv` binary's own (`src/main.rs`, `src/cli/`).
+//!
+//! # Features
+//! `server` (a node, and the binary) and `bench` are on by default;
+//! `--no-default-features --features client` builds the client alone.
 pub mod client;
-pub mod codec;
-pub mod config;
-pub mod error;
-pub mod metrics;
-pub mod node;
 pub mod pb;
-pub mod raft;
-pub mod record;
-pub mod store;
 pub mod tls;
+pub mod wire;
+pub use client::Client;
 
+#[cfg(feature = "server")]
+pub mod api;
+#[cfg(feature = "server")]
+pub mod auth;
+#[cfg(feature = "bench")]
+pub mod bench;
+#[cfg(feature = "server")]
+pub mod caps;
+#[cfg(feature = "server")]
+pub mod codec;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod error;
+#[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
+pub mod node;
+#[cfg(feature = "server")]
+pub mod raft;
+#[cfg(feature = "server")]
+pub mod record;
+#[cfg(feature = "server")]
+pub mod store;
+
+#[cfg(feature = "server")]
 pub use config::{Limits, NodeConfig};
+#[cfg(feature = "server")]
 pub use error::Error;
+#[cfg(feature = "server")]
 pub use node::Node;

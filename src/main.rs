@@ -1,9 +1,11 @@
 //! The `idemkv` binary: parse the command line, install logging, run.
+mod cli;
+
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() {
-    let cli = idemkv::cli::Cli::parse();
+    let cli = cli::Cli::parse();
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
     let builder = tracing_subscriber::fmt()
@@ -31,7 +33,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let code = match runtime.block_on(idemkv::cli::run(cli)) {
+    let code = match runtime.block_on(cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("idemkv: {e:#}");

@@ -4,6 +4,9 @@
 //!
 //! Counters count answers given by this node's client port (a write a
 //! follower forwards is counted once, by the follower that answered).
+//!
+//! A leaf: it imports nothing of the crate, so every layer may count here.
+//! The caller says what happened; the node hands in the Raft gauges.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,9 +15,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-
-use crate::raft::consensus::Consensus;
-use crate::record::ClaimOutcome;
 
 static CLAIM_ACQUIRED: AtomicU64 = AtomicU64::new(0);
 static CLAIM_IN_PROGRESS: AtomicU64 = AtomicU64::new(0);
@@ -36,30 +36,47 @@ static FSYNC_COUNTS: [AtomicU64; 12] = [const { AtomicU64::new(0) }; 12];
 static FSYNC_COUNT: AtomicU64 = AtomicU64::new(0);
 static FSYNC_SUM_NANOS: AtomicU64 = AtomicU64::new(0);
 
+/// How a claim was answered to a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimAnswer {
+    /// Granted; `takeover` when taken from a holder whose lease expired.
+    Acquired {
+        takeover: bool,
+    },
+    InProgress,
+    Completed,
+    Failed,
+}
+
 /// A claim's outcome, as answered to a client.
-pub fn claim(o: &ClaimOutcome) {
-    let c = match o {
-        ClaimOutcome::Acquired { previous_owner, .. } => {
-            if previous_owner.is_some() {
+pub fn claim(a: ClaimAnswer) {
+    let c = match a {
+        ClaimAnswer::Acquired { takeover } => {
+            if takeover {
                 TAKEOVERS.fetch_add(1, Ordering::Relaxed);
             }
             &CLAIM_ACQUIRED
         }
-        ClaimOutcome::InProgress { .. } => &CLAIM_IN_PROGRESS,
-        ClaimOutcome::Completed { .. } => &CLAIM_COMPLETED,
-        ClaimOutcome::Failed { .. } => &CLAIM_FAILED,
+        ClaimAnswer::InProgress => &CLAIM_IN_PROGRESS,
+        ClaimAnswer::Completed => &CLAIM_COMPLETED,
+        ClaimAnswer::Failed => &CLAIM_FAILED,
     };
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// A refusal with a reason (`LEASE_LOST`, `FINGERPRINT_MISMATCH`, ...).
-pub fn refusal(reason: &str) {
-    match reason {
-        "LEASE_LOST" => LEASE_LOST.fetch_add(1, Ordering::Relaxed),
-        "FINGERPRINT_MISMATCH" => FINGERPRINT_MISMATCH.fetch_add(1, Ordering::Relaxed),
-        "OVERLOADED" => OVERLOADED.fetch_add(1, Ordering::Relaxed),
-        _ => 0,
-    };
+/// A token-fenced call refused with `LEASE_LOST`.
+pub fn fenced_rejection() {
+    LEASE_LOST.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A claim refused with `FINGERPRINT_MISMATCH`.
+pub fn fingerprint_mismatch() {
+    FINGERPRINT_MISMATCH.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A call refused because a concurrency cap was reached (`OVERLOADED`).
+pub fn overloaded() {
+    OVERLOADED.fetch_add(1, Ordering::Relaxed);
 }
 
 /// A client call refused by auth: `denied` for PERMISSION_DENIED, else
@@ -101,8 +118,20 @@ fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
 }
 
+/// The Raft state the gauges show, read at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RaftGauges {
+    pub term: u64,
+    pub is_leader: bool,
+    pub commit_index: u64,
+    pub applied_index: u64,
+}
+
+/// Reads the Raft gauges at scrape time.
+pub type GaugeSource = Arc<dyn Fn() -> RaftGauges + Send + Sync>;
+
 /// The text exposition of every metric.
-pub fn render(consensus: &Consensus) -> String {
+pub fn render(s: &RaftGauges) -> String {
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let mut out = String::new();
     counter(
@@ -155,13 +184,12 @@ pub fn render(consensus: &Consensus) -> String {
         "Peer-port calls refused because they came from a non-member address.",
         &[("", load(&PEER_REFUSED))],
     );
-    let s = consensus.status();
     gauge(&mut out, "idemkv_raft_term", "Current Raft term.", s.term);
     gauge(
         &mut out,
         "idemkv_raft_is_leader",
         "1 if this node leads.",
-        u64::from(s.role == "leader"),
+        u64::from(s.is_leader),
     );
     gauge(
         &mut out,
@@ -203,7 +231,7 @@ pub fn render(consensus: &Consensus) -> String {
 /// Serve `GET /metrics` on `listener` until `stop` turns true.
 pub async fn serve(
     listener: TcpListener,
-    consensus: Arc<Consensus>,
+    gauges: GaugeSource,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -212,7 +240,7 @@ pub async fn serve(
             _ = stop.wait_for(|s| *s) => return,
         };
         let Ok((mut sock, _)) = conn else { continue };
-        let consensus = consensus.clone();
+        let gauges = gauges.clone();
         tokio::spawn(async move {
             let mut buf = Vec::new();
             let mut chunk = [0u8; 1024];
@@ -226,7 +254,7 @@ pub async fn serve(
             let head = String::from_utf8_lossy(&buf);
             let line = head.lines().next().unwrap_or("");
             let (status, body) = if line.starts_with("GET /metrics ") {
-                ("200 OK", render(&consensus))
+                ("200 OK", render(&gauges()))
             } else {
                 ("404 Not Found", "try GET /metrics\n".to_string())
             };

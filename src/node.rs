@@ -15,7 +15,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 use tonic::transport::{Server, ServerTlsConfig};
 
-use crate::api::{ClusterService, IdempotencyService, MAX_API_MESSAGE};
+use crate::api::{ClusterService, IdempotencyService};
 use crate::auth::Auth;
 use crate::caps::{AwaitCaps, CappedHealth, InFlightLayer};
 use crate::config::NodeConfig;
@@ -24,11 +24,12 @@ use crate::pb::api::cluster_server::ClusterServer;
 use crate::pb::api::idempotency_server::IdempotencyServer;
 use crate::pb::peer::raft_peer_server::RaftPeerServer;
 use crate::raft::consensus::Consensus;
-use crate::raft::network::{Peers, MAX_PEER_MESSAGE};
+use crate::raft::network::Peers;
 use crate::raft::service::PeerService;
 use crate::raft::{NodeId, PeerNode, Raft};
 use crate::record::{Command, Outcome};
 use crate::store::{Store, Syncer};
+use crate::wire::{MAX_API_MESSAGE, MAX_PEER_MESSAGE};
 
 pub struct Node {
     pub id: NodeId,
@@ -249,9 +250,19 @@ impl Node {
                     .await
                     .map_err(|e| Error::Internal(format!("bind metrics {addr}: {e}")))?;
                 let bound = l.local_addr().ok();
+                let c = consensus.clone();
+                let gauges: crate::metrics::GaugeSource = Arc::new(move || {
+                    let s = c.status();
+                    crate::metrics::RaftGauges {
+                        term: s.term,
+                        is_leader: s.role == "leader",
+                        commit_index: s.commit_index,
+                        applied_index: s.applied_index,
+                    }
+                });
                 tasks.push(tokio::spawn(crate::metrics::serve(
                     l,
-                    consensus.clone(),
+                    gauges,
                     shutdown.subscribe(),
                 )));
                 bound
@@ -300,13 +311,13 @@ impl Node {
     /// Whether this node has ever been part of a cluster (its data directory
     /// holds a vote or log).
     pub async fn is_initialized(&self) -> bool {
-        self.consensus.raft.is_initialized().await.unwrap_or(false)
+        self.consensus.is_initialized().await
     }
 
     /// Stop serving, stop Raft, and make everything written durable.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        if let Err(e) = self.consensus.raft.shutdown().await {
+        if let Err(e) = self.consensus.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
         // The servers drain open calls first; a peer that keeps a call open
@@ -349,12 +360,7 @@ async fn sweeper(consensus: Arc<Consensus>, cfg: NodeConfig, mut stop: watch::Re
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        while consensus.raft.is_leader()
-            && consensus
-                .sm
-                .has_expired(consensus.now_ms())
-                .unwrap_or(false)
-        {
+        while consensus.sweep_due() {
             let sweep = Command::Sweep {
                 limit: cfg.sweep_limit,
             };

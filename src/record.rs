@@ -147,6 +147,9 @@ pub enum ClaimOutcome {
         attempt: u32,
         previous_owner: Option<String>,
         checkpoint: Option<Vec<u8>>,
+        /// This grant took the claim from a holder whose lease had
+        /// expired (not a Release, not the holder's own retry).
+        takeover: bool,
     },
     InProgress {
         owner: String,
@@ -378,7 +381,7 @@ fn claim(cur: Option<&Record>, c: &Claim, now: u64, last_token: &mut u64) -> Cla
             max_attempts: c.max_attempts,
             retention_ms: c.retention_ms,
         };
-        return acquire(fresh, c, None, None, now, last_token);
+        return acquire(fresh, c, Grant::default(), now, last_token);
     };
     if let (Some(stored), Some(given)) = (&r.fingerprint, &c.fingerprint) {
         if stored != given {
@@ -402,6 +405,7 @@ fn claim(cur: Option<&Record>, c: &Claim, now: u64, last_token: &mut u64) -> Cla
                     attempt: r.attempts,
                     previous_owner: previous_owner.clone(),
                     checkpoint: checkpoint.clone(),
+                    takeover: false,
                 };
                 return (Change::Keep, Ok(out));
             }
@@ -428,8 +432,11 @@ fn claim(cur: Option<&Record>, c: &Claim, now: u64, last_token: &mut u64) -> Cla
             acquire(
                 r.clone(),
                 c,
-                Some(owner.clone()),
-                checkpoint.clone(),
+                Grant {
+                    previous_owner: Some(owner.clone()),
+                    checkpoint: checkpoint.clone(),
+                    takeover: true,
+                },
                 now,
                 last_token,
             )
@@ -439,8 +446,12 @@ fn claim(cur: Option<&Record>, c: &Claim, now: u64, last_token: &mut u64) -> Cla
             checkpoint,
             ..
         } => {
-            let prev = (!last_owner.is_empty()).then(|| last_owner.clone());
-            acquire(r.clone(), c, prev, checkpoint.clone(), now, last_token)
+            let grant = Grant {
+                previous_owner: (!last_owner.is_empty()).then(|| last_owner.clone()),
+                checkpoint: checkpoint.clone(),
+                takeover: false,
+            };
+            acquire(r.clone(), c, grant, now, last_token)
         }
         State::Completed {
             token,
@@ -471,14 +482,26 @@ fn attempts_exhausted(r: &Record) -> bool {
     r.max_attempts > 0 && r.attempts >= r.max_attempts
 }
 
+/// What a new grant inherits from the state it replaces.
+#[derive(Default)]
+struct Grant {
+    previous_owner: Option<String>,
+    checkpoint: Option<Vec<u8>>,
+    takeover: bool,
+}
+
 fn acquire(
     mut r: Record,
     c: &Claim,
-    previous_owner: Option<String>,
-    checkpoint: Option<Vec<u8>>,
+    grant: Grant,
     now: u64,
     last_token: &mut u64,
 ) -> ClaimDecision {
+    let Grant {
+        previous_owner,
+        checkpoint,
+        takeover,
+    } = grant;
     *last_token += 1;
     let token = *last_token;
     let lease_deadline_ms = now.saturating_add(c.lease_ms);
@@ -501,6 +524,7 @@ fn acquire(
         attempt: r.attempts,
         previous_owner,
         checkpoint,
+        takeover,
     };
     (Change::Put(r), Ok(out))
 }
@@ -670,9 +694,41 @@ fn release(cur: Option<&Record>, token: u64, error: &str, now: u64) -> Decision 
     }
 }
 
+/// A claim's answer when the claim changes nothing: a replay of a completed
+/// result, a live lease held by another, the holder's own retry, a
+/// fingerprint mismatch, a failed record. Such an answer may be given
+/// without a log entry (the leader's no-write fast path, after a read
+/// barrier). `None`: the claim would change the record and must go
+/// through the log. The token counter is only read: an answer given
+/// without an entry must never grant, so it never mints a token (a token
+/// no entry records would be handed out again by the next grant).
+pub fn claim_without_write(
+    cur: Option<&Record>,
+    op: &Op,
+    now: u64,
+    last_token: u64,
+) -> Option<Result<Outcome, RuleError>> {
+    if !matches!(op, Op::Claim(_)) {
+        return None;
+    }
+    let mut tokens = last_token;
+    match apply_op(cur, op, now, &mut tokens) {
+        (Change::Keep, out) if tokens == last_token => Some(out),
+        _ => None,
+    }
+}
+
+/// The first item of a batch whose key an earlier item already names: a
+/// batch claims each key at most once, so such a batch is refused before
+/// it is proposed.
+pub fn repeated_key<K: std::hash::Hash + Eq>(keys: impl IntoIterator<Item = K>) -> Option<usize> {
+    let mut seen = std::collections::HashSet::new();
+    keys.into_iter().position(|k| !seen.insert(k))
+}
+
 /// Decide a batch of claims carried by one entry. `current[i]` is the stored
-/// record of `claims[i]`'s key; keys are distinct (the API edge rejects
-/// duplicates). With `all_or_nothing`, either every item is acquired or no
+/// record of `claims[i]`'s key; keys are distinct ([`repeated_key`] finds
+/// none: the API edge and the peer port refuse such a batch). With `all_or_nothing`, either every item is acquired or no
 /// change is made and the items that would have been acquired report
 /// [`RuleError::NotAttempted`], and the token counter is left untouched.
 /// Each item acquired takes a token of its own.

@@ -164,7 +164,7 @@ async fn awaits_have_caps_of_their_own_and_leave_other_calls_alone() {
         tokio::spawn(async move { cl.r#await(await_req(ns, key, 60_000)).await })
     };
     let wait = |ns: &'static str| wait_on(ns, "k");
-    let sm = c.node(1).consensus().sm.clone();
+    let sm = c.node(1).consensus().clone();
     // Each Await is waiting (registered on its key) before the next call,
     // so none of them races another for a slot.
     let settle = |want: usize| {
@@ -238,7 +238,7 @@ async fn awaits_have_caps_of_their_own_and_leave_other_calls_alone() {
 async fn an_await_wakes_when_its_key_changes_and_not_for_other_keys() {
     let c = TestCluster::start(1).await;
     let cl = no_retry(&c.members[&1].api_addr);
-    let sm = c.node(1).consensus().sm.clone();
+    let sm = c.node(1).consensus().clone();
     let held = acquired(cl.claim(claim_req("ns", "k", "w", 60_000)).await.unwrap());
     let waiter = {
         let cl = cl.clone();

@@ -165,3 +165,82 @@ async fn metrics_count_what_clients_saw() {
         "node 3 logs text"
     );
 }
+
+/// `idemkv_takeovers_total` counts only grants taken from an expired
+/// holder: not a grant after a Release, not the holder's own retry. A
+/// stranger refused at the peer port counts in `idemkv_peer_refused_total`
+/// and not as a client auth refusal. (Both were miscounted while the
+/// counting was a side effect of the error mapping and of `previous_owner`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeovers_and_peer_refusals_are_counted_as_what_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = ProcCluster::new(dir.path(), 1, "");
+    let port = free_ports(1)[0];
+    let metrics = format!("127.0.0.1:{port}");
+    c.envs[0] = vec![("IDEMKV_METRICS_LISTEN".into(), metrics.clone())];
+    c.start_all();
+    c.wait_ready(Duration::from_secs(20)).await;
+    let client = Client::new([&c.api[0]]).unwrap();
+    let with_id = |owner: &str, id: &str, lease_ms: u64| api::ClaimRequest {
+        claim_id: id.into(),
+        ..claim("t", owner, lease_ms, "f")
+    };
+
+    // w1's 100 ms lease runs out; w2 takes over: one takeover.
+    let Outcome::Acquired(_) = client.claim(with_id("w1", "t-1", 100)).await.unwrap() else {
+        panic!("not acquired");
+    };
+    client
+        .r#await(api::AwaitRequest {
+            namespace: "m".into(),
+            key: b"t".to_vec(),
+            timeout_ms: 5_000,
+        })
+        .await
+        .unwrap();
+    let Outcome::Acquired(b) = client.claim(with_id("w2", "t-2", 60_000)).await.unwrap() else {
+        panic!("no takeover");
+    };
+    assert_eq!(b.previous_owner.as_deref(), Some("w1"));
+    // w2 retries its claim (a lost reply): the same grant, no new takeover.
+    let Outcome::Acquired(again) = client.claim(with_id("w2", "t-2", 60_000)).await.unwrap() else {
+        panic!("the holder's retry is answered with its grant");
+    };
+    assert_eq!(again.token, b.token);
+    // w2 gives the key back and w3 claims it: a grant, not a takeover.
+    client
+        .release(api::ReleaseRequest {
+            namespace: "m".into(),
+            key: b"t".to_vec(),
+            token: b.token,
+            error: "gave up".into(),
+        })
+        .await
+        .unwrap();
+    let Outcome::Acquired(d) = client.claim(with_id("w3", "t-3", 60_000)).await.unwrap() else {
+        panic!("not acquired after the release");
+    };
+    assert_eq!(d.previous_owner.as_deref(), Some("w2"));
+
+    // A stranger (another source address) writes through the peer port.
+    let mut stranger = procs::peer_from("127.0.0.2", &c.peer[0]).await;
+    let err = stranger
+        .vote(idemkv::pb::peer::Payload { data: vec![] })
+        .await
+        .expect_err("a non-member's call is refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
+    let (_, body) = scrape(&metrics, "/metrics");
+    for (series, want) in [
+        ("idemkv_claims_total{outcome=\"acquired\"}", 4.0),
+        ("idemkv_takeovers_total", 1.0),
+        ("idemkv_peer_refused_total", 1.0),
+        (
+            "idemkv_auth_refusals_total{code=\"permission_denied\"}",
+            0.0,
+        ),
+        ("idemkv_auth_refusals_total{code=\"unauthenticated\"}", 0.0),
+    ] {
+        assert_eq!(value(&body, series), want, "{series}");
+    }
+}

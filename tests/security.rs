@@ -5,14 +5,12 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use common::{acquired, claim_req, TestCluster};
 use idemkv::client::{ClientError, ClientOptions};
 use idemkv::pb::api;
-use idemkv::pb::peer::raft_peer_client::RaftPeerClient;
 use idemkv::pb::peer::Payload;
 use idemkv::raft::consensus::{ForwardReply, Forwarded};
 use idemkv::record::{Claim, Command, Op, RecordKey};
@@ -239,24 +237,6 @@ async fn a_bad_token_file_stops_the_node_from_starting() {
     );
 }
 
-/// A peer-port client whose connections come from `source` (any 127/8
-/// address reaches a loopback listener).
-async fn peer_from(source: &str, to: &str) -> RaftPeerClient<tonic::transport::Channel> {
-    let source: SocketAddr = format!("{source}:0").parse().unwrap();
-    let to: SocketAddr = to.parse().unwrap();
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{to}"))
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| async move {
-            let s = tokio::net::TcpSocket::new_v4()?;
-            s.bind(source)?;
-            let stream = s.connect(to).await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-        }))
-        .await
-        .unwrap();
-    RaftPeerClient::new(ch)
-}
-
 fn forwarded_claim(key: &str, owner: &str) -> Payload {
     let cmd = Command::Op {
         key: RecordKey {
@@ -285,7 +265,7 @@ async fn peer_calls_are_accepted_only_from_member_addresses() {
 
     // A process on another address writes through the peer port, the way a
     // follower forwards: refused, nothing written.
-    let mut stranger = peer_from("127.0.0.2", &peer_addr).await;
+    let mut stranger = procs::peer_from("127.0.0.2", &peer_addr).await;
     let err = stranger
         .forward(forwarded_claim("k", "stranger"))
         .await
@@ -310,7 +290,7 @@ async fn peer_calls_are_accepted_only_from_member_addresses() {
 
     // The same call from a member's address is served: the check is what
     // refused the stranger.
-    let mut member = peer_from("127.0.0.1", &peer_addr).await;
+    let mut member = procs::peer_from("127.0.0.1", &peer_addr).await;
     let reply = member
         .forward(forwarded_claim("k", "member"))
         .await
@@ -331,7 +311,7 @@ async fn peer_calls_are_accepted_only_from_member_addresses() {
     // serves the same stranger.
     let open = TestCluster::start_with(3, |cfg| cfg.peer_members_only = false).await;
     let leader = open.wait_leader(Duration::from_secs(10)).await;
-    let mut stranger = peer_from("127.0.0.2", &open.members[&leader].raft_addr).await;
+    let mut stranger = procs::peer_from("127.0.0.2", &open.members[&leader].raft_addr).await;
     let reply = stranger
         .forward(forwarded_claim("k", "stranger"))
         .await
@@ -375,7 +355,7 @@ async fn oversized_messages_are_refused_on_both_ports() {
     // The peer port: a message over its cap is refused before decoding
     // (a small undecodable one gets as far as decoding).
     let leader = c.wait_leader(Duration::from_secs(10)).await;
-    let mut member = peer_from("127.0.0.1", &c.members[&leader].raft_addr).await;
+    let mut member = procs::peer_from("127.0.0.1", &c.members[&leader].raft_addr).await;
     let err = member
         .forward(Payload {
             data: vec![0xff; 5 * 1024 * 1024],
@@ -624,7 +604,7 @@ fn serve_and_ctl_with_tokens_reload_on_sighup_and_status_reports_health() {
 async fn forwarded_commands_are_validated_again_on_the_leader() {
     let c = TestCluster::start(3).await;
     let leader = c.wait_leader(Duration::from_secs(10)).await;
-    let mut member = peer_from("127.0.0.1", &c.members[&leader].raft_addr).await;
+    let mut member = procs::peer_from("127.0.0.1", &c.members[&leader].raft_addr).await;
     let key = |k: &str| RecordKey {
         namespace: "peers".into(),
         key: k.as_bytes().to_vec(),

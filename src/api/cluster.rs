@@ -3,8 +3,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::status::to_status;
 use crate::auth::{authenticate, Auth};
+use crate::error::to_status;
 use crate::error::Error;
 use crate::pb::api::{self, cluster_server::Cluster};
 use crate::raft::consensus::Consensus;

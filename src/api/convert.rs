@@ -11,6 +11,7 @@ pub fn claim_outcome(o: ClaimOutcome) -> api::claim_response::Outcome {
             attempt,
             previous_owner,
             checkpoint,
+            takeover: _,
         } => O::Acquired(api::Acquired {
             token,
             lease_deadline_ms,
@@ -59,7 +60,7 @@ pub fn batch_item(item: Result<ClaimOutcome, record::RuleError>) -> api::ClaimBa
             O::Failed(f) => B::Failed(f),
         },
         Err(e) => B::Error(api::ItemError {
-            reason: super::status::reason(&e).to_string(),
+            reason: crate::error::reason(&e).to_string(),
             message: e.to_string(),
         }),
     };

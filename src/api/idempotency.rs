@@ -8,15 +8,16 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::status::to_status;
 use super::{convert, validate};
 use crate::auth::{authenticate, Auth};
 use crate::caps::AwaitCaps;
 use crate::config::Limits;
+use crate::error::to_status;
 use crate::error::Error;
+use crate::metrics::{self, ClaimAnswer};
 use crate::pb::api::{self, idempotency_server::Idempotency};
 use crate::raft::consensus::Consensus;
-use crate::record::{self, Command, Op, Outcome, RecordKey};
+use crate::record::{self, ClaimOutcome, Command, Op, Outcome, RecordKey};
 
 pub struct IdempotencyService {
     consensus: Arc<Consensus>,
@@ -62,8 +63,32 @@ impl IdempotencyService {
         self.consensus
             .write(Command::Op { key, op })
             .await
-            .map_err(to_status)
+            .map_err(refused)
     }
+}
+
+/// The status of a refused operation, counting the refusals the metrics
+/// name (`idemkv_fenced_rejections_total`,
+/// `idemkv_fingerprint_mismatches_total`).
+fn refused(e: Error) -> Status {
+    match &e {
+        Error::Rule(record::RuleError::LeaseLost { .. }) => metrics::fenced_rejection(),
+        Error::Rule(record::RuleError::FingerprintMismatch) => metrics::fingerprint_mismatch(),
+        _ => {}
+    }
+    to_status(e)
+}
+
+/// Count a claim's answer (`idemkv_claims_total`, `idemkv_takeovers_total`).
+fn count_claim(o: &ClaimOutcome) {
+    metrics::claim(match o {
+        ClaimOutcome::Acquired { takeover, .. } => ClaimAnswer::Acquired {
+            takeover: *takeover,
+        },
+        ClaimOutcome::InProgress { .. } => ClaimAnswer::InProgress,
+        ClaimOutcome::Completed { .. } => ClaimAnswer::Completed,
+        ClaimOutcome::Failed { .. } => ClaimAnswer::Failed,
+    });
 }
 
 fn unexpected(o: Outcome) -> Status {
@@ -89,12 +114,12 @@ impl Idempotency for IdempotencyService {
         let (key, claim) = validate::claim(&self.limits, req.get_ref()).map_err(to_status)?;
         let op = Op::Claim(claim);
         let outcome = match self.consensus.claim_without_write(&key, &op).await {
-            Ok(Some(decided)) => decided.map_err(|e| to_status(Error::Rule(e)))?,
+            Ok(Some(decided)) => decided.map_err(|e| refused(Error::Rule(e)))?,
             Ok(None) | Err(_) => self.op(key, op).await?,
         };
         match outcome {
             Outcome::Claim(o) => {
-                crate::metrics::claim(&o);
+                count_claim(&o);
                 Ok(Response::new(api::ClaimResponse {
                     outcome: Some(convert::claim_outcome(o)),
                 }))
@@ -123,7 +148,7 @@ impl Idempotency for IdempotencyService {
                     .into_iter()
                     .inspect(|i| {
                         if let Ok(o) = i {
-                            crate::metrics::claim(o);
+                            count_claim(o);
                         }
                     })
                     .map(convert::batch_item)
@@ -224,14 +249,9 @@ impl Idempotency for IdempotencyService {
         self.consensus.read_index().await.map_err(to_status)?;
         // Registered before the record is read, so a change committed in
         // between still wakes this call.
-        let mut changes = self.consensus.sm.watch_key(&key);
+        let mut changes = self.consensus.watch_key(&key);
         loop {
-            let Some(rec) = self
-                .consensus
-                .sm
-                .get(&key)
-                .map_err(|e| to_status(e.into()))?
-            else {
+            let Some(rec) = self.consensus.get(&key, false).await.map_err(to_status)? else {
                 return Err(not_found(&key));
             };
             let lease_left = record::live_lease_left(&rec, self.consensus.now_ms());

@@ -7,7 +7,7 @@
 use crate::config::Limits;
 use crate::error::{Error, Result};
 use crate::pb::api;
-use crate::record::{Claim, Command, Op, RecordKey};
+use crate::record::{self, Claim, Command, Op, RecordKey};
 
 fn check_len(field: &str, len: usize, max: usize, unit: &str) -> Result<()> {
     if len > max {
@@ -177,16 +177,13 @@ fn at_item(i: usize) -> impl Fn(Error) -> Error {
 }
 
 fn distinct_keys(items: &[(RecordKey, Claim)]) -> Result<()> {
-    let mut seen = std::collections::HashSet::with_capacity(items.len());
-    for (i, (k, _)) in items.iter().enumerate() {
-        if !seen.insert(k) {
-            return Err(Error::invalid(
-                &format!("items[{i}].key"),
-                "appears twice in the batch; each key may be claimed once per batch",
-            ));
-        }
+    match record::repeated_key(items.iter().map(|(k, _)| k)) {
+        Some(i) => Err(Error::invalid(
+            &format!("items[{i}].key"),
+            "appears twice in the batch; each key may be claimed once per batch",
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 pub fn complete(limits: &Limits, r: &api::CompleteRequest) -> Result<(RecordKey, Op)> {

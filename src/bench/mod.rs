@@ -7,6 +7,7 @@
 pub mod target;
 pub mod workload;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
-use crate::cli::parse_duration_ms;
+use crate::client::ClientTls;
 pub use target::{Target, TargetKind};
 use workload::{Checks, Task};
 pub use workload::{Plan, Workload};
@@ -74,7 +75,7 @@ pub struct BenchArgs {
     pub json: bool,
     /// TLS to an idemkv cluster.
     #[command(flatten)]
-    pub conn: crate::cli::ClientConnArgs,
+    pub conn: ClientConnArgs,
 }
 
 /// What a run measured.
@@ -419,4 +420,54 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         println!("{}", report.human());
     }
     Ok(report.exit_code())
+}
+
+/// A client's connection flags (`ctl`, `bench`): TLS (none given means
+/// plaintext) and the bearer token.
+#[derive(Debug, Args, Default, Clone)]
+pub struct ClientConnArgs {
+    /// Connect over TLS, trusting this CA (PEM).
+    #[arg(long, env = "IDEMKV_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a cluster run with --client-auth.
+    #[arg(long, env = "IDEMKV_TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "IDEMKV_TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
+    /// Bearer token, for a cluster run with --auth-tokens (not to be
+    /// confused with a claim's fencing token).
+    #[arg(long, env = "IDEMKV_AUTH_TOKEN", global = true, hide_env_values = true)]
+    pub auth_token: Option<String>,
+}
+
+impl ClientConnArgs {
+    /// Client options with these TLS settings and token.
+    pub fn options(&self) -> anyhow::Result<crate::client::ClientOptions> {
+        Ok(crate::client::ClientOptions {
+            tls: self.load()?,
+            token: self.auth_token.clone().filter(|t| !t.is_empty()),
+            ..Default::default()
+        })
+    }
+
+    /// The client TLS setting (none without --tls-ca).
+    pub fn load(&self) -> anyhow::Result<Option<ClientTls>> {
+        ClientTls::from_options(
+            self.tls_ca.as_deref(),
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)
+    }
+}
+
+/// Parse a duration such as `30s`, `250ms`, `24h`, or a bare number of ms.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
+    humantime::parse_duration(s)
+        .map(|d| d.as_millis() as u64)
+        .map_err(|e| format!("{s:?} is not a duration (try 30s, 250ms, 24h): {e}"))
 }

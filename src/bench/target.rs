@@ -42,7 +42,7 @@ impl TargetKind {
 
     pub fn default_endpoints(self) -> &'static str {
         match self {
-            TargetKind::Idemkv => crate::cli::DEFAULT_ENDPOINTS,
+            TargetKind::Idemkv => crate::wire::DEFAULT_ENDPOINTS,
             TargetKind::Etcd => "127.0.0.1:2379",
             TargetKind::Redis => "127.0.0.1:6379",
         }

@@ -5,10 +5,11 @@
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
-use super::{parse_duration_ms, DEFAULT_ENDPOINTS};
-use crate::client::{ClientError, ClientOptions};
-use crate::pb::api::{self, claim_response::Outcome};
-use crate::Client;
+use super::parse_duration_ms;
+use idemkv::client::{ClientError, ClientOptions};
+use idemkv::pb::api::{self, claim_response::Outcome};
+use idemkv::wire::DEFAULT_ENDPOINTS;
+use idemkv::Client;
 
 #[derive(Debug, Args)]
 pub struct CtlArgs {

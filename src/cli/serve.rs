@@ -12,10 +12,10 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::config::{Caps, Limits, NodeConfig};
-use crate::raft::PeerNode;
-use crate::tls::TlsFiles;
-use crate::Node;
+use idemkv::config::{Caps, Limits, NodeConfig};
+use idemkv::raft::PeerNode;
+use idemkv::tls::TlsFiles;
+use idemkv::Node;
 
 #[derive(Debug, Args, Default)]
 pub struct ServeArgs {

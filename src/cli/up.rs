@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use tokio::process::{Child, Command};
 
-use crate::Client;
+use idemkv::Client;
 
 #[derive(Debug, Args)]
 pub struct UpArgs {

@@ -1,7 +1,7 @@
 //! Errors the client returns.
 use tonic::{Code, Status};
 
-use crate::api::status::REASON_HEADER;
+use crate::wire::{Reason, REASON_HEADER};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -41,6 +41,11 @@ impl ClientError {
                 .and_then(|v| v.to_str().ok()),
             _ => None,
         }
+    }
+
+    /// Whether the server refused with `reason`.
+    pub fn is(&self, reason: Reason) -> bool {
+        self.reason() == Some(reason.as_str())
     }
 
     pub fn message(&self) -> String {

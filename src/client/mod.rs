@@ -129,8 +129,8 @@ fn retryable(s: &Status) -> bool {
 fn overloaded(s: &Status) -> bool {
     s.code() == Code::ResourceExhausted
         && s.metadata()
-            .get(crate::api::status::REASON_HEADER)
-            .is_some_and(|v| v.as_bytes() == crate::api::status::OVERLOADED.as_bytes())
+            .get(crate::wire::REASON_HEADER)
+            .is_some_and(|v| v.as_bytes() == crate::wire::Reason::Overloaded.as_str().as_bytes())
 }
 
 impl Client {
@@ -147,7 +147,7 @@ impl Client {
     /// certificate, if set).
     pub fn from_env() -> Result<Client, ClientError> {
         let endpoints = std::env::var("IDEMKV_ENDPOINTS")
-            .unwrap_or_else(|_| crate::cli::DEFAULT_ENDPOINTS.to_string());
+            .unwrap_or_else(|_| crate::wire::DEFAULT_ENDPOINTS.to_string());
         let path = |v: &str| std::env::var_os(v).map(std::path::PathBuf::from);
         let (ca, cert, key) = (
             path("IDEMKV_TLS_CA"),
@@ -280,8 +280,8 @@ impl Client {
 
     fn idem(ch: Transport) -> IdempotencyClient<Transport> {
         IdempotencyClient::new(ch)
-            .max_decoding_message_size(crate::api::MAX_API_MESSAGE)
-            .max_encoding_message_size(crate::api::MAX_API_MESSAGE)
+            .max_decoding_message_size(crate::wire::MAX_API_MESSAGE)
+            .max_encoding_message_size(crate::wire::MAX_API_MESSAGE)
     }
 
     /// Claim a key. An empty `claim_id` is replaced by a fresh one, fixed for

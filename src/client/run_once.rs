@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use super::{Client, ClientError};
 use crate::pb::api::{self, claim_response::Outcome};
+use crate::wire::Reason;
 
 /// How to run a piece of work once.
 #[derive(Debug, Clone)]
@@ -403,7 +404,7 @@ impl Client {
                 };
                 match self.complete(req).await {
                     Ok(_) => Ok(RunOutcome::Ran { completion, token }),
-                    Err(e) if e.reason() == Some("LEASE_LOST") => Err(RunError::LeaseLost {
+                    Err(e) if e.is(Reason::LeaseLost) => Err(RunError::LeaseLost {
                         token,
                         why: LeaseLoss::Fenced,
                     }),
@@ -552,7 +553,7 @@ impl Renewer {
                     }
                     next = sent + every;
                 }
-                Ok(Err(e)) if e.reason() == Some("LEASE_LOST") => {
+                Ok(Err(e)) if e.is(Reason::LeaseLost) => {
                     self.lease.lose(LeaseLoss::Fenced);
                     return;
                 }

@@ -20,7 +20,7 @@ use super::{NodeId, PeerNode, Raft, Response};
 use crate::codec::{decode, encode};
 use crate::error::{Error, Result};
 use crate::pb::peer::Payload;
-use crate::record::{self, Change, Command, Op, Outcome, Record, RecordKey, Request, RuleError};
+use crate::record::{self, Command, Op, Outcome, Record, RecordKey, Request, RuleError};
 use crate::store::{Rejoin, StateMachineStore};
 
 /// A request a follower hands to the leader.
@@ -97,8 +97,11 @@ pub struct RaftStatus {
 
 pub struct Consensus {
     pub id: NodeId,
-    pub raft: Raft,
-    pub sm: StateMachineStore,
+    /// The Raft group and the state machine stay behind this type: the
+    /// layers above see only its methods (the peer service, in this
+    /// module, hands Raft its messages).
+    pub(super) raft: Raft,
+    pub(super) sm: StateMachineStore,
     peers: Peers,
     /// How long a write or read index may wait for a quorum before the
     /// caller gets `Unavailable`.
@@ -139,6 +142,42 @@ impl Consensus {
 
     /// The entry this node must hold again before it votes or campaigns
     /// (it cut a damaged record it may have acknowledged); `None` normally.
+    /// Register a waiter on the record at `key` (Await); register before
+    /// reading the record, so no change in between is missed.
+    pub fn watch_key(&self, key: &RecordKey) -> crate::store::watch::KeyWatch {
+        self.sm.watch_key(key)
+    }
+
+    /// Keys some Await on this node is waiting on.
+    pub fn watched_keys(&self) -> usize {
+        self.sm.watched_keys()
+    }
+
+    /// Times an Await on this node was woken by a change of its key.
+    pub fn watch_wakeups(&self) -> u64 {
+        self.sm.watch_wakeups()
+    }
+
+    /// Whether this node has ever been part of a cluster (it holds a vote
+    /// or a log).
+    pub async fn is_initialized(&self) -> bool {
+        self.raft.is_initialized().await.unwrap_or(false)
+    }
+
+    /// Stop the Raft group.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|e| Error::Internal(format!("raft shutdown: {e}")))
+    }
+
+    /// Whether this node leads and holds records whose retention has run
+    /// out at the cluster's clock: then a sweep is due.
+    pub fn sweep_due(&self) -> bool {
+        self.raft.is_leader() && self.sm.has_expired(self.now_ms()).unwrap_or(false)
+    }
+
     pub fn rejoin_until(&self) -> Option<u64> {
         self.rejoin.until()
     }
@@ -323,13 +362,7 @@ impl Consensus {
         }
         let judge = |rec: Option<Record>| {
             let now = record::advance_clock(self.sm.clock_ms(), self.now_ms());
-            // A decision that keeps the record grants nothing, so the
-            // counter is only read.
-            let mut tokens = self.sm.last_token();
-            match record::apply_op(rec.as_ref(), op, now, &mut tokens) {
-                (Change::Keep, out) => Some(out),
-                _ => None,
-            }
+            record::claim_without_write(rec.as_ref(), op, now, self.sm.last_token())
         };
         // Cheap local look first: a fresh key goes straight to the log.
         if judge(self.sm.get(key)?).is_none() {
@@ -639,7 +672,7 @@ mod stopped {
     fn a_stopped_raft_is_unavailable_to_clients() {
         let e = membership_result::<()>(Err(RaftError::Fatal(openraft::error::Fatal::Stopped)));
         assert!(matches!(e, Err(Error::Unavailable(_))), "{e:?}");
-        let status = crate::api::status::to_status(e.unwrap_err());
+        let status = crate::error::to_status(e.unwrap_err());
         assert_eq!(status.code(), tonic::Code::Unavailable);
     }
 }

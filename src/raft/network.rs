@@ -24,9 +24,8 @@ use super::{NodeId, PeerNode, Snapshot, StreamAppendResult, TypeConfig, Vote};
 use crate::codec::{decode, encode};
 use crate::pb::peer::raft_peer_client::RaftPeerClient;
 use crate::pb::peer::{Payload, SnapshotChunk};
+use crate::wire::MAX_PEER_MESSAGE;
 
-/// Largest peer message accepted or sent (a batch of big results).
-pub const MAX_PEER_MESSAGE: usize = 256 * 1024 * 1024;
 const SNAPSHOT_CHUNK: usize = 1024 * 1024;
 
 /// Hands out the cached channel of each peer.

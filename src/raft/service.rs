@@ -18,8 +18,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::consensus::{Consensus, Forwarded};
 use super::{AppendEntriesRequest, Snapshot, SnapshotMeta, Vote};
-use crate::api::status::to_status;
 use crate::codec::{decode, encode};
+use crate::error::to_status;
 use crate::error::Error;
 use crate::pb::peer::raft_peer_server::RaftPeer;
 use crate::pb::peer::{Payload, SnapshotChunk};
@@ -258,6 +258,7 @@ impl RaftPeer for PeerService {
     ) -> Result<Response<Payload>, Status> {
         self.admission.check(&req).await?;
         let _one = self.spooling.clone().try_acquire_owned().map_err(|_| {
+            crate::metrics::overloaded();
             to_status(Error::Overloaded(
                 "peer: this node is already receiving a snapshot; one at a time (retry later)"
                     .into(),

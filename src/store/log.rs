@@ -61,7 +61,7 @@ use super::keys::{COMMITTED, PURGED, VOTE};
 use super::rejoin::Rejoin;
 use super::test_hooks;
 use crate::codec::{decode, encode};
-use crate::raft::{Entry, LogId, TypeConfig, Vote};
+use crate::raft::types::{Entry, LogId, TypeConfig, Vote};
 
 /// The segment appends go to: its path (for the fsync ledger) and file;
 /// both shared, so the fsync thread takes them without allocating.

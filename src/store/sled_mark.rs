@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use super::durable::sled_err;
 use super::keys::{PURGED, RAFT_TREE, REJOIN_UNTIL, VOTE};
 use crate::codec::{decode, encode};
-use crate::raft::{LogId, Vote};
+use crate::raft::types::{LogId, Vote};
 
 /// The file, in the data directory (beside `sled/`, never inside it).
 pub const FILE: &str = "sled.mark";

@@ -27,7 +27,7 @@ use std::io::{self, Read, Write};
 use sha2::{Digest, Sha256};
 
 use crate::codec::{decode, encode};
-use crate::raft::SnapshotMeta;
+use crate::raft::types::SnapshotMeta;
 
 pub const MAGIC: &[u8; 8] = b"IDKVSNP3";
 const LEGACY_MAGIC: &[u8; 8] = b"IDKVSNP2";

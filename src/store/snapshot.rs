@@ -40,7 +40,7 @@ use super::keys;
 use super::snapfile::{Header, Reader, Writer};
 use super::state_machine::{StateMachineStore, TREES};
 use crate::codec::{decode, encode};
-use crate::raft::{Snapshot, SnapshotMeta, TypeConfig};
+use crate::raft::types::{Snapshot, SnapshotMeta, TypeConfig};
 use crate::record::{self, Record};
 
 const PREFIX: &str = "snap-";

@@ -26,7 +26,9 @@ use super::boot_clock;
 use super::durable::{sled_err, Syncer};
 use super::keys;
 use crate::codec::{decode, encode};
-use crate::raft::{EntryPayload, LogId, Response, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::raft::types::{
+    EntryPayload, LogId, Response, SnapshotMeta, StoredMembership, TypeConfig,
+};
 use crate::record::{self, Change, Command, Outcome, Record, RecordKey, Request};
 
 /// Handle to the state machine; cheap to clone. Reads ([`Self::get`]) go
@@ -529,7 +531,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.install(meta, snapshot).await
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<crate::raft::Snapshot>, io::Error> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<crate::raft::types::Snapshot>, io::Error> {
         self.current_snapshot()
     }
 }

@@ -217,3 +217,25 @@ impl Drop for ProcCluster {
         self.kill9_all();
     }
 }
+
+/// A peer-port client whose connections come from `source` (any 127/8
+/// address reaches a loopback listener), as a stranger on another host
+/// would.
+pub async fn peer_from(
+    source: &str,
+    to: &str,
+) -> idemkv::pb::peer::raft_peer_client::RaftPeerClient<tonic::transport::Channel> {
+    let source: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+    let to: std::net::SocketAddr = to.parse().unwrap();
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{to}"))
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| async move {
+            let s = tokio::net::TcpSocket::new_v4()?;
+            s.bind(source)?;
+            let stream = s.connect(to).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }))
+        .await
+        .unwrap();
+    idemkv::pb::peer::raft_peer_client::RaftPeerClient::new(ch)
+}
