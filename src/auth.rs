@@ -79,20 +79,15 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 }
 
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    let s = s.trim();
-    if s.len() != 64 || !s.is_ascii() {
-        return None;
-    }
     let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
+    hex::decode_to_slice(s.trim(), &mut out).ok()?;
     Some(out)
 }
 
 /// Equal without an early exit, so timing says nothing about the digest.
 fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 fn pattern(entry: &str, p: &str) -> Result<Pattern, String> {
@@ -288,10 +283,7 @@ pub fn authenticate(
 
 /// The token of `name` hashed as a token file's `token_sha256` wants it.
 pub fn token_sha256(token: &str) -> String {
-    sha256(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(sha256(token.as_bytes()))
 }
 
 #[cfg(test)]

@@ -16,6 +16,13 @@
 //!   decoding it, with `OUT_OF_RANGE`; the layer turns that into the
 //!   `RESOURCE_EXHAUSTED` the spec promises for "too large", naming the
 //!   setting.
+//!
+//! Why not tower's `ConcurrencyLimit` + `LoadShed`: the first queues a call
+//! instead of refusing it, and the second refuses with a boxed `Overloaded`
+//! error that tonic turns into `UNKNOWN`; the spec needs an immediate
+//! `RESOURCE_EXHAUSTED` with reason `OVERLOADED` (safe to retry), health
+//! checks and Awaits left out of the count, and the size refusal rewritten.
+//! That is one semaphore and a path check, kept here.
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -1,7 +1,8 @@
 //! Node configuration and the limits of SPEC §4.
 //!
-//! Precedence is flags, then `IDEMKV_*` environment variables, then a TOML
-//! file, then these defaults; `cli::serve` merges them.
+//! The defaults written here are the only ones; [`crate::settings`] names
+//! every setting for flags, `IDEMKV_*` variables and the config file, and
+//! merges them.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Limits enforced at the API edge before anything is proposed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     pub namespace_max: usize,
     pub key_max: usize,

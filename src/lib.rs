@@ -13,8 +13,9 @@
 //!    heart); encoding.
 //! 2. [`error`] (the error type and the one error → status mapping),
 //!    [`raft::types`] (openraft's type configuration), [`config`] (node
-//!    configuration and limits), [`auth`] (bearer tokens), [`caps`]
-//!    (concurrency and size caps).
+//!    configuration and limits, with their defaults), [`auth`] (bearer
+//!    tokens), [`caps`] (concurrency and size caps), [`settings`] (every
+//!    setting by flag, environment and file, merged).
 //! 3. [`store`]: the Raft log in segment files of its own, the vote and the
 //!    state machine in sled, snapshots; real fsync with group commit.
 //! 4. [`raft`]: [`raft::consensus`] (the one door to the Raft group), the
@@ -58,6 +59,8 @@ pub mod node;
 pub mod raft;
 #[cfg(feature = "server")]
 pub mod record;
+#[cfg(feature = "server")]
+pub mod settings;
 #[cfg(feature = "server")]
 pub mod store;
 

@@ -1,11 +1,12 @@
 //! The `idemkv` binary: parse the command line, install logging, run.
 mod cli;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tracing_subscriber::EnvFilter;
 
 fn main() {
-    let cli = cli::Cli::parse();
+    let matches = cli::Cli::command().get_matches();
+    let cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
     let builder = tracing_subscriber::fmt()
@@ -33,7 +34,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let code = match runtime.block_on(cli::run(cli)) {
+    let code = match runtime.block_on(cli::run(cli, &matches)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("idemkv: {e:#}");

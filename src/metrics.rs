@@ -1,6 +1,7 @@
 //! Prometheus metrics: process-wide counters bumped where things happen,
-//! Raft gauges read at scrape time, and a tiny HTTP/1.1 endpoint serving
-//! the text exposition format on `--metrics-listen` (`GET /metrics`).
+//! Raft gauges read at scrape time, and `GET /metrics` on
+//! `--metrics-listen` (OpenMetrics text, from `prometheus-client`; served
+//! by axum).
 //!
 //! Counters count answers given by this node's client port (a write a
 //! follower forwards is counted once, by the follower that answered).
@@ -8,33 +9,148 @@
 //! A leaf: it imports nothing of the crate, so every layer may count here.
 //! The caller says what happened; the node hands in the Raft gauges.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-
-static CLAIM_ACQUIRED: AtomicU64 = AtomicU64::new(0);
-static CLAIM_IN_PROGRESS: AtomicU64 = AtomicU64::new(0);
-static CLAIM_COMPLETED: AtomicU64 = AtomicU64::new(0);
-static CLAIM_FAILED: AtomicU64 = AtomicU64::new(0);
-static TAKEOVERS: AtomicU64 = AtomicU64::new(0);
-static LEASE_LOST: AtomicU64 = AtomicU64::new(0);
-static FINGERPRINT_MISMATCH: AtomicU64 = AtomicU64::new(0);
-static UNAUTHENTICATED: AtomicU64 = AtomicU64::new(0);
-static PERMISSION_DENIED: AtomicU64 = AtomicU64::new(0);
-static OVERLOADED: AtomicU64 = AtomicU64::new(0);
-static PEER_REFUSED: AtomicU64 = AtomicU64::new(0);
 
 /// Upper bounds (seconds) of the fsync latency histogram's buckets.
 const FSYNC_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
-static FSYNC_COUNTS: [AtomicU64; 12] = [const { AtomicU64::new(0) }; 12];
-static FSYNC_COUNT: AtomicU64 = AtomicU64::new(0);
-static FSYNC_SUM_NANOS: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: &'static str,
+}
+
+type U64Gauge = Gauge<u64, AtomicU64>;
+
+struct Metrics {
+    registry: Registry,
+    claims: Family<OutcomeLabel, Counter>,
+    takeovers: Counter,
+    fenced: Counter,
+    mismatches: Counter,
+    auth_refusals: Family<CodeLabel, Counter>,
+    overloaded: Counter,
+    peer_refused: Counter,
+    fsync: Histogram,
+    term: U64Gauge,
+    is_leader: U64Gauge,
+    commit_index: U64Gauge,
+    applied_index: U64Gauge,
+    apply_lag: U64Gauge,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let mut r = Registry::default();
+    let claims = Family::<OutcomeLabel, Counter>::default();
+    // Every series exists from the start, at 0.
+    for outcome in ["acquired", "in_progress", "completed", "failed"] {
+        let _ = claims.get_or_create(&OutcomeLabel { outcome });
+    }
+    r.register(
+        "idemkv_claims",
+        "Claims answered by this node, by outcome.",
+        claims.clone(),
+    );
+    let takeovers = Counter::default();
+    r.register(
+        "idemkv_takeovers",
+        "Claims acquired from a holder whose lease had expired.",
+        takeovers.clone(),
+    );
+    let fenced = Counter::default();
+    r.register(
+        "idemkv_fenced_rejections",
+        "Token-fenced calls refused with LEASE_LOST.",
+        fenced.clone(),
+    );
+    let mismatches = Counter::default();
+    r.register(
+        "idemkv_fingerprint_mismatches",
+        "Claims refused with FINGERPRINT_MISMATCH (a key reused for another request).",
+        mismatches.clone(),
+    );
+    let auth_refusals = Family::<CodeLabel, Counter>::default();
+    for code in ["unauthenticated", "permission_denied"] {
+        let _ = auth_refusals.get_or_create(&CodeLabel { code });
+    }
+    r.register(
+        "idemkv_auth_refusals",
+        "Client calls refused by bearer-token auth, by status code.",
+        auth_refusals.clone(),
+    );
+    let overloaded = Counter::default();
+    r.register(
+        "idemkv_overloaded",
+        "Calls refused because a concurrency cap (client or peer port) was reached.",
+        overloaded.clone(),
+    );
+    let peer_refused = Counter::default();
+    r.register(
+        "idemkv_peer_refused",
+        "Peer-port calls refused because they came from a non-member address.",
+        peer_refused.clone(),
+    );
+    let gauge = |r: &mut Registry, name: &str, help: &str| {
+        let g = U64Gauge::default();
+        r.register(name, help, g.clone());
+        g
+    };
+    let term = gauge(&mut r, "idemkv_raft_term", "Current Raft term.");
+    let is_leader = gauge(&mut r, "idemkv_raft_is_leader", "1 if this node leads.");
+    let commit_index = gauge(
+        &mut r,
+        "idemkv_raft_commit_index",
+        "Highest log index known committed.",
+    );
+    let applied_index = gauge(
+        &mut r,
+        "idemkv_raft_applied_index",
+        "Highest log index applied to the state machine.",
+    );
+    let apply_lag = gauge(
+        &mut r,
+        "idemkv_raft_apply_lag",
+        "Committed entries not yet applied.",
+    );
+    let fsync = Histogram::new(FSYNC_BUCKETS);
+    r.register(
+        "idemkv_log_fsync_seconds",
+        "fdatasync latency of the Raft log (one per group commit).",
+        fsync.clone(),
+    );
+    Metrics {
+        registry: r,
+        claims,
+        takeovers,
+        fenced,
+        mismatches,
+        auth_refusals,
+        overloaded,
+        peer_refused,
+        fsync,
+        term,
+        is_leader,
+        commit_index,
+        applied_index,
+        apply_lag,
+    }
+});
 
 /// How a claim was answered to a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,72 +166,60 @@ pub enum ClaimAnswer {
 
 /// A claim's outcome, as answered to a client.
 pub fn claim(a: ClaimAnswer) {
-    let c = match a {
+    let outcome = match a {
         ClaimAnswer::Acquired { takeover } => {
             if takeover {
-                TAKEOVERS.fetch_add(1, Ordering::Relaxed);
+                METRICS.takeovers.inc();
             }
-            &CLAIM_ACQUIRED
+            "acquired"
         }
-        ClaimAnswer::InProgress => &CLAIM_IN_PROGRESS,
-        ClaimAnswer::Completed => &CLAIM_COMPLETED,
-        ClaimAnswer::Failed => &CLAIM_FAILED,
+        ClaimAnswer::InProgress => "in_progress",
+        ClaimAnswer::Completed => "completed",
+        ClaimAnswer::Failed => "failed",
     };
-    c.fetch_add(1, Ordering::Relaxed);
+    METRICS
+        .claims
+        .get_or_create(&OutcomeLabel { outcome })
+        .inc();
 }
 
 /// A token-fenced call refused with `LEASE_LOST`.
 pub fn fenced_rejection() {
-    LEASE_LOST.fetch_add(1, Ordering::Relaxed);
+    METRICS.fenced.inc();
 }
 
 /// A claim refused with `FINGERPRINT_MISMATCH`.
 pub fn fingerprint_mismatch() {
-    FINGERPRINT_MISMATCH.fetch_add(1, Ordering::Relaxed);
+    METRICS.mismatches.inc();
 }
 
 /// A call refused because a concurrency cap was reached (`OVERLOADED`).
 pub fn overloaded() {
-    OVERLOADED.fetch_add(1, Ordering::Relaxed);
+    METRICS.overloaded.inc();
 }
 
 /// A client call refused by auth: `denied` for PERMISSION_DENIED, else
 /// UNAUTHENTICATED.
 pub fn auth_refused(denied: bool) {
-    let c = if denied {
-        &PERMISSION_DENIED
+    let code = if denied {
+        "permission_denied"
     } else {
-        &UNAUTHENTICATED
+        "unauthenticated"
     };
-    c.fetch_add(1, Ordering::Relaxed);
+    METRICS
+        .auth_refusals
+        .get_or_create(&CodeLabel { code })
+        .inc();
 }
 
 /// A peer call refused because it came from a non-member address.
 pub fn peer_refused() {
-    PEER_REFUSED.fetch_add(1, Ordering::Relaxed);
+    METRICS.peer_refused.inc();
 }
 
 /// One fdatasync of the Raft log.
 pub fn fsync(took: Duration) {
-    let secs = took.as_secs_f64();
-    for (i, le) in FSYNC_BUCKETS.iter().enumerate() {
-        if secs <= *le {
-            FSYNC_COUNTS[i].fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    FSYNC_COUNT.fetch_add(1, Ordering::Relaxed);
-    FSYNC_SUM_NANOS.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
-}
-
-fn counter(out: &mut String, name: &str, help: &str, samples: &[(&str, u64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-    for (labels, v) in samples {
-        let _ = writeln!(out, "{name}{labels} {v}");
-    }
-}
-
-fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    METRICS.fsync.observe(took.as_secs_f64());
 }
 
 /// The Raft state the gauges show, read at scrape time.
@@ -130,101 +234,18 @@ pub struct RaftGauges {
 /// Reads the Raft gauges at scrape time.
 pub type GaugeSource = Arc<dyn Fn() -> RaftGauges + Send + Sync>;
 
-/// The text exposition of every metric.
+/// The text exposition of every metric, with the Raft gauges at `s`.
 pub fn render(s: &RaftGauges) -> String {
-    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let m = &*METRICS;
+    m.term.set(s.term);
+    m.is_leader.set(u64::from(s.is_leader));
+    m.commit_index.set(s.commit_index);
+    m.applied_index.set(s.applied_index);
+    m.apply_lag
+        .set(s.commit_index.saturating_sub(s.applied_index));
     let mut out = String::new();
-    counter(
-        &mut out,
-        "idemkv_claims_total",
-        "Claims answered by this node, by outcome.",
-        &[
-            ("{outcome=\"acquired\"}", load(&CLAIM_ACQUIRED)),
-            ("{outcome=\"in_progress\"}", load(&CLAIM_IN_PROGRESS)),
-            ("{outcome=\"completed\"}", load(&CLAIM_COMPLETED)),
-            ("{outcome=\"failed\"}", load(&CLAIM_FAILED)),
-        ],
-    );
-    counter(
-        &mut out,
-        "idemkv_takeovers_total",
-        "Claims acquired from a holder whose lease had expired.",
-        &[("", load(&TAKEOVERS))],
-    );
-    counter(
-        &mut out,
-        "idemkv_fenced_rejections_total",
-        "Token-fenced calls refused with LEASE_LOST.",
-        &[("", load(&LEASE_LOST))],
-    );
-    counter(
-        &mut out,
-        "idemkv_fingerprint_mismatches_total",
-        "Claims refused with FINGERPRINT_MISMATCH (a key reused for another request).",
-        &[("", load(&FINGERPRINT_MISMATCH))],
-    );
-    counter(
-        &mut out,
-        "idemkv_auth_refusals_total",
-        "Client calls refused by bearer-token auth, by status code.",
-        &[
-            ("{code=\"unauthenticated\"}", load(&UNAUTHENTICATED)),
-            ("{code=\"permission_denied\"}", load(&PERMISSION_DENIED)),
-        ],
-    );
-    counter(
-        &mut out,
-        "idemkv_overloaded_total",
-        "Calls refused because max_in_flight (client or peer port) was reached.",
-        &[("", load(&OVERLOADED))],
-    );
-    counter(
-        &mut out,
-        "idemkv_peer_refused_total",
-        "Peer-port calls refused because they came from a non-member address.",
-        &[("", load(&PEER_REFUSED))],
-    );
-    gauge(&mut out, "idemkv_raft_term", "Current Raft term.", s.term);
-    gauge(
-        &mut out,
-        "idemkv_raft_is_leader",
-        "1 if this node leads.",
-        u64::from(s.is_leader),
-    );
-    gauge(
-        &mut out,
-        "idemkv_raft_commit_index",
-        "Highest log index known committed.",
-        s.commit_index,
-    );
-    gauge(
-        &mut out,
-        "idemkv_raft_applied_index",
-        "Highest log index applied to the state machine.",
-        s.applied_index,
-    );
-    gauge(
-        &mut out,
-        "idemkv_raft_apply_lag",
-        "Committed entries not yet applied.",
-        s.commit_index.saturating_sub(s.applied_index),
-    );
-    let name = "idemkv_log_fsync_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} fdatasync latency of the Raft log (one per group commit).\n# TYPE {name} histogram"
-    );
-    for (i, le) in FSYNC_BUCKETS.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{le=\"{le}\"}} {}",
-            load(&FSYNC_COUNTS[i])
-        );
-    }
-    let count = load(&FSYNC_COUNT);
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-    let sum = load(&FSYNC_SUM_NANOS) as f64 / 1e9;
-    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);
     out
 }
 
@@ -234,35 +255,41 @@ pub async fn serve(
     gauges: GaugeSource,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    loop {
-        let conn = tokio::select! {
-            c = listener.accept() => c,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let Ok((mut sock, _)) = conn else { continue };
-        let gauges = gauges.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 1024];
-            // Read the request head (bounded; bodies are not expected).
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-                match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut chunk)).await {
-                    Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                    _ => return,
+    use axum::http::{header, StatusCode};
+    // One answer per connection, as a scraper expects of a small endpoint.
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let gauges = gauges.clone();
+                async move {
+                    (
+                        [
+                            (
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            ),
+                            (header::CONNECTION, "close"),
+                        ],
+                        render(&gauges()),
+                    )
                 }
-            }
-            let head = String::from_utf8_lossy(&buf);
-            let line = head.lines().next().unwrap_or("");
-            let (status, body) = if line.starts_with("GET /metrics ") {
-                ("200 OK", render(&gauges()))
-            } else {
-                ("404 Not Found", "try GET /metrics\n".to_string())
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
+            }),
+        )
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                [(header::CONNECTION, "close")],
+                "try GET /metrics\n",
+            )
         });
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stopped)
+        .await
+    {
+        tracing::warn!(error = %e, "metrics endpoint stopped");
     }
 }

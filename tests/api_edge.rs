@@ -1,9 +1,9 @@
 //! Bad input gets the documented error, a message naming the field, and
 //! changes nothing.
-mod common;
-
-use common::{claim_req, TestCluster};
+mod support;
 use idemkv::pb::api;
+use inproc::{claim_req, TestCluster};
+use support::inproc;
 use tonic::Code;
 
 async fn assert_nothing_stored(client: &idemkv::Client, ns: &str, key: &[u8]) {
@@ -90,7 +90,7 @@ async fn bad_input_is_rejected_with_the_field_named_and_changes_nothing() {
     }
 
     // A real claim to test the fenced operations against.
-    let a = common::acquired(
+    let a = inproc::acquired(
         client
             .claim(claim_req("orders", "o-1", "w1", 30_000))
             .await
@@ -176,7 +176,7 @@ async fn fingerprint_mismatch_and_already_completed_are_reported() {
         fingerprint: Some(fp.as_bytes().to_vec()),
         ..claim_req("pay", "inv-1", "w1", 30_000)
     };
-    let a = common::acquired(client.claim(with_fp("aaa")).await.unwrap());
+    let a = inproc::acquired(client.claim(with_fp("aaa")).await.unwrap());
     let err = client.claim(with_fp("bbb")).await.unwrap_err();
     assert_eq!(err.reason(), Some("FINGERPRINT_MISMATCH"), "{err}");
     let done = |r: &str| api::CompleteRequest {

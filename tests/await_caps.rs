@@ -1,13 +1,13 @@
 //! Await and health-watch caps, per-key Await wake-ups, reflection v1alpha,
 //! and the messages of a node that has lost its quorum.
-mod common;
-
+mod support;
 use std::time::Duration;
+use support::inproc;
 
-use common::{acquired, claim_req, TestCluster};
 use idemkv::client::ClientOptions;
 use idemkv::pb::api;
 use idemkv::Client;
+use inproc::{acquired, claim_req, TestCluster};
 use tonic::Code;
 
 fn no_retry(addr: &str) -> Client {

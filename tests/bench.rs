@@ -3,15 +3,14 @@
 //! the same workloads must run against etcd and Redis where those servers
 //! are installed (`.ci/run` installs them; elsewhere those tests say they
 //! skip).
-mod common;
-mod procs;
-
+mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use support::{inproc, procs};
 
 use clap::Parser;
-use common::TestCluster;
 use idemkv::bench::{bench, BenchArgs, Report};
+use inproc::TestCluster;
 
 #[derive(Parser)]
 struct Wrap {

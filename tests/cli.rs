@@ -1,12 +1,12 @@
 //! The README walk-through, run as a user would: `idemkv up` in one place,
 //! `idemkv ctl` commands against it, Ctrl-C (SIGTERM) to stop, `up` again
 //! to find the data still there.
-mod procs;
-
+mod support;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
+use support::procs;
 
 use procs::BIN;
 

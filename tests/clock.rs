@@ -5,8 +5,8 @@
 //! takeovers once the clock is put right.
 //!
 //! Needs Debian's `faketime` (`.ci/run` installs it); skips without it.
-
-mod procs;
+mod support;
+use support::procs;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

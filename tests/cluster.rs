@@ -1,10 +1,10 @@
 //! Three-node clusters in-process: replication, failover, restart, leases.
-mod common;
-
+mod support;
 use std::time::Duration;
+use support::inproc;
 
-use common::{acquired, claim_req, TestCluster};
 use idemkv::pb::api::{self, claim_response::Outcome};
+use inproc::{acquired, claim_req, TestCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_on_one_node_is_seen_from_every_node() {

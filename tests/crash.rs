@@ -4,10 +4,10 @@
 //! with the token it was acknowledged with, and every acknowledged Complete
 //! must still replay its result. Snapshots and log purges happen often
 //! (`snapshot_every = 200`), so they are crashed through too.
-mod procs;
-
+mod support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use support::procs;
 
 use idemkv::client::ClientOptions;
 use idemkv::pb::api::{self, claim_response::Outcome};

@@ -15,14 +15,14 @@
 //! or power loss does to applies sled had not flushed yet. Each test first
 //! proves the damage took effect: opened on its own, the follower's log
 //! ends one entry short of what it acknowledged, and it says so.
-mod common;
-
+mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use support::inproc;
 
-use common::{acquired, claim_req, TestCluster};
 use idemkv::pb::api;
 use idemkv::store::Store;
+use inproc::{acquired, claim_req, TestCluster};
 use openraft::storage::RaftLogStorage;
 use openraft::RaftLogReader;
 

@@ -2,15 +2,15 @@
 //! is retried like any fenced write; an unfenced one is sent once, and when
 //! its reply is lost the caller is told the outcome is unknown instead of
 //! the library retrying it (a retry could delete a newer claim).
-
-mod common;
+mod support;
+use support::inproc;
 
 use std::time::Duration;
 
-use common::{acquired, claim_req, TestCluster};
 use idemkv::client::{ClientError, ClientOptions};
 use idemkv::pb::api;
 use idemkv::Client;
+use inproc::{acquired, claim_req, TestCluster};
 
 /// A TCP endpoint that accepts connections and never answers: a request
 /// sent there is lost (its outcome unknown to the sender).

@@ -9,8 +9,8 @@
 //! Skips (prints "skipping: ..." and passes) when docker or docker-compose
 //! is missing or the Docker daemon is not reachable. The project is always
 //! torn down with `down -v`, also when an assertion fails.
-
-mod procs;
+mod support;
+use support::procs;
 
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! The five classic scenarios of `examples/`, each against a real
 //! three-node cluster, asserting that the effect happened exactly once.
-mod common;
-
+mod support;
+use support::inproc;
 #[path = "../examples/batch_copy.rs"]
 mod batch_copy;
 #[path = "../examples/consumer.rs"]
@@ -16,7 +16,7 @@ mod resume_checkpoint;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::TestCluster;
+use inproc::TestCluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daily_job_runs_once_per_day_however_often_it_fires() {

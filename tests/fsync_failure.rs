@@ -2,10 +2,9 @@
 //! if the data were safe, and its clients must be told to go elsewhere
 //! (UNAVAILABLE), not that their request broke the server (INTERNAL).
 //! The failure is injected with the test hook `IDEMKV_TEST_FSYNC_CONTROL`.
-mod common;
-mod procs;
-
+mod support;
 use std::time::Duration;
+use support::{inproc, procs};
 
 use idemkv::client::{ClientError, ClientOptions};
 use idemkv::store::test_hooks::FSYNC_CONTROL_ENV;
@@ -30,16 +29,16 @@ async fn a_failed_fsync_stops_the_node_and_clients_hear_unavailable() {
     )
     .unwrap();
     client.wait_ready(Duration::from_secs(20)).await.unwrap();
-    common::acquired(
+    inproc::acquired(
         client
-            .claim(common::claim_req("ns", "before", "w", 60_000))
+            .claim(inproc::claim_req("ns", "before", "w", 60_000))
             .await
             .unwrap(),
     );
 
     std::fs::write(&control, "eio\n").unwrap();
     let err = client
-        .claim(common::claim_req("ns", "after", "w", 60_000))
+        .claim(inproc::claim_req("ns", "after", "w", 60_000))
         .await
         .expect_err("a write whose fsync failed was acknowledged");
     // The fault took effect: the hook failed an fsync.

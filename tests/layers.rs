@@ -13,7 +13,7 @@ fn layer(module: &str) -> Option<u32> {
     Some(match module {
         "wire" | "pb" | "tls" | "metrics" | "record" | "codec" => 0,
         "error" | "raft::types" | "config" => 1,
-        "auth" | "caps" => 2,
+        "auth" | "caps" | "settings" => 2,
         "store" => 3,
         "raft" => 4,
         "api" => 5,

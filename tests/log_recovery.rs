@@ -4,9 +4,9 @@
 //! file left as it was, and `idemkv serve` exits saying what to do. Also:
 //! every segment kept is fsynced at open, before anything is acknowledged.
 //! And a commit point stored beyond a cut tail is not reported.
+mod support;
+use support::procs;
 mod log_files;
-mod procs;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -2,10 +2,10 @@
 //! real processes: replace a dead node (a fourth node joins as a learner,
 //! catches up by snapshot, is promoted; the dead node is removed), then a
 //! rolling restart; no record is lost along the way.
-mod procs;
-
+mod support;
 use std::process::Command;
 use std::time::Duration;
+use support::procs;
 
 use idemkv::pb::api::{self, claim_response::Outcome};
 use idemkv::Client;

@@ -2,10 +2,10 @@
 //! outcome, takeovers, fenced rejections, fingerprint mismatches, the Raft
 //! term and indexes, and the log's fsync latency, as a user's actions
 //! changed them.
-mod procs;
-
+mod support;
 use std::io::{Read, Write};
 use std::time::Duration;
+use support::procs;
 
 use idemkv::pb::api::{self, claim_response::Outcome};
 use idemkv::Client;

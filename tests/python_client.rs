@@ -6,11 +6,11 @@
 //! Needs python3 with venv and pip, and PyPI the first time (the venv is kept
 //! in the cargo target dir). Without them it prints "skipping: ..." and
 //! passes, unless `IDEMKV_REQUIRE_PYTHON=1`, which turns a skip into a failure.
-mod procs;
-
+mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use support::procs;
 
 use procs::ProcCluster;
 

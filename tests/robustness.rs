@@ -11,9 +11,10 @@
 //!
 //! Longer runs: `IDEMKV_SOAK_SECS=600 cargo test --release --test robustness
 //! -- --ignored soak`, and `IDEMKV_CRASH_CYCLES=300` for the crash loop.
+mod support;
+use support::procs;
 #[path = "robust/nemeses.rs"]
 mod nemeses;
-mod procs;
 #[path = "robust/rig.rs"]
 mod rig;
 mod robust;

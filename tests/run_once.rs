@@ -4,15 +4,15 @@
 //! times its own lease (SPEC §2 Time): a worker cut off from the cluster (a
 //! proxy that can cut or delay its path) stops before the server's lease
 //! ends and saves nothing, and a grant that arrives too late is not started.
-mod common;
-
+mod support;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use support::inproc;
 
-use common::TestCluster;
 use idemkv::client::{LeaseLoss, RunError, RunOptions, RunOutcome};
 use idemkv::pb::api;
+use inproc::TestCluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_duplicates_run_the_work_once_and_all_get_its_result() {
@@ -353,7 +353,7 @@ async fn a_worker_cut_off_from_the_cluster_stops_before_its_lease_ends_and_saves
     // At that moment the server still counts w1's lease as live: lost()
     // fired before the server-side deadline, not after it.
     match direct
-        .claim(common::claim_req(ns, "cut/1", "w2", 1000))
+        .claim(inproc::claim_req(ns, "cut/1", "w2", 1000))
         .await
     {
         Ok(api::claim_response::Outcome::InProgress(p)) => {

@@ -2,19 +2,19 @@
 //! concurrency caps of both ports, as a caller meets them. Every refusal is
 //! checked for its code, a message naming what refused it, and for having
 //! changed nothing. (TLS is tests/tls.rs.)
-
-mod common;
+mod support;
+use support::{inproc, procs};
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::{acquired, claim_req, TestCluster};
 use idemkv::client::{ClientError, ClientOptions};
 use idemkv::pb::api;
 use idemkv::pb::peer::Payload;
 use idemkv::raft::consensus::{ForwardReply, Forwarded};
 use idemkv::record::{Claim, Command, Op, RecordKey};
 use idemkv::Client;
+use inproc::{acquired, claim_req, TestCluster};
 use tonic::Code;
 
 const BILLING: &str = "billing-secret-0001";
@@ -227,7 +227,7 @@ async fn a_bad_token_file_stops_the_node_from_starting() {
         "[[token]]\nname = \"a\"\ntoken = \"short\"\nnamespaces = [\"x\"]\n",
     )
     .unwrap();
-    let mut cfg = common::config(1, dir.path().join("n1"));
+    let mut cfg = inproc::config(1, dir.path().join("n1"));
     cfg.auth_tokens = Some(path);
     let err = idemkv::Node::start(cfg).await.err().expect("refused");
     let msg = err.to_string();
@@ -463,8 +463,6 @@ async fn stall_a_call(addr: &str) -> tokio::task::JoinHandle<Result<(), tonic::S
         .map(drop)
     })
 }
-
-mod procs;
 
 /// `idemkv ctl` against a process cluster: (exit code, stdout JSON or text,
 /// stderr).

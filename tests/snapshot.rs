@@ -2,13 +2,13 @@
 //! snapshot is refused and changes nothing; an install is never visible
 //! half-way to readers; the node reopens after either. And at the peer
 //! port: an incoming snapshot stream is bounded, checked, one at a time.
-mod common;
-
+mod support;
 use std::io::{Read, Seek, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use support::inproc;
 
 use futures::stream;
 use idemkv::raft::{Entry, Snapshot, TypeConfig};
@@ -361,11 +361,11 @@ async fn incoming_snapshot_streams_are_bounded_checked_and_one_at_a_time() {
     use idemkv::raft::{SnapshotMeta, Vote};
 
     let cap = 64 * 1024;
-    let c = common::TestCluster::start_with(1, |cfg| cfg.caps.peer_max_snapshot_bytes = cap).await;
+    let c = inproc::TestCluster::start_with(1, |cfg| cfg.caps.peer_max_snapshot_bytes = cap).await;
     let client = c.client();
-    common::acquired(
+    inproc::acquired(
         client
-            .claim(common::claim_req("ns", "kept", "w", 60_000))
+            .claim(inproc::claim_req("ns", "kept", "w", 60_000))
             .await
             .unwrap(),
     );

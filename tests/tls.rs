@@ -4,11 +4,11 @@
 //! plaintext, certificate-less and wrong-CA clients are refused. Without
 //! it, trusting the CA is enough. Replication and a follower forwarding a
 //! write to the leader both run over mutual TLS.
-mod procs;
-
+mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use support::procs;
 
 use idemkv::client::{ClientOptions, ClientTls};
 use idemkv::pb::api::{self, claim_response::Outcome};

@@ -2,14 +2,14 @@
 //! takes the next value of a replicated counter, so tokens are unique and
 //! strictly increasing across leader changes, full restarts and a node that
 //! learnt the state from a snapshot and then leads.
-
-mod common;
+mod support;
+use support::inproc;
 
 use std::time::Duration;
 
-use common::{claim_req, config, TestCluster};
 use idemkv::pb::api::{self, claim_batch_item};
 use idemkv::{Client, Node};
+use inproc::{claim_req, config, TestCluster};
 
 /// Claim `n` fresh keys in one batch; their tokens, in item order.
 async fn batch_tokens(c: &Client, prefix: &str, n: usize) -> Vec<u64> {

@@ -30,7 +30,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run one node.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Start a local three-node cluster (child processes), print its
     /// endpoints, stop it cleanly on Ctrl-C.
     Up(up::UpArgs),
@@ -44,9 +44,17 @@ pub enum Command {
     Certs(certs::CertsArgs),
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+/// Run the parsed command; `matches` are the same parse's, for where a
+/// setting came from.
+pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
     match cli.command {
-        Command::Serve(a) => serve::run(a).await.map(|_| 0),
+        Command::Serve(a) => {
+            let given = matches
+                .subcommand_matches("serve")
+                .map(serve::given)
+                .unwrap_or_default();
+            serve::run(*a, given).await.map(|_| 0)
+        }
         Command::Up(a) => up::run(a).await.map(|_| 0),
         Command::Ctl(a) => ctl::run(a).await,
         Command::Bench(a) => idemkv::bench::run(a).await,
