@@ -61,23 +61,13 @@ impl From<std::io::Error> for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The reason a rule refusal carries on the wire.
-pub fn reason(e: &RuleError) -> Reason {
-    match e {
-        RuleError::LeaseLost { .. } => Reason::LeaseLost,
-        RuleError::FingerprintMismatch => Reason::FingerprintMismatch,
-        RuleError::AlreadyCompleted { .. } => Reason::AlreadyCompleted,
-        RuleError::NotAttempted => Reason::NotAttempted,
-    }
-}
-
 /// The status a port answers for `e`: its code, its message, and for a
 /// rule refusal or an overload the reason in [`REASON_HEADER`].
 pub fn to_status(e: Error) -> Status {
     let (code, reason) = match &e {
         Error::InvalidArgument { .. } => (Code::InvalidArgument, None),
         Error::TooLarge { .. } => (Code::ResourceExhausted, None),
-        Error::Rule(r) => (Code::FailedPrecondition, Some(reason(r))),
+        Error::Rule(r) => (Code::FailedPrecondition, Some(r.reason())),
         Error::NotFound(_) => (Code::NotFound, None),
         Error::Unavailable(_) => (Code::Unavailable, None),
         Error::Unauthenticated(_) => (Code::Unauthenticated, None),

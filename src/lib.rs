@@ -6,22 +6,22 @@
 //! Each layer imports only from the layers below it (`tests/layers.rs`
 //! checks this; docs/ARCHITECTURE.md draws it):
 //!
-//! 1. [`wire`], [`pb`], [`tls`], [`metrics`], [`record`], [`codec`]: what
-//!    client and node agree on beyond the protobuf (reasons, header names,
-//!    message caps, default endpoints); generated code; TLS settings;
-//!    counters (a leaf); the idempotency rules, pure and deterministic (the
-//!    heart); encoding.
-//! 2. [`error`] (the error type and the one error → status mapping),
+//! 1. [`wire`], [`pb`], [`tls`], [`metrics`], [`codec`]: what client and
+//!    node agree on beyond the protobuf (reasons, header names, message
+//!    caps, default endpoints); generated code; TLS settings; counters (a
+//!    leaf); encoding.
+//! 2. [`record`]: the idempotency rules, pure and deterministic (the heart).
+//! 3. [`error`] (the error type and the one error → status mapping),
 //!    [`raft::types`] (openraft's type configuration), [`config`] (node
-//!    configuration and limits, with their defaults), [`auth`] (bearer
+//!    configuration and limits, with their defaults), then [`auth`] (bearer
 //!    tokens), [`caps`] (concurrency and size caps), [`settings`] (every
 //!    setting by flag, environment and file, merged).
-//! 3. [`store`]: the Raft log in segment files of its own, the vote and the
+//! 4. [`store`]: the Raft log in segment files of its own, the vote and the
 //!    state machine in sled, snapshots; real fsync with group commit.
-//! 4. [`raft`]: [`raft::consensus`] (the one door to the Raft group), the
+//! 5. [`raft`]: [`raft::consensus`] (the one door to the Raft group), the
 //!    peer network and the peer service.
-//! 5. [`api`]: the public gRPC services and input validation.
-//! 6. [`node`]: [`Node`], one node in-process.
+//! 6. [`api`]: the public gRPC services and input validation.
+//! 7. [`node`]: [`Node`], one node in-process.
 //!
 //! Beside them: [`client`] (the Rust client: endpoints, leader discovery,
 //! safe retries, `run_once`) uses only `wire`, `pb` and `tls`; [`bench`]

@@ -14,6 +14,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::wire::Reason;
+
 /// A stored idempotency record. Absent records are simply not stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -206,18 +208,41 @@ pub enum Outcome {
 /// A rule refused the operation; the record is unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum RuleError {
-    #[error("LEASE_LOST: token {token} does not hold the claim ({current})")]
+    #[error(
+        "{}: token {token} does not hold the claim ({current})",
+        Reason::LeaseLost
+    )]
     LeaseLost { token: u64, current: Holder },
-    #[error("FINGERPRINT_MISMATCH: the key was first used with a different request fingerprint")]
+    #[error(
+        "{}: the key was first used with a different request fingerprint",
+        Reason::FingerprintMismatch
+    )]
     FingerprintMismatch,
     #[error(
-        "ALREADY_COMPLETED: token {token} already completed this record with a different result"
+        "{}: token {token} already completed this record with a different result",
+        Reason::AlreadyCompleted
     )]
     AlreadyCompleted { token: u64 },
     /// In an all-or-nothing batch, an item that would have been acquired but
     /// was not because another item could not be.
-    #[error("NOT_ATTEMPTED: the batch was all-or-nothing and another item was not acquired")]
+    #[error(
+        "{}: the batch was all-or-nothing and another item was not acquired",
+        Reason::NotAttempted
+    )]
     NotAttempted,
+}
+
+impl RuleError {
+    /// The reason this refusal carries on the wire (and at the start of its
+    /// message).
+    pub fn reason(&self) -> Reason {
+        match self {
+            RuleError::LeaseLost { .. } => Reason::LeaseLost,
+            RuleError::FingerprintMismatch => Reason::FingerprintMismatch,
+            RuleError::AlreadyCompleted { .. } => Reason::AlreadyCompleted,
+            RuleError::NotAttempted => Reason::NotAttempted,
+        }
+    }
 }
 
 /// Who holds a record now, for LEASE_LOST messages.

@@ -11,13 +11,14 @@ use std::path::{Path, PathBuf};
 /// rest of `raft` above it.
 fn layer(module: &str) -> Option<u32> {
     Some(match module {
-        "wire" | "pb" | "tls" | "metrics" | "record" | "codec" => 0,
-        "error" | "raft::types" | "config" => 1,
-        "auth" | "caps" | "settings" => 2,
-        "store" => 3,
-        "raft" => 4,
-        "api" => 5,
-        "node" => 6,
+        "wire" | "pb" | "tls" | "metrics" | "codec" => 0,
+        "record" => 1,
+        "error" | "raft::types" | "config" => 2,
+        "auth" | "caps" | "settings" => 3,
+        "store" => 4,
+        "raft" => 5,
+        "api" => 6,
+        "node" => 7,
         _ => return None,
     })
 }

@@ -60,7 +60,7 @@ pub fn batch_item(item: Result<ClaimOutcome, record::RuleError>) -> api::ClaimBa
             O::Failed(f) => B::Failed(f),
         },
         Err(e) => B::Error(api::ItemError {
-            reason: crate::error::reason(&e).to_string(),
+            reason: e.reason().to_string(),
             message: e.to_string(),
         }),
     };

@@ -446,7 +446,6 @@ impl OnceRun {
         key: String,
         rng: &mut StdRng,
     ) -> Outcome {
-        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let steps: Vec<u64> = (0..rng.random_range(STEPS))
             .map(|_| rng.random_range(STEP_MS))
             .collect();
@@ -460,6 +459,57 @@ impl OnceRun {
         let crash = rng
             .random_bool(p)
             .then(|| (rng.random_range(2..=steps.len()), rng.random_range(0..=400)));
+        self.call_with(worker, client, key, steps, crash).await
+    }
+
+    /// Whether some work under the faults was handed a checkpoint.
+    pub fn checkpoint_seen(&self) -> bool {
+        self.checkpoint_seen.load(Ordering::Relaxed)
+    }
+
+    /// On the healed cluster: a work saves two checkpoints and crashes,
+    /// and another caller retries the key until it takes it over, which
+    /// must hand it the last checkpoint. For runs whose faults left no
+    /// takeover with a checkpoint (few calls ran), so that every run checks
+    /// one; the calls are recorded and checked like the others.
+    pub async fn scripted_takeover(self: &Arc<Self>, api: &[String]) {
+        let client = Client::with_options(
+            api,
+            ClientOptions {
+                request_timeout: Duration::from_secs(2),
+                retry_for: Duration::from_secs(10),
+                ..ClientOptions::default()
+            },
+        )
+        .expect("client");
+        let key = "once-scripted".to_string();
+        let first = self
+            .call_with(0, &client, key.clone(), vec![400, 400, 400], Some((2, 0)))
+            .await;
+        assert_eq!(first, Outcome::Crashed, "the scripted work did not run");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self
+            .call_with(1, &client, key.clone(), vec![50], None)
+            .await
+            == Outcome::Busy
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no takeover of {key} within 15 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn call_with(
+        self: &Arc<Self>,
+        worker: usize,
+        client: &Client,
+        key: String,
+        steps: Vec<u64>,
+        crash: Option<(usize, u64)>,
+    ) -> Outcome {
+        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let mut opts = RunOptions::new(format!("o{worker}"), LEASE);
         opts.retention = Some(Duration::from_secs(24 * 3600));
         let (crash_tx, crash_rx) = tokio::sync::oneshot::channel::<()>();
