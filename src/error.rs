@@ -84,9 +84,3 @@ pub fn to_status(e: Error) -> Status {
     }
     status
 }
-
-impl From<Error> for Status {
-    fn from(e: Error) -> Status {
-        to_status(e)
-    }
-}

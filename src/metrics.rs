@@ -38,13 +38,19 @@ struct CodeLabel {
 
 type U64Gauge = Gauge<u64, AtomicU64>;
 
+/// Counter handles share their value with the registered series, so
+/// counting is one atomic add, never a lookup in a labelled family.
 struct Metrics {
     registry: Registry,
-    claims: Family<OutcomeLabel, Counter>,
+    acquired: Counter,
+    in_progress: Counter,
+    completed: Counter,
+    failed: Counter,
     takeovers: Counter,
     fenced: Counter,
     mismatches: Counter,
-    auth_refusals: Family<CodeLabel, Counter>,
+    unauthenticated: Counter,
+    permission_denied: Counter,
     overloaded: Counter,
     peer_refused: Counter,
     fsync: Histogram,
@@ -59,9 +65,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let mut r = Registry::default();
     let claims = Family::<OutcomeLabel, Counter>::default();
     // Every series exists from the start, at 0.
-    for outcome in ["acquired", "in_progress", "completed", "failed"] {
-        let _ = claims.get_or_create(&OutcomeLabel { outcome });
-    }
+    let outcome = |outcome| claims.get_or_create(&OutcomeLabel { outcome }).clone();
+    let [acquired, in_progress, completed, failed] =
+        ["acquired", "in_progress", "completed", "failed"].map(outcome);
     r.register(
         "idemkv_claims",
         "Claims answered by this node, by outcome.",
@@ -86,9 +92,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         mismatches.clone(),
     );
     let auth_refusals = Family::<CodeLabel, Counter>::default();
-    for code in ["unauthenticated", "permission_denied"] {
-        let _ = auth_refusals.get_or_create(&CodeLabel { code });
-    }
+    let code = |code| auth_refusals.get_or_create(&CodeLabel { code }).clone();
+    let [unauthenticated, permission_denied] = ["unauthenticated", "permission_denied"].map(code);
     r.register(
         "idemkv_auth_refusals",
         "Client calls refused by bearer-token auth, by status code.",
@@ -136,11 +141,15 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     Metrics {
         registry: r,
-        claims,
+        acquired,
+        in_progress,
+        completed,
+        failed,
         takeovers,
         fenced,
         mismatches,
-        auth_refusals,
+        unauthenticated,
+        permission_denied,
         overloaded,
         peer_refused,
         fsync,
@@ -166,21 +175,19 @@ pub enum ClaimAnswer {
 
 /// A claim's outcome, as answered to a client.
 pub fn claim(a: ClaimAnswer) {
-    let outcome = match a {
+    let m = &*METRICS;
+    let counter = match a {
         ClaimAnswer::Acquired { takeover } => {
             if takeover {
-                METRICS.takeovers.inc();
+                m.takeovers.inc();
             }
-            "acquired"
+            &m.acquired
         }
-        ClaimAnswer::InProgress => "in_progress",
-        ClaimAnswer::Completed => "completed",
-        ClaimAnswer::Failed => "failed",
+        ClaimAnswer::InProgress => &m.in_progress,
+        ClaimAnswer::Completed => &m.completed,
+        ClaimAnswer::Failed => &m.failed,
     };
-    METRICS
-        .claims
-        .get_or_create(&OutcomeLabel { outcome })
-        .inc();
+    counter.inc();
 }
 
 /// A token-fenced call refused with `LEASE_LOST`.
@@ -201,15 +208,12 @@ pub fn overloaded() {
 /// A client call refused by auth: `denied` for PERMISSION_DENIED, else
 /// UNAUTHENTICATED.
 pub fn auth_refused(denied: bool) {
-    let code = if denied {
-        "permission_denied"
+    let m = &*METRICS;
+    if denied {
+        m.permission_denied.inc();
     } else {
-        "unauthenticated"
-    };
-    METRICS
-        .auth_refusals
-        .get_or_create(&CodeLabel { code })
-        .inc();
+        m.unauthenticated.inc();
+    }
 }
 
 /// A peer call refused because it came from a non-member address.

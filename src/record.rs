@@ -753,8 +753,9 @@ pub fn repeated_key<K: std::hash::Hash + Eq>(keys: impl IntoIterator<Item = K>) 
 
 /// Decide a batch of claims carried by one entry. `current[i]` is the stored
 /// record of `claims[i]`'s key; keys are distinct ([`repeated_key`] finds
-/// none: the API edge and the peer port refuse such a batch). With `all_or_nothing`, either every item is acquired or no
-/// change is made and the items that would have been acquired report
+/// none: the API edge and the peer port refuse such a batch). With
+/// `all_or_nothing`, either every item is acquired or no change is made
+/// and the items that would have been acquired report
 /// [`RuleError::NotAttempted`], and the token counter is left untouched.
 /// Each item acquired takes a token of its own.
 pub fn apply_claim_batch(

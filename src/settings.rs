@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
+use clap::parser::ValueSource;
+use clap::ArgMatches;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Caps, Limits, NodeConfig};
@@ -262,29 +264,40 @@ impl Settings {
         cfg.caps = self.caps.clone();
         cfg.auth_tokens = self.auth_tokens.clone();
         cfg.peer_members_only = self.peer_members_only;
-        cfg.tls =
-            match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
-                (Some(cert), Some(key), Some(ca)) => Some(TlsFiles {
-                    cert: cert.clone(),
-                    key: key.clone(),
-                    ca: ca.clone(),
-                    client_auth: self.client_auth,
-                }),
-                (None, None, None) if !self.client_auth => None,
-                (Some(_), Some(_), None) => {
-                    return Err(
-                        "tls-ca: --tls-ca is required with TLS (peers authenticate each \
-                            other with certificates signed by it)"
-                            .into(),
-                    )
-                }
-                (None, _, _) => return Err(
-                    "tls-cert: --tls-cert is required with --tls-key, --tls-ca or --client-auth"
-                        .into(),
-                ),
-                (_, None, _) => return Err("tls-key: --tls-key is required with --tls-cert".into()),
-            };
+        cfg.tls = self.tls_files()?;
         Ok(cfg)
+    }
+
+    /// TLS needs a certificate, its key and the CA together.
+    fn tls_files(&self) -> Result<Option<TlsFiles>, String> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+                client_auth: self.client_auth,
+            })),
+            (None, None, None) if !self.client_auth => Ok(None),
+            (Some(_), Some(_), None) => Err("tls-ca: --tls-ca is required with TLS (peers \
+                 authenticate each other with certificates signed by it)"
+                .into()),
+            (None, _, _) => Err(
+                "tls-cert: --tls-cert is required with --tls-key, --tls-ca or --client-auth".into(),
+            ),
+            (_, None, _) => Err("tls-key: --tls-key is required with --tls-cert".into()),
+        }
+    }
+
+    /// The settings a parse took from the command line itself (not clap's
+    /// defaults), by field name: those outrank the environment and file.
+    pub fn given(m: &ArgMatches) -> BTreeSet<String> {
+        let keys = Settings::keys();
+        m.ids()
+            .map(|id| id.as_str())
+            .filter(|id| m.value_source(id) == Some(ValueSource::CommandLine))
+            .filter(|id| keys.iter().any(|k| k == id))
+            .map(str::to_string)
+            .collect()
     }
 }
 
@@ -316,6 +329,7 @@ pub struct Sources<'a> {
 /// naming the key and where it came from.
 pub fn merge(src: Sources<'_>) -> Result<Settings, String> {
     let shape = Settings::shape();
+    let keys = Settings::keys();
     let mut merged = table(&Settings::default())?;
     if let Some(path) = src.file {
         let text = std::fs::read_to_string(path)
@@ -334,11 +348,11 @@ pub fn merge(src: Sources<'_>) -> Result<Settings, String> {
             }
         }
     }
-    for key in Settings::keys() {
-        let var = Settings::env_name(&key);
+    for key in &keys {
+        let var = Settings::env_name(key);
         if let Some(raw) = (src.env)(&var) {
-            let v = typed(&shape, &key, &raw).map_err(|e| format!("{var}: {e}"))?;
-            put(&mut merged, &key, v);
+            let v = typed(&shape, key, &raw).map_err(|e| format!("{var}: {e}"))?;
+            put(&mut merged, key, v);
         }
     }
     let flags = table(src.flags)?;
@@ -355,10 +369,10 @@ pub fn merge(src: Sources<'_>) -> Result<Settings, String> {
             .split_once('=')
             .ok_or_else(|| format!("set: {s:?} is not KEY=VALUE"))?;
         let key = key.trim();
-        if !Settings::keys().iter().any(|k| k == key) {
+        if !keys.iter().any(|k| k == key) {
             return Err(format!(
                 "set: unknown setting {key:?} (one of: {})",
-                Settings::keys().join(", ")
+                keys.join(", ")
             ));
         }
         let v = typed(&shape, key, raw.trim()).map_err(|e| format!("set: {key}: {e}"))?;
@@ -367,13 +381,17 @@ pub fn merge(src: Sources<'_>) -> Result<Settings, String> {
     Settings::deserialize(toml::Value::Table(merged)).map_err(|e| format!("settings: {e}"))
 }
 
+/// The value at `key` (`listen`, `limits.batch_max`).
+fn at<'a>(t: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
+    match key.split_once('.') {
+        Some((table, k)) => t.get(table).and_then(|v| v.get(k)),
+        None => t.get(key),
+    }
+}
+
 /// `raw` read as the type `key` has in `shape`.
 fn typed(shape: &toml::Table, key: &str, raw: &str) -> Result<toml::Value, String> {
-    let kind = match key.split_once('.') {
-        Some((t, k)) => shape.get(t).and_then(|v| v.get(k)),
-        None => shape.get(key),
-    };
-    match kind {
+    match at(shape, key) {
         Some(toml::Value::Integer(_)) => raw
             .parse::<i64>()
             .map(toml::Value::Integer)
@@ -388,10 +406,14 @@ fn typed(shape: &toml::Table, key: &str, raw: &str) -> Result<toml::Value, Strin
     }
 }
 
+/// Set `key` (`listen`, `limits.batch_max`) in `t`, making the table.
 fn put(t: &mut toml::Table, key: &str, v: toml::Value) {
     match key.split_once('.') {
         Some((table, k)) => {
-            if let Some(toml::Value::Table(inner)) = t.get_mut(table) {
+            let inner = t
+                .entry(table)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(inner) = inner {
                 inner.insert(k.to_string(), v);
             }
         }
@@ -410,10 +432,7 @@ mod tests {
     /// A value for `key` other than its default.
     fn sample(key: &str) -> toml::Value {
         let defaults = table(&Settings::default()).unwrap();
-        let default = match key.split_once('.') {
-            Some((t, k)) => defaults.get(t).and_then(|v| v.get(k)).cloned(),
-            None => defaults.get(key).cloned(),
-        };
+        let default = at(&defaults, key).cloned();
         let shape = Settings::shape();
         match (typed(&shape, key, "7").ok(), default) {
             (Some(toml::Value::Integer(_)), Some(toml::Value::Integer(n))) => {
@@ -433,11 +452,7 @@ mod tests {
     }
 
     fn lookup(s: &Settings, key: &str) -> Option<toml::Value> {
-        let t = table(s).unwrap();
-        match key.split_once('.') {
-            Some((tb, k)) => t.get(tb).and_then(|v| v.get(k)).cloned(),
-            None => t.get(key).cloned(),
-        }
+        at(&table(s).unwrap(), key).cloned()
     }
 
     /// Parse `args` the way `idemkv serve` does and merge.
@@ -456,14 +471,7 @@ mod tests {
             .try_get_matches_from(std::iter::once("serve").chain(args.iter().copied()))
             .map_err(|e| e.to_string())?;
         let flags = Settings::from_arg_matches(&m).map_err(|e| e.to_string())?;
-        let given: BTreeSet<String> = m
-            .ids()
-            .filter(|id| {
-                m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
-            })
-            .map(|id| id.to_string())
-            .filter(|id| id != "set")
-            .collect();
+        let given = Settings::given(&m);
         let set: Vec<String> = m
             .get_many::<String>("set")
             .map(|v| v.cloned().collect())
@@ -498,28 +506,12 @@ mod tests {
             assert_eq!(lookup(&by_env, key), Some(want.clone()), "{key} by env");
 
             let mut file = toml::Table::new();
-            put_new(&mut file, key, want.clone());
+            put(&mut file, key, want.clone());
             let path = dir.path().join("node.toml");
             std::fs::write(&path, toml::to_string(&file).unwrap()).unwrap();
             let by_file = resolve(&[], &BTreeMap::new(), Some(&path))
                 .unwrap_or_else(|e| panic!("{key} by file: {e}"));
             assert_eq!(lookup(&by_file, key), Some(want), "{key} by file");
-        }
-    }
-
-    fn put_new(t: &mut toml::Table, key: &str, v: toml::Value) {
-        match key.split_once('.') {
-            Some((tb, k)) => {
-                let inner = t
-                    .entry(tb.to_string())
-                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                if let toml::Value::Table(inner) = inner {
-                    inner.insert(k.to_string(), v);
-                }
-            }
-            None => {
-                t.insert(key.to_string(), v);
-            }
         }
     }
 

@@ -7,7 +7,6 @@
 //! client's.
 
 use std::fmt;
-use std::str::FromStr;
 
 /// The metadata entry naming why a call was refused (SPEC §3): one of
 /// [`Reason`]'s texts.
@@ -43,14 +42,6 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 5] = [
-        Reason::LeaseLost,
-        Reason::FingerprintMismatch,
-        Reason::AlreadyCompleted,
-        Reason::NotAttempted,
-        Reason::Overloaded,
-    ];
-
     /// The text on the wire.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -66,35 +57,5 @@ impl Reason {
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-/// A reason text this build does not know (a newer server's, say).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown reason {0:?}")]
-pub struct UnknownReason(pub String);
-
-impl FromStr for Reason {
-    type Err = UnknownReason;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Reason::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| UnknownReason(s.to_string()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_reason_reads_back_from_its_text() {
-        for r in Reason::ALL {
-            assert_eq!(r.as_str().parse::<Reason>(), Ok(r));
-            assert_eq!(r.to_string(), r.as_str());
-        }
-        assert!("lease_lost".parse::<Reason>().is_err());
     }
 }

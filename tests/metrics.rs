@@ -32,6 +32,18 @@ fn value(body: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {series} in:\n{body}"))
 }
 
+/// Wait (Await) until the holder's lease on `key` runs out.
+async fn lease_runs_out(client: &Client, key: &str) {
+    client
+        .r#await(api::AwaitRequest {
+            namespace: "m".into(),
+            key: key.as_bytes().to_vec(),
+            timeout_ms: 5_000,
+        })
+        .await
+        .unwrap();
+}
+
 fn claim(key: &str, owner: &str, lease_ms: u64, fingerprint: &str) -> api::ClaimRequest {
     api::ClaimRequest {
         namespace: "m".into(),
@@ -66,14 +78,7 @@ async fn metrics_count_what_clients_saw() {
         panic!("not acquired");
     };
     // The holder dies; wait (Await) until its 100 ms lease runs out.
-    client
-        .r#await(api::AwaitRequest {
-            namespace: "m".into(),
-            key: b"k".to_vec(),
-            timeout_ms: 5_000,
-        })
-        .await
-        .unwrap();
+    lease_runs_out(&client, "k").await;
     let Outcome::Acquired(b) = client.claim(claim("k", "w2", 60_000, "f")).await.unwrap() else {
         panic!("no takeover");
     };
@@ -190,14 +195,7 @@ async fn takeovers_and_peer_refusals_are_counted_as_what_they_are() {
     let Outcome::Acquired(_) = client.claim(with_id("w1", "t-1", 100)).await.unwrap() else {
         panic!("not acquired");
     };
-    client
-        .r#await(api::AwaitRequest {
-            namespace: "m".into(),
-            key: b"t".to_vec(),
-            timeout_ms: 5_000,
-        })
-        .await
-        .unwrap();
+    lease_runs_out(&client, "t").await;
     let Outcome::Acquired(b) = client.claim(with_id("w2", "t-2", 60_000)).await.unwrap() else {
         panic!("no takeover");
     };

@@ -51,7 +51,7 @@ pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         Command::Serve(a) => {
             let given = matches
                 .subcommand_matches("serve")
-                .map(serve::given)
+                .map(idemkv::settings::Settings::given)
                 .unwrap_or_default();
             serve::run(*a, given).await.map(|_| 0)
         }

@@ -8,8 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use clap::parser::ValueSource;
-use clap::{ArgMatches, Args};
+use clap::Args;
 
 use idemkv::config::NodeConfig;
 use idemkv::raft::PeerNode;
@@ -29,17 +28,6 @@ pub struct ServeArgs {
     pub set: Vec<String>,
     #[command(flatten)]
     pub settings: Settings,
-}
-
-/// The settings given as flags on the command line (not clap's defaults).
-pub fn given(m: &ArgMatches) -> BTreeSet<String> {
-    let keys = Settings::keys();
-    m.ids()
-        .map(|id| id.as_str())
-        .filter(|id| m.value_source(id) == Some(ValueSource::CommandLine))
-        .filter(|id| keys.iter().any(|k| k == id))
-        .map(str::to_string)
-        .collect()
 }
 
 /// Whether `addr` (`host:port`) is on this host only: 127.0.0.0/8, ::1 or
@@ -213,7 +201,7 @@ mod tests {
             .try_get_matches_from(std::iter::once("serve").chain(args.iter().copied()))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let parsed = ServeArgs::from_arg_matches(&m).map_err(|e| anyhow::anyhow!("{e}"))?;
-        resolve(&parsed, &given(&m), &|_| None)
+        resolve(&parsed, &Settings::given(&m), &|_| None)
     }
 
     #[test]

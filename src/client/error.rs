@@ -35,10 +35,7 @@ impl ClientError {
     /// `FINGERPRINT_MISMATCH` or `ALREADY_COMPLETED`.
     pub fn reason(&self) -> Option<&str> {
         match self {
-            ClientError::Status(s) => s
-                .metadata()
-                .get(REASON_HEADER)
-                .and_then(|v| v.to_str().ok()),
+            ClientError::Status(s) => reason_of(s),
             _ => None,
         }
     }
@@ -54,4 +51,11 @@ impl ClientError {
             other => other.to_string(),
         }
     }
+}
+
+/// The reason a status carries in [`REASON_HEADER`], if any.
+pub(crate) fn reason_of(s: &Status) -> Option<&str> {
+    s.metadata()
+        .get(REASON_HEADER)
+        .and_then(|v| v.to_str().ok())
 }

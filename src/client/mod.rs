@@ -128,9 +128,7 @@ fn retryable(s: &Status) -> bool {
 /// Refused by a node's in-flight cap before it started: safe to retry.
 fn overloaded(s: &Status) -> bool {
     s.code() == Code::ResourceExhausted
-        && s.metadata()
-            .get(crate::wire::REASON_HEADER)
-            .is_some_and(|v| v.as_bytes() == crate::wire::Reason::Overloaded.as_str().as_bytes())
+        && error::reason_of(s) == Some(crate::wire::Reason::Overloaded.as_str())
 }
 
 impl Client {

@@ -140,8 +140,6 @@ impl Consensus {
         }
     }
 
-    /// The entry this node must hold again before it votes or campaigns
-    /// (it cut a damaged record it may have acknowledged); `None` normally.
     /// Register a waiter on the record at `key` (Await); register before
     /// reading the record, so no change in between is missed.
     pub fn watch_key(&self, key: &RecordKey) -> crate::store::watch::KeyWatch {
@@ -178,6 +176,8 @@ impl Consensus {
         self.raft.is_leader() && self.sm.has_expired(self.now_ms()).unwrap_or(false)
     }
 
+    /// The entry this node must hold again before it votes or campaigns
+    /// (it cut a damaged record it may have acknowledged); `None` normally.
     pub fn rejoin_until(&self) -> Option<u64> {
         self.rejoin.until()
     }
@@ -357,9 +357,10 @@ impl Consensus {
         key: &RecordKey,
         op: &Op,
     ) -> Result<Option<std::result::Result<Outcome, RuleError>>> {
-        if !matches!(op, Op::Claim(_)) || !self.raft.is_leader() {
+        if !self.raft.is_leader() {
             return Ok(None);
         }
+        // `None` for anything but a claim that changes nothing.
         let judge = |rec: Option<Record>| {
             let now = record::advance_clock(self.sm.clock_ms(), self.now_ms());
             record::claim_without_write(rec.as_ref(), op, now, self.sm.last_token())

@@ -377,6 +377,16 @@ pub struct OnceRun {
     checkpoint_seen: AtomicBool,
 }
 
+/// A client over every endpoint with the library's retries on.
+fn client(api: &[String], request_timeout: Duration, retry_for: Duration) -> Client {
+    let opts = ClientOptions {
+        request_timeout,
+        retry_for,
+        ..ClientOptions::default()
+    };
+    Client::with_options(api, opts).expect("client")
+}
+
 impl OnceRun {
     pub fn new(started: Instant, from_server: fn(&ClientError) -> bool) -> Arc<OnceRun> {
         Arc::new(OnceRun {
@@ -395,15 +405,7 @@ impl OnceRun {
     pub fn spawn(self: &Arc<Self>, api: &[String], seed: u64) -> Vec<tokio::task::JoinHandle<()>> {
         (0..WORKERS)
             .map(|id| {
-                let client = Client::with_options(
-                    api,
-                    ClientOptions {
-                        request_timeout: Duration::from_secs(1),
-                        retry_for: Duration::from_secs(3),
-                        ..ClientOptions::default()
-                    },
-                )
-                .expect("client");
+                let client = client(api, Duration::from_secs(1), Duration::from_secs(3));
                 let rng = StdRng::seed_from_u64(seed ^ (0x0ce0 + id as u64));
                 tokio::spawn(self.clone().worker(id, client, rng))
             })
@@ -473,15 +475,7 @@ impl OnceRun {
     /// takeover with a checkpoint (few calls ran), so that every run checks
     /// one; the calls are recorded and checked like the others.
     pub async fn scripted_takeover(self: &Arc<Self>, api: &[String]) {
-        let client = Client::with_options(
-            api,
-            ClientOptions {
-                request_timeout: Duration::from_secs(2),
-                retry_for: Duration::from_secs(10),
-                ..ClientOptions::default()
-            },
-        )
-        .expect("client");
+        let client = client(api, Duration::from_secs(2), Duration::from_secs(10));
         let key = "once-scripted".to_string();
         let first = self
             .call_with(0, &client, key.clone(), vec![400, 400, 400], Some((2, 0)))
@@ -644,15 +638,7 @@ impl OnceRun {
 
 /// A linearizable Get of every key through a fresh client (after healing).
 pub async fn final_reads(api: &[String], r: &mut Records) {
-    let client = Client::with_options(
-        api,
-        ClientOptions {
-            request_timeout: Duration::from_secs(2),
-            retry_for: Duration::from_secs(20),
-            ..ClientOptions::default()
-        },
-    )
-    .expect("client");
+    let client = client(api, Duration::from_secs(2), Duration::from_secs(20));
     let keys: BTreeSet<String> = r.calls.iter().map(|c| c.key.clone()).collect();
     for key in keys {
         let rec = client
