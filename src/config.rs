@@ -140,6 +140,9 @@ pub struct NodeConfig {
     /// on mutual TLS alone.
     pub peer_members_only: bool,
     pub caps: Caps,
+    /// The time every rule reads (see [`crate::clock`]): the system's,
+    /// unless a test injects another. Not a setting.
+    pub clock: crate::clock::Clock,
 }
 
 impl NodeConfig {
@@ -164,6 +167,7 @@ impl NodeConfig {
             auth_tokens: None,
             peer_members_only: true,
             caps: Caps::default(),
+            clock: crate::clock::Clock::system(),
         }
     }
 }

@@ -6,10 +6,10 @@
 //! Each layer imports only from the layers below it (`tests/layers.rs`
 //! checks this; docs/ARCHITECTURE.md draws it):
 //!
-//! 1. [`wire`], [`pb`], [`tls`], [`metrics`], [`codec`]: what client and
-//!    node agree on beyond the protobuf (reasons, header names, message
-//!    caps, default endpoints); generated code; TLS settings; counters (a
-//!    leaf); encoding.
+//! 1. [`wire`], [`pb`], [`tls`], [`metrics`], [`codec`], [`clock`]: what
+//!    client and node agree on beyond the protobuf (reasons, header names,
+//!    message caps, default endpoints); generated code; TLS settings;
+//!    counters (a leaf); encoding; the time the rules read (injectable).
 //! 2. [`record`]: the idempotency rules, pure and deterministic (the heart).
 //! 3. [`error`] (the error type and the one error → status mapping),
 //!    [`raft::types`] (openraft's type configuration), [`config`] (node
@@ -45,6 +45,8 @@ pub mod auth;
 pub mod bench;
 #[cfg(feature = "server")]
 pub mod caps;
+#[cfg(feature = "server")]
+pub mod clock;
 #[cfg(feature = "server")]
 pub mod codec;
 #[cfg(feature = "server")]

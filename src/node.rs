@@ -54,7 +54,11 @@ fn internal(what: &str, e: impl std::fmt::Display) -> Error {
 
 impl Node {
     pub async fn start(cfg: NodeConfig) -> Result<Node> {
-        let store = Store::open(&cfg.data_dir)?;
+        let store = Store::open_with(
+            &cfg.data_dir,
+            cfg.clock.clone(),
+            crate::store::SEGMENT_BYTES,
+        )?;
         let api_listener = TcpListener::bind(&cfg.listen)
             .await
             .map_err(|e| Error::invalid("listen", format!("cannot bind {}: {e}", cfg.listen)))?;

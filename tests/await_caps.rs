@@ -289,19 +289,21 @@ async fn an_await_wakes_when_its_key_changes_and_not_for_other_keys() {
     c.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Under paused time (one virtual clock for the node): an Await on a key
+/// whose 30 s lease runs out returns at the lease's end, not its timeout.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn an_await_returns_the_record_once_its_lease_passes() {
-    let c = TestCluster::start(1).await;
+    let (c, _wall) = TestCluster::start_virtual(1).await;
     let cl = no_retry(&c.members[&1].api_addr);
-    acquired(cl.claim(claim_req("ns", "k", "w", 300)).await.unwrap());
-    let r = tokio::time::timeout(
-        Duration::from_secs(5),
-        cl.r#await(await_req("ns", "k", 60_000)),
-    )
-    .await
-    .expect("the Await did not wake at lease expiry")
-    .unwrap();
+    let claimed = tokio::time::Instant::now();
+    acquired(cl.claim(claim_req("ns", "k", "w", 30_000)).await.unwrap());
+    let r = cl.r#await(await_req("ns", "k", 120_000)).await.unwrap();
+    let waited = claimed.elapsed();
     assert!(!r.timed_out, "the lease passed, so the wait is over");
+    assert!(
+        waited >= Duration::from_secs(30) && waited < Duration::from_secs(31),
+        "woke at the lease's end: {waited:?} after the claim"
+    );
     let rec = r.record.unwrap();
     assert_eq!(rec.state, api::RecordState::InProgress as i32);
     assert_eq!(rec.owner, "w");

@@ -277,3 +277,40 @@ async fn a_restarted_node_counts_the_time_it_was_down() {
     assert!(waited >= Duration::from_millis(2_900), "{waited:?}");
     assert_eq!(taken.previous_owner.as_deref(), Some("a"));
 }
+
+/// The same rule in-process and exact, under paused time: every node reads
+/// one virtual clock whose wall clock the test steps ±25 h. A 30 s lease
+/// neither ends early (29 s after the claim, the wall 25 h ahead) nor
+/// freezes (2 s later, the wall put 25 h behind, it is taken over); the
+/// 1 % steering is all a jump can move it.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_stepped_wall_clock_moves_a_lease_by_at_most_the_slew() {
+    let (c, wall) = support::inproc::TestCluster::start_virtual(3).await;
+    let client = c.client();
+    let lead = c.wait_leader(Duration::from_secs(5)).await;
+    let status = |id: u64| c.node(id).consensus().wall_clock_ms();
+    let before = status(lead);
+    let claimed = tokio::time::Instant::now();
+    assert!(matches!(
+        claim(&client, "k", "w1", 30_000).await,
+        Outcome::Acquired(_)
+    ));
+    wall.step(DAY_AND_HOUR_S * 1000);
+    assert!(
+        status(lead) >= before + DAY_AND_HOUR_S as u64 * 1000,
+        "the fault took effect: the leader's wall clock is 25 h ahead"
+    );
+    tokio::time::advance(Duration::from_secs(29)).await;
+    match claim(&client, "k", "w2", 30_000).await {
+        Outcome::InProgress(p) => assert_eq!(p.owner, "w1"),
+        other => panic!("the wall clock jumping ahead ended the lease early: {other:?}"),
+    }
+    assert!(claimed.elapsed() < Duration::from_secs(30));
+    wall.step(-2 * DAY_AND_HOUR_S * 1000);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    match claim(&client, "k", "w2", 30_000).await {
+        Outcome::Acquired(a) => assert_eq!(a.previous_owner.as_deref(), Some("w1")),
+        other => panic!("the wall clock jumping back froze the takeover: {other:?}"),
+    }
+    c.shutdown().await;
+}

@@ -167,26 +167,33 @@ async fn restarting_every_node_keeps_every_completed_record() {
     c.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Lease time is the cluster's clock, moved here by `tokio::time::advance`
+/// (every node reads one virtual clock): a 30 s lease holds at 29 s after
+/// its renewal and is taken over at 31 s, with no real waiting.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn an_expired_lease_is_taken_over_and_the_old_token_is_fenced() {
-    let c = TestCluster::start(3).await;
+    let (c, _wall) = TestCluster::start_virtual(3).await;
     let client = c.client();
     let w1 = acquired(
         client
-            .claim(claim_req("orders", "o-7", "w1", 300))
+            .claim(claim_req("orders", "o-7", "w1", 30_000))
             .await
             .unwrap(),
     );
+    tokio::time::advance(Duration::from_secs(20)).await;
     client
         .renew(api::RenewRequest {
             namespace: "orders".into(),
             key: b"o-7".to_vec(),
             token: w1.token,
-            lease_ms: 300,
+            lease_ms: 30_000,
             checkpoint: Some(b"step-3".to_vec()),
         })
         .await
         .unwrap();
+    let renewed = tokio::time::Instant::now();
+    // 49 s after the claim, 29 s after the renewal: the renewal counts.
+    tokio::time::advance(Duration::from_secs(29)).await;
     match client
         .claim(claim_req("orders", "o-7", "w2", 30_000))
         .await
@@ -195,21 +202,18 @@ async fn an_expired_lease_is_taken_over_and_the_old_token_is_fenced() {
         Outcome::InProgress(p) => assert_eq!(p.owner, "w1"),
         other => panic!("w1's lease is live, got {other:?}"),
     }
-    // The leader's clock decides expiry: poll until w2 takes over.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let w2 = loop {
-        match client
+    assert!(
+        renewed.elapsed() < Duration::from_secs(30),
+        "the claim was decided inside the lease ({:?} after the renewal)",
+        renewed.elapsed()
+    );
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let w2 = acquired(
+        client
             .claim(claim_req("orders", "o-7", "w2", 30_000))
             .await
-            .unwrap()
-        {
-            Outcome::Acquired(a) => break a,
-            Outcome::InProgress(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            other => panic!("expected a takeover, got {other:?}"),
-        }
-    };
+            .unwrap(),
+    );
     assert!(w2.token > w1.token);
     assert_eq!(w2.previous_owner.as_deref(), Some("w1"));
     assert_eq!(w2.checkpoint.as_deref(), Some(&b"step-3"[..]));
@@ -268,14 +272,16 @@ async fn a_minority_answers_unavailable_and_grants_nothing() {
     c.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Retention time is the cluster's clock, moved by `tokio::time::advance`:
+/// a record kept for an hour is there at 59 minutes and swept after.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn retention_sweeps_completed_records_and_the_key_can_be_claimed_afresh() {
-    let c = TestCluster::start(3).await;
+    let (c, _wall) = TestCluster::start_virtual(3).await;
     let client = c.client();
     let a = acquired(
         client
             .claim(api::ClaimRequest {
-                retention_ms: 1000,
+                retention_ms: 3_600_000,
                 ..claim_req("jobs", "short", "w1", 30_000)
             })
             .await
@@ -295,6 +301,16 @@ async fn retention_sweeps_completed_records_and_the_key_can_be_claimed_afresh() 
         .complete(complete_req("jobs", "long", kept.token, "r"))
         .await
         .unwrap();
+    tokio::time::advance(Duration::from_secs(59 * 60)).await;
+    assert!(
+        client
+            .get(get_req("jobs", "short"))
+            .await
+            .unwrap()
+            .is_some(),
+        "kept while its retention runs"
+    );
+    tokio::time::advance(Duration::from_secs(2 * 60)).await;
     // The leader sweeps through the log once the retention has passed.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while client

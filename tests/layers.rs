@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 /// rest of `raft` above it.
 fn layer(module: &str) -> Option<u32> {
     Some(match module {
-        "wire" | "pb" | "tls" | "metrics" | "codec" => 0,
+        "wire" | "pb" | "tls" | "metrics" | "codec" | "clock" => 0,
         "record" => 1,
         "error" | "raft::types" | "config" => 2,
         "auth" | "caps" | "settings" => 3,

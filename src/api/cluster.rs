@@ -70,7 +70,7 @@ impl Cluster for ClusterService {
             snapshot_index: s.snapshot_index,
             api_addr: self.api_addr.clone(),
             clock_ms: self.consensus.now_ms(),
-            wall_clock_ms: crate::raft::consensus::wall_clock_ms(),
+            wall_clock_ms: self.consensus.wall_clock_ms(),
             rejoin_until: s.rejoin_until,
         }))
     }

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::type_config::async_runtime::WatchReceiver;
@@ -61,14 +61,6 @@ enum Local {
     Failed(Error),
 }
 
-/// The node's wall clock in ms since the epoch: only steers the leader's
-/// stamps (see [`super::clock`]); never a lease decision.
-pub fn wall_clock_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// A member of the cluster as `Status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberInfo {
@@ -106,7 +98,8 @@ pub struct Consensus {
     /// How long a write or read index may wait for a quorum before the
     /// caller gets `Unavailable`.
     pub timeout: Duration,
-    /// Stamps this node's proposals while it leads.
+    /// Stamps this node's proposals while it leads (reading the node's
+    /// [`crate::clock::Clock`], which the state machine holds).
     clock: super::clock::LeaderClock,
     check: CommandCheck,
     /// Set while this node keeps out of elections after cutting a damaged
@@ -214,11 +207,13 @@ impl Consensus {
 
     /// The stamp a command proposed now gets (SPEC §2 Time).
     fn stamp(&self) -> u64 {
+        let clock = self.sm.time();
         self.clock.stamp(
+            clock.now(),
             self.term(),
             self.sm.now_ms(),
             self.sm.clock_ms(),
-            wall_clock_ms(),
+            clock.wall_ms(),
         )
     }
 
@@ -233,6 +228,13 @@ impl Consensus {
         } else {
             sm
         }
+    }
+
+    /// The node's wall clock (ms since the epoch), as its
+    /// [`crate::clock::Clock`] reads it: shown in `Status`, steers stamps,
+    /// never decides a lease.
+    pub fn wall_clock_ms(&self) -> u64 {
+        self.sm.time().wall_ms()
     }
 
     /// Propose `command` (at the leader, wherever this node is) and return

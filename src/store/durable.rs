@@ -1,8 +1,9 @@
 //! Real durability, with group commit.
 //!
-//! [`GroupCommit`] is one background thread per durable file set: writers
-//! hand it their completion callbacks; it drains everything queued, makes
-//! one sync that covers all of it, then completes the callbacks in order.
+//! [`GroupCommit`] runs one round at a time per durable file set: writers
+//! hand it their completion callbacks; a round drains everything queued,
+//! makes one sync that covers all of it, then completes the callbacks in
+//! order.
 //! That is what lets one fsync acknowledge many claims. The Raft log uses
 //! one for its segment files (`log.rs`); [`Syncer`] uses one for sled.
 //!
@@ -18,7 +19,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::sled_mark::{Marked, SledMark};
 
@@ -43,58 +44,118 @@ fn clone_err(e: &io::Error) -> io::Error {
     io::Error::new(e.kind(), e.to_string())
 }
 
-/// Group commit: one thread runs a blocking `sync` for everything queued
-/// while the previous round ran, then completes those waiters in order.
+/// Group commit: one round at a time runs a blocking `sync` for everything
+/// queued while the previous round ran, then completes those waiters in
+/// order.
+///
+/// Rounds run on the blocking pool of the tokio runtime the waiter came
+/// from (a thread of their own outside one): a runner starts when a waiter
+/// arrives and none is running, and keeps taking rounds until the queue is
+/// empty. tokio holds its paused clock still while a blocking task runs, so
+/// a test under `tokio::time::pause()` never sees timers jump forward
+/// while a write waits for its fsync (a thread of our own would let them).
 pub struct GroupCommit {
-    queue: Mutex<Option<mpsc::Sender<Waiter>>>,
+    inner: Arc<Inner>,
+}
+
+type SyncFn = Box<dyn Fn() -> io::Result<()> + Send + Sync>;
+
+struct Inner {
+    name: String,
+    sync: SyncFn,
+    queue: Mutex<Queue>,
     /// Rounds run and waiters they released: the ratio is the group-commit
     /// factor.
-    rounds: Arc<AtomicU64>,
-    released: Arc<AtomicU64>,
+    rounds: AtomicU64,
+    released: AtomicU64,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiters: Vec<Waiter>,
+    /// A runner is taking rounds.
+    running: bool,
+    closed: bool,
+}
+
+impl Inner {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Take rounds until nothing is queued.
+    fn run(&self) {
+        loop {
+            let batch = {
+                let mut q = self.queue();
+                if q.waiters.is_empty() {
+                    q.running = false;
+                    return;
+                }
+                std::mem::take(&mut q.waiters)
+            };
+            let res = (self.sync)();
+            if res.is_ok() {
+                self.rounds.fetch_add(1, Ordering::Release);
+                self.released
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            }
+            for w in batch {
+                w.done(res.as_ref().map(|_| ()).map_err(clone_err));
+            }
+        }
+    }
 }
 
 impl GroupCommit {
     pub fn spawn(
         name: &str,
-        sync: impl Fn() -> io::Result<()> + Send + 'static,
+        sync: impl Fn() -> io::Result<()> + Send + Sync + 'static,
     ) -> io::Result<GroupCommit> {
-        let (tx, rx) = mpsc::channel::<Waiter>();
-        let rounds = Arc::new(AtomicU64::new(0));
-        let released = Arc::new(AtomicU64::new(0));
-        let (r, rel) = (rounds.clone(), released.clone());
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut batch = vec![first];
-                    batch.extend(rx.try_iter());
-                    let res = sync();
-                    if res.is_ok() {
-                        r.fetch_add(1, Ordering::Release);
-                        rel.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    }
-                    for w in batch {
-                        w.done(res.as_ref().map(|_| ()).map_err(clone_err));
-                    }
-                }
-            })?;
         Ok(GroupCommit {
-            queue: Mutex::new(Some(tx)),
-            rounds,
-            released,
+            inner: Arc::new(Inner {
+                name: name.into(),
+                sync: Box::new(sync),
+                queue: Mutex::new(Queue::default()),
+                rounds: AtomicU64::new(0),
+                released: AtomicU64::new(0),
+            }),
         })
     }
 
     /// Queue `w` to be completed after the next round.
     pub fn submit(&self, w: Waiter) {
-        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        match queue.as_ref() {
-            Some(tx) => {
-                if let Err(mpsc::SendError(w)) = tx.send(w) {
-                    w.done(Err(io::Error::other("fsync thread stopped")));
-                }
+        let mut q = self.inner.queue();
+        if q.closed {
+            drop(q);
+            return w.done(Err(io::Error::other("store closed")));
+        }
+        q.waiters.push(w);
+        if q.running {
+            return;
+        }
+        q.running = true;
+        drop(q);
+        let inner = self.inner.clone();
+        let started = match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                drop(rt.spawn_blocking(move || inner.run()));
+                Ok(())
             }
-            None => w.done(Err(io::Error::other("store closed"))),
+            Err(_) => std::thread::Builder::new()
+                .name(self.inner.name.clone())
+                .spawn(move || inner.run())
+                .map(drop),
+        };
+        if let Err(e) = started {
+            let waiters = {
+                let mut q = self.inner.queue();
+                q.running = false;
+                std::mem::take(&mut q.waiters)
+            };
+            for w in waiters {
+                w.done(Err(clone_err(&e)));
+            }
         }
     }
 
@@ -102,21 +163,20 @@ impl GroupCommit {
     pub async fn sync(&self) -> io::Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.submit(Waiter::Channel(tx));
-        rx.await
-            .map_err(|_| io::Error::other("fsync thread stopped"))?
+        rx.await.map_err(|_| io::Error::other("fsync stopped"))?
     }
 
     /// `(rounds completed, waiters released by them)`.
     pub fn stats(&self) -> (u64, u64) {
         (
-            self.rounds.load(Ordering::Acquire),
-            self.released.load(Ordering::Relaxed),
+            self.inner.rounds.load(Ordering::Acquire),
+            self.inner.released.load(Ordering::Relaxed),
         )
     }
 
-    /// Stop the thread once the queue drains.
+    /// Refuse new waiters; those queued are still completed.
     pub fn close(&self) {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.inner.queue().closed = true;
     }
 }
 

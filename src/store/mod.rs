@@ -30,8 +30,11 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::clock::Clock;
+
 pub use durable::Syncer;
 pub use log::LogStore;
+pub use log::SEGMENT_BYTES;
 pub use rejoin::Rejoin;
 pub use snapshot::check_received as check_received_snapshot;
 pub use state_machine::StateMachineStore;
@@ -83,12 +86,18 @@ fn open_sled(sled_dir: &Path) -> io::Result<sled::Db> {
 
 impl Store {
     pub fn open(dir: &Path) -> io::Result<Store> {
-        Store::open_with_segment_bytes(dir, log::SEGMENT_BYTES)
+        Store::open_with(dir, Clock::system(), log::SEGMENT_BYTES)
     }
 
     /// [`Store::open`] with log segments of `segment_bytes` (tests use small
     /// ones to exercise segment rolling and removal).
     pub fn open_with_segment_bytes(dir: &Path, segment_bytes: u64) -> io::Result<Store> {
+        Store::open_with(dir, Clock::system(), segment_bytes)
+    }
+
+    /// [`Store::open`] with the node's clock (the state machine's time) and
+    /// log segments of `segment_bytes`.
+    pub fn open_with(dir: &Path, clock: Clock, segment_bytes: u64) -> io::Result<Store> {
         let sled_dir = dir.join("sled");
         std::fs::create_dir_all(&sled_dir)?;
         let mark = sled_mark::SledMark::load(dir)?;
@@ -96,7 +105,8 @@ impl Store {
         let syncer = Syncer::open(db.clone(), &sled_dir, mark)?;
         syncer.check_mark()?;
         let log = LogStore::open(&dir.join("log"), &db, syncer.clone(), segment_bytes)?;
-        let state_machine = StateMachineStore::open(&db, syncer.clone(), dir.join("snapshots"))?;
+        let state_machine =
+            StateMachineStore::open(&db, syncer.clone(), dir.join("snapshots"), clock)?;
         // Record what sled holds now, durably (a data directory from before
         // the mark gets one here).
         syncer.sync_now()?;

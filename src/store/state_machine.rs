@@ -25,6 +25,7 @@ use tokio::sync::{watch, RwLock};
 use super::boot_clock;
 use super::durable::{sled_err, Syncer};
 use super::keys;
+use crate::clock::{Clock, Instant};
 use crate::codec::{decode, encode};
 use crate::raft::types::{
     EntryPayload, LogId, Response, SnapshotMeta, StoredMembership, TypeConfig,
@@ -52,7 +53,9 @@ pub(super) struct Shared {
     pub(super) clock: AtomicU64,
     /// `(ns, at)`: a reading the clock had certainly reached at monotonic
     /// instant `at`; [`StateMachineStore::now_ms`] adds the time since.
-    pub(super) estimate: std::sync::Mutex<(u64, std::time::Instant)>,
+    pub(super) estimate: std::sync::Mutex<(u64, Instant)>,
+    /// The node's source of time (monotonic and wall).
+    pub(super) time: Clock,
     pub(super) boot_id: Option<String>,
     /// The last fencing token granted (SPEC §2 Tokens), as committed.
     pub(super) last_token: AtomicU64,
@@ -150,6 +153,7 @@ impl StateMachineStore {
         db: &sled::Db,
         syncer: Arc<Syncer>,
         snapshot_dir: PathBuf,
+        time: Clock,
     ) -> io::Result<Self> {
         std::fs::create_dir_all(&snapshot_dir)?;
         // A data directory from before the second tree has no pointer: `sm`.
@@ -195,8 +199,9 @@ impl StateMachineStore {
                 clock: AtomicU64::new(clock),
                 estimate: std::sync::Mutex::new((
                     clock.max(floor_ms).saturating_mul(1_000_000),
-                    std::time::Instant::now(),
+                    time.now(),
                 )),
+                time,
                 boot_id,
                 last_token: AtomicU64::new(last_token),
                 applied,
@@ -275,7 +280,14 @@ impl StateMachineStore {
             .estimate
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        (ns.saturating_add(at.elapsed().as_nanos() as u64) / 1_000_000).max(self.clock_ms())
+        let since = self.shared.time.now().saturating_duration_since(at);
+        (ns.saturating_add(since.as_nanos() as u64) / 1_000_000).max(self.clock_ms())
+    }
+
+    /// The node's clock: the source of monotonic and wall time for every
+    /// rule (the leader's stamps read it too).
+    pub fn time(&self) -> &Clock {
+        &self.shared.time
     }
 
     /// Take the stamp `now` into the clock (on apply and snapshot install).
@@ -285,7 +297,7 @@ impl StateMachineStore {
             .estimate
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let at = std::time::Instant::now();
+        let at = self.shared.time.now();
         let known = est
             .0
             .saturating_add(at.saturating_duration_since(est.1).as_nanos() as u64);

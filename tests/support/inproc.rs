@@ -6,15 +6,19 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use idemkv::clock::{Clock, VirtualWall};
 use idemkv::pb::api;
 use idemkv::raft::PeerNode;
 use idemkv::{Client, Node, NodeConfig};
+use std::sync::Arc;
 
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<Option<Node>>,
     /// Each node's addresses, kept so a stopped node restarts on the same ones.
     pub members: BTreeMap<u64, PeerNode>,
+    /// The clock every node reads (a restarted node too).
+    pub clock: Clock,
 }
 
 pub fn config(id: u64, data_dir: PathBuf) -> NodeConfig {
@@ -32,14 +36,26 @@ impl TestCluster {
         Self::start_with(n, |_| {}).await
     }
 
+    /// `n` nodes reading one virtual clock ([`Clock::virtual_wall`]): in a
+    /// test under `tokio::time::pause()`, `tokio::time::advance` moves
+    /// lease and retention time exactly, without sleeping, and the returned
+    /// handle steps the wall clock.
+    pub async fn start_virtual(n: u64) -> (TestCluster, Arc<VirtualWall>) {
+        let (clock, wall) = Clock::virtual_wall();
+        let c = Self::start_with(n, |cfg| cfg.clock = clock.clone()).await;
+        (c, wall)
+    }
+
     /// Like `start`, with `tweak` applied to every node's configuration.
     pub async fn start_with(n: u64, tweak: impl Fn(&mut NodeConfig)) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut nodes = Vec::new();
         let mut members = BTreeMap::new();
+        let mut clock = Clock::system();
         for id in 1..=n {
             let mut cfg = config(id, dir.path().join(format!("n{id}")));
             tweak(&mut cfg);
+            clock = cfg.clock.clone();
             let node = Node::start(cfg).await.expect("start node");
             members.insert(id, node.member.clone());
             nodes.push(Some(node));
@@ -48,6 +64,7 @@ impl TestCluster {
             dir,
             nodes,
             members,
+            clock,
         };
         c.node(1)
             .initialize(c.members.clone())
@@ -112,6 +129,7 @@ impl TestCluster {
         let mut cfg = config(id, self.dir.path().join(format!("n{id}")));
         cfg.listen = m.api_addr.clone();
         cfg.peer_listen = m.raft_addr.clone();
+        cfg.clock = self.clock.clone();
         // The OS may hold the port briefly after a close; retry the bind.
         let mut tries = 0;
         let node = loop {
