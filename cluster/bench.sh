@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Side by side on one machine, in one run: a three-member etcd (fsync on, as
 # shipped), Redis with `appendfsync always`, and a three-node idemkv, all on
-# loopback, each loaded by `idemkv bench` with the same workloads. Prints one
-# markdown table with ratios and keeps every JSON report.
+# loopback, each loaded by `idemkv bench` with the same workloads, and the
+# gRPC floor (`--target floor`: idemkv's API answered at once from memory, in
+# the load generator's process) to show what any gRPC service reaches here.
+# Prints one markdown table with ratios and keeps every JSON report.
 #
 #   cluster/bench.sh [--duration 10s] [--warmup 2s] [--clients 64]
 #                    [--only claim,lifecycle,...] [--quick] [--out DIR] [--keep]
@@ -31,7 +33,7 @@ while [ $# -gt 0 ]; do
 done
 COMMAND="cluster/bench.sh --duration $DURATION --warmup $WARMUP --clients $CLIENTS${ONLY:+ --only $ONLY}"
 
-if ! command -v etcd >/dev/null || ! command -v redis-server >/dev/null; then
+if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null || ! command -v redis-server >/dev/null; then
     if [ "$(id -u)" != 0 ]; then
         echo "etcd and redis-server are needed (Debian: etcd-server, redis-server); run as root to install them" >&2
         exit 2
@@ -96,8 +98,10 @@ run_one() {
     local target=$1 endpoints=$2 workload=$3 clients=$4
     shift 4
     echo "== $target $workload, $clients clients" >&2
-    local line
-    if ! line=$("$BIN" bench --target "$target" --endpoints "$endpoints" --workload "$workload" \
+    local line at=()
+    # The floor runs its own in-process server: no endpoints.
+    [ -n "$endpoints" ] && at=(--endpoints "$endpoints")
+    if ! line=$("$BIN" bench --target "$target" "${at[@]}" --workload "$workload" \
         --clients "$clients" --duration "$DURATION" --warmup "$WARMUP" --json "$@"); then
         FAILED=1
     fi
@@ -118,6 +122,9 @@ run_matrix() {
     run_one idemkv "$IDEMKV_ENDPOINTS" "$workload" "$clients" "$@"
     run_one etcd "$ETCD_FIRST" "$workload" "$clients" "$@"
     run_one redis "127.0.0.1:$REDIS_PORT" "$workload" "$clients" "$@"
+    # What gRPC alone reaches here (storm is the claim path; the floor
+    # answers Claim, Complete and Get).
+    run_one floor "" "$workload" "$clients" "$@"
 }
 run_matrix claim 1
 run_matrix claim "$CLIENTS"
@@ -141,8 +148,8 @@ print(f"Run {datetime.datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs ({cp
       f"{version(['target/release/idemkv', '--version'])}.")
 print(f"Command: `{sys.argv[2]}`. ops/s and latency in ms (p50 / p99); ratios: idemkv over the other.")
 print()
-print("| workload | clients | idemkv ops/s | p50 / p99 | etcd ops/s | p50 / p99 | redis ops/s | p50 / p99 | ×etcd ops | etcd p99 ÷ idemkv p99 | ×redis ops | redis p99 ÷ idemkv p99 |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| workload | clients | idemkv ops/s | p50 / p99 | etcd ops/s | p50 / p99 | redis ops/s | p50 / p99 | floor ops/s | p50 / p99 | ×etcd ops | etcd p99 ÷ idemkv p99 | ×redis ops | redis p99 ÷ idemkv p99 | share of floor |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 keys = []
 for r in rows:
     k = (r["workload"], r["clients"])
@@ -156,13 +163,13 @@ def cell(r):
     return f"{r['ops_per_sec']:.0f}{mark}", f"{l['p50']/1000:.2f} / {l['p99']/1000:.2f}"
 for k in keys:
     by = {r["target"]: r for r in rows if (r["workload"], r["clients"]) == k}
-    i, e, d = by.get("idemkv"), by.get("etcd"), by.get("redis")
+    i, e, d, f = by.get("idemkv"), by.get("etcd"), by.get("redis"), by.get("floor")
     def ratio(a, b, f):
         return f"{f(a, b):.2f}" if a and b else "—"
     ops = lambda a, b: a["ops_per_sec"] / b["ops_per_sec"]
     p99 = lambda a, b: b["latency_us"]["p99"] / a["latency_us"]["p99"]
-    print(f"| {k[0]} | {k[1]} | {' | '.join(cell(i))} | {' | '.join(cell(e))} | {' | '.join(cell(d))} | "
-          f"{ratio(i, e, ops)} | {ratio(i, e, p99)} | {ratio(i, d, ops)} | {ratio(i, d, p99)} |")
+    print(f"| {k[0]} | {k[1]} | {' | '.join(cell(i))} | {' | '.join(cell(e))} | {' | '.join(cell(d))} | {' | '.join(cell(f))} | "
+          f"{ratio(i, e, ops)} | {ratio(i, e, p99)} | {ratio(i, d, ops)} | {ratio(i, d, p99)} | {ratio(i, f, ops)} |")
 PY
 }
 write_table | tee "$OUT/table.md"

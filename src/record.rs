@@ -132,6 +132,41 @@ pub enum Command {
     Sweep {
         limit: u32,
     },
+    /// Commands the leader coalesced into one entry (never from a client or
+    /// a peer): applied in order, at one stamp, each with its own outcome
+    /// and its own tokens, as if each were an entry of its own. Never holds
+    /// a `Sweep` or another `Many`. (Added last, so older entries decode.)
+    Many(Vec<Command>),
+}
+
+impl Command {
+    /// About how many bytes the command takes in a log entry (its
+    /// variable-length fields), to bound a coalesced entry.
+    pub fn weight(&self) -> usize {
+        const FIXED: usize = 48;
+        let key = |k: &RecordKey| k.namespace.len() + k.key.len();
+        let claim = |c: &Claim| {
+            c.owner.len() + c.claim_id.len() + c.fingerprint.as_ref().map_or(0, Vec::len)
+        };
+        FIXED
+            + match self {
+                Command::Op { key: k, op } => {
+                    key(k)
+                        + match op {
+                            Op::Claim(c) => claim(c),
+                            Op::Complete { result, .. } => result.len(),
+                            Op::Renew { checkpoint, .. } => checkpoint.as_ref().map_or(0, Vec::len),
+                            Op::Release { error, .. } => error.len(),
+                            Op::Delete | Op::DeleteFenced { .. } => 0,
+                        }
+                }
+                Command::ClaimBatch { items, .. } => {
+                    items.iter().map(|(k, c)| FIXED + key(k) + claim(c)).sum()
+                }
+                Command::Sweep { .. } => 0,
+                Command::Many(cs) => cs.iter().map(Command::weight).sum(),
+            }
+    }
 }
 
 /// A command with the leader's wall-clock stamp taken when it proposed it.
@@ -201,6 +236,8 @@ pub enum Outcome {
     Swept {
         removed: u32,
     },
+    /// The outcomes of a [`Command::Many`], in its order.
+    Many(Vec<Result<Outcome, RuleError>>),
     /// A blank or membership entry.
     Nothing,
 }
@@ -817,6 +854,7 @@ impl std::fmt::Display for Request {
             },
             Command::ClaimBatch { .. } => "claim-batch",
             Command::Sweep { .. } => "sweep",
+            Command::Many(_) => "coalesced",
         };
         write!(f, "{what}@{}", self.stamped_ms)
     }

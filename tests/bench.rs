@@ -81,6 +81,26 @@ async fn every_workload_holds_its_checks_against_idemkv() {
     c.shutdown().await;
 }
 
+/// The gRPC floor (`--target floor`) serves every workload through the
+/// same client with its checks holding, and takes no endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_workload_holds_its_checks_against_the_grpc_floor() {
+    for workload in ["claim", "storm", "lifecycle", "mixed", "get"] {
+        let mut a = args("floor", "unused", workload, &[]);
+        a.endpoints = None;
+        let r = bench(&a)
+            .await
+            .unwrap_or_else(|e| panic!("floor {workload}: {e:#}"));
+        assert_clean(&r, 200);
+        assert_eq!(r.target, "floor");
+    }
+    let refused = bench(&args("floor", "127.0.0.1:1", "claim", &[])).await;
+    assert!(
+        refused.is_err_and(|e| e.to_string().contains("give none")),
+        "endpoints given to the floor are refused"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn storm_grants_each_raced_key_once_and_replays_see_the_result() {
     let c = TestCluster::start(3).await;

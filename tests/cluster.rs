@@ -592,3 +592,63 @@ async fn claims_that_change_nothing_add_no_log_entries() {
     assert!(last_log() > before);
     c.shutdown().await;
 }
+
+/// Concurrent writes share log entries on the leader (coalescing), and each
+/// keeps its own outcome and its own token: 300 claims of distinct keys and
+/// 40 racing claims of one key, sent at once through every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_entries_and_keep_their_own_outcomes() {
+    let c = TestCluster::start(3).await;
+    let leader = c.wait_leader(Duration::from_secs(5)).await;
+    let before = c.node(leader).consensus().status().last_log_index;
+    let mut calls = Vec::new();
+    for i in 0..340usize {
+        let client = c.client_of(1 + (i % 3) as u64);
+        let key = if i < 300 {
+            format!("k{i}")
+        } else {
+            "raced".to_string()
+        };
+        calls.push(tokio::spawn(async move {
+            let out = client
+                .claim(claim_req("coalesce", &key, &format!("w{i}"), 60_000))
+                .await
+                .unwrap();
+            (key, out)
+        }));
+    }
+    let mut tokens = std::collections::BTreeMap::new();
+    let mut raced_winners = 0;
+    for call in calls {
+        let (key, out) = call.await.unwrap();
+        match out {
+            Outcome::Acquired(a) => {
+                assert!(
+                    tokens.insert(a.token, key.clone()).is_none(),
+                    "token {} twice",
+                    a.token
+                );
+                raced_winners += usize::from(key == "raced");
+            }
+            Outcome::InProgress(_) if key == "raced" => {}
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+    assert_eq!(raced_winners, 1, "exactly one racer holds the key");
+    assert_eq!(tokens.len(), 301);
+    let entries = c.node(leader).consensus().status().last_log_index - before;
+    // 301 grants each need a write: fewer entries means they shared.
+    assert!(
+        entries < 301,
+        "the writes shared entries: {entries} entries for 301 grants"
+    );
+    // Each holder's token is the one its record holds: its Complete succeeds.
+    let client = c.client();
+    for (token, key) in &tokens {
+        client
+            .complete(complete_req("coalesce", key, *token, "ok"))
+            .await
+            .unwrap_or_else(|e| panic!("complete {key} with {token}: {e}"));
+    }
+    c.shutdown().await;
+}

@@ -189,3 +189,113 @@ async fn snapshot_install_replaces_the_whole_state() {
         .expect("snapshot kept");
     assert_eq!(current.meta.last_log_id.unwrap().index(), 2);
 }
+
+/// A coalesced entry (`Command::Many`, made by a leader under load) leaves
+/// exactly the state its commands leave as entries of their own: the same
+/// records, the same tokens, in the same order, refusals included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coalesced_entry_applies_like_its_commands_one_by_one() {
+    use futures::stream;
+    use idemkv::raft::Entry;
+    use idemkv::record::{Claim, Command, Op, RecordKey, Request};
+    use openraft::storage::RaftStateMachine;
+    use openraft::testing::log_id;
+    use openraft::EntryPayload;
+
+    let key = |k: &str| RecordKey {
+        namespace: "ns".into(),
+        key: k.as_bytes().to_vec(),
+    };
+    let claim = |k: &str, owner: &str| Command::Op {
+        key: key(k),
+        op: Op::Claim(Claim {
+            owner: owner.into(),
+            claim_id: format!("{owner}-{k}"),
+            lease_ms: 60_000,
+            fingerprint: None,
+            max_attempts: 0,
+            retention_ms: 3_600_000,
+        }),
+    };
+    let complete = |k: &str, token: u64| Command::Op {
+        key: key(k),
+        op: Op::Complete {
+            token,
+            result: format!("done-{k}").into_bytes(),
+            code: None,
+            retention_ms: None,
+        },
+    };
+    let batch = |ks: &[&str]| Command::ClaimBatch {
+        items: ks
+            .iter()
+            .map(|k| {
+                let Command::Op {
+                    key,
+                    op: Op::Claim(c),
+                } = claim(k, "b")
+                else {
+                    unreachable!()
+                };
+                (key, c)
+            })
+            .collect(),
+        all_or_nothing: false,
+    };
+    // Tokens start at 1 on a fresh store: "a" gets 1, "b" 2; the
+    // complete with token 2 on "a" is refused, the one with 1 succeeds.
+    let commands = vec![
+        claim("a", "w1"),
+        claim("b", "w1"),
+        claim("a", "w2"),
+        complete("a", 2),
+        complete("a", 1),
+        claim("a", "w3"),
+        batch(&["c", "b", "d"]),
+        claim("e", "w1"),
+    ];
+    let entry = |i: u64, command: Command| -> Result<_, std::io::Error> {
+        Ok((
+            Entry {
+                log_id: log_id::<TypeConfig>(1, 1, i),
+                payload: EntryPayload::Normal(Request {
+                    stamped_ms: 1_000,
+                    command,
+                }),
+            },
+            None,
+        ))
+    };
+    let one_by_one_dir = tempfile::tempdir().unwrap();
+    let mut one_by_one = Store::open(one_by_one_dir.path()).unwrap().state_machine;
+    let entries: Vec<_> = commands
+        .iter()
+        .enumerate()
+        .map(|(i, c)| entry(i as u64 + 1, c.clone()))
+        .collect();
+    one_by_one.apply(stream::iter(entries)).await.unwrap();
+    let coalesced_dir = tempfile::tempdir().unwrap();
+    let mut coalesced = Store::open(coalesced_dir.path()).unwrap().state_machine;
+    coalesced
+        .apply(stream::iter(vec![entry(1, Command::Many(commands))]))
+        .await
+        .unwrap();
+    for k in ["a", "b", "c", "d", "e"] {
+        let want = one_by_one.get(&key(k)).unwrap();
+        assert!(want.is_some(), "{k} was written");
+        assert_eq!(coalesced.get(&key(k)).unwrap(), want, "record {k}");
+    }
+    let done = one_by_one.get(&key("a")).unwrap().unwrap();
+    assert!(
+        format!("{done:?}").contains("Completed"),
+        "the complete with the holder's token took effect: {done:?}"
+    );
+    // A coalesced entry never comes from a peer: the peer port refuses it.
+    let limits = idemkv::Limits::default();
+    let err =
+        idemkv::api::validate::command(&limits, &Command::Many(vec![claim("x", "w")])).unwrap_err();
+    assert!(
+        err.to_string().contains("never accepted from a peer"),
+        "{err}"
+    );
+}

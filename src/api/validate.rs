@@ -256,6 +256,10 @@ pub fn command(limits: &Limits, c: &Command) -> Result<()> {
             }
             distinct_keys(items)
         }
+        Command::Many(_) => Err(Error::invalid(
+            "command",
+            "a coalesced entry is made by the leader alone; it is never accepted from a peer",
+        )),
         Command::Sweep { limit } => {
             if *limit == 0 || *limit > SWEEP_LIMIT_MAX {
                 return Err(Error::invalid(

@@ -1,9 +1,10 @@
 //! `idemkv bench`: the bundled load tool. N client tasks run one workload
-//! against idemkv, etcd or Redis for a duration or a number of operations,
+//! against idemkv, etcd, Redis or the gRPC floor (`floor.rs`) for a duration or a number of operations,
 //! after a warm-up that is not measured. Latencies go into HDR histograms;
 //! the end prints ops/s and p50/p90/p99/p99.9/max (or one JSON object), and
 //! the exit code says whether every correctness check held.
 
+pub mod floor;
 pub mod target;
 pub mod workload;
 
@@ -204,10 +205,21 @@ fn check_args(a: &BenchArgs) -> anyhow::Result<()> {
 pub async fn bench(a: &BenchArgs) -> anyhow::Result<Report> {
     check_args(a)?;
     let conn = a.conn.options()?;
-    let endpoints: Vec<String> = a
-        .endpoints
-        .as_deref()
-        .unwrap_or(a.target.default_endpoints())
+    let floor;
+    let given = match a.target {
+        TargetKind::Floor => {
+            if a.endpoints.is_some() {
+                bail!("endpoints: the floor target runs its own server in this process; give none");
+            }
+            floor = floor::start()?;
+            floor.as_str()
+        }
+        _ => a
+            .endpoints
+            .as_deref()
+            .unwrap_or(a.target.default_endpoints()),
+    };
+    let endpoints: Vec<String> = given
         .split(',')
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())

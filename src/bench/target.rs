@@ -29,6 +29,9 @@ pub enum TargetKind {
     Idemkv,
     Etcd,
     Redis,
+    /// gRPC alone: an in-process server of the public API that answers at
+    /// once from memory (see `floor.rs`); no endpoints.
+    Floor,
 }
 
 impl TargetKind {
@@ -37,6 +40,7 @@ impl TargetKind {
             TargetKind::Idemkv => "idemkv",
             TargetKind::Etcd => "etcd",
             TargetKind::Redis => "redis",
+            TargetKind::Floor => "floor",
         }
     }
 
@@ -45,6 +49,8 @@ impl TargetKind {
             TargetKind::Idemkv => crate::wire::DEFAULT_ENDPOINTS,
             TargetKind::Etcd => "127.0.0.1:2379",
             TargetKind::Redis => "127.0.0.1:6379",
+            // Replaced by the floor server's own address when it starts.
+            TargetKind::Floor => "",
         }
     }
 }
@@ -121,7 +127,7 @@ impl Target {
         opts: crate::client::ClientOptions,
     ) -> anyhow::Result<Target> {
         match kind {
-            TargetKind::Idemkv => {
+            TargetKind::Idemkv | TargetKind::Floor => {
                 let client = Client::with_options(endpoints, opts)?;
                 client
                     .discover_leader()

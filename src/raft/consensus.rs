@@ -16,11 +16,12 @@ use openraft::ReadPolicy;
 use serde::{Deserialize, Serialize};
 
 use super::network::Peers;
+use super::propose::{Proposer, Refused};
 use super::{NodeId, PeerNode, Raft, Response};
 use crate::codec::{decode, encode};
 use crate::error::{Error, Result};
 use crate::pb::peer::Payload;
-use crate::record::{self, Command, Op, Outcome, Record, RecordKey, Request, RuleError};
+use crate::record::{self, Command, Op, Outcome, Record, RecordKey, RuleError};
 use crate::store::{Rejoin, StateMachineStore};
 
 /// A request a follower hands to the leader.
@@ -98,9 +99,10 @@ pub struct Consensus {
     /// How long a write or read index may wait for a quorum before the
     /// caller gets `Unavailable`.
     pub timeout: Duration,
-    /// Stamps this node's proposals while it leads (reading the node's
-    /// [`crate::clock::Clock`], which the state machine holds).
-    clock: super::clock::LeaderClock,
+    /// Proposes this node's writes while it leads, coalescing concurrent
+    /// ones, and stamps them (reading the node's [`crate::clock::Clock`],
+    /// which the state machine holds).
+    proposer: Proposer,
     check: CommandCheck,
     /// Set while this node keeps out of elections after cutting a damaged
     /// log record (see `store/rejoin.rs`).
@@ -121,13 +123,14 @@ impl Consensus {
         check: CommandCheck,
         rejoin: Arc<Rejoin>,
     ) -> Self {
+        let proposer = Proposer::new(raft.clone(), sm.clone(), timeout);
         Consensus {
             id,
             raft,
             sm,
             peers,
             timeout,
-            clock: Default::default(),
+            proposer,
             check,
             rejoin,
         }
@@ -207,14 +210,7 @@ impl Consensus {
 
     /// The stamp a command proposed now gets (SPEC §2 Time).
     fn stamp(&self) -> u64 {
-        let clock = self.sm.time();
-        self.clock.stamp(
-            clock.now(),
-            self.term(),
-            self.sm.now_ms(),
-            self.sm.clock_ms(),
-            clock.wall_ms(),
-        )
+        self.proposer.stamp()
     }
 
     /// The one clock for lease decisions made outside the state machine
@@ -253,26 +249,16 @@ impl Consensus {
     }
 
     async fn propose_local(&self, command: Command) -> Result<Response, Local> {
-        if !self.raft.is_leader() {
-            return Err(Local::NotLeader(self.leader()));
-        }
-        let request = Request {
-            stamped_ms: self.stamp(),
-            command,
-        };
-        let res = tokio::time::timeout(self.timeout, self.raft.client_write(request)).await;
-        match res {
-            Err(_) => Err(Local::Failed(Error::Unavailable(format!(
+        match self.proposer.propose(command).await {
+            Ok(resp) => Ok(resp),
+            Err(Refused::NotLeader(leader)) => Err(Local::NotLeader(leader)),
+            Err(Refused::TimedOut) => Err(Local::Failed(Error::Unavailable(format!(
                 "{}; the write was not committed within {:?} (it may still commit once they answer), and retrying is safe",
                 self.quorum_lost(),
                 self.timeout
             )))),
-            Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(Local::NotLeader(f.leader_id.zip(f.leader_node)))
-            }
-            Ok(Err(RaftError::APIError(e))) => Err(Local::Failed(unavailable("write", e))),
-            Ok(Err(RaftError::Fatal(e))) => Err(Local::Failed(raft_stopped(e))),
+            Err(Refused::Failed(e)) => Err(Local::Failed(unavailable("write", e))),
+            Err(Refused::Stopped(e)) => Err(Local::Failed(raft_stopped(e))),
         }
     }
 

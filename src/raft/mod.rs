@@ -6,6 +6,7 @@
 pub mod clock;
 pub mod consensus;
 pub mod network;
+pub mod propose;
 pub mod service;
 pub mod types;
 

@@ -458,6 +458,19 @@ impl StateMachineStore {
                 }
                 Ok(Ok(out))
             }
+            Command::Many(commands) => {
+                let mut outs = Vec::with_capacity(commands.len());
+                for c in commands {
+                    if matches!(c, Command::Sweep { .. } | Command::Many(_)) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "a coalesced entry holds a sweep or another coalesced entry",
+                        ));
+                    }
+                    outs.push(self.apply_command(p, c, now, tokens)?);
+                }
+                Ok(Ok(Outcome::Many(outs)))
+            }
             Command::Sweep { limit } => {
                 // The sweep reads the expiry index from the tree: first write
                 // what this call applied before it. (The clock just set may go
