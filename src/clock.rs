@@ -54,11 +54,6 @@ impl Clock {
         (Clock(wall.clone()), wall)
     }
 
-    /// Any other source.
-    pub fn from_source(source: Arc<dyn TimeSource>) -> Clock {
-        Clock(source)
-    }
-
     pub fn now(&self) -> Instant {
         self.0.now()
     }

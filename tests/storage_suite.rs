@@ -1,9 +1,13 @@
 //! openraft's storage conformance suite against the sled store.
 use std::sync::Mutex;
 
-use idemkv::raft::TypeConfig;
+use idemkv::raft::{Entry, TypeConfig};
+use idemkv::record::{Claim, Command, Op, RecordKey, Request};
 use idemkv::store::{LogStore, StateMachineStore, Store};
+use openraft::storage::EntryResponder;
 use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::testing::log_id;
+use openraft::EntryPayload;
 use openraft::StorageError;
 
 /// Each build gets a fresh directory, kept alive until the test ends.
@@ -18,6 +22,49 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, ()> for Builder {
         self.dirs.lock().unwrap().push(dir);
         Ok(((), store.log, store.state_machine))
     }
+}
+
+fn key(k: &str) -> RecordKey {
+    RecordKey {
+        namespace: "ns".into(),
+        key: k.as_bytes().to_vec(),
+    }
+}
+
+fn claim_of(k: &str, owner: &str, lease_ms: u64, retention_ms: u64) -> Claim {
+    Claim {
+        owner: owner.into(),
+        claim_id: format!("{owner}-{k}"),
+        lease_ms,
+        fingerprint: None,
+        max_attempts: 0,
+        retention_ms,
+    }
+}
+
+fn claim(k: &str, owner: &str, lease_ms: u64, retention_ms: u64) -> Command {
+    Command::Op {
+        key: key(k),
+        op: Op::Claim(claim_of(k, owner, lease_ms, retention_ms)),
+    }
+}
+
+/// Log entry `i` of term 1 carrying `command`, as `apply` takes it.
+fn entry(
+    i: u64,
+    stamped_ms: u64,
+    command: Command,
+) -> Result<EntryResponder<TypeConfig>, std::io::Error> {
+    Ok((
+        Entry {
+            log_id: log_id::<TypeConfig>(1, 1, i),
+            payload: EntryPayload::Normal(Request {
+                stamped_ms,
+                command,
+            }),
+        },
+        None,
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,39 +153,9 @@ async fn appends_and_votes_are_acknowledged_only_after_fsync() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_install_replaces_the_whole_state() {
     use futures::stream;
-    use idemkv::raft::Entry;
-    use idemkv::record::{Claim, Command, Op, RecordKey, Request};
     use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
-    use openraft::testing::log_id;
-    use openraft::EntryPayload;
 
-    let key = |k: &str| RecordKey {
-        namespace: "ns".into(),
-        key: k.as_bytes().to_vec(),
-    };
-    let claim = |k: &str, retention_ms: u64| Command::Op {
-        key: key(k),
-        op: Op::Claim(Claim {
-            owner: "w".into(),
-            claim_id: "c".into(),
-            lease_ms: 100,
-            fingerprint: None,
-            max_attempts: 0,
-            retention_ms,
-        }),
-    };
-    let entry = |i: u64, stamped_ms: u64, command: Command| -> Result<_, std::io::Error> {
-        Ok((
-            Entry {
-                log_id: log_id::<TypeConfig>(1, 1, i),
-                payload: EntryPayload::Normal(Request {
-                    stamped_ms,
-                    command,
-                }),
-            },
-            None,
-        ))
-    };
+    let claim = |k: &str, retention_ms: u64| claim(k, "w", 100, retention_ms);
     let src_dir = tempfile::tempdir().unwrap();
     let mut src = Store::open(src_dir.path()).unwrap().state_machine;
     src.apply(stream::iter(vec![
@@ -196,27 +213,9 @@ async fn snapshot_install_replaces_the_whole_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coalesced_entry_applies_like_its_commands_one_by_one() {
     use futures::stream;
-    use idemkv::raft::Entry;
-    use idemkv::record::{Claim, Command, Op, RecordKey, Request};
     use openraft::storage::RaftStateMachine;
-    use openraft::testing::log_id;
-    use openraft::EntryPayload;
 
-    let key = |k: &str| RecordKey {
-        namespace: "ns".into(),
-        key: k.as_bytes().to_vec(),
-    };
-    let claim = |k: &str, owner: &str| Command::Op {
-        key: key(k),
-        op: Op::Claim(Claim {
-            owner: owner.into(),
-            claim_id: format!("{owner}-{k}"),
-            lease_ms: 60_000,
-            fingerprint: None,
-            max_attempts: 0,
-            retention_ms: 3_600_000,
-        }),
-    };
+    let claim = |k: &str, owner: &str| claim(k, owner, 60_000, 3_600_000);
     let complete = |k: &str, token: u64| Command::Op {
         key: key(k),
         op: Op::Complete {
@@ -229,16 +228,7 @@ async fn a_coalesced_entry_applies_like_its_commands_one_by_one() {
     let batch = |ks: &[&str]| Command::ClaimBatch {
         items: ks
             .iter()
-            .map(|k| {
-                let Command::Op {
-                    key,
-                    op: Op::Claim(c),
-                } = claim(k, "b")
-                else {
-                    unreachable!()
-                };
-                (key, c)
-            })
+            .map(|k| (key(k), claim_of(k, "b", 60_000, 3_600_000)))
             .collect(),
         all_or_nothing: false,
     };
@@ -254,30 +244,18 @@ async fn a_coalesced_entry_applies_like_its_commands_one_by_one() {
         batch(&["c", "b", "d"]),
         claim("e", "w1"),
     ];
-    let entry = |i: u64, command: Command| -> Result<_, std::io::Error> {
-        Ok((
-            Entry {
-                log_id: log_id::<TypeConfig>(1, 1, i),
-                payload: EntryPayload::Normal(Request {
-                    stamped_ms: 1_000,
-                    command,
-                }),
-            },
-            None,
-        ))
-    };
     let one_by_one_dir = tempfile::tempdir().unwrap();
     let mut one_by_one = Store::open(one_by_one_dir.path()).unwrap().state_machine;
     let entries: Vec<_> = commands
         .iter()
         .enumerate()
-        .map(|(i, c)| entry(i as u64 + 1, c.clone()))
+        .map(|(i, c)| entry(i as u64 + 1, 1_000, c.clone()))
         .collect();
     one_by_one.apply(stream::iter(entries)).await.unwrap();
     let coalesced_dir = tempfile::tempdir().unwrap();
     let mut coalesced = Store::open(coalesced_dir.path()).unwrap().state_machine;
     coalesced
-        .apply(stream::iter(vec![entry(1, Command::Many(commands))]))
+        .apply(stream::iter(vec![entry(1, 1_000, Command::Many(commands))]))
         .await
         .unwrap();
     for k in ["a", "b", "c", "d", "e"] {

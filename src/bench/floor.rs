@@ -19,6 +19,7 @@ use crate::pb::api::{
     self, claim_response::Outcome, cluster_server::Cluster, cluster_server::ClusterServer,
     idempotency_server::Idempotency, idempotency_server::IdempotencyServer,
 };
+use crate::wire::{Reason, REASON_HEADER};
 
 /// Worker threads of the floor server's runtime: as many as one idemkv
 /// node's would have on a two-core machine.
@@ -107,9 +108,17 @@ impl Idempotency for std::sync::Arc<Floor> {
                 };
                 Ok(Response::new(api::CompleteResponse::default()))
             }
-            _ => Err(Status::failed_precondition(
-                "LEASE_LOST: not held with this token",
-            )),
+            _ => {
+                // Refused as idemkv refuses it: the reason in its header.
+                let reason = Reason::LeaseLost.as_str();
+                let mut status =
+                    Status::failed_precondition(format!("{reason}: not held with this token"));
+                status.metadata_mut().insert(
+                    REASON_HEADER,
+                    tonic::metadata::MetadataValue::from_static(reason),
+                );
+                Err(status)
+            }
         }
     }
 

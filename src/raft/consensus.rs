@@ -249,6 +249,9 @@ impl Consensus {
     }
 
     async fn propose_local(&self, command: Command) -> Result<Response, Local> {
+        if !self.raft.is_leader() {
+            return Err(Local::NotLeader(self.leader()));
+        }
         match self.proposer.propose(command).await {
             Ok(resp) => Ok(resp),
             Err(Refused::NotLeader(leader)) => Err(Local::NotLeader(leader)),

@@ -93,11 +93,10 @@ impl Proposer {
         self.inner.stamp()
     }
 
-    /// Propose `command` and wait for the state machine's decision.
+    /// Propose `command` and wait for the state machine's decision (the
+    /// caller checked that this node leads; if it stops leading meanwhile,
+    /// openraft names the new leader).
     pub async fn propose(&self, command: Command) -> Result<Response, Refused> {
-        if !self.inner.raft.is_leader() {
-            return Err(Refused::NotLeader(leader(&self.inner.raft)));
-        }
         if matches!(command, Command::Sweep { .. }) {
             return self.inner.write(command).await;
         }
@@ -133,13 +132,6 @@ fn take(q: &mut Queue) -> Vec<Waiting> {
         batch.extend(q.waiting.pop_front());
     }
     batch
-}
-
-fn leader(raft: &Raft) -> Option<(NodeId, PeerNode)> {
-    let m = raft.metrics().borrow_watched().clone();
-    let id = m.current_leader?;
-    let node = m.membership_config.membership().get_node(&id)?.clone();
-    Some((id, node))
 }
 
 impl Inner {

@@ -108,11 +108,12 @@ impl Inner {
 }
 
 impl GroupCommit {
-    pub fn spawn(
+    /// Nothing runs until the first waiter arrives.
+    pub fn new(
         name: &str,
         sync: impl Fn() -> io::Result<()> + Send + Sync + 'static,
-    ) -> io::Result<GroupCommit> {
-        Ok(GroupCommit {
+    ) -> GroupCommit {
+        GroupCommit {
             inner: Arc::new(Inner {
                 name: name.into(),
                 sync: Box::new(sync),
@@ -120,7 +121,7 @@ impl GroupCommit {
                 rounds: AtomicU64::new(0),
                 released: AtomicU64::new(0),
             }),
-        })
+        }
     }
 
     /// Queue `w` to be completed after the next round.
@@ -190,7 +191,7 @@ pub struct Syncer {
     /// Blob files already synced, with the length they had then.
     synced_blobs: Mutex<HashMap<std::ffi::OsString, u64>>,
     commit: OnceLock<GroupCommit>,
-    /// Completed flush+fsync rounds, from the thread or [`Syncer::sync_now`].
+    /// Completed flush+fsync rounds, from the group commit or [`Syncer::sync_now`].
     syncs: AtomicU64,
     /// Raft's state as the last sync covered it, kept outside sled.
     mark: SledMark,
@@ -212,10 +213,10 @@ impl Syncer {
         // The directory entries of the files sled created must be durable too.
         File::open(dir)?.sync_all()?;
         let worker = Arc::downgrade(&syncer);
-        let commit = GroupCommit::spawn("idemkv-sled-sync", move || match worker.upgrade() {
+        let commit = GroupCommit::new("idemkv-sled-sync", move || match worker.upgrade() {
             Some(s) => s.sync_now(),
             None => Err(io::Error::other("store closed")),
-        })?;
+        });
         let _ = syncer.commit.set(commit);
         Ok(syncer)
     }
@@ -288,7 +289,7 @@ impl Syncer {
         Ok(())
     }
 
-    /// Stop the fsync thread once the queue drains.
+    /// Refuse new waiters; those queued are still synced.
     pub fn close(&self) {
         self.commit().close()
     }

@@ -64,7 +64,7 @@ use crate::codec::{decode, encode};
 use crate::raft::types::{Entry, LogId, TypeConfig, Vote};
 
 /// The segment appends go to: its path (for the fsync ledger) and file;
-/// both shared, so the fsync thread takes them without allocating.
+/// both shared, so the group commit takes them without allocating.
 type ActiveSegment = (Arc<Path>, Arc<File>);
 
 /// By default a new segment is started once the current one is this big.
@@ -518,7 +518,7 @@ impl LogStore {
                 .map(|s| (Arc::from(s.path.as_path()), s.file.clone())),
         ));
         let to_sync = active.clone();
-        let commit = GroupCommit::spawn("idemkv-log-sync", move || {
+        let commit = GroupCommit::new("idemkv-log-sync", move || {
             let file = to_sync.lock().unwrap_or_else(|p| p.into_inner()).clone();
             match file {
                 Some((path, f)) => {
@@ -534,7 +534,7 @@ impl LogStore {
                 }
                 None => Ok(()),
             }
-        })?;
+        });
         Ok(LogStore {
             inner: Arc::new(Mutex::new(inner)),
             active,
@@ -582,7 +582,7 @@ impl LogStore {
         self.commit.stats()
     }
 
-    /// Stop the log's fsync thread (node shutdown).
+    /// Refuse further fsync waiters (node shutdown).
     pub fn close(&self) {
         self.commit.close()
     }
