@@ -133,15 +133,7 @@ impl Node {
         let limits = cfg.limits.clone();
         let check: crate::raft::consensus::CommandCheck =
             Arc::new(move |c| crate::api::validate::command(&limits, c));
-        let consensus = Arc::new(Consensus::new(
-            cfg.id,
-            raft,
-            sm,
-            peers,
-            cfg.request_timeout,
-            check,
-            rejoin,
-        ));
+        let consensus = Consensus::new(cfg.id, raft, sm, peers, cfg.request_timeout, check, rejoin);
         let (shutdown, _) = watch::channel(false);
         let mut tasks = Vec::new();
 

@@ -593,6 +593,56 @@ async fn claims_that_change_nothing_add_no_log_entries() {
     c.shutdown().await;
 }
 
+/// A follower's clients' writes reach the leader many per call once they
+/// come faster than the leader answers, and each still gets its own
+/// outcome: 300 claims sent at once to one follower, 20 of them racing for
+/// one key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_forwards_concurrent_writes_in_shared_calls() {
+    let c = TestCluster::start(3).await;
+    let leader = c.wait_leader(Duration::from_secs(5)).await;
+    let follower = (1..=3u64).find(|id| *id != leader).unwrap();
+    let before = c.node(follower).consensus().forward_calls();
+    let client = c.client_of(follower);
+    let calls: Vec<_> = (0..300usize)
+        .map(|i| {
+            let client = client.clone();
+            let key = if i < 280 {
+                format!("k{i}")
+            } else {
+                "raced".to_string()
+            };
+            tokio::spawn(async move {
+                let out = client
+                    .claim(claim_req("fwd", &key, &format!("w{i}"), 60_000))
+                    .await
+                    .unwrap();
+                (key, out)
+            })
+        })
+        .collect();
+    let mut tokens = std::collections::BTreeSet::new();
+    let mut raced_winners = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            (key, Outcome::Acquired(a)) => {
+                assert!(tokens.insert(a.token), "token {} twice", a.token);
+                raced_winners += usize::from(key == "raced");
+            }
+            (key, Outcome::InProgress(_)) if key == "raced" => {}
+            (key, other) => panic!("{key}: {other:?}"),
+        }
+    }
+    assert_eq!(raced_winners, 1, "exactly one racer holds the key");
+    assert_eq!(tokens.len(), 281);
+    let calls = c.node(follower).consensus().forward_calls() - before;
+    assert!(
+        calls > 0 && calls < 150,
+        "300 writes to a follower took {calls} forward calls"
+    );
+    c.shutdown().await;
+}
+
 /// Concurrent writes share log entries on the leader (coalescing), and each
 /// keeps its own outcome and its own token: 300 claims of distinct keys and
 /// 40 racing claims of one key, sent at once through every node.

@@ -663,23 +663,49 @@ async fn forwarded_commands_are_validated_again_on_the_leader() {
             },
         ),
     ];
-    for (field, cmd) in bad {
-        let reply = member
-            .forward(Payload {
-                data: idemkv::codec::encode(&Forwarded::Write(cmd)).unwrap(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let reply: ForwardReply = idemkv::codec::decode(&reply.data).unwrap();
-        match &reply {
-            ForwardReply::Invalid { field: f, .. } | ForwardReply::TooLarge { field: f, .. } => {
-                assert_eq!(f, field, "{reply:?}")
-            }
-            other => panic!("{field}: the leader accepted or mis-refused it: {other:?}"),
-        }
+    for (field, cmd) in bad.clone() {
+        let reply = forward(&mut member, Forwarded::Write(cmd)).await;
+        assert_refused_on(field, &reply);
     }
-    for k in ["huge-lease", "no-claim-id", "big-result", "dup"] {
+    // Sent together in one call (as a busy follower forwards), each is
+    // refused on its own field, and a good write beside them goes through.
+    let good = Command::Op {
+        key: key("good"),
+        op: Op::Claim(claim(60_000, "c1")),
+    };
+    let (fields, mut cmds): (Vec<_>, Vec<_>) = bad.into_iter().unzip();
+    cmds.push(good.clone());
+    let ForwardReply::Writes(replies) = forward(&mut member, Forwarded::Writes(cmds)).await else {
+        panic!("a group of writes was not answered write by write");
+    };
+    assert_eq!(replies.len(), fields.len() + 1);
+    for (field, reply) in fields.iter().zip(&replies) {
+        assert_refused_on(field, reply);
+    }
+    assert!(
+        matches!(replies.last(), Some(ForwardReply::Write(Ok(_)))),
+        "the good write: {:?}",
+        replies.last()
+    );
+    // More writes in one call than a leader takes: refused whole.
+    let flood: Vec<Command> = (0..=idemkv::raft::propose::MAX_COMMANDS)
+        .map(|i| Command::Op {
+            key: key(&format!("flood-{i}")),
+            op: Op::Claim(claim(60_000, "c1")),
+        })
+        .collect();
+    let reply = forward(&mut member, Forwarded::Writes(flood)).await;
+    assert!(
+        matches!(&reply, ForwardReply::Invalid { field, message } if field == "writes" && message.contains("513")),
+        "{reply:?}"
+    );
+    assert!(c
+        .client()
+        .get(get_req("peers", "good"))
+        .await
+        .unwrap()
+        .is_some());
+    for k in ["huge-lease", "no-claim-id", "big-result", "dup", "flood-0"] {
         let rec = c.client().get(get_req("peers", k)).await.unwrap();
         assert!(rec.is_none(), "{k}: a refused forward wrote {rec:?}");
     }
@@ -691,6 +717,26 @@ async fn forwarded_commands_are_validated_again_on_the_leader() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("claim_id"), "{}", err.message());
     c.shutdown().await;
+}
+
+/// Send `req` to a leader's peer port as a follower would.
+async fn forward(
+    member: &mut idemkv::pb::peer::raft_peer_client::RaftPeerClient<tonic::transport::Channel>,
+    req: Forwarded,
+) -> ForwardReply {
+    let data = idemkv::codec::encode(&req).unwrap();
+    let reply = member.forward(Payload { data }).await.unwrap().into_inner();
+    idemkv::codec::decode(&reply.data).unwrap()
+}
+
+/// `reply` refuses a forwarded write on `field`, as bad input or too large.
+fn assert_refused_on(field: &str, reply: &ForwardReply) {
+    match reply {
+        ForwardReply::Invalid { field: f, .. } | ForwardReply::TooLarge { field: f, .. } => {
+            assert_eq!(f, field, "{reply:?}")
+        }
+        other => panic!("{field}: the leader accepted or mis-refused it: {other:?}"),
+    }
 }
 
 /// The client library fills an empty claim_id; a generated client calling

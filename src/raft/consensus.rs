@@ -1,13 +1,14 @@
 //! The one door from idemkv to its Raft group: propose a command, confirm a
 //! linearizable read, look at membership. Any node can be asked; a follower
-//! hands writes and read-index requests to the leader over the peer port.
+//! hands writes and read-index requests to the leader over the peer port,
+//! writes received together in one call ([`super::coalesce`]).
 //!
 //! This is where openraft's errors become [`Error`]s: "not the leader" is
 //! forwarded, "no leader / no quorum / timed out" becomes `Unavailable`
 //! (safe to retry: every write is idempotent), a stopped Raft is `Internal`.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
@@ -15,8 +16,9 @@ use openraft::type_config::async_runtime::WatchReceiver;
 use openraft::ReadPolicy;
 use serde::{Deserialize, Serialize};
 
+use super::coalesce::{Coalescer, Limits, Sink};
 use super::network::Peers;
-use super::propose::{Proposer, Refused};
+use super::propose::{self, Proposer, Refused};
 use super::{NodeId, PeerNode, Raft, Response};
 use crate::codec::{decode, encode};
 use crate::error::{Error, Result};
@@ -29,9 +31,13 @@ use crate::store::{Rejoin, StateMachineStore};
 pub enum Forwarded {
     Write(Command),
     ReadIndex,
+    /// Writes a follower received while its earlier forwards were under
+    /// way, each checked and proposed as if forwarded alone (at most
+    /// [`propose::MAX_COMMANDS`]). (Added last, so older requests decode.)
+    Writes(Vec<Command>),
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ForwardReply {
     Write(Response),
     ReadIndex(u64),
@@ -48,6 +54,8 @@ pub enum ForwardReply {
         field: String,
         message: String,
     },
+    /// The replies to [`Forwarded::Writes`], one per write, in order.
+    Writes(Vec<ForwardReply>),
 }
 
 /// Checks a forwarded command against this node's limits before the leader
@@ -103,6 +111,11 @@ pub struct Consensus {
     /// ones, and stamps them (reading the node's [`crate::clock::Clock`],
     /// which the state machine holds).
     proposer: Proposer,
+    /// Hands this node's writes to the leader while it follows, many per
+    /// call when they come faster than the leader answers.
+    forwards: Coalescer<Forwards>,
+    /// Calls that carried forwarded writes to the leader.
+    forward_calls: std::sync::atomic::AtomicU64,
     check: CommandCheck,
     /// Set while this node keeps out of elections after cutting a damaged
     /// log record (see `store/rejoin.rs`).
@@ -122,18 +135,36 @@ impl Consensus {
         timeout: Duration,
         check: CommandCheck,
         rejoin: Arc<Rejoin>,
-    ) -> Self {
+    ) -> Arc<Self> {
         let proposer = Proposer::new(raft.clone(), sm.clone(), timeout);
-        Consensus {
+        Arc::new_cyclic(|me| Consensus {
             id,
             raft,
             sm,
             peers,
             timeout,
             proposer,
+            forwards: Coalescer::new(
+                Forwards {
+                    consensus: me.clone(),
+                },
+                Limits {
+                    in_flight: FORWARDS_IN_FLIGHT,
+                    items: propose::MAX_COMMANDS,
+                    weight: propose::MAX_WEIGHT,
+                },
+            ),
+            forward_calls: Default::default(),
             check,
             rejoin,
-        }
+        })
+    }
+
+    /// Calls this node made to carry its forwarded writes to the leader
+    /// (fewer than the writes when they shared calls).
+    pub fn forward_calls(&self) -> u64 {
+        self.forward_calls
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Register a waiter on the record at `key` (Await); register before
@@ -239,12 +270,37 @@ impl Consensus {
         match self.propose_local(command.clone()).await {
             Ok(resp) => resp.map_err(Error::Rule),
             Err(Local::Failed(e)) => Err(e),
-            Err(Local::NotLeader(leader)) => {
-                match self.forward(leader, Forwarded::Write(command)).await? {
-                    ForwardReply::Write(resp) => resp.map_err(Error::Rule),
-                    other => Err(reply_error(other)),
-                }
-            }
+            Err(Local::NotLeader(_)) => match self.forwards.submit(command).await {
+                ForwardReply::Write(resp) => resp.map_err(Error::Rule),
+                other => Err(reply_error(other)),
+            },
+        }
+    }
+
+    /// Forward `commands` to the leader known now, in one call; one reply
+    /// per command (a failed call is every command's reply).
+    async fn forward_writes(&self, mut commands: Vec<Command>) -> Vec<ForwardReply> {
+        let n = commands.len();
+        self.forward_calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let req = if n == 1 {
+            // Alone, as nodes before `Writes` take it.
+            Forwarded::Write(commands.pop().expect("one"))
+        } else {
+            Forwarded::Writes(commands)
+        };
+        match self.forward(self.leader(), req).await {
+            Ok(ForwardReply::Writes(replies)) if replies.len() == n => replies,
+            Ok(ForwardReply::Writes(replies)) => vec![
+                ForwardReply::Internal(format!(
+                    "the leader answered {} of {n} forwarded writes",
+                    replies.len()
+                ));
+                n
+            ],
+            Ok(reply) => vec![reply; n],
+            Err(Error::Unavailable(m)) => vec![ForwardReply::Unavailable(m); n],
+            Err(e) => vec![ForwardReply::Internal(e.to_string()); n],
         }
     }
 
@@ -376,13 +432,35 @@ impl Consensus {
 
     /// Serve a request forwarded by a follower. Never forwards again.
     pub async fn serve_forwarded(&self, req: Forwarded) -> ForwardReply {
-        let res = match req {
-            Forwarded::Write(c) => match (self.check)(&c) {
-                Ok(()) => self.propose_local(c).await.map(ForwardReply::Write),
-                Err(e) => Err(Local::Failed(e)),
+        match req {
+            Forwarded::Write(c) => self.serve_write(c).await,
+            Forwarded::ReadIndex => {
+                self.answer(self.read_index_local().await.map(ForwardReply::ReadIndex))
+            }
+            Forwarded::Writes(cs) if cs.len() > propose::MAX_COMMANDS => ForwardReply::Invalid {
+                field: "writes".into(),
+                message: format!(
+                    "{} forwarded writes in one call; at most {} are taken",
+                    cs.len(),
+                    propose::MAX_COMMANDS
+                ),
             },
-            Forwarded::ReadIndex => self.read_index_local().await.map(ForwardReply::ReadIndex),
-        };
+            Forwarded::Writes(cs) => ForwardReply::Writes(
+                futures::future::join_all(cs.into_iter().map(|c| self.serve_write(c))).await,
+            ),
+        }
+    }
+
+    /// Check a forwarded write against this node's limits, then propose it.
+    async fn serve_write(&self, c: Command) -> ForwardReply {
+        self.answer(match (self.check)(&c) {
+            Ok(()) => self.propose_local(c).await.map(ForwardReply::Write),
+            Err(e) => Err(Local::Failed(e)),
+        })
+    }
+
+    /// The reply a follower gets for what this node made of its request.
+    fn answer(&self, res: std::result::Result<ForwardReply, Local>) -> ForwardReply {
         match res {
             Ok(reply) => reply,
             Err(Local::NotLeader(l)) => ForwardReply::Unavailable(format!(
@@ -436,11 +514,17 @@ impl Consensus {
                 self.voter_ids(),
             ))
         })?;
-        Ok(match decode(&resp.into_inner().data)? {
+        let from_leader = |reply| match reply {
             ForwardReply::Unavailable(m) => {
                 ForwardReply::Unavailable(format!("the leader, node {id}, answered: {m}"))
             }
             other => other,
+        };
+        Ok(match decode(&resp.into_inner().data)? {
+            ForwardReply::Writes(replies) => {
+                ForwardReply::Writes(replies.into_iter().map(from_leader).collect())
+            }
+            other => from_leader(other),
         })
     }
 
@@ -641,6 +725,37 @@ fn membership_result<T>(
         }
         Err(RaftError::APIError(e)) => Err(Error::invalid("membership", e.to_string())),
         Err(RaftError::Fatal(e)) => Err(raft_stopped(e)),
+    }
+}
+
+/// Forward calls under way at once before a follower's writes share one.
+const FORWARDS_IN_FLIGHT: usize = 2;
+
+/// Where a follower's forwarded writes go: the leader, through the node's
+/// [`Consensus`] (held weakly: the coalescer lives inside it).
+struct Forwards {
+    consensus: Weak<Consensus>,
+}
+
+impl Sink for Forwards {
+    type Item = Command;
+    type Reply = ForwardReply;
+
+    fn weight(command: &Command) -> usize {
+        command.weight()
+    }
+
+    async fn send(&self, commands: Vec<Command>) -> Vec<ForwardReply> {
+        match self.consensus.upgrade() {
+            Some(c) => c.forward_writes(commands).await,
+            None => vec![Self::lost(); commands.len()],
+        }
+    }
+
+    fn lost() -> ForwardReply {
+        ForwardReply::Unavailable(
+            "this node is stopping; the write was not forwarded; retrying is safe".into(),
+        )
     }
 }
 

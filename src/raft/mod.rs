@@ -4,6 +4,7 @@
 //! change stays in one place.
 
 pub mod clock;
+mod coalesce;
 pub mod consensus;
 pub mod network;
 pub mod propose;

@@ -16,6 +16,7 @@
 
 pub mod boot_clock;
 pub mod durable;
+mod key_filter;
 pub mod keys;
 mod log;
 mod rejoin;

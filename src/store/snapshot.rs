@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 use openraft::RaftSnapshotBuilder;
 
 use super::durable::sled_err;
+use super::key_filter::KeyFilter;
 use super::keys;
 use super::snapfile::{Header, Reader, Writer};
 use super::state_machine::{StateMachineStore, TREES};
@@ -246,8 +247,8 @@ impl StateMachineStore {
             .find(|t| t.as_bytes() != &active[..])
             .unwrap_or(TREES[0]);
         let tree = shared.db.open_tree(other).map_err(sled_err)?;
-        let header = match self.load_into(&tree, src, expect, legacy) {
-            Ok(h) => h,
+        let (header, filter) = match self.load_into(&tree, src, expect, legacy) {
+            Ok(loaded) => loaded,
             Err(e) => {
                 if let Err(c) = tree.clear() {
                     tracing::warn!(error = %c, "cannot clear the refused install's tree");
@@ -266,7 +267,7 @@ impl StateMachineStore {
             .map_err(sled_err)?;
         shared.syncer.sync_now()?;
         let applied = header.meta.last_log_id.as_ref().map_or(0, |l| l.index());
-        let old = shared.tree.swap(tree, || {
+        let old = shared.tree.swap(tree, filter, || {
             self.set_clock(header.clock_ms);
             shared
                 .last_token
@@ -285,14 +286,15 @@ impl StateMachineStore {
         Ok(())
     }
 
-    /// Clear `tree` and fill it from `path`; fails on any check. Blocking.
+    /// Clear `tree` and fill it from `path`, with the filter of its record
+    /// keys; fails on any check. Blocking.
     fn load_into(
         &self,
         tree: &sled::Tree,
         path: &Path,
         expect: Option<&SnapshotMeta>,
         legacy: bool,
-    ) -> io::Result<Header> {
+    ) -> io::Result<(Header, KeyFilter)> {
         let (mut r, header) = open_reader(path, legacy)?;
         if let Some(meta) = expect {
             if header.meta.last_log_id != meta.last_log_id {
@@ -306,10 +308,12 @@ impl StateMachineStore {
             }
         }
         tree.clear().map_err(sled_err)?;
+        let filter = KeyFilter::new();
         let mut batch = sled::Batch::default();
         let mut pending = 0;
         while let Some((k, v, at)) = r.pair()? {
             let (rk, rec) = check_pair(&r, &k, &v, at)?;
+            filter.load(&k);
             batch.insert(keys::expiry(record::expires_at(&rec), &rk), &[] as &[u8]);
             batch.insert(k, v);
             pending += 1;
@@ -325,7 +329,7 @@ impl StateMachineStore {
         batch.insert(keys::CLOCK, encode(&header.clock_ms)?);
         batch.insert(keys::LAST_TOKEN, encode(&header.last_token)?);
         tree.apply_batch(batch).map_err(sled_err)?;
-        Ok(header)
+        Ok((header, filter))
     }
 }
 

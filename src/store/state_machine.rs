@@ -24,6 +24,7 @@ use tokio::sync::{watch, RwLock};
 
 use super::boot_clock;
 use super::durable::{sled_err, Syncer};
+use super::key_filter::KeyFilter;
 use super::keys;
 use crate::clock::{Clock, Instant};
 use crate::codec::{decode, encode};
@@ -66,25 +67,32 @@ pub(super) struct Shared {
     /// The snapshot file last checked whole (built, installed or checked
     /// at open): served without reading it again.
     pub(super) verified: std::sync::Mutex<Option<PathBuf>>,
+    /// Record reads that went to sled (the key filter answers the rest).
+    pub(super) record_reads: AtomicU64,
 }
 
-/// The state machine tree in force. Every read and write goes through it;
-/// [`ActiveTree::swap`] waits for the calls running on the old tree, so
-/// once it returns nobody reads that tree any more.
+/// The state machine tree in force and the filter of its record keys.
+/// Every read and write goes through it; [`ActiveTree::swap`] waits for the
+/// calls running on the old tree, so once it returns nobody reads that tree
+/// any more.
 pub(super) struct ActiveTree {
-    tree: std::sync::RwLock<sled::Tree>,
+    tree: std::sync::RwLock<(sled::Tree, Arc<KeyFilter>)>,
 }
 
 impl ActiveTree {
-    fn new(tree: sled::Tree) -> Self {
+    fn new(tree: sled::Tree, filter: KeyFilter) -> Self {
         ActiveTree {
-            tree: std::sync::RwLock::new(tree),
+            tree: std::sync::RwLock::new((tree, Arc::new(filter))),
         }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, (sled::Tree, Arc<KeyFilter>)> {
+        self.tree.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Run `f` on the tree in force; a swap waits until it returns.
     pub(super) fn with<R>(&self, f: impl FnOnce(&sled::Tree) -> R) -> R {
-        f(&self.tree.read().unwrap_or_else(|p| p.into_inner()))
+        f(&self.read().0)
     }
 
     /// A handle of the tree in force (to learn its name, or to iterate
@@ -93,8 +101,31 @@ impl ActiveTree {
         self.with(|t| t.clone())
     }
 
+    /// The filter of the record keys in the tree in force.
+    pub(super) fn filter(&self) -> Arc<KeyFilter> {
+        self.read().1.clone()
+    }
+
+    /// Put a filter rebuilt from the tree in force in place (under
+    /// `Shared::lock` for writing, so no key is added meanwhile).
+    pub(super) fn set_filter(&self, filter: KeyFilter) {
+        self.tree.write().unwrap_or_else(|p| p.into_inner()).1 = Arc::new(filter);
+    }
+
     pub(super) fn get(&self, k: impl AsRef<[u8]>) -> sled::Result<Option<sled::IVec>> {
         self.with(|t| t.get(k))
+    }
+
+    /// The stored record under `rk` (an encoded record key), without
+    /// reading sled when the filter knows the tree cannot hold it;
+    /// `reads` counts the reads that went to sled.
+    fn get_record(&self, rk: &[u8], reads: &AtomicU64) -> sled::Result<Option<sled::IVec>> {
+        let cur = self.read();
+        if !cur.1.may_hold(rk) {
+            return Ok(None);
+        }
+        reads.fetch_add(1, Ordering::Relaxed);
+        cur.0.get(rk)
     }
 
     pub(super) fn apply_batch(&self, batch: sled::Batch) -> sled::Result<()> {
@@ -112,11 +143,17 @@ impl ActiveTree {
         self.with(|t| t.scan_prefix(prefix))
     }
 
-    /// Put `new` in force and run `then` before any reader can see it
-    /// (the clock, token and applied-index atomics); returns the old tree.
-    pub(super) fn swap(&self, new: sled::Tree, then: impl FnOnce()) -> sled::Tree {
+    /// Put `new` (whose record keys `filter` holds) in force and run
+    /// `then` before any reader can see it (the clock, token and
+    /// applied-index atomics); returns the old tree.
+    pub(super) fn swap(
+        &self,
+        new: sled::Tree,
+        filter: KeyFilter,
+        then: impl FnOnce(),
+    ) -> sled::Tree {
         let mut cur = self.tree.write().unwrap_or_else(|p| p.into_inner());
-        let old = std::mem::replace(&mut *cur, new);
+        let (old, _) = std::mem::replace(&mut *cur, (new, Arc::new(filter)));
         then();
         old
     }
@@ -174,6 +211,7 @@ impl StateMachineStore {
             None => TREES[0],
         };
         let tree = db.open_tree(active).map_err(sled_err)?;
+        let filter = KeyFilter::of_tree(&tree).map_err(sled_err)?;
         let clock = match tree.get(keys::CLOCK).map_err(sled_err)? {
             Some(v) => decode::<u64>(&v)?,
             None => 0,
@@ -192,7 +230,7 @@ impl StateMachineStore {
         let sm = StateMachineStore {
             shared: Arc::new(Shared {
                 db: db.clone(),
-                tree: ActiveTree::new(tree),
+                tree: ActiveTree::new(tree, filter),
                 syncer,
                 snapshot_dir,
                 lock: Arc::new(RwLock::new(())),
@@ -207,6 +245,7 @@ impl StateMachineStore {
                 applied,
                 watches: Default::default(),
                 verified: std::sync::Mutex::new(None),
+                record_reads: AtomicU64::new(0),
             }),
         };
         sm.recover_snapshots()?;
@@ -255,10 +294,20 @@ impl StateMachineStore {
 
     /// The record stored under `k`, as of the last applied entry.
     pub fn get(&self, k: &RecordKey) -> io::Result<Option<Record>> {
-        match self.shared.tree.get(keys::record(k)).map_err(sled_err)? {
+        let stored = self
+            .shared
+            .tree
+            .get_record(&keys::record(k), &self.shared.record_reads);
+        match stored.map_err(sled_err)? {
             Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
         }
+    }
+
+    /// Record reads that went to sled since the node started (a read of a
+    /// key the tree cannot hold is answered from memory and not counted).
+    pub fn record_reads(&self) -> u64 {
+        self.shared.record_reads.load(Ordering::Relaxed)
     }
 
     /// The state machine clock (ms since the epoch, leader-stamped).
@@ -368,6 +417,9 @@ impl StateMachineStore {
         let rk = keys::record(k);
         match change {
             Change::Put(new) => {
+                // Before the batch reaches sled: the filter must never say
+                // "absent" of a stored key.
+                self.shared.tree.filter().add(&rk);
                 p.batch
                     .insert(keys::expiry(record::expires_at(&new), k), &[] as &[u8]);
                 let value = encode(&new)?;
@@ -401,6 +453,12 @@ impl StateMachineStore {
             done.batch.insert(keys::LAST_TOKEN, encode(&t)?);
         }
         self.shared.tree.apply_batch(done.batch).map_err(sled_err)?;
+        if self.shared.tree.filter().due_for_rebuild() {
+            // Drop the keys of removed records (apply holds the lock: no key
+            // is added while the scan runs).
+            let fresh = KeyFilter::of_tree(&self.shared.tree.current()).map_err(sled_err)?;
+            self.shared.tree.set_filter(fresh);
+        }
         self.shared.watches.notify(done.records.keys());
         if let Some(t) = done.last_token {
             self.shared.last_token.store(t, Ordering::Release);

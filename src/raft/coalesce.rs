@@ -1,0 +1,205 @@
+//! A queue that sends work one item at a time while the line is free and in
+//! groups once it is busy: the leader's proposals (many writes, one Raft
+//! entry) and a follower's forwards (many writes, one call to the leader)
+//! both go through one.
+//!
+//! While fewer than [`Limits::in_flight`] sends are under way, an item goes
+//! at once, alone: an idle line adds no wait. Beyond that, items queue, and
+//! the next send takes everything queued (up to [`Limits::items`] items and
+//! about [`Limits::weight`] bytes). Sends run in tasks of their own, so a
+//! caller that goes away (a client that hangs up) never takes the other
+//! callers' items with it.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
+
+/// Where a coalescer's groups go.
+pub(super) trait Sink: Send + Sync + 'static {
+    type Item: Send + 'static;
+    type Reply: Send + 'static;
+    /// About the bytes `item` adds to a group.
+    fn weight(item: &Self::Item) -> usize;
+    /// Send `items` together; exactly one reply per item, in their order.
+    fn send(&self, items: Vec<Self::Item>) -> impl Future<Output = Vec<Self::Reply>> + Send;
+    /// The reply of an item whose send was lost (its task ended early).
+    fn lost() -> Self::Reply;
+}
+
+/// How much may be under way and how big a group gets.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    /// Sends under way at once before items start to share one.
+    pub in_flight: usize,
+    /// Most items in one send.
+    pub items: usize,
+    /// About the most bytes in one send (the first item always goes,
+    /// whatever its size).
+    pub weight: usize,
+}
+
+struct Waiting<S: Sink> {
+    item: S::Item,
+    reply: oneshot::Sender<S::Reply>,
+}
+
+struct Queue<S: Sink> {
+    waiting: VecDeque<Waiting<S>>,
+    in_flight: usize,
+}
+
+struct Shared<S: Sink> {
+    sink: S,
+    limits: Limits,
+    queue: Mutex<Queue<S>>,
+}
+
+/// Sends items to a [`Sink`], grouping them under load; cheap to clone.
+pub(super) struct Coalescer<S: Sink> {
+    shared: Arc<Shared<S>>,
+}
+
+impl<S: Sink> Clone for Coalescer<S> {
+    fn clone(&self) -> Self {
+        Coalescer {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: Sink> Coalescer<S> {
+    pub fn new(sink: S, limits: Limits) -> Self {
+        Coalescer {
+            shared: Arc::new(Shared {
+                sink,
+                limits,
+                queue: Mutex::new(Queue {
+                    waiting: VecDeque::new(),
+                    in_flight: 0,
+                }),
+            }),
+        }
+    }
+
+    pub fn sink(&self) -> &S {
+        &self.shared.sink
+    }
+
+    /// Send `item` (alone or with others) and wait for its reply.
+    pub async fn submit(&self, item: S::Item) -> S::Reply {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut q = self.shared.queue();
+            q.waiting.push_back(Waiting { item, reply: tx });
+            if q.in_flight < self.shared.limits.in_flight {
+                q.in_flight += 1;
+                Some(self.shared.take(&mut q))
+            } else {
+                None
+            }
+        };
+        if let Some(group) = start {
+            tokio::spawn(self.shared.clone().run(group));
+        }
+        rx.await.unwrap_or_else(|_| S::lost())
+    }
+}
+
+impl<S: Sink> Shared<S> {
+    fn queue(&self) -> MutexGuard<'_, Queue<S>> {
+        // Every change under this lock is a push, a pop or a count.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Take the next send's worth of queued items.
+    fn take(&self, q: &mut Queue<S>) -> Vec<Waiting<S>> {
+        let mut group = Vec::new();
+        let mut weight = 0;
+        while let Some(w) = q.waiting.front() {
+            let wt = S::weight(&w.item);
+            if !group.is_empty()
+                && (group.len() == self.limits.items || weight + wt > self.limits.weight)
+            {
+                break;
+            }
+            weight += wt;
+            group.extend(q.waiting.pop_front());
+        }
+        group
+    }
+
+    /// Send `group`, then whatever queued meanwhile, until the queue is
+    /// empty; this task's slot in flight is then free.
+    async fn run(self: Arc<Self>, mut group: Vec<Waiting<S>>) {
+        loop {
+            let (items, replies): (Vec<_>, Vec<_>) =
+                group.into_iter().map(|w| (w.item, w.reply)).unzip();
+            let n = replies.len();
+            let mut answers = self.sink.send(items).await.into_iter();
+            for reply in replies {
+                let _ = reply.send(answers.next().unwrap_or_else(S::lost));
+            }
+            debug_assert!(answers.next().is_none(), "{n} items got more replies");
+            let mut q = self.queue();
+            if q.waiting.is_empty() {
+                q.in_flight -= 1;
+                return;
+            }
+            group = self.take(&mut q);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Replies with each item doubled after a yield; counts sends.
+    #[derive(Default)]
+    struct Doubler {
+        sends: AtomicUsize,
+        biggest: AtomicUsize,
+    }
+
+    impl Sink for Doubler {
+        type Item = u32;
+        type Reply = Option<u32>;
+        fn weight(_: &u32) -> usize {
+            4
+        }
+        async fn send(&self, items: Vec<u32>) -> Vec<Option<u32>> {
+            self.sends.fetch_add(1, Ordering::Relaxed);
+            self.biggest.fetch_max(items.len(), Ordering::Relaxed);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            items.into_iter().map(|i| Some(i * 2)).collect()
+        }
+        fn lost() -> Option<u32> {
+            None
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_item_gets_its_own_reply_and_a_busy_line_groups_them() {
+        let limits = Limits {
+            in_flight: 2,
+            items: 50,
+            weight: 1 << 20,
+        };
+        let c = Coalescer::new(Doubler::default(), limits);
+        let calls = (0..300u32).map(|i| {
+            let c = c.clone();
+            async move { (i, c.submit(i).await) }
+        });
+        for (i, got) in futures::future::join_all(calls).await {
+            assert_eq!(got, Some(i * 2));
+        }
+        let sends = c.sink().sends.load(Ordering::Relaxed);
+        assert!(sends < 300 / 10, "300 items took {sends} sends");
+        assert!(c.sink().biggest.load(Ordering::Relaxed) <= 50);
+        // An idle line sends at once, alone.
+        assert_eq!(c.submit(7).await, Some(14));
+    }
+}
