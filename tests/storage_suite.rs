@@ -207,6 +207,72 @@ async fn snapshot_install_replaces_the_whole_state() {
     assert_eq!(current.meta.last_log_id.unwrap().index(), 2);
 }
 
+/// Applied entries reach sled many per batch, and are read from memory
+/// until then: 600 apply calls of one entry each (claims, then completes
+/// of the same keys) write fewer than 10 sled batches; every record reads
+/// as applied all along, and, once written at shutdown, after a reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applied_entries_reach_sled_many_per_batch() {
+    use futures::stream;
+    use openraft::storage::RaftStateMachine;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut sm = store.state_machine.clone();
+    let names: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
+    let before = sm.sled_batches();
+    let mut index = 0;
+    for n in &names {
+        index += 1;
+        let e = entry(index, 1_000, claim(n, "w", 60_000, 3_600_000));
+        sm.apply(stream::iter(vec![e])).await.unwrap();
+        assert!(sm.get(&key(n)).unwrap().is_some(), "{n} claimed");
+    }
+    for n in &names {
+        let token = match sm.get(&key(n)).unwrap().unwrap().state {
+            idemkv::record::State::InProgress { token, .. } => token,
+            other => panic!("{n}: not claimed: {other:?}"),
+        };
+        index += 1;
+        let complete = Command::Op {
+            key: key(n),
+            op: Op::Complete {
+                token,
+                result: n.as_bytes().to_vec(),
+                code: None,
+                retention_ms: None,
+            },
+        };
+        sm.apply(stream::iter(vec![entry(index, 1_000, complete)]))
+            .await
+            .unwrap();
+    }
+    let batches = sm.sled_batches() - before;
+    assert!(batches < 10, "600 apply calls wrote {batches} sled batches");
+    let done = |sm: &StateMachineStore| {
+        names.iter().all(|n| {
+            matches!(sm.get(&key(n)), Ok(Some(r)) if format!("{:?}", r.state).contains("Completed"))
+        })
+    };
+    assert!(done(&sm), "every complete reads as applied");
+    assert_eq!(sm.applied_state().await.unwrap().0.unwrap().index(), index);
+
+    sm.persist().await.unwrap();
+    store.log.close();
+    store.syncer.close();
+    drop((sm, store));
+    let store = loop {
+        match Store::open(dir.path()) {
+            Ok(s) => break s,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    let mut sm = store.state_machine.clone();
+    assert_eq!(sm.applied_state().await.unwrap().0.unwrap().index(), index);
+    assert!(done(&sm), "after a reopen, from sled");
+    store.log.close();
+}
+
 /// A coalesced entry (`Command::Many`, made by a leader under load) leaves
 /// exactly the state its commands leave as entries of their own: the same
 /// records, the same tokens, in the same order, refusals included.

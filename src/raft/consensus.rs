@@ -189,12 +189,13 @@ impl Consensus {
         self.raft.is_initialized().await.unwrap_or(false)
     }
 
-    /// Stop the Raft group.
+    /// Stop the Raft group, then write what it applied to sled.
     pub async fn shutdown(&self) -> Result<()> {
         self.raft
             .shutdown()
             .await
-            .map_err(|e| Error::Internal(format!("raft shutdown: {e}")))
+            .map_err(|e| Error::Internal(format!("raft shutdown: {e}")))?;
+        Ok(self.sm.persist().await?)
     }
 
     /// Whether this node leads and holds records whose retention has run

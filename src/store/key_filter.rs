@@ -19,9 +19,9 @@ use super::keys;
 
 /// Bits of the filter: 4 MiB of memory per node.
 const BITS: usize = 1 << 25;
-/// Keys the filter is sized for (about 1 false "maybe" in 1,000 at this
-/// many; far fewer below it).
-const SIZED_FOR: usize = 2_000_000;
+/// Bits set per key: few, since each is a memory access (with 2^25 bits,
+/// about 1 false "maybe" in 50,000 at 1M keys, 1 in 100 at 4M).
+const HASHES: u32 = 6;
 /// Keys added since the last build after which apply rebuilds the filter
 /// from the tree (dropping the keys of removed records).
 pub(super) const REBUILD_AFTER: u64 = 4_000_000;
@@ -37,7 +37,7 @@ pub(super) struct KeyFilter {
 impl KeyFilter {
     pub(super) fn new() -> KeyFilter {
         KeyFilter {
-            bloom: AtomicBloomFilter::with_num_bits(BITS).expected_items(SIZED_FOR),
+            bloom: AtomicBloomFilter::with_num_bits(BITS).hashes(HASHES),
             added: AtomicU64::new(0),
         }
     }

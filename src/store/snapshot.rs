@@ -6,8 +6,9 @@
 //! expiry index is not stored: it is derived from the records on install.
 //!
 //! Guarantees:
-//! - Building holds the state machine's read lock for the whole scan, so the
-//!   copy is consistent; the file is written to a temp name (every frame
+//! - Building first writes the applied changes still in memory to sled
+//!   (under the state machine's write lock), then holds its read lock for
+//!   the whole scan, so the copy is consistent; the file is written to a temp name (every frame
 //!   summed as it is written), fsynced and renamed.
 //! - A file is checked whole once — when installed or found at open (a
 //!   file this node built is trusted as written) — and then served as it
@@ -268,6 +269,8 @@ impl StateMachineStore {
         shared.syncer.sync_now()?;
         let applied = header.meta.last_log_id.as_ref().map_or(0, |l| l.index());
         let old = shared.tree.swap(tree, filter, || {
+            // Changes applied before the snapshot's index are in it.
+            self.drop_overlay();
             self.set_clock(header.clock_ms);
             shared
                 .last_token
@@ -338,7 +341,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
 
     #[tracing::instrument(level = "info", skip_all)]
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let guard = self.shared.lock.clone().read_owned().await;
+        // The snapshot is read from sled: write the applied changes still in
+        // memory first, then let readers in again while it is built.
+        let guard = self.shared.lock.clone().write_owned().await;
+        self.flush()?;
+        let guard = guard.downgrade();
         let this = self.clone();
         let (path, meta) =
             tokio::task::spawn_blocking(move || -> io::Result<(PathBuf, SnapshotMeta)> {

@@ -1,9 +1,19 @@
 //! The replicated state machine in sled (`RaftStateMachine`).
 //!
 //! It carries commands from log entries to [`crate::record`] and writes the
-//! decided changes back, keeping the expiry index exact. Each entry's changes
-//! and the new `last_applied` go into one atomic sled batch. It must not
-//! decide anything itself: every rule lives in `record.rs`.
+//! decided changes back, keeping the expiry index exact. It must not decide
+//! anything itself: every rule lives in `record.rs`.
+//!
+//! Applied changes are served from memory first ([`Overlay`]) and written to
+//! sled together, with the `last_applied` they reach, in one atomic batch
+//! once [`FLUSH_WRITES`] keys are waiting (or before a snapshot is built, a
+//! sweep reads the expiry index, or a big value is written). sled is never
+//! fsynced per entry anyway: the Raft log is what keeps applied entries
+//! durable, and a restart applies again whatever sled had not written, as
+//! it does after a power cut. Writing many entries per batch is what makes
+//! apply cheap: sled's cost is per batch and per distinct key, and a key
+//! written twice between flushes (a claim, then its complete) is written
+//! once.
 //!
 //! The state lives in one of two sled trees, `sm` and `sm-b`; a key of the
 //! database's default tree ([`keys::ACTIVE_TREE`], absent: `sm`) names the
@@ -69,6 +79,10 @@ pub(super) struct Shared {
     pub(super) verified: std::sync::Mutex<Option<PathBuf>>,
     /// Record reads that went to sled (the key filter answers the rest).
     pub(super) record_reads: AtomicU64,
+    /// Applied changes not yet written to sled (see the module docs).
+    pub(super) overlay: std::sync::RwLock<Overlay>,
+    /// Batches written to sled by apply.
+    pub(super) sled_batches: AtomicU64,
 }
 
 /// The state machine tree in force and the filter of its record keys.
@@ -163,20 +177,34 @@ impl ActiveTree {
 /// install fills.
 pub(super) const TREES: [&str; 2] = ["sm", "sm-b"];
 
-/// Changes of the entries applied so far in one `apply` call, written as one
-/// atomic sled batch together with `last_applied`. (Every sled batch forces a
-/// log buffer write, so one per call instead of one per entry matters.)
+/// Writes for sled: key to value (`None`: remove).
+type Writes = std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Changes of the entries applied so far in one `apply` call.
 #[derive(Default)]
 struct Pending {
-    batch: sled::Batch,
-    /// Records written by this batch, for reads by later entries in it.
+    writes: Writes,
+    /// Records written by this call, for reads by later entries in it.
     records: std::collections::HashMap<Vec<u8>, Option<Record>>,
-    /// The token counter as the batch leaves it (`None`: unchanged).
+    /// The token counter as the call leaves it (`None`: unchanged).
     last_token: Option<u64>,
     last: Option<LogId>,
     /// A value big enough for sled to put in a blob file was written.
     large: bool,
 }
+
+/// Applied changes that sled does not hold yet; readers look here first.
+/// Emptied (into one sled batch) only while the apply lock is held.
+#[derive(Default)]
+pub(super) struct Overlay {
+    writes: Writes,
+    /// The records among `writes`, decoded.
+    records: std::collections::HashMap<Vec<u8>, Option<Record>>,
+    large: bool,
+}
+
+/// Keys waiting in the overlay from which apply writes them to sled.
+pub(super) const FLUSH_WRITES: usize = 8192;
 
 /// Values from this size may go to sled blob files (its threshold is a
 /// quarter of a 512 KiB segment), which sled never fsyncs.
@@ -246,6 +274,8 @@ impl StateMachineStore {
                 watches: Default::default(),
                 verified: std::sync::Mutex::new(None),
                 record_reads: AtomicU64::new(0),
+                overlay: Default::default(),
+                sled_batches: AtomicU64::new(0),
             }),
         };
         sm.recover_snapshots()?;
@@ -292,12 +322,35 @@ impl StateMachineStore {
         }
     }
 
+    fn overlay(&self) -> std::sync::RwLockReadGuard<'_, Overlay> {
+        self.shared
+            .overlay
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn overlay_mut(&self) -> std::sync::RwLockWriteGuard<'_, Overlay> {
+        self.shared
+            .overlay
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A state machine value by key (`m:…`), as of the last applied entry.
+    fn meta(&self, k: &[u8]) -> io::Result<Option<sled::IVec>> {
+        if let Some(v) = self.overlay().writes.get(k) {
+            return Ok(v.as_deref().map(sled::IVec::from));
+        }
+        self.shared.tree.get(k).map_err(sled_err)
+    }
+
     /// The record stored under `k`, as of the last applied entry.
     pub fn get(&self, k: &RecordKey) -> io::Result<Option<Record>> {
-        let stored = self
-            .shared
-            .tree
-            .get_record(&keys::record(k), &self.shared.record_reads);
+        let rk = keys::record(k);
+        if let Some(r) = self.overlay().records.get(&rk) {
+            return Ok(r.clone());
+        }
+        let stored = self.shared.tree.get_record(&rk, &self.shared.record_reads);
         match stored.map_err(sled_err)? {
             Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
@@ -308,6 +361,12 @@ impl StateMachineStore {
     /// key the tree cannot hold is answered from memory and not counted).
     pub fn record_reads(&self) -> u64 {
         self.shared.record_reads.load(Ordering::Relaxed)
+    }
+
+    /// Batches apply wrote to sled since the node started (each carries
+    /// the changes of many entries).
+    pub fn sled_batches(&self) -> u64 {
+        self.shared.sled_batches.load(Ordering::Relaxed)
     }
 
     /// The state machine clock (ms since the epoch, leader-stamped).
@@ -362,6 +421,15 @@ impl StateMachineStore {
     /// Whether some record's retention has passed at `now` (so a sweep has
     /// work to do).
     pub fn has_expired(&self, now: u64) -> io::Result<bool> {
+        let waiting = self
+            .overlay()
+            .records
+            .values()
+            .flatten()
+            .any(|r| record::expires_at(r) <= now);
+        if waiting {
+            return Ok(true);
+        }
         let first = self.shared.tree.with(|t| {
             t.range(vec![keys::EXPIRY]..keys::expiry_upper(now))
                 .next()
@@ -372,26 +440,31 @@ impl StateMachineStore {
 
     /// Number of stored records (a full scan: for status and tests).
     pub fn record_count(&self) -> usize {
-        self.shared
-            .tree
-            .with(|t| t.scan_prefix([keys::RECORD]).count())
+        let overlay = self.overlay();
+        let in_sled = self.shared.tree.with(|t| {
+            t.scan_prefix([keys::RECORD])
+                .keys()
+                .filter(|k| !matches!(k, Ok(k) if overlay.records.contains_key(&k[..])))
+                .count()
+        });
+        in_sled + overlay.records.values().flatten().count()
     }
 
     pub(super) fn applied_log_id(&self) -> io::Result<Option<LogId>> {
-        match self.shared.tree.get(keys::APPLIED).map_err(sled_err)? {
+        match self.meta(keys::APPLIED)? {
             Some(v) => decode(&v),
             None => Ok(None),
         }
     }
 
     pub(super) fn membership(&self) -> io::Result<StoredMembership> {
-        match self.shared.tree.get(keys::MEMBERSHIP).map_err(sled_err)? {
+        match self.meta(keys::MEMBERSHIP)? {
             Some(v) => decode(&v),
             None => Ok(StoredMembership::default()),
         }
     }
 
-    /// The record at `k` as the pending batch leaves it.
+    /// The record at `k` as the pending changes leave it.
     fn get_pending(&self, p: &Pending, k: &RecordKey) -> io::Result<Option<Record>> {
         match p.records.get(&keys::record(k)) {
             Some(r) => Ok(r.clone()),
@@ -400,7 +473,7 @@ impl StateMachineStore {
     }
 
     /// Write `change` of the record at `k` (currently `cur`) into the
-    /// pending batch, keeping the expiry index in step.
+    /// pending changes, keeping the expiry index in step.
     fn stage(
         &self,
         p: &mut Pending,
@@ -412,7 +485,8 @@ impl StateMachineStore {
             return Ok(());
         }
         if let Some(old) = cur {
-            p.batch.remove(keys::expiry(record::expires_at(old), k));
+            p.writes
+                .insert(keys::expiry(record::expires_at(old), k), None);
         }
         let rk = keys::record(k);
         match change {
@@ -420,15 +494,15 @@ impl StateMachineStore {
                 // Before the batch reaches sled: the filter must never say
                 // "absent" of a stored key.
                 self.shared.tree.filter().add(&rk);
-                p.batch
-                    .insert(keys::expiry(record::expires_at(&new), k), &[] as &[u8]);
+                p.writes
+                    .insert(keys::expiry(record::expires_at(&new), k), Some(Vec::new()));
                 let value = encode(&new)?;
                 p.large |= value.len() >= BLOB_RISK_BYTES;
-                p.batch.insert(rk.clone(), value);
+                p.writes.insert(rk.clone(), Some(value));
                 p.records.insert(rk, Some(new));
             }
             Change::Remove => {
-                p.batch.remove(rk.clone());
+                p.writes.insert(rk.clone(), None);
                 p.records.insert(rk, None);
             }
             Change::Keep => {}
@@ -436,47 +510,96 @@ impl StateMachineStore {
         Ok(())
     }
 
-    /// Write the pending batch and its `last_applied` atomically.
+    /// Hand the call's changes and its `last_applied` to the readers (the
+    /// overlay), and write them to sled once enough are waiting.
     fn commit(&self, p: &mut Pending) -> io::Result<()> {
         let Some(last) = p.last else {
             return Ok(());
         };
         let mut done = std::mem::take(p);
-        done.batch.insert(keys::APPLIED, encode(&Some(last))?);
+        done.writes
+            .insert(keys::APPLIED.to_vec(), Some(encode(&Some(last))?));
         // Before the first stamp there is no clock to anchor.
         if self.clock_ms() > 0 {
             if let Some(a) = boot_clock::Anchor::now(&self.shared.boot_id, self.now_ms()) {
-                done.batch.insert(keys::CLOCK_ANCHOR, encode(&a)?);
+                done.writes
+                    .insert(keys::CLOCK_ANCHOR.to_vec(), Some(encode(&a)?));
             }
         }
         if let Some(t) = done.last_token {
-            done.batch.insert(keys::LAST_TOKEN, encode(&t)?);
+            done.writes
+                .insert(keys::LAST_TOKEN.to_vec(), Some(encode(&t)?));
         }
-        self.shared.tree.apply_batch(done.batch).map_err(sled_err)?;
-        if self.shared.tree.filter().due_for_rebuild() {
-            // Drop the keys of removed records (apply holds the lock: no key
-            // is added while the scan runs).
-            let fresh = KeyFilter::of_tree(&self.shared.tree.current()).map_err(sled_err)?;
-            self.shared.tree.set_filter(fresh);
-        }
-        self.shared.watches.notify(done.records.keys());
+        let written: Vec<Vec<u8>> = done.records.keys().cloned().collect();
+        let due = {
+            let mut o = self.overlay_mut();
+            o.writes.extend(done.writes);
+            o.records.extend(done.records);
+            o.large |= done.large;
+            o.large || o.writes.len() >= FLUSH_WRITES
+        };
         if let Some(t) = done.last_token {
             self.shared.last_token.store(t, Ordering::Release);
         }
-        if done.large {
+        if due || self.shared.tree.filter().due_for_rebuild() {
+            self.flush()?;
+        }
+        self.shared.watches.notify(&written);
+        self.shared.applied.send_replace(last.index());
+        Ok(())
+    }
+
+    /// Write the overlay to sled in one atomic batch, then empty it. Only
+    /// with the apply lock held for writing (apply, snapshot build), so
+    /// nothing is added meanwhile.
+    pub(super) fn flush(&self) -> io::Result<()> {
+        let (batch, large) = {
+            let o = self.overlay();
+            if o.writes.is_empty() {
+                return Ok(());
+            }
+            let mut batch = sled::Batch::default();
+            for (k, v) in &o.writes {
+                match v {
+                    Some(v) => batch.insert(&k[..], &v[..]),
+                    None => batch.remove(&k[..]),
+                }
+            }
+            (batch, o.large)
+        };
+        self.shared.tree.apply_batch(batch).map_err(sled_err)?;
+        self.shared.sled_batches.fetch_add(1, Ordering::Relaxed);
+        if self.shared.tree.filter().due_for_rebuild() {
+            // Drop the keys of removed records; every key is in sled now.
+            let fresh = KeyFilter::of_tree(&self.shared.tree.current()).map_err(sled_err)?;
+            self.shared.tree.set_filter(fresh);
+        }
+        *self.overlay_mut() = Overlay::default();
+        if large {
             // The log holds the value durably, but a blob file lost in a
             // power cut would leave the tree pointing at nothing, and the
             // entry would not be applied again: sync it now.
             self.shared.syncer.sync_now()?;
         }
-        self.shared.applied.send_replace(last.index());
         Ok(())
+    }
+
+    /// Write the applied changes still in memory to sled (at shutdown, so
+    /// a restart need not apply them again).
+    pub async fn persist(&self) -> io::Result<()> {
+        let _guard = self.shared.lock.write().await;
+        self.flush()
+    }
+
+    /// Forget the overlay: a snapshot replaced the whole state.
+    pub(super) fn drop_overlay(&self) {
+        *self.overlay_mut() = Overlay::default();
     }
 
     fn apply_request(&self, p: &mut Pending, req: Request, index: u64) -> io::Result<Response> {
         let now = record::advance_clock(self.clock_ms(), req.stamped_ms);
         self.set_clock(now);
-        p.batch.insert(keys::CLOCK, encode(&now)?);
+        p.writes.insert(keys::CLOCK.to_vec(), Some(encode(&now)?));
         let mut tokens = p.last_token.unwrap_or_else(|| self.token_base(index));
         let before = tokens;
         let out = self.apply_command(p, req.command, now, &mut tokens);
@@ -531,9 +654,10 @@ impl StateMachineStore {
             }
             Command::Sweep { limit } => {
                 // The sweep reads the expiry index from the tree: first write
-                // what this call applied before it. (The clock just set may go
+                // what was applied before it. (The clock just set may go
                 // with it; re-applying this entry sets the same value.)
                 self.commit(p)?;
+                self.flush()?;
                 let mut removed = 0;
                 let due = self
                     .shared
@@ -551,7 +675,9 @@ impl StateMachineStore {
                             removed += 1;
                         }
                         // An index entry with no matching record: drop it.
-                        _ => p.batch.remove(ek),
+                        _ => {
+                            p.writes.insert(ek.to_vec(), None);
+                        }
                     }
                 }
                 Ok(Ok(Outcome::Swept { removed }))
@@ -586,7 +712,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }
                 EntryPayload::Membership(m) => {
                     let stored = StoredMembership::new(Some(log_id), m);
-                    pending.batch.insert(keys::MEMBERSHIP, encode(&stored)?);
+                    pending
+                        .writes
+                        .insert(keys::MEMBERSHIP.to_vec(), Some(encode(&stored)?));
                     Ok(Outcome::Nothing)
                 }
             };
