@@ -83,6 +83,8 @@ pub(super) struct Shared {
     pub(super) overlay: std::sync::RwLock<Overlay>,
     /// Batches written to sled by apply.
     pub(super) sled_batches: AtomicU64,
+    /// When apply last wrote the clock's anchor.
+    pub(super) anchored: std::sync::Mutex<Option<Instant>>,
 }
 
 /// The state machine tree in force and the filter of its record keys.
@@ -203,6 +205,10 @@ pub(super) struct Overlay {
     large: bool,
 }
 
+/// How often apply writes the clock's anchor (sled's own background flush
+/// makes it durable within another 0.5 s).
+const ANCHOR_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Keys waiting in the overlay from which apply writes them to sled.
 pub(super) const FLUSH_WRITES: usize = 8192;
 
@@ -276,6 +282,7 @@ impl StateMachineStore {
                 record_reads: AtomicU64::new(0),
                 overlay: Default::default(),
                 sled_batches: AtomicU64::new(0),
+                anchored: std::sync::Mutex::new(None),
             }),
         };
         sm.recover_snapshots()?;
@@ -519,13 +526,7 @@ impl StateMachineStore {
         let mut done = std::mem::take(p);
         done.writes
             .insert(keys::APPLIED.to_vec(), Some(encode(&Some(last))?));
-        // Before the first stamp there is no clock to anchor.
-        if self.clock_ms() > 0 {
-            if let Some(a) = boot_clock::Anchor::now(&self.shared.boot_id, self.now_ms()) {
-                done.writes
-                    .insert(keys::CLOCK_ANCHOR.to_vec(), Some(encode(&a)?));
-            }
-        }
+        self.anchor_clock()?;
         if let Some(t) = done.last_token {
             done.writes
                 .insert(keys::LAST_TOKEN.to_vec(), Some(encode(&t)?));
@@ -546,6 +547,37 @@ impl StateMachineStore {
         }
         self.shared.watches.notify(&written);
         self.shared.applied.send_replace(last.index());
+        Ok(())
+    }
+
+    /// Write where the clock stands against the host's boot clock straight
+    /// to sled, at most every [`ANCHOR_EVERY`]: it says nothing about the
+    /// applied state, and it must not wait for the overlay, or a restart
+    /// would lose the time the node was down (`boot_clock.rs`).
+    fn anchor_clock(&self) -> io::Result<()> {
+        // Before the first stamp there is no clock to anchor.
+        if self.clock_ms() == 0 {
+            return Ok(());
+        }
+        let now = self.shared.time.now();
+        {
+            let mut last = self
+                .shared
+                .anchored
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if matches!(*last, Some(at) if now.saturating_duration_since(at) < ANCHOR_EVERY) {
+                return Ok(());
+            }
+            *last = Some(now);
+        }
+        if let Some(a) = boot_clock::Anchor::now(&self.shared.boot_id, self.now_ms()) {
+            let value = encode(&a)?;
+            self.shared
+                .tree
+                .with(|t| t.insert(keys::CLOCK_ANCHOR, value))
+                .map_err(sled_err)?;
+        }
         Ok(())
     }
 
