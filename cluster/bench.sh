@@ -6,8 +6,12 @@
 # the load generator's process) to show what any gRPC service reaches here.
 # Prints one markdown table with ratios and keeps every JSON report.
 #
-#   cluster/bench.sh [--duration 10s] [--warmup 2s] [--clients 64]
+#   cluster/bench.sh [--duration 10s] [--warmup 2s] [--clients 64] [--rounds 1]
 #                    [--only claim,lifecycle,...] [--quick] [--out DIR] [--keep]
+#
+# --rounds N runs the whole matrix N times, one round after another (each
+# round interleaves the systems per workload), and the table shows each
+# figure's median over the rounds.
 #
 # Installs etcd-server and redis-server (Debian) when missing and run as root.
 # Ports are picked at run time; everything started is stopped on exit.
@@ -18,6 +22,7 @@ DURATION=10s
 WARMUP=2s
 CLIENTS=64
 ONLY=""
+ROUNDS=1
 OUT="cluster/out/$(date +%Y%m%d-%H%M%S)"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -25,13 +30,14 @@ while [ $# -gt 0 ]; do
         --warmup) WARMUP="$2"; shift 2 ;;
         --clients) CLIENTS="$2"; shift 2 ;;
         --only) ONLY="$2"; shift 2 ;;
+        --rounds) ROUNDS="$2"; shift 2 ;;
         --quick) DURATION=3s; WARMUP=1s; shift ;;
         --out) OUT="$2"; shift 2 ;;
         --keep) export KEEP=1; shift ;;
         *) echo "unknown option $1 (see the header of $0)" >&2; exit 2 ;;
     esac
 done
-COMMAND="cluster/bench.sh --duration $DURATION --warmup $WARMUP --clients $CLIENTS${ONLY:+ --only $ONLY}"
+COMMAND="cluster/bench.sh --duration $DURATION --warmup $WARMUP --clients $CLIENTS --rounds $ROUNDS${ONLY:+ --only $ONLY}"
 
 if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null || ! command -v redis-server >/dev/null; then
     if [ "$(id -u)" != 0 ]; then
@@ -126,12 +132,18 @@ run_matrix() {
     # answers Claim, Complete and Get).
     run_one floor "" "$workload" "$clients" "$@"
 }
-run_matrix claim 1
-run_matrix claim "$CLIENTS"
-run_matrix lifecycle "$CLIENTS"
-run_matrix storm "$CLIENTS" --keys 100
-run_matrix mixed "$CLIENTS"
-run_matrix get "$CLIENTS"
+for round in $(seq "$ROUNDS"); do
+    [ "$ROUNDS" -gt 1 ] && echo "== round $round of $ROUNDS" >&2
+    run_matrix claim 1
+    run_matrix claim "$CLIENTS"
+    run_matrix lifecycle "$CLIENTS"
+    run_matrix storm "$CLIENTS" --keys 100
+    run_matrix mixed "$CLIENTS"
+    run_matrix get "$CLIENTS"
+    # ClaimBatch: 16 clients, 100 keys per call (etcd: one Txn, Redis: one
+    # pipeline); its rows count keys per second, not calls.
+    run_matrix batch 16 --batch 100
+done
 
 write_table() {
     python3 - "$RESULTS" "$COMMAND" <<'PY'
@@ -146,7 +158,7 @@ cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.start
 print(f"Run {datetime.datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}; "
       f"{version(['etcd', '--version'])}; {version(['redis-server', '--version'])}; "
       f"{version(['target/release/idemkv', '--version'])}.")
-print(f"Command: `{sys.argv[2]}`. ops/s and latency in ms (p50 / p99); ratios: idemkv over the other.")
+print(f"Command: `{sys.argv[2]}`. ops/s and latency in ms (p50 / p99), each the median over the rounds; ratios: idemkv over the other.")
 print()
 print("| workload | clients | idemkv ops/s | p50 / p99 | etcd ops/s | p50 / p99 | redis ops/s | p50 / p99 | floor ops/s | p50 / p99 | ×etcd ops | etcd p99 ÷ idemkv p99 | ×redis ops | redis p99 ÷ idemkv p99 | share of floor |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -155,20 +167,39 @@ for r in rows:
     k = (r["workload"], r["clients"])
     if k not in keys:
         keys.append(k)
+# The batch workload's rate is keys per second (its latency is per call).
+rate = lambda r: r.get("items_per_sec", r["ops_per_sec"])
 def cell(r):
     if r is None:
         return "—", "—"
     mark = "" if r["check"]["passed"] and r["errors"] == 0 else " FAILED"
     l = r["latency_us"]
-    return f"{r['ops_per_sec']:.0f}{mark}", f"{l['p50']/1000:.2f} / {l['p99']/1000:.2f}"
+    return f"{rate(r):.0f}{mark}", f"{l['p50']/1000:.2f} / {l['p99']/1000:.2f}"
+import statistics
+def median_row(rs):
+    """One report whose figures are the medians of `rs` (a failed check in
+    any round marks it failed)."""
+    out = dict(rs[0])
+    for f in ("ops_per_sec", "items_per_sec"):
+        if f in out:
+            out[f] = statistics.median(r[f] for r in rs)
+    out["latency_us"] = {q: statistics.median(r["latency_us"][q] for r in rs) for q in ("p50", "p99")}
+    out["check"] = {"passed": all(r["check"]["passed"] for r in rs)}
+    out["errors"] = sum(r["errors"] for r in rs)
+    return out
 for k in keys:
-    by = {r["target"]: r for r in rows if (r["workload"], r["clients"]) == k}
+    by = {}
+    for r in rows:
+        if (r["workload"], r["clients"]) == k:
+            by.setdefault(r["target"], []).append(r)
+    by = {t: median_row(rs) for t, rs in by.items()}
     i, e, d, f = by.get("idemkv"), by.get("etcd"), by.get("redis"), by.get("floor")
     def ratio(a, b, f):
         return f"{f(a, b):.2f}" if a and b else "—"
-    ops = lambda a, b: a["ops_per_sec"] / b["ops_per_sec"]
+    ops = lambda a, b: rate(a) / rate(b)
     p99 = lambda a, b: b["latency_us"]["p99"] / a["latency_us"]["p99"]
-    print(f"| {k[0]} | {k[1]} | {' | '.join(cell(i))} | {' | '.join(cell(e))} | {' | '.join(cell(d))} | {' | '.join(cell(f))} | "
+    name = f"{k[0]} ×{i.get('items_per_op', 1)} keys/s" if k[0] == "batch" and i else k[0]
+    print(f"| {name} | {k[1]} | {' | '.join(cell(i))} | {' | '.join(cell(e))} | {' | '.join(cell(d))} | {' | '.join(cell(f))} | "
           f"{ratio(i, e, ops)} | {ratio(i, e, p99)} | {ratio(i, d, ops)} | {ratio(i, d, p99)} | {ratio(i, f, ops)} |")
 PY
 }

@@ -55,9 +55,24 @@ fn assert_clean(r: &Report, ops: u64) {
     assert!(l.p50 > 0 && l.p50 <= l.p90 && l.p90 <= l.p99 && l.p99 <= l.p999 && l.p999 <= l.max);
 }
 
+/// A `batch` run of 200 calls of 10 keys: 2,000 keys acquired, counted as
+/// items beside the calls.
+fn assert_batch(r: &Report) {
+    assert!(
+        r.check
+            .detail
+            .starts_with("2000 fresh keys ACQUIRED in batches"),
+        "{} batch: {}",
+        r.target,
+        r.check.detail
+    );
+    assert_eq!(r.items_per_op, 10);
+    assert!((r.items_per_sec - 10.0 * r.ops_per_sec).abs() < 1e-6 * r.items_per_sec);
+}
+
 async fn every_workload(target: &str, endpoints: &str) {
-    for workload in ["claim", "storm", "lifecycle", "mixed", "get"] {
-        let r = bench(&args(target, endpoints, workload, &[]))
+    for workload in ["claim", "storm", "lifecycle", "mixed", "get", "batch"] {
+        let r = bench(&args(target, endpoints, workload, &["--batch", "10"]))
             .await
             .unwrap_or_else(|e| panic!("{target} {workload}: {e:#}"));
         assert_clean(&r, 200);
@@ -68,6 +83,7 @@ async fn every_workload(target: &str, endpoints: &str) {
                 r.check.detail
             ),
             "lifecycle" => assert!(r.check.detail.contains("replayed"), "{}", r.check.detail),
+            "batch" => assert_batch(&r),
             _ => {}
         }
     }
@@ -85,14 +101,17 @@ async fn every_workload_holds_its_checks_against_idemkv() {
 /// same client with its checks holding, and takes no endpoints.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_workload_holds_its_checks_against_the_grpc_floor() {
-    for workload in ["claim", "storm", "lifecycle", "mixed", "get"] {
-        let mut a = args("floor", "unused", workload, &[]);
+    for workload in ["claim", "storm", "lifecycle", "mixed", "get", "batch"] {
+        let mut a = args("floor", "unused", workload, &["--batch", "10"]);
         a.endpoints = None;
         let r = bench(&a)
             .await
             .unwrap_or_else(|e| panic!("floor {workload}: {e:#}"));
         assert_clean(&r, 200);
         assert_eq!(r.target, "floor");
+        if workload == "batch" {
+            assert_batch(&r);
+        }
     }
     let refused = bench(&args("floor", "127.0.0.1:1", "claim", &[])).await;
     assert!(

@@ -64,6 +64,10 @@ pub struct BenchArgs {
     /// `mixed`: share of operations that repeat a completed key.
     #[arg(long, default_value_t = 0.2)]
     pub dup_rate: f64,
+    /// `batch`: keys claimed per call (the report counts calls as ops and
+    /// keys as items).
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
     /// Lease of each claim (long enough that none expires during the run).
     #[arg(long, value_parser = parse_duration_ms, default_value = "60s")]
     pub lease: u64,
@@ -92,6 +96,10 @@ pub struct Report {
     pub errors: u64,
     pub first_error: Option<String>,
     pub ops_per_sec: f64,
+    /// Keys per operation (`batch`: `--batch`; otherwise 1).
+    pub items_per_op: usize,
+    /// `ops_per_sec × items_per_op`: claims per second for `batch`.
+    pub items_per_sec: f64,
     pub latency_us: Latency,
     pub check: Check,
 }
@@ -129,7 +137,7 @@ impl Report {
         format!(
             "idemkv bench: target {}, workload {}, {} clients over {} connections, {}-byte results\n\
              ops         {} in {:.1} s ({} errors{})\n\
-             throughput  {:.0} ops/s\n\
+             throughput  {:.0} ops/s{}\n\
              latency     p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms\n\
              check       {}: {}",
             self.target,
@@ -145,6 +153,14 @@ impl Report {
                 .map(|e| format!("; first: {e}"))
                 .unwrap_or_default(),
             self.ops_per_sec,
+            if self.items_per_op > 1 {
+                format!(
+                    " ({:.0} keys/s, {} keys per op)",
+                    self.items_per_sec, self.items_per_op
+                )
+            } else {
+                String::new()
+            },
             ms(l.p50),
             ms(l.p90),
             ms(l.p99),
@@ -198,6 +214,13 @@ fn check_args(a: &BenchArgs) -> anyhow::Result<()> {
     if a.lease == 0 {
         bail!("lease: must be more than 0");
     }
+    let batch_max = crate::Limits::default().batch_max;
+    if a.batch == 0 || a.batch > batch_max {
+        bail!(
+            "batch: must be between 1 and {batch_max} (the server's batch limit), got {}",
+            a.batch
+        );
+    }
     Ok(())
 }
 
@@ -242,6 +265,11 @@ pub async fn bench(a: &BenchArgs) -> anyhow::Result<Report> {
         dup_rate: a.dup_rate,
         lease: Duration::from_millis(a.lease),
         retention: Duration::from_secs(24 * 3600),
+        batch: if a.workload == Workload::Batch {
+            a.batch
+        } else {
+            1
+        },
     });
     // etcd's per-connection lease must outlive every claim of the run.
     let lease_for = warmup + measure.unwrap_or(Duration::from_secs(3600)) + plan.lease * 2;
@@ -362,6 +390,8 @@ pub async fn bench(a: &BenchArgs) -> anyhow::Result<Report> {
         errors: progress.errors.load(Ordering::Relaxed),
         first_error,
         ops_per_sec: ops as f64 / secs,
+        items_per_op: plan.batch,
+        items_per_sec: (ops * plan.batch as u64) as f64 / secs,
         latency_us: Latency {
             p50: hist.value_at_quantile(0.5),
             p90: hist.value_at_quantile(0.9),

@@ -246,6 +246,100 @@ impl Target {
         }
     }
 
+    /// Claim every key of `keys` for `owner` in one call: one answer per
+    /// key, in order.
+    pub async fn claim_batch(
+        &mut self,
+        keys: &[String],
+        owner: &str,
+        lease: Duration,
+    ) -> anyhow::Result<Vec<Claim>> {
+        let lease_ms = lease.as_millis() as u64;
+        match self {
+            Target::Idemkv(client) => {
+                use api::claim_batch_item::Outcome;
+                let items = keys
+                    .iter()
+                    .map(|key| api::ClaimRequest {
+                        namespace: NAMESPACE.into(),
+                        key: key.as_bytes().to_vec(),
+                        owner: owner.into(),
+                        lease_ms,
+                        ..Default::default()
+                    })
+                    .collect();
+                let resp = client
+                    .claim_batch(api::ClaimBatchRequest {
+                        items,
+                        all_or_nothing: false,
+                    })
+                    .await?;
+                resp.items
+                    .into_iter()
+                    .zip(keys)
+                    .map(|(item, key)| {
+                        Ok(match item.outcome {
+                            Some(Outcome::Acquired(a)) => Claim::Acquired { token: a.token },
+                            Some(Outcome::InProgress(p)) => Claim::Busy { owner: p.owner },
+                            Some(Outcome::Completed(c)) => Claim::Completed { result: c.result },
+                            other => bail!("batch claim of {key}: {other:?}"),
+                        })
+                    })
+                    .collect()
+            }
+            Target::Etcd { kv, lease } => {
+                // All keys in one Txn: each must be new; fresh keys always are.
+                let txn = TxnRequest {
+                    compare: keys
+                        .iter()
+                        .map(|key| Compare {
+                            result: compare::CompareResult::Equal as i32,
+                            target: compare::CompareTarget::Create as i32,
+                            key: key.clone().into(),
+                            target_union: Some(compare::TargetUnion::CreateRevision(0)),
+                        })
+                        .collect(),
+                    success: keys
+                        .iter()
+                        .map(|key| put_op(key, tagged(RUNNING, owner.as_bytes()), *lease))
+                        .collect(),
+                    failure: vec![],
+                };
+                let resp = kv.txn(txn).await?.into_inner();
+                if !resp.succeeded {
+                    bail!(
+                        "etcd batch txn of {} keys: a key already existed",
+                        keys.len()
+                    );
+                }
+                let rev = resp
+                    .header
+                    .map(|h| h.revision)
+                    .ok_or_else(|| anyhow!("etcd txn without a header"))?;
+                Ok(vec![Claim::Acquired { token: rev as u64 }; keys.len()])
+            }
+            Target::Redis(con) => {
+                let mut pipe = redis::pipe();
+                for key in keys {
+                    pipe.cmd("SET")
+                        .arg(key)
+                        .arg(tagged(RUNNING, owner.as_bytes()))
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(lease_ms)
+                        .arg("GET");
+                }
+                let olds: Vec<Option<Vec<u8>>> = pipe.query_async(con).await?;
+                olds.into_iter()
+                    .map(|old| match old {
+                        None => Ok(Claim::Acquired { token: 0 }),
+                        Some(v) => decode(&v),
+                    })
+                    .collect()
+            }
+        }
+    }
+
     /// Save `result` for a key held by `owner` with `token`; `false` when
     /// the target refused because the claim no longer holds.
     pub async fn complete(

@@ -25,6 +25,9 @@ pub enum Workload {
     Mixed,
     /// Linearizable reads of `--keys` completed records.
     Get,
+    /// `--batch` fresh keys claimed in one call (idemkv: ClaimBatch; etcd:
+    /// one Txn; Redis: one pipeline); every item must be ACQUIRED.
+    Batch,
 }
 
 impl Workload {
@@ -35,6 +38,7 @@ impl Workload {
             Workload::Lifecycle => "lifecycle",
             Workload::Mixed => "mixed",
             Workload::Get => "get",
+            Workload::Batch => "batch",
         }
     }
 }
@@ -49,6 +53,8 @@ pub struct Plan {
     pub dup_rate: f64,
     pub lease: Duration,
     pub retention: Duration,
+    /// Keys per call of the `batch` workload (1 for the others).
+    pub batch: usize,
 }
 
 impl Plan {
@@ -119,6 +125,7 @@ impl Checks {
                 "operations verified: acquired and completed, or replayed (warm-up included)"
             }
             Workload::Get => "reads returned the stored result (warm-up included)",
+            Workload::Batch => "fresh keys ACQUIRED in batches (warm-up included)",
             Workload::Storm => unreachable!(),
         };
         (true, format!("{n} {what}"))
@@ -245,6 +252,25 @@ impl Task {
                     }
                 }
             }
+            Workload::Batch => {
+                let keys: Vec<String> = (0..plan.batch).map(|_| self.fresh_key(plan)).collect();
+                let outs = t.claim_batch(&keys, &self.owner, plan.lease).await?;
+                if outs.len() != keys.len() {
+                    checks.violation(format!(
+                        "a batch of {} keys got {} answers",
+                        keys.len(),
+                        outs.len()
+                    ));
+                }
+                for (key, out) in keys.iter().zip(outs) {
+                    match out {
+                        Claim::Acquired { .. } => checks.verified(),
+                        other => {
+                            checks.violation(format!("fresh key {key} was not acquired: {other:?}"))
+                        }
+                    }
+                }
+            }
             Workload::Get => {
                 let k = self.rng.random_range(0..plan.keys);
                 let key = plan.get_key(k);
@@ -292,6 +318,7 @@ mod tests {
             dup_rate: 0.0,
             lease: Duration::from_secs(60),
             retention: Duration::from_secs(60),
+            batch: 1,
         }
     }
 

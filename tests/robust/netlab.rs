@@ -357,24 +357,38 @@ impl NetLab {
         st.dropped + (0..self.len()).map(|k| self.counter(k)).sum::<u64>()
     }
 
-    /// Packets node `k`'s current DROP rules matched.
+    /// Packets node `k`'s current DROP rules matched. A read that fails
+    /// is tried again and then said, not taken for 0: a lost count once
+    /// left a one-way cut "not shown to take effect".
     fn counter(&self, k: usize) -> u64 {
-        let out = try_run(
-            &[
-                "ip",
-                "netns",
-                "exec",
-                &self.nodes[k],
-                "iptables",
-                "-L",
-                "INPUT",
-                "-v",
-                "-x",
-                "-n",
-            ],
-            None,
-        )
-        .unwrap_or_default();
+        let argv = [
+            "ip",
+            "netns",
+            "exec",
+            &self.nodes[k],
+            "iptables",
+            "-w",
+            "-L",
+            "INPUT",
+            "-v",
+            "-x",
+            "-n",
+        ];
+        let mut tries = 0;
+        let out = loop {
+            match try_run(&argv, None) {
+                Ok(out) => break out,
+                Err(e) if tries < 5 => {
+                    tries += 1;
+                    eprintln!("netlab: reading node {k}'s drop counters failed ({e}); again");
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => {
+                    eprintln!("netlab: cannot read node {k}'s drop counters: {e}");
+                    break String::new();
+                }
+            }
+        };
         out.lines()
             .skip(2)
             .filter_map(|l| {
