@@ -242,6 +242,8 @@ impl StateMachineStore {
         legacy: bool,
     ) -> io::Result<()> {
         let shared = &self.shared;
+        // A flush thread writes to the tree in force: let it finish first.
+        self.finish_flush()?;
         let active = shared.tree.current().name();
         let other = TREES
             .into_iter()
