@@ -97,6 +97,35 @@ async fn every_workload_holds_its_checks_against_idemkv() {
     c.shutdown().await;
 }
 
+/// `--no-leader-discovery` loads the endpoint it is given, as grpcurl or a
+/// generated stub would: aimed at a follower, every write is forwarded
+/// (the follower's forward calls count them), and the checks hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_endpoint_is_loaded_as_given_without_leader_discovery() {
+    let c = TestCluster::start(3).await;
+    let leader = c.wait_leader(Duration::from_secs(10)).await;
+    let follower = (1..=3u64).find(|id| *id != leader).unwrap();
+    let at = c.members[&follower].api_addr.clone();
+    let before = c.node(follower).consensus().forward_calls();
+    let mut a = args("idemkv", &at, "claim", &[]);
+    a.no_leader_discovery = true;
+    let r = bench(&a).await.expect("bench");
+    assert_clean(&r, 200);
+    let calls = c.node(follower).consensus().forward_calls() - before;
+    assert!(
+        calls > 0,
+        "the follower forwarded nothing: the load went elsewhere"
+    );
+    // With discovery (the default) the load tool goes to the leader.
+    let before = c.node(follower).consensus().forward_calls();
+    assert_clean(
+        &bench(&args("idemkv", &at, "claim", &[])).await.unwrap(),
+        200,
+    );
+    assert_eq!(c.node(follower).consensus().forward_calls(), before);
+    c.shutdown().await;
+}
+
 /// The gRPC floor (`--target floor`) serves every workload through the
 /// same client with its checks holding, and takes no endpoints.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

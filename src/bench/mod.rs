@@ -75,6 +75,12 @@ pub struct BenchArgs {
     /// cluster, etcd on 2379, Redis on 6379).
     #[arg(long, env = "IDEMKV_BENCH_ENDPOINTS")]
     pub endpoints: Option<String>,
+    /// idemkv: send every call to the endpoints as given, as a client that
+    /// does not look for the leader does (grpcurl, a generated stub); a
+    /// follower then forwards each write. Without it the load tool finds
+    /// the leader and talks to it.
+    #[arg(long)]
+    pub no_leader_discovery: bool,
     /// Print one JSON object instead of the human report.
     #[arg(long)]
     pub json: bool,
@@ -281,9 +287,15 @@ pub async fn bench(a: &BenchArgs) -> anyhow::Result<Report> {
     let mut conns = Vec::with_capacity(n_conn);
     for _ in 0..n_conn {
         conns.push(
-            Target::connect(a.target, &endpoints, lease_for, conn.clone())
-                .await
-                .with_context(|| format!("endpoints {}", endpoints.join(",")))?,
+            Target::connect(
+                a.target,
+                &endpoints,
+                lease_for,
+                conn.clone(),
+                !a.no_leader_discovery,
+            )
+            .await
+            .with_context(|| format!("endpoints {}", endpoints.join(",")))?,
         );
     }
     let checks = Arc::new(Checks::default());

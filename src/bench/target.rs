@@ -119,20 +119,24 @@ fn decode(value: &[u8]) -> anyhow::Result<Claim> {
 
 impl Target {
     /// Connect to `endpoints`; `lease_for` bounds how long the run's
-    /// claims must stay held (etcd grants one lease per connection for it).
+    /// claims must stay held (etcd grants one lease per connection for it);
+    /// `find_leader`: an idemkv client prefers the leader's endpoint.
     pub async fn connect(
         kind: TargetKind,
         endpoints: &[String],
         lease_for: Duration,
         opts: crate::client::ClientOptions,
+        find_leader: bool,
     ) -> anyhow::Result<Target> {
         match kind {
             TargetKind::Idemkv | TargetKind::Floor => {
                 let client = Client::with_options(endpoints, opts)?;
-                client
-                    .discover_leader()
-                    .await
-                    .context("cannot reach the idemkv cluster")?;
+                if find_leader {
+                    client
+                        .discover_leader()
+                        .await
+                        .context("cannot reach the idemkv cluster")?;
+                }
                 Ok(Target::Idemkv(client))
             }
             TargetKind::Etcd => {
