@@ -83,6 +83,13 @@ impl Floor {
     }
 }
 
+/// The answer to every call the floor does not serve.
+fn unsupported<T>() -> Result<T, Status> {
+    Err(Status::unimplemented(
+        "the floor target answers Claim, ClaimBatch, Complete and Get",
+    ))
+}
+
 #[tonic::async_trait]
 impl Idempotency for std::sync::Arc<Floor> {
     async fn claim(
@@ -152,18 +159,14 @@ impl Idempotency for std::sync::Arc<Floor> {
         &self,
         _: Request<api::RenewRequest>,
     ) -> Result<Response<api::RenewResponse>, Status> {
-        Err(Status::unimplemented(
-            "the floor target answers Claim, ClaimBatch, Complete and Get",
-        ))
+        unsupported()
     }
 
     async fn release(
         &self,
         _: Request<api::ReleaseRequest>,
     ) -> Result<Response<api::ReleaseResponse>, Status> {
-        Err(Status::unimplemented(
-            "the floor target answers Claim, ClaimBatch, Complete and Get",
-        ))
+        unsupported()
     }
 
     async fn get(
@@ -204,18 +207,14 @@ impl Idempotency for std::sync::Arc<Floor> {
         &self,
         _: Request<api::AwaitRequest>,
     ) -> Result<Response<api::AwaitResponse>, Status> {
-        Err(Status::unimplemented(
-            "the floor target answers Claim, ClaimBatch, Complete and Get",
-        ))
+        unsupported()
     }
 
     async fn delete(
         &self,
         _: Request<api::DeleteRequest>,
     ) -> Result<Response<api::DeleteResponse>, Status> {
-        Err(Status::unimplemented(
-            "the floor target answers Claim, ClaimBatch, Complete and Get",
-        ))
+        unsupported()
     }
 }
 

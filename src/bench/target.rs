@@ -87,6 +87,30 @@ end
 return 0
 ";
 
+/// idemkv: a claim of `key` in the bench's namespace.
+fn claim_request(key: &str, owner: &str, lease_ms: u64) -> api::ClaimRequest {
+    api::ClaimRequest {
+        namespace: NAMESPACE.into(),
+        key: key.as_bytes().to_vec(),
+        owner: owner.into(),
+        lease_ms,
+        ..Default::default()
+    }
+}
+
+/// Redis: claim `key` if nobody holds it, returning what was there
+/// (one round trip).
+fn redis_claim(key: &str, owner: &str, lease_ms: u64) -> redis::Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(key)
+        .arg(tagged(RUNNING, owner.as_bytes()))
+        .arg("NX")
+        .arg("PX")
+        .arg(lease_ms)
+        .arg("GET");
+    cmd
+}
+
 fn tagged(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(body.len() + 1);
     v.push(tag);
@@ -183,15 +207,7 @@ impl Target {
         match self {
             Target::Idemkv(client) => {
                 use api::claim_response::Outcome;
-                let out = client
-                    .claim(api::ClaimRequest {
-                        namespace: NAMESPACE.into(),
-                        key: key.as_bytes().to_vec(),
-                        owner: owner.into(),
-                        lease_ms,
-                        ..Default::default()
-                    })
-                    .await?;
+                let out = client.claim(claim_request(key, owner, lease_ms)).await?;
                 Ok(match out {
                     Outcome::Acquired(a) => Claim::Acquired { token: a.token },
                     Outcome::InProgress(p) => Claim::Busy { owner: p.owner },
@@ -233,15 +249,8 @@ impl Target {
                 bail!("etcd txn on {key} failed its compare but the key is gone")
             }
             Target::Redis(con) => {
-                let old: Option<Vec<u8>> = redis::cmd("SET")
-                    .arg(key)
-                    .arg(tagged(RUNNING, owner.as_bytes()))
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(lease_ms)
-                    .arg("GET")
-                    .query_async(con)
-                    .await?;
+                let old: Option<Vec<u8>> =
+                    redis_claim(key, owner, lease_ms).query_async(con).await?;
                 match old {
                     None => Ok(Claim::Acquired { token: 0 }),
                     Some(v) => decode(&v),
@@ -264,13 +273,7 @@ impl Target {
                 use api::claim_batch_item::Outcome;
                 let items = keys
                     .iter()
-                    .map(|key| api::ClaimRequest {
-                        namespace: NAMESPACE.into(),
-                        key: key.as_bytes().to_vec(),
-                        owner: owner.into(),
-                        lease_ms,
-                        ..Default::default()
-                    })
+                    .map(|key| claim_request(key, owner, lease_ms))
                     .collect();
                 let resp = client
                     .claim_batch(api::ClaimBatchRequest {
@@ -325,13 +328,7 @@ impl Target {
             Target::Redis(con) => {
                 let mut pipe = redis::pipe();
                 for key in keys {
-                    pipe.cmd("SET")
-                        .arg(key)
-                        .arg(tagged(RUNNING, owner.as_bytes()))
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(lease_ms)
-                        .arg("GET");
+                    pipe.add_command(redis_claim(key, owner, lease_ms));
                 }
                 let olds: Vec<Option<Vec<u8>>> = pipe.query_async(con).await?;
                 olds.into_iter()
