@@ -8,10 +8,16 @@
 #
 #   cluster/bench.sh [--duration 10s] [--warmup 2s] [--clients 64] [--rounds 1]
 #                    [--only claim,lifecycle,...] [--quick] [--out DIR] [--keep]
+#                    [--sweep]
 #
 # --rounds N runs the whole matrix N times, one round after another (each
 # round interleaves the systems per workload), and the table shows each
 # figure's median over the rounds.
+#
+# --sweep runs, instead of the matrix, the claim workload (or each workload
+# of --only) at 1, 4, 16, 64 and 256 clients against every system, and draws
+# throughput and p99 against clients into DIR/sweep-WORKLOAD.svg
+# (`idemkv plot`).
 #
 # Installs etcd-server and redis-server (Debian) when missing and run as root.
 # Ports are picked at run time; everything started is stopped on exit.
@@ -23,6 +29,7 @@ WARMUP=2s
 CLIENTS=64
 ONLY=""
 ROUNDS=1
+SWEEP=0
 OUT="cluster/out/$(date +%Y%m%d-%H%M%S)"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -31,6 +38,7 @@ while [ $# -gt 0 ]; do
         --clients) CLIENTS="$2"; shift 2 ;;
         --only) ONLY="$2"; shift 2 ;;
         --rounds) ROUNDS="$2"; shift 2 ;;
+        --sweep) SWEEP=1; shift ;;
         --quick) DURATION=3s; WARMUP=1s; shift ;;
         --out) OUT="$2"; shift 2 ;;
         --keep) export KEEP=1; shift ;;
@@ -38,6 +46,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 COMMAND="cluster/bench.sh --duration $DURATION --warmup $WARMUP --clients $CLIENTS --rounds $ROUNDS${ONLY:+ --only $ONLY}"
+[ "$SWEEP" = 1 ] && COMMAND="$COMMAND --sweep"
 
 if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null || ! command -v redis-server >/dev/null; then
     if [ "$(id -u)" != 0 ]; then
@@ -132,8 +141,25 @@ run_matrix() {
     # answers Claim, Complete and Get).
     run_one floor "" "$workload" "$clients" "$@"
 }
+SWEPT="${ONLY:-claim}"
+sweep() {
+    local workload clients
+    for workload in ${SWEPT//,/ }; do
+        for clients in 1 4 16 64 256; do
+            if [ "$workload" = batch ]; then
+                run_matrix batch "$clients" --batch 100
+            else
+                run_matrix "$workload" "$clients"
+            fi
+        done
+    done
+}
 for round in $(seq "$ROUNDS"); do
     [ "$ROUNDS" -gt 1 ] && echo "== round $round of $ROUNDS" >&2
+    if [ "$SWEEP" = 1 ]; then
+        sweep
+        continue
+    fi
     run_matrix claim 1
     run_matrix claim "$CLIENTS"
     run_matrix lifecycle "$CLIENTS"
@@ -204,6 +230,12 @@ for k in keys:
 PY
 }
 write_table | tee "$OUT/table.md"
+if [ "$SWEEP" = 1 ]; then
+    for workload in ${SWEPT//,/ }; do
+        "$BIN" plot --input "$RESULTS" --workload "$workload" --out "$OUT/sweep-$workload.svg" \
+            --subtitle "$COMMAND; medians of $ROUNDS round(s); $(nproc) CPUs; $(date +%Y-%m-%d)" >&2 || FAILED=1
+    done
+fi
 echo "reports: $RESULTS" >&2
 if [ "$FAILED" = 1 ]; then
     echo "a workload failed its checks (marked FAILED above)" >&2

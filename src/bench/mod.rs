@@ -5,6 +5,7 @@
 //! the exit code says whether every correctness check held.
 
 pub mod floor;
+pub mod plot;
 pub mod target;
 pub mod workload;
 

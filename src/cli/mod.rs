@@ -39,6 +39,9 @@ pub enum Command {
     /// Load a cluster (or etcd, or Redis) with a workload and report
     /// throughput, latency percentiles and whether every check held.
     Bench(idemkv::bench::BenchArgs),
+    /// Draw throughput and p99 against clients from `bench --json` reports
+    /// into an SVG (`cluster/bench.sh --sweep` calls it).
+    Plot(idemkv::bench::plot::PlotArgs),
     /// Write a development CA, per-node certificates and a client
     /// certificate for TLS (`serve --tls-*`, `ctl --tls-*`).
     Certs(certs::CertsArgs),
@@ -58,6 +61,7 @@ pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         Command::Up(a) => up::run(a).await.map(|_| 0),
         Command::Ctl(a) => ctl::run(a).await,
         Command::Bench(a) => idemkv::bench::run(a).await,
+        Command::Plot(a) => idemkv::bench::plot::run(a),
         Command::Certs(a) => certs::run(a).map(|_| 0),
     }
 }
