@@ -33,10 +33,15 @@ struct Up {
 }
 
 fn up(dir: &std::path::Path, base: u16) -> Up {
+    up_nodes(dir, base, 3)
+}
+
+fn up_nodes(dir: &std::path::Path, base: u16, nodes: u16) -> Up {
     let mut child = Command::new(BIN)
         .arg("up")
         .arg("--dir")
         .arg(dir)
+        .args(["--nodes", &nodes.to_string()])
         .args(["--api-port", &base.to_string()])
         .args(["--peer-port", &(base + 100).to_string()])
         .stdout(Stdio::piped())
@@ -197,6 +202,29 @@ fn readme_walkthrough_with_up_and_ctl() {
         .count();
     assert_eq!(leaders, 1, "exactly one node reports itself leader: {out}");
 
+    // Endpoints written as URLs (as etcd's tools take them), by flag and by
+    // IDEMKV_ENDPOINTS; anything else is refused naming the forms.
+    let urls: Vec<String> = eps.iter().map(|e| format!("http://{e}/")).collect();
+    let (ok, out, err) = ctl(&urls.join(","), &["get", "orders", "o-1"]);
+    assert!(ok && out.starts_with("COMPLETED"), "{out}{err}");
+    let by_env = Command::new(BIN)
+        .args(["ctl", "get", "orders", "o-1"])
+        .env("IDEMKV_ENDPOINTS", urls.join(","))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&by_env.stdout);
+    assert!(
+        by_env.status.success() && out.starts_with("COMPLETED"),
+        "{out}"
+    );
+    let (ok, _, err) = ctl("ftp://127.0.0.1:1", &["status"]);
+    assert!(!ok, "a bad endpoint must fail");
+    assert!(
+        err.contains("\"ftp://127.0.0.1:1\"")
+            && err.contains("http://host:port or https://host:port"),
+        "{err}"
+    );
+
     cluster.stop();
 
     // Running up again serves the same data.
@@ -209,4 +237,243 @@ fn readme_walkthrough_with_up_and_ctl() {
         "{out}"
     );
     cluster.stop();
+}
+
+/// A fresh `up` of `nodes` nodes on free ports, its banner read.
+struct Started {
+    dir: tempfile::TempDir,
+    eps: Vec<String>,
+    endpoints: String,
+    cluster: Up,
+    banner: Vec<String>,
+}
+
+fn start(nodes: u16) -> Started {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base(nodes);
+    let eps: Vec<String> = (0..nodes)
+        .map(|i| format!("127.0.0.1:{}", base + i))
+        .collect();
+    let cluster = up_nodes(dir.path(), base, nodes);
+    let banner = cluster.wait_for("endpoints:");
+    Started {
+        dir,
+        endpoints: eps.join(","),
+        eps,
+        cluster,
+        banner,
+    }
+}
+
+/// Ctrl-C (SIGTERM) `up`; none of the node processes it ran may remain.
+fn stop_leaving_no_node<'a>(cluster: Up, pids: impl Iterator<Item = &'a u32>) {
+    cluster.stop();
+    for pid in pids {
+        assert!(!running(*pid), "node process {pid} outlived up");
+    }
+}
+
+/// Each node's PID from `up`'s banner (`  node N  HOST:PORT  pid P  log: …`).
+fn banner_pids(banner: &[String]) -> std::collections::BTreeMap<u64, u32> {
+    banner
+        .iter()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            match w.as_slice() {
+                ["node", id, _, "pid", pid, "log:", ..] => {
+                    Some((id.parse().ok()?, pid.parse().ok()?))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// The node that `ctl status` shows as leader, and its term.
+fn leader_id(endpoints: &str) -> (u64, u64) {
+    for _ in 0..100 {
+        // A node that is down makes the status degraded (exit 1), not
+        // unreadable.
+        let (_, out, _) = ctl(endpoints, &["status"]);
+        if let Some(l) = out
+            .lines()
+            .find(|l| l.split_whitespace().nth(3) == Some("leader"))
+        {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let term = w[4].strip_prefix("term=").unwrap().parse().unwrap();
+            return (w[2].parse().unwrap(), term);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no leader shown by ctl status");
+}
+
+/// Whether a process runs (a zombie counts as gone: it no longer serves).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn kill9(pid: u32) {
+    // SAFETY: kill(2) on a node process `up` started for this test.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+    for _ in 0..100 {
+        if !running(pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("node process {pid} still runs after SIGKILL");
+}
+
+/// The PID in `up`'s "node N restarted (pid P)" line.
+fn restarted_pid(lines: &[String], id: u64) -> u32 {
+    let prefix = format!("node {id} restarted (pid ");
+    let l = lines.iter().rev().find(|l| l.starts_with(&prefix)).unwrap();
+    l[prefix.len()..].trim_end_matches(')').parse().unwrap()
+}
+
+/// Retry `ctl get` against one endpoint until it answers (the node may be
+/// starting); the answer.
+fn get_from(endpoint: &str, key: &str) -> String {
+    let mut last = String::new();
+    for _ in 0..150 {
+        let (ok, out, err) = ctl(endpoint, &["get", "orders", key]);
+        if ok {
+            return out;
+        }
+        last = err;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("{endpoint} never answered a get: {last}");
+}
+
+#[test]
+fn up_restarts_a_killed_leader_and_the_cluster_keeps_serving() {
+    let Started {
+        dir: _dir,
+        eps,
+        endpoints,
+        cluster,
+        banner,
+    } = start(3);
+    let pids = banner_pids(&banner);
+    assert_eq!(pids.len(), 3, "up prints each node's PID: {banner:?}");
+    assert!(pids.values().all(|p| running(*p)), "{pids:?}");
+
+    let (ok, out, err) = ctl(&endpoints, &["claim", "orders", "before", "--owner", "w1"]);
+    assert!(ok && out.starts_with("ACQUIRED"), "{out}{err}");
+
+    // kill -9 the leader, as a new user watching failover would.
+    let (leader, term) = leader_id(&endpoints);
+    kill9(pids[&leader]);
+    let after_kill = std::time::Instant::now();
+    // The others keep serving: a claim succeeds within about one election
+    // timeout (400-800 ms) plus the client's retry.
+    let (ok, out, err) = ctl(&endpoints, &["claim", "orders", "during", "--owner", "w1"]);
+    let took = after_kill.elapsed();
+    assert!(ok && out.starts_with("ACQUIRED"), "{out}{err}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the claim after the kill took {took:?}"
+    );
+    // A new election (the restarted node may win it again).
+    let (_, new_term) = leader_id(&endpoints);
+    assert!(
+        new_term > term,
+        "no election after the leader died (term {term})"
+    );
+
+    // up reported the exit and started the node again, on its data.
+    let lines = cluster.wait_for(&format!("node {leader} restarted (pid "));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("node {leader} exited (signal: 9"))),
+        "{lines:?}"
+    );
+    let new_pid = restarted_pid(&lines, leader);
+    assert_ne!(new_pid, pids[&leader]);
+    assert!(running(new_pid));
+    // The restarted node serves both records through its own endpoint: the
+    // one from before (its data) and the one written while it was down
+    // (caught up from the others).
+    let own = &eps[leader as usize - 1];
+    assert!(get_from(own, "before").starts_with("IN_PROGRESS"));
+    assert!(get_from(own, "during").starts_with("IN_PROGRESS"));
+
+    stop_leaving_no_node(cluster, pids.values().chain([&new_pid]));
+}
+
+#[test]
+fn up_gives_up_on_a_node_that_keeps_crashing_and_five_nodes_keep_serving() {
+    let Started {
+        dir,
+        eps,
+        endpoints,
+        cluster,
+        banner,
+    } = start(5);
+    let pids = banner_pids(&banner);
+    assert_eq!(pids.len(), 5, "{banner:?}");
+    let (leader, _) = leader_id(&endpoints);
+    let followers: Vec<u64> = (1..=5).filter(|id| *id != leader).collect();
+    let (broken, killed) = (followers[0], followers[1]);
+
+    // A node whose data directory became a file cannot start again.
+    let data = dir.path().join(format!("node-{broken}"));
+    std::fs::rename(&data, dir.path().join("moved-away")).unwrap();
+    std::fs::write(&data, b"not a directory").unwrap();
+    kill9(pids[&broken]);
+    let lines = cluster.wait_for(&format!("node {broken} is left down"));
+    let give_up = lines
+        .iter()
+        .position(|l| l.contains("not restarting it"))
+        .unwrap();
+    assert!(
+        lines[give_up].starts_with(&format!("node {broken} exited")),
+        "{lines:?}"
+    );
+    // The tail of its log says why, so the user need not go looking.
+    let tail: Vec<&String> = lines.iter().filter(|l| l.starts_with("  | ")).collect();
+    assert!(!tail.is_empty(), "no log tail shown: {lines:?}");
+    let log = std::fs::read_to_string(dir.path().join(format!("node-{broken}.log"))).unwrap();
+    let last = log.lines().last().unwrap();
+    assert_eq!(tail.last().unwrap().trim_start_matches("  | "), last);
+    let restarts = lines
+        .iter()
+        .filter(|l| l.starts_with(&format!("node {broken} restarted")))
+        .count();
+    // Five quick exits in a row: the kill (if within 10 s of starting) and
+    // four or five failed restarts, then no more.
+    assert!(
+        (4..=5).contains(&restarts),
+        "{restarts} restarts: {lines:?}"
+    );
+
+    // A second node down: 3 of 5 still make a majority, and up restarts it.
+    kill9(pids[&killed]);
+    let (ok, out, err) = ctl(
+        &endpoints,
+        &["claim", "orders", "two-down", "--owner", "w1"],
+    );
+    assert!(ok && out.starts_with("ACQUIRED"), "{out}{err}");
+    let lines = cluster.wait_for(&format!("node {killed} restarted (pid "));
+    let new_pid = restarted_pid(&lines, killed);
+    assert!(get_from(&eps[killed as usize - 1], "two-down").starts_with("IN_PROGRESS"));
+    // The broken node stays down: nothing answers on its port.
+    let (ok, out, _) = ctl(&eps[broken as usize - 1], &["status"]);
+    assert!(
+        !ok && out.contains("UNREACHABLE"),
+        "the given-up node should not serve: {out}"
+    );
+
+    stop_leaving_no_node(cluster, pids.values().chain([&new_pid]));
 }

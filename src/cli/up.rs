@@ -1,15 +1,24 @@
 //! `idemkv up`: a local three-node cluster of child processes (this same
 //! binary running `serve`), data under `./.idemkv/`, logs beside the data.
-//! Prints the endpoints once a leader is elected; Ctrl-C or SIGTERM stops
-//! every child cleanly. Running it again reuses the data.
+//! Prints the endpoints and each node's PID once a leader is elected, then
+//! supervises: a node that exits (a crash, a `kill -9` to watch failover)
+//! is reported and restarted on its data after a backoff while the others
+//! keep serving; one that keeps crashing is reported with the tail of its
+//! log and left down. Ctrl-C or SIGTERM stops every child cleanly. Running
+//! it again reuses the data.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use idemkv::Client;
 
@@ -32,11 +41,46 @@ pub struct UpArgs {
     pub host: String,
 }
 
-struct NodeProcess {
+/// How long a node must run for its exit not to count as a crash loop.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// Exits in a row, each within [`STABLE_AFTER`] of starting, before `up`
+/// stops restarting a node.
+const GIVE_UP_AFTER: u32 = 5;
+/// The first restart's wait; doubled for each quick exit in a row.
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Log lines shown for a node that keeps crashing.
+const TAIL_LINES: usize = 20;
+
+/// How to start one node (again).
+#[derive(Clone)]
+struct NodeSpec {
     id: u64,
-    child: Child,
+    exe: PathBuf,
+    args: Vec<std::ffi::OsString>,
     log: PathBuf,
 }
+
+impl NodeSpec {
+    fn spawn(&self) -> anyhow::Result<Child> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("cannot open {}", self.log.display()))?;
+        Command::new(&self.exe)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start node {}", self.id))
+    }
+}
+
+/// Each node's current PID (none while it is down), for the banner.
+type Pids = Arc<Mutex<BTreeMap<u64, Option<u32>>>>;
 
 pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     if a.nodes == 0 {
@@ -50,43 +94,76 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         .map(|id| format!("{id}={}/{}", addr(a.api_port, id), addr(a.peer_port, id)))
         .collect();
     let peers = peers.join(",");
-    let mut children = Vec::new();
+    // A port already taken (another `up`, say) would make a node fail to
+    // start while the other cluster answers in its place.
+    for id in 1..=a.nodes {
+        for port in [addr(a.api_port, id), addr(a.peer_port, id)] {
+            if let Err(e) = std::net::TcpListener::bind(&port) {
+                bail!("cannot use {port} for node {id}: {e} (is another cluster running? see --api-port and --peer-port)");
+            }
+        }
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (gave_up_tx, mut gave_up) = mpsc::unbounded_channel();
+    let pids: Pids = Arc::default();
+    let mut supervisors = JoinSet::new();
+    let mut specs = Vec::new();
     for id in 1..=a.nodes {
         let dir = a.dir.join(format!("node-{id}"));
-        std::fs::create_dir_all(&dir)?;
-        let log = a.dir.join(format!("node-{id}.log"));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        let mut cmd = Command::new(&exe);
-        cmd.arg("serve")
-            .args(["--id", &id.to_string()])
-            .args(["--listen", &addr(a.api_port, id)])
-            .args(["--peer-listen", &addr(a.peer_port, id)])
-            .arg("--data-dir")
-            .arg(&dir)
-            .args(["--peers", &peers])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .kill_on_drop(true);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "serve".into(),
+            "--id".into(),
+            id.to_string().into(),
+            "--listen".into(),
+            addr(a.api_port, id).into(),
+            "--peer-listen".into(),
+            addr(a.peer_port, id).into(),
+            "--data-dir".into(),
+            dir.into_os_string(),
+            "--peers".into(),
+            peers.clone().into(),
+        ];
         if id == 1 {
-            cmd.arg("--init");
+            // Initialises a new cluster once; a no-op on existing data.
+            args.push("--init".into());
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start node {id}"))?;
-        children.push(NodeProcess { id, child, log });
+        let spec = NodeSpec {
+            id,
+            exe: exe.clone(),
+            args,
+            log: a.dir.join(format!("node-{id}.log")),
+        };
+        // The first start is not retried: a node that cannot even be
+        // spawned (no binary, no log file) stops `up` at once.
+        let child = spec.spawn()?;
+        specs.push(spec.clone());
+        supervisors.spawn(supervise(
+            spec,
+            child,
+            stop_rx.clone(),
+            gave_up_tx.clone(),
+            pids.clone(),
+        ));
     }
+    drop(gave_up_tx);
+    let stop = |supervisors: JoinSet<()>| async move {
+        let _ = stop_tx.send(true);
+        supervisors.join_all().await;
+    };
+
     let endpoints: Vec<String> = (1..=a.nodes).map(|id| addr(a.api_port, id)).collect();
     let ready = tokio::select! {
         r = wait_ready(&endpoints) => r,
-        died = first_exit(&mut children) => Err(died),
+        id = gave_up.recv() => Err(anyhow::anyhow!(
+            "node {} kept crashing while the cluster started",
+            id.unwrap_or_default()
+        )),
     };
     if let Err(e) = ready {
         eprintln!("idemkv up: the cluster did not come up: {e:#}");
-        stop_all(&mut children).await;
+        stop(supervisors).await;
         bail!(
             "cluster did not start; see the node logs in {}",
             a.dir.display()
@@ -97,38 +174,131 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         a.nodes,
         a.dir.display()
     );
+    let now = pids.lock().unwrap_or_else(|p| p.into_inner()).clone();
     for (i, ep) in endpoints.iter().enumerate() {
+        let id = i as u64 + 1;
+        let pid = now.get(&id).copied().flatten();
         println!(
-            "  node {}  {}   log: {}",
-            i + 1,
-            ep,
-            children[i].log.display()
+            "  node {id}  {ep}  pid {}  log: {}",
+            pid.map_or("-".to_string(), |p| p.to_string()),
+            specs[i].log.display()
         );
     }
     println!("endpoints: {}", endpoints.join(","));
     println!("try:   idemkv ctl claim orders o-1 --owner w1 --lease 30s");
-    println!("Ctrl-C stops the cluster.");
-    let died = tokio::select! {
-        _ = super::serve::wait_for_signal() => None,
-        died = first_exit(&mut children) => Some(died),
+    println!("A node that exits is restarted on its data; Ctrl-C stops the cluster.");
+    let mut given_up = 0;
+    let all_gave_up = loop {
+        tokio::select! {
+            _ = super::serve::wait_for_signal() => break false,
+            id = gave_up.recv() => match id {
+                Some(_) => {
+                    given_up += 1;
+                    if given_up == a.nodes {
+                        break true;
+                    }
+                }
+                None => break true,
+            },
+        }
     };
-    if let Some(e) = died {
-        eprintln!("idemkv up: {e:#}; stopping the others");
+    stop(supervisors).await;
+    if all_gave_up {
+        bail!(
+            "every node kept crashing; see the node logs in {}",
+            a.dir.display()
+        );
     }
-    stop_all(&mut children).await;
     println!("idemkv: cluster stopped");
     Ok(())
 }
 
-/// Resolves when any child exits, with which one.
-async fn first_exit(children: &mut [NodeProcess]) -> anyhow::Error {
-    let waits = children.iter_mut().map(|c| {
-        Box::pin(async move {
-            let status = c.child.wait().await;
-            anyhow::anyhow!("node {} exited ({status:?}); see {}", c.id, c.log.display())
-        })
-    });
-    futures::future::select_all(waits).await.0
+/// Keep one node running: report each exit, restart it on the same data
+/// after a backoff, give up (with the tail of its log) after
+/// [`GIVE_UP_AFTER`] quick exits in a row; on `stop`, stop it cleanly.
+async fn supervise(
+    spec: NodeSpec,
+    mut child: Child,
+    mut stop: watch::Receiver<bool>,
+    gave_up: mpsc::UnboundedSender<u64>,
+    pids: Pids,
+) {
+    let id = spec.id;
+    let set_pid = |pid: Option<u32>| {
+        pids.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, pid);
+    };
+    let mut backoff = FIRST_BACKOFF;
+    let mut quick_exits = 0;
+    loop {
+        set_pid(child.id());
+        let started = Instant::now();
+        let exited = tokio::select! {
+            status = child.wait() => Some(status),
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        let Some(status) = exited else {
+            stop_child(id, &mut child).await;
+            return;
+        };
+        set_pid(None);
+        let ran = started.elapsed();
+        let status = status.map_or_else(|e| format!("wait failed: {e}"), |s| s.to_string());
+        if ran >= STABLE_AFTER {
+            quick_exits = 0;
+            backoff = FIRST_BACKOFF;
+        } else {
+            quick_exits += 1;
+        }
+        if quick_exits >= GIVE_UP_AFTER {
+            println!(
+                "node {id} exited ({status}) {quick_exits} times in a row within {}s of starting; \
+                 not restarting it. Last lines of {}:",
+                STABLE_AFTER.as_secs(),
+                spec.log.display()
+            );
+            for line in tail(&spec.log, TAIL_LINES) {
+                println!("  | {line}");
+            }
+            println!("node {id} is left down; the others keep serving");
+            let _ = gave_up.send(id);
+            return;
+        }
+        println!(
+            "node {id} exited ({status}) after {:.1}s; restarting it in {} ms on its data",
+            ran.as_secs_f64(),
+            backoff.as_millis()
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        child = match spec.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                println!("node {id} could not be restarted: {e:#}");
+                let _ = gave_up.send(id);
+                return;
+            }
+        };
+        println!(
+            "node {id} restarted (pid {})",
+            child.id().map_or("?".to_string(), |p| p.to_string())
+        );
+    }
+}
+
+/// The last `n` lines of a log file (empty if it cannot be read).
+fn tail(path: &std::path::Path, n: usize) -> Vec<String> {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| l.to_string())
+        .collect()
 }
 
 async fn wait_ready(endpoints: &[String]) -> anyhow::Result<()> {
@@ -137,23 +307,19 @@ async fn wait_ready(endpoints: &[String]) -> anyhow::Result<()> {
         .await?)
 }
 
-/// SIGTERM every child, then SIGKILL whatever is still running after 10 s.
-async fn stop_all(children: &mut [NodeProcess]) {
-    for c in children.iter() {
-        if let Some(pid) = c.child.id() {
-            // SAFETY: plain kill(2) on a child we spawned and still own.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGTERM);
-            }
+/// SIGTERM a node, then SIGKILL it if it still runs after 10 s.
+async fn stop_child(id: u64, child: &mut Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: plain kill(2) on a child we spawned and still own.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
         }
     }
-    for c in children.iter_mut() {
-        if tokio::time::timeout(Duration::from_secs(10), c.child.wait())
-            .await
-            .is_err()
-        {
-            eprintln!("node {} did not stop in 10 s; killing it", c.id);
-            let _ = c.child.kill().await;
-        }
+    if tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .is_err()
+    {
+        eprintln!("node {id} did not stop in 10 s; killing it");
+        let _ = child.kill().await;
     }
 }
