@@ -294,6 +294,12 @@ async fn every_workload_runs_against_redis() {
     })
     .await;
     every_workload("redis", &format!("127.0.0.1:{port}")).await;
+    // Written as a Redis URL, the same server is loaded the same way.
+    let url = format!("redis://127.0.0.1:{port}");
+    let r = bench(&args("redis", &url, "claim", &["--ops", "50"]))
+        .await
+        .unwrap();
+    assert_clean(&r, 50);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -345,4 +351,10 @@ async fn every_workload_runs_against_etcd() {
     }
     assert!(ready, "etcd did not come up");
     every_workload("etcd", &endpoint).await;
+    // Written as etcd's own tools write it (http://host:port), the same
+    // member is loaded the same way (this was a DNS error once).
+    let r = bench(&args("etcd", &client, "claim", &["--ops", "50"]))
+        .await
+        .unwrap();
+    assert_clean(&r, 50);
 }

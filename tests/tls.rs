@@ -234,6 +234,21 @@ async fn tls_without_client_auth_needs_only_the_ca() {
     // Still TLS: plaintext is refused.
     let plain = client(&c.api, None, Duration::from_millis(300));
     assert!(plain.claim(claim("plain")).await.is_err());
+
+    // Endpoints written as https:// URLs, the form etcd's tools take.
+    let urls: Vec<String> = c.api.iter().map(|a| format!("https://{a}")).collect();
+    let by_url = client(&urls, Some(tls(&ca, false)), Duration::from_secs(10));
+    claim_complete(&by_url, "ca-only-by-url").await;
+    // http:// with TLS settings contradicts itself: refused at once, by name.
+    let opts = ClientOptions {
+        tls: Some(tls(&ca, false)),
+        ..ClientOptions::default()
+    };
+    let e = Client::with_options([format!("http://{}", c.api[0])], opts)
+        .err()
+        .expect("http:// with a CA is refused")
+        .to_string();
+    assert!(e.contains("plaintext but TLS settings were given"), "{e}");
 }
 
 #[test]

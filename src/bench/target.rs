@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::pb::api;
 use crate::pb::etcd::{
@@ -141,6 +141,21 @@ fn decode(value: &[u8]) -> anyhow::Result<Claim> {
     }
 }
 
+/// `redis://…` / `rediss://…` as written, or `host:port`.
+fn redis_url(endpoint: &str) -> anyhow::Result<String> {
+    let e = endpoint.trim();
+    if e.starts_with("redis://") || e.starts_with("rediss://") {
+        return Ok(e.to_string());
+    }
+    let addr = crate::client::endpoint::parse(e)?;
+    if addr.tls.is_some() {
+        bail!(
+            "endpoint {e:?}: Redis is not reached over HTTP; write host:port or redis://host:port"
+        );
+    }
+    Ok(format!("redis://{}/", addr.authority))
+}
+
 impl Target {
     /// Connect to `endpoints`; `lease_for` bounds how long the run's
     /// claims must stay held (etcd grants one lease per connection for it);
@@ -165,8 +180,8 @@ impl Target {
             }
             TargetKind::Etcd => {
                 // Clients talk to one member; etcd forwards to its leader.
-                let ch = Endpoint::from_shared(format!("http://{}", endpoints[0]))?
-                    .tcp_nodelay(true)
+                let member = crate::client::endpoint::parse(&endpoints[0])?;
+                let ch = crate::client::endpoint::endpoint(&member, None, false)?
                     .connect()
                     .await
                     .context("cannot reach etcd")?;
@@ -186,7 +201,7 @@ impl Target {
                 })
             }
             TargetKind::Redis => {
-                let url = format!("redis://{}/", endpoints[0]);
+                let url = redis_url(&endpoints[0])?;
                 let client = redis::Client::open(url.as_str())?;
                 let con = client
                     .get_multiplexed_async_connection()

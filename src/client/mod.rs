@@ -4,6 +4,7 @@
 //! `claim_id` fixed before the first attempt, fenced writes carry their
 //! token, reads and Delete change nothing on a repeat.
 
+pub mod endpoint;
 mod error;
 mod run_once;
 
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 pub use error::ClientError;
@@ -86,30 +87,21 @@ pub struct Client {
 }
 
 struct Inner {
+    /// (host:port, channel), in the order given.
     endpoints: Mutex<Vec<(String, Channel)>>,
+    /// TLS for an address without a scheme (a leader hint, a member).
+    default_tls: bool,
     /// Index of the endpoint to try first (the leader, once discovered).
     preferred: AtomicUsize,
     opts: ClientOptions,
     bearer: Bearer,
 }
 
-fn channel(addr: &str, tls: Option<&ClientTls>) -> Result<Channel, ClientError> {
-    let bad = |e: tonic::transport::Error| ClientError::Config(format!("endpoint {addr:?}: {e}"));
-    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else if tls.is_some() {
-        format!("https://{addr}")
-    } else {
-        format!("http://{addr}")
-    };
-    let mut endpoint = Endpoint::from_shared(uri).map_err(bad)?;
-    if let Some(tls) = tls {
-        endpoint = endpoint.tls_config(tls.config()).map_err(bad)?;
-    }
-    Ok(endpoint
-        .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
-        .connect_lazy())
+/// A lazily connected channel to `addr` (see [`endpoint`] for the forms
+/// and how plaintext or TLS is chosen).
+fn channel(addr: &str, tls: Option<&ClientTls>, default_tls: bool) -> Result<Channel, ClientError> {
+    let addr = endpoint::parse(addr)?;
+    Ok(endpoint::endpoint(&addr, tls, default_tls)?.connect_lazy())
 }
 
 fn retryable(s: &Status) -> bool {
@@ -132,7 +124,8 @@ fn overloaded(s: &Status) -> bool {
 }
 
 impl Client {
-    /// A client for the cluster reachable at `endpoints` (`host:port`).
+    /// A client for the cluster reachable at `endpoints` (`host:port`,
+    /// `http://host:port` or `https://host:port`).
     pub fn new<S: AsRef<str>>(
         endpoints: impl IntoIterator<Item = S>,
     ) -> Result<Client, ClientError> {
@@ -170,19 +163,27 @@ impl Client {
         endpoints: impl IntoIterator<Item = S>,
         opts: ClientOptions,
     ) -> Result<Client, ClientError> {
-        let endpoints = endpoints
+        let addrs = endpoints
             .into_iter()
-            .map(|e| {
-                let e = e.as_ref().trim().to_string();
-                channel(&e, opts.tls.as_ref()).map(|c| (e, c))
-            })
+            .map(|e| endpoint::parse(e.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
+        // Addresses the cluster reports (leader, members) have no scheme:
+        // TLS for them when any given endpoint asked for it.
+        let default_tls = opts.tls.is_some() || addrs.iter().any(|a| a.tls == Some(true));
+        let endpoints = addrs
+            .into_iter()
+            .map(|a| {
+                let ch = endpoint::endpoint(&a, opts.tls.as_ref(), default_tls)?.connect_lazy();
+                Ok((a.authority, ch))
+            })
+            .collect::<Result<Vec<_>, ClientError>>()?;
         if endpoints.is_empty() {
             return Err(ClientError::Config("no endpoints given".into()));
         }
         Ok(Client {
             inner: Arc::new(Inner {
                 endpoints: Mutex::new(endpoints),
+                default_tls,
                 preferred: AtomicUsize::new(0),
                 bearer: Bearer::new(opts.token.as_deref())?,
                 opts,
@@ -218,7 +219,11 @@ impl Client {
         let pos = match eps.iter().position(|(a, _)| *a == status.leader_api_addr) {
             Some(p) => p,
             None => {
-                let ch = channel(&status.leader_api_addr, self.inner.opts.tls.as_ref())?;
+                let ch = channel(
+                    &status.leader_api_addr,
+                    self.inner.opts.tls.as_ref(),
+                    self.inner.default_tls,
+                )?;
                 eps.push((status.leader_api_addr.clone(), ch));
                 eps.len() - 1
             }
@@ -529,9 +534,11 @@ impl Client {
                     })
                 });
             let res = match &leader {
-                Some(addr) => call(ClusterClient::new(
-                    self.wrap(channel(addr, self.inner.opts.tls.as_ref())?),
-                ))
+                Some(addr) => call(ClusterClient::new(self.wrap(channel(
+                    addr,
+                    self.inner.opts.tls.as_ref(),
+                    self.inner.default_tls,
+                )?)))
                 .await
                 .map(|r| r.into_inner().members),
                 None => Err(Status::unavailable("no leader known")),
