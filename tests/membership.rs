@@ -173,3 +173,84 @@ async fn replace_a_dead_node_then_rolling_restart() {
     assert_all_there(&client, &records).await;
     assert_eq!(records.len(), 210);
 }
+
+/// The leader's id and term as the cluster reports them.
+async fn leader_and_term(client: &Client) -> (u64, u64) {
+    let s = client.status().await.expect("status");
+    (s.leader_id.expect("a leader"), s.term)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_leader_under_load_loses_no_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = ProcCluster::new(dir.path(), 3, "");
+    c.start_all();
+    let client = Client::new(&c.api).unwrap();
+    client.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let (old, term) = leader_and_term(&client).await;
+
+    // A node that is not a voter is refused by name; nothing moves.
+    let out = Command::new(BIN)
+        .args([
+            "ctl",
+            "--endpoints",
+            &c.api.join(","),
+            "member",
+            "move-leader",
+            "9",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("node 9 is not a voter"),
+        "{err}"
+    );
+    assert_eq!(leader_and_term(&client).await, (old, term));
+
+    // Writers keep claiming and completing while leadership moves.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut done = Vec::new();
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n = w * 1_000_000 + i;
+                    done.extend(write_records(&client, n, n + 1).await);
+                    i += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let to = (1..=3).find(|id| *id != old).unwrap();
+    let moved = ctl(&c.api, &["member", "move-leader", &to.to_string()]);
+    assert_eq!(moved["outcome"], "LEADER", "{moved}");
+    // The fault took effect: another node leads, in a later term.
+    let (now, new_term) = leader_and_term(&client).await;
+    assert_eq!(now, to);
+    assert!(
+        new_term > term,
+        "term {new_term} after the move, {term} before"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut records = Vec::new();
+    for w in writers {
+        records.extend(w.await.expect("a writer failed a write"));
+    }
+    assert!(
+        records.len() > 20,
+        "only {} writes went through",
+        records.len()
+    );
+    // Every acknowledged write is there, with its token and result.
+    assert_all_there(&client, &records).await;
+    // Asking for the node that already leads is a success that changes nothing.
+    let again = ctl(&c.api, &["member", "move-leader", &to.to_string()]);
+    assert_eq!(again["outcome"], "LEADER");
+    assert_eq!(leader_and_term(&client).await, (to, new_term));
+}

@@ -10,6 +10,10 @@ use crate::pb::api::{self, cluster_server::Cluster};
 use crate::raft::consensus::Consensus;
 use crate::raft::PeerNode;
 
+/// How long a leader transfer may take before the call says it did not
+/// happen (several election timeouts).
+const MOVE_LEADER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub struct ClusterService {
     consensus: Arc<Consensus>,
     api_addr: String,
@@ -114,6 +118,21 @@ impl Cluster for ClusterService {
         }
         self.consensus
             .change_membership(r.voters, r.retain)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(api::MembershipResponse {
+            members: self.members(),
+        }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<api::TransferLeaderRequest>,
+    ) -> Result<Response<api::MembershipResponse>, Status> {
+        self.allow(req.metadata(), Some("transfer_leader"))?;
+        let to = req.into_inner().to;
+        self.consensus
+            .move_leader(to, MOVE_LEADER_WITHIN)
             .await
             .map_err(to_status)?;
         Ok(Response::new(api::MembershipResponse {

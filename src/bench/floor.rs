@@ -256,6 +256,13 @@ impl Cluster for std::sync::Arc<Floor> {
     ) -> Result<Response<api::TriggerSnapshotResponse>, Status> {
         Err(Status::unimplemented("the floor target has no snapshots"))
     }
+
+    async fn transfer_leader(
+        &self,
+        _: Request<api::TransferLeaderRequest>,
+    ) -> Result<Response<api::MembershipResponse>, Status> {
+        Err(Status::unimplemented("the floor target has no membership"))
+    }
 }
 
 /// Start the floor server on a free loopback port, on a runtime (and

@@ -150,6 +150,8 @@ pub enum MemberOp {
     Promote { id: u64 },
     /// Remove node ID from the cluster (voter or learner).
     Remove { id: u64 },
+    /// Make voter ID the leader (a leader transfer); returns once it leads.
+    MoveLeader { id: u64 },
 }
 
 /// The canonical gRPC name of a status code (`FAILED_PRECONDITION`).
@@ -539,6 +541,7 @@ async fn member(client: &Client, op: MemberOp) -> Result<(String, Value), Client
             }
             (format!("REMOVED {id}"), client.change_voters(v).await?)
         }
+        MemberOp::MoveLeader { id } => (format!("LEADER {id}"), client.move_leader(id).await?),
     };
     let mut lines = vec![what.clone()];
     let mut list = Vec::new();

@@ -509,6 +509,15 @@ impl Client {
         .await
     }
 
+    /// Hand leadership to voter `to` (etcdctl's move-leader); returns once
+    /// `to` leads. Writes under way are not lost: they commit under the old
+    /// or the new leader, or fail retryably.
+    pub async fn move_leader(&self, to: u64) -> Result<Vec<api::Member>, ClientError> {
+        let req = api::TransferLeaderRequest { to };
+        self.on_leader(|mut c| async move { c.transfer_leader(req).await })
+            .await
+    }
+
     /// Run a membership call on the leader: the endpoint that says it leads,
     /// or the leader address the nodes report; retried across leader
     /// changes for `retry_for`.

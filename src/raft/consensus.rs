@@ -697,6 +697,47 @@ impl Consensus {
             .map_err(raft_stopped)
     }
 
+    /// Move leadership to voter `to` and wait until this node sees it lead
+    /// (at most `within`). Refused, changing nothing, when `to` is not a
+    /// voter or this node does not lead; `to` already leading is success.
+    pub async fn move_leader(&self, to: NodeId, within: std::time::Duration) -> Result<()> {
+        let status = self.status();
+        if !status.members.iter().any(|m| m.id == to && m.voter) {
+            let voters: Vec<NodeId> = status
+                .members
+                .iter()
+                .filter(|m| m.voter)
+                .map(|m| m.id)
+                .collect();
+            return Err(Error::invalid(
+                "to",
+                format!("node {to} is not a voter (voters: {voters:?})"),
+            ));
+        }
+        match status.leader.as_ref().map(|(id, _)| *id) {
+            Some(l) if l == to => return Ok(()),
+            Some(l) if l == self.id => {}
+            Some(l) => {
+                return Err(Error::Unavailable(format!(
+                    "node {} does not lead (node {l} does); call the leader",
+                    self.id
+                )))
+            }
+            None => return Err(Error::Unavailable(self.no_leader())),
+        }
+        self.transfer_leader(to).await?;
+        self.raft
+            .wait(Some(within))
+            .current_leader(to, "move leader")
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "node {to} did not take over within {within:?} ({e}); the cluster keeps its leader, and retrying is safe"
+                ))
+            })
+    }
+
     pub async fn trigger_snapshot(&self) -> Result<()> {
         self.raft.trigger().snapshot().await.map_err(raft_stopped)
     }

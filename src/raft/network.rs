@@ -14,7 +14,8 @@ use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::OptionalSend;
 use tokio_stream::{Stream, StreamExt};
@@ -252,6 +253,20 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = Self::request(encode(&rpc).map_err(io_to_rpc)?, option.hard_ttl());
         let resp = self.client()?.pre_vote(req).await.map_err(status_to_rpc)?;
+        decode(&resp.into_inner().data).map_err(io_to_rpc)
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        rpc: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = Self::request(encode(&rpc).map_err(io_to_rpc)?, option.hard_ttl());
+        let resp = self
+            .client()?
+            .transfer_leader(req)
+            .await
+            .map_err(status_to_rpc)?;
         decode(&resp.into_inner().data).map_err(io_to_rpc)
     }
 

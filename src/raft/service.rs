@@ -252,6 +252,20 @@ impl RaftPeer for PeerService {
         reply(&resp)
     }
 
+    async fn transfer_leader(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        self.admission.check(&req).await?;
+        // Leadership handed over means campaigning: not while rejoining.
+        self.refuse_vote_while_rejoining()?;
+        let rpc = decode(&req.into_inner().data).map_err(bad)?;
+        let resp = self
+            .consensus
+            .raft
+            .handle_transfer_leader(rpc)
+            .await
+            .map_err(raft_err)?;
+        reply(&resp)
+    }
+
     async fn install_snapshot(
         &self,
         req: Request<Streaming<SnapshotChunk>>,
