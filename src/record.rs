@@ -137,6 +137,11 @@ pub enum Command {
     /// and its own tokens, as if each were an entry of its own. Never holds
     /// a `Sweep` or another `Many`. (Added last, so older entries decode.)
     Many(Vec<Command>),
+    /// Hash the records and the token counter as of this entry, on every
+    /// node that applies it (`ctl check` compares them, like etcd's
+    /// hashkv). Changes nothing. Always an entry of its own. (Added after
+    /// `Many`, so older entries decode.)
+    Hash,
 }
 
 impl Command {
@@ -163,7 +168,7 @@ impl Command {
                 Command::ClaimBatch { items, .. } => {
                     items.iter().map(|(k, c)| FIXED + key(k) + claim(c)).sum()
                 }
-                Command::Sweep { .. } => 0,
+                Command::Sweep { .. } | Command::Hash => 0,
                 Command::Many(cs) => cs.iter().map(Command::weight).sum(),
             }
     }
@@ -240,6 +245,12 @@ pub enum Outcome {
     Many(Vec<Result<Outcome, RuleError>>),
     /// A blank or membership entry.
     Nothing,
+    /// The state's hash as of a [`Command::Hash`] entry at `index`.
+    Hashed {
+        index: u64,
+        hash: Vec<u8>,
+        records: u64,
+    },
 }
 
 /// A rule refused the operation; the record is unchanged.
@@ -855,6 +866,7 @@ impl std::fmt::Display for Request {
             Command::ClaimBatch { .. } => "claim-batch",
             Command::Sweep { .. } => "sweep",
             Command::Many(_) => "coalesced",
+            Command::Hash => "hash",
         };
         write!(f, "{what}@{}", self.stamped_ms)
     }

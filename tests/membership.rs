@@ -254,3 +254,98 @@ async fn move_leader_under_load_loses_no_write() {
     assert_eq!(again["outcome"], "LEADER");
     assert_eq!(leader_and_term(&client).await, (to, new_term));
 }
+
+/// Replace `from` with `to` (same length) in the one stored record that
+/// holds it, in a stopped node's sled, behind Raft's back.
+fn tamper(sled_dir: &std::path::Path, from: &[u8], to: &[u8]) {
+    let db = sled::open(sled_dir).expect("open the stopped node's sled");
+    let active = db
+        .get(b"sm:active")
+        .unwrap()
+        .map(|v| v.to_vec())
+        .unwrap_or_else(|| b"sm".to_vec());
+    let tree = db.open_tree(active).unwrap();
+    let mut changed = 0;
+    for item in tree.scan_prefix(b"r") {
+        let (k, v) = item.unwrap();
+        if let Some(at) = v.windows(from.len()).position(|w| w == from) {
+            let mut new = v.to_vec();
+            new[at..at + to.len()].copy_from_slice(to);
+            tree.insert(k, new).unwrap();
+            changed += 1;
+        }
+    }
+    assert_eq!(
+        changed,
+        1,
+        "one record holds {:?}",
+        String::from_utf8_lossy(from)
+    );
+    db.flush().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_a_replica_changed_behind_its_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = ProcCluster::new(dir.path(), 3, "");
+    c.start_all();
+    let client = Client::new(&c.api).unwrap();
+    client.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let records = write_records(&client, 0, 30).await;
+
+    let agreed = ctl(&c.api, &["check"]);
+    assert_eq!(agreed["healthy"], true, "{agreed}");
+    let nodes = agreed["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n["agrees"] == true && n["records"] == 30),
+        "{agreed}"
+    );
+
+    // A follower stops cleanly; one of its records changes on disk.
+    let leader = client.status().await.unwrap().leader_id.unwrap();
+    let f = (0..3).find(|i| *i as u64 + 1 != leader).unwrap();
+    c.signal(f, "-TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !c.exited(f) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {} did not stop",
+            f + 1
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tamper(&c.data_dir(f).join("sled"), b"receipt-7", b"receipt-X");
+    c.start_node(f);
+    client.wait_ready(Duration::from_secs(20)).await.unwrap();
+    // The changed record is what that node now serves from its own copy.
+    let own = Client::new([&c.api[f]]).unwrap();
+    let r = own
+        .get(api::GetRequest {
+            namespace: "ops".into(),
+            key: b"order-7".to_vec(),
+            consistency: api::Consistency::Serializable as i32,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.result, b"receipt-X", "the tampering took effect");
+
+    let out = Command::new(BIN)
+        .args(["ctl", "--endpoints", &c.api.join(","), "--json", "check"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "check must fail");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let odd = format!("node {} differs from the others", f + 1);
+    assert!(v["problems"][0].as_str().unwrap().starts_with(&odd), "{v}");
+    for n in v["nodes"].as_array().unwrap() {
+        let is_odd = n["id"].as_u64().unwrap() == f as u64 + 1;
+        assert_eq!(n["agrees"], !is_odd, "{v}");
+    }
+    // The others still hold every record as written.
+    let leader_only = Client::new([&c.api[leader as usize - 1]]).unwrap();
+    assert_all_there(&leader_only, &records).await;
+}

@@ -14,6 +14,9 @@ use crate::raft::PeerNode;
 /// happen (several election timeouts).
 const MOVE_LEADER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long a node waits to apply a hash entry it is asked about.
+const HASH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct ClusterService {
     consensus: Arc<Consensus>,
     api_addr: String,
@@ -137,6 +140,27 @@ impl Cluster for ClusterService {
             .map_err(to_status)?;
         Ok(Response::new(api::MembershipResponse {
             members: self.members(),
+        }))
+    }
+
+    async fn hash_state(
+        &self,
+        req: Request<api::HashStateRequest>,
+    ) -> Result<Response<api::HashStateResponse>, Status> {
+        let index = req.get_ref().index;
+        // A new hash is a log entry: an admin's call; reading one is not.
+        self.allow(req.metadata(), (index == 0).then_some("hash_state"))?;
+        let h = if index == 0 {
+            self.consensus.hash_now().await
+        } else {
+            self.consensus.hash_at(index, HASH_WAIT).await
+        }
+        .map_err(to_status)?;
+        Ok(Response::new(api::HashStateResponse {
+            id: if index == 0 { 0 } else { self.consensus.id },
+            index: h.index,
+            hash: h.hash,
+            records: h.records,
         }))
     }
 

@@ -260,6 +260,8 @@ pub fn command(limits: &Limits, c: &Command) -> Result<()> {
             "command",
             "a coalesced entry is made by the leader alone; it is never accepted from a peer",
         )),
+        // Changes nothing; a follower forwards `ctl check`'s request.
+        Command::Hash => Ok(()),
         Command::Sweep { limit } => {
             if *limit == 0 || *limit > SWEEP_LIMIT_MAX {
                 return Err(Error::invalid(

@@ -257,6 +257,15 @@ impl Cluster for std::sync::Arc<Floor> {
         Err(Status::unimplemented("the floor target has no snapshots"))
     }
 
+    async fn hash_state(
+        &self,
+        _: Request<api::HashStateRequest>,
+    ) -> Result<Response<api::HashStateResponse>, Status> {
+        Err(Status::unimplemented(
+            "the floor target has no state to hash",
+        ))
+    }
+
     async fn transfer_leader(
         &self,
         _: Request<api::TransferLeaderRequest>,

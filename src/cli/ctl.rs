@@ -125,6 +125,10 @@ pub enum CtlOp {
     },
     /// Cluster status as every endpoint sees it.
     Status,
+    /// Compare the replicas (like etcdctl's hashkv check): hash the state
+    /// through the log, ask every member for its hash as of that entry;
+    /// exit 0 when all agree, 1 naming any that differs or cannot answer.
+    Check,
     /// Membership: list, add a learner, promote it, remove a node.
     Member {
         #[command(subcommand)]
@@ -286,7 +290,8 @@ pub async fn run(a: CtlArgs) -> anyhow::Result<i32> {
             } else {
                 println!("{human}");
             }
-            // Only `status` says `healthy`; a degraded cluster exits 1.
+            // Only `status` and `check` say `healthy`; a degraded cluster
+            // or a failed check exits 1.
             Ok(if value["healthy"] == json!(false) {
                 1
             } else {
@@ -502,8 +507,89 @@ async fn exec(
             )
         }
         CtlOp::Status => status(client, opts).await,
+        CtlOp::Check => check(client, opts).await?,
         CtlOp::Member { op } => member(client, op).await?,
     })
+}
+
+async fn check(client: &Client, opts: &ClientOptions) -> Result<(String, Value), ClientError> {
+    let at = client.hash_state(0).await?;
+    let mut answers = Vec::new();
+    for m in client.members().await? {
+        let got = match Client::with_options([&m.api_addr], opts.clone()) {
+            Ok(c) => c.hash_state(at.index).await,
+            Err(e) => Err(e),
+        };
+        answers.push((m, got));
+    }
+    // The hash most members hold is the reference; the rest are named.
+    let mut counts: std::collections::BTreeMap<&[u8], usize> = Default::default();
+    for (_, got) in &answers {
+        if let Ok(h) = got {
+            *counts.entry(h.hash.as_slice()).or_default() += 1;
+        }
+    }
+    let majority = counts
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(h, _)| h.to_vec())
+        .unwrap_or_default();
+    let mut lines = Vec::new();
+    let mut nodes = Vec::new();
+    let mut problems = Vec::new();
+    for (m, got) in &answers {
+        match got {
+            Ok(h) => {
+                let hash = hex::encode(&h.hash);
+                let agrees = h.hash == majority;
+                lines.push(format!(
+                    "node {}  {}  entry={} records={} hash={}{}",
+                    m.id,
+                    m.api_addr,
+                    h.index,
+                    h.records,
+                    &hash[..16],
+                    if agrees { "" } else { "  DIFFERS" }
+                ));
+                if !agrees {
+                    problems.push(format!(
+                        "node {} differs from the others at entry {} ({} records, hash {})",
+                        m.id,
+                        h.index,
+                        h.records,
+                        &hash[..16]
+                    ));
+                }
+                nodes.push(json!({"id": m.id, "endpoint": m.api_addr, "index": h.index,
+                    "records": h.records, "hash": hash, "agrees": agrees}));
+            }
+            Err(e) => {
+                lines.push(format!(
+                    "node {}  {}  NO ANSWER ({})",
+                    m.id,
+                    m.api_addr,
+                    e.message()
+                ));
+                problems.push(format!("node {} could not answer: {}", m.id, e.message()));
+                nodes.push(json!({"id": m.id, "endpoint": m.api_addr, "error": e.message()}));
+            }
+        }
+    }
+    let healthy = problems.is_empty();
+    lines.push(if healthy {
+        format!(
+            "CHECK ok: {} members agree at entry {} ({} records)",
+            answers.len(),
+            at.index,
+            at.records
+        )
+    } else {
+        format!("CHECK failed: {}", problems.join("; "))
+    });
+    Ok((
+        lines.join("\n"),
+        json!({"healthy": healthy, "index": at.index, "problems": problems, "nodes": nodes}),
+    ))
 }
 
 async fn member(client: &Client, op: MemberOp) -> Result<(String, Value), ClientError> {

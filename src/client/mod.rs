@@ -413,6 +413,18 @@ impl Client {
         .await
     }
 
+    /// `index` 0: hash the cluster's state now (a hash entry through the
+    /// log; the leader's hash, with the entry's index). Otherwise this
+    /// endpoint's hash as of the hash entry at `index`.
+    pub async fn hash_state(&self, index: u64) -> Result<api::HashStateResponse, ClientError> {
+        self.retry(|ch, t| async move {
+            ClusterClient::new(ch)
+                .hash_state(Self::request(api::HashStateRequest { index }, t))
+                .await
+        })
+        .await
+    }
+
     /// Status of every endpoint (an error where one does not answer).
     pub async fn status_all(&self) -> Vec<(String, Result<api::StatusResponse, ClientError>)> {
         let eps: Vec<(String, Channel)> = self

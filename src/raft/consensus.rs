@@ -697,6 +697,49 @@ impl Consensus {
             .map_err(raft_stopped)
     }
 
+    /// Hash the state through a hash entry (proposed at the leader, wherever
+    /// this node is); the leader's hash as of that entry.
+    pub async fn hash_now(&self) -> Result<crate::store::StateHash> {
+        match self.write(Command::Hash).await? {
+            Outcome::Hashed {
+                index,
+                hash,
+                records,
+            } => Ok(crate::store::StateHash {
+                index,
+                hash,
+                records,
+            }),
+            other => Err(Error::Internal(format!(
+                "a hash entry was answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// This node's hash as of the hash entry at `index`, once it has
+    /// applied it (waiting at most `within`).
+    pub async fn hash_at(
+        &self,
+        index: u64,
+        within: std::time::Duration,
+    ) -> Result<crate::store::StateHash> {
+        tokio::time::timeout(within, self.wait_applied(index))
+            .await
+            .map_err(|_| {
+                Error::Unavailable(format!(
+                    "node {} has not applied entry {index} within {within:?}",
+                    self.id
+                ))
+            })??;
+        self.sm.hash_at(index).ok_or_else(|| {
+            Error::NotFound(format!(
+                "node {} holds no hash for entry {index}: it did not apply that entry itself \
+                 (it was down, caught up by snapshot, or the entry is not a hash entry); run the check again",
+                self.id
+            ))
+        })
+    }
+
     /// Move leadership to voter `to` and wait until this node sees it lead
     /// (at most `within`). Refused, changing nothing, when `to` is not a
     /// voter or this node does not lead; `to` already leading is success.

@@ -9,8 +9,8 @@
 //! [`Command::Many`]. The state machine applies its commands in order at
 //! the entry's one stamp, each with its own outcome and its own tokens,
 //! exactly as separate entries would have been applied; so a coalesced
-//! entry changes what a write costs, never what it does. A sweep is never
-//! coalesced.
+//! entry changes what a write costs, never what it does. A sweep or a
+//! state hash is never coalesced.
 
 use std::time::Duration;
 
@@ -84,7 +84,7 @@ impl Proposer {
     /// caller checked that this node leads; if it stops leading meanwhile,
     /// openraft names the new leader).
     pub async fn propose(&self, command: Command) -> Result<Response, Refused> {
-        if matches!(command, Command::Sweep { .. }) {
+        if matches!(command, Command::Sweep { .. } | Command::Hash) {
             return self.queue.sink().write(command).await;
         }
         self.queue.submit(command).await

@@ -38,7 +38,7 @@ pub use log::LogStore;
 pub use log::SEGMENT_BYTES;
 pub use rejoin::Rejoin;
 pub use snapshot::check_received as check_received_snapshot;
-pub use state_machine::StateMachineStore;
+pub use state_machine::{StateHash, StateMachineStore};
 
 /// What an operator does about a data directory that must not be used: the
 /// end of every refusal to open one.

@@ -88,6 +88,20 @@ pub(super) struct Shared {
     pub(super) sled_batches: AtomicU64,
     /// When apply last wrote the clock's anchor.
     pub(super) anchored: std::sync::Mutex<Option<Instant>>,
+    /// The state hashes of the last [`HASHES_KEPT`] hash entries applied.
+    pub(super) hashes: std::sync::Mutex<std::collections::VecDeque<StateHash>>,
+}
+
+/// Hash entries whose hashes a node keeps for `ctl check` to ask about.
+const HASHES_KEPT: usize = 16;
+
+/// The state as of one applied hash entry: a SHA-256 of every record (key
+/// and stored bytes, in key order) and the token counter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateHash {
+    pub index: u64,
+    pub hash: Vec<u8>,
+    pub records: u64,
 }
 
 /// The state machine tree in force and the filter of its record keys.
@@ -326,6 +340,7 @@ impl StateMachineStore {
                 flusher: std::sync::Mutex::new(None),
                 sled_batches: AtomicU64::new(0),
                 anchored: std::sync::Mutex::new(None),
+                hashes: std::sync::Mutex::new(std::collections::VecDeque::new()),
             }),
         };
         sm.recover_snapshots()?;
@@ -736,6 +751,9 @@ impl StateMachineStore {
         let now = record::advance_clock(self.clock_ms(), req.stamped_ms);
         self.set_clock(now);
         p.writes.insert(keys::CLOCK.to_vec(), Some(encode(&now)?));
+        if matches!(req.command, Command::Hash) {
+            return self.hash_entry(p, index);
+        }
         let mut tokens = p.last_token.unwrap_or_else(|| self.token_base(index));
         let before = tokens;
         let out = self.apply_command(p, req.command, now, &mut tokens);
@@ -743,6 +761,49 @@ impl StateMachineStore {
             p.last_token = Some(tokens);
         }
         out
+    }
+
+    /// Apply a hash entry: everything applied before it goes to sled (the
+    /// apply lock is held, so nothing else changes), then the records and
+    /// the token counter are hashed and the hash kept.
+    fn hash_entry(&self, p: &mut Pending, index: u64) -> io::Result<Response> {
+        use sha2::Digest;
+        self.commit(p)?;
+        self.flush()?;
+        let mut h = sha2::Sha256::new();
+        let mut records = 0u64;
+        for item in self.shared.tree.scan_prefix([keys::RECORD]) {
+            let (k, v) = item.map_err(sled_err)?;
+            h.update((k.len() as u64).to_le_bytes());
+            h.update(&k);
+            h.update((v.len() as u64).to_le_bytes());
+            h.update(&v);
+            records += 1;
+        }
+        h.update(self.last_token().to_le_bytes());
+        let hashed = StateHash {
+            index,
+            hash: h.finalize().to_vec(),
+            records,
+        };
+        let mut kept = self.shared.hashes.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() == HASHES_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back(hashed.clone());
+        Ok(Ok(Outcome::Hashed {
+            index,
+            hash: hashed.hash,
+            records,
+        }))
+    }
+
+    /// The hash this node computed when it applied the hash entry at
+    /// `index` (none if it never applied that entry itself: it was down,
+    /// or a snapshot took it past it, or too many checks ran since).
+    pub fn hash_at(&self, index: u64) -> Option<StateHash> {
+        let kept = self.shared.hashes.lock().unwrap_or_else(|p| p.into_inner());
+        kept.iter().find(|h| h.index == index).cloned()
     }
 
     fn apply_command(
@@ -778,10 +839,10 @@ impl StateMachineStore {
             Command::Many(commands) => {
                 let mut outs = Vec::with_capacity(commands.len());
                 for c in commands {
-                    if matches!(c, Command::Sweep { .. } | Command::Many(_)) {
+                    if matches!(c, Command::Sweep { .. } | Command::Many(_) | Command::Hash) {
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
-                            "a coalesced entry holds a sweep or another coalesced entry",
+                            "a coalesced entry holds a sweep, a hash or another coalesced entry",
                         ));
                     }
                     outs.push(self.apply_command(p, c, now, tokens)?);
@@ -818,6 +879,10 @@ impl StateMachineStore {
                 }
                 Ok(Ok(Outcome::Swept { removed }))
             }
+            Command::Hash => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a hash entry inside another command",
+            )),
         }
     }
 }
