@@ -249,6 +249,29 @@ async fn move_leader_under_load_loses_no_write() {
     );
     // Every acknowledged write is there, with its token and result.
     assert_all_there(&client, &records).await;
+    // A node that is down is refused by name; nothing moves. (Real
+    // processes: the leader counts a voter silent once it has missed it for
+    // an election timeout, 800 ms at most here.)
+    let down = (1..=3).find(|id| *id != to).unwrap();
+    c.kill9(down as usize - 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let out = Command::new(BIN)
+        .args([
+            "ctl",
+            "--endpoints",
+            &c.api.join(","),
+            "member",
+            "move-leader",
+        ])
+        .arg(down.to_string())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&format!("node {down} has not answered the leader")),
+        "{err}"
+    );
+    assert_eq!(leader_and_term(&client).await, (to, new_term));
     // Asking for the node that already leads is a success that changes nothing.
     let again = ctl(&c.api, &["member", "move-leader", &to.to_string()]);
     assert_eq!(again["outcome"], "LEADER");

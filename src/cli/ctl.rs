@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use super::parse_duration_ms;
-use idemkv::client::{ClientError, ClientOptions};
+use idemkv::client::ClientError;
 use idemkv::pb::api::{self, claim_response::Outcome};
 use idemkv::wire::DEFAULT_ENDPOINTS;
 use idemkv::Client;
@@ -282,8 +282,8 @@ fn record_text(r: &api::Record) -> String {
 /// Run one ctl command; returns the process exit code.
 pub async fn run(a: CtlArgs) -> anyhow::Result<i32> {
     let opts = a.conn.options()?;
-    let client = Client::with_options(a.endpoints.split(','), opts.clone())?;
-    match exec(&client, &opts, a.op).await {
+    let client = Client::with_options(a.endpoints.split(','), opts)?;
+    match exec(&client, a.op).await {
         Ok((human, value)) => {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&value)?);
@@ -311,11 +311,7 @@ pub async fn run(a: CtlArgs) -> anyhow::Result<i32> {
     }
 }
 
-async fn exec(
-    client: &Client,
-    opts: &ClientOptions,
-    op: CtlOp,
-) -> Result<(String, Value), ClientError> {
+async fn exec(client: &Client, op: CtlOp) -> Result<(String, Value), ClientError> {
     Ok(match op {
         CtlOp::Claim {
             t,
@@ -506,37 +502,44 @@ async fn exec(
                 json!({"outcome": "DELETED", "existed": r.existed}),
             )
         }
-        CtlOp::Status => status(client, opts).await,
-        CtlOp::Check => check(client, opts).await?,
+        CtlOp::Status => status(client).await,
+        CtlOp::Check => check(client).await?,
         CtlOp::Member { op } => member(client, op).await?,
     })
 }
 
-async fn check(client: &Client, opts: &ClientOptions) -> Result<(String, Value), ClientError> {
+async fn check(client: &Client) -> Result<(String, Value), ClientError> {
     let at = client.hash_state(0).await?;
     let mut answers = Vec::new();
     for m in client.members().await? {
-        let got = match Client::with_options([&m.api_addr], opts.clone()) {
+        let got = match client.member(&m.api_addr) {
             Ok(c) => c.hash_state(at.index).await,
             Err(e) => Err(e),
         };
         answers.push((m, got));
     }
-    // The hash most members hold is the reference; the rest are named.
+    // The hash a majority of members hold is the reference and the rest
+    // are named; without a majority, the leader's is, and that is said.
     let mut counts: std::collections::BTreeMap<&[u8], usize> = Default::default();
     for (_, got) in &answers {
         if let Ok(h) = got {
             *counts.entry(h.hash.as_slice()).or_default() += 1;
         }
     }
-    let majority = counts
-        .iter()
-        .max_by_key(|(_, n)| **n)
-        .map(|(h, _)| h.to_vec())
-        .unwrap_or_default();
+    let mut problems = Vec::new();
+    let majority = match counts.iter().find(|(_, n)| **n * 2 > answers.len()) {
+        Some((h, _)) => h.to_vec(),
+        None => {
+            problems.push(format!(
+                "no majority of the {} members holds one hash; compared with the leader's",
+                answers.len()
+            ));
+            at.hash.clone()
+        }
+    };
+    let short = |h: &str| h.get(..16).unwrap_or(h).to_string();
     let mut lines = Vec::new();
     let mut nodes = Vec::new();
-    let mut problems = Vec::new();
     for (m, got) in &answers {
         match got {
             Ok(h) => {
@@ -548,7 +551,7 @@ async fn check(client: &Client, opts: &ClientOptions) -> Result<(String, Value),
                     m.api_addr,
                     h.index,
                     h.records,
-                    &hash[..16],
+                    short(&hash),
                     if agrees { "" } else { "  DIFFERS" }
                 ));
                 if !agrees {
@@ -650,7 +653,7 @@ async fn member(client: &Client, op: MemberOp) -> Result<(String, Value), Client
 /// Every endpoint given and every member the cluster names, asked for its
 /// status. Healthy when each answers and all agree on one leader; the
 /// value's `healthy` says so (ctl exits 1 otherwise, for scripts and probes).
-async fn status(client: &Client, opts: &ClientOptions) -> (String, Value) {
+async fn status(client: &Client) -> (String, Value) {
     let mut all = client.status_all().await;
     let known: Vec<api::Member> = all
         .iter()
@@ -661,7 +664,7 @@ async fn status(client: &Client, opts: &ClientOptions) -> (String, Value) {
         if all.iter().any(|(ep, _)| *ep == m.api_addr) {
             continue;
         }
-        match Client::with_options([&m.api_addr], opts.clone()) {
+        match client.member(&m.api_addr) {
             Ok(c) => all.extend(c.status_all().await),
             Err(e) => all.push((m.api_addr.clone(), Err(e))),
         }

@@ -205,6 +205,38 @@ impl Client {
         Transport::new(ch, self.inner.bearer.clone())
     }
 
+    /// The channel to `addr` (`host:port`, as the cluster names members):
+    /// the one made for it from the endpoints given, which keeps the scheme
+    /// written there, else a new one by the client's TLS choice.
+    fn channel_to(&self, addr: &str) -> Result<Channel, ClientError> {
+        let eps = self
+            .inner
+            .endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match eps.iter().find(|(a, _)| a == addr) {
+            Some((_, ch)) => Ok(ch.clone()),
+            None => channel(addr, self.inner.opts.tls.as_ref(), self.inner.default_tls),
+        }
+    }
+
+    /// A client of the one member at `addr` (`host:port`, as the cluster
+    /// reports it), with this client's options and TLS choice: to ask each
+    /// member in turn (`ctl status`, `ctl check`).
+    pub fn member(&self, addr: &str) -> Result<Client, ClientError> {
+        let addr = endpoint::parse(addr)?.authority;
+        let ch = self.channel_to(&addr)?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                endpoints: Mutex::new(vec![(addr, ch)]),
+                default_tls: self.inner.default_tls,
+                preferred: AtomicUsize::new(0),
+                bearer: self.inner.bearer.clone(),
+                opts: self.inner.opts.clone(),
+            }),
+        })
+    }
+
     /// Ask the cluster who leads and prefer that endpoint from now on.
     pub async fn discover_leader(&self) -> Result<(), ClientError> {
         let status = self.status().await?;
@@ -555,13 +587,9 @@ impl Client {
                     })
                 });
             let res = match &leader {
-                Some(addr) => call(ClusterClient::new(self.wrap(channel(
-                    addr,
-                    self.inner.opts.tls.as_ref(),
-                    self.inner.default_tls,
-                )?)))
-                .await
-                .map(|r| r.into_inner().members),
+                Some(addr) => call(ClusterClient::new(self.wrap(self.channel_to(addr)?)))
+                    .await
+                    .map(|r| r.into_inner().members),
                 None => Err(Status::unavailable("no leader known")),
             };
             match res {

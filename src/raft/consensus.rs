@@ -759,7 +759,40 @@ impl Consensus {
         }
         match status.leader.as_ref().map(|(id, _)| *id) {
             Some(l) if l == to => return Ok(()),
-            Some(l) if l == self.id => {}
+            Some(l) if l == self.id => {
+                // The leader stops taking writes as it hands over, and a
+                // target that is down or far behind would not take over:
+                // refuse rather than cost an election.
+                if self.silent_voters().contains(&to) {
+                    return Err(Error::invalid(
+                        "to",
+                        format!("node {to} has not answered the leader within an election timeout (down or cut off?); the leader stays"),
+                    ));
+                }
+                let m = self.raft.metrics().borrow_watched().clone();
+                let last = m.last_log_index.unwrap_or(0);
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&to).cloned())
+                    .flatten()
+                    .map(|l| l.index());
+                match matched {
+                    Some(i) if last.saturating_sub(i) <= MOVE_LEADER_MAX_LAG => {}
+                    Some(i) => {
+                        return Err(Error::invalid(
+                            "to",
+                            format!("node {to} is {} entries behind the leader; wait until it catches up (ctl status)", last - i),
+                        ))
+                    }
+                    None => {
+                        return Err(Error::invalid(
+                            "to",
+                            format!("node {to} has acknowledged no entry from this leader (down or unreachable?); the leader stays"),
+                        ))
+                    }
+                }
+            }
             Some(l) => {
                 return Err(Error::Unavailable(format!(
                     "node {} does not lead (node {l} does); call the leader",
@@ -785,6 +818,11 @@ impl Consensus {
         self.raft.trigger().snapshot().await.map_err(raft_stopped)
     }
 }
+
+/// How far behind the leader's log a node may be for leadership to move to
+/// it (it catches up within the transfer; further behind, it would not
+/// win before an election timeout).
+const MOVE_LEADER_MAX_LAG: u64 = 10_000;
 
 /// Raft stopped on this node (its storage failed: crash-only, it exits).
 /// The request may or may not have been committed by the others before; to
