@@ -56,8 +56,53 @@ impl ClusterService {
     }
 }
 
+/// How long saving waits for the leader to build its snapshot.
+const SNAPSHOT_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+/// Bytes per streamed message of a saved snapshot.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+type SnapshotStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<api::SnapshotData, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Cluster for ClusterService {
+    type SaveSnapshotStream = SnapshotStream;
+
+    async fn save_snapshot(
+        &self,
+        req: Request<api::SaveSnapshotRequest>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        self.allow(req.metadata(), Some("save_snapshot"))?;
+        let (_, mut file) = self
+            .consensus
+            .fresh_snapshot(SNAPSHOT_WITHIN)
+            .await
+            .map_err(to_status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            loop {
+                let mut buf = vec![0u8; SNAPSHOT_CHUNK];
+                let sent = match file.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        tx.blocking_send(Ok(api::SnapshotData { data: buf }))
+                    }
+                    Err(e) => tx.blocking_send(Err(to_status(Error::Internal(format!(
+                        "reading the snapshot: {e}"
+                    ))))),
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn status(
         &self,
         req: Request<api::StatusRequest>,

@@ -220,6 +220,16 @@ impl Idempotency for std::sync::Arc<Floor> {
 
 #[tonic::async_trait]
 impl Cluster for std::sync::Arc<Floor> {
+    type SaveSnapshotStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<api::SnapshotData, Status>> + Send>>;
+
+    async fn save_snapshot(
+        &self,
+        _: Request<api::SaveSnapshotRequest>,
+    ) -> Result<Response<Self::SaveSnapshotStream>, Status> {
+        Err(Status::unimplemented("the floor target has no snapshots"))
+    }
+
     async fn status(
         &self,
         _: Request<api::StatusRequest>,

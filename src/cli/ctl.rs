@@ -129,6 +129,13 @@ pub enum CtlOp {
     /// through the log, ask every member for its hash as of that entry;
     /// exit 0 when all agree, 1 naming any that differs or cannot answer.
     Check,
+    /// Backups: `snapshot save FILE` (a snapshot built now on the leader,
+    /// checked whole before it is kept; `idemkv snapshot status FILE`
+    /// reads one).
+    Snapshot {
+        #[command(subcommand)]
+        op: SnapshotOp,
+    },
     /// Membership: list, add a learner, promote it, remove a node.
     Member {
         #[command(subcommand)]
@@ -156,6 +163,13 @@ pub enum MemberOp {
     Remove { id: u64 },
     /// Make voter ID the leader (a leader transfer); returns once it leads.
     MoveLeader { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotOp {
+    /// Save a snapshot of the cluster's state to FILE (written beside it
+    /// as FILE.part, checked whole, then renamed).
+    Save { file: std::path::PathBuf },
 }
 
 /// The canonical gRPC name of a status code (`FAILED_PRECONDITION`).
@@ -504,8 +518,58 @@ async fn exec(client: &Client, op: CtlOp) -> Result<(String, Value), ClientError
         }
         CtlOp::Status => status(client).await,
         CtlOp::Check => check(client).await?,
+        CtlOp::Snapshot {
+            op: SnapshotOp::Save { file },
+        } => save_snapshot(client, &file).await?,
+
         CtlOp::Member { op } => member(client, op).await?,
     })
+}
+
+async fn save_snapshot(
+    client: &Client,
+    file: &std::path::Path,
+) -> Result<(String, Value), ClientError> {
+    use std::io::Write;
+    let io = |path: &std::path::Path, e: std::io::Error| {
+        ClientError::Config(format!("{}: {e}", path.display()))
+    };
+    let part = std::path::PathBuf::from(format!("{}.part", file.display()));
+    let mut stream = client.save_snapshot().await?;
+    let mut out = std::fs::File::create(&part).map_err(|e| io(&part, e))?;
+    while let Some(chunk) = stream.message().await.map_err(ClientError::Status)? {
+        out.write_all(&chunk.data).map_err(|e| io(&part, e))?;
+    }
+    out.sync_all().map_err(|e| io(&part, e))?;
+    drop(out);
+    let info = match idemkv::store::inspect_snapshot(&part) {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = std::fs::remove_file(&part);
+            return Err(ClientError::Protocol(format!(
+                "the snapshot received does not check, nothing kept: {e}"
+            )));
+        }
+    };
+    std::fs::rename(&part, file).map_err(|e| io(file, e))?;
+    let dir = file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok((
+        format!(
+            "SAVED {} index={} term={} records={} bytes={}",
+            file.display(),
+            info.index,
+            info.term,
+            info.records,
+            info.bytes
+        ),
+        json!({"outcome": "SAVED", "file": file.display().to_string(), "snapshot": info}),
+    ))
 }
 
 async fn check(client: &Client) -> Result<(String, Value), ClientError> {

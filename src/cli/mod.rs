@@ -8,6 +8,7 @@
 pub mod certs;
 pub mod ctl;
 pub mod serve;
+pub mod snapshot;
 pub mod up;
 
 use clap::{Parser, Subcommand};
@@ -42,6 +43,8 @@ pub enum Command {
     /// Draw throughput and p99 against clients from `bench --json` reports
     /// into an SVG (`cluster/bench.sh --sweep` calls it).
     Plot(idemkv::bench::plot::PlotArgs),
+    /// Saved snapshots: `status FILE` checks one whole.
+    Snapshot(snapshot::SnapshotArgs),
     /// Write a development CA, per-node certificates and a client
     /// certificate for TLS (`serve --tls-*`, `ctl --tls-*`).
     Certs(certs::CertsArgs),
@@ -62,6 +65,7 @@ pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         Command::Ctl(a) => ctl::run(a).await,
         Command::Bench(a) => idemkv::bench::run(a).await,
         Command::Plot(a) => idemkv::bench::plot::run(a),
+        Command::Snapshot(a) => snapshot::run(a),
         Command::Certs(a) => certs::run(a).map(|_| 0),
     }
 }

@@ -22,6 +22,9 @@ pub use crate::tls::ClientTls;
 
 use crate::pb::api::{self, cluster_client::ClusterClient, idempotency_client::IdempotencyClient};
 
+/// How long a snapshot save (build and transfer) may take.
+pub const SAVE_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Retry and timeout settings.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -455,6 +458,27 @@ impl Client {
                 .await
         })
         .await
+    }
+
+    /// A snapshot built now on the leader, as a stream of its file's bytes
+    /// (`ctl snapshot save`).
+    pub async fn save_snapshot(&self) -> Result<tonic::Streaming<api::SnapshotData>, ClientError> {
+        let status = self.status().await?;
+        let leader = if status.leader_api_addr.is_empty() {
+            self.clone()
+        } else {
+            self.member(&status.leader_api_addr)?
+        };
+        leader
+            .retry(|ch, t| async move {
+                ClusterClient::new(ch)
+                    .save_snapshot(Self::request(
+                        api::SaveSnapshotRequest {},
+                        t.max(SAVE_SNAPSHOT_TIMEOUT),
+                    ))
+                    .await
+            })
+            .await
     }
 
     /// Status of every endpoint (an error where one does not answer).

@@ -740,6 +740,35 @@ impl Consensus {
         })
     }
 
+    /// A snapshot holding at least every entry applied now, built on this
+    /// node (the leader: the caller checks), as its meta and open file.
+    pub async fn fresh_snapshot(
+        &self,
+        within: std::time::Duration,
+    ) -> Result<(crate::raft::types::SnapshotMeta, std::fs::File)> {
+        if !self.raft.is_leader() {
+            return Err(Error::Unavailable(format!(
+                "node {} does not lead; snapshots are saved from the leader",
+                self.id
+            )));
+        }
+        let applied = self.status().applied_index;
+        self.trigger_snapshot().await?;
+        self.raft
+            .wait(Some(within))
+            .metrics(
+                |m| m.snapshot.as_ref().is_some_and(|s| s.index() >= applied),
+                "snapshot built",
+            )
+            .await
+            .map_err(|e| Error::Unavailable(format!("no snapshot within {within:?}: {e}")))?;
+        match self.sm.newest_snapshot() {
+            Ok(Some((meta, f))) => Ok((meta, f)),
+            Ok(None) => Err(Error::Internal("the snapshot built is gone".into())),
+            Err(e) => Err(Error::Internal(format!("reading the snapshot: {e}"))),
+        }
+    }
+
     /// Move leadership to voter `to` and wait until this node sees it lead
     /// (at most `within`). Refused, changing nothing, when `to` is not a
     /// voter or this node does not lead; `to` already leading is success.

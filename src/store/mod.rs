@@ -38,6 +38,7 @@ pub use log::LogStore;
 pub use log::SEGMENT_BYTES;
 pub use rejoin::Rejoin;
 pub use snapshot::check_received as check_received_snapshot;
+pub use snapshot::{inspect as inspect_snapshot, Inspection};
 pub use state_machine::{StateHash, StateMachineStore};
 
 /// What an operator does about a data directory that must not be used: the
