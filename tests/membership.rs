@@ -12,13 +12,26 @@ use idemkv::Client;
 use procs::{ProcCluster, BIN};
 use serde_json::Value;
 
-fn ctl(endpoints: &[String], args: &[&str]) -> Value {
-    let out = Command::new(BIN)
+/// `idemkv ctl --endpoints … ARGS`, run to its end.
+fn run_ctl(endpoints: &[String], args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
         .arg("ctl")
-        .args(["--endpoints", &endpoints.join(","), "--json"])
+        .args(["--endpoints", &endpoints.join(",")])
         .args(args)
         .output()
-        .expect("run idemkv ctl");
+        .expect("run idemkv ctl")
+}
+
+/// `ctl` that must fail: its stderr.
+fn ctl_refused(endpoints: &[String], args: &[&str]) -> String {
+    let out = run_ctl(endpoints, args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "ctl {args:?} succeeded: {err}");
+    err
+}
+
+fn ctl(endpoints: &[String], args: &[&str]) -> Value {
+    let out = run_ctl(endpoints, &[&["--json"], args].concat());
     assert!(
         out.status.success(),
         "ctl {args:?}: {}{}",
@@ -190,22 +203,8 @@ async fn move_leader_under_load_loses_no_write() {
     let (old, term) = leader_and_term(&client).await;
 
     // A node that is not a voter is refused by name; nothing moves.
-    let out = Command::new(BIN)
-        .args([
-            "ctl",
-            "--endpoints",
-            &c.api.join(","),
-            "member",
-            "move-leader",
-            "9",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("node 9 is not a voter"),
-        "{err}"
-    );
+    let err = ctl_refused(&c.api, &["member", "move-leader", "9"]);
+    assert!(err.contains("node 9 is not a voter"), "{err}");
     assert_eq!(leader_and_term(&client).await, (old, term));
 
     // Writers keep claiming and completing while leadership moves.
@@ -255,20 +254,9 @@ async fn move_leader_under_load_loses_no_write() {
     let down = (1..=3).find(|id| *id != to).unwrap();
     c.kill9(down as usize - 1);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let out = Command::new(BIN)
-        .args([
-            "ctl",
-            "--endpoints",
-            &c.api.join(","),
-            "member",
-            "move-leader",
-        ])
-        .arg(down.to_string())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = ctl_refused(&c.api, &["member", "move-leader", &down.to_string()]);
     assert!(
-        !out.status.success() && err.contains(&format!("node {down} has not answered the leader")),
+        err.contains(&format!("node {down} has not answered the leader")),
         "{err}"
     );
     assert_eq!(leader_and_term(&client).await, (to, new_term));
@@ -356,10 +344,7 @@ async fn check_names_a_replica_changed_behind_its_back() {
         .unwrap();
     assert_eq!(r.result, b"receipt-X", "the tampering took effect");
 
-    let out = Command::new(BIN)
-        .args(["ctl", "--endpoints", &c.api.join(","), "--json", "check"])
-        .output()
-        .unwrap();
+    let out = run_ctl(&c.api, &["--json", "check"]);
     assert_eq!(out.status.code(), Some(1), "check must fail");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let odd = format!("node {} differs from the others", f + 1);

@@ -83,6 +83,13 @@ impl Floor {
     }
 }
 
+/// The answer to a Cluster call about what the floor does not have.
+fn no_cluster<T>(what: &str) -> Result<T, Status> {
+    Err(Status::unimplemented(format!(
+        "the floor target has no {what}"
+    )))
+}
+
 /// The answer to every call the floor does not serve.
 fn unsupported<T>() -> Result<T, Status> {
     Err(Status::unimplemented(
@@ -227,7 +234,7 @@ impl Cluster for std::sync::Arc<Floor> {
         &self,
         _: Request<api::SaveSnapshotRequest>,
     ) -> Result<Response<Self::SaveSnapshotStream>, Status> {
-        Err(Status::unimplemented("the floor target has no snapshots"))
+        no_cluster("snapshots")
     }
 
     async fn status(
@@ -250,37 +257,35 @@ impl Cluster for std::sync::Arc<Floor> {
         &self,
         _: Request<api::AddLearnerRequest>,
     ) -> Result<Response<api::MembershipResponse>, Status> {
-        Err(Status::unimplemented("the floor target has no membership"))
+        no_cluster("membership")
     }
 
     async fn change_membership(
         &self,
         _: Request<api::ChangeMembershipRequest>,
     ) -> Result<Response<api::MembershipResponse>, Status> {
-        Err(Status::unimplemented("the floor target has no membership"))
+        no_cluster("membership")
     }
 
     async fn trigger_snapshot(
         &self,
         _: Request<api::TriggerSnapshotRequest>,
     ) -> Result<Response<api::TriggerSnapshotResponse>, Status> {
-        Err(Status::unimplemented("the floor target has no snapshots"))
+        no_cluster("snapshots")
     }
 
     async fn hash_state(
         &self,
         _: Request<api::HashStateRequest>,
     ) -> Result<Response<api::HashStateResponse>, Status> {
-        Err(Status::unimplemented(
-            "the floor target has no state to hash",
-        ))
+        no_cluster("state to hash")
     }
 
     async fn transfer_leader(
         &self,
         _: Request<api::TransferLeaderRequest>,
     ) -> Result<Response<api::MembershipResponse>, Status> {
-        Err(Status::unimplemented("the floor target has no membership"))
+        no_cluster("membership")
     }
 }
 

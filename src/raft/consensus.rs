@@ -687,16 +687,6 @@ impl Consensus {
         membership_result(self.raft.change_membership(set, retain).await)
     }
 
-    /// Ask the leader (this node) to hand leadership to voter `to`; the
-    /// change shows in metrics once `to` has won its election.
-    pub async fn transfer_leader(&self, to: NodeId) -> Result<()> {
-        self.raft
-            .trigger()
-            .transfer_leader(to)
-            .await
-            .map_err(raft_stopped)
-    }
-
     /// Hash the state through a hash entry (proposed at the leader, wherever
     /// this node is); the leader's hash as of that entry.
     pub async fn hash_now(&self) -> Result<crate::store::StateHash> {
@@ -788,40 +778,7 @@ impl Consensus {
         }
         match status.leader.as_ref().map(|(id, _)| *id) {
             Some(l) if l == to => return Ok(()),
-            Some(l) if l == self.id => {
-                // The leader stops taking writes as it hands over, and a
-                // target that is down or far behind would not take over:
-                // refuse rather than cost an election.
-                if self.silent_voters().contains(&to) {
-                    return Err(Error::invalid(
-                        "to",
-                        format!("node {to} has not answered the leader within an election timeout (down or cut off?); the leader stays"),
-                    ));
-                }
-                let m = self.raft.metrics().borrow_watched().clone();
-                let last = m.last_log_index.unwrap_or(0);
-                let matched = m
-                    .replication
-                    .as_ref()
-                    .and_then(|r| r.get(&to).cloned())
-                    .flatten()
-                    .map(|l| l.index());
-                match matched {
-                    Some(i) if last.saturating_sub(i) <= MOVE_LEADER_MAX_LAG => {}
-                    Some(i) => {
-                        return Err(Error::invalid(
-                            "to",
-                            format!("node {to} is {} entries behind the leader; wait until it catches up (ctl status)", last - i),
-                        ))
-                    }
-                    None => {
-                        return Err(Error::invalid(
-                            "to",
-                            format!("node {to} has acknowledged no entry from this leader (down or unreachable?); the leader stays"),
-                        ))
-                    }
-                }
-            }
+            Some(l) if l == self.id => self.can_take_over(to)?,
             Some(l) => {
                 return Err(Error::Unavailable(format!(
                     "node {} does not lead (node {l} does); call the leader",
@@ -830,7 +787,11 @@ impl Consensus {
             }
             None => return Err(Error::Unavailable(self.no_leader())),
         }
-        self.transfer_leader(to).await?;
+        self.raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(raft_stopped)?;
         self.raft
             .wait(Some(within))
             .current_leader(to, "move leader")
@@ -841,6 +802,37 @@ impl Consensus {
                     "node {to} did not take over within {within:?} ({e}); the cluster keeps its leader, and retrying is safe"
                 ))
             })
+    }
+
+    /// On the leader: whether voter `to` could take over now. The leader
+    /// stops taking writes as it hands over, and a target that is down or
+    /// far behind would not win: refuse rather than cost an election.
+    fn can_take_over(&self, to: NodeId) -> Result<()> {
+        if self.silent_voters().contains(&to) {
+            return Err(Error::invalid(
+                "to",
+                format!("node {to} has not answered the leader within an election timeout (down or cut off?); the leader stays"),
+            ));
+        }
+        let m = self.raft.metrics().borrow_watched().clone();
+        let last = m.last_log_index.unwrap_or(0);
+        let matched = m
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&to).cloned())
+            .flatten()
+            .map(|l| l.index());
+        match matched {
+            Some(i) if last.saturating_sub(i) <= MOVE_LEADER_MAX_LAG => Ok(()),
+            Some(i) => Err(Error::invalid(
+                "to",
+                format!("node {to} is {} entries behind the leader; wait until it catches up (ctl status)", last - i),
+            )),
+            None => Err(Error::invalid(
+                "to",
+                format!("node {to} has acknowledged no entry from this leader (down or unreachable?); the leader stays"),
+            )),
+        }
     }
 
     pub async fn trigger_snapshot(&self) -> Result<()> {
