@@ -23,8 +23,9 @@ pub const CLOCK: &[u8] = b"m:clock";
 /// The last fencing token granted (SPEC §2 Tokens); absent before the first
 /// grant under this scheme, when the applied index bounds every token given.
 pub const LAST_TOKEN: &[u8] = b"m:last_token";
-/// A [`crate::store::boot_clock::Anchor`]: the clock against the host's
-/// boot clock, so a restarted node counts the time it was down.
+/// A [`crate::store::boot_clock::Anchor`] written by versions before the
+/// anchor file (`clock-anchor` in the data directory); still read, never
+/// written.
 pub const CLOCK_ANCHOR: &[u8] = b"m:clock_anchor";
 /// Written only by versions that installed a snapshot in place: present
 /// while such an install ran, naming its snapshot file. A tree that still

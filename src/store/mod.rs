@@ -107,8 +107,13 @@ impl Store {
         let syncer = Syncer::open(db.clone(), &sled_dir, mark)?;
         syncer.check_mark()?;
         let log = LogStore::open(&dir.join("log"), &db, syncer.clone(), segment_bytes)?;
-        let state_machine =
-            StateMachineStore::open(&db, syncer.clone(), dir.join("snapshots"), clock)?;
+        let state_machine = StateMachineStore::open(
+            &db,
+            syncer.clone(),
+            dir.join("snapshots"),
+            &dir.join("clock-anchor"),
+            clock,
+        )?;
         // Record what sled holds now, durably (a data directory from before
         // the mark gets one here).
         syncer.sync_now()?;

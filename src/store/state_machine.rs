@@ -23,7 +23,7 @@
 //! so a reader sees the old state or the new one, never a mix.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -88,6 +88,8 @@ pub(super) struct Shared {
     pub(super) sled_batches: AtomicU64,
     /// When apply last wrote the clock's anchor.
     pub(super) anchored: std::sync::Mutex<Option<Instant>>,
+    /// Where the anchors go (`boot_clock.rs`).
+    pub(super) anchor_file: boot_clock::AnchorFile,
     /// The state hashes of the last [`HASHES_KEPT`] hash entries applied.
     pub(super) hashes: std::sync::Mutex<std::collections::VecDeque<StateHash>>,
 }
@@ -222,8 +224,7 @@ pub(super) struct Overlay {
     large: bool,
 }
 
-/// How often apply writes the clock's anchor (sled's own background flush
-/// makes it durable within another 0.5 s).
+/// How often apply writes the clock's anchor to its file.
 const ANCHOR_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The overlay: what apply added since the last flush began (`current`),
@@ -280,6 +281,7 @@ impl StateMachineStore {
         db: &sled::Db,
         syncer: Arc<Syncer>,
         snapshot_dir: PathBuf,
+        anchor_path: &Path,
         time: Clock,
     ) -> io::Result<Self> {
         std::fs::create_dir_all(&snapshot_dir)?;
@@ -310,13 +312,19 @@ impl StateMachineStore {
         let last_token = Self::read_last_token(&tree, &syncer)?;
         let boot_id = boot_clock::boot_id();
         // The time this node was down counts: the last anchor of this boot
-        // plus the boot time since (0 without one).
-        let floor_ms = match tree.get(keys::CLOCK_ANCHOR).map_err(sled_err)? {
-            Some(v) => decode::<boot_clock::Anchor>(&v)?
-                .reached_ms(&boot_id)
-                .unwrap_or(0),
-            None => 0,
+        // plus the boot time since (0 without one). Versions before the
+        // anchor file kept it in sled.
+        let (anchor_file, anchor) = boot_clock::AnchorFile::open(anchor_path)?;
+        let in_sled = match tree.get(keys::CLOCK_ANCHOR).map_err(sled_err)? {
+            Some(v) => Some(decode::<boot_clock::Anchor>(&v)?),
+            None => None,
         };
+        let floor_ms = [anchor, in_sled]
+            .iter()
+            .flatten()
+            .filter_map(|a| a.reached_ms(&boot_id))
+            .max()
+            .unwrap_or(0);
         let sm = StateMachineStore {
             shared: Arc::new(Shared {
                 db: db.clone(),
@@ -340,6 +348,7 @@ impl StateMachineStore {
                 flusher: std::sync::Mutex::new(None),
                 sled_batches: AtomicU64::new(0),
                 anchored: std::sync::Mutex::new(None),
+                anchor_file,
                 hashes: std::sync::Mutex::new(std::collections::VecDeque::new()),
             }),
         };
@@ -610,7 +619,7 @@ impl StateMachineStore {
     }
 
     /// Write where the clock stands against the host's boot clock straight
-    /// to sled, at most every [`ANCHOR_EVERY`]: it says nothing about the
+    /// to its file, at most every [`ANCHOR_EVERY`]: it says nothing about the
     /// applied state, and it must not wait for the overlay, or a restart
     /// would lose the time the node was down (`boot_clock.rs`).
     fn anchor_clock(&self) -> io::Result<()> {
@@ -631,11 +640,7 @@ impl StateMachineStore {
             *last = Some(now);
         }
         if let Some(a) = boot_clock::Anchor::now(&self.shared.boot_id, self.now_ms()) {
-            let value = encode(&a)?;
-            self.shared
-                .tree
-                .with(|t| t.insert(keys::CLOCK_ANCHOR, value))
-                .map_err(sled_err)?;
+            self.shared.anchor_file.write(&a)?;
         }
         Ok(())
     }

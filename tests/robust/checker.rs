@@ -43,12 +43,6 @@ pub struct Config {
     /// Give up on a key after exploring this many states (reported as
     /// undecided, which fails the run: shorten per-key histories).
     pub max_states: usize,
-    /// How far the servers' clock may lag the test's on top of the drift:
-    /// 0, except after whole-cluster outages in which the state machine
-    /// clock's durable state was lost too (it pauses for the outage, see
-    /// ROBUSTNESS.md). Only server times *earlier* than the test's are
-    /// widened by it.
-    pub lag_ms: u64,
 }
 
 impl Default for Config {
@@ -57,7 +51,6 @@ impl Default for Config {
             drift_ms: 100,
             max_attempts: 0,
             max_states: 2_000_000,
-            lag_ms: 0,
         }
     }
 }
@@ -71,7 +64,7 @@ const ROUNDING_MS: u64 = 2;
 /// minus lease) outside the operation's window. A claim retried with the
 /// same claim_id may get an earlier grant back, so only a stamp later than
 /// its window counts for it.
-pub fn stamp_drift(history: &[Op], lag_ms: u64) -> u64 {
+pub fn stamp_drift(history: &[Op]) -> u64 {
     let mut ops: Vec<&Op> = history.iter().collect();
     ops.sort_by_key(|o| o.invoke_ms);
     let mut claimed: HashSet<(&str, &str, &str)> = HashSet::new();
@@ -104,7 +97,7 @@ pub fn stamp_drift(history: &[Op], lag_ms: u64) -> u64 {
         let early = if retry {
             0
         } else {
-            o.invoke_ms.saturating_sub(stamp).saturating_sub(lag_ms)
+            o.invoke_ms.saturating_sub(stamp)
         };
         drift = drift.max(late).max(early);
     }
@@ -193,7 +186,7 @@ pub fn check(history: &[Op], cfg: &Config) -> Report {
     for op in history {
         by_key.entry(op.key.as_str()).or_default().push(op);
     }
-    let measured = stamp_drift(history, cfg.lag_ms);
+    let measured = stamp_drift(history);
     let mut report = Report {
         ops: history.len(),
         unknown: history.iter().filter(|o| o.is_unknown()).count(),
@@ -311,11 +304,7 @@ fn direct_checks(key: &str, ops: &[&Op], cfg: &Config) -> Vec<Anomaly> {
         Some(r) => ops
             .iter()
             .filter(|o| matches!(o.call, Call::Complete { .. }))
-            .map(|o| {
-                o.invoke_ms
-                    .saturating_sub(cfg.drift_ms + cfg.lag_ms)
-                    .saturating_add(r)
-            })
+            .map(|o| o.invoke_ms.saturating_sub(cfg.drift_ms).saturating_add(r))
             .min()
             .unwrap_or(u64::MAX),
         None => u64::MAX,
@@ -657,7 +646,7 @@ fn step(s: &State, op: &Op, cfg: &Config, retention: Option<u64>) -> Vec<State> 
     for start in &starts {
         for mut next in step_in(start, op, cfg) {
             if next.rec != start.rec {
-                next.since = op.invoke_ms.saturating_sub(cfg.drift_ms + cfg.lag_ms);
+                next.since = op.invoke_ms.saturating_sub(cfg.drift_ms);
             }
             out.push(next);
         }
@@ -671,7 +660,7 @@ fn step_in(s: &State, op: &Op, cfg: &Config) -> Vec<State> {
     let end = op.end();
     let drift = cfg.drift_ms;
     // The earliest server time the operation can have taken effect at.
-    let behind = drift + cfg.lag_ms;
+    let behind = drift;
     let unknown = op.is_unknown();
     let mut out = Vec::new();
     let put = |out: &mut Vec<State>, rec: ModelRec| {
