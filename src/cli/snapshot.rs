@@ -1,9 +1,14 @@
 //! `idemkv snapshot status FILE`: read a saved snapshot (`ctl snapshot
 //! save`) whole and check it, as `etcdutl snapshot status` does.
+//! `idemkv snapshot restore FILE --dir DIR`: data directories for a new
+//! cluster holding the snapshot's records, as `etcdutl snapshot restore`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
+use idemkv::raft::PeerNode;
+
+use super::up::UpArgs;
 use clap::{Args, Subcommand};
 
 #[derive(Debug, Args)]
@@ -23,6 +28,21 @@ pub enum SnapshotOp {
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Make data directories for a new cluster holding FILE's records and
+    /// token counter (checked whole first): DIR/node-1 ... DIR/node-N with
+    /// the addresses `idemkv up` gives them (same --dir, --nodes, --host
+    /// and ports), or one per member of --peers for nodes run with `serve`.
+    /// The new cluster has its own membership and log; nothing of the old
+    /// one can join it.
+    Restore {
+        file: PathBuf,
+        #[command(flatten)]
+        layout: UpArgs,
+        /// Members as ID=API_ADDR/PEER_ADDR,... for nodes run with `serve`
+        /// (each gets DIR/node-ID), instead of --nodes, --host and ports.
+        #[arg(long)]
+        peers: Option<String>,
     },
 }
 
@@ -53,5 +73,77 @@ pub fn run(a: SnapshotArgs) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        SnapshotOp::Restore {
+            file,
+            layout,
+            peers,
+        } => restore(&file, &layout, peers.as_deref()),
     }
+}
+
+fn restore(file: &Path, layout: &UpArgs, peers: Option<&str>) -> anyhow::Result<i32> {
+    let members = match peers {
+        Some(p) => super::serve::parse_peers(p)?,
+        None => {
+            if layout.nodes == 0 {
+                bail!("nodes: must be at least 1");
+            }
+            (1..=layout.nodes)
+                .map(|id| {
+                    let node = PeerNode {
+                        api_addr: layout.api_addr(id),
+                        raft_addr: layout.peer_addr(id),
+                    };
+                    (id, node)
+                })
+                .collect()
+        }
+    };
+    let i = idemkv::store::inspect_snapshot(file)
+        .with_context(|| format!("{} is not a sound idemkv snapshot", file.display()))?;
+    // Every directory is checked before any is made: a refusal leaves
+    // nothing half restored.
+    for id in members.keys() {
+        idemkv::store::refuse_non_empty(&layout.node_dir(*id))?;
+    }
+    let wall_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    for id in members.keys() {
+        let dir = layout.node_dir(*id);
+        idemkv::store::restore_snapshot(file, &dir, members.clone(), wall_ms)
+            .with_context(|| format!("cannot restore {} into {}", file.display(), dir.display()))?;
+    }
+    println!(
+        "RESTORED {} into {}: {} nodes, {} records ({} completed), entry {}, last token {}",
+        file.display(),
+        layout.dir.display(),
+        members.len(),
+        i.records,
+        i.completed,
+        i.last_log_id,
+        i.last_token
+    );
+    if peers.is_some() {
+        let list = peers.unwrap_or_default();
+        println!("start each node on its host with its data directory:");
+        for (id, m) in &members {
+            println!(
+                "  idemkv serve --id {id} --listen {} --peer-listen {} --data-dir {} --peers {list}",
+                m.api_addr,
+                m.raft_addr,
+                layout.node_dir(*id).display()
+            );
+        }
+    } else {
+        println!(
+            "start it with: idemkv up --dir {} --nodes {} --host {} --api-port {} --peer-port {}",
+            layout.dir.display(),
+            layout.nodes,
+            layout.host,
+            layout.api_port,
+            layout.peer_port
+        );
+    }
+    Ok(0)
 }

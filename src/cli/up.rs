@@ -41,6 +41,23 @@ pub struct UpArgs {
     pub host: String,
 }
 
+impl UpArgs {
+    /// Node `id`'s client address.
+    pub fn api_addr(&self, id: u64) -> String {
+        format!("{}:{}", self.host, self.api_port as u64 + id - 1)
+    }
+
+    /// Node `id`'s peer address.
+    pub fn peer_addr(&self, id: u64) -> String {
+        format!("{}:{}", self.host, self.peer_port as u64 + id - 1)
+    }
+
+    /// Node `id`'s data directory.
+    pub fn node_dir(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("node-{id}"))
+    }
+}
+
 /// How long a node must run for its exit not to count as a crash loop.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// Exits in a row, each within [`STABLE_AFTER`] of starting, before `up`
@@ -89,15 +106,14 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.dir)
         .with_context(|| format!("cannot create {}", a.dir.display()))?;
     let exe = std::env::current_exe().context("cannot find the idemkv binary")?;
-    let addr = |base: u16, id: u64| format!("{}:{}", a.host, base as u64 + id - 1);
     let peers: Vec<String> = (1..=a.nodes)
-        .map(|id| format!("{id}={}/{}", addr(a.api_port, id), addr(a.peer_port, id)))
+        .map(|id| format!("{id}={}/{}", a.api_addr(id), a.peer_addr(id)))
         .collect();
     let peers = peers.join(",");
     // A port already taken (another `up`, say) would make a node fail to
     // start while the other cluster answers in its place.
     for id in 1..=a.nodes {
-        for port in [addr(a.api_port, id), addr(a.peer_port, id)] {
+        for port in [a.api_addr(id), a.peer_addr(id)] {
             if let Err(e) = std::net::TcpListener::bind(&port) {
                 bail!("cannot use {port} for node {id}: {e} (is another cluster running? see --api-port and --peer-port)");
             }
@@ -109,7 +125,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     let mut supervisors = JoinSet::new();
     let mut specs = Vec::new();
     for id in 1..=a.nodes {
-        let dir = a.dir.join(format!("node-{id}"));
+        let dir = a.node_dir(id);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let mut args: Vec<std::ffi::OsString> = vec![
@@ -117,9 +133,9 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             "--id".into(),
             id.to_string().into(),
             "--listen".into(),
-            addr(a.api_port, id).into(),
+            a.api_addr(id).into(),
             "--peer-listen".into(),
-            addr(a.peer_port, id).into(),
+            a.peer_addr(id).into(),
             "--data-dir".into(),
             dir.into_os_string(),
             "--peers".into(),
@@ -153,7 +169,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         supervisors.join_all().await;
     };
 
-    let endpoints: Vec<String> = (1..=a.nodes).map(|id| addr(a.api_port, id)).collect();
+    let endpoints: Vec<String> = (1..=a.nodes).map(|id| a.api_addr(id)).collect();
     let ready = tokio::select! {
         r = wait_ready(&endpoints) => r,
         id = gave_up.recv() => Err(anyhow::anyhow!(

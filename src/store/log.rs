@@ -599,6 +599,17 @@ impl LogStore {
         Ok(())
     }
 
+    /// Start a new log after `last` (a restored snapshot's last entry): as
+    /// if every entry up to it had been purged, and with the vote that
+    /// elected its leader, so the new cluster's first election is in a
+    /// later term than any entry it holds.
+    pub(super) fn restored_at(&self, last: &LogId) -> io::Result<()> {
+        use openraft::vote::RaftLeaderId;
+        let leader = last.committed_leader_id();
+        self.put_meta(VOTE, &Vote::new(leader.term(), *leader.node_id()))?;
+        self.put_meta(PURGED, last)
+    }
+
     /// Write `entries` to the active segment (not yet durable).
     fn write(&self, entries: impl IntoIterator<Item = Entry>) -> io::Result<()> {
         let mut inner = self.lock();

@@ -27,11 +27,13 @@ mod state_machine;
 pub mod test_hooks;
 pub mod watch;
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::clock::Clock;
+use crate::raft::types::{NodeId, PeerNode};
 
 pub use durable::Syncer;
 pub use log::LogStore;
@@ -84,6 +86,51 @@ fn open_sled(sled_dir: &Path) -> io::Result<sled::Db> {
                 .unwrap_or_default()
         ))),
     }
+}
+
+/// Restore never writes over a data directory: `dir` must not exist or be
+/// empty.
+pub fn refuse_non_empty(dir: &Path) -> io::Result<()> {
+    if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} is not empty: restore makes new data directories and never writes over one",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Make `dir` the data directory of one node of a new cluster whose state
+/// is the saved snapshot `file` (`idemkv snapshot restore`): its records
+/// and token counter, `members` as the membership, an empty log after the
+/// snapshot's last entry (so a node added later gets the records by
+/// snapshot, never by replaying a log that lacks them) and the clock at
+/// `wall_ms` or the snapshot's, whichever is later. `dir` must not exist or
+/// be empty; a file that fails any check is refused and `dir` removed
+/// again. Every node of the new cluster is restored from the same file.
+pub fn restore_snapshot(
+    file: &Path,
+    dir: &Path,
+    members: BTreeMap<NodeId, PeerNode>,
+    wall_ms: u64,
+) -> io::Result<Inspection> {
+    let inspection = inspect_snapshot(file)?;
+    refuse_non_empty(dir)?;
+    let restore = || -> io::Result<()> {
+        let store = Store::open(dir)?;
+        let last = store.state_machine.restore_from(file, members, wall_ms)?;
+        if let Some(last) = last {
+            store.log.restored_at(&last)?;
+        }
+        store.syncer.sync_now()
+    };
+    restore().inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(dir);
+    })?;
+    Ok(inspection)
 }
 
 impl Store {

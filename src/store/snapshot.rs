@@ -30,6 +30,7 @@
 //!   snapshot is newer than the state, and openraft installs it again when
 //!   the node starts.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Seek};
 use std::path::{Path, PathBuf};
@@ -42,7 +43,9 @@ use super::keys;
 use super::snapfile::{Header, Reader, Writer};
 use super::state_machine::{StateMachineStore, TREES};
 use crate::codec::{decode, encode};
-use crate::raft::types::{Snapshot, SnapshotMeta, TypeConfig};
+use crate::raft::types::{
+    LogId, NodeId, PeerNode, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
+};
 use crate::record::{self, Record};
 
 const PREFIX: &str = "snap-";
@@ -387,6 +390,35 @@ impl StateMachineStore {
         batch.insert(keys::LAST_TOKEN, encode(&header.last_token)?);
         tree.apply_batch(batch).map_err(sled_err)?;
         Ok((header, filter))
+    }
+}
+
+impl StateMachineStore {
+    /// Fill this (new, empty) store from the saved snapshot at `path` as
+    /// the state of a new cluster: the records and token counter as
+    /// saved, applied up to the snapshot's last entry, `members` as the
+    /// membership and the clock at `clock_ms` or the snapshot's, whichever
+    /// is later. Returns the snapshot's last entry. Blocking.
+    pub(super) fn restore_from(
+        &self,
+        path: &Path,
+        members: BTreeMap<NodeId, PeerNode>,
+        clock_ms: u64,
+    ) -> io::Result<Option<LogId>> {
+        let tree = self.shared.tree.current();
+        let (header, _) = self.load_into(&tree, path, None, false)?;
+        let last = header.meta.last_log_id;
+        let voters: BTreeSet<NodeId> = members.keys().copied().collect();
+        let membership = openraft::Membership::new(vec![voters], members)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            keys::MEMBERSHIP,
+            encode(&StoredMembership::new(last, membership))?,
+        );
+        batch.insert(keys::CLOCK, encode(&header.clock_ms.max(clock_ms))?);
+        tree.apply_batch(batch).map_err(sled_err)?;
+        Ok(last)
     }
 }
 

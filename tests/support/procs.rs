@@ -129,7 +129,7 @@ impl ProcCluster {
         }
     }
 
-    fn peers_arg(&self) -> String {
+    pub fn peers_arg(&self) -> String {
         (0..self.initial)
             .map(|i| format!("{}={}/{}", i + 1, self.api[i], self.peer[i]))
             .collect::<Vec<_>>()
