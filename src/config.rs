@@ -129,6 +129,11 @@ pub struct NodeConfig {
     pub sweep_interval: Duration,
     /// Most records one sweep entry removes.
     pub sweep_limit: u32,
+    /// The data-size quota in bytes (the records' keys and stored values):
+    /// past it the NOSPACE alarm is raised and claims are refused until the
+    /// sweep makes room. 0: a quarter of the data directory's file system
+    /// (room for sled's own overhead, the log and snapshots).
+    pub quota_bytes: u64,
     /// Where to serve Prometheus `GET /metrics` (none: not served).
     pub metrics_listen: Option<String>,
     /// TLS on both ports (none: plaintext). See [`crate::tls`].
@@ -162,6 +167,7 @@ impl NodeConfig {
             snapshot_keep_logs: 1000,
             sweep_interval: Duration::from_secs(1),
             sweep_limit: 1000,
+            quota_bytes: 0,
             metrics_listen: None,
             tls: None,
             auth_tokens: None,
@@ -170,4 +176,23 @@ impl NodeConfig {
             clock: crate::clock::Clock::system(),
         }
     }
+}
+
+/// The quota a node runs with: `configured`, or for 0 a quarter of the
+/// file system holding `data_dir` (8 GiB where that cannot be read).
+pub fn quota_bytes(configured: u64, data_dir: &std::path::Path) -> u64 {
+    if configured > 0 {
+        return configured;
+    }
+    const FALLBACK: u64 = 8 << 30;
+    let Ok(path) = std::ffi::CString::new(data_dir.as_os_str().as_encoded_bytes()) else {
+        return FALLBACK;
+    };
+    // SAFETY: a zeroed statvfs is a valid out-parameter and `path` is a
+    // NUL-terminated string that outlives the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return FALLBACK;
+    }
+    (st.f_blocks as u64).saturating_mul(st.f_frsize as u64) / 4
 }

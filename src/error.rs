@@ -32,6 +32,10 @@ pub enum Error {
     /// A concurrency cap is reached; nothing was done, safe to retry later.
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// The data-size quota is exceeded: new claims are refused until the
+    /// sweep (or deletes) make room; nothing was done.
+    #[error("{0}")]
+    NoSpace(String),
     /// This node cannot serve (storage or Raft fault).
     #[error("internal error: {0}")]
     Internal(String),
@@ -73,6 +77,7 @@ pub fn to_status(e: Error) -> Status {
         Error::Unauthenticated(_) => (Code::Unauthenticated, None),
         Error::PermissionDenied(_) => (Code::PermissionDenied, None),
         Error::Overloaded(_) => (Code::ResourceExhausted, Some(Reason::Overloaded)),
+        Error::NoSpace(_) => (Code::ResourceExhausted, Some(Reason::NoSpace)),
         Error::Internal(_) => (Code::Internal, None),
     };
     let mut status = Status::new(code, e.to_string());

@@ -59,6 +59,9 @@ struct Metrics {
     commit_index: U64Gauge,
     applied_index: U64Gauge,
     apply_lag: U64Gauge,
+    data_bytes: U64Gauge,
+    quota_bytes: U64Gauge,
+    nospace: U64Gauge,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -133,6 +136,17 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "idemkv_raft_apply_lag",
         "Committed entries not yet applied.",
     );
+    let data_bytes = gauge(
+        &mut r,
+        "idemkv_data_bytes",
+        "What the records take (keys and stored values): the data-size quota's measure.",
+    );
+    let quota_bytes = gauge(&mut r, "idemkv_quota_bytes", "The data-size quota.");
+    let nospace = gauge(
+        &mut r,
+        "idemkv_alarm_nospace",
+        "1 while the records exceed the quota and claims are refused (NOSPACE).",
+    );
     let fsync = Histogram::new(FSYNC_BUCKETS);
     r.register(
         "idemkv_log_fsync_seconds",
@@ -158,6 +172,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         commit_index,
         applied_index,
         apply_lag,
+        data_bytes,
+        quota_bytes,
+        nospace,
     }
 });
 
@@ -233,6 +250,8 @@ pub struct RaftGauges {
     pub is_leader: bool,
     pub commit_index: u64,
     pub applied_index: u64,
+    pub data_bytes: u64,
+    pub quota_bytes: u64,
 }
 
 /// Reads the Raft gauges at scrape time.
@@ -247,6 +266,9 @@ pub fn render(s: &RaftGauges) -> String {
     m.applied_index.set(s.applied_index);
     m.apply_lag
         .set(s.commit_index.saturating_sub(s.applied_index));
+    m.data_bytes.set(s.data_bytes);
+    m.quota_bytes.set(s.quota_bytes);
+    m.nospace.set(u64::from(s.data_bytes > s.quota_bytes));
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);

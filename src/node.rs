@@ -133,7 +133,20 @@ impl Node {
         let limits = cfg.limits.clone();
         let check: crate::raft::consensus::CommandCheck =
             Arc::new(move |c| crate::api::validate::command(&limits, c));
-        let consensus = Consensus::new(cfg.id, raft, sm, peers, cfg.request_timeout, check, rejoin);
+        let quota = crate::config::quota_bytes(cfg.quota_bytes, &cfg.data_dir);
+        tracing::info!(quota_bytes = quota, "data-size quota");
+        let consensus = Consensus::new(
+            cfg.id,
+            raft,
+            sm,
+            peers,
+            cfg.request_timeout,
+            crate::raft::consensus::Admission {
+                check,
+                quota_bytes: quota,
+            },
+            rejoin,
+        );
         let (shutdown, _) = watch::channel(false);
         let mut tasks = Vec::new();
 
@@ -249,11 +262,14 @@ impl Node {
                 let c = consensus.clone();
                 let gauges: crate::metrics::GaugeSource = Arc::new(move || {
                     let s = c.status();
+                    let (data_bytes, quota_bytes) = c.data_size();
                     crate::metrics::RaftGauges {
                         term: s.term,
                         is_leader: s.role == "leader",
                         commit_index: s.commit_index,
                         applied_index: s.applied_index,
+                        data_bytes,
+                        quota_bytes,
                     }
                 });
                 tasks.push(tokio::spawn(crate::metrics::serve(

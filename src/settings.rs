@@ -125,6 +125,11 @@ pub struct Settings {
     /// Most records one sweep entry removes.
     #[arg(long, default_value_t = Settings::default().sweep_limit)]
     pub sweep_limit: u32,
+    /// Data-size quota in bytes (records' keys and values): past it, the
+    /// NOSPACE alarm is raised and claims are refused until the sweep makes
+    /// room. 0: a quarter of the data directory's file system.
+    #[arg(long, default_value_t = Settings::default().quota_bytes)]
+    pub quota_bytes: u64,
     /// Input limits (SPEC §4): `--set limits.NAME=VALUE`.
     #[arg(skip)]
     pub limits: Limits,
@@ -164,6 +169,7 @@ impl Default for Settings {
             snapshot_keep_logs: n.snapshot_keep_logs,
             sweep_interval_ms: ms(n.sweep_interval),
             sweep_limit: n.sweep_limit,
+            quota_bytes: n.quota_bytes,
             limits: n.limits,
             caps: n.caps,
         }
@@ -201,6 +207,7 @@ impl Settings {
             snapshot_keep_logs: 0,
             sweep_interval_ms: 0,
             sweep_limit: 0,
+            quota_bytes: 0,
             limits: Limits::default(),
             caps: Caps::default(),
         };
@@ -260,6 +267,7 @@ impl Settings {
         cfg.snapshot_keep_logs = self.snapshot_keep_logs;
         cfg.sweep_interval = Duration::from_millis(self.sweep_interval_ms);
         cfg.sweep_limit = self.sweep_limit;
+        cfg.quota_bytes = self.quota_bytes;
         cfg.limits = self.limits.clone();
         cfg.caps = self.caps.clone();
         cfg.auth_tokens = self.auth_tokens.clone();

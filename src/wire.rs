@@ -39,6 +39,10 @@ pub enum Reason {
     /// `RESOURCE_EXHAUSTED`: a concurrency cap was reached and the call was
     /// not started, so it is safe to retry later.
     Overloaded,
+    /// `RESOURCE_EXHAUSTED`: the data-size quota is exceeded; claims are
+    /// refused until the sweep makes room (completes, renews, releases,
+    /// reads and deletes still work).
+    NoSpace,
 }
 
 impl Reason {
@@ -50,6 +54,7 @@ impl Reason {
             Reason::AlreadyCompleted => "ALREADY_COMPLETED",
             Reason::NotAttempted => "NOT_ATTEMPTED",
             Reason::Overloaded => "OVERLOADED",
+            Reason::NoSpace => "NOSPACE",
         }
     }
 }

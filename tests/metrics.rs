@@ -134,6 +134,10 @@ async fn metrics_count_what_clients_saw() {
         assert!(value(&body, "idemkv_raft_commit_index") >= 4.0);
         assert!(value(&body, "idemkv_raft_applied_index") >= 1.0);
         assert!(value(&body, "idemkv_raft_apply_lag") >= 0.0);
+        // The records written above, well under the default quota.
+        assert!(value(&body, "idemkv_data_bytes") > 0.0);
+        assert!(value(&body, "idemkv_quota_bytes") > value(&body, "idemkv_data_bytes"));
+        assert_eq!(value(&body, "idemkv_alarm_nospace"), 0.0);
         assert!(value(&body, "idemkv_log_fsync_seconds_count") >= 1.0);
         assert!(value(&body, "idemkv_log_fsync_seconds_bucket{le=\"+Inf\"}") >= 1.0);
         leaders += value(&body, "idemkv_raft_is_leader");

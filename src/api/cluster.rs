@@ -109,6 +109,13 @@ impl Cluster for ClusterService {
     ) -> Result<Response<api::StatusResponse>, Status> {
         self.allow(req.metadata(), None)?;
         let s = self.consensus.status();
+        let (data_bytes, quota_bytes) = self.consensus.data_size();
+        let alarms = self
+            .consensus
+            .no_space()
+            .map(|_| crate::wire::Reason::NoSpace.as_str().to_string())
+            .into_iter()
+            .collect();
         Ok(Response::new(api::StatusResponse {
             id: s.id,
             role: s.role,
@@ -124,6 +131,9 @@ impl Cluster for ClusterService {
             clock_ms: self.consensus.now_ms(),
             wall_clock_ms: self.consensus.wall_clock_ms(),
             rejoin_until: s.rejoin_until,
+            data_bytes,
+            quota_bytes,
+            alarms,
         }))
     }
 

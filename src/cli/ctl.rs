@@ -754,12 +754,23 @@ async fn status(client: &Client) -> (String, Value) {
                         "{ep} cut a damaged log record and gives no vote until it holds entry {until}"
                     ));
                 }
+                for alarm in &s.alarms {
+                    line.push_str(&format!(
+                        "  ALARM {alarm} (data {} of quota {} bytes: claims refused)",
+                        s.data_bytes, s.quota_bytes
+                    ));
+                    problems.push(format!(
+                        "{ep} raises {alarm}: its records take {} bytes, over the quota of {}",
+                        s.data_bytes, s.quota_bytes
+                    ));
+                }
                 lines.push(line);
                 nodes.push(json!({
                     "endpoint": ep, "healthy": true, "id": s.id, "role": s.role, "term": s.term,
                     "leader_id": s.leader_id, "commit_index": s.commit_index,
                     "applied_index": s.applied_index, "last_log_index": s.last_log_index,
                     "snapshot_index": s.snapshot_index, "rejoin_until": s.rejoin_until,
+                    "data_bytes": s.data_bytes, "quota_bytes": s.quota_bytes, "alarms": s.alarms,
                 }));
             }
             Err(e) => {

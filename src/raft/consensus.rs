@@ -56,6 +56,8 @@ pub enum ForwardReply {
     },
     /// The replies to [`Forwarded::Writes`], one per write, in order.
     Writes(Vec<ForwardReply>),
+    /// The leader's data-size quota refused a claim; nothing was proposed.
+    NoSpace(String),
 }
 
 /// Checks a forwarded command against this node's limits before the leader
@@ -63,6 +65,15 @@ pub enum ForwardReply {
 /// would refuse). The API layer supplies it, as this layer knows no limits;
 /// commands from this node's own client port were checked there already.
 pub type CommandCheck = std::sync::Arc<dyn Fn(&Command) -> Result<()> + Send + Sync>;
+
+/// What the leader checks before it proposes a command.
+pub struct Admission {
+    /// This node's limits, for forwarded commands.
+    pub check: CommandCheck,
+    /// The data-size quota (bytes of [`StateMachineStore::data_bytes`]):
+    /// past it, no claim is proposed.
+    pub quota_bytes: u64,
+}
 
 /// Why the local node could not serve a leader-only request.
 enum Local {
@@ -117,6 +128,9 @@ pub struct Consensus {
     /// Calls that carried forwarded writes to the leader.
     forward_calls: std::sync::atomic::AtomicU64,
     check: CommandCheck,
+    /// The data-size quota (bytes of [`StateMachineStore::data_bytes`]):
+    /// past it, this node, leading, proposes no claim.
+    quota_bytes: u64,
     /// Set while this node keeps out of elections after cutting a damaged
     /// log record (see `store/rejoin.rs`).
     rejoin: Arc<Rejoin>,
@@ -133,9 +147,10 @@ impl Consensus {
         sm: StateMachineStore,
         peers: Peers,
         timeout: Duration,
-        check: CommandCheck,
+        admission: Admission,
         rejoin: Arc<Rejoin>,
     ) -> Arc<Self> {
+        let Admission { check, quota_bytes } = admission;
         let proposer = Proposer::new(raft.clone(), sm.clone(), timeout);
         Arc::new_cyclic(|me| Consensus {
             id,
@@ -156,7 +171,26 @@ impl Consensus {
             ),
             forward_calls: Default::default(),
             check,
+            quota_bytes,
             rejoin,
+        })
+    }
+
+    /// What the records take and the quota (bytes).
+    pub fn data_size(&self) -> (u64, u64) {
+        (self.sm.data_bytes(), self.quota_bytes)
+    }
+
+    /// The NOSPACE alarm: raised while the records take more than the
+    /// quota, cleared as soon as the sweep or deletes bring them under it.
+    pub fn no_space(&self) -> Option<Error> {
+        let (data, quota) = self.data_size();
+        (data > quota).then(|| {
+            Error::NoSpace(format!(
+                "NOSPACE: the records take {data} bytes, over the data-size quota of {quota} \
+                 (--quota-bytes); claims are refused until retention sweeps or deletes make \
+                 room, while complete, renew, release, reads and deletes work"
+            ))
         })
     }
 
@@ -308,6 +342,11 @@ impl Consensus {
     async fn propose_local(&self, command: Command) -> Result<Response, Local> {
         if !self.raft.is_leader() {
             return Err(Local::NotLeader(self.leader()));
+        }
+        if grants(&command) {
+            if let Some(e) = self.no_space() {
+                return Err(Local::Failed(e));
+            }
         }
         match self.proposer.propose(command).await {
             Ok(resp) => Ok(resp),
@@ -476,6 +515,7 @@ impl Consensus {
             Err(Local::Failed(Error::TooLarge { field, message })) => {
                 ForwardReply::TooLarge { field, message }
             }
+            Err(Local::Failed(Error::NoSpace(m))) => ForwardReply::NoSpace(m),
             Err(Local::Failed(e)) => ForwardReply::Internal(e.to_string()),
         }
     }
@@ -903,12 +943,25 @@ impl Sink for Forwards {
     }
 }
 
+/// Whether `command` may grant a claim (and so store more): what the
+/// data-size quota refuses.
+fn grants(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Op {
+            op: Op::Claim(_),
+            ..
+        } | Command::ClaimBatch { .. }
+    )
+}
+
 fn reply_error(reply: ForwardReply) -> Error {
     match reply {
         ForwardReply::Unavailable(m) => Error::Unavailable(m),
         ForwardReply::Internal(m) => Error::Internal(m),
         ForwardReply::Invalid { field, message } => Error::InvalidArgument { field, message },
         ForwardReply::TooLarge { field, message } => Error::TooLarge { field, message },
+        ForwardReply::NoSpace(m) => Error::NoSpace(m),
         other => Error::Internal(format!("unexpected reply from the leader: {other:?}")),
     }
 }

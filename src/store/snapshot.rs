@@ -41,7 +41,7 @@ use super::durable::sled_err;
 use super::key_filter::KeyFilter;
 use super::keys;
 use super::snapfile::{Header, Reader, Writer};
-use super::state_machine::{StateMachineStore, TREES};
+use super::state_machine::{stored_bytes, StateMachineStore, TREES};
 use crate::codec::{decode, encode};
 use crate::raft::types::{
     LogId, NodeId, PeerNode, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
@@ -305,7 +305,7 @@ impl StateMachineStore {
             .find(|t| t.as_bytes() != &active[..])
             .unwrap_or(TREES[0]);
         let tree = shared.db.open_tree(other).map_err(sled_err)?;
-        let (header, filter) = match self.load_into(&tree, src, expect, legacy) {
+        let (header, filter, data_bytes) = match self.load_into(&tree, src, expect, legacy) {
             Ok(loaded) => loaded,
             Err(e) => {
                 if let Err(c) = tree.clear() {
@@ -332,6 +332,9 @@ impl StateMachineStore {
             shared
                 .last_token
                 .store(header.last_token, std::sync::atomic::Ordering::Release);
+            shared
+                .data_bytes
+                .store(data_bytes, std::sync::atomic::Ordering::Release);
             shared.applied.send_replace(applied);
         });
         // Every record may have changed: wake every Await to look again.
@@ -354,7 +357,7 @@ impl StateMachineStore {
         path: &Path,
         expect: Option<&SnapshotMeta>,
         legacy: bool,
-    ) -> io::Result<(Header, KeyFilter)> {
+    ) -> io::Result<(Header, KeyFilter, u64)> {
         let (mut r, header) = open_reader(path, legacy)?;
         if let Some(meta) = expect {
             if header.meta.last_log_id != meta.last_log_id {
@@ -371,9 +374,11 @@ impl StateMachineStore {
         let filter = KeyFilter::new();
         let mut batch = sled::Batch::default();
         let mut pending = 0;
+        let mut data_bytes = 0;
         while let Some((k, v, at)) = r.pair()? {
             let (rk, rec) = check_pair(&r, &k, &v, at)?;
             filter.load(&k);
+            data_bytes += stored_bytes(&k, v.len());
             batch.insert(keys::expiry(record::expires_at(&rec), &rk), &[] as &[u8]);
             batch.insert(k, v);
             pending += 1;
@@ -389,7 +394,7 @@ impl StateMachineStore {
         batch.insert(keys::CLOCK, encode(&header.clock_ms)?);
         batch.insert(keys::LAST_TOKEN, encode(&header.last_token)?);
         tree.apply_batch(batch).map_err(sled_err)?;
-        Ok((header, filter))
+        Ok((header, filter, data_bytes))
     }
 }
 
@@ -406,7 +411,7 @@ impl StateMachineStore {
         clock_ms: u64,
     ) -> io::Result<Option<LogId>> {
         let tree = self.shared.tree.current();
-        let (header, _) = self.load_into(&tree, path, None, false)?;
+        let (header, _, _) = self.load_into(&tree, path, None, false)?;
         let last = header.meta.last_log_id;
         let voters: BTreeSet<NodeId> = members.keys().copied().collect();
         let membership = openraft::Membership::new(vec![voters], members)

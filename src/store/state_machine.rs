@@ -71,6 +71,9 @@ pub(super) struct Shared {
     pub(super) boot_id: Option<String>,
     /// The last fencing token granted (SPEC §2 Tokens), as committed.
     pub(super) last_token: AtomicU64,
+    /// What the records take ([`stored_bytes`] summed): the data-size
+    /// quota's measure, the same on every replica at one applied index.
+    pub(super) data_bytes: AtomicU64,
     /// Index of the last applied entry, for waiters (Await).
     pub(super) applied: watch::Sender<u64>,
     /// Waiters on single keys (Await), woken by the commits that write them.
@@ -204,6 +207,8 @@ type Writes = std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>;
 /// Changes of the entries applied so far in one `apply` call.
 #[derive(Default)]
 struct Pending {
+    /// The change to [`Shared::data_bytes`] the staged records make.
+    data_delta: i64,
     writes: Writes,
     /// Records written by this call, for reads by later entries in it.
     records: std::collections::HashMap<Vec<u8>, Option<Record>>,
@@ -222,6 +227,12 @@ pub(super) struct Overlay {
     /// The records among `writes`, decoded.
     records: std::collections::HashMap<Vec<u8>, Option<Record>>,
     large: bool,
+}
+
+/// What one record takes towards the data-size quota: its key twice (the
+/// record and its expiry index entry) and its stored value.
+pub(super) fn stored_bytes(rk: &[u8], value_len: usize) -> u64 {
+    (2 * rk.len() + value_len) as u64
 }
 
 /// How often apply writes the clock's anchor to its file.
@@ -303,7 +314,13 @@ impl StateMachineStore {
             None => TREES[0],
         };
         let tree = db.open_tree(active).map_err(sled_err)?;
-        let filter = KeyFilter::of_tree(&tree).map_err(sled_err)?;
+        let filter = KeyFilter::new();
+        let mut data_bytes = 0;
+        for item in tree.scan_prefix([keys::RECORD]) {
+            let (k, v) = item.map_err(sled_err)?;
+            filter.load(&k);
+            data_bytes += stored_bytes(&k, v.len());
+        }
         let clock = match tree.get(keys::CLOCK).map_err(sled_err)? {
             Some(v) => decode::<u64>(&v)?,
             None => 0,
@@ -340,6 +357,7 @@ impl StateMachineStore {
                 time,
                 boot_id,
                 last_token: AtomicU64::new(last_token),
+                data_bytes: AtomicU64::new(data_bytes),
                 applied,
                 watches: Default::default(),
                 verified: std::sync::Mutex::new(None),
@@ -441,6 +459,22 @@ impl StateMachineStore {
     /// the changes of many entries).
     pub fn sled_batches(&self) -> u64 {
         self.shared.sled_batches.load(Ordering::Relaxed)
+    }
+
+    /// What the records take, the data-size quota's measure: every
+    /// record's key (twice: the record and its expiry index entry) and
+    /// stored bytes.
+    pub fn data_bytes(&self) -> u64 {
+        self.shared.data_bytes.load(Ordering::Acquire)
+    }
+
+    fn add_data_bytes(&self, delta: i64) {
+        let _ = self
+            .shared
+            .data_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                Some(b.saturating_add_signed(delta))
+            });
     }
 
     /// The state machine clock (ms since the epoch, leader-stamped).
@@ -556,11 +590,12 @@ impl StateMachineStore {
         if matches!(change, Change::Keep) {
             return Ok(());
         }
+        let rk = keys::record(k);
         if let Some(old) = cur {
             p.writes
                 .insert(keys::expiry(record::expires_at(old), k), None);
+            p.data_delta -= stored_bytes(&rk, encode(old)?.len()) as i64;
         }
-        let rk = keys::record(k);
         match change {
             Change::Put(new) => {
                 // Before the batch reaches sled: the filter must never say
@@ -569,6 +604,7 @@ impl StateMachineStore {
                 p.writes
                     .insert(keys::expiry(record::expires_at(&new), k), Some(Vec::new()));
                 let value = encode(&new)?;
+                p.data_delta += stored_bytes(&rk, value.len()) as i64;
                 p.large |= value.len() >= BLOB_RISK_BYTES;
                 p.writes.insert(rk.clone(), Some(value));
                 p.records.insert(rk, Some(new));
@@ -608,6 +644,7 @@ impl StateMachineStore {
         if let Some(t) = done.last_token {
             self.shared.last_token.store(t, Ordering::Release);
         }
+        self.add_data_bytes(done.data_delta);
         if large || self.shared.tree.filter().due_for_rebuild() {
             self.flush()?;
         } else if due {
