@@ -70,6 +70,9 @@ async fn run_plan(plan: Plan) -> Option<Done> {
         "== {}: {} nodes, faults {:?}, {:?}, seed {seed}",
         plan.name, plan.nodes, plan.faults, plan.duration
     );
+    // The cluster's clock starts from the wall clock now: the history is
+    // shifted to it (see `history::now_ms`).
+    let step_at_start = robust::history::wall_step_ms();
     let rig = Rig::start(&plan);
     wait_ready(&rig, Duration::from_secs(30)).await;
     let api = rig.cluster.api.clone();
@@ -165,7 +168,22 @@ async fn run_plan(plan: Plan) -> Option<Done> {
     final_reads(&r.cluster.api, &keys, &shared, 1_001).await;
     diverged.extend(replicas_disagree(&r.cluster.api, &keys).await);
     shared.errors.lock().unwrap().extend(diverged);
-    let ops = std::mem::take(&mut *shared.rec.ops.lock().unwrap());
+    let mut ops = std::mem::take(&mut *shared.rec.ops.lock().unwrap());
+    for o in &mut ops {
+        o.invoke_ms = o.invoke_ms.saturating_add_signed(step_at_start);
+        o.complete_ms = o
+            .complete_ms
+            .map(|c| c.saturating_add_signed(step_at_start));
+    }
+    // A wall clock that stepped during the run is followed by the stamps at
+    // the slew (1 % of the time since), as a skewed one is.
+    let stepped_ms = robust::history::wall_step_ms().abs_diff(step_at_start);
+    let steered_ms = stepped_ms.min(started.elapsed().as_millis() as u64 / 100);
+    if stepped_ms > 5 {
+        eprintln!(
+            "  the host's wall clock stepped {stepped_ms} ms from its monotonic clock during the run"
+        );
+    }
     let errors = std::mem::take(&mut *shared.errors.lock().unwrap());
     let logs = r.cluster.dir.clone();
 
@@ -178,7 +196,7 @@ async fn run_plan(plan: Plan) -> Option<Done> {
         &Config {
             // Stamps are steered toward a wrong wall clock by at most 1 %
             // of the time it was wrong (SPEC §2 Time), and never set back.
-            drift_ms: DRIFT_MS + nemesis.skewed_ms / 100,
+            drift_ms: DRIFT_MS + nemesis.skewed_ms / 100 + steered_ms,
             max_attempts: MAX_ATTEMPTS,
             ..Config::default()
         },

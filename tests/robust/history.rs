@@ -156,9 +156,34 @@ pub fn load(path: &std::path::Path) -> std::io::Result<Vec<Op>> {
 }
 
 /// Milliseconds since the Unix epoch on this machine's wall clock.
-pub fn now_ms() -> u64 {
+pub fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The test's clock: the wall clock when first read, then the monotonic
+/// clock's progress, as the servers' stamps advance (SPEC §2 Time). The
+/// wall clock itself can step under a test: a virtual machine the host
+/// froze for seconds has its wall clock put right on resume while the
+/// monotonic clock skipped the pause (a CI run saw a 7 s step), and a
+/// history on the wall clock would then show every later lease as 7 s off.
+/// A run shifts its history by [`wall_step_ms`] at its start, so it lines
+/// up with a cluster that started from the wall clock then.
+pub fn now_ms() -> u64 {
+    let (at, wall) = *origin();
+    wall + at.elapsed().as_millis() as u64
+}
+
+fn origin() -> &'static (std::time::Instant, u64) {
+    static ORIGIN: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(|| (std::time::Instant::now(), wall_ms()))
+}
+
+/// How far the wall clock has stepped away from [`now_ms`] (ms, ahead
+/// positive).
+pub fn wall_step_ms() -> i64 {
+    let wall = wall_ms() as i64;
+    wall - now_ms() as i64
 }

@@ -188,7 +188,7 @@ async fn set_clock(
     while tokio::time::Instant::now() < until {
         let off = status(api)
             .await
-            .map(|s| s.wall_clock_ms as i64 - crate::robust::history::now_ms() as i64);
+            .map(|s| s.wall_clock_ms as i64 - crate::robust::history::wall_ms() as i64);
         if off.is_some_and(&shows) {
             return true;
         }
