@@ -25,7 +25,8 @@
 //!
 //! Beside them: [`client`] (the Rust client: endpoints, leader discovery,
 //! safe retries, `run_once`) uses only `wire`, `pb` and `tls`; [`bench`]
-//! (the load tool behind `idemkv bench`) only the client. The command
+//! (the load tool behind `idemkv bench`) only the client; [`gateway`] (the
+//! HTTP Idempotency-Key proxy) the client, `metrics` and `codec`. The command
 //! line is the `idemkv` binary's own (`src/main.rs`, `src/cli/`).
 //!
 //! # Features
@@ -53,6 +54,8 @@ pub mod codec;
 pub mod config;
 #[cfg(feature = "server")]
 pub mod error;
+#[cfg(feature = "server")]
+pub mod gateway;
 #[cfg(feature = "server")]
 pub mod metrics;
 #[cfg(feature = "server")]

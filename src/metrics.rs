@@ -62,6 +62,7 @@ struct Metrics {
     data_bytes: U64Gauge,
     quota_bytes: U64Gauge,
     nospace: U64Gauge,
+    gateway: Family<OutcomeLabel, Counter>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -147,6 +148,13 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "idemkv_alarm_nospace",
         "1 while the records exceed the quota and claims are refused (NOSPACE).",
     );
+    let gateway = Family::<OutcomeLabel, Counter>::default();
+    r.register(
+        "idemkv_gateway_requests",
+        "Requests the HTTP gateway answered, by outcome (saved, replayed, in_progress, mismatch, \
+         missing_key, released_5xx, unavailable, passed_through, ...).",
+        gateway.clone(),
+    );
     let fsync = Histogram::new(FSYNC_BUCKETS);
     r.register(
         "idemkv_log_fsync_seconds",
@@ -175,6 +183,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         data_bytes,
         quota_bytes,
         nospace,
+        gateway,
     }
 });
 
@@ -239,6 +248,14 @@ pub fn peer_refused() {
 }
 
 /// One fdatasync of the Raft log.
+/// The HTTP gateway answered a request with `outcome`.
+pub fn gateway(outcome: &'static str) {
+    METRICS
+        .gateway
+        .get_or_create(&OutcomeLabel { outcome })
+        .inc();
+}
+
 pub fn fsync(took: Duration) {
     METRICS.fsync.observe(took.as_secs_f64());
 }

@@ -29,6 +29,7 @@ fn side_module_may_use(module: &str) -> Option<&'static [&'static str]> {
     match module {
         "client" => Some(&["wire", "pb", "tls"]),
         "bench" => Some(&["client", "wire", "pb", "tls"]),
+        "gateway" => Some(&["client", "wire", "pb", "tls", "metrics", "codec"]),
         _ => None,
     }
 }

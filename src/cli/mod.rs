@@ -7,6 +7,7 @@
 
 pub mod certs;
 pub mod ctl;
+pub mod gateway;
 pub mod serve;
 pub mod snapshot;
 pub mod up;
@@ -43,8 +44,13 @@ pub enum Command {
     /// Draw throughput and p99 against clients from `bench --json` reports
     /// into an SVG (`cluster/bench.sh --sweep` calls it).
     Plot(idemkv::bench::plot::PlotArgs),
-    /// Saved snapshots: `status FILE` checks one whole.
+    /// Saved snapshots: `status FILE` checks one whole, `restore FILE`
+    /// makes a new cluster of it.
     Snapshot(snapshot::SnapshotArgs),
+    /// Idempotency-Key for any HTTP service (SPEC §8): a proxy that claims
+    /// each keyed request in idemkv, saves the upstream's response and
+    /// replays it to retries.
+    Gateway(Box<gateway::GatewayArgs>),
     /// Write a development CA, per-node certificates and a client
     /// certificate for TLS (`serve --tls-*`, `ctl --tls-*`).
     Certs(certs::CertsArgs),
@@ -66,6 +72,7 @@ pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         Command::Bench(a) => idemkv::bench::run(a).await,
         Command::Plot(a) => idemkv::bench::plot::run(a),
         Command::Snapshot(a) => snapshot::run(a),
+        Command::Gateway(a) => gateway::run(*a).await.map(|_| 0),
         Command::Certs(a) => certs::run(a).map(|_| 0),
     }
 }

@@ -1,0 +1,584 @@
+//! The HTTP gateway (SPEC §8): Idempotency-Key, as the IETF httpapi draft
+//! describes it, in front of any HTTP service. A request on a guarded
+//! method that carries the header is claimed in idemkv before the upstream
+//! sees it; the upstream's response is saved with Complete and replayed to
+//! every retry. The rules stay in the store: this edge only maps HTTP to
+//! Claim / Renew / Complete / Release / Await and the outcomes back.
+//!
+//! Must not: call the upstream for a guarded request without holding its
+//! claim; save a response after its lease was lost (the store refuses the
+//! Complete); call the upstream twice for a response too large to save (its
+//! record is completed with a marker instead).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, BodyStream, StreamBody};
+use hyper_util::client::legacy::{connect::HttpConnector, Client as HttpClient};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::client::{Client, ClientError};
+use crate::pb::api::{self, claim_response::Outcome};
+use crate::wire::Reason;
+
+/// The header the draft names.
+pub const KEY_HEADER: &str = "idempotency-key";
+/// Added to every replayed response.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// Set when the response was too large to save: a retry gets its status
+/// and saved headers, without the body, and the upstream is not called.
+pub const UNSAVED_HEADER: &str = "idempotent-response-unsaved";
+/// Longest Idempotency-Key value taken (Stripe's limit).
+pub const KEY_MAX: usize = 255;
+
+/// How the gateway runs.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Base URL of the service behind the gateway (`http://host:port`).
+    pub upstream: Uri,
+    pub namespace: String,
+    /// Methods whose requests are guarded when they carry the header.
+    pub methods: Vec<Method>,
+    /// Path prefixes where a guarded method must carry the header (400
+    /// without it).
+    pub require_key: Vec<String>,
+    /// The request header whose value scopes keys (one caller's key never
+    /// meets another's); stored hashed.
+    pub scope_header: Option<HeaderName>,
+    /// Response headers saved and replayed with the status and body.
+    pub save_headers: Vec<HeaderName>,
+    pub lease: Duration,
+    pub retention: Duration,
+    /// How long a request that finds its key in progress awaits the
+    /// first one's response before answering 409 (0: at once).
+    pub wait: Duration,
+    /// Save 5xx responses too (by default they release the claim, so a
+    /// retry calls the upstream again).
+    pub save_5xx: bool,
+    /// Largest request body taken and response body saved, bytes.
+    pub max_body: usize,
+}
+
+/// A saved response, the Complete's result.
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+    /// The body was not saved: it was this many bytes or more.
+    unsaved: Option<u64>,
+}
+
+/// The gateway: an idemkv client and an HTTP client for the upstream.
+pub struct Gateway {
+    cfg: GatewayConfig,
+    store: Client,
+    http: HttpClient<HttpConnector, Body>,
+    /// Owner name of this gateway's claims.
+    owner: String,
+}
+
+impl Gateway {
+    pub fn new(cfg: GatewayConfig, store: Client) -> Arc<Gateway> {
+        let http = HttpClient::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let owner = format!("gateway-{}-{}", std::process::id(), uuid::Uuid::new_v4());
+        Arc::new(Gateway {
+            cfg,
+            store,
+            http,
+            owner,
+        })
+    }
+
+    /// The router: every path and method goes through [`handle`].
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        axum::Router::new()
+            .fallback(handle)
+            .with_state(self.clone())
+    }
+}
+
+/// An `application/problem+json` answer (RFC 9457), as the draft shows.
+fn problem(status: StatusCode, title: &str, detail: impl Into<String>) -> Response {
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail.into(),
+    });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn unavailable(e: &ClientError) -> Response {
+    let mut r = problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The idempotency store cannot be reached",
+        format!(
+            "the request was not sent upstream; retry later ({})",
+            e.message()
+        ),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    use tracing::Instrument;
+    let span = tracing::info_span!("gateway", method = %req.method(), path = %req.uri().path());
+    gw.serve(req).instrument(span).await
+}
+
+impl Gateway {
+    async fn serve(&self, req: Request) -> Response {
+        let guarded = self.cfg.methods.contains(req.method());
+        let key = req.headers().get(KEY_HEADER).cloned();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/".to_string(), |p| p.as_str().to_string());
+        let Some(key) = key.filter(|_| guarded) else {
+            if guarded
+                && self
+                    .cfg
+                    .require_key
+                    .iter()
+                    .any(|p| req.uri().path().starts_with(p.as_str()))
+            {
+                crate::metrics::gateway("missing_key");
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "Idempotency-Key is missing",
+                    format!("{} {path} needs an Idempotency-Key header", req.method()),
+                );
+            }
+            crate::metrics::gateway("passed_through");
+            return self.forward(req).await;
+        };
+        let key = match key.to_str() {
+            Ok(k) if (1..=KEY_MAX).contains(&k.len()) => k.to_string(),
+            _ => {
+                crate::metrics::gateway("bad_key");
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "Idempotency-Key is malformed",
+                    format!(
+                        "the Idempotency-Key value must be 1-{KEY_MAX} visible ASCII characters"
+                    ),
+                );
+            }
+        };
+        let (parts, body) = req.into_parts();
+        let body = match axum::body::to_bytes(body, self.cfg.max_body).await {
+            Ok(b) => b,
+            Err(_) => {
+                crate::metrics::gateway("too_large");
+                return problem(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Request body too large",
+                    format!(
+                        "a request with an Idempotency-Key may carry at most {} bytes",
+                        self.cfg.max_body
+                    ),
+                );
+            }
+        };
+        let scope = self
+            .cfg
+            .scope_header
+            .as_ref()
+            .and_then(|h| parts.headers.get(h))
+            .map_or(String::from("-"), |v| hex(&Sha256::digest(v.as_bytes())));
+        // Scope hashed, method, path (hashed when long) and the key value.
+        let path_part = if path.len() <= 512 {
+            path.clone()
+        } else {
+            hex(&Sha256::digest(path.as_bytes()))
+        };
+        let record_key = format!("{scope} {} {path_part} {key}", parts.method);
+        let mut fp = Sha256::new();
+        fp.update(parts.method.as_str());
+        fp.update([0]);
+        fp.update(&path);
+        fp.update([0]);
+        fp.update(&body);
+        let claim = api::ClaimRequest {
+            namespace: self.cfg.namespace.clone(),
+            key: record_key.clone().into_bytes(),
+            owner: self.owner.clone(),
+            claim_id: uuid::Uuid::new_v4().to_string(),
+            lease_ms: self.cfg.lease.as_millis() as u64,
+            fingerprint: Some(fp.finalize().to_vec()),
+            retention_ms: self.cfg.retention.as_millis() as u64,
+            ..Default::default()
+        };
+        let outcome = match self.store.claim(claim).await {
+            Ok(o) => o,
+            Err(e) if e.reason() == Some(Reason::FingerprintMismatch.as_str()) => {
+                crate::metrics::gateway("mismatch");
+                return problem(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Idempotency-Key reused for another request",
+                    "this Idempotency-Key was first used with another method, path or body",
+                );
+            }
+            Err(e) => return self.store_error(&e),
+        };
+        match outcome {
+            Outcome::Acquired(a) => {
+                let req = Request::from_parts(parts, Body::from(body));
+                self.run_upstream(req, record_key.into_bytes(), a.token)
+                    .await
+            }
+            Outcome::Completed(c) => {
+                crate::metrics::gateway("replayed");
+                replay(&c.result)
+            }
+            Outcome::InProgress(p) => self.in_progress(record_key.into_bytes(), &p).await,
+            Outcome::Failed(f) => {
+                crate::metrics::gateway("in_progress");
+                problem(
+                    StatusCode::CONFLICT,
+                    "The request failed for good",
+                    format!("it was tried {} times without a saved response", f.attempts),
+                )
+            }
+        }
+    }
+
+    fn store_error(&self, e: &ClientError) -> Response {
+        use tonic::Code;
+        match e.code() {
+            Some(Code::InvalidArgument) | Some(Code::ResourceExhausted)
+                if e.reason() != Some(Reason::NoSpace.as_str()) =>
+            {
+                crate::metrics::gateway("refused");
+                problem(
+                    StatusCode::BAD_REQUEST,
+                    "Refused by the idempotency store",
+                    e.message(),
+                )
+            }
+            _ => {
+                crate::metrics::gateway("unavailable");
+                tracing::warn!(error = %e.message(), "idemkv unavailable: answering 503");
+                unavailable(e)
+            }
+        }
+    }
+
+    /// Another request holds the key: await its response up to `wait`,
+    /// else 409.
+    async fn in_progress(&self, key: Vec<u8>, p: &api::InProgress) -> Response {
+        if !self.cfg.wait.is_zero() {
+            let waited = self
+                .store
+                .r#await(api::AwaitRequest {
+                    namespace: self.cfg.namespace.clone(),
+                    key,
+                    timeout_ms: self.cfg.wait.as_millis() as u64,
+                })
+                .await;
+            if let Ok(api::AwaitResponse {
+                record: Some(r),
+                timed_out: false,
+            }) = &waited
+            {
+                if r.state == api::RecordState::Completed as i32 {
+                    crate::metrics::gateway("replayed");
+                    return replay(&r.result);
+                }
+            }
+        }
+        crate::metrics::gateway("in_progress");
+        let mut r = problem(
+            StatusCode::CONFLICT,
+            "A request with this Idempotency-Key is being processed",
+            format!(
+                "retry after it finishes (its lease has {} ms left)",
+                p.lease_remaining_ms
+            ),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        r
+    }
+
+    /// Call the upstream under the claim `token` (renewed while it runs),
+    /// then save its response (or release the claim for a 5xx).
+    async fn run_upstream(&self, req: Request, key: Vec<u8>, token: u64) -> Response {
+        let renew = {
+            let store = self.store.clone();
+            let (ns, key) = (self.cfg.namespace.clone(), key.clone());
+            let lease_ms = self.cfg.lease.as_millis() as u64;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(lease_ms / 3)).await;
+                    let r = store
+                        .renew(api::RenewRequest {
+                            namespace: ns.clone(),
+                            key: key.clone(),
+                            token,
+                            lease_ms,
+                            checkpoint: None,
+                        })
+                        .await;
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e.message(), "lease renewal failed");
+                        if e.reason() == Some(Reason::LeaseLost.as_str()) {
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+        let upstream = self.send(req).await;
+        renew.abort();
+        let resp = match upstream {
+            Ok(r) => r,
+            Err(e) => {
+                return self
+                    .upstream_failed(key, token, "The upstream service failed", e)
+                    .await
+            }
+        };
+        let (parts, body) = resp.into_parts();
+        if parts.status.is_server_error() && !self.cfg.save_5xx {
+            self.release(key, token, &format!("upstream answered {}", parts.status))
+                .await;
+            crate::metrics::gateway("released_5xx");
+            return Response::from_parts(parts, Body::new(body));
+        }
+        let headers = self.saved_headers(&parts.headers);
+        let (saved, body) = match collect(body, self.cfg.max_body).await {
+            Ok(Collected::Whole(b)) => (
+                Saved {
+                    status: parts.status.as_u16(),
+                    headers,
+                    body: b.to_vec(),
+                    unsaved: None,
+                },
+                Body::from(b),
+            ),
+            Ok(Collected::TooLarge(seen, rest)) => (
+                Saved {
+                    status: parts.status.as_u16(),
+                    headers,
+                    body: Vec::new(),
+                    unsaved: Some(seen as u64),
+                },
+                rest,
+            ),
+            Err(e) => {
+                let title = "The upstream response broke off";
+                return self.upstream_failed(key, token, title, e).await;
+            }
+        };
+        let unsaved = saved.unsaved;
+        let completed = match crate::codec::encode(&saved) {
+            Ok(result) => {
+                self.store
+                    .complete(api::CompleteRequest {
+                        namespace: self.cfg.namespace.clone(),
+                        key,
+                        token,
+                        result,
+                        code: Some(i32::from(saved.status)),
+                        ..Default::default()
+                    })
+                    .await
+            }
+            Err(e) => Err(ClientError::Protocol(e.to_string())),
+        };
+        let mut out = Response::from_parts(parts, body);
+        match completed {
+            Ok(_) => crate::metrics::gateway("saved"),
+            Err(e) => {
+                // The lease was lost (another gateway took over) or the
+                // store is gone: this response was not saved, and the one
+                // saved (if any) stays.
+                tracing::warn!(error = %e.message(), "response not saved");
+                crate::metrics::gateway("not_saved");
+            }
+        }
+        if let Some(n) = unsaved {
+            out.headers_mut().insert(
+                HeaderName::from_static(UNSAVED_HEADER),
+                HeaderValue::from_str(&format!("body over {} bytes ({n} seen)", self.cfg.max_body))
+                    .expect("ascii"),
+            );
+        }
+        out
+    }
+
+    /// The upstream could not be reached or broke off: release the claim
+    /// (a retry calls it again) and answer 502.
+    async fn upstream_failed(&self, key: Vec<u8>, token: u64, title: &str, e: String) -> Response {
+        self.release(key, token, &e).await;
+        crate::metrics::gateway("upstream_failed");
+        problem(
+            StatusCode::BAD_GATEWAY,
+            title,
+            format!("{e}; the claim was released, so a retry calls it again"),
+        )
+    }
+
+    async fn release(&self, key: Vec<u8>, token: u64, why: &str) {
+        let r = self
+            .store
+            .release(api::ReleaseRequest {
+                namespace: self.cfg.namespace.clone(),
+                key,
+                token,
+                error: why.to_string(),
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e.message(), "release failed; the lease will run out instead");
+        }
+    }
+
+    fn saved_headers(&self, h: &HeaderMap) -> Vec<(String, Vec<u8>)> {
+        self.cfg
+            .save_headers
+            .iter()
+            .flat_map(|n| {
+                h.get_all(n)
+                    .iter()
+                    .map(move |v| (n.to_string(), v.as_bytes().to_vec()))
+            })
+            .collect()
+    }
+
+    /// Send `req` to the upstream, its path and query on the upstream's base.
+    async fn send(&self, req: Request) -> Result<Response, String> {
+        let (mut parts, body) = req.into_parts();
+        let base = &self.cfg.upstream;
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let prefix = base.path().trim_end_matches('/');
+        parts.uri = format!(
+            "{}://{}{prefix}{pq}",
+            base.scheme_str().unwrap_or("http"),
+            base.authority().map_or("", |a| a.as_str())
+        )
+        .parse()
+        .map_err(|e| format!("upstream URL: {e}"))?;
+        for h in HOP_BY_HOP {
+            parts.headers.remove(*h);
+        }
+        parts.headers.remove(header::HOST);
+        let resp = self
+            .http
+            .request(Request::from_parts(parts, body))
+            .await
+            .map_err(|e| format!("upstream {base}: {e}"))?;
+        let (mut parts, body) = resp.into_parts();
+        for h in HOP_BY_HOP {
+            parts.headers.remove(*h);
+        }
+        Ok(Response::from_parts(parts, Body::new(body)))
+    }
+
+    /// A request the gateway does not guard, sent on as it came.
+    async fn forward(&self, req: Request) -> Response {
+        match self.send(req).await {
+            Ok(r) => r,
+            Err(e) => problem(StatusCode::BAD_GATEWAY, "The upstream service failed", e),
+        }
+    }
+}
+
+/// Headers of one connection, not of the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// A saved response, replayed.
+fn replay(result: &[u8]) -> Response {
+    let saved: Saved = match crate::codec::decode(result) {
+        Ok(s) => s,
+        Err(e) => {
+            return problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "The saved response cannot be read",
+                format!("the record's result is not a gateway response: {e}"),
+            )
+        }
+    };
+    let mut r = Response::new(Body::from(saved.body));
+    *r.status_mut() = StatusCode::from_u16(saved.status).unwrap_or(StatusCode::OK);
+    for (n, v) in saved.headers {
+        if let (Ok(n), Ok(v)) = (HeaderName::try_from(n), HeaderValue::from_bytes(&v)) {
+            r.headers_mut().append(n, v);
+        }
+    }
+    r.headers_mut().insert(
+        HeaderName::from_static(REPLAYED_HEADER),
+        HeaderValue::from_static("true"),
+    );
+    if let Some(n) = saved.unsaved {
+        r.headers_mut().insert(
+            HeaderName::from_static(UNSAVED_HEADER),
+            HeaderValue::from_str(&format!("body of {n} bytes or more was not saved"))
+                .expect("ascii"),
+        );
+    }
+    r
+}
+
+enum Collected {
+    Whole(Bytes),
+    /// Over the limit after this many bytes: the whole body, to stream on.
+    TooLarge(usize, Body),
+}
+
+/// Read `body` whole if it fits in `limit` bytes; else hand it on as a
+/// stream (what was read first, then the rest).
+async fn collect<B>(mut body: B, limit: usize) -> Result<Collected, String>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: std::fmt::Display + Into<axum::BoxError>,
+{
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        if buf.len() > limit {
+            let seen = buf.len();
+            let head = futures::stream::once(futures::future::ready(Ok::<_, axum::BoxError>(
+                http_body::Frame::data(buf.freeze()),
+            )));
+            let rest = futures::StreamExt::map(BodyStream::new(body), |f| f.map_err(Into::into));
+            let stream = futures::StreamExt::chain(head, rest);
+            return Ok(Collected::TooLarge(
+                seen,
+                Body::new(StreamBody::new(stream)),
+            ));
+        }
+    }
+    Ok(Collected::Whole(buf.freeze()))
+}

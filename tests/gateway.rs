@@ -1,0 +1,396 @@
+//! `idemkv gateway` with real processes and real HTTP: a small upstream
+//! (in this test, counting its calls, slow or failing on request) behind
+//! gateway processes, in front of a three-node cluster.
+mod support;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::{connect::HttpConnector, Client as HttpClient};
+use support::procs::{self, ProcCluster, BIN};
+
+/// The upstream: counts calls per path, the most running at once, and
+/// answers `x-delay-ms` late; `/fail` answers 500.
+#[derive(Default)]
+struct Upstream {
+    calls: Mutex<BTreeMap<String, usize>>,
+    running: AtomicUsize,
+    most_running: AtomicUsize,
+}
+
+impl Upstream {
+    fn calls(&self, path: &str) -> usize {
+        self.calls.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+}
+
+/// Decrements `running` even when the gateway hangs up mid-call (the
+/// handler is dropped then).
+struct Running(Arc<Upstream>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn upstream_handler(
+    State(up): State<Arc<Upstream>>,
+    req: Request,
+) -> axum::response::Response {
+    let path = req.uri().path().to_string();
+    let n = {
+        let mut calls = up.calls.lock().unwrap();
+        let c = calls.entry(path.clone()).or_default();
+        *c += 1;
+        *c
+    };
+    let now = up.running.fetch_add(1, Ordering::SeqCst) + 1;
+    up.most_running.fetch_max(now, Ordering::SeqCst);
+    let _running = Running(up.clone());
+    let delay: u64 = req
+        .headers()
+        .get("x-delay-ms")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0);
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    tokio::time::sleep(Duration::from_millis(delay)).await;
+    if path == "/fail" {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("boom {n}")).into_response();
+    }
+    (
+        StatusCode::CREATED,
+        [
+            ("content-type", "application/json".to_string()),
+            ("location", format!("{path}/{n}")),
+            ("x-not-saved", "1".to_string()),
+        ],
+        format!(
+            "{{\"call\":{n},\"got\":{:?}}}",
+            String::from_utf8_lossy(&body)
+        ),
+    )
+        .into_response()
+}
+
+async fn start_upstream() -> (SocketAddr, Arc<Upstream>) {
+    let up = Arc::new(Upstream::default());
+    let app = axum::Router::new()
+        .fallback(upstream_handler)
+        .with_state(up.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, up)
+}
+
+/// A gateway process; killed when dropped.
+struct Gateway {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn gateway(cluster: &ProcCluster, upstream: SocketAddr, extra: &[&str]) -> Gateway {
+    let port = procs::free_ports(1)[0];
+    let listen = format!("127.0.0.1:{port}");
+    let log = std::fs::File::create(cluster.dir.join(format!("gateway-{port}.log"))).unwrap();
+    let child = Command::new(BIN)
+        .args(["gateway", "--listen", &listen])
+        .args(["--upstream", &format!("http://{upstream}")])
+        .args(["--endpoints", &cluster.api.join(",")])
+        .args(["--require-key", "/orders"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(&listen).await.is_err() {
+        assert!(Instant::now() < deadline, "the gateway never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Gateway {
+        child,
+        url: format!("http://{listen}"),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    fn replayed(&self) -> bool {
+        self.header("idempotent-replayed") == Some("true")
+    }
+}
+
+fn http() -> HttpClient<HttpConnector, Body> {
+    HttpClient::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+async fn send(
+    method: &str,
+    url: &str,
+    key: Option<&str>,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let mut req = axum::http::Request::builder().method(method).uri(url);
+    if let Some(k) = key {
+        req = req.header("idempotency-key", k);
+    }
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    let resp = http()
+        .request(req.body(Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body.collect().await.unwrap().to_bytes()).into_owned(),
+    }
+}
+
+async fn cluster(dir: &std::path::Path) -> ProcCluster {
+    let mut c = ProcCluster::new(dir, 3, "");
+    c.start_all();
+    idemkv::Client::new(&c.api)
+        .unwrap()
+        .wait_ready(Duration::from_secs(20))
+        .await
+        .unwrap();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retried_request_gets_the_first_response_and_the_upstream_one_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let (up_addr, up) = start_upstream().await;
+    let gw = gateway(&c, up_addr, &[]).await;
+    let orders = format!("{}/orders", gw.url);
+
+    // The same key and body twice: one upstream call, the same answer.
+    let first = send("POST", &orders, Some("k-1"), "{\"sku\":1}", &[]).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    assert!(!first.replayed());
+    let second = send("POST", &orders, Some("k-1"), "{\"sku\":1}", &[]).await;
+    assert_eq!(up.calls("/orders"), 1, "the retry reached the upstream");
+    assert!(second.replayed(), "{second:?}");
+    assert_eq!(second.status, first.status);
+    assert_eq!(second.body, first.body);
+    assert_eq!(second.header("location"), first.header("location"));
+    assert_eq!(second.header("content-type"), Some("application/json"));
+    assert_eq!(
+        second.header("x-not-saved"),
+        None,
+        "only the configured headers are saved"
+    );
+
+    // The same key with another body: 422, the upstream not called.
+    let other = send("POST", &orders, Some("k-1"), "{\"sku\":2}", &[]).await;
+    assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY, "{other:?}");
+    assert_eq!(
+        other.header("content-type"),
+        Some("application/problem+json")
+    );
+    assert_eq!(up.calls("/orders"), 1);
+
+    // No key where one is required: 400; elsewhere, and on GET, the
+    // request passes through.
+    let missing = send("POST", &orders, None, "{}", &[]).await;
+    assert_eq!(missing.status, StatusCode::BAD_REQUEST, "{missing:?}");
+    assert_eq!(up.calls("/orders"), 1);
+    let long = "k".repeat(256);
+    let bad = send("POST", &orders, Some(&long), "{}", &[]).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{bad:?}");
+    let through = send("POST", &format!("{}/notes", gw.url), None, "x", &[]).await;
+    assert_eq!(through.status, StatusCode::CREATED);
+    let get = send("GET", &orders, None, "", &[]).await;
+    assert_eq!(get.status, StatusCode::CREATED);
+    assert_eq!(up.calls("/orders"), 2, "GET passes through");
+
+    // Scoped: the same key from another caller is another request.
+    let scoped = gateway(&c, up_addr, &["--scope-header", "authorization"]).await;
+    let so = format!("{}/orders", scoped.url);
+    let alice = send("POST", &so, Some("k-s"), "a", &[("authorization", "alice")]).await;
+    let bob = send("POST", &so, Some("k-s"), "a", &[("authorization", "bob")]).await;
+    assert!(!alice.replayed() && !bob.replayed(), "{alice:?} {bob:?}");
+    let alice2 = send("POST", &so, Some("k-s"), "a", &[("authorization", "alice")]).await;
+    assert!(alice2.replayed());
+    assert_eq!(alice2.body, alice.body);
+
+    // A second gateway in front of the same cluster replays the first's.
+    let gw2 = gateway(&c, up_addr, &[]).await;
+    let via2 = send(
+        "POST",
+        &format!("{}/orders", gw2.url),
+        Some("k-1"),
+        "{\"sku\":1}",
+        &[],
+    )
+    .await;
+    assert!(via2.replayed());
+    assert_eq!(via2.body, first.body);
+
+    // A 500 passes through and releases: the retry calls upstream again.
+    let fail = format!("{}/fail", gw.url);
+    let f1 = send("POST", &fail, Some("k-f"), "x", &[]).await;
+    assert_eq!(f1.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let f2 = send("POST", &fail, Some("k-f"), "x", &[]).await;
+    assert_eq!(f2.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(!f2.replayed());
+    assert_eq!(up.calls("/fail"), 2);
+    // With --save-5xx it is saved and replayed.
+    let keep = gateway(&c, up_addr, &["--save-5xx"]).await;
+    let kf = format!("{}/fail", keep.url);
+    let s1 = send("POST", &kf, Some("k-f5"), "x", &[]).await;
+    let s2 = send("POST", &kf, Some("k-f5"), "x", &[]).await;
+    assert_eq!(up.calls("/fail"), 3);
+    assert!(
+        s2.replayed() && s2.body == s1.body && s2.status == s1.status,
+        "{s2:?}"
+    );
+}
+
+/// `n` requests at once with one key and body to a slow upstream.
+async fn burst(gateway: &str, key: &str, n: usize) -> Vec<Answer> {
+    let orders = format!("{gateway}/orders");
+    let slow = [("x-delay-ms", "500")];
+    futures::future::join_all((0..n).map(|_| send("POST", &orders, Some(key), "same", &slow))).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_with_one_key_make_one_upstream_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let (up_addr, up) = start_upstream().await;
+    let gw = gateway(&c, up_addr, &[]).await;
+    let waits = gateway(&c, up_addr, &["--wait", "10s"]).await;
+
+    // 50 at once, no wait: one runs, the others get 409.
+    let all = burst(&gw.url, "k-c", 50).await;
+    assert_eq!(up.calls("/orders"), 1);
+    let created = all
+        .iter()
+        .filter(|a| a.status == StatusCode::CREATED)
+        .count();
+    let conflicts = all
+        .iter()
+        .filter(|a| a.status == StatusCode::CONFLICT)
+        .count();
+    assert_eq!(created + conflicts, 50, "{all:?}");
+    assert!(created >= 1);
+    assert!(conflicts >= 1, "no request met the first in progress");
+    let c409 = all
+        .iter()
+        .find(|a| a.status == StatusCode::CONFLICT)
+        .unwrap();
+    assert_eq!(
+        c409.header("content-type"),
+        Some("application/problem+json")
+    );
+
+    // 20 at once with --wait: all get the one response.
+    let all = burst(&waits.url, "k-w", 20).await;
+    assert_eq!(up.calls("/orders"), 2);
+    let bodies: std::collections::BTreeSet<&str> = all.iter().map(|a| a.body.as_str()).collect();
+    assert_eq!(bodies.len(), 1, "{all:?}");
+    assert!(all.iter().all(|a| a.status == StatusCode::CREATED));
+    assert_eq!(all.iter().filter(|a| !a.replayed()).count(), 1);
+    assert_eq!(up.most_running.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_killed_mid_request_and_the_store_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path()).await;
+    let (up_addr, up) = start_upstream().await;
+    let mut dying = gateway(&c, up_addr, &["--lease", "1s"]).await;
+    let orders = format!("{}/orders", dying.url);
+    let slow = tokio::spawn(async move {
+        let r = axum::http::Request::builder()
+            .method("POST")
+            .uri(orders)
+            .header("idempotency-key", "k-d")
+            .header("x-delay-ms", "5000")
+            .body(Body::from("d"))
+            .unwrap();
+        http().request(r).await.map(|r| r.status())
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.calls("/orders") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    dying.child.kill().unwrap();
+    dying.child.wait().unwrap();
+    assert!(slow.await.unwrap().is_err(), "the killed gateway answered");
+    let other = gateway(&c, up_addr, &["--lease", "1s"]).await;
+    let orders = format!("{}/orders", other.url);
+    // Until the dead gateway's lease runs out: 409; then the retry runs.
+    let started = Instant::now();
+    let done = loop {
+        let a = send("POST", &orders, Some("k-d"), "d", &[]).await;
+        match a.status {
+            StatusCode::CONFLICT => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "the lease never ran out"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ => break a,
+        }
+    };
+    assert_eq!(done.status, StatusCode::CREATED, "{done:?}");
+    assert_eq!(
+        up.calls("/orders"),
+        2,
+        "at least once: the retry ran upstream again"
+    );
+    assert_eq!(
+        up.most_running.load(Ordering::SeqCst),
+        1,
+        "never two at once"
+    );
+    let again = send("POST", &orders, Some("k-d"), "d", &[]).await;
+    assert!(again.replayed() && again.body == done.body);
+
+    // idemkv down: 503 with Retry-After, the upstream not called.
+    c.kill9_all();
+    let calls = up.calls("/orders");
+    let down = send("POST", &orders, Some("k-down"), "x", &[]).await;
+    assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE, "{down:?}");
+    assert!(down.header("retry-after").is_some());
+    assert_eq!(up.calls("/orders"), calls);
+}
