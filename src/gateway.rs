@@ -145,7 +145,7 @@ async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
 }
 
 impl Gateway {
-    async fn serve(&self, req: Request) -> Response {
+    async fn serve(self: Arc<Self>, req: Request) -> Response {
         let guarded = self.cfg.methods.contains(req.method());
         let key = req.headers().get(KEY_HEADER).cloned();
         let path = req
@@ -242,8 +242,20 @@ impl Gateway {
         match outcome {
             Outcome::Acquired(a) => {
                 let req = Request::from_parts(parts, Body::from(body));
-                self.run_upstream(req, record_key.into_bytes(), a.token)
-                    .await
+                // On a task of its own: a caller that hangs up must not
+                // cancel the upstream call half way with the claim held
+                // (its retry would meet 409 until the lease ran out); the
+                // response is saved for that retry instead.
+                let gw = self.clone();
+                let key = record_key.into_bytes();
+                let run = tokio::spawn(async move { gw.run_upstream(req, key, a.token).await });
+                run.await.unwrap_or_else(|e| {
+                    problem(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "The gateway failed",
+                        e.to_string(),
+                    )
+                })
             }
             Outcome::Completed(c) => {
                 crate::metrics::gateway("replayed");
@@ -491,6 +503,8 @@ impl Gateway {
         for h in HOP_BY_HOP {
             parts.headers.remove(*h);
         }
+        // The gateway speaks its own HTTP version to its caller.
+        parts.version = axum::http::Version::HTTP_11;
         Ok(Response::from_parts(parts, Body::new(body)))
     }
 

@@ -56,13 +56,20 @@ async fn upstream_handler(
     let now = up.running.fetch_add(1, Ordering::SeqCst) + 1;
     up.most_running.fetch_max(now, Ordering::SeqCst);
     let _running = Running(up.clone());
-    let delay: u64 = req
-        .headers()
-        .get("x-delay-ms")
-        .and_then(|v| v.to_str().ok()?.parse().ok())
-        .unwrap_or(0);
+    let number = |h: &HeaderMap, name: &str| -> u64 {
+        h.get(name)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let (delay, size) = (
+        number(req.headers(), "x-delay-ms"),
+        number(req.headers(), "x-size"),
+    );
     let body = req.into_body().collect().await.unwrap().to_bytes();
     tokio::time::sleep(Duration::from_millis(delay)).await;
+    if path == "/big" {
+        return (StatusCode::CREATED, "x".repeat(size as usize)).into_response();
+    }
     if path == "/fail" {
         return (StatusCode::INTERNAL_SERVER_ERROR, format!("boom {n}")).into_response();
     }
@@ -277,6 +284,37 @@ async fn a_retried_request_gets_the_first_response_and_the_upstream_one_call() {
         s2.replayed() && s2.body == s1.body && s2.status == s1.status,
         "{s2:?}"
     );
+
+    // A response over --max-body streams through whole, unsaved but
+    // marked; the retry gets its status, marked, and no second call.
+    let mport = procs::free_ports(1)[0];
+    let metrics = format!("127.0.0.1:{mport}");
+    let small = gateway(
+        &c,
+        up_addr,
+        &["--max-body", "1000", "--metrics-listen", &metrics],
+    )
+    .await;
+    let big = format!("{}/big", small.url);
+    let b1 = send("POST", &big, Some("k-big"), "x", &[("x-size", "5000")]).await;
+    assert_eq!((b1.status, b1.body.len()), (StatusCode::CREATED, 5000));
+    assert!(
+        b1.header("idempotent-response-unsaved").is_some(),
+        "{:?}",
+        b1.headers
+    );
+    let b2 = send("POST", &big, Some("k-big"), "x", &[("x-size", "5000")]).await;
+    assert!(b2.replayed() && b2.status == StatusCode::CREATED && b2.body.is_empty());
+    assert!(b2.header("idempotent-response-unsaved").is_some());
+    assert_eq!(up.calls("/big"), 1);
+    // Its outcomes are counted.
+    let scrape = send("GET", &format!("http://{metrics}/metrics"), None, "", &[]).await;
+    for line in [
+        "idemkv_gateway_requests_total{outcome=\"saved\"} 1",
+        "idemkv_gateway_requests_total{outcome=\"replayed\"} 1",
+    ] {
+        assert!(scrape.body.contains(line), "{line} not in {}", scrape.body);
+    }
 }
 
 /// `n` requests at once with one key and body to a slow upstream.
@@ -325,6 +363,18 @@ async fn concurrent_requests_with_one_key_make_one_upstream_call() {
     assert!(all.iter().all(|a| a.status == StatusCode::CREATED));
     assert_eq!(all.iter().filter(|a| !a.replayed()).count(), 1);
     assert_eq!(up.most_running.load(Ordering::SeqCst), 1);
+
+    // A caller that hangs up mid-request leaves no key stuck in progress:
+    // the upstream call finishes and its response is saved for the retry.
+    let orders = format!("{}/orders", gw.url);
+    let slow = [("x-delay-ms", "800")];
+    let hung_up = send("POST", &orders, Some("k-h"), "h", &slow);
+    let hung_up = tokio::time::timeout(Duration::from_millis(200), hung_up).await;
+    assert!(hung_up.is_err(), "answered before the upstream did");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let retry = send("POST", &orders, Some("k-h"), "h", &[]).await;
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(up.calls("/orders"), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

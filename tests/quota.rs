@@ -118,6 +118,17 @@ async fn past_the_quota_claims_get_nospace_until_the_sweep_makes_room() {
     let e = raw.claim(claim("via-follower", 4_000)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("NOSPACE"), "{e:?}");
+    // A claim that only replays a stored result stores nothing: it is
+    // answered, through the follower too.
+    let replay = raw
+        .claim(claim(&filled[1], 4_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(replay.outcome, Some(Outcome::Completed(_))),
+        "{replay:?}"
+    );
     // A batch is refused whole.
     let batch = client
         .claim_batch(api::ClaimBatchRequest {

@@ -68,6 +68,10 @@ pub struct GatewayArgs {
     /// claim, so a retry calls the upstream again).
     #[arg(long, env = "IDEMKV_GATEWAY_SAVE_5XX")]
     pub save_5xx: bool,
+    /// Serve Prometheus `GET /metrics` here (`idemkv_gateway_requests` by
+    /// outcome); none: not served.
+    #[arg(long, env = "IDEMKV_GATEWAY_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Largest request body taken, and response body saved, in bytes.
     #[arg(long, env = "IDEMKV_GATEWAY_MAX_BODY", default_value_t = 1_000_000)]
     pub max_body: usize,
@@ -133,9 +137,23 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<()> {
         "idemkv gateway on http://{addr} -> {} (records in namespace {:?} at {})",
         a.upstream, a.namespace, a.endpoints
     );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    if let Some(m) = &a.metrics_listen {
+        let l = tokio::net::TcpListener::bind(m)
+            .await
+            .with_context(|| format!("cannot listen on {m} for metrics"))?;
+        println!(
+            "idemkv gateway: metrics on http://{}/metrics",
+            l.local_addr()?
+        );
+        // A gateway has no Raft state: those gauges read 0 here.
+        let gauges: idemkv::metrics::GaugeSource = std::sync::Arc::new(Default::default);
+        tokio::spawn(idemkv::metrics::serve(l, gauges, stopped));
+    }
     let gw = Gateway::new(cfg, client);
     axum::serve(listener, gw.router())
         .with_graceful_shutdown(super::serve::wait_for_signal())
         .await?;
+    let _ = stop.send(true);
     Ok(())
 }

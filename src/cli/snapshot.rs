@@ -33,8 +33,9 @@ pub enum SnapshotOp {
     /// token counter (checked whole first): DIR/node-1 ... DIR/node-N with
     /// the addresses `idemkv up` gives them (same --dir, --nodes, --host
     /// and ports), or one per member of --peers for nodes run with `serve`.
-    /// The new cluster has its own membership and log; nothing of the old
-    /// one can join it.
+    /// The new cluster has its own membership and starts its log after
+    /// the snapshot's last entry. Keep nodes of the old cluster away from
+    /// its addresses: idemkv has no cluster id yet to refuse them.
     Restore {
         file: PathBuf,
         #[command(flatten)]
@@ -109,10 +110,24 @@ fn restore(file: &Path, layout: &UpArgs, peers: Option<&str>) -> anyhow::Result<
     let wall_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as u64;
+    let mut made = Vec::new();
     for id in members.keys() {
         let dir = layout.node_dir(*id);
-        idemkv::store::restore_snapshot(file, &dir, members.clone(), wall_ms)
-            .with_context(|| format!("cannot restore {} into {}", file.display(), dir.display()))?;
+        let existed = dir.exists();
+        if let Err(e) = idemkv::store::restore_snapshot(file, &dir, members.clone(), wall_ms) {
+            // Nothing half restored: the nodes done so far go too.
+            for d in made {
+                let _ = std::fs::remove_dir_all(d);
+            }
+            return Err(anyhow::Error::new(e).context(format!(
+                "cannot restore {} into {}",
+                file.display(),
+                dir.display()
+            )));
+        }
+        if !existed {
+            made.push(dir);
+        }
     }
     println!(
         "RESTORED {} into {}: {} nodes, {} records ({} completed), entry {}, last token {}",

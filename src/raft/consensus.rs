@@ -176,6 +176,31 @@ impl Consensus {
         })
     }
 
+    /// Whether `command` may store a record or take one over: what the
+    /// data-size quota refuses. A claim that finds a completed or failed
+    /// record (a replay), or repeats the holder's own claim, stores
+    /// nothing, so it goes on under NOSPACE like completes and reads.
+    fn stores_more(&self, command: &Command) -> bool {
+        let replays = |key: &RecordKey, c: &record::Claim| match self.sm.get(key) {
+            Ok(Some(r)) => match &r.state {
+                record::State::Completed { .. } | record::State::Failed { .. } => true,
+                record::State::InProgress {
+                    owner, claim_id, ..
+                } => *owner == c.owner && *claim_id == c.claim_id,
+                record::State::Available { .. } => false,
+            },
+            _ => false,
+        };
+        match command {
+            Command::Op {
+                key,
+                op: Op::Claim(c),
+            } => !replays(key, c),
+            Command::ClaimBatch { items, .. } => items.iter().any(|(k, c)| !replays(k, c)),
+            _ => false,
+        }
+    }
+
     /// What the records take and the quota (bytes).
     pub fn data_size(&self) -> (u64, u64) {
         (self.sm.data_bytes(), self.quota_bytes)
@@ -343,8 +368,8 @@ impl Consensus {
         if !self.raft.is_leader() {
             return Err(Local::NotLeader(self.leader()));
         }
-        if grants(&command) {
-            if let Some(e) = self.no_space() {
+        if let Some(e) = self.no_space() {
+            if self.stores_more(&command) {
                 return Err(Local::Failed(e));
             }
         }
@@ -941,18 +966,6 @@ impl Sink for Forwards {
             "this node is stopping; the write was not forwarded; retrying is safe".into(),
         )
     }
-}
-
-/// Whether `command` may grant a claim (and so store more): what the
-/// data-size quota refuses.
-fn grants(command: &Command) -> bool {
-    matches!(
-        command,
-        Command::Op {
-            op: Op::Claim(_),
-            ..
-        } | Command::ClaimBatch { .. }
-    )
 }
 
 fn reply_error(reply: ForwardReply) -> Error {

@@ -91,7 +91,12 @@ fn open_sled(sled_dir: &Path) -> io::Result<sled::Db> {
 /// Restore never writes over a data directory: `dir` must not exist or be
 /// empty.
 pub fn refuse_non_empty(dir: &Path) -> io::Result<()> {
-    if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+    let empty = match std::fs::read_dir(dir) {
+        Ok(mut d) => d.next().is_none(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+        Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
+    };
+    if !empty {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
             format!(
@@ -119,6 +124,7 @@ pub fn restore_snapshot(
 ) -> io::Result<Inspection> {
     let inspection = inspect_snapshot(file)?;
     refuse_non_empty(dir)?;
+    let existed = dir.exists();
     let restore = || -> io::Result<()> {
         let store = Store::open(dir)?;
         let last = store.state_machine.restore_from(file, members, wall_ms)?;
@@ -128,7 +134,17 @@ pub fn restore_snapshot(
         store.syncer.sync_now()
     };
     restore().inspect_err(|_| {
-        let _ = std::fs::remove_dir_all(dir);
+        // Leave an empty directory the user made; remove what we made.
+        if existed {
+            if let Ok(d) = std::fs::read_dir(dir) {
+                for e in d.flatten() {
+                    let _ = std::fs::remove_dir_all(e.path())
+                        .or_else(|_| std::fs::remove_file(e.path()));
+                }
+            }
+        } else {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     })?;
     Ok(inspection)
 }

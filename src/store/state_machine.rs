@@ -230,9 +230,10 @@ pub(super) struct Overlay {
 }
 
 /// What one record takes towards the data-size quota: its key twice (the
-/// record and its expiry index entry) and its stored value.
+/// record, and its expiry index entry with the 8-byte expiry) and its
+/// stored value.
 pub(super) fn stored_bytes(rk: &[u8], value_len: usize) -> u64 {
-    (2 * rk.len() + value_len) as u64
+    (2 * rk.len() + 8 + value_len) as u64
 }
 
 /// How often apply writes the clock's anchor to its file.
@@ -627,7 +628,11 @@ impl StateMachineStore {
         let mut done = std::mem::take(p);
         done.writes
             .insert(keys::APPLIED.to_vec(), Some(encode(&Some(last))?));
-        self.anchor_clock()?;
+        // Only a hint for a later restart: a failed write (EIO, a full
+        // copy-on-write disk) must not stop apply.
+        if let Err(e) = self.anchor_clock() {
+            tracing::warn!(error = %e, "cannot write the clock anchor; a restart may not count its downtime");
+        }
         if let Some(t) = done.last_token {
             done.writes
                 .insert(keys::LAST_TOKEN.to_vec(), Some(encode(&t)?));
