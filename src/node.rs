@@ -119,7 +119,10 @@ impl Node {
             None => None,
         };
         let caps = &cfg.caps;
-        let peers = Peers::new(tls.as_ref().map(|t| t.peer_client.clone()));
+        let peers = Peers::new(
+            tls.as_ref().map(|t| t.peer_client.clone()),
+            store.identity.clone(),
+        );
         let sm = store.state_machine.clone();
         let raft = Raft::new(
             cfg.id,

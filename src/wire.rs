@@ -11,6 +11,8 @@ use std::fmt;
 /// The metadata entry naming why a call was refused (SPEC §3): one of
 /// [`Reason`]'s texts.
 pub const REASON_HEADER: &str = "idemkv-reason";
+/// Peer calls carry the sender's cluster id here (`store/identity.rs`).
+pub const CLUSTER_HEADER: &str = "idemkv-cluster";
 
 /// Largest request or reply on the client port by default: well above the
 /// result and batch limits, so oversized fields reach validation and get

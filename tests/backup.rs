@@ -249,6 +249,11 @@ async fn a_restored_cluster_on_other_ports_replays_every_result_and_grants_later
         "the new cluster elected in term {} <= {saved_term}",
         s.term
     );
+    // A new identity, the same on every restored node.
+    assert!(!s.cluster_id.is_empty() && s.cluster_id != first.cluster_id);
+    for (_, st) in client.status_all().await {
+        assert_eq!(st.unwrap().cluster_id, s.cluster_id);
+    }
     let members: Vec<&str> = s.members.iter().map(|m| m.api_addr.as_str()).collect();
     assert_eq!(
         members,

@@ -357,3 +357,55 @@ async fn check_names_a_replica_changed_behind_its_back() {
     let leader_only = Client::new([&c.api[leader as usize - 1]]).unwrap();
     assert_all_there(&leader_only, &records).await;
 }
+
+/// A node of another cluster (as a node of the cluster a backup came from
+/// would be, running at an address the restored cluster reuses) is refused
+/// by its cluster id: added to cluster A by mistake, node 1 of cluster B
+/// takes nothing of A's leader and keeps serving B's records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_another_cluster_is_refused_by_its_cluster_id() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = ProcCluster::new(dir_a.path(), 3, "");
+    let mut b = ProcCluster::new(dir_b.path(), 3, "");
+    a.start_all();
+    b.start_all();
+    let (ca, cb) = (Client::new(&a.api).unwrap(), Client::new(&b.api).unwrap());
+    ca.wait_ready(Duration::from_secs(20)).await.unwrap();
+    cb.wait_ready(Duration::from_secs(20)).await.unwrap();
+    write_records(&ca, 0, 20).await;
+    let records_b = write_records(&cb, 100, 110).await;
+    let (id_a, id_b) = (
+        ca.status().await.unwrap().cluster_id,
+        cb.status().await.unwrap().cluster_id,
+    );
+    assert!(!id_a.is_empty() && id_a != id_b, "{id_a} / {id_b}");
+
+    // B's node 1 added to A as node 4: A's leader reaches it, and is refused.
+    let added = ctl(&a.api, &["member", "add", "4", &b.api[0], &b.peer[0]]);
+    assert_eq!(added["outcome"], "ADDED");
+    let log = b.dir.join("node-1.log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("another cluster")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B's node 1 never refused A's leader"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // It still belongs to B: B's members, B's id, B's records, replicas agree.
+    let node = Client::new([&b.api[0]]).unwrap().status().await.unwrap();
+    assert_eq!(node.cluster_id, id_b);
+    let addrs: Vec<&str> = node.members.iter().map(|m| m.api_addr.as_str()).collect();
+    assert_eq!(addrs, b.api.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_all_there(&cb, &records_b).await;
+    let out = run_ctl(&b.api, &["check"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -134,6 +134,7 @@ impl Cluster for ClusterService {
             data_bytes,
             quota_bytes,
             alarms,
+            cluster_id: self.consensus.cluster_id().unwrap_or_default(),
         }))
     }
 

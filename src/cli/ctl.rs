@@ -771,6 +771,7 @@ async fn status(client: &Client) -> (String, Value) {
                     "applied_index": s.applied_index, "last_log_index": s.last_log_index,
                     "snapshot_index": s.snapshot_index, "rejoin_until": s.rejoin_until,
                     "data_bytes": s.data_bytes, "quota_bytes": s.quota_bytes, "alarms": s.alarms,
+                    "cluster_id": s.cluster_id,
                 }));
             }
             Err(e) => {

@@ -33,9 +33,9 @@ pub enum SnapshotOp {
     /// token counter (checked whole first): DIR/node-1 ... DIR/node-N with
     /// the addresses `idemkv up` gives them (same --dir, --nodes, --host
     /// and ports), or one per member of --peers for nodes run with `serve`.
-    /// The new cluster has its own membership and starts its log after
-    /// the snapshot's last entry. Keep nodes of the old cluster away from
-    /// its addresses: idemkv has no cluster id yet to refuse them.
+    /// The new cluster has its own membership and cluster id, and starts
+    /// its log after the snapshot's last entry: nodes of the old cluster
+    /// are refused by its id.
     Restore {
         file: PathBuf,
         #[command(flatten)]
@@ -110,11 +110,15 @@ fn restore(file: &Path, layout: &UpArgs, peers: Option<&str>) -> anyhow::Result<
     let wall_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as u64;
+    // One new identity for every node of the new cluster.
+    let cluster_id = idemkv::store::ClusterId::fresh();
     let mut made = Vec::new();
     for id in members.keys() {
         let dir = layout.node_dir(*id);
         let existed = dir.exists();
-        if let Err(e) = idemkv::store::restore_snapshot(file, &dir, members.clone(), wall_ms) {
+        if let Err(e) =
+            idemkv::store::restore_snapshot(file, &dir, members.clone(), wall_ms, &cluster_id)
+        {
             // Nothing half restored: the nodes done so far go too.
             for d in made {
                 let _ = std::fs::remove_dir_all(d);

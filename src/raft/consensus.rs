@@ -201,6 +201,28 @@ impl Consensus {
         }
     }
 
+    /// This node's cluster id (none: it never joined a cluster that has
+    /// one).
+    pub fn cluster_id(&self) -> Option<String> {
+        self.peers.identity.get()
+    }
+
+    /// A peer call's cluster id against this node's: taken when this node
+    /// has none yet, refused when it differs, not checked when absent.
+    pub fn admit_cluster(&self, theirs: Option<&str>) -> Result<()> {
+        let Some(theirs) = theirs else {
+            return Ok(());
+        };
+        let ours = self.peers.identity.adopt(theirs)?;
+        if ours != theirs {
+            return Err(Error::PermissionDenied(format!(
+                "peer: the call comes from another cluster (id {theirs}); node {} belongs to cluster {ours}",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
     /// What the records take and the quota (bytes).
     pub fn data_size(&self) -> (u64, u64) {
         (self.sm.data_bytes(), self.quota_bytes)
@@ -734,6 +756,10 @@ impl Consensus {
     /// Initialise a new cluster with these members (a no-op error if this
     /// node was already initialised).
     pub async fn initialize(&self, members: BTreeMap<NodeId, PeerNode>) -> Result<()> {
+        // A new cluster gets a new id (kept if this node already has one).
+        self.peers
+            .identity
+            .adopt(&crate::store::ClusterId::fresh())?;
         match self.raft.initialize(members).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(e)) => {

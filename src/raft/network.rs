@@ -19,40 +19,57 @@ use openraft::raft::{
 };
 use openraft::OptionalSend;
 use tokio_stream::{Stream, StreamExt};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::{NodeId, PeerNode, Snapshot, StreamAppendResult, TypeConfig, Vote};
 use crate::codec::{decode, encode};
 use crate::pb::peer::raft_peer_client::RaftPeerClient;
 use crate::pb::peer::{Payload, SnapshotChunk};
-use crate::wire::MAX_PEER_MESSAGE;
+use crate::store::ClusterId;
+use crate::wire::{CLUSTER_HEADER, MAX_PEER_MESSAGE};
+
+/// A peer's gRPC client; every call carries this node's cluster id.
+pub type PeerClient = RaftPeerClient<InterceptedService<Channel, ClusterStamp>>;
+
+/// Adds this node's cluster id (when it has one) to every peer call.
+#[derive(Clone)]
+pub struct ClusterStamp(Arc<ClusterId>);
+
+impl tonic::service::Interceptor for ClusterStamp {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = self.0.get().and_then(|id| id.parse().ok()) {
+            req.metadata_mut().insert(CLUSTER_HEADER, v);
+        }
+        Ok(req)
+    }
+}
 
 const SNAPSHOT_CHUNK: usize = 1024 * 1024;
 
 /// Hands out the cached channel of each peer.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
     /// Mutual TLS to peers (`https://`, this node's certificate as its
     /// identity); none: plaintext.
     tls: Option<ClientTlsConfig>,
+    /// This node's cluster id, sent with every call.
+    pub identity: Arc<ClusterId>,
 }
 
 impl Peers {
     /// Peers reached over TLS when `tls` is set.
-    pub fn new(tls: Option<ClientTlsConfig>) -> Peers {
+    pub fn new(tls: Option<ClientTlsConfig>, identity: Arc<ClusterId>) -> Peers {
         Peers {
             channels: Arc::default(),
             tls,
+            identity,
         }
     }
 
     /// The gRPC client of peer `id` at `raft_addr` (reusing its channel).
-    pub fn client(
-        &self,
-        id: NodeId,
-        raft_addr: &str,
-    ) -> Result<RaftPeerClient<Channel>, tonic::Status> {
+    pub fn client(&self, id: NodeId, raft_addr: &str) -> Result<PeerClient, tonic::Status> {
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let channel = match map.get(&id) {
             Some((addr, ch)) if addr == raft_addr => ch.clone(),
@@ -75,9 +92,11 @@ impl Peers {
                 ch
             }
         };
-        Ok(RaftPeerClient::new(channel)
-            .max_decoding_message_size(MAX_PEER_MESSAGE)
-            .max_encoding_message_size(MAX_PEER_MESSAGE))
+        Ok(
+            RaftPeerClient::with_interceptor(channel, ClusterStamp(self.identity.clone()))
+                .max_decoding_message_size(MAX_PEER_MESSAGE)
+                .max_encoding_message_size(MAX_PEER_MESSAGE),
+        )
     }
 }
 
@@ -92,7 +111,7 @@ impl RaftNetworkFactory<TypeConfig> for Peers {
 }
 
 pub struct PeerConnection {
-    client: Result<RaftPeerClient<Channel>, tonic::Status>,
+    client: Result<PeerClient, tonic::Status>,
 }
 
 fn status_to_rpc(s: tonic::Status) -> RPCError<TypeConfig> {
@@ -109,7 +128,7 @@ fn io_to_rpc(e: std::io::Error) -> RPCError<TypeConfig> {
 }
 
 impl PeerConnection {
-    fn client(&self) -> Result<RaftPeerClient<Channel>, RPCError<TypeConfig>> {
+    fn client(&self) -> Result<PeerClient, RPCError<TypeConfig>> {
         self.client.clone().map_err(status_to_rpc)
     }
 

@@ -130,6 +130,15 @@ impl Admission {
     }
 
     async fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let theirs = req
+            .metadata()
+            .get(crate::wire::CLUSTER_HEADER)
+            .and_then(|v| v.to_str().ok());
+        if let Err(e) = self.consensus.admit_cluster(theirs) {
+            crate::metrics::peer_refused();
+            tracing::warn!(error = %e, "refused a peer call from another cluster");
+            return Err(to_status(e));
+        }
         if !self.members_only {
             return Ok(());
         }

@@ -37,6 +37,8 @@ pub const RAFT_TREE: &str = "raft";
 pub const VOTE: &[u8] = b"vote";
 /// In [`RAFT_TREE`]: the last purged log id.
 pub const PURGED: &[u8] = b"last_purged";
+/// In [`RAFT_TREE`]: the cluster's id (`store/identity.rs`).
+pub const CLUSTER_ID: &[u8] = b"cluster_id";
 /// In [`RAFT_TREE`]: the commit point, a hint saved without a sync.
 pub const COMMITTED: &[u8] = b"committed";
 /// In [`RAFT_TREE`]: the entry a node that cut a damaged record must hold

@@ -16,6 +16,7 @@
 
 pub mod boot_clock;
 pub mod durable;
+mod identity;
 mod key_filter;
 pub mod keys;
 mod log;
@@ -36,6 +37,7 @@ use crate::clock::Clock;
 use crate::raft::types::{NodeId, PeerNode};
 
 pub use durable::Syncer;
+pub use identity::ClusterId;
 pub use log::LogStore;
 pub use log::SEGMENT_BYTES;
 pub use rejoin::Rejoin;
@@ -54,6 +56,7 @@ pub struct Store {
     pub log: LogStore,
     pub state_machine: StateMachineStore,
     pub syncer: Arc<Syncer>,
+    pub identity: Arc<ClusterId>,
 }
 
 /// Open sled, turning a panic in its recovery (a damaged file can cause
@@ -121,6 +124,7 @@ pub fn restore_snapshot(
     dir: &Path,
     members: BTreeMap<NodeId, PeerNode>,
     wall_ms: u64,
+    cluster_id: &str,
 ) -> io::Result<Inspection> {
     let inspection = inspect_snapshot(file)?;
     refuse_non_empty(dir)?;
@@ -131,6 +135,7 @@ pub fn restore_snapshot(
         if let Some(last) = last {
             store.log.restored_at(&last)?;
         }
+        store.identity.adopt(cluster_id)?;
         store.syncer.sync_now()
     };
     restore().inspect_err(|_| {
@@ -180,10 +185,12 @@ impl Store {
         // Record what sled holds now, durably (a data directory from before
         // the mark gets one here).
         syncer.sync_now()?;
+        let identity = ClusterId::open(&db)?;
         Ok(Store {
             log,
             state_machine,
             syncer,
+            identity,
         })
     }
 }

@@ -1,0 +1,58 @@
+//! The cluster's identity (like etcd's cluster id): a random id made when
+//! a cluster is initialised or restored from a backup, kept durably in the
+//! data directory and sent with every peer call. A node refuses peer calls
+//! that carry another cluster's id, so a node of the cluster a backup came
+//! from, still running at an address the restored cluster reuses, can
+//! neither append to nor vote in it (nor be appended to). A node that has
+//! none (a new, empty one being added) takes the first id a peer sends;
+//! calls without one (older versions, tools) are not checked.
+
+use std::io;
+use std::sync::{Arc, RwLock};
+
+use super::durable::sled_err;
+use super::keys;
+
+pub struct ClusterId {
+    tree: sled::Tree,
+    id: RwLock<Option<String>>,
+}
+
+impl ClusterId {
+    pub(super) fn open(db: &sled::Db) -> io::Result<Arc<ClusterId>> {
+        let tree = db.open_tree(keys::RAFT_TREE).map_err(sled_err)?;
+        let id = tree
+            .get(keys::CLUSTER_ID)
+            .map_err(sled_err)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        Ok(Arc::new(ClusterId {
+            tree,
+            id: RwLock::new(id),
+        }))
+    }
+
+    /// A new random id.
+    pub fn fresh() -> String {
+        uuid::Uuid::new_v4().to_string()
+    }
+
+    /// This node's cluster id, if it has one.
+    pub fn get(&self) -> Option<String> {
+        self.id.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Take `id` as this node's, durably, unless it has one; returns the
+    /// id it has afterwards.
+    pub fn adopt(&self, id: &str) -> io::Result<String> {
+        let mut cur = self.id.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = &*cur {
+            return Ok(c.clone());
+        }
+        self.tree
+            .insert(keys::CLUSTER_ID, id.as_bytes())
+            .map_err(sled_err)?;
+        self.tree.flush().map_err(sled_err)?;
+        *cur = Some(id.to_string());
+        Ok(id.to_string())
+    }
+}
