@@ -136,6 +136,7 @@ async fn appends_and_votes_are_acknowledged_only_after_fsync() {
     store.syncer.close();
     drop(store.state_machine);
     drop(store.syncer);
+    drop(store.identity);
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let store = Store::open(dir.path()).unwrap();
     let mut log = store.log;
