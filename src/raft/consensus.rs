@@ -177,19 +177,20 @@ impl Consensus {
     }
 
     /// Whether `command` may store a record or take one over: what the
-    /// data-size quota refuses. A claim that finds a completed or failed
-    /// record (a replay), or repeats the holder's own claim, stores
-    /// nothing, so it goes on under NOSPACE like completes and reads.
+    /// data-size quota refuses. A claim that changes nothing (a replay, the
+    /// holder's own retry, a live lease held by another), as
+    /// `record::claim_without_write` judges it, stores nothing, so it goes
+    /// on under NOSPACE like completes and reads.
     fn stores_more(&self, command: &Command) -> bool {
+        // The record model's own test (the no-write fast path's): a claim
+        // that changes nothing stores nothing.
+        let now = record::advance_clock(self.sm.clock_ms(), self.now_ms());
         let replays = |key: &RecordKey, c: &record::Claim| match self.sm.get(key) {
-            Ok(Some(r)) => match &r.state {
-                record::State::Completed { .. } | record::State::Failed { .. } => true,
-                record::State::InProgress {
-                    owner, claim_id, ..
-                } => *owner == c.owner && *claim_id == c.claim_id,
-                record::State::Available { .. } => false,
-            },
-            _ => false,
+            Ok(rec) => {
+                let op = Op::Claim(c.clone());
+                record::claim_without_write(rec.as_ref(), &op, now, self.sm.last_token()).is_some()
+            }
+            Err(_) => false,
         };
         match command {
             Command::Op {
