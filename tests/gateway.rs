@@ -113,15 +113,27 @@ impl Drop for Gateway {
 }
 
 async fn gateway(cluster: &ProcCluster, upstream: SocketAddr, extra: &[&str]) -> Gateway {
+    let mut args = vec![
+        "--upstream".to_string(),
+        format!("http://{upstream}"),
+        "--endpoints".into(),
+        cluster.api.join(","),
+        "--require-key".into(),
+        "/orders".into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    spawn_gateway(cluster, &args, &[]).await
+}
+
+/// `idemkv gateway --listen <free port> ARGS` with `env` added.
+async fn spawn_gateway(cluster: &ProcCluster, args: &[String], env: &[(&str, &str)]) -> Gateway {
     let port = procs::free_ports(1)[0];
     let listen = format!("127.0.0.1:{port}");
     let log = std::fs::File::create(cluster.dir.join(format!("gateway-{port}.log"))).unwrap();
-    let child = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(["gateway", "--listen", &listen])
-        .args(["--upstream", &format!("http://{upstream}")])
-        .args(["--endpoints", &cluster.api.join(",")])
-        .args(["--require-key", "/orders"])
-        .args(extra)
+        .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -129,6 +141,11 @@ async fn gateway(cluster: &ProcCluster, upstream: SocketAddr, extra: &[&str]) ->
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while tokio::net::TcpStream::connect(&listen).await.is_err() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the gateway exited: {}",
+            std::fs::read_to_string(cluster.dir.join(format!("gateway-{port}.log"))).unwrap()
+        );
         assert!(Instant::now() < deadline, "the gateway never listened");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -443,4 +460,93 @@ async fn a_gateway_killed_mid_request_and_the_store_down() {
     assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE, "{down:?}");
     assert!(down.header("retry-after").is_some());
     assert_eq!(up.calls("/orders"), calls);
+}
+
+/// Settings from `--config FILE`, with flags and `IDEMKV_GATEWAY_*` over
+/// it; a file with an unknown key or a bad value is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn settings_come_from_a_config_file_with_flags_and_variables_over_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let (up_addr, up) = start_upstream().await;
+    let file = dir.path().join("gateway.toml");
+    let endpoints: Vec<String> = c.api.iter().map(|a| format!("{a:?}")).collect();
+    std::fs::write(
+        &file,
+        format!(
+            "upstream = \"http://{up_addr}\"\n\
+             endpoints = [{}]\n\
+             namespace = \"from-file\"\n\
+             methods = \"POST\"\n\
+             require_key = [\"/orders\"]\n\
+             save_headers = [\"content-type\", \"x-not-saved\"]\n\
+             lease = \"5s\"\n",
+            endpoints.join(", ")
+        ),
+    )
+    .unwrap();
+    let config = ["--config".to_string(), file.display().to_string()];
+
+    // The file alone: its upstream, endpoints, required route and saved
+    // headers are the gateway's.
+    let gw = spawn_gateway(&c, &config, &[]).await;
+    let orders = format!("{}/orders", gw.url);
+    let missing = send("POST", &orders, None, "{}", &[]).await;
+    assert_eq!(missing.status, StatusCode::BAD_REQUEST, "{missing:?}");
+    let first = send("POST", &orders, Some("k-c"), "a", &[]).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    let again = send("POST", &orders, Some("k-c"), "a", &[]).await;
+    assert!(again.replayed(), "{again:?}");
+    assert_eq!(
+        again.header("x-not-saved"),
+        Some("1"),
+        "the file's save_headers"
+    );
+    assert_eq!(up.calls("/orders"), 1);
+    // PATCH is not among the file's methods: it passes through, unclaimed.
+    send("PATCH", &orders, Some("k-c"), "a", &[]).await;
+    send("PATCH", &orders, Some("k-c"), "a", &[]).await;
+    assert_eq!(up.calls("/orders"), 3);
+
+    // A flag wins over the file: another namespace, so the same key is
+    // another request there.
+    let mut args = config.to_vec();
+    args.extend(["--namespace".to_string(), "from-flag".to_string()]);
+    let flagged = spawn_gateway(&c, &args, &[]).await;
+    let other = send(
+        "POST",
+        &format!("{}/orders", flagged.url),
+        Some("k-c"),
+        "a",
+        &[],
+    )
+    .await;
+    assert!(!other.replayed(), "{other:?}");
+    assert_eq!(up.calls("/orders"), 4);
+
+    // A variable wins over the file: /notes requires a key, /orders not.
+    let varied = spawn_gateway(&c, &config, &[("IDEMKV_GATEWAY_REQUIRE_KEY", "/notes")]).await;
+    let open = send("POST", &format!("{}/orders", varied.url), None, "b", &[]).await;
+    assert_eq!(open.status, StatusCode::CREATED, "{open:?}");
+    let notes = send("POST", &format!("{}/notes", varied.url), None, "b", &[]).await;
+    assert_eq!(notes.status, StatusCode::BAD_REQUEST, "{notes:?}");
+
+    // A misspelt key or a bad value: the gateway does not start, and
+    // says which.
+    for (text, says) in [
+        ("upstrem = \"http://127.0.0.1:1\"\n", "upstrem"),
+        ("lease = \"5 parsecs\"\n", "lease"),
+    ] {
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, format!("upstream = \"http://{up_addr}\"\n{text}")).unwrap();
+        let out = Command::new(BIN)
+            .args(["gateway", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&bad)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started with {text:?}");
+        assert!(err.contains(says) && err.contains("bad.toml"), "{err}");
+    }
 }

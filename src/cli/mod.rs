@@ -72,7 +72,10 @@ pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         Command::Bench(a) => idemkv::bench::run(a).await,
         Command::Plot(a) => idemkv::bench::plot::run(a),
         Command::Snapshot(a) => snapshot::run(a),
-        Command::Gateway(a) => gateway::run(*a).await.map(|_| 0),
+        Command::Gateway(a) => {
+            let a = a.with_file(matches.subcommand_matches("gateway"))?;
+            gateway::run(a).await.map(|_| 0)
+        }
         Command::Certs(a) => certs::run(a).map(|_| 0),
     }
 }
