@@ -423,9 +423,20 @@ impl Gateway {
             Err(e) => {
                 // The lease was lost (another gateway took over) or the
                 // store is gone: this response was not saved, and the one
-                // saved (if any) stays.
+                // saved (if any) stays. The caller is told, since a retry
+                // may replay another response than this one.
                 tracing::warn!(error = %e.message(), "response not saved");
                 crate::metrics::gateway("not_saved");
+                let why = if e.reason() == Some(Reason::LeaseLost.as_str()) {
+                    "not saved: the lease was lost; a retry replays the response saved by the request that took it over"
+                } else {
+                    "not saved: the store did not take it; a retry may call the upstream again"
+                };
+                out.headers_mut().insert(
+                    HeaderName::from_static(UNSAVED_HEADER),
+                    HeaderValue::from_static(why),
+                );
+                return out;
             }
         }
         if let Some(n) = unsaved {

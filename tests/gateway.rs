@@ -550,3 +550,86 @@ async fn settings_come_from_a_config_file_with_flags_and_variables_over_it() {
         assert!(err.contains(says) && err.contains("bad.toml"), "{err}");
     }
 }
+
+/// The state letter of process `pid` in /proc (`T` when stopped).
+fn proc_state(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    after.chars().next().unwrap()
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill {sig} {pid}");
+}
+
+/// A gateway paused past its lease while its upstream call runs: another
+/// gateway takes the key over and saves its response; when the first
+/// wakes, its response is not saved over the one already saved, and every
+/// later retry replays the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_that_lost_its_lease_never_saves_over_the_first_response() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let (up_addr, up) = start_upstream().await;
+    let sleepy = gateway(&c, up_addr, &["--lease", "1s"]).await;
+    let other = gateway(&c, up_addr, &["--lease", "1s"]).await;
+    let first = {
+        let orders = format!("{}/orders", sleepy.url);
+        tokio::spawn(async move {
+            send("POST", &orders, Some("k-p"), "p", &[("x-delay-ms", "2500")]).await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.calls("/orders") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = sleepy.child.id();
+    signal(pid, "-STOP");
+    assert_eq!(proc_state(pid), 'T', "the gateway was not stopped");
+
+    // Once its lease runs out, the other gateway's retry runs and is saved.
+    let orders = format!("{}/orders", other.url);
+    let started = Instant::now();
+    let second = loop {
+        let a = send("POST", &orders, Some("k-p"), "p", &[]).await;
+        if a.status != StatusCode::CONFLICT {
+            break a;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the lease never ran out"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(second.status, StatusCode::CREATED, "{second:?}");
+    assert!(!second.replayed());
+    assert_eq!(up.calls("/orders"), 2);
+
+    // The first wakes: its caller gets its own response, which is not saved.
+    signal(pid, "-CONT");
+    let first = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("the woken gateway never answered")
+        .unwrap();
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    assert_ne!(first.body, second.body, "both calls answered alike");
+    let unsaved = first.header("idempotent-response-unsaved").unwrap_or("");
+    assert!(unsaved.contains("lease was lost"), "{first:?}");
+    for gw in [&sleepy, &other] {
+        let again = send("POST", &format!("{}/orders", gw.url), Some("k-p"), "p", &[]).await;
+        assert!(again.replayed(), "{again:?}");
+        assert_eq!(
+            again.body, second.body,
+            "the woken gateway saved over the first save"
+        );
+    }
+    assert_eq!(up.calls("/orders"), 2);
+}
