@@ -1,7 +1,10 @@
-//! "The proto is the contract": a Python client generated from
-//! `proto/idemkv/v1/api.proto` with grpcio-tools drives a real three-process
-//! cluster through claim, complete, replay and the error contract
-//! (`clients/python/idemkv_client_test.py`).
+//! The Python package (`clients/python`, import name `idemkv`) against real
+//! clusters: its pytest suite (`clients/python/tests`) runs on the package
+//! as `pip install` puts it in place, against three `idemkv serve` processes
+//! (whose pids it is given, to pause one) and a one-node cluster with TLS,
+//! bearer tokens, an Await cap and a small data quota (the refusals only a
+//! configured node gives). First, the stubs committed in the package must
+//! be what `clients/python/gen.sh` makes from `proto/idemkv/v1/api.proto`.
 //!
 //! Needs python3 with venv and pip, and PyPI the first time (the venv is kept
 //! in the cargo target dir). Without them it prints "skipping: ..." and
@@ -12,9 +15,15 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use support::procs;
 
-use procs::ProcCluster;
+use idemkv::client::{ClientOptions, ClientTls};
+use procs::{ProcCluster, BIN};
 
-const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
+const PYTEST_TIMEOUT: Duration = Duration::from_secs(150);
+
+/// Bearer tokens of the secured node: one for every namespace, one for the
+/// namespace `other` only.
+const TOKEN: &str = "py-full-access-token-0123456789";
+const LIMITED_TOKEN: &str = "py-limited-token-0123456789";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -51,7 +60,7 @@ fn venv_works(venv: &Path, requirements: &str) -> bool {
     if stamp.ok().as_deref() != Some(requirements) {
         return false;
     }
-    run(Command::new(venv_python(venv)).args(["-c", "import grpc, grpc_tools.protoc"]))
+    run(Command::new(venv_python(venv)).args(["-c", "import grpc, grpc_tools.protoc, pytest"]))
         .map(|o| o.status.success())
         .unwrap_or(false)
 }
@@ -107,47 +116,158 @@ fn venv() -> Result<PathBuf, String> {
     }
 }
 
-/// `python -m grpc_tools.protoc` on the public proto, into `out`.
-fn generate_stubs(python: &Path, out: &Path) {
-    let gen = run(Command::new(python)
-        .current_dir(root())
-        .args(["-m", "grpc_tools.protoc", "-I", "proto"])
-        .arg(format!("--python_out={}", out.display()))
-        .arg(format!("--grpc_python_out={}", out.display()))
-        .arg("proto/idemkv/v1/api.proto"))
-    .expect("run grpc_tools.protoc");
+/// `clients/python/gen.sh --check`: the committed stubs are what the proto
+/// gives with the pinned grpcio-tools.
+fn check_stubs(python: &Path) {
+    let out = run(Command::new("bash")
+        .arg(root().join("clients/python/gen.sh"))
+        .arg("--check")
+        .env("PYTHON", python))
+    .expect("run gen.sh --check");
     assert!(
-        gen.status.success(),
-        "grpc_tools.protoc failed: {}",
-        describe(&gen)
+        out.status.success(),
+        "the stubs in clients/python/idemkv/v1 drifted from proto/idemkv/v1/api.proto \
+         (run clients/python/gen.sh): {}",
+        describe(&out)
     );
-    for f in ["api_pb2.py", "api_pb2_grpc.py"] {
-        let p = out.join("idemkv/v1").join(f);
-        assert!(p.exists(), "protoc did not write {}", p.display());
+}
+
+/// `pip install` of a copy of clients/python into `site` (no network: the
+/// venv has the build backend and the dependencies), so the tests run on
+/// the package as installed and the source tree stays clean.
+fn install_package(python: &Path, dir: &Path) -> PathBuf {
+    let src = dir.join("pkg-src");
+    let copy = run(Command::new("cp")
+        .arg("-r")
+        .arg(root().join("clients/python"))
+        .arg(&src))
+    .expect("cp");
+    assert!(copy.status.success(), "cp: {}", describe(&copy));
+    let site = dir.join("site");
+    let pip = run(Command::new(python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args([
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+        ])
+        .arg(&site)
+        .arg(&src))
+    .expect("pip install");
+    assert!(
+        pip.status.success(),
+        "pip install clients/python failed: {}",
+        describe(&pip)
+    );
+    for f in [
+        "idemkv/py.typed",
+        "idemkv/v1/api_pb2.pyi",
+        "idemkv/aio/_client.py",
+    ] {
+        assert!(site.join(f).exists(), "the installed package lacks {f}");
+    }
+    site
+}
+
+/// `idemkv certs` for one node on loopback: ca.pem, node-1.pem, ...
+fn certs(dir: &Path) -> PathBuf {
+    let out = run(Command::new(BIN)
+        .args([
+            "certs",
+            "--hosts",
+            "localhost,127.0.0.1",
+            "--nodes",
+            "1",
+            "--out",
+        ])
+        .arg(dir))
+    .expect("run idemkv certs");
+    assert!(out.status.success(), "idemkv certs: {}", describe(&out));
+    dir.to_path_buf()
+}
+
+/// One node with TLS, bearer tokens, one Await per namespace and a quota
+/// of 6000 bytes.
+fn secure_node(dir: &Path) -> (ProcCluster, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let certs = certs(&dir.join("certs"));
+    let tokens = dir.join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nname = \"full\"\ntoken = \"{TOKEN}\"\nnamespaces = [\"*\"]\n\n\
+             [[token]]\nname = \"limited\"\ntoken = \"{LIMITED_TOKEN}\"\nnamespaces = [\"other\"]\n"
+        ),
+    )
+    .unwrap();
+    let config = format!(
+        "tls_ca = {:?}\nauth_tokens = {:?}\nquota_bytes = 6000\n[caps]\nmax_awaits_per_namespace = 1\n",
+        certs.join("ca.pem"),
+        tokens
+    );
+    let mut c = ProcCluster::new(&dir.join("cluster"), 1, &config);
+    std::fs::create_dir_all(&c.dir).unwrap();
+    let file = |f: &str| certs.join(f).display().to_string();
+    c.envs[0] = vec![
+        ("IDEMKV_TLS_CERT".into(), file("node-1.pem")),
+        ("IDEMKV_TLS_KEY".into(), file("node-1-key.pem")),
+    ];
+    c.start_all();
+    (c, certs.join("ca.pem"))
+}
+
+async fn wait_secure_ready(c: &ProcCluster, ca: &Path) {
+    let opts = ClientOptions {
+        tls: Some(ClientTls::from_files(ca, None, None).expect("CA")),
+        token: Some(TOKEN.into()),
+        ..ClientOptions::default()
+    };
+    let client = idemkv::Client::with_options([format!("https://{}", c.api[0])], opts).unwrap();
+    if let Err(e) = client.wait_ready(Duration::from_secs(30)).await {
+        panic!("{e}; logs in {}", c.dir.display());
     }
 }
 
-/// Run the client script against the cluster; kill it if it hangs.
-fn run_script(python: &Path, stubs: &Path, endpoints: &str, logs: &Path) -> (bool, String) {
-    let stdout = logs.join("python.stdout");
-    let stderr = logs.join("python.stderr");
+/// Run pytest on the suite against the clusters; kill it if it hangs.
+fn run_pytest(python: &Path, site: &Path, env: &[(&str, String)], dir: &Path) -> (bool, String) {
+    let stdout = dir.join("pytest.stdout");
+    let stderr = dir.join("pytest.stderr");
     let mut child = Command::new(python)
-        .arg(root().join("clients/python/idemkv_client_test.py"))
-        .env("IDEMKV_ENDPOINTS", endpoints)
-        .env("PYTHONPATH", stubs)
+        .current_dir(dir)
+        .args([
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-rfEs",
+            "--durations=5",
+        ])
+        .arg(root().join("clients/python/tests"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("PYTHONPATH", site)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("PYTHONUNBUFFERED", "1")
         .env_remove("PYTHONHOME")
+        .env_remove("IDEMKV_TLS_CA")
+        .env_remove("IDEMKV_AUTH_TOKEN")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&stdout).unwrap())
         .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
-        .expect("spawn python");
+        .expect("spawn pytest");
     let started = Instant::now();
     let status = loop {
-        if let Some(s) = child.try_wait().expect("wait python") {
+        if let Some(s) = child.try_wait().expect("wait pytest") {
             break Some(s);
         }
-        if started.elapsed() > SCRIPT_TIMEOUT {
+        if started.elapsed() > PYTEST_TIMEOUT {
             let _ = child.kill();
             let _ = child.wait();
             break None;
@@ -158,7 +278,7 @@ fn run_script(python: &Path, stubs: &Path, endpoints: &str, logs: &Path) -> (boo
         "{} after {:?}\n--- stdout\n{}\n--- stderr\n{}",
         match &status {
             Some(s) => s.to_string(),
-            None => format!("killed: still running after {SCRIPT_TIMEOUT:?}"),
+            None => format!("killed: still running after {PYTEST_TIMEOUT:?}"),
         },
         started.elapsed(),
         std::fs::read_to_string(&stdout).unwrap_or_default(),
@@ -167,38 +287,74 @@ fn run_script(python: &Path, stubs: &Path, endpoints: &str, logs: &Path) -> (boo
     (status.is_some_and(|s| s.success()), text)
 }
 
+fn log_tails(c: &ProcCluster) -> String {
+    (1..=c.api.len())
+        .map(|i| {
+            let p = c.dir.join(format!("node-{i}.log"));
+            let log = std::fs::read_to_string(&p).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            format!("--- {} (last 40 lines)\n{}", p.display(), tail.join("\n"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_client_generated_from_the_proto_drives_a_cluster() {
+async fn python_package_passes_its_suite_against_real_clusters() {
     let venv = match venv() {
         Ok(v) => v,
         Err(why) => return skip(&why),
     };
     let python = venv_python(&venv);
+    check_stubs(&python);
     let dir = tempfile::tempdir().unwrap();
-    let stubs = dir.path().join("stubs");
-    std::fs::create_dir_all(&stubs).unwrap();
-    generate_stubs(&python, &stubs);
+    let site = install_package(&python, dir.path());
 
     let mut cluster = ProcCluster::new(&dir.path().join("cluster"), 3, "");
     std::fs::create_dir_all(&cluster.dir).unwrap();
     cluster.start_all();
+    let (mut secure, ca) = secure_node(&dir.path().join("secure"));
     cluster.wait_ready(Duration::from_secs(30)).await;
+    wait_secure_ready(&secure, &ca).await;
 
-    let endpoints = cluster.api.join(",");
-    let (ok, output) = run_script(&python, &stubs, &endpoints, dir.path());
-    if !ok {
-        let logs = (1..=3)
-            .map(|i| {
-                let p = cluster.dir.join(format!("node-{i}.log"));
-                let log = std::fs::read_to_string(&p).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                format!("--- {} (last 40 lines)\n{}", p.display(), tail.join("\n"))
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        panic!("the Python client failed against {endpoints}: {output}\n{logs}");
+    let pids = (0..3)
+        .map(|i| cluster.pid(i).expect("node running").to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let env = [
+        ("IDEMKV_ENDPOINTS", cluster.api.join(",")),
+        ("IDEMKV_TEST_PIDS", pids),
+        ("IDEMKV_TEST_SECURE_ENDPOINT", secure.api[0].clone()),
+        ("IDEMKV_TEST_CA", ca.display().to_string()),
+        ("IDEMKV_TEST_TOKEN", TOKEN.to_string()),
+        ("IDEMKV_TEST_LIMITED_TOKEN", LIMITED_TOKEN.to_string()),
+    ];
+    let (ok, output) = run_pytest(&python, &site, &env, dir.path());
+    // A paused node must not outlive a failed run.
+    for i in 0..3 {
+        if !cluster.exited(i) {
+            cluster.signal(i, "-CONT");
+        }
     }
+    if !ok {
+        panic!(
+            "the Python suite failed: {output}\n{}\n{}",
+            log_tails(&cluster),
+            log_tails(&secure)
+        );
+    }
+    // What ran is the installed package, and nothing was skipped.
+    let installed = site.join("idemkv").display().to_string();
+    assert!(
+        output.contains(&format!("from {installed}")),
+        "pytest did not import the installed package ({installed}): {output}"
+    );
+    assert!(
+        !output.contains("skipped") && output.contains(" passed"),
+        "tests were skipped or none ran: {output}"
+    );
     eprintln!("{output}");
     cluster.kill9_all();
+    secure.kill9_all();
 }

@@ -1,0 +1,174 @@
+"""The retry rules: a reply lost on the way back is retried only where SPEC
+§3 makes it safe — a claim by its claim_id (the same grant comes back, the
+sender is never locked out by its own claim), fenced writes by their token
+— and an unfenced delete is reported as of unknown outcome instead."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, List, Optional
+
+import grpc
+import pytest
+
+import idemkv
+
+
+class LostReply(grpc.RpcError, grpc.Call):
+    """What the client sees when a reply is lost: UNAVAILABLE."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "test: the reply was lost on the way back"
+
+    def trailing_metadata(self) -> Any:
+        return ()
+
+    def initial_metadata(self) -> Any:
+        return ()
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> Optional[float]:
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Any) -> bool:
+        return False
+
+
+class NetworkFault(grpc.UnaryUnaryClientInterceptor):
+    """Lets calls to ``method`` reach the server, then loses the first
+    ``lose`` replies (or delays each reply by ``delay`` seconds); records
+    every request sent."""
+
+    def __init__(self, method: str, lose: int = 0, delay: float = 0.0) -> None:
+        self.method = method
+        self.lose = lose
+        self.delay = delay
+        self.sent: List[Any] = []
+        self.replies: List[Any] = []
+        self._lock = threading.Lock()
+
+    def intercept_unary_unary(self, continuation, details, request):
+        call = continuation(details, request)
+        if not details.method.endswith("/" + self.method):
+            return call
+        call.result()  # the server has answered
+        with self._lock:
+            self.sent.append(request)
+            self.replies.append(call.result())
+            drop = self.lose > 0
+            self.lose -= drop
+        if self.delay:
+            time.sleep(self.delay)
+        if drop:
+            raise LostReply()
+        return call
+
+
+def faulty(endpoints, fault: NetworkFault) -> idemkv.Client:
+    return idemkv.Client(endpoints, interceptors=[fault], follow_leader=False)
+
+
+def test_a_lost_claim_reply_is_retried_with_the_same_claim_id_and_gets_the_same_grant(endpoints, ns: str) -> None:
+    fault = NetworkFault("Claim", lose=1)
+    with faulty(endpoints, fault) as c:
+        got = c.claim(ns, "order-7", owner="worker-a")
+    # Without the claim_id the retry would find worker-a's own claim
+    # IN_PROGRESS and the sender would be locked out of its own work.
+    assert isinstance(got, idemkv.Acquired), got
+    assert len(fault.sent) == 2
+    assert fault.sent[0].claim_id == fault.sent[1].claim_id == got.claim_id != ""
+    first = fault.replies[0]
+    assert first.WhichOneof("outcome") == "acquired"
+    assert got.token == first.acquired.token  # the grant the lost reply carried
+    with idemkv.Client(endpoints) as other:
+        busy = other.claim(ns, "order-7", owner="worker-b")
+        assert isinstance(busy, idemkv.InProgress) and busy.owner == "worker-a"
+
+
+def test_claiming_again_with_a_claim_id_returns_the_same_grant(client: idemkv.Client, ns: str) -> None:
+    first = client.claim(ns, "k", owner="w")
+    again = client.claim(ns, "k", owner="w", claim_id=first.claim_id)
+    assert again == first
+    fresh = client.claim(ns, "k", owner="w")
+    assert isinstance(fresh, idemkv.InProgress)
+
+
+def test_a_lost_complete_reply_is_retried_by_its_token(endpoints, client: idemkv.Client, ns: str) -> None:
+    got = client.claim(ns, "k")
+    fault = NetworkFault("Complete", lose=2)
+    with faulty(endpoints, fault) as c:
+        c.complete(ns, "k", got.token, b"result")
+    assert len(fault.sent) == 3
+    assert client.get(ns, "k").result == b"result"
+
+
+def test_a_lost_unfenced_delete_is_reported_not_retried(endpoints, client: idemkv.Client, ns: str) -> None:
+    client.claim(ns, "k")
+    fault = NetworkFault("Delete", lose=1)
+    with faulty(endpoints, fault) as c:
+        with pytest.raises(idemkv.OutcomeUnknown) as e:
+            c.delete(ns, "k")
+    assert isinstance(e.value, idemkv.Unavailable)
+    assert len(fault.sent) == 1  # a retry could have deleted a newer claim
+    assert client.get(ns, "k") is None  # it did happen; the client could not know
+
+
+def test_a_lost_fenced_delete_is_retried(endpoints, client: idemkv.Client, ns: str) -> None:
+    got = client.claim(ns, "k")
+    fault = NetworkFault("Delete", lose=1)
+    with faulty(endpoints, fault) as c:
+        assert c.delete(ns, "k", token=got.token) is False  # the retry: already gone
+    assert len(fault.sent) == 2
+    assert client.get(ns, "k") is None
+
+
+def test_a_grant_later_than_its_lease_is_not_used_and_is_given_back(endpoints, client: idemkv.Client, ns: str) -> None:
+    # The claim's reply takes 0.3 s; the lease is 0.25 s (valid 0.15 s here).
+    fault = NetworkFault("Claim", delay=0.3)
+    ran = []
+    with faulty(endpoints, fault) as c:
+        with pytest.raises(idemkv.GrantExpired) as e:
+            c.run_once(ns, "late", ran.append, lease=0.25)
+    assert ran == []
+    assert e.value.waited >= 0.3
+    rec = client.get(ns, "late")
+    assert rec.state is idemkv.RecordState.AVAILABLE  # released: claimable at once
+    assert isinstance(client.claim(ns, "late"), idemkv.Acquired)
+
+
+def test_overloaded_and_unavailable_are_retryable_and_rule_errors_are_not() -> None:
+    from idemkv._retry import retryable
+
+    class E(LostReply):
+        def __init__(self, code, details="", reason=None):
+            self._c, self._d, self._r = code, details, reason
+
+        def code(self):
+            return self._c
+
+        def details(self):
+            return self._d
+
+        def trailing_metadata(self):
+            return (("idemkv-reason", self._r),) if self._r else ()
+
+    S = grpc.StatusCode
+    assert retryable(E(S.UNAVAILABLE)) and retryable(E(S.DEADLINE_EXCEEDED))
+    assert retryable(E(S.RESOURCE_EXHAUSTED, "overloaded", "OVERLOADED"))
+    assert not retryable(E(S.RESOURCE_EXHAUSTED, "result too large"))
+    assert not retryable(E(S.RESOURCE_EXHAUSTED, "full", "NOSPACE"))
+    assert not retryable(E(S.FAILED_PRECONDITION, "LEASE_LOST", "LEASE_LOST"))
+    assert not retryable(E(S.UNAVAILABLE, "certificate verify failed"))
+    err = idemkv.errors.from_rpc_error(E(S.RESOURCE_EXHAUSTED, "full", "NOSPACE"))
+    assert type(err) is idemkv.NoSpace and err.message == "full"
+    err = idemkv.errors.from_rpc_error(E(S.FAILED_PRECONDITION, "NEW_RULE: x", "NEW_RULE"))
+    assert type(err) is idemkv.RuleError and err.reason == "NEW_RULE"
