@@ -324,6 +324,7 @@ async fn python_package_passes_its_suite_against_real_clusters() {
         .join(",");
     let env = [
         ("IDEMKV_ENDPOINTS", cluster.api.join(",")),
+        ("IDEMKV_TEST_BIN", BIN.to_string()),
         ("IDEMKV_TEST_PIDS", pids),
         ("IDEMKV_TEST_SECURE_ENDPOINT", secure.api[0].clone()),
         ("IDEMKV_TEST_CA", ca.display().to_string()),
