@@ -22,6 +22,7 @@ use http_body_util::{BodyExt, BodyStream, StreamBody};
 use hyper_util::client::legacy::{connect::HttpConnector, Client as HttpClient};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 
 use crate::client::{Client, ClientError};
 use crate::pb::api::{self, claim_response::Outcome};
@@ -139,7 +140,6 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
-    use tracing::Instrument;
     let span = tracing::info_span!("gateway", method = %req.method(), path = %req.uri().path());
     gw.serve(req).instrument(span).await
 }
@@ -227,6 +227,33 @@ impl Gateway {
             retention_ms: self.cfg.retention.as_millis() as u64,
             ..Default::default()
         };
+        // From the claim on, on a task of its own: a caller that hangs up
+        // must not drop the work half way with the claim held (its retry
+        // would meet 409 until the lease ran out, the upstream never
+        // called); the request is seen through and its response saved for
+        // that retry instead.
+        let gw = self.clone();
+        let work = async move { gw.claim_and_run(claim, parts, body, record_key).await };
+        tokio::spawn(work.in_current_span())
+            .await
+            .unwrap_or_else(|e| {
+                problem(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "The gateway failed",
+                    e.to_string(),
+                )
+            })
+    }
+
+    /// Claim the request's record and act on the outcome: run it upstream,
+    /// replay the saved response, or answer that another holds the key.
+    async fn claim_and_run(
+        self: Arc<Self>,
+        claim: api::ClaimRequest,
+        parts: axum::http::request::Parts,
+        body: Bytes,
+        record_key: String,
+    ) -> Response {
         let outcome = match self.store.claim(claim).await {
             Ok(o) => o,
             Err(e) if e.reason() == Some(Reason::FingerprintMismatch.as_str()) => {
@@ -242,20 +269,8 @@ impl Gateway {
         match outcome {
             Outcome::Acquired(a) => {
                 let req = Request::from_parts(parts, Body::from(body));
-                // On a task of its own: a caller that hangs up must not
-                // cancel the upstream call half way with the claim held
-                // (its retry would meet 409 until the lease ran out); the
-                // response is saved for that retry instead.
-                let gw = self.clone();
-                let key = record_key.into_bytes();
-                let run = tokio::spawn(async move { gw.run_upstream(req, key, a.token).await });
-                run.await.unwrap_or_else(|e| {
-                    problem(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "The gateway failed",
-                        e.to_string(),
-                    )
-                })
+                self.run_upstream(req, record_key.into_bytes(), a.token)
+                    .await
             }
             Outcome::Completed(c) => {
                 crate::metrics::gateway("replayed");

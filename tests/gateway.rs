@@ -633,3 +633,59 @@ async fn a_gateway_that_lost_its_lease_never_saves_over_the_first_response() {
     }
     assert_eq!(up.calls("/orders"), 2);
 }
+
+/// A caller that hangs up while the gateway's claim is still on its way
+/// (the store's leader paused): the gateway sees the request through, so
+/// its retry replays the one response instead of meeting 409 for the
+/// lease's length with the upstream never called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_caller_gone_before_the_claim_is_granted_gets_the_response_on_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let (up_addr, up) = start_upstream().await;
+    let gw = gateway(&c, up_addr, &[]).await;
+    let orders = format!("{}/orders", gw.url);
+    // Warm the gateway's connections, then pause the store's leader.
+    let warm = send("POST", &orders, Some("k-warm"), "w", &[]).await;
+    assert_eq!(warm.status, StatusCode::CREATED, "{warm:?}");
+    let leader = c
+        .client()
+        .status()
+        .await
+        .unwrap()
+        .leader_id
+        .expect("a leader") as usize
+        - 1;
+    let pid = c.pid(leader).unwrap();
+    c.signal(leader, "-STOP");
+    assert_eq!(proc_state(pid), 'T', "the leader was not stopped");
+
+    let gone = tokio::time::timeout(
+        Duration::from_millis(300),
+        send("POST", &orders, Some("k-h"), "h", &[]),
+    )
+    .await;
+    assert!(
+        gone.is_err(),
+        "answered while the leader was paused: {gone:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.signal(leader, "-CONT");
+
+    let started = Instant::now();
+    let retry = loop {
+        let a = send("POST", &orders, Some("k-h"), "h", &[]).await;
+        if a.status != StatusCode::CONFLICT {
+            break a;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "409 for 10 s, the upstream called {} times: the claim was left held",
+            up.calls("/orders") - 1
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(up.calls("/orders"), 2, "the warm-up and the one call");
+}
