@@ -64,6 +64,9 @@ pub struct GatewayConfig {
     pub save_5xx: bool,
     /// Largest request body taken and response body saved, bytes.
     pub max_body: usize,
+    /// How long the upstream may take to answer and send a body the
+    /// gateway saves; past it the claim is released and the caller gets 504.
+    pub upstream_timeout: Duration,
 }
 
 /// A saved response, the Complete's result.
@@ -349,6 +352,7 @@ impl Gateway {
     /// Call the upstream under the claim `token` (renewed while it runs),
     /// then save its response (or release the claim for a 5xx).
     async fn run_upstream(&self, req: Request, key: Vec<u8>, token: u64) -> Response {
+        // Renewing until the answer is in (or this call ends early).
         let renew = {
             let store = self.store.clone();
             let (ns, key) = (self.cfg.namespace.clone(), key.clone());
@@ -373,26 +377,41 @@ impl Gateway {
                     }
                 }
             })
+            .abort_handle()
         };
-        let upstream = self.send(req).await;
-        renew.abort();
+        let renew = StopOnDrop(renew);
+        // The answer and the body to save within the timeout (a body too
+        // large to save then streams on without it).
+        let limit = tokio::time::Instant::now() + self.cfg.upstream_timeout;
+        let upstream = tokio::time::timeout_at(limit, self.send(req)).await;
         let resp = match upstream {
-            Ok(r) => r,
-            Err(e) => {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                drop(renew);
                 return self
                     .upstream_failed(key, token, "The upstream service failed", e)
-                    .await
+                    .await;
+            }
+            Err(_) => {
+                drop(renew);
+                return self.upstream_timed_out(key, token).await;
             }
         };
         let (parts, body) = resp.into_parts();
         if parts.status.is_server_error() && !self.cfg.save_5xx {
+            drop(renew);
             self.release(key, token, &format!("upstream answered {}", parts.status))
                 .await;
             crate::metrics::gateway("released_5xx");
             return Response::from_parts(parts, Body::new(body));
         }
         let headers = self.saved_headers(&parts.headers);
-        let (saved, body) = match collect(body, self.cfg.max_body).await {
+        let collected = tokio::time::timeout_at(limit, collect(body, self.cfg.max_body)).await;
+        drop(renew);
+        let Ok(collected) = collected else {
+            return self.upstream_timed_out(key, token).await;
+        };
+        let (saved, body) = match collected {
             Ok(Collected::Whole(b)) => (
                 Saved {
                     status: parts.status.as_u16(),
@@ -476,6 +495,22 @@ impl Gateway {
         )
     }
 
+    /// No answer within `--upstream-timeout`: the call is dropped, the
+    /// claim released (a retry calls the upstream again), 504.
+    async fn upstream_timed_out(&self, key: Vec<u8>, token: u64) -> Response {
+        let after = self.cfg.upstream_timeout;
+        self.release(key, token, &format!("upstream timed out after {after:?}"))
+            .await;
+        crate::metrics::gateway("upstream_timeout");
+        problem(
+            StatusCode::GATEWAY_TIMEOUT,
+            "The upstream service timed out",
+            format!(
+                "no whole answer within {after:?}; the claim was released, so a retry calls it again"
+            ),
+        )
+    }
+
     async fn release(&self, key: Vec<u8>, token: u64, why: &str) {
         let r = self
             .store
@@ -540,6 +575,15 @@ impl Gateway {
             Ok(r) => r,
             Err(e) => problem(StatusCode::BAD_GATEWAY, "The upstream service failed", e),
         }
+    }
+}
+
+/// Stops a task when dropped.
+struct StopOnDrop(tokio::task::AbortHandle);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

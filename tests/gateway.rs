@@ -689,3 +689,33 @@ async fn a_caller_gone_before_the_claim_is_granted_gets_the_response_on_retry() 
     assert!(retry.replayed(), "{retry:?}");
     assert_eq!(up.calls("/orders"), 2, "the warm-up and the one call");
 }
+
+/// An upstream that does not answer within `--upstream-timeout`: 504, and
+/// the claim released at once, so the retry runs (not 409 for the lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_past_its_timeout_gets_504_and_the_key_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let (up_addr, up) = start_upstream().await;
+    let gw = gateway(&c, up_addr, &["--upstream-timeout", "500ms"]).await;
+    let orders = format!("{}/orders", gw.url);
+    let started = Instant::now();
+    let slow = send("POST", &orders, Some("k-t"), "t", &[("x-delay-ms", "5000")]).await;
+    let took = started.elapsed();
+    assert_eq!(slow.status, StatusCode::GATEWAY_TIMEOUT, "{slow:?}");
+    assert_eq!(
+        slow.header("content-type"),
+        Some("application/problem+json")
+    );
+    assert!(took < Duration::from_secs(3), "504 after {took:?}");
+    let retry = send("POST", &orders, Some("k-t"), "t", &[]).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert!(!retry.replayed());
+    assert_eq!(
+        up.calls("/orders"),
+        2,
+        "the retry called the upstream again"
+    );
+    let again = send("POST", &orders, Some("k-t"), "t", &[]).await;
+    assert!(again.replayed() && again.body == retry.body, "{again:?}");
+}

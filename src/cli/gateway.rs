@@ -84,6 +84,11 @@ pub struct GatewayArgs {
     /// outcome); none: not served.
     #[arg(long, env = "IDEMKV_GATEWAY_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// How long the upstream may take to answer (and send a body the
+    /// gateway saves); past it the claim is released, so a retry calls the
+    /// upstream again, and the caller gets 504.
+    #[arg(long, env = "IDEMKV_GATEWAY_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = ms)]
+    pub upstream_timeout: Duration,
     /// Largest request body taken, and response body saved, in bytes.
     #[arg(long, env = "IDEMKV_GATEWAY_MAX_BODY", default_value_t = 1_000_000)]
     pub max_body: usize,
@@ -144,6 +149,7 @@ struct GatewayFile {
     save_5xx: Option<bool>,
     metrics_listen: Option<String>,
     max_body: Option<usize>,
+    upstream_timeout: Option<Span>,
     tls_ca: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -222,6 +228,9 @@ impl GatewayArgs {
         if let Some(v) = f.wait.filter(|_| open("wait")) {
             self.wait = span("wait", v)?;
         }
+        if let Some(v) = f.upstream_timeout.filter(|_| open("upstream_timeout")) {
+            self.upstream_timeout = span("upstream_timeout", v)?;
+        }
         let conn = &mut self.conn;
         for (id, from, to) in [
             ("tls_ca", f.tls_ca, &mut conn.tls_ca),
@@ -279,6 +288,7 @@ impl GatewayArgs {
             wait: self.wait,
             save_5xx: self.save_5xx,
             max_body: self.max_body,
+            upstream_timeout: self.upstream_timeout,
         })
     }
 }
