@@ -1,26 +1,37 @@
 """Arguments in, results out: Python values <-> the proto's messages.
 
-Shared by the sync and asyncio clients; no I/O here.
+Shared by the sync and asyncio clients; no I/O here. Each client method is
+one :class:`Call` built below (``claim_call``, ``complete_call``, ...): the
+checked request, how its reply becomes the result, and how the retry loop
+treats it. The clients only run it, blocking or awaited.
 """
 
 from __future__ import annotations
 
 import math
+import uuid
 from datetime import timedelta
-from typing import Optional, Union
+from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
-from .errors import ConfigError, ProtocolError
+from ._retry import overloaded
+from .errors import ConfigError, NotFound, OutcomeUnknown, ProtocolError, Unavailable
 from .types import (
     Acquired,
+    BatchResult,
     ClaimOutcome,
     Completed,
+    CompleteResult,
+    Consistency,
     Failed,
     InProgress,
     ItemError,
     Member,
     Record,
     RecordState,
+    ReleaseResult,
+    RenewResult,
     Status,
+    WaitResult,
 )
 from .v1 import api_pb2 as pb
 
@@ -61,6 +72,12 @@ def to_bytes(value: Bytes, name: str) -> bytes:
 
 def opt_bytes(value: Optional[Bytes], name: str) -> Optional[bytes]:
     return None if value is None else to_bytes(value, name)
+
+
+def _message(cls: Any, **fields: Any) -> Any:
+    """A ``cls`` message of ``fields``, leaving the proto's optional fields
+    unset where the value is None."""
+    return cls(**{name: value for name, value in fields.items() if value is not None})
 
 
 def _opt(msg, name: str):
@@ -169,7 +186,8 @@ def claim_request(
     max_attempts: int,
     retention: Optional[Duration],
 ) -> "pb.ClaimRequest":
-    req = pb.ClaimRequest(
+    return _message(
+        pb.ClaimRequest,
         namespace=namespace,
         key=to_bytes(key, "key"),
         owner=owner,
@@ -177,7 +195,165 @@ def claim_request(
         lease_ms=millis(lease, "lease"),
         max_attempts=max_attempts,
         retention_ms=millis(retention, "retention"),
+        fingerprint=opt_bytes(fingerprint, "fingerprint"),
     )
-    if fingerprint is not None:
-        req.fingerprint = to_bytes(fingerprint, "fingerprint")
-    return req
+
+
+# ---------------------------------------------------------------- the calls
+
+
+class Call(NamedTuple):
+    """One client method's RPC: what to send, what its reply means, and how
+    the retry loop treats it (``how``: ``extra_timeout``, ``again``,
+    ``cluster``). An error of a class in ``catch`` goes to ``failed``,
+    which returns the method's result or raises."""
+
+    rpc: str
+    request: Any
+    done: Callable[[Any], Any]
+    how: Dict[str, Any] = {}
+    catch: Tuple[Type[BaseException], ...] = ()
+    failed: Optional[Callable[[Any], Any]] = None
+
+
+def claim_call(
+    owner: str,
+    namespace: str,
+    key: Bytes,
+    lease: Duration,
+    claim_id: Optional[str],
+    fingerprint: Optional[Bytes],
+    max_attempts: int,
+    retention: Optional[Duration],
+) -> Call:
+    # Made once here, so every retry of this call is the same claim.
+    claim_id = claim_id or uuid.uuid4().hex
+    req = claim_request(
+        namespace,
+        key,
+        owner=owner,
+        claim_id=claim_id,
+        lease=lease,
+        fingerprint=fingerprint,
+        max_attempts=max_attempts,
+        retention=retention,
+    )
+    return Call("Claim", req, lambda r: outcome(r, claim_id))
+
+
+def claim_batch_call(
+    owner: str,
+    namespace: str,
+    keys: Iterable[Bytes],
+    lease: Duration,
+    fingerprints: Optional[Sequence[Optional[Bytes]]],
+    max_attempts: int,
+    retention: Optional[Duration],
+    all_or_nothing: bool,
+) -> Call:
+    keys = list(keys)
+    fps = list(fingerprints) if fingerprints is not None else [None] * len(keys)
+    if len(fps) != len(keys):
+        raise ConfigError(f"fingerprints: {len(fps)} given for {len(keys)} keys")
+    items = [
+        claim_request(
+            namespace,
+            k,
+            owner=owner,
+            claim_id=uuid.uuid4().hex,
+            lease=lease,
+            fingerprint=fp,
+            max_attempts=max_attempts,
+            retention=retention,
+        )
+        for k, fp in zip(keys, fps)
+    ]
+
+    def done(reply: Any) -> BatchResult:
+        return BatchResult(
+            items=[batch_item(m, it.claim_id) for m, it in zip(reply.items, items)],
+            applied=reply.applied,
+        )
+
+    return Call("ClaimBatch", pb.ClaimBatchRequest(items=items, all_or_nothing=all_or_nothing), done)
+
+
+def complete_call(
+    namespace: str, key: Bytes, token: int, result: Bytes, code: Optional[int], retention: Optional[Duration]
+) -> Call:
+    req = _message(
+        pb.CompleteRequest,
+        namespace=namespace,
+        key=to_bytes(key, "key"),
+        token=token,
+        result=to_bytes(result, "result"),
+        retention_ms=millis(retention, "retention"),
+        code=code,
+    )
+    return Call("Complete", req, lambda r: CompleteResult(completed_at_ms=r.completed_at_ms, expires_at_ms=r.expires_at_ms))
+
+
+def renew_request(namespace: str, key: Bytes, token: int, lease: Duration, checkpoint: Optional[Bytes]) -> Any:
+    return _message(
+        pb.RenewRequest,
+        namespace=namespace,
+        key=to_bytes(key, "key"),
+        token=token,
+        lease_ms=millis(lease, "lease"),
+        checkpoint=opt_bytes(checkpoint, "checkpoint"),
+    )
+
+
+def renew_call(namespace: str, key: Bytes, token: int, lease: Duration, checkpoint: Optional[Bytes]) -> Call:
+    req = renew_request(namespace, key, token, lease, checkpoint)
+    return Call("Renew", req, lambda r: RenewResult(lease_deadline_ms=r.lease_deadline_ms))
+
+
+def release_request(namespace: str, key: Bytes, token: int, error: str) -> Any:
+    return pb.ReleaseRequest(namespace=namespace, key=to_bytes(key, "key"), token=token, error=error)
+
+
+def release_call(namespace: str, key: Bytes, token: int, error: str) -> Call:
+    req = release_request(namespace, key, token, error)
+    return Call("Release", req, lambda r: ReleaseResult(state=state(r.state), attempts=r.attempts))
+
+
+def get_call(namespace: str, key: Bytes, consistency: Consistency) -> Call:
+    req = pb.GetRequest(namespace=namespace, key=to_bytes(key, "key"), consistency=consistency.value)
+    # An absent key is None, not an error.
+    return Call("Get", req, lambda r: record(r.record), catch=(NotFound,), failed=lambda e: None)
+
+
+def wait_call(namespace: str, key: Bytes, timeout: Duration) -> Call:
+    wait_s = seconds(timeout, "timeout")
+    req = pb.AwaitRequest(namespace=namespace, key=to_bytes(key, "key"), timeout_ms=max(1, millis(wait_s, "timeout")))
+    done: Callable[[Any], WaitResult] = lambda r: WaitResult(record=record(r.record), timed_out=r.timed_out)
+    return Call("Await", req, done, how={"extra_timeout": wait_s})
+
+
+def _delete_outcome_unknown(e: Unavailable) -> Any:
+    raise OutcomeUnknown(
+        f"the unfenced delete may or may not have taken effect, and retrying it is not safe ({e})",
+        code=e.code,
+    ) from e
+
+
+def delete_call(namespace: str, key: Bytes, token: Optional[int]) -> Call:
+    req = _message(pb.DeleteRequest, namespace=namespace, key=to_bytes(key, "key"), token=token)
+    if token is not None:
+        # Fenced: retried like every fenced write.
+        return Call("Delete", req, lambda r: r.existed)
+    # Unfenced: a retry could delete a newer claim. Retried only when the
+    # node refused it unrun (OVERLOADED); a lost answer is OutcomeUnknown.
+    return Call(
+        "Delete",
+        req,
+        lambda r: r.existed,
+        how={"again": overloaded},
+        catch=(Unavailable,),
+        failed=_delete_outcome_unknown,
+    )
+
+
+def status_call() -> Call:
+    return Call("Status", pb.StatusRequest(), status, how={"cluster": True})

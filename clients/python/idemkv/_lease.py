@@ -6,7 +6,8 @@ successful renewal moves that deadline to its own send instant plus the
 lease minus the margin. When no renewal got through by the deadline, the
 lease is lost: the work is told, and its result is never saved. This module
 never trusts the server's lease deadline (another clock) for that decision.
-Shared by the thread-based and the asyncio ``run_once``; no I/O here.
+Shared by the thread-based and the asyncio ``run_once``; no I/O here: what
+the claim waits on is a step (``_steps``) its flavour carries out.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
+from ._steps import Steps, step
 from .errors import ConfigError, LeaseLost
 
 FENCED = "fenced"
@@ -110,6 +112,10 @@ class ClaimBase:
     Pass ``token`` to every downstream write the work makes (a database row
     version, a storage precondition), so a worker that lost its lease is
     refused there too.
+
+    A flavour (threads, asyncio) says how to make, set and wait on an event
+    (``_event``, ``_set``, ``_wait``) and how to run the renewer
+    (``_start_renewal``); the waiting logic is here, as steps.
     """
 
     def __init__(
@@ -139,6 +145,44 @@ class ClaimBase:
         self._ck_seq = 0
         self._ck_acked = 0
         self._ck_flush = 0
+        self._renewal_stopped = False
+        #: Set when the lease is lost.
+        self._lost_event = self._event()
+        #: Wakes the renewer (a flush asked for, the work done, the lease lost).
+        self._wake_event = self._event()
+        #: Wakes a flush_checkpoint waiter (a renewal stored, the lease lost).
+        self._changed_event = self._event()
+        self._lease.on_lost(self._on_lost)
+
+    # The flavour's side.
+    def _event(self) -> Any:
+        raise NotImplementedError
+
+    def _set(self, event: Any) -> None:
+        raise NotImplementedError
+
+    def _wait(self, event: Any, seconds: float) -> Any:
+        """Wait until ``event`` is set or ``seconds`` pass (a step)."""
+        raise NotImplementedError
+
+    def _start_renewal(self, renewer: "Steps[None]") -> None:
+        raise NotImplementedError
+
+    def _stop_renewal(self) -> None:
+        self._renewal_stopped = True
+        self._wake()
+
+    def _on_lost(self) -> None:
+        self._set(self._lost_event)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._set(self._wake_event)
+        self._set(self._changed_event)
+
+    def _nap(self, seconds: float) -> Any:
+        """The renewer's pause: ``seconds``, or until woken (a step)."""
+        return step(self._wait, self._wake_event, seconds)
 
     # The renewer's side.
     def _checkpoint_to_send(self) -> Tuple[Optional[bytes], int]:
@@ -153,9 +197,6 @@ class ClaimBase:
         with self._ck_lock:
             self._ck_acked = max(self._ck_acked, seq)
         self._wake()
-
-    def _wake(self) -> None:  # overridden: wake the renewer and any waiter
-        pass
 
     # The work's side.
     def save_checkpoint(self, data: bytes) -> None:
@@ -178,6 +219,38 @@ class ClaimBase:
     def _flushed(self, seq: int) -> bool:
         with self._ck_lock:
             return self._ck_acked >= seq
+
+    def _wait_lost_steps(self, timeout: Optional[float]) -> "Steps[bool]":
+        """``wait_lost``: wakes at the client-side deadline by itself, not
+        depending on a renewal's answer arriving."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            deadline, lost = self._lease.check(now)
+            if lost is not None:
+                return True
+            pause = deadline - now
+            if end is not None:
+                if now >= end:
+                    return False
+                pause = min(pause, end - now)
+            yield step(self._wait, self._lost_event, max(pause, 0.0))
+
+    def _flush_steps(self, timeout: Optional[float]) -> "Steps[None]":
+        """``flush_checkpoint``: until a renewal stored the checkpoint."""
+        seq = self._request_flush()
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._changed_event.clear()  # before looking: a later ack sets it
+            if self._flushed(seq):
+                return
+            self.check()
+            left = self.remaining()
+            if end is not None:
+                if time.monotonic() >= end:
+                    raise TimeoutError("the checkpoint was not stored in time")
+                left = min(left, end - time.monotonic())
+            yield step(self._wait, self._changed_event, max(left, 0.001))
 
     @property
     def deadline(self) -> float:

@@ -145,6 +145,83 @@ def test_a_grant_later_than_its_lease_is_not_used_and_is_given_back(endpoints, c
     assert isinstance(client.claim(ns, "late"), idemkv.Acquired)
 
 
+class HeldClaim(grpc.UnaryUnaryClientInterceptor):
+    """Holds the first Claim on its way (the client sees it fail, UNAVAILABLE,
+    and retries) and lets it reach the cluster late: when the next Await
+    has its answer, the held claim is delivered (and granted, the key being
+    free by then), and the Await's answer reaches the client ``then``
+    seconds later. Records each Claim: (the client's send instant, its
+    claim_id, the reply)."""
+
+    def __init__(self, then: float) -> None:
+        self.then = then
+        self.held: Optional[tuple] = None
+        self.holding = True
+        self.claims: List[tuple] = []
+
+    def intercept_unary_unary(self, continuation, details, request):
+        name = details.method.rsplit("/", 1)[-1]
+        if name == "Claim" and self.holding:
+            self.holding = False
+            self.held = (continuation, details, request, time.monotonic())
+            raise LostReply()
+        if name == "Claim":
+            at = time.monotonic()
+            call = continuation(details, request)
+            self.claims.append((at, request.claim_id, call.result()))
+            return call
+        call = continuation(details, request)
+        if name == "Await" and self.held is not None:
+            call.result()  # the key is free
+            cont, det, req, at = self.held
+            self.held = None
+            self.claims.append((at, req.claim_id, cont(det, req).result()))
+            time.sleep(self.then)
+        return call
+
+
+def test_a_claim_granted_late_to_an_earlier_attempt_never_gets_a_fresh_deadline(
+    endpoints, client: idemkv.Client, ns: str
+) -> None:
+    # SPEC §2: the client's lease runs from its instant before sending *the
+    # claim that was granted*. The server answers a claim with the same
+    # owner and claim_id as the grant it holds with that grant (even expired),
+    # so a run_once that reused its claim_id after waiting for a duplicate
+    # would take a grant made to its first, delayed attempt as new, and time
+    # it from the later send: a client deadline past the server's lease.
+    holder = client.claim(ns, "k", owner="holder", lease=30)
+    fault = HeldClaim(then=0.6)
+    seen = {}
+
+    def work(claim: idemkv.Claim) -> bytes:
+        seen.update(token=claim.token, deadline=claim.deadline)
+        return b"done"
+
+    out: List[Any] = []
+    with idemkv.Client(endpoints, interceptors=[fault], follow_leader=False) as c:
+        t = threading.Thread(
+            target=lambda: out.append(c.run_once(ns, "k", work, lease=1.0, wait_for_duplicate=10, owner="me"))
+        )
+        t.start()
+        give_up = time.monotonic() + 10
+        while not fault.claims and time.monotonic() < give_up:  # the retry met the holder
+            time.sleep(0.01)
+        client.release(ns, "k", holder.token)
+        t.join(20)
+    assert out and not out[0].replayed and out[0].token == seen["token"], out
+    assert fault.held is None  # the held claim reached the cluster
+    # The first send of a claim answered with the work's grant.
+    sent = min(
+        at
+        for at, _, r in fault.claims
+        if r.WhichOneof("outcome") == "acquired" and r.acquired.token == seen["token"]
+    )
+    valid_for = 1.0 - 0.1  # the lease minus the default margin
+    assert seen["deadline"] <= sent + valid_for + 1e-6, (
+        f"the work's deadline is {seen['deadline'] - sent - valid_for:.3f} s past what its grant allows"
+    )
+
+
 def test_overloaded_and_unavailable_are_retryable_and_rule_errors_are_not() -> None:
     from idemkv._retry import retryable
 

@@ -1,0 +1,237 @@
+"""``run_once`` and its lease renewer, written once for threads and asyncio
+as step generators (``_steps``): ``_run_once.py`` drives them in the
+calling thread (the renewer in a thread of its own), ``aio/_run_once.py``
+on the event loop (the renewer in a task).
+
+The rules are the Rust helper's (``src/client/run_once.rs``):
+
+- claim (its ``claim_id`` fixed before the first attempt, so each retry is
+  the same claim and the same grant; a new one for each claim after waiting
+  for a duplicate), replay a saved result, or wait for a duplicate's;
+- the lease is timed on this machine (``_lease``): valid until the instant
+  taken before the claim was sent plus the lease minus the safety margin,
+  moved by each renewal from its own send instant; a grant that arrives
+  after that is released unused (:class:`GrantExpired`);
+- the renewer renews every ``lease / renew_divisor`` (at least twice per
+  ``lease - margin``) with the latest checkpoint, and gives up when the
+  server refuses the token or no renewal got through by the deadline: the
+  work is told, not interrupted; when it returns nothing is saved
+  (:class:`LeaseLost`);
+- the work's exception releases the claim (unless the lease was lost), and
+  propagates.
+
+``api`` is anything with the client's calls (``claim``, ``wait``,
+``complete``, ``release``, ``_call``): the sync client (blocking), the
+asyncio client, or ``_idempotent``'s adapter running the sync client's
+calls in threads (both awaited).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, Callable, Optional
+
+from . import _convert as cv
+from . import serializers
+from ._lease import EXPIRED, FENCED, ClaimBase, LeaseClock, _current, lease_lost, validity
+from ._steps import Steps, step
+from .errors import AttemptsExhausted, Busy, GrantExpired, IdemkvError, LeaseLost
+from .types import Acquired, Completed, Completion, Failed, InProgress, RecordState, RunResult
+
+log = logging.getLogger("idemkv")
+
+
+def run_steps(
+    api: Any,
+    new_claim: Callable[..., ClaimBase],
+    namespace: str,
+    key: cv.Bytes,
+    fn: Callable[[Any], Any],
+    *,
+    lease: cv.Duration,
+    fingerprint: Optional[cv.Bytes],
+    max_attempts: int,
+    retention: Optional[cv.Duration],
+    wait_for_duplicate: Optional[cv.Duration],
+    serializer: Any,
+    owner: Optional[str],
+    safety_margin: Optional[cv.Duration],
+    renew_divisor: int = 3,
+) -> Steps[RunResult[Any]]:
+    """run_once (the defaults are the clients' ``run_once`` signatures'):
+    ``new_claim(...)`` makes the flavour's claim; the step ``fn(claim)`` is
+    the work (called, or awaited)."""
+    ser = serializers.resolve(serializer)
+    lease_s = cv.seconds(lease, "lease")
+    margin_s = None if safety_margin is None else cv.seconds(safety_margin, "safety_margin")
+    valid_for = validity(lease_s, margin_s)
+    key_b = cv.to_bytes(key, "key")
+    wait_until = None
+    if wait_for_duplicate is not None:
+        wait_until = time.monotonic() + cv.seconds(wait_for_duplicate, "wait_for_duplicate")
+    while True:
+        # Fixed here, so every retry of this claim is the same claim (and
+        # grant), and the instant taken next precedes all of its attempts.
+        # A new one for each claim: the server answers a claim_id with the
+        # grant it already made to it, which a retry of an earlier claim,
+        # delayed on its way, may have won after `sent` was taken for it;
+        # taking that grant as this claim's would time it from too late.
+        claim_id = uuid.uuid4().hex
+        sent = time.monotonic()
+        got = yield step(
+            api.claim,
+            namespace,
+            key_b,
+            lease=lease_s,
+            owner=owner,
+            claim_id=claim_id,
+            fingerprint=fingerprint,
+            max_attempts=max_attempts,
+            retention=retention,
+        )
+        if isinstance(got, Acquired):
+            break
+        if isinstance(got, Completed):
+            return RunResult(value=ser.loads(got.result), replayed=True, token=got.token, code=got.code, raw=got.result)
+        if isinstance(got, Failed):
+            raise _exhausted(got.attempts, got.last_error)
+        assert isinstance(got, InProgress)
+        left = None if wait_until is None else wait_until - time.monotonic()
+        if left is None or left <= 0:
+            raise _busy(got.owner)
+        # Wait for the holder; replay its result, or claim again if it
+        # released the key or its lease ran out.
+        rec = (yield step(api.wait, namespace, key_b, timeout=left)).record
+        if rec.state == RecordState.COMPLETED:
+            return RunResult(value=ser.loads(rec.result), replayed=True, token=rec.token, code=rec.code, raw=rec.result)
+        if rec.state == RecordState.FAILED:
+            raise _exhausted(rec.attempts, rec.last_error)
+        if time.monotonic() >= wait_until:
+            raise _busy(rec.owner)
+
+    token = got.token
+    clock = LeaseClock(sent + valid_for)
+    if clock.check()[1] is not None:
+        waited = time.monotonic() - sent
+        yield from _release_late_grant(api, namespace, key_b, token, waited, lease_s)
+        raise GrantExpired(
+            f"the grant (token {token}) arrived {waited:.3f} s after the claim was sent, "
+            "past its lease deadline; the work was not started",
+            token=token,
+            waited=waited,
+        )
+    claim = new_claim(
+        namespace=namespace,
+        key=key_b,
+        token=token,
+        attempt=got.attempt,
+        previous_owner=got.previous_owner,
+        checkpoint=got.checkpoint,
+        lease=clock,
+    )
+    claim._start_renewal(renew_steps(api, claim, lease_s, valid_for, sent, renew_divisor))
+    ctx_token = _current.set(claim)
+    try:
+        value = yield step(fn, claim)
+        code = None
+        if isinstance(value, Completion):
+            value, code = value.value, value.code
+        data = serializers.dumps(ser, value)
+    except BaseException as e:
+        claim._stop_renewal()
+        why = clock.check()[1]
+        if why is not None:
+            if isinstance(e, LeaseLost):
+                raise
+            raise lease_lost(token, why) from e
+        # A release that fails leaves the lease to expire: same end.
+        try:
+            yield step(api.release, namespace, key_b, token, error=f"{type(e).__name__}: {e}"[:1024])
+        except IdemkvError as re:
+            log.warning("release after a failed run (token %d): %s", token, re)
+        raise
+    finally:
+        _current.reset(ctx_token)
+        claim._stop_renewal()
+    why = clock.check()[1]
+    if why is not None:
+        raise lease_lost(token, why)
+    try:
+        yield step(api.complete, namespace, key_b, token, data, code=code, retention=retention)
+    except LeaseLost:
+        raise lease_lost(token, FENCED) from None
+    return RunResult(value=value, replayed=False, token=token, code=code, raw=data)
+
+
+def renew_steps(
+    api: Any,
+    claim: ClaimBase,
+    lease_s: float,
+    valid_for: float,
+    claim_sent: float,
+    renew_divisor: int,
+) -> Steps[None]:
+    """Renew every ``every`` after the last successful send; after a failure,
+    try again shortly; stop on LEASE_LOST, at the deadline, or when the work
+    is done."""
+    lease = claim._lease
+    every = max(min(lease_s / max(renew_divisor, 2), valid_for / 2), 0.001)
+    pause = max(every / 4, 0.01)
+    next_at = claim_sent + every
+    while True:
+        claim._wake_event.clear()
+        if claim._renewal_stopped:
+            return
+        deadline, lost = lease.check()
+        if lost is not None:
+            return
+        wait = min(next_at, deadline) - time.monotonic()
+        if wait > 0 and not claim._flush_wanted():
+            yield claim._nap(wait)
+            continue
+        data, seq = claim._checkpoint_to_send()
+        req = cv.renew_request(claim.namespace, claim.key, claim.token, lease_s, data)
+        sent = time.monotonic()
+        try:
+            yield step(api._call, "Renew", req, deadline=deadline)
+        except LeaseLost:
+            lease.lose(FENCED)
+            return
+        except IdemkvError as e:
+            if claim._renewal_stopped:
+                return
+            if time.monotonic() >= deadline:
+                log.warning("no lease renewal got through before the deadline (token %d): the lease is lost", claim.token)
+                lease.lose(EXPIRED)
+                return
+            log.warning("lease renewal failed (%s); retrying until the lease deadline", e)
+            next_at = time.monotonic() + pause
+            continue
+        if not lease.renewed(sent, valid_for):
+            return
+        claim._acked(seq)
+        next_at = sent + every
+
+
+def _release_late_grant(api: Any, namespace: str, key: bytes, token: int, waited: float, lease_s: float) -> Steps[None]:
+    """Give back a grant that came too late to use, so the key is claimable
+    at once; bounded by one lease (by then the server's lease ran out)."""
+    note = f"grant arrived {waited:.3f} s after the claim was sent; not started"
+    try:
+        yield step(api._call, "Release", cv.release_request(namespace, key, token, note), deadline=time.monotonic() + lease_s)
+    except IdemkvError as e:
+        log.warning("release of a late grant (token %d): %s", token, e)
+
+
+def _busy(owner: str) -> Busy:
+    return Busy(f"another worker ({owner}) holds a live claim on the key", owner=owner)
+
+
+def _exhausted(attempts: int, last_error: str) -> AttemptsExhausted:
+    return AttemptsExhausted(
+        f"the key is FAILED after {attempts} attempts; last error: {last_error}",
+        attempts=attempts,
+        last_error=last_error,
+    )
