@@ -93,6 +93,50 @@ async fn a_failed_run_releases_and_hands_its_checkpoint_to_the_next() {
     c.shutdown().await;
 }
 
+/// A failed run whose error is longer than the server takes in a Release
+/// (4,096 bytes) still releases: the next run goes ahead at once instead
+/// of meeting the first one's lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_run_with_a_long_error_still_releases() {
+    let c = TestCluster::start(3).await;
+    let client = c.client();
+    let opts = RunOptions::new("w1", Duration::from_secs(60));
+    let long = "é".repeat(5_000);
+    let first = client
+        .run_once("import", b"batch-9", &opts, |_| {
+            let long = long.clone();
+            async move { Err::<Vec<u8>, _>(long) }
+        })
+        .await;
+    assert!(matches!(&first, Err(RunError::Work(_))), "{first:?}");
+    let rec = client
+        .get(api::GetRequest {
+            namespace: "import".into(),
+            key: b"batch-9".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .expect("the record");
+    assert_eq!(
+        rec.state,
+        api::RecordState::Available as i32,
+        "the failed run left the key held: {rec:?}"
+    );
+    assert!(rec.last_error.starts_with("éé") && rec.last_error.ends_with("[cut]"));
+    let second = client
+        .run_once(
+            "import",
+            b"batch-9",
+            &RunOptions::new("w2", Duration::from_secs(5)),
+            |_| async { Ok::<_, String>("imported") },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(second, RunOutcome::Ran { .. }), "{second:?}");
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn losing_the_lease_stops_the_work_and_saves_nothing() {
     let (c, _wall) = TestCluster::start_virtual(3).await;

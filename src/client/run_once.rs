@@ -416,7 +416,7 @@ impl Client {
                     namespace: namespace.into(),
                     key: key.to_vec(),
                     token,
-                    error: e.to_string(),
+                    error: error_text(&e),
                 };
                 // A release that fails leaves the lease to expire: same end.
                 if let Err(re) = self.release(release).await {
@@ -573,4 +573,24 @@ impl Renewer {
             }
         }
     }
+}
+
+/// Most bytes of a failed run's error kept in its Release: the server
+/// refuses a longer one (SPEC §4, `error` ≤ 4096 bytes by default), and a
+/// refused Release would leave the key held until the lease ran out.
+const RELEASE_ERROR_MAX: usize = 1024;
+
+/// The work's error as its Release carries it: cut at a character
+/// boundary to [`RELEASE_ERROR_MAX`] bytes, marked when cut.
+fn error_text(e: &impl std::fmt::Display) -> String {
+    let mut text = e.to_string();
+    if text.len() > RELEASE_ERROR_MAX {
+        let mut end = RELEASE_ERROR_MAX - " [cut]".len();
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str(" [cut]");
+    }
+    text
 }
