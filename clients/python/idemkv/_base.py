@@ -178,7 +178,26 @@ class ClientBase:
             self._preferred = pos
         return leader
 
+    @property
+    def endpoints(self) -> List[str]:
+        """The endpoints in use (``host:port``), the given ones first."""
+        with self._lock:
+            return [c.authority for c in self._conns] or [e.authority for e in self._s.endpoints]
+
     # ------------------------------------------------------------ steps
+
+    def _wait_ready_steps(self, timeout: float) -> Steps[None]:
+        """Until every endpoint answers and all name one leader;
+        :class:`Unavailable` with what each said if not within ``timeout``."""
+        give_up = time.monotonic() + timeout
+        while True:
+            seen = yield step(self.status_all)
+            leaders = {s.leader_id if isinstance(s, Status) else None for s in seen.values()}
+            if len(leaders) == 1 and None not in leaders:
+                return
+            if time.monotonic() >= give_up:
+                raise Unavailable(f"no agreed leader within {timeout} s: {seen}")
+            yield step(self._sleep, 0.05)
 
     def _status_steps(self, conn: _Conn, timeout: float) -> Steps[Any]:
         """Cluster.Status of one endpoint, unretried."""

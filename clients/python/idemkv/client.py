@@ -12,13 +12,12 @@ Delete whose answer was lost raises :class:`OutcomeUnknown` instead.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, TypeVar, Union
 
 from . import _convert as cv
 from ._base import ClientBase, _Conn, _Settings, default_owner  # noqa: F401 - importable from here
 from ._steps import drive
-from .errors import IdemkvError, Unavailable
+from .errors import IdemkvError
 from .types import (
     BatchResult,
     ClaimOutcome,
@@ -59,12 +58,6 @@ class Client(ClientBase):
 
     Use it as a context manager, or call :meth:`close`.
     """
-
-    @property
-    def endpoints(self) -> List[str]:
-        """The endpoints in use (``host:port``), the given ones first."""
-        with self._lock:
-            return [c.authority for c in self._conns]
 
     def close(self) -> None:
         with self._lock:
@@ -212,15 +205,7 @@ class Client(ClientBase):
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait until every endpoint answers and all name one leader;
         :class:`Unavailable` with what each said if not within ``timeout``."""
-        give_up = time.monotonic() + timeout
-        while True:
-            seen = self.status_all()
-            leaders = {s.leader_id if isinstance(s, Status) else None for s in seen.values()}
-            if len(leaders) == 1 and None not in leaders:
-                return
-            if time.monotonic() >= give_up:
-                raise Unavailable(f"no agreed leader within {timeout} s: {seen}")
-            time.sleep(0.05)
+        drive(self._wait_ready_steps(timeout))
 
     # ------------------------------------------------------------ run once
 

@@ -14,6 +14,8 @@ import idemkv.aio
 def test_claim_complete_replay_and_errors(endpoints, ns: str) -> None:
     async def main() -> None:
         async with idemkv.aio.Client(endpoints) as c:
+            await c.wait_ready(30)
+            assert set(c.endpoints) >= set(endpoints)
             got = await c.claim(ns, "k", lease=30, owner="a")
             assert isinstance(got, idemkv.Acquired)
             busy = await c.claim(ns, "k", owner="b")

@@ -158,6 +158,10 @@ class Client(ClientBase):
         got = await asyncio.gather(*(adrive(self._status_or_error_steps(c, timeout)) for c in conns))
         return {c.authority: g for c, g in zip(conns, got)}
 
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """See :meth:`idemkv.Client.wait_ready`."""
+        await adrive(self._wait_ready_steps(timeout))
+
     # ------------------------------------------------------------ run once
 
     async def run_once(
