@@ -409,3 +409,40 @@ async fn a_node_of_another_cluster_is_refused_by_its_cluster_id() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Every node started with `--init` (one configuration for all, as an
+/// orchestrator gives it): they found one cluster with one id, and every
+/// node serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_all_started_with_init_found_one_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = ProcCluster::new(dir.path(), 3, "init = true\n");
+    c.start_all();
+    c.wait_ready(Duration::from_secs(20)).await;
+    let ids: Vec<String> = c
+        .client()
+        .status_all()
+        .await
+        .into_iter()
+        .map(|(ep, s)| s.unwrap_or_else(|e| panic!("{ep}: {e}")).cluster_id)
+        .collect();
+    assert!(
+        !ids[0].is_empty() && ids.iter().all(|i| *i == ids[0]),
+        "{ids:?}"
+    );
+    for ep in &c.api {
+        let got = Client::new([ep.as_str()])
+            .unwrap()
+            .claim(api::ClaimRequest {
+                namespace: "init".into(),
+                key: ep.as_bytes().to_vec(),
+                owner: "w".into(),
+                claim_id: "c".into(),
+                lease_ms: 30_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(matches!(got, Outcome::Acquired(_)), "{ep}: {got:?}");
+    }
+}

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::errors::{ClientWriteError, InitializeError, LinearizableReadError, RaftError};
 use openraft::type_config::async_runtime::WatchReceiver;
 use openraft::ReadPolicy;
 use serde::{Deserialize, Serialize};
@@ -757,12 +757,22 @@ impl Consensus {
     /// Initialise a new cluster with these members (a no-op error if this
     /// node was already initialised).
     pub async fn initialize(&self, members: BTreeMap<NodeId, PeerNode>) -> Result<()> {
-        // A new cluster gets a new id (kept if this node already has one).
+        // A new cluster gets its id (kept if this node already has one):
+        // made from the founding members, so that every node initialised
+        // with them agrees whichever starts first.
         self.peers
             .identity
-            .adopt(&crate::store::ClusterId::fresh())?;
+            .adopt(&crate::store::ClusterId::of_members(&members))?;
         match self.raft.initialize(members).await {
             Ok(()) => Ok(()),
+            // A peer founding the same cluster (its calls carried this
+            // cluster's id: the same members) reached this node first and
+            // it has a vote or entries now: it is a member, as initialising
+            // would have made it.
+            Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
+                tracing::info!(state = %e, "not initialising: a peer founding the same cluster reached this node first");
+                Ok(())
+            }
             Err(RaftError::APIError(e)) => {
                 Err(Error::invalid("members", format!("cannot initialise: {e}")))
             }

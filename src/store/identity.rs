@@ -1,17 +1,21 @@
-//! The cluster's identity (like etcd's cluster id): a random id made when
-//! a cluster is initialised or restored from a backup, kept durably in the
-//! data directory and sent with every peer call. A node refuses peer calls
+//! The cluster's identity (like etcd's cluster id): made when a cluster is
+//! initialised (from its founding members, so every node started with
+//! `--init` and the same `--peers` makes the same one) or restored from a
+//! backup (random), kept durably in the data directory and sent with every
+//! peer call. A node refuses peer calls
 //! that carry another cluster's id, so a node of the cluster a backup came
 //! from, still running at an address the restored cluster reuses, can
 //! neither append to nor vote in it (nor be appended to). A node that has
 //! none (a new, empty one being added) takes the first id a peer sends;
 //! calls without one (older versions, tools) are not checked.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, RwLock};
 
 use super::durable::sled_err;
 use super::keys;
+use crate::raft::types::{NodeId, PeerNode};
 
 pub struct ClusterId {
     tree: sled::Tree,
@@ -34,6 +38,20 @@ impl ClusterId {
     /// A new random id.
     pub fn fresh() -> String {
         uuid::Uuid::new_v4().to_string()
+    }
+
+    /// The id of a cluster founded by `members`: the same on every node
+    /// initialised with them, whichever of them is first.
+    pub fn of_members(members: &BTreeMap<NodeId, PeerNode>) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (id, n) in members {
+            h.update(format!("{id}={}/{};", n.api_addr, n.raft_addr));
+        }
+        let digest = h.finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        uuid::Uuid::from_bytes(bytes).to_string()
     }
 
     /// This node's cluster id, if it has one.
