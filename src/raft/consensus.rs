@@ -214,14 +214,13 @@ impl Consensus {
         let Some(theirs) = theirs else {
             return Ok(());
         };
-        let ours = self.peers.identity.adopt(theirs)?;
-        if ours != theirs {
-            return Err(Error::PermissionDenied(format!(
+        match self.peers.identity.admit(theirs)? {
+            None => Ok(()),
+            Some(ours) => Err(Error::PermissionDenied(format!(
                 "peer: the call comes from another cluster (id {theirs}); node {} belongs to cluster {ours}",
                 self.id
-            )));
+            ))),
         }
-        Ok(())
     }
 
     /// What the records take and the quota (bytes).

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use openraft::base::{BoxFuture, BoxStream};
@@ -19,6 +19,7 @@ use openraft::raft::{
 };
 use openraft::OptionalSend;
 use tokio_stream::{Stream, StreamExt};
+use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
@@ -34,11 +35,26 @@ pub type PeerClient = RaftPeerClient<InterceptedService<Channel, ClusterStamp>>;
 
 /// Adds this node's cluster id (when it has one) to every peer call.
 #[derive(Clone)]
-pub struct ClusterStamp(Arc<ClusterId>);
+pub struct ClusterStamp {
+    id: Arc<ClusterId>,
+    /// The id as a header value, made once: an id never changes once set,
+    /// and every AppendEntries and heartbeat passes here.
+    header: Arc<OnceLock<AsciiMetadataValue>>,
+}
+
+impl ClusterStamp {
+    fn header(&self) -> Option<AsciiMetadataValue> {
+        if let Some(v) = self.header.get() {
+            return Some(v.clone());
+        }
+        let v = self.id.get()?.parse().ok()?;
+        Some(self.header.get_or_init(|| v).clone())
+    }
+}
 
 impl tonic::service::Interceptor for ClusterStamp {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = self.0.get().and_then(|id| id.parse().ok()) {
+        if let Some(v) = self.header() {
             req.metadata_mut().insert(CLUSTER_HEADER, v);
         }
         Ok(req)
@@ -56,6 +72,7 @@ pub struct Peers {
     tls: Option<ClientTlsConfig>,
     /// This node's cluster id, sent with every call.
     pub identity: Arc<ClusterId>,
+    stamp: ClusterStamp,
 }
 
 impl Peers {
@@ -64,6 +81,10 @@ impl Peers {
         Peers {
             channels: Arc::default(),
             tls,
+            stamp: ClusterStamp {
+                id: identity.clone(),
+                header: Arc::default(),
+            },
             identity,
         }
     }
@@ -93,7 +114,7 @@ impl Peers {
             }
         };
         Ok(
-            RaftPeerClient::with_interceptor(channel, ClusterStamp(self.identity.clone()))
+            RaftPeerClient::with_interceptor(channel, self.stamp.clone())
                 .max_decoding_message_size(MAX_PEER_MESSAGE)
                 .max_encoding_message_size(MAX_PEER_MESSAGE),
         )

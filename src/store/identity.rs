@@ -59,6 +59,18 @@ impl ClusterId {
         self.id.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// A peer's id against this node's, taking it when this node has none:
+    /// `None` when they agree, else this node's id. Every peer call comes
+    /// through here; when they agree it takes a read lock and allocates
+    /// nothing.
+    pub fn admit(&self, theirs: &str) -> io::Result<Option<String>> {
+        if let Some(ours) = &*self.id.read().unwrap_or_else(|p| p.into_inner()) {
+            return Ok((ours != theirs).then(|| ours.clone()));
+        }
+        let ours = self.adopt(theirs)?;
+        Ok((ours != theirs).then_some(ours))
+    }
+
     /// Take `id` as this node's, durably, unless it has one; returns the
     /// id it has afterwards.
     pub fn adopt(&self, id: &str) -> io::Result<String> {

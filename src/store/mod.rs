@@ -117,16 +117,17 @@ pub fn refuse_non_empty(dir: &Path) -> io::Result<()> {
 /// snapshot's last entry (so a node added later gets the records by
 /// snapshot, never by replaying a log that lacks them) and the clock at
 /// `wall_ms` or the snapshot's, whichever is later. `dir` must not exist or
-/// be empty; a file that fails any check is refused and `dir` removed
-/// again. Every node of the new cluster is restored from the same file.
+/// be empty; a file that fails any check while it loads is refused and
+/// what was made of `dir` removed again. Every node of the new cluster is
+/// restored from the same file, which the caller checks whole once first
+/// ([`inspect_snapshot`]), before any directory is made.
 pub fn restore_snapshot(
     file: &Path,
     dir: &Path,
     members: BTreeMap<NodeId, PeerNode>,
     wall_ms: u64,
     cluster_id: &str,
-) -> io::Result<Inspection> {
-    let inspection = inspect_snapshot(file)?;
+) -> io::Result<()> {
     refuse_non_empty(dir)?;
     let existed = dir.exists();
     let restore = || -> io::Result<()> {
@@ -150,8 +151,7 @@ pub fn restore_snapshot(
         } else {
             let _ = std::fs::remove_dir_all(dir);
         }
-    })?;
-    Ok(inspection)
+    })
 }
 
 impl Store {
