@@ -310,13 +310,7 @@ fn leader_id(endpoints: &str) -> (u64, u64) {
 
 /// Whether a process runs (a zombie counts as gone: it no longer serves).
 fn running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
+    procs::process_state(pid).is_some_and(|s| s != 'Z')
 }
 
 fn kill9(pid: u32) {

@@ -204,11 +204,7 @@ async fn send(
 async fn cluster(dir: &std::path::Path) -> ProcCluster {
     let mut c = ProcCluster::new(dir, 3, "");
     c.start_all();
-    idemkv::Client::new(&c.api)
-        .unwrap()
-        .wait_ready(Duration::from_secs(20))
-        .await
-        .unwrap();
+    c.wait_ready(Duration::from_secs(20)).await;
     c
 }
 
@@ -551,21 +547,6 @@ async fn settings_come_from_a_config_file_with_flags_and_variables_over_it() {
     }
 }
 
-/// The state letter of process `pid` in /proc (`T` when stopped).
-fn proc_state(pid: u32) -> char {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    after.chars().next().unwrap()
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success(), "kill {sig} {pid}");
-}
-
 /// A gateway paused past its lease while its upstream call runs: another
 /// gateway takes the key over and saves its response; when the first
 /// wakes, its response is not saved over the one already saved, and every
@@ -592,8 +573,12 @@ async fn a_gateway_that_lost_its_lease_never_saves_over_the_first_response() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let pid = sleepy.child.id();
-    signal(pid, "-STOP");
-    assert_eq!(proc_state(pid), 'T', "the gateway was not stopped");
+    procs::signal_pid(pid, "-STOP");
+    assert_eq!(
+        procs::process_state(pid),
+        Some('T'),
+        "the gateway was not stopped"
+    );
 
     // Once its lease runs out, the other gateway's retry runs and is saved.
     let orders = format!("{}/orders", other.url);
@@ -614,7 +599,7 @@ async fn a_gateway_that_lost_its_lease_never_saves_over_the_first_response() {
     assert_eq!(up.calls("/orders"), 2);
 
     // The first wakes: its caller gets its own response, which is not saved.
-    signal(pid, "-CONT");
+    procs::signal_pid(pid, "-CONT");
     let first = tokio::time::timeout(Duration::from_secs(10), first)
         .await
         .expect("the woken gateway never answered")
@@ -658,7 +643,11 @@ async fn a_caller_gone_before_the_claim_is_granted_gets_the_response_on_retry() 
         - 1;
     let pid = c.pid(leader).unwrap();
     c.signal(leader, "-STOP");
-    assert_eq!(proc_state(pid), 'T', "the leader was not stopped");
+    assert_eq!(
+        procs::process_state(pid),
+        Some('T'),
+        "the leader was not stopped"
+    );
 
     let gone = tokio::time::timeout(
         Duration::from_millis(300),

@@ -11,6 +11,7 @@ use rand::rngs::StdRng;
 use rand::Rng;
 
 use crate::rig::{wait_leader, wait_ready, Rig, FAKETIME_LIB};
+use crate::support::procs;
 
 /// How far the clock-skew nemesis moves one node's wall clock.
 pub const SKEW_SECS: u64 = 3;
@@ -152,14 +153,7 @@ fn alive(pid: u32) -> bool {
 
 /// Is process `pid` stopped (SIGSTOP)?
 fn stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit(')')
-                .next()
-                .map(|r| r.trim_start().starts_with('T'))
-        })
-        .unwrap_or(false)
+    procs::process_state(pid) == Some('T')
 }
 
 /// Node `i`'s Status, if it answers within half a second.

@@ -9,6 +9,23 @@ use idemkv::Client;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_idemkv");
 
+/// `kill SIG pid` (`-STOP`, `-CONT`, ...), which must be delivered.
+pub fn signal_pid(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// The state letter of process `pid` in /proc (`T` stopped, `Z` zombie);
+/// `None` once it is gone.
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.trim_start().chars().next()
+}
+
 /// `n` distinct free loopback ports for child processes to bind.
 ///
 /// They are chosen at random *below* the kernel's ephemeral range
@@ -120,12 +137,7 @@ impl ProcCluster {
     /// SIGSTOP / SIGCONT node `i`.
     pub fn signal(&self, i: usize, sig: &str) {
         if let Some(pid) = self.pid(i) {
-            let ok = Command::new("kill")
-                .args([sig, &pid.to_string()])
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            assert!(ok, "kill {sig} {pid}");
+            signal_pid(pid, sig);
         }
     }
 
