@@ -2,7 +2,7 @@
 # idemkv cluster of `serve` processes, and stopping everything on exit.
 # Source it after `set -euo pipefail` and `cd` to the repository root.
 
-BIN="$PWD/target/release/idemkv"
+BIN="${IDEMKV_BIN:-$PWD/target/release/idemkv}"
 [ -x "$BIN" ] || cargo build --release
 TMP="$(mktemp -d)"
 KEEP=${KEEP:-0}

@@ -21,7 +21,7 @@ use std::time::Duration;
 use support::inproc;
 
 use idemkv::pb::api;
-use idemkv::store::Store;
+use idemkv::store::{log_record_spans, Store};
 use inproc::{acquired, claim_req, TestCluster};
 use openraft::storage::RaftLogStorage;
 use openraft::RaftLogReader;
@@ -40,24 +40,13 @@ fn last_segment(node_dir: &Path) -> PathBuf {
 /// node's log, and return the index of the last entry before it.
 async fn damage_last_record(node_dir: &Path) -> u64 {
     let seg = last_segment(node_dir);
+    let last_before = log_last_index(node_dir).await;
     let mut bytes = std::fs::read(&seg).unwrap();
-    let mut pos = 0;
-    let mut last = None;
-    while pos + 8 <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
-        assert!(
-            pos + 8 + len <= bytes.len(),
-            "segment ends in a torn record"
-        );
-        last = Some((pos, len));
-        pos += 8 + len;
-    }
-    let (at, len) = last.expect("a record");
-    bytes[at + 8 + len / 2] ^= 0x20;
+    let (at, len) = *log_record_spans(&bytes).last().expect("a record");
+    bytes[at + 8 + (len - 9) / 2] ^= 0x20;
     std::fs::write(&seg, &bytes).unwrap();
 
     // The fault took effect: opened now, the log has lost that entry.
-    let last_before = log_last_index(node_dir).await;
     let mut store = Store::open(node_dir).unwrap();
     let after = store
         .log
@@ -87,14 +76,7 @@ async fn log_last_index(node_dir: &Path) -> u64 {
     let seg = last_segment(node_dir);
     let first: u64 = seg.file_stem().unwrap().to_string_lossy().parse().unwrap();
     let bytes = std::fs::read(&seg).unwrap();
-    let mut pos = 0;
-    let mut n = 0;
-    while pos + 8 <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
-        pos += 8 + len;
-        n += 1;
-    }
-    first + n - 1
+    first + log_record_spans(&bytes).len() as u64 - 1
 }
 
 fn close(store: Store) {
@@ -334,13 +316,7 @@ async fn a_leader_that_lost_its_unsynced_tail_does_not_reuse_its_log_ids() {
     c.stop(leader).await;
     let seg = last_segment(&node_dir(&c, leader));
     let bytes = std::fs::read(&seg).unwrap();
-    let mut pos = 0;
-    let mut last_at = 0;
-    while pos + 8 <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
-        last_at = pos;
-        pos += 8 + len;
-    }
+    let (last_at, _) = *log_record_spans(&bytes).last().expect("a record");
     std::fs::OpenOptions::new()
         .write(true)
         .open(&seg)

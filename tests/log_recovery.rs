@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use idemkv::raft::TypeConfig;
 use idemkv::store::Store;
-use log_files::{append, close, entry};
+use log_files::{append, close, entry, records, records_end, without_room};
 use openraft::storage::RaftLogStorage;
 use openraft::testing::log_id;
 use openraft::RaftLogReader;
@@ -25,22 +25,10 @@ async fn ten_entries(dir: &Path) -> PathBuf {
     let segs = store.log.segment_files();
     assert_eq!(segs.len(), 1, "{segs:?}");
     close(store);
+    // Without the zero-filled room: byte for byte what the segment holds
+    // (tests of the room are below).
+    without_room(&segs[0]);
     segs[0].clone()
-}
-
-/// `(offset, length)` of each whole record in a segment.
-fn records(bytes: &[u8]) -> Vec<(usize, usize)> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos + 8 <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
-        if pos + 8 + len > bytes.len() {
-            break;
-        }
-        out.push((pos, 8 + len));
-        pos += 8 + len;
-    }
-    out
 }
 
 async fn all_indexes(store: &mut Store) -> Vec<u64> {
@@ -144,7 +132,7 @@ async fn torn_tails_are_cut_and_every_entry_before_them_kept() {
     append(&mut store.log, vec![entry(11, 1)]).await;
     close(store);
     let with_11 = std::fs::read(&seg).unwrap();
-    let record_11 = with_11[whole.len()..].to_vec();
+    let record_11 = with_11[whole.len()..records_end(&with_11)].to_vec();
     std::fs::write(&seg, &whole).unwrap();
 
     let tails: Vec<(&str, Vec<u8>)> = vec![
@@ -174,7 +162,12 @@ async fn torn_tails_are_cut_and_every_entry_before_them_kept() {
             (1..=10).collect::<Vec<_>>(),
             "{what}"
         );
-        assert_eq!(std::fs::read(&seg).unwrap(), whole, "{what}: not cut back");
+        // Zeros alone are what the zero-filled room looks like: kept.
+        let kept = match what {
+            "zeros" => [&whole[..], &tail[..]].concat(),
+            _ => whole.clone(),
+        };
+        assert_eq!(std::fs::read(&seg).unwrap(), kept, "{what}: not cut back");
         close(store);
     }
 
@@ -331,4 +324,119 @@ async fn a_commit_point_beyond_a_cut_tail_is_not_reported() {
         Some(log_id::<TypeConfig>(1, 1, 9)),
         "the commit point must not lie beyond the log"
     );
+}
+
+/// Entries 1..=10 in one segment with the zero-filled room after them, as
+/// the log leaves it; the segment's path and bytes.
+async fn ten_entries_with_room(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let mut store = Store::open(dir).unwrap();
+    append(&mut store.log, (1..=10).map(|i| entry(i, 1)).collect()).await;
+    let seg = store.log.segment_files()[0].clone();
+    close(store);
+    let bytes = std::fs::read(&seg).unwrap();
+    let end = records_end(&bytes);
+    assert_eq!(records(&bytes).len(), 10);
+    assert!(bytes.len() > end, "no zero-filled room after the records");
+    assert!(bytes[end..].iter().all(|&b| b == 0));
+    (seg, bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zero_filled_room_is_kept_and_appends_go_into_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (seg, bytes) = ten_entries_with_room(dir.path()).await;
+    let end = records_end(&bytes);
+
+    let mut store = Store::open(dir.path()).unwrap();
+    assert_eq!(all_indexes(&mut store).await, (1..=10).collect::<Vec<_>>());
+    assert_eq!(
+        store.log.rejoin().until(),
+        None,
+        "the room taken for damage"
+    );
+    assert_eq!(std::fs::read(&seg).unwrap(), bytes, "the room was cut");
+    append(&mut store.log, vec![entry(11, 1)]).await;
+    close(store);
+
+    let after = std::fs::read(&seg).unwrap();
+    assert_eq!(
+        after.len(),
+        bytes.len(),
+        "the append did not go into the room"
+    );
+    assert_eq!(&after[..end], &bytes[..end]);
+    assert_eq!(records(&after).len(), 11);
+    let mut store = Store::open(dir.path()).unwrap();
+    assert_eq!(all_indexes(&mut store).await, (1..=11).collect::<Vec<_>>());
+    close(store);
+}
+
+/// A crash during an append into the room: the disk got the sectors up to
+/// one inside a record and none after, so the record is as long as its
+/// length field says (zeros follow) but its end is zeros. Never
+/// acknowledged: cut as a torn write, and the node keeps its vote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_cut_short_in_the_room_is_a_torn_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (seg, mut bytes) = ten_entries_with_room(dir.path()).await;
+    let recs = records(&bytes);
+    // The last record that a sector boundary runs through.
+    let (k, &(at, len)) = recs
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, (at, len))| (at / 512 + 1) * 512 < at + len)
+        .expect("a record across a sector boundary");
+    let boundary = (at / 512 + 1) * 512;
+    bytes[boundary..].fill(0);
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let mut store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        all_indexes(&mut store).await,
+        (1..=k as u64).collect::<Vec<_>>(),
+        "entry {} (bytes {at}..{}) was not cut",
+        k + 1,
+        at + len
+    );
+    assert_eq!(
+        store.log.rejoin().until(),
+        None,
+        "a torn write was taken for a damaged acknowledged record"
+    );
+    close(store);
+}
+
+/// Damage to the last record, with the room after it, is no torn write:
+/// the record may have been acknowledged, so the node must get it back
+/// before it votes again. Both a flipped payload byte and a length field
+/// that now points into the room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_to_the_last_record_before_the_room_is_not_taken_for_a_torn_write() {
+    type Damage = fn(&mut [u8], usize, usize);
+    let flip: Damage = |b, at, len| b[at + len / 2] ^= 0x10;
+    let long: Damage = |b, at, len| {
+        let field = ((len - 9 + 600) as u32) | (1 << 31);
+        b[at..at + 4].copy_from_slice(&field.to_le_bytes());
+    };
+    for (what, damage) in [("a flipped byte", flip), ("a length into the room", long)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (seg, mut bytes) = ten_entries_with_room(dir.path()).await;
+        let (at, len) = *records(&bytes).last().unwrap();
+        damage(&mut bytes, at, len);
+        std::fs::write(&seg, &bytes).unwrap();
+
+        let mut store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            all_indexes(&mut store).await,
+            (1..=9).collect::<Vec<_>>(),
+            "{what}: the damaged record was not cut"
+        );
+        assert_eq!(
+            store.log.rejoin().until(),
+            Some(10),
+            "{what}: taken for a torn write"
+        );
+        close(store);
+    }
 }

@@ -39,7 +39,7 @@ async fn a_torn_write_at_the_end_is_cut_off_and_appends_go_on() {
 
     // A crash in the middle of a write: a header promising 300 bytes, and 12.
     let seg = last_segment(dir.path());
-    let len_before = std::fs::metadata(&seg).unwrap().len();
+    let len_before = log_files::without_room(&seg).len() as u64;
     let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
     f.write_all(&300u32.to_le_bytes()).unwrap();
     f.write_all(&[0xAB; 16]).unwrap();
@@ -168,5 +168,46 @@ async fn a_log_purged_past_its_end_starts_again_after_the_purge_point() {
     let state = store.log.get_log_state().await.unwrap();
     assert_eq!(state.last_log_id, Some(log_id::<TypeConfig>(3, 1, 501)));
     assert_eq!(indexes(&mut store.log, 0..=600).await, vec![501]);
+    close(store);
+}
+
+/// Segments written before records had an end byte (`[len][crc][payload]`,
+/// the length's high bit clear) open as they are, and appends after them
+/// go on in the current form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_written_before_the_end_byte_still_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    append(&mut store.log, (1..=10).map(|i| entry(i, 1)).collect()).await;
+    close(store);
+
+    // The same records in the old form, and no zero-filled room.
+    let seg = last_segment(dir.path());
+    let bytes = std::fs::read(&seg).unwrap();
+    let mut old = Vec::new();
+    for (at, len) in log_files::records(&bytes) {
+        let mut record = bytes[at..at + len - 1].to_vec();
+        record[3] &= 0x7F;
+        old.extend_from_slice(&record);
+    }
+    std::fs::write(&seg, &old).unwrap();
+    assert!(log_files::records(&old).len() == 10, "not read as records");
+
+    let mut store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        indexes(&mut store.log, 1..=10).await,
+        (1..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        std::fs::read(&seg).unwrap(),
+        old,
+        "the old records were changed"
+    );
+    append(&mut store.log, vec![entry(11, 1)]).await;
+    close(store);
+
+    let mut store = Store::open(dir.path()).unwrap();
+    let got = store.log.try_get_log_entries(1..=11).await.unwrap();
+    assert_eq!(got, (1..=11).map(|i| entry(i, 1)).collect::<Vec<_>>());
     close(store);
 }

@@ -89,6 +89,20 @@ impl<S: Sink> Coalescer<S> {
 
     /// Send `item` (alone or with others) and wait for its reply.
     pub async fn submit(&self, item: S::Item) -> S::Reply {
+        let alone = {
+            let mut q = self.shared.queue();
+            let free = q.in_flight < self.shared.limits.in_flight && q.waiting.is_empty();
+            q.in_flight += usize::from(free);
+            free
+        };
+        if alone {
+            // An idle line: send from this task, with no task to spawn and
+            // wake. The slot is handed on when this send ends or is dropped.
+            let slot = Slot(&self.shared);
+            let mut replies = self.shared.sink.send(vec![item]).await;
+            drop(slot);
+            return replies.pop().unwrap_or_else(S::lost);
+        }
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut q = self.shared.queue();
@@ -104,6 +118,33 @@ impl<S: Sink> Coalescer<S> {
             tokio::spawn(self.shared.clone().run(group));
         }
         rx.await.unwrap_or_else(|_| S::lost())
+    }
+}
+
+/// A send slot taken by [`Coalescer::submit`] for its own item: once that
+/// send ends (or its caller goes away), what queued meanwhile goes on in a
+/// task of its own, or the slot is freed.
+struct Slot<'a, S: Sink>(&'a Arc<Shared<S>>);
+
+impl<S: Sink> Drop for Slot<'_, S> {
+    fn drop(&mut self) {
+        let shared = self.0;
+        let mut q = shared.queue();
+        let runtime = tokio::runtime::Handle::try_current();
+        match (q.waiting.is_empty(), runtime) {
+            (false, Ok(rt)) => {
+                let group = shared.take(&mut q);
+                drop(q);
+                rt.spawn(shared.clone().run(group));
+            }
+            (true, _) => q.in_flight -= 1,
+            // No runtime to send them from (it is shutting down): their
+            // callers get `lost`.
+            (false, Err(_)) => {
+                q.waiting.clear();
+                q.in_flight -= 1;
+            }
+        }
     }
 }
 
@@ -156,6 +197,7 @@ impl<S: Sink> Shared<S> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
 
     /// Replies with each item doubled after a yield; counts sends.
     #[derive(Default)]
@@ -200,6 +242,39 @@ mod tests {
         assert!(sends < 300 / 10, "300 items took {sends} sends");
         assert!(c.sink().biggest.load(Ordering::Relaxed) <= 50);
         // An idle line sends at once, alone.
+        assert_eq!(c.submit(7).await, Some(14));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_gone_mid_send_leaves_no_one_queued_behind_it_stranded() {
+        let limits = Limits {
+            in_flight: 1,
+            items: 50,
+            weight: 1 << 20,
+        };
+        let c = Coalescer::new(Doubler::default(), limits);
+        // The first caller sends from its own task and gives up 1 ms into
+        // its 5 ms send; two more queue behind it meanwhile.
+        let first = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_millis(1), c.submit(1)).await
+            })
+        };
+        tokio::task::yield_now().await;
+        let later: Vec<_> = [2u32, 3]
+            .into_iter()
+            .map(|i| {
+                let c = c.clone();
+                tokio::spawn(async move { c.submit(i).await })
+            })
+            .collect();
+        assert!(first.await.unwrap().is_err(), "the first caller gave up");
+        for (i, h) in [2u32, 3].into_iter().zip(later) {
+            let got = tokio::time::timeout(Duration::from_secs(5), h).await;
+            assert_eq!(got.ok().map(|r| r.unwrap()), Some(Some(i * 2)), "item {i}");
+        }
+        // And the line is free again.
         assert_eq!(c.submit(7).await, Some(14));
     }
 }

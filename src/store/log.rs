@@ -9,18 +9,32 @@
 //! only after that.
 //!
 //! Layout: `log/<first index, 20 digits>.seg`, each a run of records
-//! `[payload length u32 LE][crc32 of payload u32 LE][payload]`, the payload
-//! a bincode [`Entry`]; the entries of a segment have consecutive indexes
-//! from the one in its name.
+//! `[payload length u32 LE | 1 << 31][crc32 of payload u32 LE][payload][0xA5]`,
+//! the payload a bincode [`Entry`]; the entries of a segment have
+//! consecutive indexes from the one in its name. (Records written before
+//! the end byte existed lack the high bit and the end byte; both kinds are
+//! read.)
+//!
+//! The active segment is kept zero-filled up to [`ZEROED_AHEAD`] bytes past
+//! its last record, so an append overwrites blocks the file already has
+//! and its `fdatasync` has no file size to commit: on ext4 that is one
+//! journal commit fewer per group commit (about 0.2 ms against 0.13 ms per
+//! synced 4 KiB write on this project's test machine, 0.38 against 0.26
+//! with three nodes on one disk). A segment is cut back to its last record
+//! when the next one starts.
 //!
 //! Recovery at open. A record is valid when it is whole, its checksum
 //! matches and it decodes to the entry whose index belongs there.
+//! - Kept: zeros from the end of the last record to the end of the last
+//!   segment (the zero-filled room ahead of appends).
 //! - Cut: a bad or short record in the last segment with nothing valid
 //!   after it. "Nothing valid" means that at no byte offset after the bad
 //!   point is there a valid-checksum record of an entry whose index could
 //!   follow. The segment is cut at the bad record. Two kinds:
 //!   - a torn write (zeros, part of a record: a write the crash
-//!     interrupted, so never acknowledged);
+//!     interrupted, so never acknowledged). In the zero-filled room a torn
+//!     record is as long as its length field says, but its end byte is
+//!     missing: the part of it in its last 512-byte sector is zeros;
 //!   - a damaged record: whole by its length field but failing its check,
 //!     or one whose length field alone was hit (the rest of the file
 //!     matches its checksum). This node may have acknowledged it, so
@@ -50,6 +64,7 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::entry::RaftEntry;
@@ -65,7 +80,7 @@ use crate::raft::types::{Entry, LogId, TypeConfig, Vote};
 
 /// The segment appends go to: its path (for the fsync ledger) and file;
 /// both shared, so the group commit takes them without allocating.
-type ActiveSegment = (Arc<Path>, Arc<File>);
+type ActiveSegment = (Arc<Path>, Arc<File>, Arc<AtomicU64>);
 
 /// By default a new segment is started once the current one is this big.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -76,6 +91,17 @@ pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// is read from the segments or sent a snapshot.
 pub const CACHE_BYTES: usize = 8 * 1024 * 1024;
 const HEADER: usize = 8;
+/// Set in a record's length field when an [`END`] byte follows its payload.
+const ENDED: u32 = 1 << 31;
+/// The last byte of every record written now: never zero, so a record
+/// that reached the disk whole is told from one a crash cut short in the
+/// zero-filled room after the last record.
+const END: u8 = 0xA5;
+/// How far past its last record the active segment is kept zero-filled
+/// (at most a segment's size).
+pub const ZEROED_AHEAD: u64 = 1024 * 1024;
+/// The unit a disk writes whole or not at all, at the least.
+const SECTOR: usize = 512;
 
 struct Segment {
     first: u64,
@@ -83,7 +109,12 @@ struct Segment {
     next: u64,
     path: PathBuf,
     file: Arc<File>,
+    /// Where the next record goes: the end of the last one.
     len: u64,
+    /// The file's size: zeros from `len` up to it.
+    zeroed: u64,
+    /// `len` for the group-commit thread's fsync ledger (test hooks).
+    end: Arc<AtomicU64>,
 }
 
 /// Where an entry's record sits.
@@ -164,6 +195,41 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// A record's header at `pos`: its payload length, whether an [`END`]
+/// byte follows the payload, and the payload's checksum.
+fn header_at(bytes: &[u8], pos: usize) -> Option<(usize, bool, u32)> {
+    let h = bytes.get(pos..pos.checked_add(HEADER)?)?;
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+    let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+    Some(((len & !ENDED) as usize, len & ENDED != 0, crc))
+}
+
+/// The bytes a record with this header takes, from its header on.
+fn record_len(len: usize, ended: bool) -> usize {
+    HEADER + len + usize::from(ended)
+}
+
+/// A record from `pos` to `end` whose end byte is missing the way a crash
+/// leaves it in the zero-filled room: its part in its last sector (from
+/// its start at most) is all zeros, end byte included.
+fn cut_short_in_zeros(bytes: &[u8], pos: usize, end: usize) -> bool {
+    let from = pos.max((end - 1) / SECTOR * SECTOR);
+    bytes[from..end].iter().all(|&b| b == 0)
+}
+
+/// `(offset, length)` of each whole, valid record from the start of a
+/// segment's bytes, up to the first that is not (for tools and tests that
+/// look inside a segment).
+pub fn record_spans(bytes: &[u8]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while let Some((_, end)) = record_at(bytes, pos, |_| true) {
+        out.push((pos, end - pos));
+        pos = end;
+    }
+    out
+}
+
 /// Decode and check one record's payload.
 fn decode_record(payload: &[u8], crc: u32) -> io::Result<Entry> {
     if crc32fast::hash(payload) != crc {
@@ -177,14 +243,16 @@ fn decode_record(payload: &[u8], crc: u32) -> io::Result<Entry> {
 /// (decoded from the payload's start, before the checksum is computed)
 /// and can turn it away cheaply.
 fn record_at(bytes: &[u8], pos: usize, accept: impl Fn(u64) -> bool) -> Option<(Entry, usize)> {
-    let header = bytes.get(pos..pos.checked_add(HEADER)?)?;
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let (len, ended, crc) = header_at(bytes, pos)?;
     // No entry encodes to nothing.
     if len == 0 {
         return None;
     }
     let payload = bytes.get(pos + HEADER..(pos + HEADER).checked_add(len)?)?;
+    let end = pos + record_len(len, ended);
+    if ended && bytes.get(end - 1) != Some(&END) {
+        return None;
+    }
     // An entry's encoding starts with its log id (the first field of
     // `Entry`), so a wrong index is seen without hashing the payload.
     let id: LogId = decode(payload).ok()?;
@@ -192,7 +260,7 @@ fn record_at(bytes: &[u8], pos: usize, accept: impl Fn(u64) -> bool) -> Option<(
         return None;
     }
     let entry = decode_record(payload, crc).ok()?;
-    Some((entry, pos + HEADER + len))
+    Some((entry, end))
 }
 
 /// How many whole, valid records lie after a bad record at `bad`, where
@@ -227,32 +295,54 @@ struct Scanned {
     /// How many entries the bad bytes may hold that were acknowledged:
     /// 0 for a torn write (see [`possibly_acknowledged`]).
     damaged: u64,
+    /// Nothing but zeros after the records: the zero-filled room.
+    zero_tail: bool,
 }
 
 /// How many records from `bad` on may be entries this node acknowledged,
 /// though they fail their check: records that are whole by their length
 /// fields, chained from `bad`; or one whose length field alone is damaged
-/// (what follows its header is exactly the payload its checksum names). A
-/// torn write is neither: it ends before its length says, or is zeros.
+/// (what follows its header is exactly the payload its checksum names,
+/// with its end byte and the zero-filled room after it, if it has them).
+/// A torn write is neither: it ends before its length says, is zeros, or
+/// (in the zero-filled room) lacks its end byte.
 fn possibly_acknowledged(bytes: &[u8], bad: usize) -> u64 {
     let mut count = 0;
     let mut pos = bad;
-    while let Some(header) = bytes.get(pos..pos + HEADER) {
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        let end = (pos + HEADER).saturating_add(len);
+    while let Some((len, ended, crc)) = header_at(bytes, pos) {
+        let end = pos.saturating_add(record_len(len, ended));
         if len > 0 && end <= bytes.len() {
+            if ended && cut_short_in_zeros(bytes, pos, end) {
+                // Torn, unless its length field alone is damaged and points
+                // into the zero-filled room.
+                if payload_alone(&bytes[pos + HEADER..], crc) {
+                    count += 1;
+                }
+                break;
+            }
             count += 1;
             pos = end;
             continue;
         }
-        let rest = &bytes[pos + HEADER..];
-        if !rest.is_empty() && crc32fast::hash(rest) == crc {
+        if payload_alone(&bytes[pos + HEADER..], crc) {
             count += 1;
         }
         break;
     }
     count
+}
+
+/// Whether `rest` (all that follows a header) is the payload `crc` names:
+/// alone, or followed by its end byte and zeros.
+fn payload_alone(rest: &[u8], crc: u32) -> bool {
+    if !rest.is_empty() && crc32fast::hash(rest) == crc {
+        return true;
+    }
+    let body = match rest.iter().rposition(|&b| b != 0) {
+        Some(last) => &rest[..=last],
+        None => return false,
+    };
+    matches!(body.split_last(), Some((&END, payload)) if !payload.is_empty() && crc32fast::hash(payload) == crc)
 }
 
 /// Read a segment: its run of whole, valid records from the start, and
@@ -264,11 +354,21 @@ fn scan(path: &Path, first: u64) -> io::Result<Scanned> {
     while pos < bytes.len() {
         let want = first + records.len() as u64;
         let Some((entry, end)) = record_at(&bytes, pos, |_| true) else {
+            if bytes[pos..].iter().all(|&b| b == 0) {
+                return Ok(Scanned {
+                    records,
+                    valid: pos as u64,
+                    valid_after: 0,
+                    damaged: 0,
+                    zero_tail: true,
+                });
+            }
             return Ok(Scanned {
                 records,
                 valid: pos as u64,
                 valid_after: valid_records_after(&bytes, pos, want),
                 damaged: possibly_acknowledged(&bytes, pos),
+                zero_tail: false,
             });
         };
         if entry.index() != want {
@@ -291,6 +391,7 @@ fn scan(path: &Path, first: u64) -> io::Result<Scanned> {
         valid: pos as u64,
         valid_after: 0,
         damaged: 0,
+        zero_tail: false,
     })
 }
 
@@ -300,12 +401,14 @@ impl Segment {
     /// process died first), and nothing may be acknowledged or built on it
     /// until it is on disk. A segment just cut gets `sync_all` (its length
     /// changed), the others `sync_data`. Counts itself in `synced`.
+    #[allow(clippy::too_many_arguments)]
     fn recovered(
         first: u64,
         next: u64,
         path: PathBuf,
         file: File,
         len: u64,
+        zeroed: u64,
         cut: bool,
         synced: &mut usize,
     ) -> io::Result<Segment> {
@@ -323,7 +426,20 @@ impl Segment {
             path,
             file: Arc::new(file),
             len,
+            zeroed,
+            end: Arc::new(AtomicU64::new(len)),
         })
+    }
+}
+
+impl Segment {
+    /// What the group-commit thread needs of the segment appends go to.
+    fn active(&self) -> ActiveSegment {
+        (
+            Arc::from(self.path.as_path()),
+            self.file.clone(),
+            self.end.clone(),
+        )
     }
 }
 
@@ -365,8 +481,11 @@ impl Inner {
         let seg = self.segment(loc.segment)?;
         let mut buf = vec![0u8; loc.len as usize];
         seg.file.read_exact_at(&mut buf, loc.offset)?;
-        let crc = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
-        decode_record(&buf[HEADER..], crc)
+        let (len, _, crc) = header_at(&buf, 0).expect("a whole header");
+        let payload = buf
+            .get(HEADER..HEADER + len)
+            .ok_or_else(|| corrupt(format!("log record of entry {index} changed on disk")))?;
+        decode_record(payload, crc)
     }
 
     /// Start a new segment whose first entry will be `first`.
@@ -377,10 +496,14 @@ impl Inner {
                 let last = self.segments.pop().expect("checked");
                 fs::remove_file(&last.path)?;
             } else {
-                // Everything in it must be durable before appends move on.
-                let len = last.file.metadata()?.len();
-                last.file.sync_data()?;
-                test_hooks::synced(&last.path, len);
+                // Everything in it must be durable before appends move on,
+                // and it ends at its last record (only the last segment
+                // may have zeros after its records).
+                if last.zeroed > last.len {
+                    last.file.set_len(last.len)?;
+                }
+                last.file.sync_all()?;
+                test_hooks::synced(&last.path, last.len);
             }
         }
         let path = self.dir.join(segment_name(first));
@@ -398,6 +521,8 @@ impl Inner {
             path,
             file: Arc::new(file),
             len: 0,
+            zeroed: 0,
+            end: Arc::new(AtomicU64::new(0)),
         });
         Ok(())
     }
@@ -451,6 +576,7 @@ impl LogStore {
                 valid,
                 valid_after,
                 damaged: maybe_acked,
+                zero_tail,
             } = scan(&path, first)?;
             let file = OpenOptions::new()
                 .read(true)
@@ -458,7 +584,9 @@ impl LogStore {
                 .open(&path)
                 .map_err(|e| at(&path, "open", e))?;
             let on_disk = file.metadata().map_err(|e| at(&path, "stat", e))?.len();
-            let cut = valid < on_disk;
+            // The zero-filled room after the last segment's records stays.
+            let room = zero_tail && is_last;
+            let cut = valid < on_disk && !room;
             if cut {
                 let want = first + records.len() as u64;
                 if !is_last || valid_after > 0 {
@@ -484,8 +612,17 @@ impl LogStore {
                 fs::remove_file(&path).map_err(|e| at(&path, "remove", e))?;
                 continue;
             }
-            let segment =
-                Segment::recovered(first, next, path, file, valid, cut, &mut synced_at_open)?;
+            let zeroed = if room { on_disk } else { valid };
+            let segment = Segment::recovered(
+                first,
+                next,
+                path,
+                file,
+                valid,
+                zeroed,
+                cut,
+                &mut synced_at_open,
+            )?;
             for (entry, loc) in records {
                 if entry.index() < keep_after {
                     continue;
@@ -515,23 +652,19 @@ impl LogStore {
             rejoin.regained(held);
         }
 
-        let active = Arc::new(Mutex::new(
-            inner
-                .segments
-                .last()
-                .map(|s| (Arc::from(s.path.as_path()), s.file.clone())),
-        ));
+        let active = Arc::new(Mutex::new(inner.segments.last().map(Segment::active)));
         let to_sync = active.clone();
         let commit = GroupCommit::new("idemkv-log-sync", move || {
             let file = to_sync.lock().unwrap_or_else(|p| p.into_inner()).clone();
             match file {
-                Some((path, f)) => {
-                    // The size before the fsync: all of it is on disk after.
-                    let len = test_hooks::enabled().then(|| f.metadata().map(|m| m.len()));
+                Some((path, f, end)) => {
+                    // The records' end before the fsync: all of them are on
+                    // disk after.
+                    let len = test_hooks::enabled().then(|| end.load(Ordering::Acquire));
                     let started = std::time::Instant::now();
                     let r = test_hooks::before_fsync().and_then(|()| f.sync_data());
                     crate::metrics::fsync(started.elapsed());
-                    if let (Ok(()), Some(Ok(len))) = (&r, len) {
+                    if let (Ok(()), Some(len)) = (&r, len) {
                         test_hooks::synced(&path, len);
                     }
                     r
@@ -560,10 +693,8 @@ impl LogStore {
     }
 
     fn set_active(&self, inner: &Inner) {
-        *self.active.lock().unwrap_or_else(|p| p.into_inner()) = inner
-            .segments
-            .last()
-            .map(|s| (Arc::from(s.path.as_path()), s.file.clone()));
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) =
+            inner.segments.last().map(Segment::active);
     }
 
     /// The segment files, oldest first.
@@ -638,16 +769,21 @@ impl LogStore {
                 rolled = true;
             }
             let payload = encode(&entry)?;
+            let size = u32::try_from(payload.len())
+                .ok()
+                .filter(|n| n & ENDED == 0)
+                .ok_or_else(|| io::Error::other(format!("entry {index} is too large to log")))?;
             let seg = inner.segments.last_mut().expect("rolled above");
             let loc = Loc {
                 segment: seg.first,
                 offset: seg.len + buf.len() as u64,
-                len: (HEADER + payload.len()) as u32,
+                len: record_len(payload.len(), true) as u32,
             };
             seg.next = index + 1;
-            buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&(size | ENDED).to_le_bytes());
             buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
             buf.extend_from_slice(&payload);
+            buf.push(END);
             if inner.locs.is_empty() {
                 inner.first = index;
             }
@@ -663,15 +799,25 @@ impl LogStore {
     }
 }
 
-/// Write `buf` at the end of the active segment.
+/// Write `buf` at the end of the active segment, and keep zeros ahead of it.
 fn flush_buf(inner: &mut Inner, buf: &mut Vec<u8>) -> io::Result<()> {
     if buf.is_empty() {
         return Ok(());
     }
+    let segment_bytes = inner.segment_bytes;
     let seg = inner.segments.last_mut().expect("a segment to write to");
     seg.file.write_all_at(buf, seg.len)?;
     seg.len += buf.len() as u64;
+    seg.end.store(seg.len, Ordering::Release);
     buf.clear();
+    if seg.len > seg.zeroed {
+        // Past the room: make more. The next fsync commits the new size
+        // once; the appends after it need no size change.
+        static ZEROS: [u8; ZEROED_AHEAD as usize] = [0; ZEROED_AHEAD as usize];
+        let room = &ZEROS[..ZEROED_AHEAD.min(segment_bytes) as usize];
+        seg.file.write_all_at(room, seg.len)?;
+        seg.zeroed = seg.len + room.len() as u64;
+    }
     Ok(())
 }
 
@@ -822,6 +968,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             seg.file.sync_all()?;
             test_hooks::synced(&seg.path, cut.offset);
             seg.len = cut.offset;
+            seg.zeroed = cut.offset;
+            seg.end.store(cut.offset, Ordering::Release);
             seg.next = from;
             sync_dir(&inner.dir)?;
             let keep = (from - inner.first) as usize;

@@ -39,7 +39,7 @@ use crate::raft::types::{NodeId, PeerNode};
 pub use durable::Syncer;
 pub use identity::ClusterId;
 pub use log::LogStore;
-pub use log::SEGMENT_BYTES;
+pub use log::{record_spans as log_record_spans, SEGMENT_BYTES, ZEROED_AHEAD};
 pub use rejoin::Rejoin;
 pub use snapshot::check_received as check_received_snapshot;
 pub use snapshot::{inspect as inspect_snapshot, Inspection};
@@ -64,7 +64,7 @@ pub struct Store {
 fn open_sled(sled_dir: &Path) -> io::Result<sled::Db> {
     let config = sled::Config::new()
         .path(sled_dir)
-        .cache_capacity(64 * 1024 * 1024)
+        .cache_capacity(32 * 1024 * 1024)
         .mode(sled::Mode::HighThroughput);
     let damaged = |why: String| {
         io::Error::new(

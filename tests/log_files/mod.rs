@@ -1,6 +1,9 @@
 //! Shared by the log tests (`log_segments.rs`, `log_recovery.rs`): entries
-//! to append, an append that waits for its fsync, closing a store.
+//! to append, an append that waits for its fsync, closing a store, and
+//! where a segment's records end.
 #![allow(dead_code)]
+
+use std::path::Path;
 
 use idemkv::raft::{Entry, TypeConfig};
 use idemkv::record::{Command, Op, RecordKey, Request};
@@ -43,4 +46,30 @@ pub fn close(store: Store) {
     store.log.close();
     store.syncer.close();
     drop(store);
+}
+
+/// `(offset, length)` of each whole record in a segment.
+pub fn records(bytes: &[u8]) -> Vec<(usize, usize)> {
+    idemkv::store::log_record_spans(bytes)
+}
+
+/// Where a segment's records end: the zero-filled room after them (see
+/// `store/log.rs`) starts there.
+pub fn records_end(bytes: &[u8]) -> usize {
+    records(bytes).last().map_or(0, |(at, len)| at + len)
+}
+
+/// Cut the segment back to its last record, as a segment written before
+/// the zero-filled room existed (or one cut back at open) is; returns its
+/// bytes.
+pub fn without_room(seg: &Path) -> Vec<u8> {
+    let mut bytes = std::fs::read(seg).unwrap();
+    let end = records_end(&bytes);
+    assert!(
+        bytes[end..].iter().all(|&b| b == 0),
+        "only zeros after the records"
+    );
+    bytes.truncate(end);
+    std::fs::write(seg, &bytes).unwrap();
+    bytes
 }

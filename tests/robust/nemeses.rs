@@ -838,16 +838,24 @@ fn lose_unsynced(data: &std::path::Path, ledger: &std::path::Path) -> Option<u64
             continue;
         }
         let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+        // Records' bytes, not the zero-filled room after them.
+        let records = std::fs::read(&path)
+            .map(|b| {
+                idemkv::store::log_record_spans(&b)
+                    .last()
+                    .map_or(0, |(at, l)| at + l)
+            })
+            .unwrap_or(0) as u64;
         match synced.get(&path.display().to_string()) {
             Some(&keep) if keep < len => {
                 let f = std::fs::OpenOptions::new().write(true).open(&path).ok()?;
                 f.set_len(keep).ok()?;
-                dropped += len - keep;
+                dropped += records.saturating_sub(keep);
             }
             Some(_) => {}
             None => {
                 std::fs::remove_file(&path).ok()?;
-                dropped += len;
+                dropped += records;
             }
         }
     }
@@ -915,7 +923,7 @@ enum Damage {
 }
 
 /// Damage a stopped node's newest log segment. Records are `[len u32][crc
-/// u32][payload]`.
+/// u32][payload][end byte]` (`idemkv::store::log_record_spans` finds them).
 fn flip_log_byte(data: &std::path::Path, damage: Damage) -> bool {
     let Ok(dir) = std::fs::read_dir(data.join("log")) else {
         return false;
@@ -932,23 +940,16 @@ fn flip_log_byte(data: &std::path::Path, damage: Damage) -> bool {
     let Ok(mut bytes) = std::fs::read(last) else {
         return false;
     };
-    let mut records = Vec::new();
-    let mut at = 0usize;
-    while at + 8 <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        if len == 0 || at + 8 + len > bytes.len() {
-            break;
-        }
-        records.push((at, len));
-        at += 8 + len;
-    }
+    // (offset, whole record length)
+    let records = idemkv::store::log_record_spans(&bytes);
     let Some(&(last_at, last_len)) = records.last() else {
         return false;
     };
     if damage == Damage::TornTail {
-        // As a crash during an (unacknowledged) append leaves it.
-        let torn = bytes[last_at..last_at + 8 + last_len / 2].to_vec();
-        bytes.truncate(last_at + 8 + last_len);
+        // As a crash during an (unacknowledged) append leaves it, in a
+        // segment without zero-filled room after its records.
+        let torn = bytes[last_at..last_at + last_len / 2].to_vec();
+        bytes.truncate(last_at + last_len);
         bytes.extend_from_slice(&torn);
         return std::fs::write(last, bytes).is_ok();
     }
@@ -957,7 +958,7 @@ fn flip_log_byte(data: &std::path::Path, damage: Damage) -> bool {
         (_, k) if k >= 3 => records[k / 2],
         _ => return false,
     };
-    bytes[at + 8 + len / 2] ^= 0x40;
+    bytes[at + 8 + (len - 9) / 2] ^= 0x40;
     std::fs::write(last, bytes).is_ok()
 }
 
