@@ -427,16 +427,23 @@ impl Nemesis {
                 self.skewed_ms += (hold * 2).as_millis() as u64 + 1_000;
             }
             Fault::DiskFull => {
-                let i = rig.lock().await.tmpfs_node.unwrap();
-                let filler = rig.lock().await.cluster.data_dir(i).join("filler");
+                let (i, node_log, filler) = {
+                    let r = rig.lock().await;
+                    let i = r.tmpfs_node.unwrap();
+                    let node_log = r.cluster.dir.join(format!("node-{}.log", i + 1));
+                    (i, node_log, r.cluster.data_dir(i).join("filler"))
+                };
+                let logged_before = std::fs::metadata(&node_log).map_or(0, |m| m.len());
                 fill(&filler);
-                tokio::time::sleep(hold).await;
+                let until = tokio::time::Instant::now() + hold;
+                outgrow_log_room(rig, &api, i, until).await;
+                tokio::time::sleep_until(until).await;
                 let _ = std::fs::remove_file(&filler);
                 let mut r = rig.lock().await;
-                let log =
-                    std::fs::read_to_string(r.cluster.dir.join(format!("node-{}.log", i + 1)))
-                        .unwrap_or_default();
-                let refused = log.contains("No space left");
+                // Only what the node logged during this fault counts.
+                let log = std::fs::read(&node_log).unwrap_or_default();
+                let logged = &log[(logged_before as usize).min(log.len())..];
+                let refused = String::from_utf8_lossy(logged).contains("No space left");
                 let exited = r.cluster.exited(i);
                 if exited {
                     // The node exits when its storage fails (crash-only);
@@ -1024,6 +1031,67 @@ where
             "membership change did not finish"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Make node `i`, whose disk is full, need more disk than it has.
+///
+/// A full disk alone may not stop a node at once: its Raft log keeps a
+/// zero-filled room (`ZEROED_AHEAD` bytes) ahead of its appends, already
+/// allocated, so small writes still land. A result of the largest size the
+/// spec allows (1 MiB) is bigger than that room, so such a Complete makes
+/// the log grow its file. They go to keys of their own namespace, outside
+/// the checked history, kept the shortest retention, and at most a few per
+/// fault so the records do not outgrow the small disk. Returns once the
+/// node's process has ended, or at `until`.
+async fn outgrow_log_room(
+    rig: &Arc<tokio::sync::Mutex<Rig>>,
+    api: &[String],
+    i: usize,
+    until: tokio::time::Instant,
+) {
+    const NS: &str = "robust-disk-full";
+    let Some(pid) = rig.lock().await.cluster.pid(i) else {
+        return;
+    };
+    // Not yet reaped: a zombie has ended.
+    let ended = || !matches!(procs::process_state(pid), Some(s) if s != 'Z');
+    let opts = idemkv::client::ClientOptions {
+        request_timeout: Duration::from_secs(2),
+        retry_for: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let client = Client::with_options(api, opts).expect("client");
+    let result = vec![b'r'; idemkv::store::ZEROED_AHEAD as usize];
+    for _ in 0..3 {
+        if ended() || tokio::time::Instant::now() >= until {
+            return;
+        }
+        let key = format!("filler-{}", uuid::Uuid::new_v4()).into_bytes();
+        let claim = api::ClaimRequest {
+            namespace: NS.into(),
+            key: key.clone(),
+            owner: "nemesis".into(),
+            lease_ms: 10_000,
+            retention_ms: 1_000,
+            ..Default::default()
+        };
+        if let Ok(api::claim_response::Outcome::Acquired(a)) = client.claim(claim).await {
+            let complete = api::CompleteRequest {
+                namespace: NS.into(),
+                key,
+                token: a.token,
+                result: result.clone(),
+                retention_ms: 1_000,
+                ..Default::default()
+            };
+            let _ = client.complete(complete).await;
+        }
+        // The node fails when the entry reaches it, a moment after.
+        let settle = tokio::time::Instant::now() + Duration::from_millis(500);
+        while !ended() && tokio::time::Instant::now() < settle.min(until) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
