@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 use support::procs;
 
-use procs::BIN;
+use procs::{running, BIN};
 
 /// A base port with `n` consecutive free ports at `base` and at `base + 100`.
 fn free_base(n: u16) -> u16 {
@@ -306,11 +306,6 @@ fn leader_id(endpoints: &str) -> (u64, u64) {
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("no leader shown by ctl status");
-}
-
-/// Whether a process runs (a zombie counts as gone: it no longer serves).
-fn running(pid: u32) -> bool {
-    procs::process_state(pid).is_some_and(|s| s != 'Z')
 }
 
 fn kill9(pid: u32) {

@@ -149,7 +149,7 @@ async fn metrics_count_what_clients_saw() {
     // `--log-format json` (here IDEMKV_LOG_FORMAT): one JSON object per
     // line, with level, message and fields; RUST_LOG filters.
     let events = |i: usize| -> Vec<serde_json::Value> {
-        let text = std::fs::read_to_string(dir.path().join(format!("node-{}.log", i + 1))).unwrap();
+        let text = std::fs::read_to_string(c.log_file(i)).unwrap();
         text.lines()
             .filter(|l| l.starts_with('{'))
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
@@ -168,7 +168,7 @@ async fn metrics_count_what_clients_saw() {
             .all(|e| e["level"] == "WARN" || e["level"] == "ERROR"),
         "RUST_LOG=warn keeps info out"
     );
-    let plain = std::fs::read_to_string(dir.path().join("node-3.log")).unwrap();
+    let plain = std::fs::read_to_string(c.log_file(2)).unwrap();
     assert!(
         plain.contains("node started") && !plain.contains("\"fields\""),
         "node 3 logs text"

@@ -147,10 +147,6 @@ pub struct Nemesis {
 }
 
 /// Is process `pid` still there (not reaped)?
-fn alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
 /// Is process `pid` stopped (SIGSTOP)?
 fn stopped(pid: u32) -> bool {
     procs::process_state(pid) == Some('T')
@@ -205,7 +201,7 @@ impl Nemesis {
     fn kill(&mut self, r: &mut Rig, fault: Fault, i: usize) {
         let pid = r.cluster.pid(i);
         r.cluster.kill9(i);
-        let dead = pid.is_some_and(|p| !alive(p));
+        let dead = pid.is_some_and(|p| !procs::running(p));
         self.prove(fault, dead, "process killed");
     }
 
@@ -248,7 +244,7 @@ impl Nemesis {
                 let mut r = rig.lock().await;
                 let pids: Vec<u32> = (0..n).filter_map(|i| r.cluster.pid(i)).collect();
                 r.cluster.kill9_all();
-                let dead = pids.len() == n && pids.iter().all(|p| !alive(*p));
+                let dead = pids.len() == n && pids.iter().all(|p| !procs::running(*p));
                 self.prove(fault, dead, "every process killed");
                 if fault != Fault::KillAll {
                     let mut lost = 0;
@@ -427,13 +423,15 @@ impl Nemesis {
                 self.skewed_ms += (hold * 2).as_millis() as u64 + 1_000;
             }
             Fault::DiskFull => {
-                let (i, node_log, filler) = {
+                let (i, filler, log_before) = {
                     let r = rig.lock().await;
                     let i = r.tmpfs_node.unwrap();
-                    let node_log = r.cluster.dir.join(format!("node-{}.log", i + 1));
-                    (i, node_log, r.cluster.data_dir(i).join("filler"))
+                    (
+                        i,
+                        r.cluster.data_dir(i).join("filler"),
+                        r.cluster.log_len(i),
+                    )
                 };
-                let logged_before = std::fs::metadata(&node_log).map_or(0, |m| m.len());
                 fill(&filler);
                 let until = tokio::time::Instant::now() + hold;
                 outgrow_log_room(rig, &api, i, until).await;
@@ -441,9 +439,10 @@ impl Nemesis {
                 let _ = std::fs::remove_file(&filler);
                 let mut r = rig.lock().await;
                 // Only what the node logged during this fault counts.
-                let log = std::fs::read(&node_log).unwrap_or_default();
-                let logged = &log[(logged_before as usize).min(log.len())..];
-                let refused = String::from_utf8_lossy(logged).contains("No space left");
+                let refused = r
+                    .cluster
+                    .logged_since(i, log_before)
+                    .contains("No space left");
                 let exited = r.cluster.exited(i);
                 if exited {
                     // The node exits when its storage fails (crash-only);
@@ -554,8 +553,7 @@ impl Nemesis {
                 let mut r = rig.lock().await;
                 self.kill(&mut r, fault, i);
                 let db = r.cluster.data_dir(i).join("sled").join("db");
-                let log_file = r.cluster.dir.join(format!("node-{}.log", i + 1));
-                let log_before = std::fs::metadata(&log_file).map_or(0, |m| m.len() as usize);
+                let log_before = r.cluster.log_len(i);
                 let tail = self.rng.random_bool(0.5);
                 let flipped = std::fs::read(&db).is_ok_and(|mut b| {
                     let len = b.len();
@@ -585,10 +583,12 @@ impl Nemesis {
                         .or_default() += 1;
                     return self.count(fault);
                 }
-                let log = std::fs::read_to_string(&log_file).unwrap_or_default();
-                let said = log
-                    .get(log_before.min(log.len())..)
-                    .is_some_and(|new| new.contains("add the node back as a new member"));
+                let said = rig
+                    .lock()
+                    .await
+                    .cluster
+                    .logged_since(i, log_before)
+                    .contains("add the node back as a new member");
                 self.prove(
                     fault,
                     exited && said,
@@ -621,11 +621,7 @@ impl Nemesis {
                     let deadline = Instant::now() + Duration::from_secs(30);
                     let (mut said, mut rejoined) = (false, false);
                     while !(said && rejoined) && Instant::now() < deadline {
-                        let log = {
-                            let r = rig.lock().await;
-                            let f = r.cluster.dir.join(format!("node-{}.log", i + 1));
-                            std::fs::read_to_string(f).unwrap_or_default()
-                        };
+                        let log = rig.lock().await.cluster.logged_since(i, 0);
                         said = log.contains("cutting a damaged log record");
                         rejoined = status(&api[i])
                             .await
@@ -645,11 +641,7 @@ impl Nemesis {
                         refused = rig.lock().await.cluster.exited(i);
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    let log = {
-                        let r = rig.lock().await;
-                        let f = r.cluster.dir.join(format!("node-{}.log", i + 1));
-                        std::fs::read_to_string(f).unwrap_or_default()
-                    };
+                    let log = rig.lock().await.cluster.logged_since(i, 0);
                     let said = log.contains("add the node back as a new member");
                     self.prove(fault, refused && said, "node refused a damaged log");
                     // The remedy the message names: wipe it, add it back.
@@ -1054,8 +1046,7 @@ async fn outgrow_log_room(
     let Some(pid) = rig.lock().await.cluster.pid(i) else {
         return;
     };
-    // Not yet reaped: a zombie has ended.
-    let ended = || !matches!(procs::process_state(pid), Some(s) if s != 'Z');
+    let ended = || !procs::running(pid);
     let opts = idemkv::client::ClientOptions {
         request_timeout: Duration::from_secs(2),
         retry_for: Duration::from_secs(2),

@@ -26,6 +26,12 @@ pub fn process_state(pid: u32) -> Option<char> {
     stat.rsplit(')').next()?.trim_start().chars().next()
 }
 
+/// Whether process `pid` runs (a zombie counts as gone: it no longer
+/// serves).
+pub fn running(pid: u32) -> bool {
+    process_state(pid).is_some_and(|s| s != 'Z')
+}
+
 /// `n` distinct free loopback ports for child processes to bind.
 ///
 /// They are chosen at random *below* the kernel's ephemeral range
@@ -117,6 +123,22 @@ impl ProcCluster {
         self.dir.join(format!("node-{}", i + 1))
     }
 
+    /// Node `i`'s log: its stdout and stderr, kept across restarts.
+    pub fn log_file(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node-{}.log", i + 1))
+    }
+
+    /// How many bytes node `i` has logged so far (for `logged_since`).
+    pub fn log_len(&self, i: usize) -> usize {
+        std::fs::metadata(self.log_file(i)).map_or(0, |m| m.len() as usize)
+    }
+
+    /// What node `i` logged past its first `from` bytes (all of it for 0).
+    pub fn logged_since(&self, i: usize, from: usize) -> String {
+        let log = std::fs::read(self.log_file(i)).unwrap_or_default();
+        String::from_utf8_lossy(&log[from.min(log.len())..]).into_owned()
+    }
+
     /// The process id of node `i`, while it runs.
     pub fn pid(&self, i: usize) -> Option<u32> {
         self.children[i].as_ref().map(|c| c.id())
@@ -157,7 +179,7 @@ impl ProcCluster {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join(format!("node-{id}.log")))
+            .open(self.log_file(i))
             .expect("log file");
         let mut cmd = match self.wrap[i].split_first() {
             Some((prog, args)) => {
