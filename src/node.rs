@@ -124,6 +124,7 @@ impl Node {
             store.identity.clone(),
         );
         let sm = store.state_machine.clone();
+        store.log.set_node_id(cfg.id);
         let raft = Raft::new(
             cfg.id,
             Arc::new(raft_config),

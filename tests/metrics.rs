@@ -128,8 +128,14 @@ async fn metrics_count_what_clients_saw() {
     }
     // Every node: Raft gauges and fsync latency of its own log.
     let mut leaders = 0.0;
+    let mut followers_synced_on_append = 0.0;
     for m in &metrics {
         let (_, body) = scrape(m, "/metrics");
+        // The calls above came one at a time, with pauses: a follower made
+        // some of them durable on its appending task.
+        if value(&body, "idemkv_raft_is_leader") == 0.0 {
+            followers_synced_on_append += value(&body, "idemkv_log_fsync_on_append_total");
+        }
         assert!(value(&body, "idemkv_raft_term") >= 1.0);
         assert!(value(&body, "idemkv_raft_commit_index") >= 4.0);
         assert!(value(&body, "idemkv_raft_applied_index") >= 1.0);
@@ -143,6 +149,7 @@ async fn metrics_count_what_clients_saw() {
         leaders += value(&body, "idemkv_raft_is_leader");
     }
     assert_eq!(leaders, 1.0, "exactly one node says it leads");
+    assert!(followers_synced_on_append >= 1.0);
     let (status, _) = scrape(&metrics[0], "/other");
     assert!(status.contains("404"), "{status}");
 

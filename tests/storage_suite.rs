@@ -344,3 +344,50 @@ async fn a_coalesced_entry_applies_like_its_commands_one_by_one() {
         "{err}"
     );
 }
+
+/// A follower's append after a quiet spell is made durable before `append`
+/// returns (on the appending task); the leader's own entries go to the
+/// group commit's round thread. Either way the callback comes only after
+/// an fsync. (`GroupCommit`'s unit tests cover appends in quick succession.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followers_lone_append_is_synced_on_its_own_task_and_the_leaders_never() {
+    use futures::FutureExt;
+    use openraft::storage::{IOFlushed, RaftLogStorage};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Store::open(dir.path()).unwrap().log;
+    log.set_node_id(1);
+    let req = Request {
+        stamped_ms: 1,
+        command: claim("k", "o", 1_000, 1_000),
+    };
+    for (index, leader) in [(1, 1), (2, 2)] {
+        // Longer than any quiet spell the log asks for.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let (syncs_before, _) = log.sync_stats();
+        let inline_before = log.inline_syncs();
+        let (tx, mut rx) = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot();
+        let e = Entry {
+            log_id: log_id::<TypeConfig>(1, leader, index),
+            payload: EntryPayload::Normal(req.clone()),
+        };
+        log.append([e], IOFlushed::signal(tx)).await.unwrap();
+        let done_on_return = (&mut rx).now_or_never().is_some();
+        let ran_here = log.inline_syncs() - inline_before;
+        if leader == 1 {
+            assert_eq!(ran_here, 0, "the leader's own entry was synced on its task");
+            rx.await.unwrap().unwrap();
+        } else {
+            assert_eq!(
+                ran_here, 1,
+                "a follower's lone append went to a round thread"
+            );
+            assert!(done_on_return, "not durable when append returned");
+        }
+        assert_eq!(
+            log.sync_stats().0 - syncs_before,
+            1,
+            "entry {index}: one fsync"
+        );
+    }
+}

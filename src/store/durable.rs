@@ -20,6 +20,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use super::sled_mark::{Marked, SledMark};
 
@@ -68,6 +69,7 @@ struct Inner {
     /// factor.
     rounds: AtomicU64,
     released: AtomicU64,
+    inline_rounds: AtomicU64,
 }
 
 #[derive(Default)]
@@ -76,6 +78,8 @@ struct Queue {
     /// A runner is taking rounds.
     running: bool,
     closed: bool,
+    /// When the last runner found nothing more to do.
+    idle_since: Option<Instant>,
 }
 
 impl Inner {
@@ -90,6 +94,7 @@ impl Inner {
                 let mut q = self.queue();
                 if q.waiters.is_empty() {
                     q.running = false;
+                    q.idle_since = Some(Instant::now());
                     return;
                 }
                 std::mem::take(&mut q.waiters)
@@ -117,9 +122,13 @@ impl GroupCommit {
             inner: Arc::new(Inner {
                 name: name.into(),
                 sync: Box::new(sync),
-                queue: Mutex::new(Queue::default()),
+                queue: Mutex::new(Queue {
+                    idle_since: Some(Instant::now()),
+                    ..Queue::default()
+                }),
                 rounds: AtomicU64::new(0),
                 released: AtomicU64::new(0),
+                inline_rounds: AtomicU64::new(0),
             }),
         }
     }
@@ -158,6 +167,34 @@ impl GroupCommit {
                 w.done(Err(clone_err(&e)));
             }
         }
+    }
+
+    /// Complete `w` after a round run on the calling thread, when the group
+    /// commit has been idle for at least `quiet`: for a caller that has
+    /// nothing else to do until its write is durable (a follower's append),
+    /// this saves waking a thread for the round and being woken back by it.
+    /// Otherwise (a round is under way or ended lately, so more writes are
+    /// likely to join the next one) `w` is queued as by [`GroupCommit::submit`].
+    /// True when the round ran here.
+    pub fn run_here_if_quiet(&self, w: Waiter, quiet: Duration) -> bool {
+        let mut q = self.inner.queue();
+        let quiet = !q.closed && !q.running && q.idle_since.is_some_and(|t| t.elapsed() >= quiet);
+        if !quiet {
+            drop(q);
+            self.submit(w);
+            return false;
+        }
+        q.waiters.push(w);
+        q.running = true;
+        drop(q);
+        self.inner.inline_rounds.fetch_add(1, Ordering::Relaxed);
+        self.inner.run();
+        true
+    }
+
+    /// Rounds run on a caller's thread by [`GroupCommit::run_here_if_quiet`].
+    pub fn inline_rounds(&self) -> u64 {
+        self.inner.inline_rounds.load(Ordering::Relaxed)
     }
 
     /// Wait until everything written so far is durable.
@@ -299,5 +336,80 @@ pub fn sled_err(e: sled::Error) -> io::Error {
     match e {
         sled::Error::Io(e) => e,
         other => io::Error::other(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::thread::ThreadId;
+
+    /// A group commit whose rounds report the thread they ran on.
+    fn recording() -> (GroupCommit, mpsc::Receiver<ThreadId>) {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let gc = GroupCommit::new("test-sync", move || {
+            let _ = tx.lock().unwrap().send(std::thread::current().id());
+            Ok(())
+        });
+        (gc, rx)
+    }
+
+    fn done_flag() -> (Waiter, Arc<Mutex<Option<ThreadId>>>) {
+        let flag = Arc::new(Mutex::new(None));
+        let f = flag.clone();
+        let w = Waiter::Callback(Box::new(move |res| {
+            res.unwrap();
+            *f.lock().unwrap() = Some(std::thread::current().id());
+        }));
+        (w, flag)
+    }
+
+    #[test]
+    fn after_a_quiet_spell_the_round_runs_on_the_callers_thread_and_completes_before_returning() {
+        let (gc, rounds) = recording();
+        let (w, done) = done_flag();
+        assert!(gc.run_here_if_quiet(w, Duration::ZERO));
+        let me = std::thread::current().id();
+        assert_eq!(
+            *done.lock().unwrap(),
+            Some(me),
+            "completed here, before returning"
+        );
+        assert_eq!(rounds.try_recv().unwrap(), me);
+        assert_eq!(gc.inline_rounds(), 1);
+        assert_eq!(gc.stats(), (1, 1));
+    }
+
+    #[test]
+    fn right_after_a_round_the_waiter_goes_to_a_round_thread() {
+        let (gc, rounds) = recording();
+        // A round just ended: nothing has been quiet for an hour.
+        let (w, _) = done_flag();
+        gc.run_here_if_quiet(w, Duration::ZERO);
+        rounds.recv().unwrap();
+        let (w, done) = done_flag();
+        assert!(!gc.run_here_if_quiet(w, Duration::from_secs(3600)));
+        let ran_on = rounds.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_ne!(ran_on, std::thread::current().id());
+        while done.lock().unwrap().is_none() {
+            std::thread::yield_now();
+        }
+        assert_eq!(*done.lock().unwrap(), Some(ran_on));
+        assert_eq!(gc.inline_rounds(), 1, "only the first ran here");
+    }
+
+    #[test]
+    fn a_closed_group_commit_refuses_an_inline_waiter_too() {
+        let (gc, rounds) = recording();
+        gc.close();
+        let (tx, rx) = mpsc::channel();
+        assert!(!gc.run_here_if_quiet(
+            Waiter::Callback(Box::new(move |res| tx.send(res.is_err()).unwrap())),
+            Duration::ZERO,
+        ));
+        assert!(rx.recv().unwrap(), "refused");
+        assert!(rounds.try_recv().is_err(), "no round ran");
     }
 }
