@@ -186,7 +186,7 @@ async fn snapshot_install_replaces_the_whole_state() {
     assert_eq!(dst.clock_ms(), 1_000);
     assert_eq!(dst.applied_state().await.unwrap().0.unwrap().index(), 2);
     // The expiry index was rebuilt: a sweep after the retention removes "short" only.
-    assert!(dst.has_expired(1_000 + 100 + 1_000).unwrap());
+    assert!(dst.has_expired(1_000 + 100 + 1_000));
     dst.apply(stream::iter(vec![entry(
         3,
         2_200,
@@ -390,4 +390,83 @@ async fn a_followers_lone_append_is_synced_on_its_own_task_and_the_leaders_never
             "entry {index}: one fsync"
         );
     }
+}
+
+/// Close a store and wait until sled lets go of its directory.
+async fn close(store: Store) {
+    store.syncer.sync_now().unwrap();
+    store.log.close();
+    store.syncer.close();
+    drop(store);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
+/// The keys of the state machine tree `sm` that start with `prefix`.
+fn sled_keys(dir: &std::path::Path, prefix: u8) -> usize {
+    let db = sled::open(dir.join("sled")).unwrap();
+    let n = db.open_tree("sm").unwrap().scan_prefix([prefix]).count();
+    db.flush().unwrap();
+    n
+}
+
+/// A record costs sled one key (the expiry index is in memory), and the
+/// index is built again from the records when a store opens: a sweep after
+/// a reopen removes what expired and nothing else. The index entries older
+/// versions kept in sled are dropped at open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_expiry_index_is_built_from_the_records_at_open() {
+    use futures::stream;
+    use openraft::storage::RaftStateMachine;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // Stamped at 1,000 with a 100 ms lease and 1 s retention: "short"
+    // expires at 2,100.
+    store
+        .state_machine
+        .clone()
+        .apply(stream::iter(vec![
+            entry(1, 1_000, claim("short", "w", 100, 1_000)),
+            entry(2, 1_000, claim("long", "w", 100, 86_400_000)),
+        ]))
+        .await
+        .unwrap();
+    store.state_machine.persist().await.unwrap();
+    close(store).await;
+    assert_eq!(sled_keys(dir.path(), b'r'), 2);
+    assert_eq!(sled_keys(dir.path(), b'x'), 0, "no index entries in sled");
+
+    // An index entry as versions before wrote it (expiry, then the key).
+    {
+        let db = sled::open(dir.path().join("sled")).unwrap();
+        let mut legacy = vec![b'x'];
+        legacy.extend_from_slice(&2_100u64.to_be_bytes());
+        legacy.extend_from_slice(b"ns\0short");
+        db.open_tree("sm").unwrap().insert(legacy, &[][..]).unwrap();
+        db.flush().unwrap();
+    }
+
+    let store = Store::open(dir.path()).unwrap();
+    let mut sm = store.state_machine.clone();
+    assert!(!sm.has_expired(2_099));
+    assert!(sm.has_expired(2_100));
+    sm.apply(stream::iter(vec![entry(
+        3,
+        2_200,
+        Command::Sweep { limit: 10 },
+    )]))
+    .await
+    .unwrap();
+    assert!(sm.get(&key("short")).unwrap().is_none(), "swept");
+    assert!(sm.get(&key("long")).unwrap().is_some());
+    assert!(!sm.has_expired(2_200));
+    sm.persist().await.unwrap();
+    drop(sm);
+    close(store).await;
+    assert_eq!(sled_keys(dir.path(), b'r'), 1);
+    assert_eq!(
+        sled_keys(dir.path(), b'x'),
+        0,
+        "the old index entry was dropped"
+    );
 }

@@ -282,7 +282,7 @@ impl Consensus {
     /// Whether this node leads and holds records whose retention has run
     /// out at the cluster's clock: then a sweep is due.
     pub fn sweep_due(&self) -> bool {
-        self.raft.is_leader() && self.sm.has_expired(self.now_ms()).unwrap_or(false)
+        self.raft.is_leader() && self.sm.has_expired(self.now_ms())
     }
 
     /// The entry this node must hold again before it votes or campaigns

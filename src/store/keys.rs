@@ -4,12 +4,11 @@
 //! | prefix | key                              | value                      |
 //! |--------|----------------------------------|----------------------------|
 //! | `r`    | namespace `\0` key               | the [`Record`], encoded    |
-//! | `x`    | expiry (u64 BE) namespace `\0` key | empty: the expiry index  |
+//! | `x`    | expiry (u64 BE) namespace `\0` key | empty: the expiry index of versions before it moved to memory (`expiry.rs`); dropped at open |
 //! | `m`    | name                             | applied log id, membership, clock |
 //!
 //! Namespaces cannot contain `\0` (the API edge allows `[A-Za-z0-9_.-]`), so
-//! the separator is unambiguous, and big-endian expiry times sort in time
-//! order, which is what lets a sweep read the index from its start.
+//! the separator is unambiguous.
 //!
 //! [`Record`]: crate::record::Record
 
@@ -61,21 +60,6 @@ pub fn record(k: &RecordKey) -> Vec<u8> {
     out
 }
 
-pub fn expiry(at_ms: u64, k: &RecordKey) -> Vec<u8> {
-    let mut out = Vec::with_capacity(10 + k.namespace.len() + k.key.len());
-    out.push(EXPIRY);
-    out.extend_from_slice(&at_ms.to_be_bytes());
-    push_key(&mut out, k);
-    out
-}
-
-/// The first expiry-index key strictly after time `at_ms`.
-pub fn expiry_upper(at_ms: u64) -> Vec<u8> {
-    let mut out = vec![EXPIRY];
-    out.extend_from_slice(&at_ms.saturating_add(1).to_be_bytes());
-    out
-}
-
 fn split_key(bytes: &[u8]) -> Option<RecordKey> {
     let sep = bytes.iter().position(|b| *b == 0)?;
     let namespace = String::from_utf8(bytes[..sep].to_vec()).ok()?;
@@ -83,14 +67,6 @@ fn split_key(bytes: &[u8]) -> Option<RecordKey> {
         namespace,
         key: bytes[sep + 1..].to_vec(),
     })
-}
-
-/// The record key an expiry-index key points at.
-pub fn parse_expiry(bytes: &[u8]) -> Option<RecordKey> {
-    if bytes.len() < 9 || bytes[0] != EXPIRY {
-        return None;
-    }
-    split_key(&bytes[9..])
 }
 
 pub fn parse_record(bytes: &[u8]) -> Option<RecordKey> {

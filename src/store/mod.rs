@@ -16,6 +16,7 @@
 
 pub mod boot_clock;
 pub mod durable;
+mod expiry;
 mod identity;
 mod key_filter;
 pub mod keys;

@@ -19,7 +19,7 @@
 //!   follower that receives it, which checks everything before installing.
 //! - Installing never touches the tree in force. The received file is copied
 //!   next to the snapshots and loaded, checked on the way, into the other
-//!   state machine tree (records, expiry index, applied id, membership,
+//!   state machine tree (records, applied id, membership,
 //!   clock, token counter), which is then flushed. Only a file that passed
 //!   every check is renamed into place; then one durable write flips
 //!   [`keys::ACTIVE_TREE`] and the in-memory handle is swapped together
@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 use openraft::RaftSnapshotBuilder;
 
 use super::durable::sled_err;
+use super::expiry::ExpiryIndex;
 use super::key_filter::KeyFilter;
 use super::keys;
 use super::snapfile::{Header, Reader, Writer};
@@ -305,7 +306,8 @@ impl StateMachineStore {
             .find(|t| t.as_bytes() != &active[..])
             .unwrap_or(TREES[0]);
         let tree = shared.db.open_tree(other).map_err(sled_err)?;
-        let (header, filter, data_bytes) = match self.load_into(&tree, src, expect, legacy) {
+        let (header, filter, expiry, data_bytes) = match self.load_into(&tree, src, expect, legacy)
+        {
             Ok(loaded) => loaded,
             Err(e) => {
                 if let Err(c) = tree.clear() {
@@ -325,7 +327,7 @@ impl StateMachineStore {
             .map_err(sled_err)?;
         shared.syncer.sync_now()?;
         let applied = header.meta.last_log_id.as_ref().map_or(0, |l| l.index());
-        let old = shared.tree.swap(tree, filter, || {
+        let old = shared.tree.swap(tree, filter, expiry, || {
             // Changes applied before the snapshot's index are in it.
             self.drop_overlay();
             self.set_clock(header.clock_ms);
@@ -350,14 +352,14 @@ impl StateMachineStore {
     }
 
     /// Clear `tree` and fill it from `path`, with the filter of its record
-    /// keys; fails on any check. Blocking.
+    /// keys and its expiry index; fails on any check. Blocking.
     fn load_into(
         &self,
         tree: &sled::Tree,
         path: &Path,
         expect: Option<&SnapshotMeta>,
         legacy: bool,
-    ) -> io::Result<(Header, KeyFilter, u64)> {
+    ) -> io::Result<(Header, KeyFilter, ExpiryIndex, u64)> {
         let (mut r, header) = open_reader(path, legacy)?;
         if let Some(meta) = expect {
             if header.meta.last_log_id != meta.last_log_id {
@@ -372,14 +374,15 @@ impl StateMachineStore {
         }
         tree.clear().map_err(sled_err)?;
         let filter = KeyFilter::new();
+        let expiry = ExpiryIndex::new();
         let mut batch = sled::Batch::default();
         let mut pending = 0;
         let mut data_bytes = 0;
         while let Some((k, v, at)) = r.pair()? {
-            let (rk, rec) = check_pair(&r, &k, &v, at)?;
+            let (_, rec) = check_pair(&r, &k, &v, at)?;
             filter.load(&k);
             data_bytes += stored_bytes(&k, v.len());
-            batch.insert(keys::expiry(record::expires_at(&rec), &rk), &[] as &[u8]);
+            expiry.insert(record::expires_at(&rec), &k);
             batch.insert(k, v);
             pending += 1;
             if pending == 10_000 {
@@ -394,7 +397,7 @@ impl StateMachineStore {
         batch.insert(keys::CLOCK, encode(&header.clock_ms)?);
         batch.insert(keys::LAST_TOKEN, encode(&header.last_token)?);
         tree.apply_batch(batch).map_err(sled_err)?;
-        Ok((header, filter, data_bytes))
+        Ok((header, filter, expiry, data_bytes))
     }
 }
 
@@ -411,7 +414,7 @@ impl StateMachineStore {
         clock_ms: u64,
     ) -> io::Result<Option<LogId>> {
         let tree = self.shared.tree.current();
-        let (header, _, _) = self.load_into(&tree, path, None, false)?;
+        let (header, ..) = self.load_into(&tree, path, None, false)?;
         let last = header.meta.last_log_id;
         let voters: BTreeSet<NodeId> = members.keys().copied().collect();
         let membership = openraft::Membership::new(vec![voters], members)

@@ -1,14 +1,15 @@
 //! The replicated state machine in sled (`RaftStateMachine`).
 //!
 //! It carries commands from log entries to [`crate::record`] and writes the
-//! decided changes back, keeping the expiry index exact. It must not decide
-//! anything itself: every rule lives in `record.rs`.
+//! decided changes back, keeping the expiry index (in memory, `expiry.rs`)
+//! exact. It must not decide anything itself: every rule lives in
+//! `record.rs`.
 //!
 //! Applied changes are served from memory first ([`Layers`]) and written to
 //! sled together, with the `last_applied` they reach, in one atomic batch
 //! once [`FLUSH_WRITES`] keys are waiting, by a thread of its own while
-//! apply goes on (and at once before a snapshot is built, a sweep reads the
-//! expiry index, or a big value is written). sled is never
+//! apply goes on (and at once before a snapshot is built or a big value is
+//! written). sled is never
 //! fsynced per entry anyway: the Raft log is what keeps applied entries
 //! durable, and a restart applies again whatever sled had not written, as
 //! it does after a power cut. Writing many entries per batch is what makes
@@ -35,6 +36,7 @@ use tokio::sync::{watch, RwLock};
 
 use super::boot_clock;
 use super::durable::{sled_err, Syncer};
+use super::expiry::ExpiryIndex;
 use super::key_filter::KeyFilter;
 use super::keys;
 use crate::clock::{Clock, Instant};
@@ -114,18 +116,26 @@ pub struct StateHash {
 /// calls running on the old tree, so once it returns nobody reads that tree
 /// any more.
 pub(super) struct ActiveTree {
-    tree: std::sync::RwLock<(sled::Tree, Arc<KeyFilter>)>,
+    tree: std::sync::RwLock<InForce>,
 }
 
+/// The tree in force, the filter of its record keys and its expiry index.
+type InForce = (sled::Tree, Arc<KeyFilter>, Arc<ExpiryIndex>);
+
 impl ActiveTree {
-    fn new(tree: sled::Tree, filter: KeyFilter) -> Self {
+    fn new(tree: sled::Tree, filter: KeyFilter, expiry: ExpiryIndex) -> Self {
         ActiveTree {
-            tree: std::sync::RwLock::new((tree, Arc::new(filter))),
+            tree: std::sync::RwLock::new((tree, Arc::new(filter), Arc::new(expiry))),
         }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, (sled::Tree, Arc<KeyFilter>)> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, InForce> {
         self.tree.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The expiry index of the tree in force.
+    pub(super) fn expiry(&self) -> Arc<ExpiryIndex> {
+        self.read().2.clone()
     }
 
     /// Run `f` on the tree in force; a swap waits until it returns.
@@ -172,26 +182,22 @@ impl ActiveTree {
 
     /// Only under `Shared::lock` (apply, snapshot build): the iterator
     /// outlives this call.
-    pub(super) fn range(&self, r: std::ops::Range<Vec<u8>>) -> sled::Iter {
-        self.with(|t| t.range(r))
-    }
-
-    /// Only under `Shared::lock`, like [`Self::range`].
     pub(super) fn scan_prefix(&self, prefix: impl AsRef<[u8]>) -> sled::Iter {
         self.with(|t| t.scan_prefix(prefix))
     }
 
-    /// Put `new` (whose record keys `filter` holds) in force and run
-    /// `then` before any reader can see it (the clock, token and
-    /// applied-index atomics); returns the old tree.
+    /// Put `new` (whose record keys `filter` holds, and whose records
+    /// `expiry` indexes) in force and run `then` before any reader can see
+    /// it (the clock, token and applied-index atomics); returns the old tree.
     pub(super) fn swap(
         &self,
         new: sled::Tree,
         filter: KeyFilter,
+        expiry: ExpiryIndex,
         then: impl FnOnce(),
     ) -> sled::Tree {
         let mut cur = self.tree.write().unwrap_or_else(|p| p.into_inner());
-        let (old, _) = std::mem::replace(&mut *cur, (new, Arc::new(filter)));
+        let (old, _, _) = std::mem::replace(&mut *cur, (new, Arc::new(filter), Arc::new(expiry)));
         then();
         old
     }
@@ -230,8 +236,8 @@ pub(super) struct Overlay {
 }
 
 /// What one record takes towards the data-size quota: its key twice (the
-/// record, and its expiry index entry with the 8-byte expiry) and its
-/// stored value.
+/// record, and its expiry index entry with the 8-byte expiry; the index
+/// is in memory now, and still counted) and its stored value.
 pub(super) fn stored_bytes(rk: &[u8], value_len: usize) -> u64 {
     (2 * rk.len() + 8 + value_len) as u64
 }
@@ -316,12 +322,15 @@ impl StateMachineStore {
         };
         let tree = db.open_tree(active).map_err(sled_err)?;
         let filter = KeyFilter::new();
+        let expiry = ExpiryIndex::new();
         let mut data_bytes = 0;
         for item in tree.scan_prefix([keys::RECORD]) {
             let (k, v) = item.map_err(sled_err)?;
             filter.load(&k);
             data_bytes += stored_bytes(&k, v.len());
+            expiry.insert(record::expires_at(&decode::<Record>(&v)?), &k);
         }
+        drop_stored_expiry_index(&tree)?;
         let clock = match tree.get(keys::CLOCK).map_err(sled_err)? {
             Some(v) => decode::<u64>(&v)?,
             None => 0,
@@ -346,7 +355,7 @@ impl StateMachineStore {
         let sm = StateMachineStore {
             shared: Arc::new(Shared {
                 db: db.clone(),
-                tree: ActiveTree::new(tree, filter),
+                tree: ActiveTree::new(tree, filter, expiry),
                 syncer,
                 snapshot_dir,
                 lock: Arc::new(RwLock::new(())),
@@ -529,20 +538,8 @@ impl StateMachineStore {
 
     /// Whether some record's retention has passed at `now` (so a sweep has
     /// work to do).
-    pub fn has_expired(&self, now: u64) -> io::Result<bool> {
-        let waiting = self
-            .overlay()
-            .records()
-            .any(|(_, r)| matches!(r, Some(r) if record::expires_at(r) <= now));
-        if waiting {
-            return Ok(true);
-        }
-        let first = self.shared.tree.with(|t| {
-            t.range(vec![keys::EXPIRY]..keys::expiry_upper(now))
-                .next()
-                .transpose()
-        });
-        Ok(first.map_err(sled_err)?.is_some())
+    pub fn has_expired(&self, now: u64) -> bool {
+        self.shared.tree.expiry().any_due(now)
     }
 
     /// Number of stored records (a full scan: for status and tests).
@@ -592,9 +589,9 @@ impl StateMachineStore {
             return Ok(());
         }
         let rk = keys::record(k);
+        let expiry = self.shared.tree.expiry();
         if let Some(old) = cur {
-            p.writes
-                .insert(keys::expiry(record::expires_at(old), k), None);
+            expiry.remove(record::expires_at(old), &rk);
             p.data_delta -= stored_bytes(&rk, encode(old)?.len()) as i64;
         }
         match change {
@@ -602,8 +599,7 @@ impl StateMachineStore {
                 // Before the batch reaches sled: the filter must never say
                 // "absent" of a stored key.
                 self.shared.tree.filter().add(&rk);
-                p.writes
-                    .insert(keys::expiry(record::expires_at(&new), k), Some(Vec::new()));
+                expiry.insert(record::expires_at(&new), &rk);
                 let value = encode(&new)?;
                 p.data_delta += stored_bytes(&rk, value.len()) as i64;
                 p.large |= value.len() >= BLOB_RISK_BYTES;
@@ -897,20 +893,12 @@ impl StateMachineStore {
                 Ok(Ok(Outcome::Many(outs)))
             }
             Command::Sweep { limit } => {
-                // The sweep reads the expiry index from the tree: first write
-                // what was applied before it. (The clock just set may go
-                // with it; re-applying this entry sets the same value.)
-                self.commit(p)?;
-                self.flush()?;
+                // The index holds what was staged before this entry too.
+                let expiry = self.shared.tree.expiry();
                 let mut removed = 0;
-                let due = self
-                    .shared
-                    .tree
-                    .range(vec![keys::EXPIRY]..keys::expiry_upper(now));
-                for item in due.take(limit as usize) {
-                    let (ek, _) = item.map_err(sled_err)?;
-                    let cur = match keys::parse_expiry(&ek) {
-                        Some(k) => self.get(&k)?.map(|r| (k, r)),
+                for (at, rk) in expiry.due(now, limit as usize) {
+                    let cur = match keys::parse_record(&rk) {
+                        Some(k) => self.get_pending(p, &k)?.map(|r| (k, r)),
                         None => None,
                     };
                     match cur {
@@ -918,10 +906,9 @@ impl StateMachineStore {
                             self.stage(p, &k, Some(&r), Change::Remove)?;
                             removed += 1;
                         }
-                        // An index entry with no matching record: drop it.
-                        _ => {
-                            p.writes.insert(ek.to_vec(), None);
-                        }
+                        // An entry with no matching record (the index is
+                        // kept exact, so never expected): drop it.
+                        _ => expiry.remove(at, &rk),
                     }
                 }
                 Ok(Ok(Outcome::Swept { removed }))
@@ -995,6 +982,27 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<Option<crate::raft::types::Snapshot>, io::Error> {
         self.current_snapshot()
     }
+}
+
+/// Versions before kept the expiry index in the tree (`x` keys): drop it,
+/// now that it is built in memory. Its removal need not be durable: a
+/// crash before the next sync leaves keys this drops again at next open.
+fn drop_stored_expiry_index(tree: &sled::Tree) -> io::Result<()> {
+    let mut batch = sled::Batch::default();
+    let mut pending = 0;
+    for k in tree.scan_prefix([keys::EXPIRY]).keys() {
+        batch.remove(k.map_err(sled_err)?);
+        pending += 1;
+        if pending == 10_000 {
+            tree.apply_batch(std::mem::take(&mut batch))
+                .map_err(sled_err)?;
+            pending = 0;
+        }
+    }
+    if pending > 0 {
+        tree.apply_batch(batch).map_err(sled_err)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
