@@ -392,18 +392,28 @@ async fn a_followers_lone_append_is_synced_on_its_own_task_and_the_leaders_never
     }
 }
 
-/// Close a store and wait until sled lets go of its directory.
-async fn close(store: Store) {
+/// Close a store, its writes synced.
+fn close(store: Store) {
     store.syncer.sync_now().unwrap();
     store.log.close();
     store.syncer.close();
-    drop(store);
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
+/// sled's database in `dir`, once the store that had it open let go.
+fn sled_of(dir: &std::path::Path) -> sled::Db {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(dir.join("sled")) {
+            Ok(db) => return db,
+            Err(e) if std::time::Instant::now() > until => panic!("sled still held: {e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
 }
 
 /// The keys of the state machine tree `sm` that start with `prefix`.
 fn sled_keys(dir: &std::path::Path, prefix: u8) -> usize {
-    let db = sled::open(dir.join("sled")).unwrap();
+    let db = sled_of(dir);
     let n = db.open_tree("sm").unwrap().scan_prefix([prefix]).count();
     db.flush().unwrap();
     n
@@ -432,13 +442,13 @@ async fn the_expiry_index_is_built_from_the_records_at_open() {
         .await
         .unwrap();
     store.state_machine.persist().await.unwrap();
-    close(store).await;
+    close(store);
     assert_eq!(sled_keys(dir.path(), b'r'), 2);
     assert_eq!(sled_keys(dir.path(), b'x'), 0, "no index entries in sled");
 
     // An index entry as versions before wrote it (expiry, then the key).
     {
-        let db = sled::open(dir.path().join("sled")).unwrap();
+        let db = sled_of(dir.path());
         let mut legacy = vec![b'x'];
         legacy.extend_from_slice(&2_100u64.to_be_bytes());
         legacy.extend_from_slice(b"ns\0short");
@@ -462,7 +472,7 @@ async fn the_expiry_index_is_built_from_the_records_at_open() {
     assert!(!sm.has_expired(2_200));
     sm.persist().await.unwrap();
     drop(sm);
-    close(store).await;
+    close(store);
     assert_eq!(sled_keys(dir.path(), b'r'), 1);
     assert_eq!(
         sled_keys(dir.path(), b'x'),

@@ -72,14 +72,14 @@ struct Inner {
     inline_rounds: AtomicU64,
 }
 
-#[derive(Default)]
 struct Queue {
     waiters: Vec<Waiter>,
     /// A runner is taking rounds.
     running: bool,
     closed: bool,
-    /// When the last runner found nothing more to do.
-    idle_since: Option<Instant>,
+    /// When the last runner found nothing more to do (or the group commit
+    /// was made).
+    idle_since: Instant,
 }
 
 impl Inner {
@@ -94,7 +94,7 @@ impl Inner {
                 let mut q = self.queue();
                 if q.waiters.is_empty() {
                     q.running = false;
-                    q.idle_since = Some(Instant::now());
+                    q.idle_since = Instant::now();
                     return;
                 }
                 std::mem::take(&mut q.waiters)
@@ -123,8 +123,10 @@ impl GroupCommit {
                 name: name.into(),
                 sync: Box::new(sync),
                 queue: Mutex::new(Queue {
-                    idle_since: Some(Instant::now()),
-                    ..Queue::default()
+                    waiters: Vec::new(),
+                    running: false,
+                    closed: false,
+                    idle_since: Instant::now(),
                 }),
                 rounds: AtomicU64::new(0),
                 released: AtomicU64::new(0),
@@ -178,7 +180,7 @@ impl GroupCommit {
     /// True when the round ran here.
     pub fn run_here_if_quiet(&self, w: Waiter, quiet: Duration) -> bool {
         let mut q = self.inner.queue();
-        let quiet = !q.closed && !q.running && q.idle_since.is_some_and(|t| t.elapsed() >= quiet);
+        let quiet = !q.closed && !q.running && q.idle_since.elapsed() >= quiet;
         if !quiet {
             drop(q);
             self.submit(w);

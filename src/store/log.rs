@@ -944,9 +944,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let last = self.write(entries)?;
         // Once durable, these entries may be the ones a damaged tail lost.
-        // (Checked first: the common case takes no second lock.)
         let regained = match self.rejoin.until() {
-            Some(_) => self.lock().last_index().map(|l| (self.rejoin.clone(), l)),
+            Some(_) => last.map(|l| (self.rejoin.clone(), l.index())),
             None => None,
         };
         // Acknowledged by the next fdatasync of the active segment, which
