@@ -1,6 +1,7 @@
 //! Unit tests of the rules in `record.rs` that the model test does not
 //! reach: batches, exhausted attempts, expiry, the clock, fingerprints,
-//! tokens per grant, fenced Delete, Release after being fenced out.
+//! tokens per grant, fenced Delete, Release after being fenced out; the
+//! view that reads a stored record's expiry.
 use idemkv::record::*;
 
 fn claim(owner: &str, lease_ms: u64, max_attempts: u32) -> Claim {
@@ -240,4 +241,181 @@ fn a_fenced_delete_removes_only_what_its_token_holds() {
     assert_eq!(change, Change::Keep);
     let (change, _) = apply_op(Some(&completed), &del(2), 230, &mut 2);
     assert_eq!(change, Change::Remove);
+}
+
+mod retention_view {
+    //! Opening a data directory reads each record's expiry through
+    //! `RetentionView`, which mirrors `Record`'s encoding field by field; a
+    //! field added to or moved in `Record` or `State` without it would give
+    //! a wrong expiry (a record swept early, or never).
+    use idemkv::codec::{decode_borrowed, encode};
+    use idemkv::record::*;
+    use proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        "[a-zé😀]{0,40}"
+    }
+    fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..300)
+    }
+
+    fn state() -> impl Strategy<Value = State> {
+        prop_oneof![
+            (
+                text(),
+                text(),
+                any::<u64>(),
+                any::<u64>(),
+                proptest::option::of(text()),
+                proptest::option::of(bytes())
+            )
+                .prop_map(
+                    |(owner, claim_id, token, lease_deadline_ms, previous_owner, checkpoint)| {
+                        State::InProgress {
+                            owner,
+                            claim_id,
+                            token,
+                            lease_deadline_ms,
+                            previous_owner,
+                            checkpoint,
+                        }
+                    }
+                ),
+            (text(), any::<u64>(), text(), proptest::option::of(bytes())).prop_map(
+                |(last_owner, last_token, last_error, checkpoint)| State::Available {
+                    last_owner,
+                    last_token,
+                    last_error,
+                    checkpoint,
+                }
+            ),
+            (
+                any::<u64>(),
+                bytes(),
+                proptest::option::of(any::<i32>()),
+                any::<u64>(),
+                any::<u64>()
+            )
+                .prop_map(|(token, result, code, completed_at_ms, expires_at_ms)| {
+                    State::Completed {
+                        token,
+                        result,
+                        code,
+                        completed_at_ms,
+                        expires_at_ms,
+                    }
+                }),
+            (text(), any::<u64>(), text(), any::<u64>()).prop_map(
+                |(last_owner, last_token, last_error, expires_at_ms)| State::Failed {
+                    last_owner,
+                    last_token,
+                    last_error,
+                    expires_at_ms,
+                }
+            ),
+        ]
+    }
+
+    fn record() -> impl Strategy<Value = Record> {
+        (
+            state(),
+            proptest::option::of(bytes()),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(
+                    state,
+                    fingerprint,
+                    created_at_ms,
+                    updated_at_ms,
+                    attempts,
+                    max_attempts,
+                    retention_ms,
+                )| Record {
+                    state,
+                    fingerprint,
+                    created_at_ms,
+                    updated_at_ms,
+                    attempts,
+                    max_attempts,
+                    retention_ms,
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+        #[test]
+        fn the_view_reads_the_expiry_of_every_stored_record(r in record()) {
+            let bytes = encode(&r).unwrap();
+            let view: RetentionView = decode_borrowed(&bytes).unwrap();
+            prop_assert_eq!(view.expires_at(), expires_at(&r));
+        }
+    }
+
+    /// Each state's deadline comes from its own field: small, distinct
+    /// values, so reading one field for another cannot pass by chance.
+    #[test]
+    fn each_state_ends_where_its_rule_says() {
+        let base = |state| Record {
+            state,
+            fingerprint: Some(vec![9; 33]),
+            created_at_ms: 1,
+            updated_at_ms: 20,
+            attempts: 3,
+            max_attempts: 4,
+            retention_ms: 500,
+        };
+        let cases = [
+            (
+                base(State::InProgress {
+                    owner: "w".into(),
+                    claim_id: "c".into(),
+                    token: 7,
+                    lease_deadline_ms: 1_000,
+                    previous_owner: Some("v".into()),
+                    checkpoint: Some(vec![1, 2]),
+                }),
+                1_500,
+            ),
+            (
+                base(State::Available {
+                    last_owner: "w".into(),
+                    last_token: 7,
+                    last_error: "boom".into(),
+                    checkpoint: None,
+                }),
+                520,
+            ),
+            (
+                base(State::Completed {
+                    token: 7,
+                    result: vec![5; 100],
+                    code: Some(201),
+                    completed_at_ms: 30,
+                    expires_at_ms: 86_400_030,
+                }),
+                86_400_030,
+            ),
+            (
+                base(State::Failed {
+                    last_owner: "w".into(),
+                    last_token: 7,
+                    last_error: "gave up".into(),
+                    expires_at_ms: 4_000,
+                }),
+                4_000,
+            ),
+        ];
+        for (r, want) in cases {
+            assert_eq!(expires_at(&r), want, "{r:?}");
+            let bytes = encode(&r).unwrap();
+            let view: RetentionView = decode_borrowed(&bytes).unwrap();
+            assert_eq!(view.expires_at(), want, "{r:?}");
+        }
+    }
 }

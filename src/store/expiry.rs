@@ -24,8 +24,13 @@ pub(super) struct ExpiryIndex {
 }
 
 impl ExpiryIndex {
-    pub(super) fn new() -> ExpiryIndex {
-        ExpiryIndex::default()
+    /// An index of `entries`, in any order: built whole (sorted once,
+    /// then laid out), which at a million records is several times faster
+    /// than inserting them one by one as they come from the tree.
+    pub(super) fn of(entries: Vec<(u64, Box<[u8]>)>) -> ExpiryIndex {
+        ExpiryIndex {
+            set: Mutex::new(entries.into_iter().collect()),
+        }
     }
 
     fn set(&self) -> MutexGuard<'_, BTreeSet<(u64, Box<[u8]>)>> {
@@ -70,7 +75,7 @@ mod tests {
 
     #[test]
     fn due_entries_come_in_time_then_key_order_up_to_the_limit() {
-        let x = ExpiryIndex::new();
+        let x = ExpiryIndex::default();
         x.insert(30, b"rb");
         x.insert(10, b"rz");
         x.insert(20, b"ra");

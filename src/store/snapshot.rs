@@ -374,7 +374,7 @@ impl StateMachineStore {
         }
         tree.clear().map_err(sled_err)?;
         let filter = KeyFilter::new();
-        let expiry = ExpiryIndex::new();
+        let mut expiring = Vec::new();
         let mut batch = sled::Batch::default();
         let mut pending = 0;
         let mut data_bytes = 0;
@@ -382,7 +382,7 @@ impl StateMachineStore {
             let (_, rec) = check_pair(&r, &k, &v, at)?;
             filter.load(&k);
             data_bytes += stored_bytes(&k, v.len());
-            expiry.insert(record::expires_at(&rec), &k);
+            expiring.push((record::expires_at(&rec), Box::from(&k[..])));
             batch.insert(k, v);
             pending += 1;
             if pending == 10_000 {
@@ -397,7 +397,7 @@ impl StateMachineStore {
         batch.insert(keys::CLOCK, encode(&header.clock_ms)?);
         batch.insert(keys::LAST_TOKEN, encode(&header.last_token)?);
         tree.apply_batch(batch).map_err(sled_err)?;
-        Ok((header, filter, expiry, data_bytes))
+        Ok((header, filter, ExpiryIndex::of(expiring), data_bytes))
     }
 }
 

@@ -40,7 +40,7 @@ use super::expiry::ExpiryIndex;
 use super::key_filter::KeyFilter;
 use super::keys;
 use crate::clock::{Clock, Instant};
-use crate::codec::{decode, encode};
+use crate::codec::{decode, decode_borrowed, encode};
 use crate::raft::types::{
     EntryPayload, LogId, Response, SnapshotMeta, StoredMembership, TypeConfig,
 };
@@ -322,14 +322,16 @@ impl StateMachineStore {
         };
         let tree = db.open_tree(active).map_err(sled_err)?;
         let filter = KeyFilter::new();
-        let expiry = ExpiryIndex::new();
+        let mut expiring = Vec::new();
         let mut data_bytes = 0;
         for item in tree.scan_prefix([keys::RECORD]) {
             let (k, v) = item.map_err(sled_err)?;
             filter.load(&k);
             data_bytes += stored_bytes(&k, v.len());
-            expiry.insert(record::expires_at(&decode::<Record>(&v)?), &k);
+            let view: record::RetentionView = decode_borrowed(&v)?;
+            expiring.push((view.expires_at(), Box::from(&k[..])));
         }
+        let expiry = ExpiryIndex::of(expiring);
         drop_stored_expiry_index(&tree)?;
         let clock = match tree.get(keys::CLOCK).map_err(sled_err)? {
             Some(v) => decode::<u64>(&v)?,
