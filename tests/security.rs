@@ -12,7 +12,7 @@ use idemkv::client::{ClientError, ClientOptions};
 use idemkv::pb::api;
 use idemkv::pb::peer::Payload;
 use idemkv::raft::consensus::{ForwardReply, Forwarded};
-use idemkv::record::{Claim, Command, Op, RecordKey};
+use idemkv::record::{Claim, ClaimOutcome, Command, Op, Outcome, RecordKey};
 use idemkv::Client;
 use inproc::{acquired, claim_req, TestCluster};
 use tonic::Code;
@@ -237,10 +237,12 @@ async fn a_bad_token_file_stops_the_node_from_starting() {
     );
 }
 
-fn forwarded_claim(key: &str, owner: &str) -> Payload {
-    let cmd = Command::Op {
+/// A claim of `namespace`/`key` by `owner` as the leader's peer port takes
+/// it (a minute's lease and retention).
+fn claim_command(namespace: &str, key: &str, owner: &str) -> Command {
+    Command::Op {
         key: RecordKey {
-            namespace: "peers".into(),
+            namespace: namespace.into(),
             key: key.as_bytes().to_vec(),
         },
         op: Op::Claim(Claim {
@@ -251,7 +253,11 @@ fn forwarded_claim(key: &str, owner: &str) -> Payload {
             max_attempts: 0,
             retention_ms: 60_000,
         }),
-    };
+    }
+}
+
+fn forwarded_claim(key: &str, owner: &str) -> Payload {
+    let cmd = claim_command("peers", key, owner);
     Payload {
         data: idemkv::codec::encode(&Forwarded::Write(cmd)).unwrap(),
     }
@@ -716,6 +722,57 @@ async fn forwarded_commands_are_validated_again_on_the_leader() {
     let err = raw_claim(&c.members[follower].api_addr, req).await;
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("claim_id"), "{}", err.message());
+    c.shutdown().await;
+}
+
+/// The writes of one forward call are proposed together: on an idle
+/// leader they take one log entry between them, and each keeps its own
+/// outcome and token. Proposed one by one (before), the first went alone,
+/// the second too, and the rest in a third entry after them, so the
+/// follower's answer waited for two rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_writes_of_one_forward_call_share_one_entry() {
+    let c = TestCluster::start(3).await;
+    let leader = c.wait_leader(Duration::from_secs(10)).await;
+    let mut member = procs::peer_from("127.0.0.1", &c.members[&leader].raft_addr).await;
+    let claim = |k: &str, owner: &str| claim_command("shared", k, owner);
+    let last_log = || c.node(leader).consensus().status().last_log_index;
+    // One write alone first, so the leader's start-up entries are behind.
+    let ForwardReply::Write(Ok(_)) =
+        forward(&mut member, Forwarded::Write(claim("first", "w"))).await
+    else {
+        panic!("a lone forwarded claim was not granted");
+    };
+    let before = last_log();
+    let mut cmds: Vec<Command> = (0..20).map(|i| claim(&format!("k{i}"), "w")).collect();
+    cmds.push(claim("k0", "late"));
+    let ForwardReply::Writes(replies) = forward(&mut member, Forwarded::Writes(cmds)).await else {
+        panic!("a group of writes was not answered write by write");
+    };
+    assert_eq!(replies.len(), 21);
+    let mut tokens = std::collections::BTreeSet::new();
+    for (i, reply) in replies[..20].iter().enumerate() {
+        match reply {
+            ForwardReply::Write(Ok(Outcome::Claim(ClaimOutcome::Acquired { token, .. }))) => {
+                assert!(tokens.insert(*token), "k{i}: token {token} twice")
+            }
+            other => panic!("k{i}: {other:?}"),
+        }
+    }
+    assert!(
+        matches!(
+            &replies[20],
+            ForwardReply::Write(Ok(Outcome::Claim(ClaimOutcome::InProgress { owner, .. }))) if owner == "w"
+        ),
+        "the second claim of k0 in the same call: {:?}",
+        replies[20]
+    );
+    assert_eq!(
+        last_log() - before,
+        1,
+        "21 writes of one forward call took {} log entries",
+        last_log() - before
+    );
     c.shutdown().await;
 }
 

@@ -103,10 +103,38 @@ impl<S: Sink> Coalescer<S> {
             drop(slot);
             return replies.pop().unwrap_or_else(S::lost);
         }
-        let (tx, rx) = oneshot::channel();
+        let rx = self.enqueue(vec![item]).pop().expect("one item, one reply");
+        rx.await.unwrap_or_else(|_| S::lost())
+    }
+
+    /// Send `items` together (one group, as far as the limits allow, never
+    /// split by the idle line's send-alone rule) and wait for every reply,
+    /// in their order. For items that arrived together and are answered
+    /// together (a follower's forwarded writes): sent one by one, the
+    /// first would go alone and the rest only after it, and the answer to
+    /// all of them would wait for both.
+    pub async fn submit_all(&self, items: Vec<S::Item>) -> Vec<S::Reply> {
+        if items.is_empty() {
+            return Vec::new();
+        }
+        futures::future::join_all(self.enqueue(items))
+            .await
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|_| S::lost()))
+            .collect()
+    }
+
+    /// Queue `items` in one go, and start a send in a task of its own if a
+    /// slot is free; their replies come on the receivers, in order.
+    fn enqueue(&self, items: Vec<S::Item>) -> Vec<oneshot::Receiver<S::Reply>> {
+        let mut replies = Vec::with_capacity(items.len());
         let start = {
             let mut q = self.shared.queue();
-            q.waiting.push_back(Waiting { item, reply: tx });
+            for item in items {
+                let (tx, rx) = oneshot::channel();
+                q.waiting.push_back(Waiting { item, reply: tx });
+                replies.push(rx);
+            }
             if q.in_flight < self.shared.limits.in_flight {
                 q.in_flight += 1;
                 Some(self.shared.take(&mut q))
@@ -117,7 +145,7 @@ impl<S: Sink> Coalescer<S> {
         if let Some(group) = start {
             tokio::spawn(self.shared.clone().run(group));
         }
-        rx.await.unwrap_or_else(|_| S::lost())
+        replies
     }
 }
 
@@ -276,5 +304,41 @@ mod tests {
         }
         // And the line is free again.
         assert_eq!(c.submit(7).await, Some(14));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn items_submitted_together_go_in_one_send_busy_line_or_idle() {
+        let limits = Limits {
+            in_flight: 2,
+            items: 50,
+            weight: 1 << 20,
+        };
+        let c = Coalescer::new(Doubler::default(), limits);
+        // Idle: one send for all, each its own reply in order.
+        assert_eq!(
+            c.submit_all((0..20).collect()).await,
+            (0..20).map(|i| Some(i * 2)).collect::<Vec<_>>()
+        );
+        assert_eq!(c.sink().sends.load(Ordering::Relaxed), 1);
+        // Busy (both slots taken by lone items): they queue together and go
+        // in the one send after.
+        let busy: Vec<_> = [100u32, 101]
+            .into_iter()
+            .map(|i| {
+                let c = c.clone();
+                tokio::spawn(async move { c.submit(i).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let together = c.submit_all((0..30).collect()).await;
+        assert_eq!(together, (0..30).map(|i| Some(i * 2)).collect::<Vec<_>>());
+        for (i, h) in [100u32, 101].into_iter().zip(busy) {
+            assert_eq!(h.await.unwrap(), Some(i * 2));
+        }
+        assert_eq!(c.sink().sends.load(Ordering::Relaxed), 4);
+        assert_eq!(c.sink().biggest.load(Ordering::Relaxed), 30);
+        // Nothing to send: no send.
+        assert!(c.submit_all(Vec::new()).await.is_empty());
+        assert_eq!(c.sink().sends.load(Ordering::Relaxed), 4);
     }
 }

@@ -387,15 +387,28 @@ impl Consensus {
     }
 
     async fn propose_local(&self, command: Command) -> Result<Response, Local> {
+        self.may_propose(&command)?;
+        let decided = self.proposer.propose(command).await;
+        self.local(decided)
+    }
+
+    /// Whether this node may propose `command` now: it leads, and the
+    /// data-size quota leaves room for what the command stores.
+    fn may_propose(&self, command: &Command) -> Result<(), Local> {
         if !self.raft.is_leader() {
             return Err(Local::NotLeader(self.leader()));
         }
         if let Some(e) = self.no_space() {
-            if self.stores_more(&command) {
+            if self.stores_more(command) {
                 return Err(Local::Failed(e));
             }
         }
-        match self.proposer.propose(command).await {
+        Ok(())
+    }
+
+    /// A proposal's fate, as this node reports it.
+    fn local(&self, decided: Result<Response, Refused>) -> Result<Response, Local> {
+        match decided {
             Ok(resp) => Ok(resp),
             Err(Refused::NotLeader(leader)) => Err(Local::NotLeader(leader)),
             Err(Refused::TimedOut) => Err(Local::Failed(Error::Unavailable(format!(
@@ -532,9 +545,7 @@ impl Consensus {
                     propose::MAX_COMMANDS
                 ),
             },
-            Forwarded::Writes(cs) => ForwardReply::Writes(
-                futures::future::join_all(cs.into_iter().map(|c| self.serve_write(c))).await,
-            ),
+            Forwarded::Writes(cs) => ForwardReply::Writes(self.serve_writes(cs).await),
         }
     }
 
@@ -544,6 +555,39 @@ impl Consensus {
             Ok(()) => self.propose_local(c).await.map(ForwardReply::Write),
             Err(e) => Err(Local::Failed(e)),
         })
+    }
+
+    /// Serve a follower's forwarded writes: each is checked again, and
+    /// those that pass are proposed together, so they share an entry
+    /// (proposed one by one, the first would go alone and the follower's
+    /// answer would wait for two rounds). One reply per write, in order.
+    async fn serve_writes(&self, cs: Vec<Command>) -> Vec<ForwardReply> {
+        let mut refused = Vec::with_capacity(cs.len());
+        let mut proposed = Vec::with_capacity(cs.len());
+        for c in cs {
+            match (self.check)(&c)
+                .map_err(Local::Failed)
+                .and_then(|()| self.may_propose(&c))
+            {
+                Ok(()) => {
+                    refused.push(None);
+                    proposed.push(c);
+                }
+                Err(e) => refused.push(Some(self.answer(Err(e)))),
+            }
+        }
+        let mut decided = self.proposer.propose_all(proposed).await.into_iter();
+        refused
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    let d = decided
+                        .next()
+                        .unwrap_or_else(|| Err(Refused::Failed("no decision came back".into())));
+                    self.answer(self.local(d).map(ForwardReply::Write))
+                })
+            })
+            .collect()
     }
 
     /// The reply a follower gets for what this node made of its request.

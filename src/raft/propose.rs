@@ -89,6 +89,18 @@ impl Proposer {
         }
         self.queue.submit(command).await
     }
+
+    /// Propose `commands` together, in one entry where the limits allow
+    /// (a follower's forwarded writes); one decision per command, in order.
+    pub async fn propose_all(&self, commands: Vec<Command>) -> Vec<Result<Response, Refused>> {
+        if commands
+            .iter()
+            .any(|c| matches!(c, Command::Sweep { .. } | Command::Hash))
+        {
+            return futures::future::join_all(commands.into_iter().map(|c| self.propose(c))).await;
+        }
+        self.queue.submit_all(commands).await
+    }
 }
 
 impl Sink for Inner {
