@@ -251,14 +251,20 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn each_item_gets_its_own_reply_and_a_busy_line_groups_them() {
+    /// A coalescer over a [`Doubler`]: `in_flight` sends at once, at most
+    /// 50 items each.
+    fn doubler(in_flight: usize) -> Coalescer<Doubler> {
         let limits = Limits {
-            in_flight: 2,
+            in_flight,
             items: 50,
             weight: 1 << 20,
         };
-        let c = Coalescer::new(Doubler::default(), limits);
+        Coalescer::new(Doubler::default(), limits)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_item_gets_its_own_reply_and_a_busy_line_groups_them() {
+        let c = doubler(2);
         let calls = (0..300u32).map(|i| {
             let c = c.clone();
             async move { (i, c.submit(i).await) }
@@ -275,12 +281,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_caller_gone_mid_send_leaves_no_one_queued_behind_it_stranded() {
-        let limits = Limits {
-            in_flight: 1,
-            items: 50,
-            weight: 1 << 20,
-        };
-        let c = Coalescer::new(Doubler::default(), limits);
+        let c = doubler(1);
         // The first caller sends from its own task and gives up 1 ms into
         // its 5 ms send; two more queue behind it meanwhile.
         let first = {
@@ -308,12 +309,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn items_submitted_together_go_in_one_send_busy_line_or_idle() {
-        let limits = Limits {
-            in_flight: 2,
-            items: 50,
-            weight: 1 << 20,
-        };
-        let c = Coalescer::new(Doubler::default(), limits);
+        let c = doubler(2);
         // Idle: one send for all, each its own reply in order.
         assert_eq!(
             c.submit_all((0..20).collect()).await,

@@ -551,10 +551,19 @@ impl Consensus {
 
     /// Check a forwarded write against this node's limits, then propose it.
     async fn serve_write(&self, c: Command) -> ForwardReply {
-        self.answer(match (self.check)(&c) {
-            Ok(()) => self.propose_local(c).await.map(ForwardReply::Write),
-            Err(e) => Err(Local::Failed(e)),
+        self.answer(match self.admit(&c) {
+            Ok(()) => self
+                .local(self.proposer.propose(c).await)
+                .map(ForwardReply::Write),
+            Err(e) => Err(e),
         })
+    }
+
+    /// Whether a forwarded write may be proposed: checked again against
+    /// this node's limits, then as any local write ([`Self::may_propose`]).
+    fn admit(&self, c: &Command) -> Result<(), Local> {
+        (self.check)(c).map_err(Local::Failed)?;
+        self.may_propose(c)
     }
 
     /// Serve a follower's forwarded writes: each is checked again, and
@@ -562,22 +571,20 @@ impl Consensus {
     /// (proposed one by one, the first would go alone and the follower's
     /// answer would wait for two rounds). One reply per write, in order.
     async fn serve_writes(&self, cs: Vec<Command>) -> Vec<ForwardReply> {
-        let mut refused = Vec::with_capacity(cs.len());
+        // `None`: admitted, answered by its decision below.
+        let mut refusals = Vec::with_capacity(cs.len());
         let mut proposed = Vec::with_capacity(cs.len());
         for c in cs {
-            match (self.check)(&c)
-                .map_err(Local::Failed)
-                .and_then(|()| self.may_propose(&c))
-            {
+            match self.admit(&c) {
                 Ok(()) => {
-                    refused.push(None);
+                    refusals.push(None);
                     proposed.push(c);
                 }
-                Err(e) => refused.push(Some(self.answer(Err(e)))),
+                Err(e) => refusals.push(Some(self.answer(Err(e)))),
             }
         }
         let mut decided = self.proposer.propose_all(proposed).await.into_iter();
-        refused
+        refusals
             .into_iter()
             .map(|r| {
                 r.unwrap_or_else(|| {

@@ -84,7 +84,7 @@ impl Proposer {
     /// caller checked that this node leads; if it stops leading meanwhile,
     /// openraft names the new leader).
     pub async fn propose(&self, command: Command) -> Result<Response, Refused> {
-        if matches!(command, Command::Sweep { .. } | Command::Hash) {
+        if goes_alone(&command) {
             return self.queue.sink().write(command).await;
         }
         self.queue.submit(command).await
@@ -93,14 +93,16 @@ impl Proposer {
     /// Propose `commands` together, in one entry where the limits allow
     /// (a follower's forwarded writes); one decision per command, in order.
     pub async fn propose_all(&self, commands: Vec<Command>) -> Vec<Result<Response, Refused>> {
-        if commands
-            .iter()
-            .any(|c| matches!(c, Command::Sweep { .. } | Command::Hash))
-        {
+        if commands.iter().any(goes_alone) {
             return futures::future::join_all(commands.into_iter().map(|c| self.propose(c))).await;
         }
         self.queue.submit_all(commands).await
     }
+}
+
+/// A sweep or a state hash: always an entry of its own, never coalesced.
+fn goes_alone(command: &Command) -> bool {
+    matches!(command, Command::Sweep { .. } | Command::Hash)
 }
 
 impl Sink for Inner {

@@ -42,7 +42,7 @@ use super::expiry::ExpiryIndex;
 use super::key_filter::KeyFilter;
 use super::keys;
 use super::snapfile::{Header, Reader, Writer};
-use super::state_machine::{stored_bytes, StateMachineStore, TREES};
+use super::state_machine::{stored_bytes, BulkWriter, StateMachineStore, TREES};
 use crate::codec::{decode, encode};
 use crate::raft::types::{
     LogId, NodeId, PeerNode, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
@@ -375,28 +375,22 @@ impl StateMachineStore {
         tree.clear().map_err(sled_err)?;
         let filter = KeyFilter::new();
         let mut expiring = Vec::new();
-        let mut batch = sled::Batch::default();
-        let mut pending = 0;
+        let mut w = BulkWriter::new(tree);
         let mut data_bytes = 0;
         while let Some((k, v, at)) = r.pair()? {
             let (_, rec) = check_pair(&r, &k, &v, at)?;
             filter.load(&k);
             data_bytes += stored_bytes(&k, v.len());
             expiring.push((record::expires_at(&rec), Box::from(&k[..])));
-            batch.insert(k, v);
-            pending += 1;
-            if pending == 10_000 {
-                tree.apply_batch(std::mem::take(&mut batch))
-                    .map_err(sled_err)?;
-                pending = 0;
-            }
+            w.insert(k, v)?;
         }
         r.finish()?;
-        batch.insert(keys::APPLIED, encode(&header.meta.last_log_id)?);
-        batch.insert(keys::MEMBERSHIP, encode(&header.meta.last_membership)?);
-        batch.insert(keys::CLOCK, encode(&header.clock_ms)?);
-        batch.insert(keys::LAST_TOKEN, encode(&header.last_token)?);
-        tree.apply_batch(batch).map_err(sled_err)?;
+        w.finish([
+            (keys::APPLIED, encode(&header.meta.last_log_id)?),
+            (keys::MEMBERSHIP, encode(&header.meta.last_membership)?),
+            (keys::CLOCK, encode(&header.clock_ms)?),
+            (keys::LAST_TOKEN, encode(&header.last_token)?),
+        ])?;
         Ok((header, filter, ExpiryIndex::of(expiring), data_bytes))
     }
 }

@@ -990,21 +990,69 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 /// now that it is built in memory. Its removal need not be durable: a
 /// crash before the next sync leaves keys this drops again at next open.
 fn drop_stored_expiry_index(tree: &sled::Tree) -> io::Result<()> {
-    let mut batch = sled::Batch::default();
-    let mut pending = 0;
+    let mut w = BulkWriter::new(tree);
     for k in tree.scan_prefix([keys::EXPIRY]).keys() {
-        batch.remove(k.map_err(sled_err)?);
-        pending += 1;
-        if pending == 10_000 {
-            tree.apply_batch(std::mem::take(&mut batch))
-                .map_err(sled_err)?;
-            pending = 0;
+        w.remove(k.map_err(sled_err)?)?;
+    }
+    w.finish([])
+}
+
+/// Writes many keys to a tree in sled batches of [`BulkWriter::KEYS`]
+/// (opening, a snapshot install): one batch for all would hold the whole
+/// write in memory twice, and sled's tree lock for as long as it takes.
+pub(super) struct BulkWriter<'a> {
+    tree: &'a sled::Tree,
+    batch: sled::Batch,
+    pending: usize,
+}
+
+impl<'a> BulkWriter<'a> {
+    const KEYS: usize = 10_000;
+
+    pub(super) fn new(tree: &'a sled::Tree) -> Self {
+        BulkWriter {
+            tree,
+            batch: sled::Batch::default(),
+            pending: 0,
         }
     }
-    if pending > 0 {
-        tree.apply_batch(batch).map_err(sled_err)?;
+
+    pub(super) fn insert(
+        &mut self,
+        k: impl Into<sled::IVec>,
+        v: impl Into<sled::IVec>,
+    ) -> io::Result<()> {
+        self.batch.insert(k, v);
+        self.added()
     }
-    Ok(())
+
+    pub(super) fn remove(&mut self, k: impl Into<sled::IVec>) -> io::Result<()> {
+        self.batch.remove(k);
+        self.added()
+    }
+
+    fn added(&mut self) -> io::Result<()> {
+        self.pending += 1;
+        if self.pending == Self::KEYS {
+            self.tree
+                .apply_batch(std::mem::take(&mut self.batch))
+                .map_err(sled_err)?;
+            self.pending = 0;
+        }
+        Ok(())
+    }
+
+    /// Write what is left in one batch with `last` (keys that must land
+    /// together, after everything else).
+    pub(super) fn finish(
+        mut self,
+        last: impl IntoIterator<Item = (&'static [u8], Vec<u8>)>,
+    ) -> io::Result<()> {
+        for (k, v) in last {
+            self.batch.insert(k, v);
+        }
+        self.tree.apply_batch(self.batch).map_err(sled_err)
+    }
 }
 
 #[cfg(test)]
