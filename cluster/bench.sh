@@ -3,7 +3,11 @@
 # shipped), Redis with `appendfsync always`, and a three-node idemkv, all on
 # loopback, each loaded by `idemkv bench` with the same workloads, and the
 # gRPC floor (`--target floor`: idemkv's API answered at once from memory, in
-# the load generator's process) to show what any gRPC service reaches here.
+# the load generator's process) to show what any gRPC service reaches here,
+# and the replicated floor (`--target replicated-floor`: the same server with
+# two followers in the same process, every write fdatasynced by the leader
+# and one follower before it is answered, no Raft and no storage engine) to
+# show what any three-copy, majority-durable gRPC service reaches here.
 # Prints one markdown table with ratios and keeps every JSON report.
 #
 #   cluster/bench.sh [--duration 10s] [--warmup 2s] [--clients 64] [--rounds 1]
@@ -140,6 +144,8 @@ run_matrix() {
     # What gRPC alone reaches here (storm is the claim path; the floor
     # answers Claim, Complete and Get).
     run_one floor "" "$workload" "$clients" "$@"
+    # What three copies, synced on a majority, cost on top of it.
+    run_one replicated-floor "" "$workload" "$clients" "$@"
 }
 SWEPT="${ONLY:-claim}"
 sweep() {
@@ -186,8 +192,8 @@ print(f"Run {datetime.datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs ({cp
       f"{version(['target/release/idemkv', '--version'])}.")
 print(f"Command: `{sys.argv[2]}`. ops/s and latency in ms (p50 / p99), each the median over the rounds; ratios: idemkv over the other.")
 print()
-print("| workload | clients | idemkv ops/s | p50 / p99 | etcd ops/s | p50 / p99 | redis ops/s | p50 / p99 | floor ops/s | p50 / p99 | ×etcd ops | etcd p99 ÷ idemkv p99 | ×redis ops | redis p99 ÷ idemkv p99 | share of floor |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| workload | clients | idemkv ops/s | p50 / p99 | etcd ops/s | p50 / p99 | redis ops/s | p50 / p99 | floor ops/s | p50 / p99 | replicated floor ops/s | p50 / p99 | ×etcd ops | etcd p99 ÷ idemkv p99 | ×redis ops | redis p99 ÷ idemkv p99 | share of floor | share of replicated floor |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 keys = []
 for r in rows:
     k = (r["workload"], r["clients"])
@@ -219,14 +225,14 @@ for k in keys:
         if (r["workload"], r["clients"]) == k:
             by.setdefault(r["target"], []).append(r)
     by = {t: median_row(rs) for t, rs in by.items()}
-    i, e, d, f = by.get("idemkv"), by.get("etcd"), by.get("redis"), by.get("floor")
+    i, e, d, f, g = by.get("idemkv"), by.get("etcd"), by.get("redis"), by.get("floor"), by.get("replicated-floor")
     def ratio(a, b, f):
         return f"{f(a, b):.2f}" if a and b else "—"
     ops = lambda a, b: rate(a) / rate(b)
     p99 = lambda a, b: b["latency_us"]["p99"] / a["latency_us"]["p99"]
     name = f"{k[0]} ×{i.get('items_per_op', 1)} keys/s" if k[0] == "batch" and i else k[0]
-    print(f"| {name} | {k[1]} | {' | '.join(cell(i))} | {' | '.join(cell(e))} | {' | '.join(cell(d))} | {' | '.join(cell(f))} | "
-          f"{ratio(i, e, ops)} | {ratio(i, e, p99)} | {ratio(i, d, ops)} | {ratio(i, d, p99)} | {ratio(i, f, ops)} |")
+    print(f"| {name} | {k[1]} | {' | '.join(cell(i))} | {' | '.join(cell(e))} | {' | '.join(cell(d))} | {' | '.join(cell(f))} | {' | '.join(cell(g))} | "
+          f"{ratio(i, e, ops)} | {ratio(i, e, p99)} | {ratio(i, d, ops)} | {ratio(i, d, p99)} | {ratio(i, f, ops)} | {ratio(i, g, ops)} |")
 PY
 }
 write_table | tee "$OUT/table.md"

@@ -126,26 +126,68 @@ async fn a_follower_endpoint_is_loaded_as_given_without_leader_discovery() {
     c.shutdown().await;
 }
 
-/// The gRPC floor (`--target floor`) serves every workload through the
-/// same client with its checks holding, and takes no endpoints.
+/// The replicated floor starts its followers as `idemkv floor-follower`;
+/// a test process is not `idemkv`, so point it at this build's binary.
+fn followers_from_this_build() {
+    std::env::set_var("IDEMKV_FLOOR_FOLLOWER", env!("CARGO_BIN_EXE_idemkv"));
+}
+
+/// The gRPC floor (`--target floor`) and the replicated floor
+/// (`--target replicated-floor`) serve every workload through the same
+/// client with its checks holding, and take no endpoints.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_workload_holds_its_checks_against_the_grpc_floor() {
-    for workload in ["claim", "storm", "lifecycle", "mixed", "get", "batch"] {
-        let mut a = args("floor", "unused", workload, &["--batch", "10"]);
-        a.endpoints = None;
-        let r = bench(&a)
-            .await
-            .unwrap_or_else(|e| panic!("floor {workload}: {e:#}"));
-        assert_clean(&r, 200);
-        assert_eq!(r.target, "floor");
-        if workload == "batch" {
-            assert_batch(&r);
+async fn every_workload_holds_its_checks_against_the_grpc_floors() {
+    followers_from_this_build();
+    for target in ["floor", "replicated-floor"] {
+        for workload in ["claim", "storm", "lifecycle", "mixed", "get", "batch"] {
+            let mut a = args(target, "unused", workload, &["--batch", "10"]);
+            a.endpoints = None;
+            let r = bench(&a)
+                .await
+                .unwrap_or_else(|e| panic!("{target} {workload}: {e:#}"));
+            assert_clean(&r, 200);
+            assert_eq!(r.target, target);
+            if workload == "batch" {
+                assert_batch(&r);
+            }
+            assert_eq!(r.replication.is_some(), target == "replicated-floor");
         }
+        let refused = bench(&args(target, "127.0.0.1:1", "claim", &[])).await;
+        assert!(
+            refused.is_err_and(|e| e.to_string().contains("give none")),
+            "endpoints given to the {target} are refused"
+        );
     }
-    let refused = bench(&args("floor", "127.0.0.1:1", "claim", &[])).await;
+}
+
+/// The replicated floor answers a write only after its batch was
+/// fdatasynced by the leader and a follower: 2,000 fresh claims from 64
+/// clients are 2,000 replicated writes, grouped into fewer batches, and
+/// the followers synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_replicated_floor_syncs_every_write_on_a_majority_in_batches() {
+    followers_from_this_build();
+    let mut a = args(
+        "replicated-floor",
+        "unused",
+        "claim",
+        &["--clients", "64", "--ops", "2000"],
+    );
+    a.endpoints = None;
+    let r = bench(&a).await.unwrap();
+    assert_clean(&r, 2000);
+    let rep = r
+        .replication
+        .expect("the replicated floor reports its copies");
+    assert_eq!(rep.writes, 2000, "each fresh claim is one replicated write");
     assert!(
-        refused.is_err_and(|e| e.to_string().contains("give none")),
-        "endpoints given to the floor are refused"
+        rep.batches >= 1 && rep.batches < rep.writes,
+        "concurrent writes share batches: {rep:?}"
+    );
+    assert!(
+        rep.follower_syncs.iter().any(|&n| n >= 1)
+            && rep.follower_syncs.iter().sum::<u64>() <= 2 * rep.batches,
+        "the followers fdatasynced, at most once per batch each: {rep:?}"
     );
 }
 

@@ -10,10 +10,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+use futures::StreamExt;
+use prost::Message;
 use tonic::{Request, Response, Status};
+
+use super::replicate::{self, Counters, Leader};
 
 use crate::pb::api::{
     self, claim_response::Outcome, cluster_server::Cluster, cluster_server::ClusterServer,
@@ -36,6 +40,9 @@ struct Floor {
     records: Mutex<HashMap<(String, Vec<u8>), Entry>>,
     tokens: AtomicU64,
     addr: String,
+    /// The replicated floor's leader side: writes that change the map are
+    /// answered once a majority of copies has synced them.
+    replicas: Option<Leader>,
 }
 
 impl Floor {
@@ -45,6 +52,20 @@ impl Floor {
 }
 
 impl Floor {
+    /// The encoded request, when it will need replicating.
+    fn encoded(&self, m: &impl Message) -> Option<Vec<u8>> {
+        self.replicas.as_ref().map(|_| m.encode_to_vec())
+    }
+
+    /// Wait until a majority holds `bytes` (the replicated floor, for a
+    /// write that changed the map); at once otherwise.
+    async fn replicate(&self, bytes: Option<Vec<u8>>, changed: bool) -> Result<(), Status> {
+        match (&self.replicas, bytes) {
+            (Some(leader), Some(bytes)) if changed => leader.commit(bytes).await,
+            _ => Ok(()),
+        }
+    }
+
     /// A claim's answer, decided on the map as idemkv decides it for a
     /// live lease (no expiry: the bench's leases outlast its runs).
     fn decide(
@@ -98,12 +119,16 @@ fn unsupported<T>() -> Result<T, Status> {
 }
 
 #[tonic::async_trait]
-impl Idempotency for std::sync::Arc<Floor> {
+impl Idempotency for Arc<Floor> {
     async fn claim(
         &self,
         req: Request<api::ClaimRequest>,
     ) -> Result<Response<api::ClaimResponse>, Status> {
-        let outcome = self.decide(&mut self.records(), req.into_inner());
+        let r = req.into_inner();
+        let bytes = self.encoded(&r);
+        let outcome = self.decide(&mut self.records(), r);
+        self.replicate(bytes, matches!(outcome, Outcome::Acquired(_)))
+            .await?;
         Ok(Response::new(api::ClaimResponse {
             outcome: Some(outcome),
         }))
@@ -114,20 +139,26 @@ impl Idempotency for std::sync::Arc<Floor> {
         req: Request<api::ClaimBatchRequest>,
     ) -> Result<Response<api::ClaimBatchResponse>, Status> {
         use api::claim_batch_item::Outcome as Item;
-        let mut records = self.records();
-        let items = req
-            .into_inner()
-            .items
-            .into_iter()
-            .map(|r| api::ClaimBatchItem {
-                outcome: Some(match self.decide(&mut records, r) {
-                    Outcome::Acquired(a) => Item::Acquired(a),
-                    Outcome::InProgress(p) => Item::InProgress(p),
-                    Outcome::Completed(c) => Item::Completed(c),
-                    Outcome::Failed(f) => Item::Failed(f),
-                }),
-            })
-            .collect();
+        let r = req.into_inner();
+        let bytes = self.encoded(&r);
+        let items: Vec<_> = {
+            let mut records = self.records();
+            r.items
+                .into_iter()
+                .map(|r| api::ClaimBatchItem {
+                    outcome: Some(match self.decide(&mut records, r) {
+                        Outcome::Acquired(a) => Item::Acquired(a),
+                        Outcome::InProgress(p) => Item::InProgress(p),
+                        Outcome::Completed(c) => Item::Completed(c),
+                        Outcome::Failed(f) => Item::Failed(f),
+                    }),
+                })
+                .collect()
+        };
+        let acquired = items
+            .iter()
+            .any(|i| matches!(i.outcome, Some(Item::Acquired(_))));
+        self.replicate(bytes, acquired).await?;
         Ok(Response::new(api::ClaimBatchResponse {
             items,
             applied: true,
@@ -139,26 +170,30 @@ impl Idempotency for std::sync::Arc<Floor> {
         req: Request<api::CompleteRequest>,
     ) -> Result<Response<api::CompleteResponse>, Status> {
         let r = req.into_inner();
-        let mut records = self.records();
-        match records.get_mut(&(r.namespace, r.key)) {
+        let bytes = self.encoded(&r);
+        let held = match self.records().get_mut(&(r.namespace, r.key)) {
             Some(e) if matches!(&*e, Entry::Held { token, .. } if *token == r.token) => {
                 *e = Entry::Done {
                     result: r.result,
                     token: r.token,
                 };
-                Ok(Response::new(api::CompleteResponse::default()))
+                true
             }
-            _ => {
-                // Refused as idemkv refuses it: the reason in its header.
-                let reason = Reason::LeaseLost.as_str();
-                let mut status =
-                    Status::failed_precondition(format!("{reason}: not held with this token"));
-                status.metadata_mut().insert(
-                    REASON_HEADER,
-                    tonic::metadata::MetadataValue::from_static(reason),
-                );
-                Err(status)
-            }
+            _ => false,
+        };
+        if held {
+            self.replicate(bytes, true).await?;
+            Ok(Response::new(api::CompleteResponse::default()))
+        } else {
+            // Refused as idemkv refuses it: the reason in its header.
+            let reason = Reason::LeaseLost.as_str();
+            let mut status =
+                Status::failed_precondition(format!("{reason}: not held with this token"));
+            status.metadata_mut().insert(
+                REASON_HEADER,
+                tonic::metadata::MetadataValue::from_static(reason),
+            );
+            Err(status)
         }
     }
 
@@ -226,7 +261,7 @@ impl Idempotency for std::sync::Arc<Floor> {
 }
 
 #[tonic::async_trait]
-impl Cluster for std::sync::Arc<Floor> {
+impl Cluster for Arc<Floor> {
     type SaveSnapshotStream =
         std::pin::Pin<Box<dyn futures::Stream<Item = Result<api::SnapshotData, Status>> + Send>>;
 
@@ -289,42 +324,97 @@ impl Cluster for std::sync::Arc<Floor> {
     }
 }
 
-/// Start the floor server on a free loopback port, on a runtime (and
-/// threads) of its own that lives as long as the process; returns its
-/// address.
-pub fn start() -> anyhow::Result<String> {
+/// Accepted connections with Nagle's algorithm off (tonic's own setting
+/// does not reach a caller's listener), as idemkv's nodes accept theirs.
+pub(super) type Incoming = futures::stream::Map<
+    tokio_stream::wrappers::TcpListenerStream,
+    fn(std::io::Result<tokio::net::TcpStream>) -> std::io::Result<tokio::net::TcpStream>,
+>;
+
+pub(super) fn no_delay(
+    conn: std::io::Result<tokio::net::TcpStream>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let conn = conn?;
+    conn.set_nodelay(true)?;
+    Ok(conn)
+}
+
+/// Bind a free loopback port and run the server `serve` builds on a
+/// runtime (and threads) of its own that lives as long as the process;
+/// returns its address.
+pub(super) fn serve_on_own_runtime<F, Fut, E>(
+    name: &'static str,
+    serve: F,
+) -> anyhow::Result<String>
+where
+    F: FnOnce(Incoming, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("floor: bind")?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?.to_string();
-    let floor = std::sync::Arc::new(Floor {
-        addr: addr.clone(),
-        ..Default::default()
-    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(WORKERS)
-        .thread_name("idemkv-floor")
+        .thread_name(name)
         .enable_all()
         .build()
         .context("floor: runtime")?;
+    let at = addr.clone();
     std::thread::Builder::new()
-        .name("idemkv-floor".into())
+        .name(name.into())
         .spawn(move || {
             rt.block_on(async move {
                 let listener = match tokio::net::TcpListener::from_std(listener) {
                     Ok(l) => l,
-                    Err(e) => return eprintln!("floor: {e}"),
+                    Err(e) => return eprintln!("{name}: {e}"),
                 };
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                let served = tonic::transport::Server::builder()
-                    .tcp_nodelay(true)
-                    .add_service(IdempotencyServer::new(floor.clone()))
-                    .add_service(ClusterServer::new(floor))
-                    .serve_with_incoming(incoming)
-                    .await;
-                if let Err(e) = served {
-                    eprintln!("floor: {e}");
+                let incoming: Incoming =
+                    tokio_stream::wrappers::TcpListenerStream::new(listener).map(no_delay);
+                if let Err(e) = serve(incoming, at).await {
+                    eprintln!("{name}: {e}");
                 }
             })
         })?;
     Ok(addr)
+}
+
+/// A floor server that is running: where it listens and, for the
+/// replicated floor, what its copies did.
+pub struct Started {
+    pub addr: String,
+    pub replication: Option<Arc<Counters>>,
+    _followers: Option<replicate::Followers>,
+}
+
+/// Start the floor server (with two followers when `replicated`) on a
+/// free loopback port.
+pub fn start(replicated: bool) -> anyhow::Result<Started> {
+    let counters = replicated.then(|| Arc::new(Counters::default()));
+    let (followers, leader) = match counters.clone().map(replicate::prepare).transpose()? {
+        Some((followers, leader)) => (Some(followers), Some(leader)),
+        None => (None, None),
+    };
+    let addr = serve_on_own_runtime("idemkv-floor", move |incoming, addr| async move {
+        let replicas = match leader {
+            Some(start) => Some(start.await.map_err(|e| format!("{e:#}"))?),
+            None => None,
+        };
+        let floor = Arc::new(Floor {
+            addr,
+            replicas,
+            ..Default::default()
+        });
+        tonic::transport::Server::builder()
+            .add_service(IdempotencyServer::new(floor.clone()))
+            .add_service(ClusterServer::new(floor))
+            .serve_with_incoming(incoming)
+            .await
+            .map_err(|e| e.to_string())
+    })?;
+    Ok(Started {
+        addr,
+        replication: counters,
+        _followers: followers,
+    })
 }

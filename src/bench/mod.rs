@@ -6,6 +6,7 @@
 
 pub mod floor;
 pub mod plot;
+pub mod replicate;
 pub mod target;
 pub mod workload;
 
@@ -109,6 +110,21 @@ pub struct Report {
     pub items_per_sec: f64,
     pub latency_us: Latency,
     pub check: Check,
+    /// `replicated-floor` only: what its copies did in the whole run
+    /// (warm-up and set-up included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication: Option<Replication>,
+}
+
+/// What the replicated floor's leader and followers did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Replication {
+    /// Writes made durable on a majority (the leader and one follower).
+    pub writes: u64,
+    /// Batches the leader wrote, fdatasynced and sent to both followers.
+    pub batches: u64,
+    /// fdatasyncs on each follower.
+    pub follower_syncs: [u64; 2],
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -235,16 +251,21 @@ fn check_args(a: &BenchArgs) -> anyhow::Result<()> {
 pub async fn bench(a: &BenchArgs) -> anyhow::Result<Report> {
     check_args(a)?;
     let conn = a.conn.options()?;
-    let floor;
-    let given = match a.target {
-        TargetKind::Floor => {
+    let floor = match a.target {
+        TargetKind::Floor | TargetKind::ReplicatedFloor => {
             if a.endpoints.is_some() {
-                bail!("endpoints: the floor target runs its own server in this process; give none");
+                bail!(
+                    "endpoints: the {} target runs its own servers in this process; give none",
+                    a.target.name()
+                );
             }
-            floor = floor::start()?;
-            floor.as_str()
+            Some(floor::start(a.target == TargetKind::ReplicatedFloor)?)
         }
-        _ => a
+        _ => None,
+    };
+    let given = match &floor {
+        Some(f) => f.addr.as_str(),
+        None => a
             .endpoints
             .as_deref()
             .unwrap_or(a.target.default_endpoints()),
@@ -414,6 +435,14 @@ pub async fn bench(a: &BenchArgs) -> anyhow::Result<Report> {
             mean: hist.mean(),
         },
         check: Check { passed, detail },
+        replication: floor
+            .as_ref()
+            .and_then(|f| f.replication.as_ref())
+            .map(|c| Replication {
+                writes: c.writes.load(Ordering::Relaxed),
+                batches: c.batches.load(Ordering::Relaxed),
+                follower_syncs: [0, 1].map(|i| c.follower_syncs[i].load(Ordering::Relaxed)),
+            }),
     })
 }
 

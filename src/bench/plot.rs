@@ -98,6 +98,7 @@ fn colour(target: &str) -> RGBColor {
         "etcd" => RGBColor(0x2c, 0xa0, 0x2c),
         "redis" => RGBColor(0xd6, 0x27, 0x28),
         "floor" => RGBColor(0x7f, 0x7f, 0x7f),
+        "replicated-floor" => RGBColor(0x8c, 0x56, 0x4b),
         _ => RGBColor(0x94, 0x67, 0xbd),
     }
 }

@@ -32,6 +32,10 @@ pub enum TargetKind {
     /// gRPC alone: an in-process server of the public API that answers at
     /// once from memory (see `floor.rs`); no endpoints.
     Floor,
+    /// The floor with two followers (see `replicate.rs`): every write that
+    /// changes the map is fdatasynced on the leader and one follower
+    /// before it is answered; no endpoints.
+    ReplicatedFloor,
 }
 
 impl TargetKind {
@@ -41,6 +45,7 @@ impl TargetKind {
             TargetKind::Etcd => "etcd",
             TargetKind::Redis => "redis",
             TargetKind::Floor => "floor",
+            TargetKind::ReplicatedFloor => "replicated-floor",
         }
     }
 
@@ -50,7 +55,7 @@ impl TargetKind {
             TargetKind::Etcd => "127.0.0.1:2379",
             TargetKind::Redis => "127.0.0.1:6379",
             // Replaced by the floor server's own address when it starts.
-            TargetKind::Floor => "",
+            TargetKind::Floor | TargetKind::ReplicatedFloor => "",
         }
     }
 }
@@ -168,7 +173,7 @@ impl Target {
         find_leader: bool,
     ) -> anyhow::Result<Target> {
         match kind {
-            TargetKind::Idemkv | TargetKind::Floor => {
+            TargetKind::Idemkv | TargetKind::Floor | TargetKind::ReplicatedFloor => {
                 let client = Client::with_options(endpoints, opts)?;
                 if find_leader {
                     client

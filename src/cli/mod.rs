@@ -54,6 +54,10 @@ pub enum Command {
     /// Write a development CA, per-node certificates and a client
     /// certificate for TLS (`serve --tls-*`, `ctl --tls-*`).
     Certs(certs::CertsArgs),
+    /// One follower of `bench --target replicated-floor`, which starts two
+    /// of these itself: prints its address, serves until its stdin closes.
+    #[command(hide = true)]
+    FloorFollower,
 }
 
 /// Run the parsed command; `matches` are the same parse's, for where a
@@ -77,5 +81,6 @@ pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
             gateway::run(a).await.map(|_| 0)
         }
         Command::Certs(a) => certs::run(a).map(|_| 0),
+        Command::FloorFollower => idemkv::bench::replicate::follow().await.map(|_| 0),
     }
 }
