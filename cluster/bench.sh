@@ -5,8 +5,8 @@
 # gRPC floor (`--target floor`: idemkv's API answered at once from memory, in
 # the load generator's process) to show what any gRPC service reaches here,
 # and the replicated floor (`--target replicated-floor`: the same server with
-# two followers in the same process, every write fdatasynced by the leader
-# and one follower before it is answered, no Raft and no storage engine) to
+# two follower processes it starts, every write fdatasynced by the leader and
+# one follower before it is answered, no Raft and no storage engine) to
 # show what any three-copy, majority-durable gRPC service reaches here.
 # Prints one markdown table with ratios and keeps every JSON report.
 #

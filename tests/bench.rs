@@ -127,9 +127,12 @@ async fn a_follower_endpoint_is_loaded_as_given_without_leader_discovery() {
 }
 
 /// The replicated floor starts its followers as `idemkv floor-follower`;
-/// a test process is not `idemkv`, so point it at this build's binary.
-fn followers_from_this_build() {
-    std::env::set_var("IDEMKV_FLOOR_FOLLOWER", env!("CARGO_BIN_EXE_idemkv"));
+/// a test process is not `idemkv`, so it is given this build's binary.
+fn floor_args(target: &str, workload: &str, extra: &[&str]) -> BenchArgs {
+    let mut a = args(target, "unused", workload, extra);
+    a.endpoints = None;
+    a.floor_follower = Some(env!("CARGO_BIN_EXE_idemkv").into());
+    a
 }
 
 /// The gRPC floor (`--target floor`) and the replicated floor
@@ -137,12 +140,9 @@ fn followers_from_this_build() {
 /// client with its checks holding, and take no endpoints.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_workload_holds_its_checks_against_the_grpc_floors() {
-    followers_from_this_build();
     for target in ["floor", "replicated-floor"] {
         for workload in ["claim", "storm", "lifecycle", "mixed", "get", "batch"] {
-            let mut a = args(target, "unused", workload, &["--batch", "10"]);
-            a.endpoints = None;
-            let r = bench(&a)
+            let r = bench(&floor_args(target, workload, &["--batch", "10"]))
                 .await
                 .unwrap_or_else(|e| panic!("{target} {workload}: {e:#}"));
             assert_clean(&r, 200);
@@ -160,20 +160,16 @@ async fn every_workload_holds_its_checks_against_the_grpc_floors() {
     }
 }
 
-/// The replicated floor answers a write only after its batch was
-/// fdatasynced by the leader and a follower: 2,000 fresh claims from 64
-/// clients are 2,000 replicated writes, grouped into fewer batches, and
-/// the followers synced.
+/// The replicated floor groups concurrent writes into batches: 2,000
+/// fresh claims from 64 clients are 2,000 replicated writes in fewer
+/// batches, and both followers synced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_replicated_floor_syncs_every_write_on_a_majority_in_batches() {
-    followers_from_this_build();
-    let mut a = args(
+async fn the_replicated_floor_batches_writes_and_its_followers_sync_them() {
+    let a = floor_args(
         "replicated-floor",
-        "unused",
         "claim",
         &["--clients", "64", "--ops", "2000"],
     );
-    a.endpoints = None;
     let r = bench(&a).await.unwrap();
     assert_clean(&r, 2000);
     let rep = r
@@ -186,9 +182,48 @@ async fn the_replicated_floor_syncs_every_write_on_a_majority_in_batches() {
     );
     assert!(
         rep.follower_syncs.iter().any(|&n| n >= 1)
-            && rep.follower_syncs.iter().sum::<u64>() <= 2 * rep.batches,
-        "the followers fdatasynced, at most once per batch each: {rep:?}"
+            && rep.follower_syncs.iter().all(|&n| n <= rep.batches),
+        "a follower fdatasynced, at most once per batch: {rep:?}"
     );
+}
+
+/// A write to the replicated floor is answered only once a follower holds
+/// it: with both followers killed, a fresh claim fails (UNAVAILABLE, not
+/// a hang, not ACQUIRED), while the claim made before is still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_replicated_floor_refuses_writes_without_a_follower() {
+    use idemkv::pb::api::{self, claim_response::Outcome, idempotency_client::IdempotencyClient};
+    let mut floor =
+        idemkv::bench::floor::start(Some(std::path::Path::new(env!("CARGO_BIN_EXE_idemkv"))))
+            .unwrap();
+    let mut c = IdempotencyClient::connect(format!("http://{}", floor.addr))
+        .await
+        .unwrap();
+    let claim = |key: &str| api::ClaimRequest {
+        namespace: "n".into(),
+        key: key.as_bytes().to_vec(),
+        owner: "w".into(),
+        claim_id: format!("c-{key}"),
+        lease_ms: 30_000,
+        ..Default::default()
+    };
+    let first = c.claim(claim("k-1")).await.unwrap().into_inner().outcome;
+    assert!(matches!(first, Some(Outcome::Acquired(_))), "{first:?}");
+
+    assert_eq!(
+        floor.stop_followers(),
+        2,
+        "both followers were running and are killed"
+    );
+    let second = tokio::time::timeout(Duration::from_secs(10), c.claim(claim("k-2")))
+        .await
+        .expect("a write without followers fails, it does not hang");
+    assert_eq!(
+        second.map(|r| r.into_inner().outcome).unwrap_err().code(),
+        tonic::Code::Unavailable
+    );
+    let again = c.claim(claim("k-1")).await.unwrap().into_inner().outcome;
+    assert!(matches!(again, Some(Outcome::InProgress(_))), "{again:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

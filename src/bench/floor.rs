@@ -17,7 +17,7 @@ use futures::StreamExt;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::replicate::{self, Counters, Leader};
+use super::replicate::{self, Counters, Leader, Wait};
 
 use crate::pb::api::{
     self, claim_response::Outcome, cluster_server::Cluster, cluster_server::ClusterServer,
@@ -29,10 +29,28 @@ use crate::wire::{Reason, REASON_HEADER};
 /// node's would have on a two-core machine.
 const WORKERS: usize = 2;
 
+/// A record of the map; `write` numbers the replicated floor's write that
+/// made it (0 on the plain floor).
 #[derive(Clone)]
 enum Entry {
-    Held { owner: String, token: u64 },
-    Done { result: Vec<u8>, token: u64 },
+    Held {
+        owner: String,
+        token: u64,
+        write: u64,
+    },
+    Done {
+        result: Vec<u8>,
+        token: u64,
+        write: u64,
+    },
+}
+
+impl Entry {
+    fn write(&self) -> u64 {
+        match self {
+            Entry::Held { write, .. } | Entry::Done { write, .. } => *write,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -52,45 +70,65 @@ impl Floor {
 }
 
 impl Floor {
-    /// The encoded request, when it will need replicating.
-    fn encoded(&self, m: &impl Message) -> Option<Vec<u8>> {
-        self.replicas.as_ref().map(|_| m.encode_to_vec())
+    /// Queue this answer's write (the replicated floor; `bytes` or, when
+    /// none were given, `request` encoded) and return its number; 0 on the
+    /// plain floor. Only with the map locked.
+    fn write(&self, wait: &mut Wait, bytes: &mut Option<Vec<u8>>, request: &impl Message) -> u64 {
+        match &self.replicas {
+            Some(leader) => {
+                if bytes.is_none() {
+                    *bytes = Some(request.encode_to_vec());
+                }
+                leader.write(wait, bytes)
+            }
+            None => 0,
+        }
     }
 
-    /// Wait until a majority holds `bytes` (the replicated floor, for a
-    /// write that changed the map); at once otherwise.
-    async fn replicate(&self, bytes: Option<Vec<u8>>, changed: bool) -> Result<(), Status> {
-        match (&self.replicas, bytes) {
-            (Some(leader), Some(bytes)) if changed => leader.commit(bytes).await,
-            _ => Ok(()),
+    /// Wait until what the answer wrote and read is on a majority (the
+    /// replicated floor); at once on the plain floor.
+    async fn settle(&self, wait: Wait) -> Result<(), Status> {
+        match &self.replicas {
+            Some(leader) => leader.settle(wait).await,
+            None => Ok(()),
         }
     }
 
     /// A claim's answer, decided on the map as idemkv decides it for a
-    /// live lease (no expiry: the bench's leases outlast its runs).
+    /// live lease (no expiry: the bench's leases outlast its runs). A
+    /// fresh key is this answer's write; a held or completed one is read.
     fn decide(
         &self,
         records: &mut HashMap<(String, Vec<u8>), Entry>,
         r: api::ClaimRequest,
+        wait: &mut Wait,
+        bytes: &mut Option<Vec<u8>>,
     ) -> Outcome {
         match records.get(&(r.namespace.clone(), r.key.clone())) {
-            Some(Entry::Held { owner, .. }) => Outcome::InProgress(api::InProgress {
-                owner: owner.clone(),
-                lease_remaining_ms: r.lease_ms,
-                attempt: 1,
-            }),
-            Some(Entry::Done { result, token }) => Outcome::Completed(api::Completed {
-                result: result.clone(),
-                token: *token,
-                ..Default::default()
-            }),
+            Some(e) => {
+                wait.saw(e.write());
+                match e {
+                    Entry::Held { owner, .. } => Outcome::InProgress(api::InProgress {
+                        owner: owner.clone(),
+                        lease_remaining_ms: r.lease_ms,
+                        attempt: 1,
+                    }),
+                    Entry::Done { result, token, .. } => Outcome::Completed(api::Completed {
+                        result: result.clone(),
+                        token: *token,
+                        ..Default::default()
+                    }),
+                }
+            }
             None => {
                 let token = self.tokens.fetch_add(1, Ordering::Relaxed) + 1;
+                let write = self.write(wait, bytes, &r);
                 records.insert(
                     (r.namespace, r.key),
                     Entry::Held {
                         owner: r.owner,
                         token,
+                        write,
                     },
                 );
                 Outcome::Acquired(api::Acquired {
@@ -124,11 +162,9 @@ impl Idempotency for Arc<Floor> {
         &self,
         req: Request<api::ClaimRequest>,
     ) -> Result<Response<api::ClaimResponse>, Status> {
-        let r = req.into_inner();
-        let bytes = self.encoded(&r);
-        let outcome = self.decide(&mut self.records(), r);
-        self.replicate(bytes, matches!(outcome, Outcome::Acquired(_)))
-            .await?;
+        let (mut wait, mut bytes) = (Wait::default(), None);
+        let outcome = self.decide(&mut self.records(), req.into_inner(), &mut wait, &mut bytes);
+        self.settle(wait).await?;
         Ok(Response::new(api::ClaimResponse {
             outcome: Some(outcome),
         }))
@@ -140,13 +176,15 @@ impl Idempotency for Arc<Floor> {
     ) -> Result<Response<api::ClaimBatchResponse>, Status> {
         use api::claim_batch_item::Outcome as Item;
         let r = req.into_inner();
-        let bytes = self.encoded(&r);
+        // One write for the whole call, as idemkv makes one entry of it.
+        let mut wait = Wait::default();
+        let mut bytes = self.replicas.as_ref().map(|_| r.encode_to_vec());
         let items: Vec<_> = {
             let mut records = self.records();
             r.items
                 .into_iter()
                 .map(|r| api::ClaimBatchItem {
-                    outcome: Some(match self.decide(&mut records, r) {
+                    outcome: Some(match self.decide(&mut records, r, &mut wait, &mut bytes) {
                         Outcome::Acquired(a) => Item::Acquired(a),
                         Outcome::InProgress(p) => Item::InProgress(p),
                         Outcome::Completed(c) => Item::Completed(c),
@@ -155,10 +193,7 @@ impl Idempotency for Arc<Floor> {
                 })
                 .collect()
         };
-        let acquired = items
-            .iter()
-            .any(|i| matches!(i.outcome, Some(Item::Acquired(_))));
-        self.replicate(bytes, acquired).await?;
+        self.settle(wait).await?;
         Ok(Response::new(api::ClaimBatchResponse {
             items,
             applied: true,
@@ -170,19 +205,30 @@ impl Idempotency for Arc<Floor> {
         req: Request<api::CompleteRequest>,
     ) -> Result<Response<api::CompleteResponse>, Status> {
         let r = req.into_inner();
-        let bytes = self.encoded(&r);
-        let held = match self.records().get_mut(&(r.namespace, r.key)) {
-            Some(e) if matches!(&*e, Entry::Held { token, .. } if *token == r.token) => {
-                *e = Entry::Done {
-                    result: r.result,
-                    token: r.token,
-                };
-                true
+        let (mut wait, mut bytes) = (Wait::default(), None);
+        let held = {
+            let mut records = self.records();
+            let key = (r.namespace.clone(), r.key.clone());
+            match records.get(&key) {
+                Some(Entry::Held { token, .. }) if *token == r.token => {
+                    let write = self.write(&mut wait, &mut bytes, &r);
+                    let done = Entry::Done {
+                        result: r.result,
+                        token: r.token,
+                        write,
+                    };
+                    records.insert(key, done);
+                    true
+                }
+                Some(e) => {
+                    wait.saw(e.write());
+                    false
+                }
+                None => false,
             }
-            _ => false,
         };
+        self.settle(wait).await?;
         if held {
-            self.replicate(bytes, true).await?;
             Ok(Response::new(api::CompleteResponse::default()))
         } else {
             // Refused as idemkv refuses it: the reason in its header.
@@ -220,6 +266,11 @@ impl Idempotency for Arc<Floor> {
             .records()
             .get(&(r.namespace.clone(), r.key.clone()))
             .cloned();
+        let mut wait = Wait::default();
+        if let Some(e) = &entry {
+            wait.saw(e.write());
+        }
+        self.settle(wait).await?;
         let record = entry.map(|e| {
             let base = api::Record {
                 namespace: r.namespace,
@@ -228,13 +279,13 @@ impl Idempotency for Arc<Floor> {
                 ..Default::default()
             };
             match e {
-                Entry::Held { owner, token } => api::Record {
+                Entry::Held { owner, token, .. } => api::Record {
                     state: api::RecordState::InProgress as i32,
                     owner,
                     token,
                     ..base
                 },
-                Entry::Done { result, token } => api::Record {
+                Entry::Done { result, token, .. } => api::Record {
                     state: api::RecordState::Completed as i32,
                     result,
                     token,
@@ -324,13 +375,8 @@ impl Cluster for Arc<Floor> {
     }
 }
 
-/// Accepted connections with Nagle's algorithm off (tonic's own setting
+/// An accepted connection with Nagle's algorithm off (tonic's own setting
 /// does not reach a caller's listener), as idemkv's nodes accept theirs.
-pub(super) type Incoming = futures::stream::Map<
-    tokio_stream::wrappers::TcpListenerStream,
-    fn(std::io::Result<tokio::net::TcpStream>) -> std::io::Result<tokio::net::TcpStream>,
->;
-
 pub(super) fn no_delay(
     conn: std::io::Result<tokio::net::TcpStream>,
 ) -> std::io::Result<tokio::net::TcpStream> {
@@ -339,82 +385,86 @@ pub(super) fn no_delay(
     Ok(conn)
 }
 
-/// Bind a free loopback port and run the server `serve` builds on a
-/// runtime (and threads) of its own that lives as long as the process;
-/// returns its address.
-pub(super) fn serve_on_own_runtime<F, Fut, E>(
-    name: &'static str,
-    serve: F,
-) -> anyhow::Result<String>
-where
-    F: FnOnce(Incoming, String) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-{
+/// A floor server that is running: where it listens and, for the
+/// replicated floor, its followers and what its copies did. Dropping it
+/// stops the followers, the server and its runtime.
+pub struct Started {
+    pub addr: String,
+    pub replication: Option<Arc<Counters>>,
+    followers: Option<replicate::Followers>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Started {
+    /// Kill the replicated floor's follower processes; returns how many
+    /// were running.
+    pub fn stop_followers(&mut self) -> usize {
+        self.followers.as_mut().map_or(0, |f| f.stop())
+    }
+}
+
+/// Start the floor server on a free loopback port, on a runtime (and
+/// threads) of its own. With `followers` (the `idemkv` program to run
+/// them), it is the replicated floor: two follower processes are started
+/// and every write waits for a majority of the three copies.
+pub fn start(followers: Option<&std::path::Path>) -> anyhow::Result<Started> {
+    let counters = followers.map(|_| Arc::new(Counters::default()));
+    let (followers, leader) = match (followers, &counters) {
+        (Some(program), Some(c)) => {
+            let (followers, leader) = replicate::prepare(program, c.clone())?;
+            (Some(followers), Some(leader))
+        }
+        _ => (None, None),
+    };
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("floor: bind")?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?.to_string();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(WORKERS)
-        .thread_name(name)
+        .thread_name("idemkv-floor")
         .enable_all()
         .build()
         .context("floor: runtime")?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let at = addr.clone();
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => return eprintln!("{name}: {e}"),
-                };
-                let incoming: Incoming =
-                    tokio_stream::wrappers::TcpListenerStream::new(listener).map(no_delay);
-                if let Err(e) = serve(incoming, at).await {
-                    eprintln!("{name}: {e}");
-                }
-            })
-        })?;
-    Ok(addr)
-}
-
-/// A floor server that is running: where it listens and, for the
-/// replicated floor, what its copies did.
-pub struct Started {
-    pub addr: String,
-    pub replication: Option<Arc<Counters>>,
-    _followers: Option<replicate::Followers>,
-}
-
-/// Start the floor server (with two followers when `replicated`) on a
-/// free loopback port.
-pub fn start(replicated: bool) -> anyhow::Result<Started> {
-    let counters = replicated.then(|| Arc::new(Counters::default()));
-    let (followers, leader) = match counters.clone().map(replicate::prepare).transpose()? {
-        Some((followers, leader)) => (Some(followers), Some(leader)),
-        None => (None, None),
-    };
-    let addr = serve_on_own_runtime("idemkv-floor", move |incoming, addr| async move {
+    let serve = async move {
         let replicas = match leader {
             Some(start) => Some(start.await.map_err(|e| format!("{e:#}"))?),
             None => None,
         };
         let floor = Arc::new(Floor {
-            addr,
+            addr: at,
             replicas,
             ..Default::default()
         });
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(no_delay);
         tonic::transport::Server::builder()
             .add_service(IdempotencyServer::new(floor.clone()))
             .add_service(ClusterServer::new(floor))
             .serve_with_incoming(incoming)
             .await
             .map_err(|e| e.to_string())
-    })?;
+    };
+    std::thread::Builder::new()
+        .name("idemkv-floor".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                tokio::select! {
+                    served = serve => if let Err(e) = served {
+                        eprintln!("floor: {e}");
+                    },
+                    // The run is over (the sender was dropped).
+                    _ = stopped => {}
+                }
+            });
+            // Dropping the runtime here ends its tasks and closes the
+            // leader's file.
+        })?;
     Ok(Started {
         addr,
         replication: counters,
-        _followers: followers,
+        followers,
+        _stop: stop,
     })
 }

@@ -83,6 +83,10 @@ pub struct BenchArgs {
     /// the leader and talks to it.
     #[arg(long)]
     pub no_leader_discovery: bool,
+    /// The `idemkv` program whose `floor-follower` the replicated floor
+    /// starts twice (default: this program; a test's harness is not it).
+    #[arg(long, hide = true, env = "IDEMKV_FLOOR_FOLLOWER")]
+    pub floor_follower: Option<std::path::PathBuf>,
     /// Print one JSON object instead of the human report.
     #[arg(long)]
     pub json: bool,
@@ -259,7 +263,14 @@ pub async fn bench(a: &BenchArgs) -> anyhow::Result<Report> {
                     a.target.name()
                 );
             }
-            Some(floor::start(a.target == TargetKind::ReplicatedFloor)?)
+            let followers = match (&a.target, &a.floor_follower) {
+                (TargetKind::ReplicatedFloor, Some(program)) => Some(program.clone()),
+                (TargetKind::ReplicatedFloor, None) => {
+                    Some(std::env::current_exe().context("replicated floor: this program's path")?)
+                }
+                _ => None,
+            };
+            Some(floor::start(followers.as_deref())?)
         }
         _ => None,
     };

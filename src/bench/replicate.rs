@@ -20,13 +20,14 @@
 //! size: idemkv's log keeps the same room ahead of its last record.
 
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
-use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::pb::peer::{
@@ -35,7 +36,7 @@ use crate::pb::peer::{
 };
 
 /// Bytes of each copy's file; batches wrap around it (nothing reads them).
-const ROOM: u64 = 32 << 20;
+const ROOM: u64 = 8 << 20;
 
 /// Batches sent before the first of them is durable on a majority.
 const IN_FLIGHT: usize = 2;
@@ -73,24 +74,30 @@ impl CopyFile {
         let _ = std::fs::remove_file(&path);
         let zeros = vec![0u8; 1 << 20];
         for at in (0..ROOM).step_by(zeros.len()) {
-            file.write_all_at(&zeros, at)?;
+            file.write_all_at(&zeros, at)
+                .context("replicated floor: zero-fill a copy's file")?;
         }
-        file.sync_all()?;
+        file.sync_all()
+            .context("replicated floor: sync a copy's file")?;
         Ok(Arc::new(CopyFile {
             file,
             next: AtomicU64::new(0),
         }))
     }
 
-    /// Write `data` and fdatasync, on a blocking thread.
+    /// Write `data` after the last write (from the start again when it
+    /// would pass the zero-filled room; a write larger than the room grows
+    /// the file) and fdatasync, on a blocking thread. One writer per file
+    /// (`write_in_order`).
     async fn append_synced(self: &Arc<Self>, data: Vec<u8>) -> std::io::Result<()> {
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
             let len = data.len() as u64;
-            let mut at = me.next.fetch_add(len, Ordering::Relaxed) % ROOM;
+            let mut at = me.next.load(Ordering::Relaxed);
             if at + len > ROOM {
                 at = 0;
             }
+            me.next.store(at + len, Ordering::Relaxed);
             me.file.write_all_at(&data, at)?;
             me.file.sync_data()
         })
@@ -99,12 +106,43 @@ impl CopyFile {
     }
 }
 
-/// A follower: writes what the leader streams, one fdatasync for all that
-/// has arrived, then answers with the newest batch number it covered and
-/// how many fdatasyncs it has done.
+/// What a copy's writer reports after each fdatasync: the newest batch
+/// number it covered and how many fdatasyncs it has done.
+type Synced = std::io::Result<(u64, u64)>;
+
+/// Write what arrives on `input`, in order: everything already queued goes
+/// in one write and one fdatasync, after which the newest batch number
+/// covered (a prefix: batches arrive in order) is reported. Stops at the
+/// first failure, after reporting it.
+fn write_in_order<S>(mut input: S, file: Arc<CopyFile>) -> mpsc::UnboundedReceiver<Synced>
+where
+    S: futures::Stream<Item = Payload> + Send + Unpin + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut syncs = 0u64;
+        while let Some(first) = input.next().await {
+            let mut newest = word(&first, 0);
+            let mut data = first.data;
+            while let Some(Some(p)) = input.next().now_or_never() {
+                newest = word(&p, 0);
+                data.extend_from_slice(&p.data);
+            }
+            syncs += 1;
+            let synced = file.append_synced(data).await.map(|()| (newest, syncs));
+            let failed = synced.is_err();
+            if tx.send(synced).is_err() || failed {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// A follower: its copy's writer over what the leader streams; each
+/// answer is the newest batch number synced, then the follower's syncs.
 struct Follower {
     file: Arc<CopyFile>,
-    syncs: Arc<AtomicU64>,
 }
 
 /// The `n`th little-endian u64 of a payload: a batch's number leads what
@@ -123,39 +161,31 @@ fn only_append<T>() -> Result<T, Status> {
     ))
 }
 
+type Answers = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Payload, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl RaftPeer for Follower {
-    type AppendStreamStream = ReceiverStream<Result<Payload, Status>>;
+    type AppendStreamStream = Answers;
 
     async fn append_stream(
         &self,
         request: Request<Streaming<Payload>>,
-    ) -> Result<Response<Self::AppendStreamStream>, Status> {
-        let mut input = request.into_inner();
-        let (tx, rx) = mpsc::channel(64);
-        let file = self.file.clone();
-        let syncs = self.syncs.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(first)) = input.next().await {
-                let mut newest = word(&first, 0);
-                let mut data = first.data;
-                // Everything else already here goes in the same sync.
-                while let Some(Some(Ok(p))) = input.next().now_or_never() {
-                    newest = word(&p, 0);
-                    data.extend_from_slice(&p.data);
-                }
-                let synced = file.append_synced(data).await;
-                let done = syncs.fetch_add(1, Ordering::Relaxed) + 1;
-                let answer = synced.map(|()| Payload {
-                    data: [newest, done].map(u64::to_le_bytes).concat(),
-                });
-                let answer = answer.map_err(|e| Status::internal(format!("fdatasync: {e}")));
-                if tx.send(answer).await.is_err() {
-                    break;
-                }
-            }
+    ) -> Result<Response<Answers>, Status> {
+        // The stream ends at the leader's first error.
+        let input = request
+            .into_inner()
+            .take_while(|p| std::future::ready(p.is_ok()))
+            .filter_map(|p| std::future::ready(p.ok()));
+        let synced = write_in_order(Box::pin(input), self.file.clone());
+        let answers = UnboundedReceiverStream::new(synced).map(|s| match s {
+            Ok((newest, syncs)) => Ok(Payload {
+                data: [newest, syncs].map(u64::to_le_bytes).concat(),
+            }),
+            Err(e) => Err(Status::internal(format!(
+                "replicated floor follower: fdatasync: {e}"
+            ))),
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn append_entries(&self, _: Request<Payload>) -> Result<Response<Payload>, Status> {
@@ -188,70 +218,162 @@ impl RaftPeer for Follower {
 
 /// A write waiting for its batch to be durable on a majority.
 struct Pending {
+    number: u64,
     bytes: Vec<u8>,
     done: oneshot::Sender<bool>,
+}
+
+/// Where durability stands: every write numbered up to `writes` is on a
+/// majority, or a copy failed and nothing more will be.
+#[derive(Debug, Clone, Copy, Default)]
+struct Durable {
+    writes: u64,
+    broken: bool,
+}
+
+/// The queue of writes, numbered in the order they are queued.
+struct Queue {
+    next: u64,
+    tx: mpsc::UnboundedSender<Pending>,
+}
+
+/// What an answer must wait for before it is given: its own write, if it
+/// made one, and every write it read.
+#[derive(Default)]
+pub struct Wait {
+    seen: u64,
+    /// The answer's own write: its number and its outcome.
+    write: Option<(u64, oneshot::Receiver<bool>)>,
+}
+
+impl Wait {
+    /// The answer reads what write `number` made.
+    pub fn saw(&mut self, number: u64) {
+        self.seen = self.seen.max(number);
+    }
 }
 
 /// The leader's side: queues writes and answers each once a majority
 /// holds it.
 pub struct Leader {
-    queue: mpsc::UnboundedSender<Pending>,
+    queue: std::sync::Mutex<Queue>,
+    durable: watch::Receiver<Durable>,
+}
+
+fn lost() -> Status {
+    Status::unavailable(
+        "replicated floor: a write could not be made durable on a majority \
+         (the leader's fdatasync failed or both followers are gone)",
+    )
+}
+
+/// Raise a watched batch number to `n` (answers may arrive from two
+/// followers; the higher one counts).
+fn raise(w: &watch::Sender<u64>, n: u64) {
+    w.send_if_modified(|a| {
+        let newer = n > *a;
+        if newer {
+            *a = n;
+        }
+        newer
+    });
 }
 
 impl Leader {
-    /// Make `bytes` (the encoded request) durable on the leader and one
-    /// follower.
-    pub async fn commit(&self, bytes: Vec<u8>) -> Result<(), Status> {
-        let (done, answer) = oneshot::channel();
-        let lost = || Status::unavailable("replicated floor: a copy failed");
-        self.queue
-            .send(Pending { bytes, done })
-            .map_err(|_| lost())?;
-        match answer.await {
-            Ok(true) => Ok(()),
-            _ => Err(lost()),
+    /// Queue `bytes` (the encoded request) as this answer's write, once:
+    /// a later call for the same answer adds nothing. Returns the write's
+    /// number, for whoever reads what it made. Call with the map locked,
+    /// so writes are numbered in the order they changed it.
+    pub fn write(&self, wait: &mut Wait, bytes: &mut Option<Vec<u8>>) -> u64 {
+        if let Some((number, _)) = &wait.write {
+            return *number;
         }
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let number = q.next;
+        q.next += 1;
+        let (done, answer) = oneshot::channel();
+        let bytes = bytes.take().unwrap_or_default();
+        // A send fails only once the batching task is gone; the answer
+        // then fails with it.
+        let _ = q.tx.send(Pending {
+            number,
+            bytes,
+            done,
+        });
+        wait.write = Some((number, answer));
+        number
+    }
+
+    /// Wait until the answer's write and every write it read are durable
+    /// on a majority.
+    pub async fn settle(&self, wait: Wait) -> Result<(), Status> {
+        if let Some((_, answer)) = wait.write {
+            if answer.await != Ok(true) {
+                return Err(lost());
+            }
+        }
+        if wait.seen > 0 {
+            let mut durable = self.durable.clone();
+            let d = durable
+                .wait_for(|d| d.broken || d.writes >= wait.seen)
+                .await
+                .map_err(|_| lost())?;
+            if d.writes < wait.seen {
+                return Err(lost());
+            }
+        }
+        Ok(())
     }
 
     /// Connect to the followers at `peers` and start the batching task on
     /// the current runtime.
     async fn start(peers: Vec<String>, counters: Arc<Counters>) -> anyhow::Result<Self> {
-        let file = CopyFile::create()?;
-        // The highest batch number any follower has made durable.
-        let (acked, majority) = watch::channel(0u64);
-        let acked = Arc::new(acked);
+        // The newest batch synced on the leader's copy, and on a follower's.
+        let (local_tx, local) = watch::channel(0u64);
+        let (remote_tx, remote) = watch::channel(0u64);
+        let remote_tx = Arc::new(remote_tx);
+        let (durable_tx, durable) = watch::channel(Durable::default());
+        let durable_tx = Arc::new(durable_tx);
         let mut outs = Vec::new();
         for (index, addr) in peers.into_iter().enumerate() {
             let mut client = RaftPeerClient::connect(format!("http://{addr}"))
                 .await
-                .with_context(|| format!("replicated floor: connect to {addr}"))?;
+                .with_context(|| format!("replicated floor: connect to follower {addr}"))?;
             let (out, rx) = mpsc::unbounded_channel();
             let mut answers = client
                 .append_stream(UnboundedReceiverStream::new(rx))
                 .await
-                .context("replicated floor: open the append stream")?
+                .with_context(|| format!("replicated floor: open the stream to {addr}"))?
                 .into_inner();
-            let acked = acked.clone();
+            let remote_tx = remote_tx.clone();
             let counters = counters.clone();
             tokio::spawn(async move {
                 while let Some(Ok(p)) = answers.next().await {
                     counters.follower_syncs[index].store(word(&p, 1), Ordering::Relaxed);
-                    let n = word(&p, 0);
-                    acked.send_if_modified(|a| {
-                        let newer = n > *a;
-                        if newer {
-                            *a = n;
-                        }
-                        newer
-                    });
+                    raise(&remote_tx, word(&p, 0));
                 }
             });
             outs.push(out);
         }
-        let (queue, mut queued) = mpsc::unbounded_channel::<Pending>();
+        drop(remote_tx);
+        // The leader's own copy, written in order as a follower writes.
+        let (to_local, local_input) = mpsc::unbounded_channel();
+        let mut local_synced = write_in_order(
+            UnboundedReceiverStream::new(local_input),
+            CopyFile::create()?,
+        );
+        let dt = durable_tx.clone();
+        tokio::spawn(async move {
+            while let Some(Ok((newest, _))) = local_synced.recv().await {
+                raise(&local_tx, newest);
+            }
+            // The leader's copy failed: nothing more becomes durable.
+            dt.send_modify(|d| d.broken = true);
+        });
+        let (tx, mut queued) = mpsc::unbounded_channel::<Pending>();
         let slots = Arc::new(Semaphore::new(IN_FLIGHT));
         tokio::spawn(async move {
-            let mut number = 0u64;
+            let mut batch_number = 0u64;
             while let Some(first) = queued.recv().await {
                 let Ok(slot) = slots.clone().acquire_owned().await else {
                     break;
@@ -260,67 +382,87 @@ impl Leader {
                 while let Ok(p) = queued.try_recv() {
                     batch.push(p);
                 }
-                number += 1;
+                batch_number += 1;
+                let n = batch_number;
                 let size = batch.iter().map(|p| 4 + p.bytes.len()).sum::<usize>();
                 let mut data = Vec::with_capacity(8 + size);
-                data.extend_from_slice(&number.to_le_bytes());
+                data.extend_from_slice(&n.to_le_bytes());
                 for p in &batch {
                     data.extend_from_slice(&(p.bytes.len() as u32).to_le_bytes());
                     data.extend_from_slice(&p.bytes);
                 }
+                // One copy of the bytes per follower, the original for the
+                // leader's own file.
                 for out in &outs {
                     let _ = out.send(Payload { data: data.clone() });
                 }
-                let file = file.clone();
-                let mut majority = majority.clone();
-                let counters = counters.clone();
+                let _ = to_local.send(Payload { data });
+                let (mut local, mut remote) = (local.clone(), remote.clone());
+                let (counters, durable_tx) = (counters.clone(), durable_tx.clone());
                 tokio::spawn(async move {
-                    let local = file.append_synced(data).await.is_ok();
-                    let remote = majority.wait_for(|a| *a >= number).await.is_ok();
+                    let held = local.wait_for(|a| *a >= n).await.is_ok()
+                        && remote.wait_for(|a| *a >= n).await.is_ok();
                     drop(slot);
-                    counters.batches.fetch_add(1, Ordering::Relaxed);
-                    counters
-                        .writes
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    let last = batch.last().map_or(0, |p| p.number);
+                    if held {
+                        counters.batches.fetch_add(1, Ordering::Relaxed);
+                        counters
+                            .writes
+                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        durable_tx.send_if_modified(|d| {
+                            let newer = last > d.writes;
+                            d.writes = d.writes.max(last);
+                            newer
+                        });
+                    } else {
+                        durable_tx.send_modify(|d| d.broken = true);
+                    }
                     for p in batch {
-                        let _ = p.done.send(local && remote);
+                        let _ = p.done.send(held);
                     }
                 });
             }
         });
-        Ok(Leader { queue })
+        Ok(Leader {
+            queue: std::sync::Mutex::new(Queue { next: 1, tx }),
+            durable,
+        })
     }
 }
 
 /// The follower processes; stopped when the run ends.
 pub struct Followers(Vec<std::process::Child>);
 
-impl Drop for Followers {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
+impl Followers {
+    /// Kill the followers and wait for them; returns how many were still
+    /// running.
+    pub fn stop(&mut self) -> usize {
+        let mut were_running = 0;
+        for mut child in self.0.drain(..) {
+            if matches!(child.try_wait(), Ok(None)) {
+                were_running += 1;
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
+        were_running
     }
 }
 
-/// The program to run as a follower: `IDEMKV_FLOOR_FOLLOWER` if set (a
-/// test's `idemkv` binary), otherwise this one.
-fn follower_program() -> anyhow::Result<std::path::PathBuf> {
-    match std::env::var_os("IDEMKV_FLOOR_FOLLOWER") {
-        Some(p) => Ok(p.into()),
-        None => std::env::current_exe().context("replicated floor: this program's path"),
+impl Drop for Followers {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
-/// Start two follower processes; returns them and their addresses.
-fn start_followers() -> anyhow::Result<(Followers, Vec<String>)> {
+/// Start two follower processes of `program` (`idemkv`); returns them and
+/// their addresses.
+fn start_followers(program: &Path) -> anyhow::Result<(Followers, Vec<String>)> {
     use std::io::BufRead;
-    let program = follower_program()?;
     let mut followers = Followers(Vec::new());
     let mut addrs = Vec::new();
     for _ in 0..2 {
-        let mut child = std::process::Command::new(&program)
+        let mut child = std::process::Command::new(program)
             .arg("floor-follower")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -330,15 +472,18 @@ fn start_followers() -> anyhow::Result<(Followers, Vec<String>)> {
         followers.0.push(child);
         let mut line = String::new();
         if let Some(out) = out {
-            std::io::BufReader::new(out).read_line(&mut line)?;
+            std::io::BufReader::new(out)
+                .read_line(&mut line)
+                .context("replicated floor: read a follower's address")?;
         }
-        let addr = line.trim();
-        if addr.is_empty() {
-            anyhow::bail!(
-                "replicated floor: {} floor-follower printed no address",
-                program.display()
-            );
-        }
+        let addr: std::net::SocketAddr = line.trim().parse().map_err(|_| {
+            anyhow::anyhow!(
+                "replicated floor: `{} floor-follower` printed {:?}, not its address \
+                 (is it idemkv? see --floor-follower)",
+                program.display(),
+                line.trim()
+            )
+        })?;
         addrs.push(addr.to_string());
     }
     Ok((followers, addrs))
@@ -347,18 +492,19 @@ fn start_followers() -> anyhow::Result<(Followers, Vec<String>)> {
 /// `idemkv floor-follower`: serve one follower on a free loopback port,
 /// print its address, and exit when stdin closes (the bench ended).
 pub async fn follow() -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("floor-follower: bind a loopback port")?;
+    let follower = Follower {
+        file: CopyFile::create()?,
+    };
     println!("{}", listener.local_addr()?);
     std::thread::spawn(|| {
         let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
         std::process::exit(0);
     });
-    let follower = Follower {
-        file: CopyFile::create()?,
-        syncs: Arc::default(),
-    };
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener)
-        .map(super::floor::no_delay as fn(_) -> _);
+    let incoming =
+        tokio_stream::wrappers::TcpListenerStream::new(listener).map(super::floor::no_delay);
     tonic::transport::Server::builder()
         .add_service(RaftPeerServer::new(follower))
         .serve_with_incoming(incoming)
@@ -366,16 +512,17 @@ pub async fn follow() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Start the follower processes and return them with a future that, on
-/// the leader's runtime, connects to them and starts the leader's
-/// batching task.
+/// Start the follower processes (`program floor-follower`) and return
+/// them with a future that, on the leader's runtime, connects to them and
+/// starts the leader's batching task.
 pub fn prepare(
+    program: &Path,
     counters: Arc<Counters>,
 ) -> anyhow::Result<(
     Followers,
     impl std::future::Future<Output = anyhow::Result<Leader>> + Send,
 )> {
-    let (followers, peers) = start_followers()?;
+    let (followers, peers) = start_followers(program)?;
     Ok((
         followers,
         async move { Leader::start(peers, counters).await },
