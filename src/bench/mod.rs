@@ -195,7 +195,17 @@ impl Report {
             ms(l.max),
             if self.check.passed { "passed" } else { "FAILED" },
             self.check.detail,
-        )
+        ) + &self
+            .replication
+            .as_ref()
+            .map(|r| {
+                format!(
+                    "\ncopies      {} writes durable on a majority in {} batches; \
+                     follower fdatasyncs {} and {} (warm-up included)",
+                    r.writes, r.batches, r.follower_syncs[0], r.follower_syncs[1]
+                )
+            })
+            .unwrap_or_default()
     }
 }
 
