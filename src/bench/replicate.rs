@@ -267,16 +267,48 @@ fn lost() -> Status {
     )
 }
 
-/// Raise a watched batch number to `n` (answers may arrive from two
-/// followers; the higher one counts).
-fn raise(w: &watch::Sender<u64>, n: u64) {
-    w.send_if_modified(|a| {
+/// Raise the number `at` picks out of a watched value to `n`, if `n` is
+/// higher (answers arrive from two followers, batches finish out of
+/// order; the highest counts).
+fn raise<T>(w: &watch::Sender<T>, n: u64, at: impl Fn(&mut T) -> &mut u64) {
+    w.send_if_modified(|v| {
+        let a = at(v);
         let newer = n > *a;
         if newer {
             *a = n;
         }
         newer
     });
+}
+
+/// Answer a sent batch once the leader's copy and a follower's hold it
+/// (`local` and `remote`: the newest batch number each has synced), and
+/// move the durable mark past its writes. Its `slot` frees as soon as
+/// the batch is held (or lost).
+async fn finish_batch(
+    n: u64,
+    batch: Vec<Pending>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    (mut local, mut remote): (watch::Receiver<u64>, watch::Receiver<u64>),
+    durable: Arc<watch::Sender<Durable>>,
+    counters: Arc<Counters>,
+) {
+    let held =
+        local.wait_for(|a| *a >= n).await.is_ok() && remote.wait_for(|a| *a >= n).await.is_ok();
+    drop(slot);
+    if held {
+        counters.batches.fetch_add(1, Ordering::Relaxed);
+        counters
+            .writes
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let last = batch.last().map_or(0, |p| p.number);
+        raise(&durable, last, |d| &mut d.writes);
+    } else {
+        durable.send_modify(|d| d.broken = true);
+    }
+    for p in batch {
+        let _ = p.done.send(held);
+    }
 }
 
 impl Leader {
@@ -350,7 +382,7 @@ impl Leader {
             tokio::spawn(async move {
                 while let Some(Ok(p)) = answers.next().await {
                     counters.follower_syncs[index].store(word(&p, 1), Ordering::Relaxed);
-                    raise(&remote_tx, word(&p, 0));
+                    raise(&remote_tx, word(&p, 0), |a| a);
                 }
             });
             outs.push(out);
@@ -365,7 +397,7 @@ impl Leader {
         let dt = durable_tx.clone();
         tokio::spawn(async move {
             while let Some(Ok((newest, _))) = local_synced.recv().await {
-                raise(&local_tx, newest);
+                raise(&local_tx, newest, |a| a);
             }
             // The leader's copy failed: nothing more becomes durable.
             dt.send_modify(|d| d.broken = true);
@@ -397,30 +429,9 @@ impl Leader {
                     let _ = out.send(Payload { data: data.clone() });
                 }
                 let _ = to_local.send(Payload { data });
-                let (mut local, mut remote) = (local.clone(), remote.clone());
+                let copies = (local.clone(), remote.clone());
                 let (counters, durable_tx) = (counters.clone(), durable_tx.clone());
-                tokio::spawn(async move {
-                    let held = local.wait_for(|a| *a >= n).await.is_ok()
-                        && remote.wait_for(|a| *a >= n).await.is_ok();
-                    drop(slot);
-                    let last = batch.last().map_or(0, |p| p.number);
-                    if held {
-                        counters.batches.fetch_add(1, Ordering::Relaxed);
-                        counters
-                            .writes
-                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                        durable_tx.send_if_modified(|d| {
-                            let newer = last > d.writes;
-                            d.writes = d.writes.max(last);
-                            newer
-                        });
-                    } else {
-                        durable_tx.send_modify(|d| d.broken = true);
-                    }
-                    for p in batch {
-                        let _ = p.done.send(held);
-                    }
-                });
+                tokio::spawn(finish_batch(n, batch, slot, copies, durable_tx, counters));
             }
         });
         Ok(Leader {
