@@ -75,6 +75,7 @@ use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 
+use super::commit_hint::CommitHint;
 use super::durable::{sled_err, GroupCommit, Syncer, Waiter};
 use super::keys::{COMMITTED, PURGED, VOTE};
 use super::rejoin::Rejoin;
@@ -151,6 +152,8 @@ pub struct LogStore {
     active: Arc<Mutex<Option<ActiveSegment>>>,
     commit: Arc<GroupCommit>,
     meta: sled::Tree,
+    /// The commit point Raft saves, written to `meta` off Raft's path.
+    committed: Arc<CommitHint>,
     /// The sled database (vote, purge point, state machine).
     sled_sync: Arc<Syncer>,
     /// Segment files fsynced by `open`: every one it kept.
@@ -690,6 +693,7 @@ impl LogStore {
             inner: Arc::new(Mutex::new(inner)),
             active,
             commit: Arc::new(commit),
+            committed: Arc::new(CommitHint::start(meta.clone())?),
             meta,
             sled_sync,
             synced_at_open,
@@ -742,9 +746,13 @@ impl LogStore {
         self.commit.stats()
     }
 
-    /// Refuse further fsync waiters (node shutdown).
+    /// Refuse further fsync waiters and write the commit point (node
+    /// shutdown).
     pub fn close(&self) {
-        self.commit.close()
+        self.commit.close();
+        if let Err(e) = self.committed.close() {
+            tracing::warn!(error = %e, "cannot write the commit point at close");
+        }
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
@@ -910,8 +918,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        // Not synced on its own: it only speeds up recovery.
-        self.put_meta(COMMITTED, &committed)
+        // Not synced on its own: it only speeds up recovery. Written by a
+        // thread of its own: a sled write here waited for every batch of
+        // applied records (commit_hint.rs).
+        self.committed.save(committed);
+        Ok(())
     }
 
     /// The stored commit point, never beyond the log's last entry: it is
@@ -921,7 +932,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// the node would never start. Capped, it stays a correct hint: what
     /// the log holds up to it was committed, the rest comes from the leader.
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        let stored = self.get_meta::<Option<LogId>>(COMMITTED)?.flatten();
+        let stored = match self.committed.newest() {
+            Some(saved) => saved,
+            None => self.get_meta::<Option<LogId>>(COMMITTED)?.flatten(),
+        };
         let last = match self.lock().last_log_id {
             Some(l) => Some(l),
             None => self.get_meta::<LogId>(PURGED)?,

@@ -15,6 +15,7 @@
 //! This module never decides an idempotency rule; see `record.rs`.
 
 pub mod boot_clock;
+mod commit_hint;
 pub mod durable;
 mod expiry;
 mod identity;

@@ -1,0 +1,146 @@
+//! The commit point Raft asks the log to keep (`save_committed`), written
+//! to sled by a thread of its own so that saving it never waits.
+//!
+//! It is only a hint: a restart applies the entries up to it before it
+//! hears from a leader, and a stale or missing one merely means it waits
+//! for the leader to say what is committed. But writing it to sled on
+//! Raft's path made every commit wait on sled: sled 0.34 guards its trees
+//! with one process-wide lock, which `apply_batch` takes for writing, so
+//! while the state machine wrote a layer of applied records (5–13 ms for
+//! 1,024 keys under load), each node's Raft loop stood still at its next
+//! commit. That stall was most of the claim tail (BENCHMARKS.md).
+//!
+//! Now `save` records the value in memory and wakes the writer, which
+//! writes the newest value it finds (values saved meanwhile collapse into
+//! one write). `newest` answers from memory, so the node's own reads are
+//! exact. Closing (node shutdown, or the last handle dropped) writes the
+//! newest value before it returns.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use super::durable::sled_err;
+use super::keys::COMMITTED;
+use crate::codec::encode;
+use crate::raft::types::LogId;
+
+#[derive(Default)]
+struct State {
+    /// The newest commit point saved in this process (`Some(None)`: saved
+    /// as "nothing committed").
+    newest: Option<Option<LogId>>,
+    /// `newest` is not yet in sled.
+    unwritten: bool,
+    closed: bool,
+}
+
+struct Shared {
+    meta: sled::Tree,
+    state: Mutex<State>,
+    wake: Condvar,
+    /// Held across taking the newest value and writing it, so the write
+    /// that lands last is always of the newest value.
+    writing: Mutex<()>,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Write the newest value if it is not in sled yet.
+    fn write_newest(&self) -> std::io::Result<()> {
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let value = {
+            let mut s = self.state();
+            if !s.unwritten {
+                return Ok(());
+            }
+            s.unwritten = false;
+            s.newest
+        };
+        if let Some(v) = value {
+            self.meta.insert(COMMITTED, encode(&v)?).map_err(sled_err)?;
+        }
+        Ok(())
+    }
+
+    fn run(&self) {
+        loop {
+            {
+                let mut s = self.state();
+                while !s.unwritten && !s.closed {
+                    s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+                }
+                if s.closed {
+                    return;
+                }
+            }
+            if let Err(e) = self.write_newest() {
+                tracing::warn!(error = %e, "cannot write the commit point; a restart may apply less before it hears from the leader");
+            }
+        }
+    }
+}
+
+/// The log's commit point; dropping it closes it.
+pub(super) struct CommitHint {
+    shared: Arc<Shared>,
+    /// The writer, until it is stopped: it holds the tree, and so sled's
+    /// lock on its files, while it runs.
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl CommitHint {
+    /// Keep the commit point in `meta` (the Raft tree), written by a
+    /// thread this starts.
+    pub fn start(meta: sled::Tree) -> std::io::Result<CommitHint> {
+        let shared = Arc::new(Shared {
+            meta,
+            state: Mutex::default(),
+            wake: Condvar::new(),
+            writing: Mutex::new(()),
+        });
+        let writer = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("idemkv-commit".into())
+            .spawn(move || writer.run())?;
+        Ok(CommitHint {
+            shared,
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Save `committed`; it reaches sled shortly after, without waiting.
+    pub fn save(&self, committed: Option<LogId>) {
+        let mut s = self.shared.state();
+        s.newest = Some(committed);
+        s.unwritten = true;
+        drop(s);
+        self.shared.wake.notify_one();
+    }
+
+    /// The newest commit point saved in this process, if any was.
+    pub fn newest(&self) -> Option<Option<LogId>> {
+        self.shared.state().newest
+    }
+
+    /// Stop the writer and write the newest value now (node shutdown).
+    pub fn close(&self) -> std::io::Result<()> {
+        self.shared.state().closed = true;
+        self.shared.wake.notify_one();
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = writer {
+            // It only ever panics if sled does.
+            let _ = w.join();
+        }
+        self.shared.write_newest()
+    }
+}
+
+impl Drop for CommitHint {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!(error = %e, "cannot write the commit point at close");
+        }
+    }
+}
