@@ -138,8 +138,9 @@ impl CommitHint {
         self.shared.state().newest
     }
 
-    /// Stop the writer and write the newest value now (node shutdown).
-    pub fn close(&self) -> std::io::Result<()> {
+    /// Stop the writer and write the newest value now (node shutdown); a
+    /// failed write is logged, as the writer's are.
+    pub fn close(&self) {
         self.shared.state().closed = true;
         self.shared.wake.notify_one();
         let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -147,14 +148,14 @@ impl CommitHint {
             // It only ever panics if sled does.
             let _ = w.join();
         }
-        self.shared.write_newest()
+        if let Err(e) = self.shared.write_newest() {
+            tracing::warn!(error = %e, "cannot write the commit point at close");
+        }
     }
 }
 
 impl Drop for CommitHint {
     fn drop(&mut self) {
-        if let Err(e) = self.close() {
-            tracing::warn!(error = %e, "cannot write the commit point at close");
-        }
+        self.close();
     }
 }

@@ -750,9 +750,7 @@ impl LogStore {
     /// shutdown).
     pub fn close(&self) {
         self.commit.close();
-        if let Err(e) = self.committed.close() {
-            tracing::warn!(error = %e, "cannot write the commit point at close");
-        }
+        self.committed.close();
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
