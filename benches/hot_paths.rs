@@ -40,7 +40,8 @@ fn claim_entry(index: u64) -> Entry {
             command: Command::Op {
                 key: key(index),
                 op: Op::Claim(claim("worker-1")),
-            },
+            }
+            .into(),
         }),
     }
 }

@@ -175,10 +175,16 @@ impl Command {
 }
 
 /// A command with the leader's wall-clock stamp taken when it proposed it.
+///
+/// The command is shared: the leader's log keeps an entry, and Raft hands a
+/// copy of it to each follower's replication and to apply; with an `Arc`
+/// those copies cost a count, not a deep copy of every key and value. Its
+/// encoding is the command's own (serde encodes an `Arc` as what it holds),
+/// so entries written before it decode unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     pub stamped_ms: u64,
-    pub command: Command,
+    pub command: std::sync::Arc<Command>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -945,7 +951,7 @@ pub fn apply_claim_batch(
 
 impl std::fmt::Display for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let what = match &self.command {
+        let what = match &*self.command {
             Command::Op { op, .. } => match op {
                 Op::Claim(_) => "claim",
                 Op::Complete { .. } => "complete",

@@ -38,7 +38,7 @@ async fn apply(sm: &mut StateMachineStore, mut next: u64, commands: Vec<Command>
                     log_id: log_id::<TypeConfig>(1, 1, next),
                     payload: EntryPayload::Normal(Request {
                         stamped_ms: 1_000,
-                        command,
+                        command: command.into(),
                     }),
                 };
                 next += 1;

@@ -60,7 +60,7 @@ fn entry(
             log_id: log_id::<TypeConfig>(1, 1, i),
             payload: EntryPayload::Normal(Request {
                 stamped_ms,
-                command,
+                command: command.into(),
             }),
         },
         None,
@@ -111,7 +111,8 @@ async fn appends_and_votes_are_acknowledged_only_after_fsync() {
                 code: None,
                 retention_ms: None,
             },
-        },
+        }
+        .into(),
     };
     let entries: Vec<Entry> = (1..=3)
         .map(|i| Entry {
@@ -359,7 +360,7 @@ async fn a_followers_lone_append_is_synced_on_its_own_task_and_the_leaders_never
     log.set_node_id(1);
     let req = Request {
         stamped_ms: 1,
-        command: claim("k", "o", 1_000, 1_000),
+        command: claim("k", "o", 1_000, 1_000).into(),
     };
     for (index, leader) in [(1, 1), (2, 2)] {
         // Longer than any quiet spell the log asks for.
@@ -479,4 +480,66 @@ async fn the_expiry_index_is_built_from_the_records_at_open() {
         0,
         "the old index entry was dropped"
     );
+}
+
+/// The copies of an entry the log hands out (one per follower's
+/// replication, one to apply) share the leader's command instead of each
+/// copying every key and value; and sharing it changed no byte of an
+/// entry's encoding, so logs and peers of earlier builds still decode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copies_of_an_entry_share_its_command_and_its_encoding_is_unchanged() {
+    use openraft::storage::{IOFlushed, RaftLogStorage};
+    use openraft::RaftLogReader;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Store::open(dir.path()).unwrap().log;
+    log.set_node_id(1);
+    let req = Request {
+        stamped_ms: 7,
+        command: Command::Many(vec![
+            claim("a", "w1", 1_000, 60_000),
+            claim("b", "w2", 1_000, 60_000),
+        ])
+        .into(),
+    };
+    let (tx, rx) = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot();
+    let appended = Entry {
+        log_id: log_id::<TypeConfig>(1, 1, 1),
+        payload: EntryPayload::Normal(req.clone()),
+    };
+    log.append([appended], IOFlushed::signal(tx)).await.unwrap();
+    rx.await.unwrap().unwrap();
+
+    let command_of = |e: &Entry| match &e.payload {
+        EntryPayload::Normal(r) => r.command.clone(),
+        other => panic!("not a normal entry: {other:?}"),
+    };
+    let mut readers = [log.get_log_reader().await, log.get_log_reader().await];
+    let mut copies = Vec::new();
+    for r in &mut readers {
+        let got = r.try_get_log_entries(1..2).await.unwrap();
+        assert_eq!(got.len(), 1);
+        copies.push(command_of(&got[0]));
+    }
+    assert!(
+        copies
+            .iter()
+            .all(|c| std::sync::Arc::ptr_eq(c, &req.command)),
+        "a copy handed out by the log holds a command of its own"
+    );
+
+    // The encoding of the shape before the command was shared.
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct Unshared {
+        stamped_ms: u64,
+        command: Command,
+    }
+    let unshared = Unshared {
+        stamped_ms: req.stamped_ms,
+        command: (*req.command).clone(),
+    };
+    let bytes = idemkv::codec::encode(&req).unwrap();
+    assert_eq!(bytes, idemkv::codec::encode(&unshared).unwrap());
+    assert_eq!(idemkv::codec::decode::<Request>(&bytes).unwrap(), req);
+    assert_eq!(idemkv::codec::decode::<Unshared>(&bytes).unwrap(), unshared);
 }

@@ -149,7 +149,7 @@ impl Inner {
     async fn write(&self, command: Command) -> Result<Response, Refused> {
         let request = Request {
             stamped_ms: self.stamp(),
-            command,
+            command: std::sync::Arc::new(command),
         };
         match tokio::time::timeout(self.timeout, self.raft.client_write(request)).await {
             Err(_) => Err(Refused::TimedOut),

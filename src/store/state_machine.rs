@@ -796,12 +796,12 @@ impl StateMachineStore {
         let now = record::advance_clock(self.clock_ms(), req.stamped_ms);
         self.set_clock(now);
         p.writes.insert(keys::CLOCK.to_vec(), Some(encode(&now)?));
-        if matches!(req.command, Command::Hash) {
+        if matches!(*req.command, Command::Hash) {
             return self.hash_entry(p, index);
         }
         let mut tokens = p.last_token.unwrap_or_else(|| self.token_base(index));
         let before = tokens;
-        let out = self.apply_command(p, req.command, now, &mut tokens);
+        let out = self.apply_command(p, &req.command, now, &mut tokens);
         if tokens != before {
             p.last_token = Some(tokens);
         }
@@ -854,15 +854,15 @@ impl StateMachineStore {
     fn apply_command(
         &self,
         p: &mut Pending,
-        command: Command,
+        command: &Command,
         now: u64,
         tokens: &mut u64,
     ) -> io::Result<Response> {
         match command {
             Command::Op { key, op } => {
-                let cur = self.get_pending(p, &key)?;
-                let (change, out) = record::apply_op(cur.as_ref(), &op, now, tokens);
-                self.stage(p, &key, cur.as_ref(), change)?;
+                let cur = self.get_pending(p, key)?;
+                let (change, out) = record::apply_op(cur.as_ref(), op, now, tokens);
+                self.stage(p, key, cur.as_ref(), change)?;
                 Ok(out)
             }
             Command::ClaimBatch {
@@ -875,7 +875,7 @@ impl StateMachineStore {
                     .collect::<io::Result<Vec<_>>>()?;
                 let claims: Vec<_> = items.iter().map(|(_, c)| c).collect();
                 let (changes, out) =
-                    record::apply_claim_batch(&current, &claims, all_or_nothing, now, tokens);
+                    record::apply_claim_batch(&current, &claims, *all_or_nothing, now, tokens);
                 for (((k, _), cur), change) in items.iter().zip(&current).zip(changes) {
                     self.stage(p, k, cur.as_ref(), change)?;
                 }
@@ -898,7 +898,7 @@ impl StateMachineStore {
                 // The index holds what was staged before this entry too.
                 let expiry = self.shared.tree.expiry();
                 let mut removed = 0;
-                for (at, rk) in expiry.due(now, limit as usize) {
+                for (at, rk) in expiry.due(now, *limit as usize) {
                     let cur = match keys::parse_record(&rk) {
                         Some(k) => self.get_pending(p, &k)?.map(|r| (k, r)),
                         None => None,

@@ -29,7 +29,8 @@ pub fn entry(index: u64, term: u64) -> Entry {
                     code: None,
                     retention_ms: None,
                 },
-            },
+            }
+            .into(),
         }),
     }
 }
