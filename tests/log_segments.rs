@@ -211,3 +211,84 @@ async fn segments_written_before_the_end_byte_still_open() {
     assert_eq!(got, (1..=11).map(|i| entry(i, 1)).collect::<Vec<_>>());
     close(store);
 }
+
+/// The leader's log encodes an entry once: an AppendEntries message takes
+/// the bytes the log wrote (`raft::network::encode_append`), and is byte
+/// for byte what encoding the whole message gives, so followers of any
+/// build decode it. An entry the log does not hold (another leader's at
+/// the same index, or one not written yet) is encoded afresh.
+#[tokio::test]
+async fn an_append_message_carries_the_bytes_the_log_wrote() {
+    use idemkv::codec::{decode, encode};
+    use idemkv::raft::network::encode_append;
+    use idemkv::raft::types::{AppendEntriesRequest, Vote};
+    use openraft::EntryPayload;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Store::open(dir.path()).unwrap().log;
+    log.set_node_id(1);
+    let member = idemkv::raft::types::PeerNode {
+        api_addr: "a:1".into(),
+        raft_addr: "a:2".into(),
+    };
+    let membership =
+        openraft::Membership::new(vec![BTreeSet::from([1])], BTreeMap::from([(1, member)]))
+            .unwrap();
+    let mut written = vec![
+        Entry {
+            log_id: log_id::<TypeConfig>(1, 1, 1),
+            payload: EntryPayload::Blank,
+        },
+        Entry {
+            log_id: log_id::<TypeConfig>(1, 1, 2),
+            payload: EntryPayload::Membership(membership),
+        },
+    ];
+    written.extend([entry(3, 1), entry(4, 1)]);
+    append(&mut log, written.clone()).await;
+    let encoded = log.encoded();
+
+    // Entries 2..=4 as the log has them, then 5, which it has not.
+    let mut entries = written[1..].to_vec();
+    entries.push(entry(5, 1));
+    let rpc = AppendEntriesRequest {
+        vote: Vote::new_committed(1, 1),
+        prev_log_id: Some(log_id::<TypeConfig>(1, 1, 1)),
+        entries,
+        leader_commit: Some(log_id::<TypeConfig>(1, 1, 2)),
+    };
+    let hits = encoded.hits();
+    let bytes = encode_append(&rpc, &encoded).unwrap();
+    assert_eq!(encoded.hits() - hits, 3, "entries 2..=4 taken as written");
+    assert_eq!(bytes, encode(&rpc).unwrap());
+    let back: AppendEntriesRequest = decode(&bytes).unwrap();
+    assert_eq!(back.entries, rpc.entries);
+
+    // Another leader's entry 3 is not the one the log holds.
+    let other = AppendEntriesRequest {
+        vote: Vote::new_committed(2, 1),
+        prev_log_id: Some(log_id::<TypeConfig>(1, 1, 2)),
+        entries: vec![entry(3, 2)],
+        leader_commit: None,
+    };
+    let hits = encoded.hits();
+    assert_eq!(
+        encode_append(&other, &encoded).unwrap(),
+        encode(&other).unwrap()
+    );
+    assert_eq!(encoded.hits(), hits);
+
+    // A heartbeat: no entries.
+    let beat = AppendEntriesRequest {
+        vote: Vote::new_committed(1, 1),
+        prev_log_id: Some(log_id::<TypeConfig>(1, 1, 4)),
+        entries: Vec::new(),
+        leader_commit: Some(log_id::<TypeConfig>(1, 1, 4)),
+    };
+    assert_eq!(
+        encode_append(&beat, &encoded).unwrap(),
+        encode(&beat).unwrap()
+    );
+    log.close();
+}

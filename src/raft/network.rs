@@ -1,7 +1,10 @@
 //! The peer network client: openraft's `RaftNetworkV2` over tonic, with one
 //! cached channel per peer (tonic channels multiplex and reconnect by
 //! themselves). Messages are openraft's own types, bincode-encoded in the
-//! opaque `Payload` of `raft.proto`.
+//! opaque `Payload` of `raft.proto`. An AppendEntries message takes each
+//! entry's bytes from the log's own encoding where it still has them
+//! ([`encode_append`]), so the leader encodes an entry once, not once for
+//! its log and again for every follower.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,9 +27,10 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::{NodeId, PeerNode, Snapshot, StreamAppendResult, TypeConfig, Vote};
-use crate::codec::{decode, encode};
+use crate::codec::{decode, encode, encode_into};
 use crate::pb::peer::raft_peer_client::RaftPeerClient;
 use crate::pb::peer::{Payload, SnapshotChunk};
+use crate::store::encoded::EncodedEntries;
 use crate::store::ClusterId;
 use crate::wire::{CLUSTER_HEADER, MAX_PEER_MESSAGE};
 
@@ -73,13 +77,21 @@ pub struct Peers {
     /// This node's cluster id, sent with every call.
     pub identity: Arc<ClusterId>,
     stamp: ClusterStamp,
+    /// The log's encodings of its newest entries, sent as they are.
+    encoded: Arc<EncodedEntries>,
 }
 
 impl Peers {
-    /// Peers reached over TLS when `tls` is set.
-    pub fn new(tls: Option<ClientTlsConfig>, identity: Arc<ClusterId>) -> Peers {
+    /// Peers reached over TLS when `tls` is set; AppendEntries messages
+    /// take entries' bytes from `encoded` (the log's).
+    pub fn new(
+        tls: Option<ClientTlsConfig>,
+        identity: Arc<ClusterId>,
+        encoded: Arc<EncodedEntries>,
+    ) -> Peers {
         Peers {
             channels: Arc::default(),
+            encoded,
             tls,
             stamp: ClusterStamp {
                 id: identity.clone(),
@@ -127,12 +139,47 @@ impl RaftNetworkFactory<TypeConfig> for Peers {
     async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> PeerConnection {
         PeerConnection {
             client: self.client(target, &node.raft_addr),
+            encoded: self.encoded.clone(),
         }
     }
 }
 
 pub struct PeerConnection {
     client: Result<PeerClient, tonic::Status>,
+    encoded: Arc<EncodedEntries>,
+}
+
+/// `rpc` exactly as [`encode`] writes it, but with the bytes of each entry
+/// that `encoded` still holds copied in instead of encoded again. bincode
+/// writes a struct as its fields one after another and a `Vec` as its
+/// length and then its items, so the parts can be written one by one; the
+/// field order is openraft's `AppendEntriesRequest` (vote, prev_log_id,
+/// entries, leader_commit), which `tests` below checks byte for byte.
+pub fn encode_append(
+    rpc: &AppendEntriesRequest<TypeConfig>,
+    encoded: &EncodedEntries,
+) -> std::io::Result<Vec<u8>> {
+    let AppendEntriesRequest {
+        vote,
+        prev_log_id,
+        entries,
+        leader_commit,
+    } = rpc;
+    let kept: Vec<_> = entries.iter().map(|e| encoded.get(&e.log_id)).collect();
+    // Room for the kept bytes and the header fields; an entry encoded
+    // here grows it as needed.
+    let mut out = Vec::with_capacity(64 + kept.iter().flatten().map(|b| b.len()).sum::<usize>());
+    encode_into(&mut out, vote)?;
+    encode_into(&mut out, prev_log_id)?;
+    encode_into(&mut out, &entries.len())?;
+    for (e, kept) in entries.iter().zip(kept) {
+        match kept {
+            Some(bytes) => out.extend_from_slice(&bytes),
+            None => encode_into(&mut out, e)?,
+        }
+    }
+    encode_into(&mut out, leader_commit)?;
+    Ok(out)
 }
 
 fn status_to_rpc(s: tonic::Status) -> RPCError<TypeConfig> {
@@ -241,12 +288,13 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             };
             let sent = Arc::new(InFlight::default());
             let counter = sent.clone();
+            let encoded = self.encoded.clone();
             // A request that cannot be encoded ends the stream; openraft
             // starts a new one.
             let requests = futures::stream::iter([first])
                 .chain(input)
                 .map_while(move |rpc| {
-                    let data = encode(&rpc).ok()?;
+                    let data = encode_append(&rpc, &encoded).ok()?;
                     counter.unanswered.fetch_add(1, Ordering::AcqRel);
                     counter.notify.notify_one();
                     Some(Payload { data })
@@ -267,7 +315,8 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let req = Self::request(encode(&rpc).map_err(io_to_rpc)?, option.hard_ttl());
+        let data = encode_append(&rpc, &self.encoded).map_err(io_to_rpc)?;
+        let req = Self::request(data, option.hard_ttl());
         let resp = self
             .client()?
             .append_entries(req)

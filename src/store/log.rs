@@ -77,6 +77,7 @@ use openraft::{OptionalSend, RaftLogReader};
 
 use super::commit_hint::CommitHint;
 use super::durable::{sled_err, GroupCommit, Syncer, Waiter};
+use super::encoded::EncodedEntries;
 use super::keys::{COMMITTED, PURGED, VOTE};
 use super::rejoin::Rejoin;
 use super::test_hooks;
@@ -163,6 +164,9 @@ pub struct LogStore {
     /// are made durable on the appending task when the log has been quiet
     /// (see `append`).
     own_id: Arc<OnceLock<NodeId>>,
+    /// The bytes of the newest entries as written, which replication sends
+    /// on without encoding them again (`encoded.rs`).
+    encoded: Arc<EncodedEntries>,
 }
 
 /// How long the log's group commit must have been idle before a
@@ -698,6 +702,7 @@ impl LogStore {
             sled_sync,
             synced_at_open,
             rejoin,
+            encoded: Arc::default(),
             own_id: Arc::new(OnceLock::new()),
         })
     }
@@ -782,6 +787,7 @@ impl LogStore {
         let mut inner = self.lock();
         let mut buf = Vec::new();
         let mut rolled = false;
+        let mut written = Vec::new();
         for entry in entries {
             let index = entry.index();
             if let Some(last) = inner.last_index() {
@@ -821,13 +827,22 @@ impl LogStore {
             }
             inner.locs.push_back(loc);
             inner.last_log_id = Some(entry.log_id());
+            written.push((entry.log_id(), bytes::Bytes::from(payload)));
             inner.push_cache(entry, loc.len as usize);
         }
         flush_buf(&mut inner, &mut buf)?;
         if rolled {
             self.set_active(&inner);
         }
-        Ok(inner.last_log_id)
+        let last = inner.last_log_id;
+        drop(inner);
+        self.encoded.keep(written);
+        Ok(last)
+    }
+
+    /// The bytes of the newest entries as this log encoded them.
+    pub fn encoded(&self) -> Arc<EncodedEntries> {
+        self.encoded.clone()
     }
 }
 

@@ -17,6 +17,7 @@
 pub mod boot_clock;
 mod commit_hint;
 pub mod durable;
+pub mod encoded;
 mod expiry;
 mod identity;
 mod key_filter;
