@@ -122,7 +122,7 @@ impl Node {
         let peers = Peers::new(
             tls.as_ref().map(|t| t.peer_client.clone()),
             store.identity.clone(),
-            store.log.encoded(),
+            store.log.encodings(),
         );
         let sm = store.state_machine.clone();
         store.log.set_node_id(cfg.id);

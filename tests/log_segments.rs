@@ -247,7 +247,7 @@ async fn an_append_message_carries_the_bytes_the_log_wrote() {
     ];
     written.extend([entry(3, 1), entry(4, 1)]);
     append(&mut log, written.clone()).await;
-    let encoded = log.encoded();
+    let encoded = log.encodings();
 
     // Entries 2..=4 as the log has them, then 5, which it has not.
     let mut entries = written[1..].to_vec();

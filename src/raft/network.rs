@@ -30,8 +30,7 @@ use super::{NodeId, PeerNode, Snapshot, StreamAppendResult, TypeConfig, Vote};
 use crate::codec::{decode, encode, encode_into};
 use crate::pb::peer::raft_peer_client::RaftPeerClient;
 use crate::pb::peer::{Payload, SnapshotChunk};
-use crate::store::encoded::EncodedEntries;
-use crate::store::ClusterId;
+use crate::store::{ClusterId, Encodings};
 use crate::wire::{CLUSTER_HEADER, MAX_PEER_MESSAGE};
 
 /// A peer's gRPC client; every call carries this node's cluster id.
@@ -78,7 +77,7 @@ pub struct Peers {
     pub identity: Arc<ClusterId>,
     stamp: ClusterStamp,
     /// The log's encodings of its newest entries, sent as they are.
-    encoded: Arc<EncodedEntries>,
+    encoded: Encodings,
 }
 
 impl Peers {
@@ -87,7 +86,7 @@ impl Peers {
     pub fn new(
         tls: Option<ClientTlsConfig>,
         identity: Arc<ClusterId>,
-        encoded: Arc<EncodedEntries>,
+        encoded: Encodings,
     ) -> Peers {
         Peers {
             channels: Arc::default(),
@@ -146,7 +145,7 @@ impl RaftNetworkFactory<TypeConfig> for Peers {
 
 pub struct PeerConnection {
     client: Result<PeerClient, tonic::Status>,
-    encoded: Arc<EncodedEntries>,
+    encoded: Encodings,
 }
 
 /// `rpc` exactly as [`encode`] writes it, but with the bytes of each entry
@@ -154,10 +153,11 @@ pub struct PeerConnection {
 /// writes a struct as its fields one after another and a `Vec` as its
 /// length and then its items, so the parts can be written one by one; the
 /// field order is openraft's `AppendEntriesRequest` (vote, prev_log_id,
-/// entries, leader_commit), which `tests` below checks byte for byte.
+/// entries, leader_commit), which `tests/log_segments.rs` checks byte for
+/// byte.
 pub fn encode_append(
     rpc: &AppendEntriesRequest<TypeConfig>,
-    encoded: &EncodedEntries,
+    encoded: &Encodings,
 ) -> std::io::Result<Vec<u8>> {
     let AppendEntriesRequest {
         vote,
@@ -165,7 +165,7 @@ pub fn encode_append(
         entries,
         leader_commit,
     } = rpc;
-    let kept: Vec<_> = entries.iter().map(|e| encoded.get(&e.log_id)).collect();
+    let kept = encoded.get(entries.iter().map(|e| &e.log_id));
     // Room for the kept bytes and the header fields; an entry encoded
     // here grows it as needed.
     let mut out = Vec::with_capacity(64 + kept.iter().flatten().map(|b| b.len()).sum::<usize>());

@@ -77,7 +77,6 @@ use openraft::{OptionalSend, RaftLogReader};
 
 use super::commit_hint::CommitHint;
 use super::durable::{sled_err, GroupCommit, Syncer, Waiter};
-use super::encoded::EncodedEntries;
 use super::keys::{COMMITTED, PURGED, VOTE};
 use super::rejoin::Rejoin;
 use super::test_hooks;
@@ -92,7 +91,8 @@ type ActiveSegment = (Arc<Path>, Arc<File>, Arc<AtomicU64>);
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// The most recent entries kept in memory, by their encoded size (decoded,
 /// they take about twice that: a heap profile at 300,000 records showed
-/// ~67 MiB of entries for a 32 MiB cache). 8 MiB is some 40,000 claims,
+/// ~67 MiB of entries for a 32 MiB cache; the bytes written, kept for
+/// replication, take that size once more). 8 MiB is some 40,000 claims,
 /// more than a follower that is merely slow falls behind; one further back
 /// is read from the segments or sent a snapshot.
 pub const CACHE_BYTES: usize = 8 * 1024 * 1024;
@@ -140,9 +140,17 @@ struct Inner {
     locs: VecDeque<Loc>,
     first: u64,
     last_log_id: Option<LogId>,
-    /// The newest entries, a suffix of the log, with their encoded sizes.
-    cache: VecDeque<(Entry, usize)>,
+    /// The newest entries, a suffix of the log.
+    cache: VecDeque<Cached>,
     cache_bytes: usize,
+}
+
+/// A cached entry, its encoded size and, if this run wrote it, the bytes
+/// it wrote (which replication sends on as they are: [`Encodings`]).
+struct Cached {
+    entry: Entry,
+    size: usize,
+    encoded: Option<bytes::Bytes>,
 }
 
 /// The Raft log; clones share it.
@@ -165,8 +173,40 @@ pub struct LogStore {
     /// (see `append`).
     own_id: Arc<OnceLock<NodeId>>,
     /// The bytes of the newest entries as written, which replication sends
-    /// on without encoding them again (`encoded.rs`).
-    encoded: Arc<EncodedEntries>,
+    /// on without encoding them again.
+    encodings: Encodings,
+}
+
+/// The bytes this log wrote for the entries it still caches, found by
+/// whole log id (term, leader and index; Raft never gives two entries
+/// one), so that an entry is encoded once: replication
+/// (`raft::network::encode_append`) copies them into the message to each
+/// follower. Entries read back at open have none and are encoded afresh.
+#[derive(Clone)]
+pub struct Encodings {
+    inner: Arc<Mutex<Inner>>,
+    hits: Arc<AtomicU64>,
+}
+
+impl Encodings {
+    /// The bytes of each of `ids`, where the log has them.
+    pub fn get<'a>(&self, ids: impl Iterator<Item = &'a LogId>) -> Vec<Option<bytes::Bytes>> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let found: Vec<_> = ids
+            .map(|id| {
+                let c = inner.cached(id.index)?;
+                (c.entry.log_id == *id).then(|| c.encoded.clone())?
+            })
+            .collect();
+        let hits = found.iter().flatten().count() as u64;
+        self.hits.fetch_add(hits, Ordering::Relaxed);
+        found
+    }
+
+    /// How many entries [`Self::get`] found.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
 }
 
 /// How long the log's group commit must have been idle before a
@@ -481,22 +521,28 @@ impl Inner {
         self.last_index().map_or(0, |l| l + 1) - self.cache.len() as u64
     }
 
-    fn push_cache(&mut self, entry: Entry, size: usize) {
-        self.cache.push_back((entry, size));
+    fn push_cache(&mut self, entry: Entry, size: usize, encoded: Option<bytes::Bytes>) {
+        self.cache.push_back(Cached {
+            entry,
+            size,
+            encoded,
+        });
         self.cache_bytes += size;
         while self.cache_bytes > CACHE_BYTES && self.cache.len() > 1 {
-            if let Some((_, s)) = self.cache.pop_front() {
-                self.cache_bytes -= s;
+            if let Some(c) = self.cache.pop_front() {
+                self.cache_bytes -= c.size;
             }
         }
     }
 
+    fn cached(&self, index: u64) -> Option<&Cached> {
+        self.cache
+            .get(usize::try_from(index.checked_sub(self.cache_first())?).ok()?)
+    }
+
     fn read(&self, index: u64) -> io::Result<Entry> {
-        let cache_first = self.cache_first();
-        if index >= cache_first {
-            if let Some((e, _)) = self.cache.get((index - cache_first) as usize) {
-                return Ok(e.clone());
-            }
+        if let Some(c) = self.cached(index) {
+            return Ok(c.entry.clone());
         }
         let loc = self.locs[(index - self.first) as usize];
         let seg = self.segment(loc.segment)?;
@@ -662,7 +708,7 @@ impl LogStore {
                 inner.last_log_id = Some(entry.log_id());
                 inner.locs.push_back(loc);
                 let size = loc.len as usize;
-                inner.push_cache(entry, size);
+                inner.push_cache(entry, size, None);
             }
             inner.segments.push(segment);
         }
@@ -693,8 +739,13 @@ impl LogStore {
                 None => Ok(()),
             }
         });
+        let inner = Arc::new(Mutex::new(inner));
         Ok(LogStore {
-            inner: Arc::new(Mutex::new(inner)),
+            encodings: Encodings {
+                inner: inner.clone(),
+                hits: Arc::default(),
+            },
+            inner,
             active,
             commit: Arc::new(commit),
             committed: Arc::new(CommitHint::start(meta.clone())?),
@@ -702,7 +753,6 @@ impl LogStore {
             sled_sync,
             synced_at_open,
             rejoin,
-            encoded: Arc::default(),
             own_id: Arc::new(OnceLock::new()),
         })
     }
@@ -787,7 +837,6 @@ impl LogStore {
         let mut inner = self.lock();
         let mut buf = Vec::new();
         let mut rolled = false;
-        let mut written = Vec::new();
         for entry in entries {
             let index = entry.index();
             if let Some(last) = inner.last_index() {
@@ -827,22 +876,18 @@ impl LogStore {
             }
             inner.locs.push_back(loc);
             inner.last_log_id = Some(entry.log_id());
-            written.push((entry.log_id(), bytes::Bytes::from(payload)));
-            inner.push_cache(entry, loc.len as usize);
+            inner.push_cache(entry, loc.len as usize, Some(payload.into()));
         }
         flush_buf(&mut inner, &mut buf)?;
         if rolled {
             self.set_active(&inner);
         }
-        let last = inner.last_log_id;
-        drop(inner);
-        self.encoded.keep(written);
-        Ok(last)
+        Ok(inner.last_log_id)
     }
 
-    /// The bytes of the newest entries as this log encoded them.
-    pub fn encoded(&self) -> Arc<EncodedEntries> {
-        self.encoded.clone()
+    /// The bytes of the newest entries as this log wrote them.
+    pub fn encodings(&self) -> Encodings {
+        self.encodings.clone()
     }
 }
 
@@ -1046,8 +1091,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             inner.locs.truncate(keep);
             let drop_cached = (last + 1 - from) as usize;
             for _ in 0..drop_cached.min(inner.cache.len()) {
-                if let Some((_, s)) = inner.cache.pop_back() {
-                    inner.cache_bytes -= s;
+                if let Some(c) = inner.cache.pop_back() {
+                    inner.cache_bytes -= c.size;
                 }
             }
             inner.last_log_id = if inner.locs.is_empty() {
@@ -1074,8 +1119,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         inner.first = inner.first.max(upto + 1);
         while !inner.cache.is_empty() && inner.cache_first() <= upto {
-            if let Some((_, s)) = inner.cache.pop_front() {
-                inner.cache_bytes -= s;
+            if let Some(c) = inner.cache.pop_front() {
+                inner.cache_bytes -= c.size;
             }
         }
         // Whole segments below the purge point go; the active one stays.

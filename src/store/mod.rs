@@ -17,7 +17,6 @@
 pub mod boot_clock;
 mod commit_hint;
 pub mod durable;
-pub mod encoded;
 mod expiry;
 mod identity;
 mod key_filter;
@@ -41,8 +40,8 @@ use crate::raft::types::{NodeId, PeerNode};
 
 pub use durable::Syncer;
 pub use identity::ClusterId;
-pub use log::LogStore;
 pub use log::{record_spans as log_record_spans, SEGMENT_BYTES, ZEROED_AHEAD};
+pub use log::{Encodings, LogStore};
 pub use rejoin::Rejoin;
 pub use snapshot::check_received as check_received_snapshot;
 pub use snapshot::{inspect as inspect_snapshot, Inspection};
