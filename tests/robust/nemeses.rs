@@ -300,58 +300,82 @@ impl Nemesis {
             | Fault::Bridge
             | Fault::OneWay
             | Fault::PacketLoss => {
-                let l = wait_leader(&api, Duration::from_secs(10)).await;
-                let mut order: Vec<usize> = (0..n).collect();
-                for i in (1..n).rev() {
-                    order.swap(i, self.rng.random_range(0..=i));
-                }
-                let before = {
+                // A one-way cut only shows if the leader stays the leader
+                // while it holds: followers send each other nothing. A node
+                // healed from the previous fault's minority can still force
+                // the leader down with its higher term just as the cut goes
+                // in (a CI run cut between two followers that way and proved
+                // nothing), so the cut waits for every node to follow one
+                // leader, and is aimed again at the new leader if the old one
+                // fell during it.
+                let attempts = if fault == Fault::OneWay { 3 } else { 1 };
+                for attempt in 1..=attempts {
+                    let l = if fault == Fault::OneWay {
+                        settled_leader(&api, Duration::from_secs(10)).await
+                    } else {
+                        wait_leader(&api, Duration::from_secs(10)).await
+                    };
+                    let mut order: Vec<usize> = (0..n).collect();
+                    for i in (1..n).rev() {
+                        order.swap(i, self.rng.random_range(0..=i));
+                    }
+                    let before = {
+                        let r = rig.lock().await;
+                        let lab = r.lab.as_ref().expect("lab");
+                        let before = lab.dropped();
+                        match fault {
+                            Fault::IsolateLeader => lab.isolate(l),
+                            Fault::MajorityMinority => {
+                                let (minority, majority) = order.split_at(n / 2);
+                                lab.partition(&[minority.to_vec(), majority.to_vec()]);
+                            }
+                            Fault::OneWay => {
+                                let f = (l + 1 + self.rng.random_range(0..n - 1)) % n;
+                                if self.rng.random_bool(0.5) {
+                                    lab.cut_one_way(l, f);
+                                } else {
+                                    lab.cut_one_way(f, l);
+                                }
+                            }
+                            Fault::PacketLoss => lab.lossy(self.rng.random_range(20..45)),
+                            _ => {
+                                // The leader on one side, so that its traffic to
+                                // the other side is cut (and counted).
+                                if order[n / 2] == l {
+                                    order.swap(n / 2, 0);
+                                }
+                                let (a, rest) = order.split_at(n / 2);
+                                let (bridge, b) = rest.split_first().unwrap();
+                                lab.bridge(a, *bridge, b);
+                            }
+                        }
+                        eprintln!("  partition: {}", lab.describe());
+                        before
+                    };
+                    tokio::time::sleep(hold).await;
+                    if fault == Fault::IsolateLeader {
+                        // Still cut off: the others may need a few more election
+                        // rounds (a CI run had none elected at the hold's end,
+                        // its vote calls timing out while TCP backed off).
+                        let replaced = new_leader(&api, l, Duration::from_secs(5)).await;
+                        self.prove(fault, replaced.is_some(), "leader replaced");
+                    }
                     let r = rig.lock().await;
-                    let lab = r.lab.as_ref().expect("lab");
-                    let before = lab.dropped();
-                    match fault {
-                        Fault::IsolateLeader => lab.isolate(l),
-                        Fault::MajorityMinority => {
-                            let (minority, majority) = order.split_at(n / 2);
-                            lab.partition(&[minority.to_vec(), majority.to_vec()]);
-                        }
-                        Fault::OneWay => {
-                            let f = (l + 1 + self.rng.random_range(0..n - 1)) % n;
-                            if self.rng.random_bool(0.5) {
-                                lab.cut_one_way(l, f);
-                            } else {
-                                lab.cut_one_way(f, l);
-                            }
-                        }
-                        Fault::PacketLoss => lab.lossy(self.rng.random_range(20..45)),
-                        _ => {
-                            // The leader on one side, so that its traffic to
-                            // the other side is cut (and counted).
-                            if order[n / 2] == l {
-                                order.swap(n / 2, 0);
-                            }
-                            let (a, rest) = order.split_at(n / 2);
-                            let (bridge, b) = rest.split_first().unwrap();
-                            lab.bridge(a, *bridge, b);
+                    let lab = r.lab.as_ref().unwrap();
+                    let dropped = lab.dropped() > before;
+                    lab.heal();
+                    drop(r);
+                    if !dropped && attempt < attempts {
+                        let now = crate::rig::leader(&api).await;
+                        if now.is_some_and(|now| now != l) {
+                            eprintln!("  the leader moved from {l} during the cut: aimed again");
+                            *self.seen.entry("one-way re-aimed").or_default() += 1;
+                            continue;
                         }
                     }
-                    eprintln!("  partition: {}", lab.describe());
-                    before
-                };
-                tokio::time::sleep(hold).await;
-                if fault == Fault::IsolateLeader {
-                    // Still cut off: the others may need a few more election
-                    // rounds (a CI run had none elected at the hold's end,
-                    // its vote calls timing out while TCP backed off).
-                    let replaced = new_leader(&api, l, Duration::from_secs(5)).await;
-                    self.prove(fault, replaced.is_some(), "leader replaced");
+                    self.prove(fault, dropped, "packets dropped");
+                    break;
                 }
-                let r = rig.lock().await;
-                let lab = r.lab.as_ref().unwrap();
-                let dropped = lab.dropped() > before;
-                lab.heal();
-                drop(r);
-                self.prove(fault, dropped, "packets dropped");
             }
             Fault::Flapping => {
                 let until = tokio::time::Instant::now() + hold * 2;
@@ -971,6 +995,35 @@ async fn voters(api: &[String]) -> Option<Vec<u64>> {
 }
 
 /// A node other than `old` that says it leads, waiting up to `within`.
+/// The leader once every node answers and follows it in its term (no node
+/// is still campaigning with a higher one); after `within`, the leader a
+/// majority follows.
+async fn settled_leader(api: &[String], within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let mut all = Vec::new();
+        for a in api {
+            all.push(status(a).await);
+        }
+        let lead = all
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+            .find(|(_, s)| s.role == "leader");
+        if let Some((i, lead)) = lead {
+            let agreed = all.iter().all(|s| {
+                s.as_ref()
+                    .is_some_and(|s| s.term == lead.term && s.leader_id == Some(lead.id))
+            });
+            if agreed {
+                return i;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_leader(api, Duration::from_secs(10)).await
+}
+
 async fn new_leader(api: &[String], old: usize, within: Duration) -> Option<usize> {
     let deadline = Instant::now() + within;
     loop {
