@@ -46,7 +46,7 @@ for id in 1 2 3; do RSS[$id]=$(rss_mib "${IDEMKV_PIDS[$id]}"); DU[$id]=$(du_mib 
 kill -9 "${IDEMKV_PIDS[2]}"; wait "${IDEMKV_PIDS[2]}" 2>/dev/null || true
 T0=$(date +%s.%N)
 start_idemkv_node 2
-until "$BIN" ctl --endpoints "127.0.0.1:${API[2]}" get million probe --serializable 2>/dev/null | grep -q COMPLETED; do
+until "$BIN" ctl --endpoints "127.0.0.1:${API[2]}" --retry-for 0 get million probe --serializable 2>/dev/null | grep -q COMPLETED; do
     sleep 0.05
 done
 T1=$(date +%s.%N)

@@ -466,3 +466,36 @@ fn up_gives_up_on_a_node_that_keeps_crashing_and_five_nodes_keep_serving() {
 
     stop_leaving_no_node(cluster, pids.values().chain([&new_pid]));
 }
+
+/// `ctl --retry-for`: 0 makes one attempt and fails at once where nothing
+/// listens (a script polling a restarting node sees it the moment it
+/// answers, not at the client's next backoff step); a window keeps trying
+/// for that long.
+#[test]
+fn ctl_retry_for_sets_how_long_a_call_keeps_trying() {
+    let port = procs::free_ports(1)[0];
+    let endpoint = format!("127.0.0.1:{port}");
+    let timed = |window: &str| {
+        let t0 = std::time::Instant::now();
+        let (ok, _, err) = ctl(
+            &endpoint,
+            &["--retry-for", window, "get", "ns", "k", "--serializable"],
+        );
+        (ok, err, t0.elapsed())
+    };
+    let (ok, err, once) = timed("0");
+    assert!(!ok, "a get from a port nobody listens on succeeded");
+    assert!(!err.contains("unexpected argument"), "{err}");
+    assert!(
+        once < Duration::from_secs(5),
+        "--retry-for 0 still retried for {once:?} (the default window is 15 s): {err}"
+    );
+    // Backing off 25 ms, doubling to 800: the last try that fits in 3 s
+    // starts about 2.4 s in.
+    let (ok, err, window) = timed("3s");
+    assert!(!ok, "{err}");
+    assert!(
+        window >= Duration::from_secs(2),
+        "--retry-for 3s gave up after {window:?}: {err}"
+    );
+}

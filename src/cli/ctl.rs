@@ -19,6 +19,11 @@ pub struct CtlArgs {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// How long a call keeps trying while no node can answer it (none
+    /// reachable, no leader yet), backing off up to 800 ms between tries:
+    /// 15s by default; 0 makes one attempt, for a script that polls.
+    #[arg(long, env = "IDEMKV_RETRY_FOR", global = true, value_parser = parse_duration_ms)]
+    pub retry_for: Option<u64>,
     #[command(flatten)]
     pub conn: super::ClientConnArgs,
     #[command(subcommand)]
@@ -295,7 +300,10 @@ fn record_text(r: &api::Record) -> String {
 
 /// Run one ctl command; returns the process exit code.
 pub async fn run(a: CtlArgs) -> anyhow::Result<i32> {
-    let opts = a.conn.options()?;
+    let mut opts = a.conn.options()?;
+    if let Some(ms) = a.retry_for {
+        opts.retry_for = std::time::Duration::from_millis(ms);
+    }
     let client = Client::with_options(a.endpoints.split(','), opts)?;
     match exec(&client, a.op).await {
         Ok((human, value)) => {
