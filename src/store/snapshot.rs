@@ -153,20 +153,43 @@ pub fn check_received(file: &mut File, label: &str) -> io::Result<SnapshotMeta> 
     Ok(header.meta)
 }
 
+/// The snapshot files in `dir`, oldest first.
+fn snapshot_files_in(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| at_path(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(PREFIX) && n.ends_with(".bin"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Check the newest snapshot file of `dir` whole on a thread of its own,
+/// so that opening a store reads it while it scans the records (reading a
+/// snapshot of a million records is about half a second). The thread
+/// yields the file's path if it passed; [`StateMachineStore::recover_snapshots`]
+/// takes that as checked. Any doubt (no thread, an error, a file that
+/// failed) yields `None`, and the check runs again there, as before.
+pub(super) fn check_newest_meanwhile(
+    dir: &Path,
+) -> Option<std::thread::JoinHandle<Option<PathBuf>>> {
+    let dir = dir.to_path_buf();
+    std::thread::Builder::new()
+        .name("idemkv-snapcheck".into())
+        .spawn(move || {
+            let newest = snapshot_files_in(&dir).ok()?.pop()?;
+            verify(&newest).ok().map(|_| newest)
+        })
+        .ok()
+}
+
 impl StateMachineStore {
     fn snapshot_files(&self) -> io::Result<Vec<PathBuf>> {
-        let dir = &self.shared.snapshot_dir;
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| at_path(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(PREFIX) && n.ends_with(".bin"))
-            })
-            .collect();
-        files.sort();
-        Ok(files)
+        snapshot_files_in(&self.shared.snapshot_dir)
     }
 
     /// Keep only the newest snapshot file (open handles stay readable).
@@ -236,8 +259,9 @@ impl StateMachineStore {
 
     /// At open: drop temp files of an interrupted build or install, finish
     /// an in-place install that an earlier version left half-done, and check
-    /// the newest snapshot once.
-    pub(super) fn recover_snapshots(&self) -> io::Result<()> {
+    /// the newest snapshot once (`checked`: a file [`check_newest_meanwhile`]
+    /// found whole).
+    pub(super) fn recover_snapshots(&self, checked: Option<PathBuf>) -> io::Result<()> {
         let dir = &self.shared.snapshot_dir;
         for e in std::fs::read_dir(dir).map_err(|e| at_path(dir, e))? {
             let p = e?.path();
@@ -249,6 +273,10 @@ impl StateMachineStore {
             let path = dir.join(String::from_utf8_lossy(&name).as_ref());
             tracing::warn!(path = %path.display(), "finishing a snapshot install an earlier version left half-done");
             self.install_file(&path, &path, None, true)?;
+        } else if let Some(path) = checked {
+            // Nothing has touched the snapshot files since it was checked:
+            // only this opening store writes them, and it has not yet.
+            self.set_verified(Some(path));
         }
         let _ = self.current_snapshot()?;
         Ok(())

@@ -321,6 +321,7 @@ impl StateMachineStore {
             None => TREES[0],
         };
         let tree = db.open_tree(active).map_err(sled_err)?;
+        let snapshot_check = super::snapshot::check_newest_meanwhile(&snapshot_dir);
         let filter = KeyFilter::new();
         let mut expiring = Vec::new();
         let mut data_bytes = 0;
@@ -382,7 +383,8 @@ impl StateMachineStore {
                 hashes: std::sync::Mutex::new(std::collections::VecDeque::new()),
             }),
         };
-        sm.recover_snapshots()?;
+        let checked = snapshot_check.and_then(|h| h.join().ok().flatten());
+        sm.recover_snapshots(checked)?;
         let applied = sm.applied_log_id()?.map_or(0, |l| l.index());
         sm.shared.applied.send_replace(applied);
         Ok(sm)
