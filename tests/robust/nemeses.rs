@@ -1001,23 +1001,8 @@ async fn voters(api: &[String]) -> Option<Vec<u64>> {
 async fn settled_leader(api: &[String], within: Duration) -> usize {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
-        let mut all = Vec::new();
-        for a in api {
-            all.push(status(a).await);
-        }
-        let lead = all
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
-            .find(|(_, s)| s.role == "leader");
-        if let Some((i, lead)) = lead {
-            let agreed = all.iter().all(|s| {
-                s.as_ref()
-                    .is_some_and(|s| s.term == lead.term && s.leader_id == Some(lead.id))
-            });
-            if agreed {
-                return i;
-            }
+        if let Some(l) = crate::rig::leader_followed_by(api, api.len()).await {
+            return l;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -190,12 +190,18 @@ pub fn run(prog: &str, args: &[&str]) {
     );
 }
 
-/// The node that says it leads, if one answers within half a second.
 /// The node a majority of the cluster follows as leader now, if any. A
 /// node that says it leads is not enough: one cut off from the others keeps
 /// saying so after they elected another (a nemesis aimed at such a stale
 /// leader once cut a path no packet used, and proved nothing).
 pub async fn leader(api: &[String]) -> Option<usize> {
+    leader_followed_by(api, api.len() / 2 + 1).await
+}
+
+/// The node that says it leads in the highest term, if at least `need`
+/// nodes (itself included) answer within half a second and follow it in
+/// that term.
+pub async fn leader_followed_by(api: &[String], need: usize) -> Option<usize> {
     let opts = ClientOptions {
         request_timeout: Duration::from_millis(500),
         retry_for: Duration::ZERO,
@@ -217,7 +223,7 @@ pub async fn leader(api: &[String]) -> Option<usize> {
         .flatten()
         .filter(|s| s.term == lead.term && s.leader_id == Some(lead.id))
         .count();
-    (following > api.len() / 2).then_some(i)
+    (following >= need).then_some(i)
 }
 
 pub async fn wait_leader(api: &[String], within: Duration) -> usize {
