@@ -5,7 +5,9 @@ mod cli;
 /// leaves the choice to its users). Under load glibc spent about a fifth
 /// of the leader's CPU in `_int_malloc`, `malloc_consolidate` and their
 /// kin: sled builds and drops a node version per insert, and h2 mixes
-/// small frees with large buffers. Measured in BENCHMARKS.md.
+/// small frees with large buffers. Measured in BENCHMARKS.md. Without the
+/// `mimalloc` feature (a default one) the binary keeps the system's.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -814,3 +814,27 @@ async fn status(client: &Client) -> (String, Value) {
         json!({"healthy": healthy, "problems": problems, "nodes": nodes, "members": members}),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `--retry-for`'s help repeats the client's defaults (how long a call
+    /// keeps trying, the longest pause between tries); a change to
+    /// `ClientOptions::default()` must change the help with it.
+    #[test]
+    fn retry_for_help_names_the_clients_defaults() {
+        #[derive(clap::Parser)]
+        struct Ctl {
+            #[command(flatten)]
+            args: CtlArgs,
+        }
+        let help = Ctl::command().render_long_help().to_string();
+        let d = idemkv::client::ClientOptions::default();
+        let window = format!("{}s by default", d.retry_for.as_secs());
+        let pause = format!("up to {} ms", d.backoff_max.as_millis());
+        assert!(help.contains(&window), "help lacks {window:?}:\n{help}");
+        assert!(help.contains(&pause), "help lacks {pause:?}:\n{help}");
+    }
+}
