@@ -643,6 +643,56 @@ async fn a_follower_forwards_concurrent_writes_in_shared_calls() {
     c.shutdown().await;
 }
 
+/// A follower's linearizable reads reach the leader many per read-index
+/// call once they come faster than the leader answers, and each still sees
+/// every write acknowledged before it began: 40 writers each claim and
+/// complete a fresh key through the leader and, once the complete is
+/// acknowledged, read the key back through a follower; ten keys each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_shares_read_index_calls_and_its_reads_see_every_acknowledged_write() {
+    let c = TestCluster::start(3).await;
+    let leader = c.wait_leader(Duration::from_secs(5)).await;
+    let follower = (1..=3u64).find(|id| *id != leader).unwrap();
+    let before = c.node(follower).consensus().read_forward_calls();
+    let (writer, reader) = (c.client_of(leader), c.client_of(follower));
+    let tasks: Vec<_> = (0..40usize)
+        .map(|w| {
+            let (writer, reader) = (writer.clone(), reader.clone());
+            tokio::spawn(async move {
+                for round in 0..10 {
+                    let key = format!("w{w}-{round}");
+                    let claim = claim_req("lin", &key, &format!("w{w}"), 60_000);
+                    let a = acquired(writer.claim(claim).await.unwrap());
+                    let result = format!("r{w}-{round}");
+                    writer
+                        .complete(complete_req("lin", &key, a.token, &result))
+                        .await
+                        .unwrap();
+                    let rec = reader
+                        .get(get_req("lin", &key))
+                        .await
+                        .unwrap()
+                        .unwrap_or_else(|| panic!("{key}: acknowledged, but not found"));
+                    assert_eq!(
+                        (rec.state, rec.result),
+                        (api::RecordState::Completed as i32, result.into_bytes()),
+                        "{key}: a linearizable read at the follower missed the acknowledged complete"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let calls = c.node(follower).consensus().read_forward_calls() - before;
+    assert!(
+        calls > 0 && calls < 300,
+        "400 linearizable reads at a follower took {calls} read-index calls to the leader"
+    );
+    c.shutdown().await;
+}
+
 /// Concurrent writes share log entries on the leader (coalescing), and each
 /// keeps its own outcome and its own token: 300 claims of distinct keys and
 /// 40 racing claims of one key, sent at once through every node.
