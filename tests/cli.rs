@@ -499,3 +499,29 @@ fn ctl_retry_for_sets_how_long_a_call_keeps_trying() {
         "--retry-for 3s gave up after {window:?}: {err}"
     );
 }
+
+/// A reader that stops early (`idemkv ctl status | head -1`) is no error:
+/// ctl's output is dropped, it does not panic, and it exits as it would
+/// have: 1 here, as no node answers.
+#[test]
+fn ctl_output_to_a_reader_that_went_away_is_not_a_panic() {
+    let port = procs::free_ports(1)[0];
+    let mut child = Command::new(BIN)
+        .arg("ctl")
+        .args(["--endpoints", &format!("127.0.0.1:{port}")])
+        .args(["--retry-for", "0", "status"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run idemkv ctl");
+    // The reader goes away before ctl has written anything.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait for idemkv ctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "`ctl status` of an unreachable cluster must exit 1, its output unread: {err}"
+    );
+}

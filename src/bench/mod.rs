@@ -520,9 +520,9 @@ fn progress_bar(
 pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
     let report = bench(&a).await?;
     if a.json {
-        println!("{}", serde_json::to_string(&report)?);
+        print_line(format_args!("{}", serde_json::to_string(&report)?));
     } else {
-        println!("{}", report.human());
+        print_line(format_args!("{}", report.human()));
     }
     Ok(report.exit_code())
 }
@@ -568,6 +568,24 @@ impl ClientConnArgs {
 }
 
 /// Parse a duration such as `30s`, `250ms`, `24h`, or a bare number of ms.
+/// Write one line to standard output, as `println!` does, except that a
+/// reader that went away (`idemkv ctl status | head -1`, a log pipe that
+/// closed) is not a failure: the line is dropped and the command goes on,
+/// and exits as it would have. `println!` panics there; a long-running
+/// `idemkv up` would stop its whole cluster over a line of output. Any
+/// other failure to write (a full disk under a redirect) still panics, as
+/// `println!` does, so no output is lost silently.
+pub fn print_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}") {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            panic!("failed printing to stdout: {e}")
+        }
+        _ => {}
+    }
+}
+
 pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
     if let Ok(ms) = s.parse::<u64>() {
         return Ok(ms);

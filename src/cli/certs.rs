@@ -110,7 +110,7 @@ pub fn generate(a: &CertsArgs) -> anyhow::Result<()> {
 
 pub fn run(a: CertsArgs) -> anyhow::Result<()> {
     generate(&a)?;
-    println!(
+    say!(
         "wrote ca.pem, ca-key.pem, node-1..{n}.pem (+ -key.pem) for {hosts}, client.pem, \
          client-key.pem to {dir}",
         n = a.nodes,

@@ -308,9 +308,9 @@ pub async fn run(a: CtlArgs) -> anyhow::Result<i32> {
     match exec(&client, a.op).await {
         Ok((human, value)) => {
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                say!("{}", serde_json::to_string_pretty(&value)?);
             } else {
-                println!("{human}");
+                say!("{human}");
             }
             // Only `status` and `check` say `healthy`; a degraded cluster
             // or a failed check exits 1.

@@ -304,16 +304,18 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
     let addr = listener.local_addr()?;
-    println!(
+    say!(
         "idemkv gateway on http://{addr} -> {} (records in namespace {:?} at {})",
-        cfg.upstream, a.namespace, a.endpoints
+        cfg.upstream,
+        a.namespace,
+        a.endpoints
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     if let Some(m) = &a.metrics_listen {
         let l = tokio::net::TcpListener::bind(m)
             .await
             .with_context(|| format!("cannot listen on {m} for metrics"))?;
-        println!(
+        say!(
             "idemkv gateway: metrics on http://{}/metrics",
             l.local_addr()?
         );

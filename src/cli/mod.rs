@@ -5,6 +5,14 @@
 //! the library (`idemkv::…`) has no clap or anyhow in its API, except the
 //! bench tool's arguments, which its tests drive.
 
+/// `println!` for the commands' output: a reader that went away is not
+/// an error ([`idemkv::bench::print_line`]).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        idemkv::bench::print_line(format_args!($($arg)*))
+    };
+}
+
 pub mod certs;
 pub mod ctl;
 pub mod gateway;

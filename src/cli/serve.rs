@@ -122,12 +122,14 @@ pub async fn run(args: ServeArgs, given: BTreeSet<String>) -> anyhow::Result<()>
             tracing::info!("cluster initialised");
         }
     }
-    println!(
+    say!(
         "idemkv node {} serving clients on {} (peers on {})",
-        node.id, node.api_addr, node.peer_addr
+        node.id,
+        node.api_addr,
+        node.peer_addr
     );
     if let Some(m) = node.metrics_addr {
-        println!("idemkv node {}: metrics on http://{m}/metrics", node.id);
+        say!("idemkv node {}: metrics on http://{m}/metrics", node.id);
     }
     let reload = reload_on_sighup(&node);
     tokio::select! {

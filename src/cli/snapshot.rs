@@ -55,9 +55,9 @@ pub fn run(a: SnapshotArgs) -> anyhow::Result<i32> {
             if json {
                 let mut v = serde_json::to_value(&i)?;
                 v["checksum_valid"] = serde_json::Value::Bool(true);
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                say!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!(
+                say!(
                     "{}: entry {} (index {}, term {}), {} records ({} in progress, {} available, {} completed, {} failed), last token {}, {} bytes, checksums valid",
                     file.display(),
                     i.last_log_id,
@@ -133,7 +133,7 @@ fn restore(file: &Path, layout: &UpArgs, peers: Option<&str>) -> anyhow::Result<
             made.push(dir);
         }
     }
-    println!(
+    say!(
         "RESTORED {} into {}: {} nodes, {} records ({} completed), entry {}, last token {}",
         file.display(),
         layout.dir.display(),
@@ -145,9 +145,9 @@ fn restore(file: &Path, layout: &UpArgs, peers: Option<&str>) -> anyhow::Result<
     );
     if peers.is_some() {
         let list = peers.unwrap_or_default();
-        println!("start each node on its host with its data directory:");
+        say!("start each node on its host with its data directory:");
         for (id, m) in &members {
-            println!(
+            say!(
                 "  idemkv serve --id {id} --listen {} --peer-listen {} --data-dir {} --peers {list}",
                 m.api_addr,
                 m.raft_addr,
@@ -155,7 +155,7 @@ fn restore(file: &Path, layout: &UpArgs, peers: Option<&str>) -> anyhow::Result<
             );
         }
     } else {
-        println!(
+        say!(
             "start it with: idemkv up --dir {} --nodes {} --host {} --api-port {} --peer-port {}",
             layout.dir.display(),
             layout.nodes,

@@ -185,7 +185,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             a.dir.display()
         );
     }
-    println!(
+    say!(
         "idemkv: {}-node cluster is up (data in {})",
         a.nodes,
         a.dir.display()
@@ -194,15 +194,15 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     for (i, ep) in endpoints.iter().enumerate() {
         let id = i as u64 + 1;
         let pid = now.get(&id).copied().flatten();
-        println!(
+        say!(
             "  node {id}  {ep}  pid {}  log: {}",
             pid.map_or("-".to_string(), |p| p.to_string()),
             specs[i].log.display()
         );
     }
-    println!("endpoints: {}", endpoints.join(","));
-    println!("try:   idemkv ctl claim orders o-1 --owner w1 --lease 30s");
-    println!("A node that exits is restarted on its data; Ctrl-C stops the cluster.");
+    say!("endpoints: {}", endpoints.join(","));
+    say!("try:   idemkv ctl claim orders o-1 --owner w1 --lease 30s");
+    say!("A node that exits is restarted on its data; Ctrl-C stops the cluster.");
     let mut given_up = 0;
     let all_gave_up = loop {
         tokio::select! {
@@ -225,7 +225,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             a.dir.display()
         );
     }
-    println!("idemkv: cluster stopped");
+    say!("idemkv: cluster stopped");
     Ok(())
 }
 
@@ -268,20 +268,20 @@ async fn supervise(
             quick_exits += 1;
         }
         if quick_exits >= GIVE_UP_AFTER {
-            println!(
+            say!(
                 "node {id} exited ({status}) {quick_exits} times in a row within {}s of starting; \
                  not restarting it. Last lines of {}:",
                 STABLE_AFTER.as_secs(),
                 spec.log.display()
             );
             for line in tail(&spec.log, TAIL_LINES) {
-                println!("  | {line}");
+                say!("  | {line}");
             }
-            println!("node {id} is left down; the others keep serving");
+            say!("node {id} is left down; the others keep serving");
             let _ = gave_up.send(id);
             return;
         }
-        println!(
+        say!(
             "node {id} exited ({status}) after {:.1}s; restarting it in {} ms on its data",
             ran.as_secs_f64(),
             backoff.as_millis()
@@ -294,12 +294,12 @@ async fn supervise(
         child = match spec.spawn() {
             Ok(c) => c,
             Err(e) => {
-                println!("node {id} could not be restarted: {e:#}");
+                say!("node {id} could not be restarted: {e:#}");
                 let _ = gave_up.send(id);
                 return;
             }
         };
-        println!(
+        say!(
             "node {id} restarted (pid {})",
             child.id().map_or("?".to_string(), |p| p.to_string())
         );
