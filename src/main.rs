@@ -51,5 +51,13 @@ fn main() {
             1
         }
     };
+    // A command that succeeded but could not deliver its output (its
+    // reader went away) must not look like a success to `set -o pipefail`:
+    // 141 is what a shell reports for a command a closed pipe stopped.
+    let code = if code == 0 && idemkv::bench::output_lost() {
+        141
+    } else {
+        code
+    };
     std::process::exit(code);
 }

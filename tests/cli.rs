@@ -500,28 +500,45 @@ fn ctl_retry_for_sets_how_long_a_call_keeps_trying() {
     );
 }
 
-/// A reader that stops early (`idemkv ctl status | head -1`) is no error:
-/// ctl's output is dropped, it does not panic, and it exits as it would
-/// have: 1 here, as no node answers.
+/// A reader that stops early (`idemkv ctl status | head -1`) does not
+/// make a command panic: its output is dropped, a failure keeps its exit
+/// code (`ctl status` of an unreachable cluster: 1), and a success that
+/// could not deliver its output exits 141, as a command a closed pipe
+/// stopped would (`bench` against the in-process floor).
 #[test]
-fn ctl_output_to_a_reader_that_went_away_is_not_a_panic() {
-    let port = procs::free_ports(1)[0];
-    let mut child = Command::new(BIN)
-        .arg("ctl")
-        .args(["--endpoints", &format!("127.0.0.1:{port}")])
-        .args(["--retry-for", "0", "status"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run idemkv ctl");
-    // The reader goes away before ctl has written anything.
-    drop(child.stdout.take());
-    let out = child.wait_with_output().expect("wait for idemkv ctl");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "`ctl status` of an unreachable cluster must exit 1, its output unread: {err}"
-    );
+fn output_to_a_reader_that_went_away_is_not_a_panic() {
+    let unread = |args: &[&str]| {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run idemkv");
+        // The reader goes away before the command has written anything.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait for idemkv");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        (out.status.code(), err)
+    };
+    let endpoint = format!("127.0.0.1:{}", procs::free_ports(1)[0]);
+    let (code, err) = unread(&[
+        "ctl",
+        "--endpoints",
+        &endpoint,
+        "--retry-for",
+        "0",
+        "status",
+    ]);
+    assert_eq!(code, Some(1), "ctl status, unreachable: {err}");
+    let (code, err) = unread(&[
+        "bench",
+        "--target",
+        "floor",
+        "--ops",
+        "50",
+        "--clients",
+        "2",
+    ]);
+    assert_eq!(code, Some(141), "bench, its report unread: {err}");
 }

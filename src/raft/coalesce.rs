@@ -307,6 +307,63 @@ mod tests {
         assert_eq!(c.submit(7).await, Some(14));
     }
 
+    /// Replies to each item with the moment its send began, on a counter
+    /// that each submission also advances.
+    #[derive(Default)]
+    struct Stamper {
+        clock: AtomicUsize,
+        sends: AtomicUsize,
+    }
+
+    impl Sink for Stamper {
+        type Item = usize;
+        type Reply = usize;
+        fn weight(_: &usize) -> usize {
+            0
+        }
+        async fn send(&self, items: Vec<usize>) -> Vec<usize> {
+            let began = self.clock.fetch_add(1, Ordering::SeqCst);
+            self.sends.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            vec![began; items.len()]
+        }
+        fn lost() -> usize {
+            0
+        }
+    }
+
+    /// What a follower's shared read-index calls rest on: an item never
+    /// joins a send that began before it was submitted. 200 items, one
+    /// every 0.25 ms, over 5 ms sends, one at a time.
+    #[tokio::test(start_paused = true)]
+    async fn an_item_never_joins_a_send_already_under_way() {
+        let limits = Limits {
+            in_flight: 1,
+            items: usize::MAX,
+            weight: usize::MAX,
+        };
+        let c = Coalescer::new(Stamper::default(), limits);
+        let calls: Vec<_> = (0..200u64)
+            .map(|i| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_micros(250 * i)).await;
+                    let submitted = c.sink().clock.fetch_add(1, Ordering::SeqCst);
+                    (submitted, c.submit(submitted).await)
+                })
+            })
+            .collect();
+        for call in calls {
+            let (submitted, began) = call.await.unwrap();
+            assert!(
+                began > submitted,
+                "an item submitted at {submitted} went in a send begun at {began}"
+            );
+        }
+        let sends = c.sink().sends.load(Ordering::Relaxed);
+        assert!(sends < 100, "200 items took {sends} sends");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn items_submitted_together_go_in_one_send_busy_line_or_idle() {
         let c = doubler(2);

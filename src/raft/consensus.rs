@@ -265,7 +265,8 @@ impl Consensus {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Calls this node made to ask the leader for a read index.
+    /// Calls this node made, or tried to make (no leader known), to ask
+    /// the leader for a read index.
     pub fn read_forward_calls(&self) -> u64 {
         self.read_forward_calls
             .load(std::sync::atomic::Ordering::Relaxed)
@@ -410,6 +411,12 @@ impl Consensus {
 
     /// Ask the leader known now for a read index, in one call.
     async fn forward_read_index(&self) -> ForwardReply {
+        if self.raft.is_leader() {
+            // This node took office while the reads queued: it confirms
+            // them itself, with a round that starts after all of them
+            // arrived.
+            return self.answer(self.read_index_local().await.map(ForwardReply::ReadIndex));
+        }
         self.read_forward_calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.forward(self.leader(), Forwarded::ReadIndex)
@@ -1127,6 +1134,7 @@ impl Sink for ReadForwards {
 fn failed_forward(e: Error) -> ForwardReply {
     match e {
         Error::Unavailable(m) => ForwardReply::Unavailable(m),
+        Error::Internal(m) => ForwardReply::Internal(m),
         e => ForwardReply::Internal(e.to_string()),
     }
 }
