@@ -25,7 +25,9 @@
 //!
 //! Beside them: [`client`] (the Rust client: endpoints, leader discovery,
 //! safe retries, `run_once`) uses only `wire`, `pb` and `tls`; [`bench`]
-//! (the load tool behind `idemkv bench`) only the client; [`gateway`] (the
+//! (the load tool behind `idemkv bench`) only the client and [`out`] (the
+//! commands' output lines, which a closed pipe does not turn into a panic;
+//! a leaf, shared with the binary); [`gateway`] (the
 //! HTTP Idempotency-Key proxy) the client, `metrics` and `codec`. The command
 //! line is the `idemkv` binary's own (`src/main.rs`, `src/cli/`).
 //!
@@ -33,6 +35,7 @@
 //! `server` (a node, and the binary) and `bench` are on by default;
 //! `--no-default-features --features client` builds the client alone.
 pub mod client;
+pub mod out;
 pub mod pb;
 pub mod tls;
 pub mod wire;

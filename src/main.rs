@@ -40,21 +40,23 @@ fn main() {
     let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("idemkv: cannot start the async runtime: {e}");
+            idemkv::out::print_error_line(format_args!(
+                "idemkv: cannot start the async runtime: {e}"
+            ));
             std::process::exit(2);
         }
     };
     let code = match runtime.block_on(cli::run(cli, &matches)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("idemkv: {e:#}");
+            idemkv::out::print_error_line(format_args!("idemkv: {e:#}"));
             1
         }
     };
     // A command that succeeded but could not deliver its output (its
     // reader went away) must not look like a success to `set -o pipefail`:
     // 141 is what a shell reports for a command a closed pipe stopped.
-    let code = if code == 0 && idemkv::bench::output_lost() {
+    let code = if code == 0 && idemkv::out::output_lost() {
         141
     } else {
         code

@@ -103,8 +103,7 @@ async fn every_workload_holds_its_checks_against_idemkv() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_follower_endpoint_is_loaded_as_given_without_leader_discovery() {
     let c = TestCluster::start(3).await;
-    let leader = c.wait_leader(Duration::from_secs(10)).await;
-    let follower = (1..=3u64).find(|id| *id != leader).unwrap();
+    let (_, follower) = c.leader_and_follower(Duration::from_secs(10)).await;
     let at = c.members[&follower].api_addr.clone();
     let before = c.node(follower).consensus().forward_calls();
     let mut a = args("idemkv", &at, "claim", &[]);

@@ -504,41 +504,77 @@ fn ctl_retry_for_sets_how_long_a_call_keeps_trying() {
 /// make a command panic: its output is dropped, a failure keeps its exit
 /// code (`ctl status` of an unreachable cluster: 1), and a success that
 /// could not deliver its output exits 141, as a command a closed pipe
-/// stopped would (`bench` against the in-process floor).
+/// stopped would (`bench` against the in-process floor). The same holds
+/// when the errors' reader went away too (`idemkv ctl … 2>&1 | head -1`):
+/// the error line is dropped and the exit code is the error's, not a
+/// panic's 101.
 #[test]
 fn output_to_a_reader_that_went_away_is_not_a_panic() {
-    let unread = |args: &[&str]| {
+    let unread = |args: &[&str], stderr_too: bool| {
         let mut child = Command::new(BIN)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("run idemkv");
-        // The reader goes away before the command has written anything.
+        // The readers go away before the command has written anything.
         drop(child.stdout.take());
+        if stderr_too {
+            drop(child.stderr.take());
+        }
         let out = child.wait_with_output().expect("wait for idemkv");
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         (out.status.code(), err)
     };
     let endpoint = format!("127.0.0.1:{}", procs::free_ports(1)[0]);
-    let (code, err) = unread(&[
+    let status = [
         "ctl",
         "--endpoints",
         &endpoint,
         "--retry-for",
         "0",
         "status",
-    ]);
+    ];
+    let (code, err) = unread(&status, false);
     assert_eq!(code, Some(1), "ctl status, unreachable: {err}");
-    let (code, err) = unread(&[
-        "bench",
-        "--target",
-        "floor",
-        "--ops",
-        "50",
-        "--clients",
-        "2",
-    ]);
+    let (code, _) = unread(&status, true);
+    assert_eq!(
+        code,
+        Some(1),
+        "ctl status, unreachable, its errors unread too (101 is a panic)"
+    );
+    let get = [
+        "ctl",
+        "--endpoints",
+        &endpoint,
+        "--retry-for",
+        "0",
+        "get",
+        "orders",
+        "o-1",
+    ];
+    let (code, err) = unread(&get, false);
+    assert!(
+        matches!(code, Some(c) if c != 0 && c != 101),
+        "ctl get, unreachable: {code:?}: {err}"
+    );
+    let (code_unread, _) = unread(&get, true);
+    assert_eq!(
+        code_unread, code,
+        "ctl get, unreachable, its errors unread too: the error's exit code, not a panic's (101)"
+    );
+    let (code, err) = unread(
+        &[
+            "bench",
+            "--target",
+            "floor",
+            "--ops",
+            "50",
+            "--clients",
+            "2",
+        ],
+        false,
+    );
     assert_eq!(code, Some(141), "bench, its report unread: {err}");
 }

@@ -10,8 +10,7 @@ use inproc::{acquired, claim_req, TestCluster};
 async fn a_claim_on_one_node_is_seen_from_every_node() {
     let c = TestCluster::start(3).await;
     // Ask a follower, which forwards to the leader.
-    let leader = c.wait_leader(Duration::from_secs(5)).await;
-    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    let (_, follower) = c.leader_and_follower(Duration::from_secs(5)).await;
     let a = acquired(
         c.client_of(follower)
             .claim(claim_req("orders", "o-1", "w1", 30_000))
@@ -600,8 +599,7 @@ async fn claims_that_change_nothing_add_no_log_entries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_forwards_concurrent_writes_in_shared_calls() {
     let c = TestCluster::start(3).await;
-    let leader = c.wait_leader(Duration::from_secs(5)).await;
-    let follower = (1..=3u64).find(|id| *id != leader).unwrap();
+    let (_, follower) = c.leader_and_follower(Duration::from_secs(5)).await;
     let before = c.node(follower).consensus().forward_calls();
     let client = c.client_of(follower);
     let calls: Vec<_> = (0..300usize)
@@ -651,8 +649,7 @@ async fn a_follower_forwards_concurrent_writes_in_shared_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_shares_read_index_calls_and_its_reads_see_every_acknowledged_write() {
     let c = TestCluster::start(3).await;
-    let leader = c.wait_leader(Duration::from_secs(5)).await;
-    let follower = (1..=3u64).find(|id| *id != leader).unwrap();
+    let (leader, follower) = c.leader_and_follower(Duration::from_secs(5)).await;
     let before = c.node(follower).consensus().read_forward_calls();
     let (writer, reader) = (c.client_of(leader), c.client_of(follower));
     let tasks: Vec<_> = (0..40usize)

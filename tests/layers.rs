@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 /// rest of `raft` above it.
 fn layer(module: &str) -> Option<u32> {
     Some(match module {
-        "wire" | "pb" | "tls" | "metrics" | "codec" | "clock" => 0,
+        "wire" | "pb" | "tls" | "metrics" | "codec" | "clock" | "out" => 0,
         "record" => 1,
         "error" | "raft::types" | "config" => 2,
         "auth" | "caps" | "settings" => 3,
@@ -28,7 +28,7 @@ fn layer(module: &str) -> Option<u32> {
 fn side_module_may_use(module: &str) -> Option<&'static [&'static str]> {
     match module {
         "client" => Some(&["wire", "pb", "tls"]),
-        "bench" => Some(&["client", "wire", "pb", "tls"]),
+        "bench" => Some(&["client", "wire", "pb", "tls", "out"]),
         "gateway" => Some(&["client", "wire", "pb", "tls", "metrics", "codec"]),
         _ => None,
     }

@@ -156,8 +156,7 @@ async fn tokens_are_per_grant_and_increase_across_leaders_restarts_and_snapshots
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_before_the_first_grant_mints_the_same_tokens() {
     let mut c = TestCluster::start(3).await;
-    let leader = c.wait_leader(Duration::from_secs(10)).await;
-    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    let (leader, follower) = c.leader_and_follower(Duration::from_secs(10)).await;
     // It has applied the leader's first entries, and restarts before any grant.
     let want = c.node(leader).consensus().status().applied_index;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

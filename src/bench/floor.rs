@@ -452,7 +452,7 @@ pub fn start(followers: Option<&std::path::Path>) -> anyhow::Result<Started> {
             rt.block_on(async move {
                 tokio::select! {
                     served = serve => if let Err(e) = served {
-                        eprintln!("floor: {e}");
+                        crate::out::print_error_line(format_args!("floor: {e}"));
                     },
                     // The run is over (the sender was dropped).
                     _ = stopped => {}

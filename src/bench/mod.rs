@@ -520,9 +520,9 @@ fn progress_bar(
 pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
     let report = bench(&a).await?;
     if a.json {
-        print_line(format_args!("{}", serde_json::to_string(&report)?));
+        crate::out::print_line(format_args!("{}", serde_json::to_string(&report)?));
     } else {
-        print_line(format_args!("{}", report.human()));
+        crate::out::print_line(format_args!("{}", report.human()));
     }
     Ok(report.exit_code())
 }
@@ -565,32 +565,6 @@ impl ClientConnArgs {
         )
         .map_err(anyhow::Error::msg)
     }
-}
-
-/// Write one line to standard output, as `println!` does, except that a
-/// reader that went away (`idemkv ctl status | head -1`, a log pipe that
-/// closed) does not stop the command: the line is dropped and the command
-/// goes on (`println!` panics there; a long-running `idemkv up` would stop
-/// its whole cluster over a line of output), and [`output_lost`] says so,
-/// for its exit code. Any other failure to write (a full disk under a
-/// redirect) still panics, as `println!` does.
-pub fn print_line(line: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match writeln!(out, "{line}") {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-            OUTPUT_LOST.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        Err(e) => panic!("failed printing to stdout: {e}"),
-    }
-}
-
-static OUTPUT_LOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Whether [`print_line`] dropped a line because its reader went away.
-pub fn output_lost() -> bool {
-    OUTPUT_LOST.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Parse a duration such as `30s`, `250ms`, `24h`, or a bare number of ms.

@@ -219,7 +219,7 @@ pub fn run(a: PlotArgs) -> anyhow::Result<i32> {
     );
     let svg = svg(&lines, &title, &a.subtitle)?;
     std::fs::write(&a.out, svg).with_context(|| format!("writing {}", a.out.display()))?;
-    super::print_line(format_args!("{}", a.out.display()));
+    crate::out::print_line(format_args!("{}", a.out.display()));
     Ok(0)
 }
 

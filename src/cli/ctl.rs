@@ -324,9 +324,9 @@ pub async fn run(a: CtlArgs) -> anyhow::Result<i32> {
             let code = e.code().map(code_name).unwrap_or("ERROR");
             if a.json {
                 let v = json!({"error": code, "reason": e.reason(), "message": e.message()});
-                eprintln!("{}", serde_json::to_string_pretty(&v)?);
+                say_err!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                eprintln!("error: {code}: {}", e.message());
+                say_err!("error: {code}: {}", e.message());
             }
             Ok(1)
         }

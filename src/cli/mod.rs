@@ -6,10 +6,18 @@
 //! bench tool's arguments, which its tests drive.
 
 /// `println!` for the commands' output: a reader that went away is not
-/// an error ([`idemkv::bench::print_line`]).
+/// a panic ([`idemkv::out::print_line`]).
 macro_rules! say {
     ($($arg:tt)*) => {
-        idemkv::bench::print_line(format_args!($($arg)*))
+        idemkv::out::print_line(format_args!($($arg)*))
+    };
+}
+
+/// `eprintln!` for the commands' errors and warnings: a closed standard
+/// error is not a panic ([`idemkv::out::print_error_line`]).
+macro_rules! say_err {
+    ($($arg:tt)*) => {
+        idemkv::out::print_error_line(format_args!($($arg)*))
     };
 }
 

@@ -140,7 +140,7 @@ pub async fn run(args: ServeArgs, given: BTreeSet<String>) -> anyhow::Result<()>
             // must not linger half-alive; its supervisor restarts it from
             // what is durable, like after kill -9.
             tracing::error!(error = %e, "Raft stopped on a fatal error; exiting");
-            eprintln!("idemkv node {}: Raft stopped on a fatal error: {e}", node.id);
+            say_err!("idemkv node {}: Raft stopped on a fatal error: {e}", node.id);
             std::process::exit(2);
         }
     }

@@ -178,7 +178,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         )),
     };
     if let Err(e) = ready {
-        eprintln!("idemkv up: the cluster did not come up: {e:#}");
+        say_err!("idemkv up: the cluster did not come up: {e:#}");
         stop(supervisors).await;
         bail!(
             "cluster did not start; see the node logs in {}",
@@ -335,7 +335,7 @@ async fn stop_child(id: u64, child: &mut Child) {
         .await
         .is_err()
     {
-        eprintln!("node {id} did not stop in 10 s; killing it");
+        say_err!("node {id} did not stop in 10 s; killing it");
         let _ = child.kill().await;
     }
 }

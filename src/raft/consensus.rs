@@ -1163,4 +1163,25 @@ mod stopped {
         let status = crate::error::to_status(e.unwrap_err());
         assert_eq!(status.code(), tonic::Code::Unavailable);
     }
+
+    /// A forward call that failed inside (the leader's reply did not
+    /// decode) reaches the client with the failure's words once: the
+    /// follower passes the message on, not the error's display, which
+    /// would prefix "internal error:" a second time.
+    #[test]
+    fn a_failed_forward_keeps_one_internal_error_prefix() {
+        let e = reply_error(failed_forward(Error::Internal(
+            "the leader's reply did not decode".into(),
+        )));
+        let shown = crate::error::to_status(e).message().to_string();
+        assert_eq!(
+            shown.matches("internal error").count(),
+            1,
+            "the client sees: {shown}"
+        );
+        assert!(shown.contains("did not decode"), "{shown}");
+        // Unavailable stays Unavailable, so a client retries elsewhere.
+        let e = reply_error(failed_forward(Error::Unavailable("no leader".into())));
+        assert_eq!(crate::error::to_status(e).code(), tonic::Code::Unavailable);
+    }
 }

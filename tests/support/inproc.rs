@@ -117,6 +117,19 @@ impl TestCluster {
         }
     }
 
+    /// Wait for a leader (as [`Self::wait_leader`]); the leader and the
+    /// lowest-numbered running node that follows it.
+    pub async fn leader_and_follower(&self, within: Duration) -> (u64, u64) {
+        let leader = self.wait_leader(within).await;
+        let follower = self
+            .members
+            .keys()
+            .copied()
+            .find(|id| *id != leader && self.nodes[(*id - 1) as usize].is_some())
+            .expect("a running follower");
+        (leader, follower)
+    }
+
     pub async fn stop(&mut self, id: u64) {
         if let Some(n) = self.nodes[(id - 1) as usize].take() {
             n.shutdown().await;
