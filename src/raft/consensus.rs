@@ -475,13 +475,18 @@ impl Consensus {
         Ok(index)
     }
 
+    /// This node's read index, confirmed by a quorum round; not waited
+    /// for: every caller waits for it to be applied, where it is served
+    /// ([`Self::wait_applied`]). Not openraft's `ensure_linearizable`,
+    /// whose wait for the index woke each waiting read at every turn of
+    /// Raft's loop (its metrics channel), not when this node applies.
     async fn read_index_local(&self) -> Result<u64, Local> {
         if !self.raft.is_leader() {
             return Err(Local::NotLeader(self.leader()));
         }
         let res = tokio::time::timeout(
             self.timeout,
-            self.raft.ensure_linearizable(ReadPolicy::ReadIndex),
+            self.raft.get_read_linearizer(ReadPolicy::ReadIndex),
         )
         .await;
         match res {
@@ -490,7 +495,7 @@ impl Consensus {
                 self.quorum_lost(),
                 self.timeout
             )))),
-            Ok(Ok(read)) => Ok(read.index()),
+            Ok(Ok(read)) => Ok(read.read_log_id().index()),
             Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
                 Err(Local::NotLeader(f.leader_id.zip(f.leader_node)))
             }
@@ -772,14 +777,15 @@ impl Consensus {
     /// Resolves when Raft has stopped on a fatal error (a write the disk
     /// refused, for one), with that error.
     pub async fn fatal(&self) -> String {
-        let mut metrics = self.raft.metrics();
-        loop {
-            if let Err(e) = &metrics.borrow_watched().running_state {
-                return e.to_string();
-            }
-            if metrics.changed().await.is_err() {
-                return "raft stopped".to_string();
-            }
+        // The server metrics change with the role, the vote, the leader or
+        // the members, and close when Raft's core ends; the whole metrics
+        // change at every turn of its loop, and watching them woke this
+        // task thousands of times a second under load.
+        let mut server = self.raft.server_metrics();
+        while server.changed().await.is_ok() {}
+        match &self.raft.metrics().borrow_watched().running_state {
+            Err(e) => e.to_string(),
+            Ok(()) => "raft stopped".to_string(),
         }
     }
 
