@@ -415,7 +415,12 @@ impl Consensus {
             // This node took office while the reads queued: it confirms
             // them itself, with a round that starts after all of them
             // arrived.
-            return self.answer(self.read_index_local().await.map(ForwardReply::ReadIndex));
+            // read_index waits for the index to be applied here.
+            return self.answer(
+                self.read_index_local()
+                    .await
+                    .map(|i| ForwardReply::ReadIndex(i.handed_on())),
+            );
         }
         self.read_forward_calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -464,7 +469,7 @@ impl Consensus {
     /// a clock lease.
     pub async fn read_index(&self) -> Result<u64> {
         let index = match self.read_index_local().await {
-            Ok(i) => return Ok(i),
+            Ok(i) => i.handed_on(),
             Err(Local::Failed(e)) => return Err(e),
             Err(Local::NotLeader(_)) => match self.read_forwards.submit(()).await {
                 ForwardReply::ReadIndex(i) => i,
@@ -480,7 +485,7 @@ impl Consensus {
     /// ([`Self::wait_applied`]). Not openraft's `ensure_linearizable`,
     /// whose wait for the index woke each waiting read at every turn of
     /// Raft's loop (its metrics channel), not when this node applies.
-    async fn read_index_local(&self) -> Result<u64, Local> {
+    async fn read_index_local(&self) -> Result<Unapplied, Local> {
         if !self.raft.is_leader() {
             return Err(Local::NotLeader(self.leader()));
         }
@@ -495,7 +500,7 @@ impl Consensus {
                 self.quorum_lost(),
                 self.timeout
             )))),
-            Ok(Ok(read)) => Ok(read.read_log_id().index()),
+            Ok(Ok(read)) => Ok(Unapplied(read.read_log_id().index())),
             Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
                 Err(Local::NotLeader(f.leader_id.zip(f.leader_node)))
             }
@@ -515,6 +520,12 @@ impl Consensus {
                 Err(Local::Failed(raft_stopped(e)))
             }
         }
+    }
+
+    /// The last index this node's state machine applied: what a local
+    /// read sees.
+    pub fn applied_index(&self) -> u64 {
+        *self.sm.subscribe_applied().borrow()
     }
 
     /// Wait until the local state machine has applied `index`.
@@ -560,7 +571,7 @@ impl Consensus {
         let Ok(index) = self.read_index_local().await else {
             return Ok(None);
         };
-        self.wait_applied(index).await?;
+        self.wait_applied(index.handed_on()).await?;
         Ok(judge(self.sm.get(key)?))
     }
 
@@ -575,9 +586,12 @@ impl Consensus {
     pub async fn serve_forwarded(&self, req: Forwarded) -> ForwardReply {
         match req {
             Forwarded::Write(c) => self.serve_write(c).await,
-            Forwarded::ReadIndex => {
-                self.answer(self.read_index_local().await.map(ForwardReply::ReadIndex))
-            }
+            // The follower waits for the index to be applied there.
+            Forwarded::ReadIndex => self.answer(
+                self.read_index_local()
+                    .await
+                    .map(|i| ForwardReply::ReadIndex(i.handed_on())),
+            ),
             Forwarded::Writes(cs) if cs.len() > propose::MAX_COMMANDS => ForwardReply::Invalid {
                 field: "writes".into(),
                 message: format!(
@@ -1132,6 +1146,21 @@ impl Sink for ReadForwards {
             "this node is stopping; the read index was not asked of the leader; retrying is safe"
                 .into(),
         )
+    }
+}
+
+/// A read index this node's leadership confirmed, which its state machine
+/// may not have applied yet (it applies on a task of its own, behind the
+/// commit the index covers). Only [`Unapplied::handed_on`] opens it, to a
+/// caller that waits for it to be applied where the read is served
+/// ([`Consensus::wait_applied`]): a read that skipped the wait at the
+/// leader could miss an acknowledged write.
+#[must_use = "a read index must be applied where the read is served"]
+struct Unapplied(u64);
+
+impl Unapplied {
+    fn handed_on(self) -> u64 {
+        self.0
     }
 }
 
