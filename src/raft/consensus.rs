@@ -414,13 +414,8 @@ impl Consensus {
         if self.raft.is_leader() {
             // This node took office while the reads queued: it confirms
             // them itself, with a round that starts after all of them
-            // arrived.
-            // read_index waits for the index to be applied here.
-            return self.answer(
-                self.read_index_local()
-                    .await
-                    .map(|i| ForwardReply::ReadIndex(i.handed_on())),
-            );
+            // arrived (read_index waits for it to be applied here).
+            return self.read_index_reply().await;
         }
         self.read_forward_calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -522,6 +517,17 @@ impl Consensus {
         }
     }
 
+    /// This node's read index as a reply to reads that asked for it, who
+    /// wait for it to be applied where they are served (a follower's, or
+    /// this node's own queued reads, in [`Self::read_index`]).
+    async fn read_index_reply(&self) -> ForwardReply {
+        self.answer(
+            self.read_index_local()
+                .await
+                .map(|i| ForwardReply::ReadIndex(i.handed_on())),
+        )
+    }
+
     /// The last index this node's state machine applied: what a local
     /// read sees.
     pub fn applied_index(&self) -> u64 {
@@ -586,12 +592,7 @@ impl Consensus {
     pub async fn serve_forwarded(&self, req: Forwarded) -> ForwardReply {
         match req {
             Forwarded::Write(c) => self.serve_write(c).await,
-            // The follower waits for the index to be applied there.
-            Forwarded::ReadIndex => self.answer(
-                self.read_index_local()
-                    .await
-                    .map(|i| ForwardReply::ReadIndex(i.handed_on())),
-            ),
+            Forwarded::ReadIndex => self.read_index_reply().await,
             Forwarded::Writes(cs) if cs.len() > propose::MAX_COMMANDS => ForwardReply::Invalid {
                 field: "writes".into(),
                 message: format!(
