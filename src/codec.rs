@@ -17,6 +17,14 @@ pub fn encode_into<T: Serialize>(out: &mut Vec<u8>, value: &T) -> io::Result<()>
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+/// The length of `value`'s encoding, counted without building it.
+pub fn encoded_len<T: Serialize>(value: &T) -> io::Result<usize> {
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(value, &mut size, bincode::config::standard())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(size.bytes_written)
+}
+
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
     let (value, _) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
@@ -28,4 +36,34 @@ pub fn decode_borrowed<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> io::Result<T>
     let (value, _) = bincode::serde::borrow_decode_from_slice(bytes, bincode::config::standard())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct Sample {
+        owner: String,
+        token: u64,
+        result: Option<Vec<u8>>,
+        tags: Vec<(String, u32)>,
+    }
+
+    #[test]
+    fn encoded_len_is_the_length_of_the_encoding() {
+        for (owner, token, result) in [
+            ("", 0, None),
+            ("worker-7", 300, Some(vec![1u8; 3])),
+            ("w", u64::MAX, Some(vec![0u8; 70_000])),
+        ] {
+            let v = Sample {
+                owner: owner.into(),
+                token,
+                result,
+                tags: vec![("a".into(), 1), ("bb".into(), 70_000)],
+            };
+            assert_eq!(encoded_len(&v).unwrap(), encode(&v).unwrap().len());
+        }
+    }
 }

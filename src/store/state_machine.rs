@@ -40,7 +40,7 @@ use super::expiry::ExpiryIndex;
 use super::key_filter::KeyFilter;
 use super::keys;
 use crate::clock::{Clock, Instant};
-use crate::codec::{decode, decode_borrowed, encode};
+use crate::codec::{decode, decode_borrowed, encode, encoded_len};
 use crate::raft::types::{
     EntryPayload, LogId, Response, SnapshotMeta, StoredMembership, TypeConfig,
 };
@@ -235,6 +235,15 @@ pub(super) struct Overlay {
     large: bool,
 }
 
+impl Overlay {
+    /// Empty, keeping the maps' room.
+    fn clear(&mut self) {
+        self.writes.clear();
+        self.records.clear();
+        self.large = false;
+    }
+}
+
 /// What one record takes towards the data-size quota: its key twice (the
 /// record, and its expiry index entry with the 8-byte expiry; the index
 /// is in memory now, and still counted) and its stored value.
@@ -252,6 +261,10 @@ const ANCHOR_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 pub(super) struct Layers {
     current: Overlay,
     writing: Option<Arc<Overlay>>,
+    /// The last layer written, emptied, for the next `current`: its maps
+    /// keep their room, so apply does not grow two fresh hash tables to a
+    /// thousand keys (and fault in their memory) after every flush.
+    spare: Option<Overlay>,
 }
 
 impl Layers {
@@ -596,7 +609,7 @@ impl StateMachineStore {
         let expiry = self.shared.tree.expiry();
         if let Some(old) = cur {
             expiry.remove(record::expires_at(old), &rk);
-            p.data_delta -= stored_bytes(&rk, encode(old)?.len()) as i64;
+            p.data_delta -= stored_bytes(&rk, encoded_len(old)?) as i64;
         }
         match change {
             Change::Put(new) => {
@@ -714,16 +727,24 @@ impl StateMachineStore {
     /// writes it, then calls [`Self::written`]).
     fn freeze(&self) -> Arc<Overlay> {
         let mut l = self.overlay_mut();
-        let layer = Arc::new(std::mem::take(&mut l.current));
+        let fresh = l.spare.take().unwrap_or_default();
+        let layer = Arc::new(std::mem::replace(&mut l.current, fresh));
         l.writing = Some(layer.clone());
         layer
     }
 
-    /// `layer` is in sled: readers need not look at it any more.
-    fn written(&self, layer: &Arc<Overlay>) {
-        let mut l = self.overlay_mut();
-        if matches!(&l.writing, Some(w) if Arc::ptr_eq(w, layer)) {
-            l.writing = None;
+    /// `layer` is in sled: readers need not look at it any more, and it
+    /// becomes the spare (emptied here, outside the lock).
+    fn written(&self, layer: Arc<Overlay>) {
+        {
+            let mut l = self.overlay_mut();
+            if matches!(&l.writing, Some(w) if Arc::ptr_eq(w, &layer)) {
+                l.writing = None;
+            }
+        }
+        if let Ok(mut spare) = Arc::try_unwrap(layer) {
+            spare.clear();
+            self.overlay_mut().spare = Some(spare);
         }
     }
 
@@ -754,7 +775,7 @@ impl StateMachineStore {
             .name("idemkv-flush".into())
             .spawn(move || {
                 this.write_layer(&layer)?;
-                this.written(&layer);
+                this.written(layer);
                 Ok(())
             })?;
         *self
@@ -772,7 +793,7 @@ impl StateMachineStore {
         self.finish_flush()?;
         let layer = self.freeze();
         self.write_layer(&layer)?;
-        self.written(&layer);
+        self.written(layer);
         if self.shared.tree.filter().due_for_rebuild() {
             // Drop the keys of removed records; every key is in sled now.
             let fresh = KeyFilter::of_tree(&self.shared.tree.current()).map_err(sled_err)?;
@@ -1081,6 +1102,45 @@ mod tests {
             "the reading went back from {before} to {}",
             sm.now_ms()
         );
+        store.log.close();
+    }
+
+    /// A flush hands the layer it wrote back, emptied, as the next one:
+    /// apply does not grow fresh hash tables to a thousand keys after
+    /// every flush (their growth and page faults were 2.5% of the machine
+    /// at claim@64). Nothing of the written layer may show through it.
+    #[test]
+    fn the_layer_after_a_flush_is_the_last_one_emptied_with_its_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let sm = &store.state_machine;
+        let put = |from: u32, to: u32| {
+            let mut l = sm.overlay_mut();
+            for i in from..to {
+                let k = format!("test-{i}").into_bytes();
+                l.current.writes.insert(k.clone(), Some(vec![1]));
+                l.current.records.insert(k, None);
+            }
+        };
+        put(0, 2000);
+        sm.flush().unwrap();
+        put(2000, 2001);
+        sm.flush().unwrap();
+        let l = sm.overlay();
+        assert!(
+            l.current.writes.capacity() >= 2000 && l.current.records.capacity() >= 2000,
+            "the layer after two flushes has room for {} writes and {} records",
+            l.current.writes.capacity(),
+            l.current.records.capacity()
+        );
+        assert!(l.current.writes.is_empty() && l.current.records.is_empty());
+        assert!(l.value(b"test-5").is_none() && l.record(b"test-2000").is_none());
+        drop(l);
+        assert_eq!(
+            sm.shared.tree.get(b"test-5").unwrap().as_deref(),
+            Some(&[1u8][..])
+        );
+        assert!(sm.shared.tree.get(b"test-2000").unwrap().is_some());
         store.log.close();
     }
 }
