@@ -509,7 +509,7 @@ pub async fn follow() -> anyhow::Result<()> {
     let follower = Follower {
         file: CopyFile::create()?,
     };
-    println!("{}", listener.local_addr()?);
+    crate::out::print_line(format_args!("{}", listener.local_addr()?));
     std::thread::spawn(|| {
         let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
         std::process::exit(0);
