@@ -226,7 +226,8 @@ struct Pending {
 }
 
 /// Applied changes that sled does not hold yet; readers look here first.
-/// Emptied (into one sled batch) only while the apply lock is held.
+/// Handed to a sled batch only while the apply lock is held; a written
+/// layer is emptied afterwards, off that lock, to be used again.
 #[derive(Default)]
 pub(super) struct Overlay {
     writes: Writes,
@@ -236,13 +237,21 @@ pub(super) struct Overlay {
 }
 
 impl Overlay {
-    /// Empty, keeping the maps' room.
+    /// Empty, keeping the maps' room for about [`SPARE_ROOM`] keys (no
+    /// more: one apply call that caught up hundreds of thousands of keys
+    /// must not keep tables that size for good).
     fn clear(&mut self) {
         self.writes.clear();
         self.records.clear();
+        self.writes.shrink_to(SPARE_ROOM);
+        self.records.shrink_to(SPARE_ROOM);
         self.large = false;
     }
 }
+
+/// The room a reused overlay layer keeps: a flush's worth of keys and
+/// some over.
+const SPARE_ROOM: usize = 2 * FLUSH_WRITES;
 
 /// What one record takes towards the data-size quota: its key twice (the
 /// record, and its expiry index entry with the 8-byte expiry; the index
@@ -256,13 +265,13 @@ const ANCHOR_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The overlay: what apply added since the last flush began (`current`),
 /// and what a flush is writing to sled now (`writing`). Readers look at
-/// `current`, then `writing`, then sled.
+/// `current`, then `writing`, then sled; never at `spare`.
 #[derive(Default)]
 pub(super) struct Layers {
     current: Overlay,
     writing: Option<Arc<Overlay>>,
-    /// The last layer written, emptied, for the next `current`: its maps
-    /// keep their room, so apply does not grow two fresh hash tables to a
+    /// A written layer, emptied, for the next `current`: its maps keep
+    /// their room, so apply does not grow two fresh hash tables to a
     /// thousand keys (and fault in their memory) after every flush.
     spare: Option<Overlay>,
 }
@@ -1080,6 +1089,7 @@ impl<'a> BulkWriter<'a> {
 
 #[cfg(test)]
 mod tests {
+    use super::SPARE_ROOM;
     use std::time::Duration;
 
     /// A follower applies the last entries of a leader that stopped only
@@ -1105,12 +1115,14 @@ mod tests {
         store.log.close();
     }
 
-    /// A flush hands the layer it wrote back, emptied, as the next one:
-    /// apply does not grow fresh hash tables to a thousand keys after
-    /// every flush (their growth and page faults were 2.5% of the machine
-    /// at claim@64). Nothing of the written layer may show through it.
+    /// A flush hands a layer it wrote back, emptied, to be a later
+    /// `current`: apply does not grow fresh hash tables to a thousand keys
+    /// after every flush (their growth and page faults were 2.5% of the
+    /// machine at claim@64). Nothing of a written layer may show through,
+    /// and a layer one apply call filled with far more keys than a flush
+    /// (a follower catching up) keeps only a flush's worth of room.
     #[test]
-    fn the_layer_after_a_flush_is_the_last_one_emptied_with_its_room() {
+    fn a_written_layer_is_reused_emptied_with_a_flush_worth_of_room() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(dir.path()).unwrap();
         let sm = &store.state_machine;
@@ -1122,17 +1134,20 @@ mod tests {
                 l.current.records.insert(k, None);
             }
         };
+        let room = || {
+            let l = sm.overlay();
+            (l.current.writes.capacity(), l.current.records.capacity())
+        };
         put(0, 2000);
         sm.flush().unwrap();
         put(2000, 2001);
         sm.flush().unwrap();
-        let l = sm.overlay();
+        let (writes, records) = room();
         assert!(
-            l.current.writes.capacity() >= 2000 && l.current.records.capacity() >= 2000,
-            "the layer after two flushes has room for {} writes and {} records",
-            l.current.writes.capacity(),
-            l.current.records.capacity()
+            writes >= 2000 && records >= 2000,
+            "the layer after two flushes has room for {writes} writes and {records} records"
         );
+        let l = sm.overlay();
         assert!(l.current.writes.is_empty() && l.current.records.is_empty());
         assert!(l.value(b"test-5").is_none() && l.record(b"test-2000").is_none());
         drop(l);
@@ -1141,6 +1156,16 @@ mod tests {
             Some(&[1u8][..])
         );
         assert!(sm.shared.tree.get(b"test-2000").unwrap().is_some());
+
+        // One call's worth of 50,000 keys, then two more flushes.
+        put(10_000, 60_000);
+        sm.flush().unwrap();
+        sm.flush().unwrap();
+        let (writes, records) = room();
+        assert!(
+            writes <= 2 * SPARE_ROOM && records <= 2 * SPARE_ROOM,
+            "after 50,000 keys the reused layer keeps room for {writes} writes and {records} records"
+        );
         store.log.close();
     }
 }
