@@ -227,7 +227,8 @@ struct Pending {
 
 /// Applied changes that sled does not hold yet; readers look here first.
 /// Handed to a sled batch only while the apply lock is held; a written
-/// layer is emptied afterwards, off that lock, to be used again.
+/// layer is emptied afterwards outside the overlay lock (and off the apply
+/// lock when the flush thread wrote it), to be used again.
 #[derive(Default)]
 pub(super) struct Overlay {
     writes: Writes,
@@ -237,9 +238,10 @@ pub(super) struct Overlay {
 }
 
 impl Overlay {
-    /// Empty, keeping the maps' room for about [`SPARE_ROOM`] keys (no
-    /// more: one apply call that caught up hundreds of thousands of keys
-    /// must not keep tables that size for good).
+    /// Empty, keeping the maps' room up to [`SPARE_ROOM`] keys (rounded up
+    /// by the table; a smaller table stays as it is): one apply call that
+    /// caught up hundreds of thousands of keys must not keep tables that
+    /// size for good.
     fn clear(&mut self) {
         self.writes.clear();
         self.records.clear();
@@ -248,10 +250,6 @@ impl Overlay {
         self.large = false;
     }
 }
-
-/// The room a reused overlay layer keeps: a flush's worth of keys and
-/// some over.
-const SPARE_ROOM: usize = 2 * FLUSH_WRITES;
 
 /// What one record takes towards the data-size quota: its key twice (the
 /// record, and its expiry index entry with the 8-byte expiry; the index
@@ -271,8 +269,9 @@ pub(super) struct Layers {
     current: Overlay,
     writing: Option<Arc<Overlay>>,
     /// A written layer, emptied, for the next `current`: its maps keep
-    /// their room, so apply does not grow two fresh hash tables to a
-    /// thousand keys (and fault in their memory) after every flush.
+    /// their room (up to [`SPARE_ROOM`]), so apply does not grow two fresh
+    /// hash tables to a thousand keys (and fault in their memory) after
+    /// every flush.
     spare: Option<Overlay>,
 }
 
@@ -308,6 +307,9 @@ impl Layers {
 /// that was tens of ms and claim p99 went from 12 to 80 ms; at 1,024 it
 /// stays near where it was.
 pub(super) const FLUSH_WRITES: usize = 1024;
+
+/// The most room a reused overlay layer keeps: two flushes' worth of keys.
+const SPARE_ROOM: usize = 2 * FLUSH_WRITES;
 
 /// Values from this size may go to sled blob files (its threshold is a
 /// quarter of a 512 KiB segment), which sled never fsyncs.
@@ -743,7 +745,7 @@ impl StateMachineStore {
     }
 
     /// `layer` is in sled: readers need not look at it any more, and it
-    /// becomes the spare (emptied here, outside the lock).
+    /// becomes the spare (emptied here, outside the overlay lock).
     fn written(&self, layer: Arc<Overlay>) {
         {
             let mut l = self.overlay_mut();
@@ -1120,9 +1122,10 @@ mod tests {
     /// after every flush (their growth and page faults were 2.5% of the
     /// machine at claim@64). Nothing of a written layer may show through,
     /// and a layer one apply call filled with far more keys than a flush
-    /// (a follower catching up) keeps only a flush's worth of room.
+    /// (a follower catching up) keeps room for at most [`SPARE_ROOM`] keys
+    /// as the table rounds it (3,584).
     #[test]
-    fn a_written_layer_is_reused_emptied_with_a_flush_worth_of_room() {
+    fn a_written_layer_is_reused_emptied_with_bounded_room() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(dir.path()).unwrap();
         let sm = &store.state_machine;
