@@ -4,9 +4,13 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io;
 
+/// bincode's encode or decode error, as the I/O error every caller returns.
+fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
 pub fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
-    bincode::serde::encode_to_vec(value, bincode::config::standard())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(invalid)
 }
 
 /// Append `value`'s encoding to `out`: encoding a struct field by field
@@ -14,27 +18,27 @@ pub fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
 pub fn encode_into<T: Serialize>(out: &mut Vec<u8>, value: &T) -> io::Result<()> {
     bincode::serde::encode_into_std_write(value, out, bincode::config::standard())
         .map(|_| ())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        .map_err(invalid)
 }
 
 /// The length of `value`'s encoding, counted without building it.
 pub fn encoded_len<T: Serialize>(value: &T) -> io::Result<usize> {
     let mut size = bincode::enc::write::SizeWriter::default();
     bincode::serde::encode_into_writer(value, &mut size, bincode::config::standard())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        .map_err(invalid)?;
     Ok(size.bytes_written)
 }
 
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
-    let (value, _) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let (value, _) =
+        bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map_err(invalid)?;
     Ok(value)
 }
 
 /// Decode a value that borrows its strings and bytes from `bytes`.
 pub fn decode_borrowed<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> io::Result<T> {
     let (value, _) = bincode::serde::borrow_decode_from_slice(bytes, bincode::config::standard())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        .map_err(invalid)?;
     Ok(value)
 }
 
