@@ -501,7 +501,9 @@ async fn incoming_snapshot_streams_are_bounded_checked_and_one_at_a_time() {
     );
     assert_eq!(listing(), before, "a spool was left behind");
 
-    // One stream held open; a second one meanwhile is turned away.
+    // One stream held open; a second one meanwhile is turned away. The
+    // probe goes only once the node holds the first: sent any earlier, it
+    // could take the gate itself and turn the held stream away instead.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(chunks(1).remove(0)).await.unwrap();
     let mut held = peer.clone();
@@ -509,20 +511,26 @@ async fn incoming_snapshot_streams_are_bounded_checked_and_one_at_a_time() {
         held.install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
     });
-    let mut busy = None;
-    for _ in 0..100 {
-        let e = peer
-            .install_snapshot(tokio_stream::iter(chunks(1)))
-            .await
-            .expect_err("refused either way");
-        if e.code() == tonic::Code::ResourceExhausted {
-            busy = Some(e);
-            break;
+    let node = c.node(1).consensus();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !node.receiving_snapshot() {
+        if first.is_finished() {
+            panic!(
+                "the held stream ended before the node took it: {:?}",
+                first.await
+            );
         }
-        // The held stream had not reached the node yet.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the held stream never reached the node"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let busy = busy.expect("a second stream was never turned away");
+    let busy = peer
+        .install_snapshot(tokio_stream::iter(chunks(1)))
+        .await
+        .expect_err("a second stream is turned away");
+    assert_eq!(busy.code(), tonic::Code::ResourceExhausted, "{busy:?}");
     assert!(busy.message().contains("already receiving"), "{busy:?}");
     drop(tx);
     let held = first

@@ -133,6 +133,9 @@ pub struct Consensus {
     forward_calls: std::sync::atomic::AtomicU64,
     /// Calls that asked the leader for a read index.
     read_forward_calls: std::sync::atomic::AtomicU64,
+    /// Held while a snapshot stream from the leader is received (and
+    /// installed): one at a time per node.
+    snapshot_gate: Arc<tokio::sync::Semaphore>,
     check: CommandCheck,
     /// The data-size quota (bytes of [`StateMachineStore::data_bytes`]):
     /// past it, this node, leading, proposes no claim.
@@ -187,6 +190,7 @@ impl Consensus {
             ),
             forward_calls: Default::default(),
             read_forward_calls: Default::default(),
+            snapshot_gate: Arc::new(tokio::sync::Semaphore::new(1)),
             check,
             quota_bytes,
             rejoin,
@@ -263,6 +267,18 @@ impl Consensus {
     pub fn forward_calls(&self) -> u64 {
         self.forward_calls
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The right to receive a snapshot stream, held until it is installed
+    /// or refused; `None` while another stream holds it.
+    pub(crate) fn receive_snapshot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.snapshot_gate.clone().try_acquire_owned().ok()
+    }
+
+    /// Whether a snapshot stream is being received (spooled, checked or
+    /// installed) right now.
+    pub fn receiving_snapshot(&self) -> bool {
+        self.snapshot_gate.available_permits() == 0
     }
 
     /// Calls this node made, or tried to make (no leader known), to ask

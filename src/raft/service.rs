@@ -34,8 +34,6 @@ pub struct PeerService {
     spool_dir: std::path::PathBuf,
     /// Largest snapshot stream accepted (`peer_max_snapshot_bytes`).
     spool_max: u64,
-    /// One snapshot received (and installed) at a time.
-    spooling: Arc<tokio::sync::Semaphore>,
 }
 
 impl PeerService {
@@ -70,7 +68,6 @@ impl PeerService {
             stop,
             spool_dir,
             spool_max,
-            spooling: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 }
@@ -280,7 +277,7 @@ impl RaftPeer for PeerService {
         req: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<Payload>, Status> {
         self.admission.check(&req).await?;
-        let _one = self.spooling.clone().try_acquire_owned().map_err(|_| {
+        let _one = self.consensus.receive_snapshot().ok_or_else(|| {
             crate::metrics::overloaded();
             to_status(Error::Overloaded(
                 "peer: this node is already receiving a snapshot; one at a time (retry later)"
