@@ -269,14 +269,15 @@ impl Consensus {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The right to receive a snapshot stream, held until it is installed
-    /// or refused; `None` while another stream holds it.
+    /// The right to receive a snapshot stream, held from when its call
+    /// arrives (before the first chunk) until the snapshot is installed or
+    /// refused or the stream breaks off; `None` while another holds it.
     pub(crate) fn receive_snapshot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         self.snapshot_gate.clone().try_acquire_owned().ok()
     }
 
-    /// Whether a snapshot stream is being received (spooled, checked or
-    /// installed) right now.
+    /// Whether a snapshot stream holds that right now (waiting for its
+    /// chunks, spooled, checked or being installed).
     pub fn receiving_snapshot(&self) -> bool {
         self.snapshot_gate.available_permits() == 0
     }
