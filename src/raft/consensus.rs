@@ -135,7 +135,7 @@ pub struct Consensus {
     read_forward_calls: std::sync::atomic::AtomicU64,
     /// Held while a snapshot stream from the leader is received (and
     /// installed): one at a time per node.
-    snapshot_gate: Arc<tokio::sync::Semaphore>,
+    snapshot_gate: tokio::sync::Semaphore,
     check: CommandCheck,
     /// The data-size quota (bytes of [`StateMachineStore::data_bytes`]):
     /// past it, this node, leading, proposes no claim.
@@ -190,7 +190,7 @@ impl Consensus {
             ),
             forward_calls: Default::default(),
             read_forward_calls: Default::default(),
-            snapshot_gate: Arc::new(tokio::sync::Semaphore::new(1)),
+            snapshot_gate: tokio::sync::Semaphore::new(1),
             check,
             quota_bytes,
             rejoin,
@@ -272,8 +272,8 @@ impl Consensus {
     /// The right to receive a snapshot stream, held from when its call
     /// arrives (before the first chunk) until the snapshot is installed or
     /// refused or the stream breaks off; `None` while another holds it.
-    pub(crate) fn receive_snapshot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.snapshot_gate.clone().try_acquire_owned().ok()
+    pub(crate) fn receive_snapshot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.snapshot_gate.try_acquire().ok()
     }
 
     /// Whether a snapshot stream holds that right now (waiting for its
