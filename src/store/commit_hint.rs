@@ -10,18 +10,19 @@
 //! 1,024 keys under load), each node's Raft loop stood still at its next
 //! commit. That stall was most of the claim tail (BENCHMARKS.md).
 //!
-//! Now `save` records the value in memory and wakes the writer, which
-//! writes the newest value it finds, at most once per [`WRITE_EVERY`]
-//! (values saved meanwhile collapse into one write: each is a sled insert,
-//! about 4% of a loaded follower's CPU when written at every commit). `newest` answers from memory, so the node's own reads are
-//! exact. Closing (node shutdown, or the last handle dropped) writes the
+//! Now `save` records the value in memory and the writer writes the
+//! newest value it finds, at most once per [`WRITE_EVERY`] (values saved
+//! meanwhile collapse into one write: each is a sled insert, about 4% of a
+//! loaded follower's CPU when written at every commit). `newest` answers
+//! from memory, so the node's own reads are exact. Closing (node shutdown, or the last handle dropped) writes the
 //! newest value before it returns.
 //!
 //! `save` wakes the writer only when it waits for a value to write. While
 //! it lets values gather until the next write is due, a save only records
-//! the value. A wake-up per commit there (about 480 a second per node at
-//! 64 clients, each a context switch to find nothing to do) was about 3%
-//! of a loaded follower's profile samples, its own and the saver's wake.
+//! the value. Waking it there at every commit (about 480 times a second
+//! per node at 64 clients, each a context switch to find nothing to do)
+//! was about 3% of a loaded follower's profile samples: the writer's
+//! wake-ups and the `futex` calls that woke it.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -44,7 +45,8 @@ struct State {
     /// The writer waits for a value to write: the next save wakes it.
     idle: bool,
     closed: bool,
-    /// Times the writer woke from a wait (test counter).
+    /// Times the writer came back from a wait, timeouts included (kept in
+    /// every build: a unit test reads it).
     wakeups: u64,
 }
 
@@ -96,8 +98,8 @@ impl Shared {
             if let Err(e) = self.write_newest() {
                 tracing::warn!(error = %e, "cannot write the commit point; a restart may apply less before it hears from the leader");
             }
-            // Let newer values gather until the next write is due; only a
-            // close wakes the writer meanwhile.
+            // Let newer values gather until the next write is due; saves
+            // meanwhile do not wake the writer, a close does.
             let s = self.state();
             // The condition is checked once, then again at each wake-up.
             let mut checks = 0;
@@ -209,8 +211,8 @@ mod tests {
         let meta = db.open_tree("raft").unwrap();
         let hint = CommitHint::start(meta.clone()).unwrap();
 
-        // A save after a quiet spell is written without waiting for a
-        // timer: the writer waited for it.
+        // A save after a quiet spell is written: the writer waited for it
+        // (a lost wake-up would leave it unwritten).
         hint.save(Some(log_id::<TypeConfig>(1, 1, 1)));
         let deadline = Instant::now() + Duration::from_secs(10);
         while stored(&meta) != Some(Some(log_id::<TypeConfig>(1, 1, 1))) {
@@ -236,13 +238,14 @@ mod tests {
             Some(Some(log_id::<TypeConfig>(1, 1, 1 + saves))),
             "close writes the newest value"
         );
-        // At most one wake for a value and one for its gathering per
-        // write, a write at most once per WRITE_EVERY, plus the first.
+        // Per write (at most one per WRITE_EVERY, plus the first): one
+        // wake for a value and one for the end of its gathering; the rest
+        // is room for spurious wake-ups. A wake per save would be hundreds.
         let writes = (took.as_millis() / WRITE_EVERY.as_millis()) as u64 + 2;
+        let allowed = 3 * writes + 6;
         assert!(
-            woke <= 2 * writes + 2,
-            "{saves} saves in {took:?} woke the writer {woke} times (at most {} expected)",
-            2 * writes + 2
+            woke <= allowed,
+            "{saves} saves in {took:?} woke the writer {woke} times (at most {allowed} expected)"
         );
     }
 }
