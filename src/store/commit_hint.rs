@@ -14,8 +14,9 @@
 //! newest value it finds, at most once per [`WRITE_EVERY`] (values saved
 //! meanwhile collapse into one write: each is a sled insert, about 4% of a
 //! loaded follower's CPU when written at every commit). `newest` answers
-//! from memory, so the node's own reads are exact. Closing (node shutdown, or the last handle dropped) writes the
-//! newest value before it returns.
+//! from memory, so the node's own reads are exact. Closing (node
+//! shutdown, or the last handle dropped) writes the newest value before it
+//! returns.
 //!
 //! `save` wakes the writer only when it waits for a value to write. While
 //! it lets values gather until the next write is due, a save only records

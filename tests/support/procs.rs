@@ -26,6 +26,22 @@ pub fn process_state(pid: u32) -> Option<char> {
     stat.rsplit(')').next()?.trim_start().chars().next()
 }
 
+/// Whether process `pid` is stopped (state `T`) within `within`. A signal
+/// is delivered asynchronously: on a loaded machine the process can still
+/// be running for a moment after `kill -STOP` returns.
+pub fn stopped_within(pid: u32, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if process_state(pid) == Some('T') {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Whether process `pid` runs (a zombie counts as gone: it no longer
 /// serves).
 pub fn running(pid: u32) -> bool {
