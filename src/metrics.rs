@@ -53,6 +53,7 @@ struct Metrics {
     permission_denied: Counter,
     overloaded: Counter,
     peer_refused: Counter,
+    append_streams: Counter,
     fsync: Histogram,
     fsync_on_append: Counter,
     term: U64Gauge,
@@ -115,6 +116,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "idemkv_peer_refused",
         "Peer-port calls refused because they came from a non-member address.",
         peer_refused.clone(),
+    );
+    let append_streams = Counter::default();
+    r.register(
+        "idemkv_peer_append_streams",
+        "Append streams this node's peer port accepted from a leader. Each carries many appends or heartbeats; a steady climb means streams keep being reset.",
+        append_streams.clone(),
     );
     let gauge = |r: &mut Registry, name: &str, help: &str| {
         let g = U64Gauge::default();
@@ -183,6 +190,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         permission_denied,
         overloaded,
         peer_refused,
+        append_streams,
         fsync,
         fsync_on_append,
         term,
@@ -255,6 +263,11 @@ pub fn auth_refused(denied: bool) {
 /// A peer call refused because it came from a non-member address.
 pub fn peer_refused() {
     METRICS.peer_refused.inc();
+}
+
+/// The peer port accepted an append stream.
+pub fn peer_append_stream() {
+    METRICS.append_streams.inc();
 }
 
 /// The HTTP gateway answered a request with `outcome`.

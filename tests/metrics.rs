@@ -253,3 +253,71 @@ async fn takeovers_and_peer_refusals_are_counted_as_what_they_are() {
         assert_eq!(value(&body, series), want, "{series}");
     }
 }
+
+/// Every linearizable read on the leader waits for a heartbeat round, and
+/// openraft sends each heartbeat as an append stream of one request. The
+/// leader keeps one stream per follower open for them, so a follower's
+/// `idemkv_peer_append_streams_total` stays flat while reads go on; it used
+/// to open a stream (an HTTP/2 stream and a task on both nodes) per
+/// heartbeat, and rise by about one per read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_reads_do_not_open_a_peer_stream_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = ProcCluster::new(dir.path(), 3, "");
+    let metrics: Vec<String> = free_ports(3)
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    for (i, m) in metrics.iter().enumerate() {
+        c.envs[i] = vec![("IDEMKV_METRICS_LISTEN".into(), m.clone())];
+    }
+    c.start_all();
+    c.wait_ready(Duration::from_secs(20)).await;
+    let client = Client::new(c.api.iter()).unwrap();
+    let Outcome::Acquired(a) = client.claim(claim("r", "w1", 60_000, "f")).await.unwrap() else {
+        panic!("not acquired");
+    };
+    client
+        .complete(api::CompleteRequest {
+            namespace: "m".into(),
+            key: b"r".to_vec(),
+            token: a.token,
+            result: b"done".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let streams = |m: &String| value(&scrape(m, "/metrics").1, "idemkv_peer_append_streams_total");
+    let followers: Vec<&String> = metrics
+        .iter()
+        .filter(|m| value(&scrape(m, "/metrics").1, "idemkv_raft_is_leader") == 0.0)
+        .collect();
+    assert_eq!(followers.len(), 2, "one leader and two followers");
+    let before: Vec<f64> = followers.iter().map(|m| streams(m)).collect();
+    // Each streams appends already: the leader replicated the claim.
+    assert!(before.iter().all(|n| *n >= 1.0), "{before:?}");
+
+    let reads = 300;
+    for _ in 0..reads {
+        let rec = client
+            .get(api::GetRequest {
+                namespace: "m".into(),
+                key: b"r".to_vec(),
+                consistency: api::Consistency::Linearizable as i32,
+            })
+            .await
+            .unwrap()
+            .expect("the completed record");
+        assert_eq!(rec.result, b"done");
+    }
+    let opened: Vec<f64> = followers
+        .iter()
+        .zip(&before)
+        .map(|(m, b)| streams(m) - b)
+        .collect();
+    // A stream may be opened again after a hiccup; not one per read.
+    assert!(
+        opened.iter().all(|n| *n < 20.0),
+        "{reads} linearizable reads opened {opened:?} append streams on the followers"
+    );
+}

@@ -139,6 +139,7 @@ impl RaftNetworkFactory<TypeConfig> for Peers {
         PeerConnection {
             client: self.client(target, &node.raft_addr),
             encoded: self.encoded.clone(),
+            line: None,
         }
     }
 }
@@ -146,6 +147,19 @@ impl RaftNetworkFactory<TypeConfig> for Peers {
 pub struct PeerConnection {
     client: Result<PeerClient, tonic::Status>,
     encoded: Encodings,
+    /// The append stream kept open for single requests ([`Line`]).
+    line: Option<Line>,
+}
+
+/// An append stream kept open between single requests. openraft sends each
+/// heartbeat (every linearizable read's quorum round) as an append stream
+/// of one request; opened afresh, each would cost a new HTTP/2 stream, a
+/// call through both nodes' gRPC stacks and a stream task on the peer.
+/// On a line it costs one message each way. One request is out at a time,
+/// so the next answer is always the one to the request just sent.
+struct Line {
+    requests: tokio::sync::mpsc::Sender<Payload>,
+    answers: tonic::Streaming<Payload>,
 }
 
 /// `rpc` exactly as [`encode`] writes it, but with the bytes of each entry
@@ -198,6 +212,74 @@ fn io_to_rpc(e: std::io::Error) -> RPCError<TypeConfig> {
 impl PeerConnection {
     fn client(&self) -> Result<PeerClient, RPCError<TypeConfig>> {
         self.client.clone().map_err(status_to_rpc)
+    }
+
+    /// Send `rpc` alone over the [`Line`] (opened if there is none) and
+    /// wait up to `ttl` for its answer. The line is kept only after an
+    /// answer that leaves the peer's side open (a success: the peer ends
+    /// its answers after an error); a line that turns out to have closed
+    /// meanwhile is replaced once, since sending an append again is
+    /// harmless. Cancelled while waiting, the line is dropped with it.
+    async fn on_line(
+        &mut self,
+        rpc: &AppendEntriesRequest<TypeConfig>,
+        ttl: Duration,
+    ) -> Result<StreamAppendResult, RPCError<TypeConfig>> {
+        let data = encode_append(rpc, &self.encoded).map_err(io_to_rpc)?;
+        let exchange = async {
+            let mut reused = self.line.take();
+            loop {
+                let fresh = reused.is_none();
+                let mut line = match reused.take() {
+                    Some(line) => line,
+                    None => self.open_line().await?,
+                };
+                let answer = match line.requests.send(Payload { data: data.clone() }).await {
+                    Ok(()) => line.answers.next().await,
+                    Err(_) => None,
+                };
+                let p = match answer {
+                    Some(Ok(p)) => p,
+                    // The peer closed a line kept from before: try a new one.
+                    None | Some(Err(_)) if !fresh => continue,
+                    Some(Err(s)) => return Err(status_to_rpc(s)),
+                    None => {
+                        let e = std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the peer ended the append stream without an answer",
+                        );
+                        return Err(RPCError::Unreachable(Unreachable::new(&e)));
+                    }
+                };
+                let result: StreamAppendResult = decode(&p.data).map_err(io_to_rpc)?;
+                if result.is_ok() {
+                    self.line = Some(line);
+                }
+                return Ok(result);
+            }
+        };
+        match tokio::time::timeout(ttl, exchange).await {
+            Ok(r) => r,
+            Err(_) => {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no append answer within {ttl:?}"),
+                );
+                Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
+        }
+    }
+
+    /// Open a [`Line`] to the peer.
+    async fn open_line(&self) -> Result<Line, RPCError<TypeConfig>> {
+        let (requests, rx) = tokio::sync::mpsc::channel(1);
+        let answers = self
+            .client()?
+            .append_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(status_to_rpc)?
+            .into_inner();
+        Ok(Line { requests, answers })
     }
 
     fn request(data: Vec<u8>, ttl: Duration) -> tonic::Request<Payload> {
@@ -286,12 +368,24 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                 let none: BoxStream<'s, _> = Box::pin(futures::stream::empty());
                 return Ok(none);
             };
+            // A stream of one request (a heartbeat) goes over the line.
+            let mut head = vec![first];
+            match futures::FutureExt::now_or_never(input.next()) {
+                Some(None) => {
+                    let rpc = head.pop().expect("one request");
+                    let answer = self.on_line(&rpc, option.hard_ttl()).await?;
+                    let one: BoxStream<'s, _> = Box::pin(futures::stream::iter([Ok(answer)]));
+                    return Ok(one);
+                }
+                Some(Some(second)) => head.push(second),
+                None => {}
+            }
             let sent = Arc::new(InFlight::default());
             let counter = sent.clone();
             let encoded = self.encoded.clone();
             // A request that cannot be encoded ends the stream; openraft
             // starts a new one.
-            let requests = futures::stream::iter([first])
+            let requests = futures::stream::iter(head)
                 .chain(input)
                 .map_while(move |rpc| {
                     let data = encode_append(&rpc, &encoded).ok()?;

@@ -201,6 +201,7 @@ impl RaftPeer for PeerService {
         req: Request<Streaming<Payload>>,
     ) -> Result<Response<AppendAnswers>, Status> {
         self.admission.check(&req).await?;
+        crate::metrics::peer_append_stream();
         // Both directions end when the node stops: openraft reads the input
         // in a task of its own, which would otherwise keep the call (and so
         // the server's graceful shutdown) open until the leader sends again.
