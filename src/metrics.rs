@@ -120,7 +120,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let append_streams = Counter::default();
     r.register(
         "idemkv_peer_append_streams",
-        "Append streams this node's peer port accepted from a leader. Each carries many appends or heartbeats; a steady climb means streams keep being reset.",
+        "Append streams this node's peer port accepted from a leader. A leader keeps one open per follower for its appends and one for its heartbeats, and opens another after a failed answer or a timeout; a climb that does not stop means they keep being reset.",
         append_streams.clone(),
     );
     let gauge = |r: &mut Registry, name: &str, help: &str| {

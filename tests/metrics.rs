@@ -254,16 +254,9 @@ async fn takeovers_and_peer_refusals_are_counted_as_what_they_are() {
     }
 }
 
-/// Every linearizable read on the leader waits for a heartbeat round, and
-/// openraft sends each heartbeat as an append stream of one request. The
-/// leader keeps one stream per follower open for them, so a follower's
-/// `idemkv_peer_append_streams_total` stays flat while reads go on; it used
-/// to open a stream (an HTTP/2 stream and a task on both nodes) per
-/// heartbeat, and rise by about one per read.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn linearizable_reads_do_not_open_a_peer_stream_each() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = ProcCluster::new(dir.path(), 3, "");
+/// Three nodes, each serving `/metrics` (the addresses returned), ready.
+async fn three_nodes_with_metrics(dir: &std::path::Path) -> (ProcCluster, Vec<String>) {
+    let mut c = ProcCluster::new(dir, 3, "");
     let metrics: Vec<String> = free_ports(3)
         .iter()
         .map(|p| format!("127.0.0.1:{p}"))
@@ -273,20 +266,38 @@ async fn linearizable_reads_do_not_open_a_peer_stream_each() {
     }
     c.start_all();
     c.wait_ready(Duration::from_secs(20)).await;
-    let client = Client::new(c.api.iter()).unwrap();
-    let Outcome::Acquired(a) = client.claim(claim("r", "w1", 60_000, "f")).await.unwrap() else {
+    (c, metrics)
+}
+
+/// Claim `key` and complete it with `result`.
+async fn completed(client: &Client, key: &str, result: &[u8]) {
+    let Outcome::Acquired(a) = client.claim(claim(key, "w1", 60_000, "f")).await.unwrap() else {
         panic!("not acquired");
     };
     client
         .complete(api::CompleteRequest {
             namespace: "m".into(),
-            key: b"r".to_vec(),
+            key: key.as_bytes().to_vec(),
             token: a.token,
-            result: b"done".to_vec(),
+            result: result.to_vec(),
             ..Default::default()
         })
         .await
         .unwrap();
+}
+
+/// Every linearizable read on the leader waits for a heartbeat round, and
+/// openraft sends each heartbeat as an append stream of one request. The
+/// leader keeps one stream per follower open for them, so a follower's
+/// `idemkv_peer_append_streams_total` stays flat while reads go on; it used
+/// to open a stream (an HTTP/2 stream and a task on both nodes) per
+/// heartbeat, and rise by about one per read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_reads_do_not_open_a_peer_stream_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, metrics) = three_nodes_with_metrics(dir.path()).await;
+    let client = Client::new(c.api.iter()).unwrap();
+    completed(&client, "r", b"done").await;
     let streams = |m: &String| value(&scrape(m, "/metrics").1, "idemkv_peer_append_streams_total");
     let followers: Vec<&String> = metrics
         .iter()
@@ -319,5 +330,88 @@ async fn linearizable_reads_do_not_open_a_peer_stream_each() {
     assert!(
         opened.iter().all(|n| *n < 20.0),
         "{reads} linearizable reads opened {opened:?} append streams on the followers"
+    );
+}
+
+/// The value of `series` at `addr`, or `None` while nothing listens there.
+fn try_value(addr: &str, series: &str) -> Option<f64> {
+    std::net::TcpStream::connect(addr).ok()?;
+    Some(value(&scrape(addr, "/metrics").1, series))
+}
+
+/// The leader's heartbeats to a follower go over a stream it keeps open
+/// (above). When that follower is killed and started again, the stream
+/// it kept is dead; the leader must open a new one, or once the other
+/// follower is gone too it could no longer confirm a read. Here the
+/// restarted follower is then the leader's only quorum partner, and
+/// linearizable reads at the leader go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_on_through_a_follower_restarted_under_the_leaders_kept_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut c, metrics) = three_nodes_with_metrics(dir.path()).await;
+    let leader = (0..3)
+        .find(|i| value(&scrape(&metrics[*i], "/metrics").1, "idemkv_raft_is_leader") == 1.0)
+        .expect("a leader");
+    let (a, b) = match leader {
+        0 => (1, 2),
+        1 => (0, 2),
+        _ => (0, 1),
+    };
+    let client = Client::new([&c.api[leader]]).unwrap();
+    completed(&client, "s", b"kept").await;
+    let read = || async {
+        client
+            .get(api::GetRequest {
+                namespace: "m".into(),
+                key: b"s".to_vec(),
+                consistency: api::Consistency::Linearizable as i32,
+            })
+            .await
+    };
+    // Reads open the leader's heartbeat streams to both followers.
+    for _ in 0..50 {
+        assert_eq!(read().await.unwrap().expect("the record").result, b"kept");
+    }
+
+    let pid = c.pid(a).unwrap();
+    c.kill9(a);
+    assert!(!procs::running(pid), "follower {} still runs", a + 1);
+    c.start_node(a);
+    let commit = value(
+        &scrape(&metrics[leader], "/metrics").1,
+        "idemkv_raft_commit_index",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while try_value(&metrics[a], "idemkv_raft_applied_index").is_none_or(|i| i < commit) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted follower did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let pid = c.pid(b).unwrap();
+    c.kill9(b);
+    assert!(!procs::running(pid), "follower {} still runs", b + 1);
+    let reads = tokio::time::timeout(Duration::from_secs(20), async {
+        for _ in 0..50 {
+            let rec = read()
+                .await
+                .expect("a linearizable read with one follower left");
+            assert_eq!(rec.expect("the record").result, b"kept");
+        }
+    })
+    .await;
+    assert!(
+        reads.is_ok(),
+        "linearizable reads stalled with the restarted follower as the only partner"
+    );
+    assert_eq!(
+        value(
+            &scrape(&metrics[leader], "/metrics").1,
+            "idemkv_raft_is_leader"
+        ),
+        1.0,
+        "the leader kept its office"
     );
 }

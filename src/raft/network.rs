@@ -343,7 +343,9 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     type SnapshotData = std::fs::File;
 
     /// Pipelined replication over one gRPC stream: requests go out as
-    /// openraft produces them, without waiting for earlier answers.
+    /// openraft produces them, without waiting for earlier answers. A
+    /// stream of one request with no entries (a heartbeat) goes over the
+    /// connection's [`Line`] instead.
     fn stream_append<'s, S>(
         &'s mut self,
         input: S,
@@ -363,22 +365,28 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             // Wait for the first request before connecting: openraft applies
             // its backoff (after a peer was unreachable) while producing it,
             // so connecting first would retry a dead peer in a tight loop.
-            let mut input = input;
+            // Fused: the line's check below may see the end of the input,
+            // which must not be polled again after it.
+            let mut input = futures::StreamExt::fuse(input);
             let Some(first) = input.next().await else {
                 let none: BoxStream<'s, _> = Box::pin(futures::stream::empty());
                 return Ok(none);
             };
-            // A stream of one request (a heartbeat) goes over the line.
+            // A stream of one empty request (a heartbeat) goes over the
+            // line. Replication, probes with entries included, keeps its
+            // own streams.
             let mut head = vec![first];
             match futures::FutureExt::now_or_never(input.next()) {
-                Some(None) => {
+                Some(None) if head[0].entries.is_empty() => {
                     let rpc = head.pop().expect("one request");
-                    let answer = self.on_line(&rpc, option.hard_ttl()).await?;
+                    // Within openraft's own deadline for the call, so the
+                    // line is dropped here on a timeout, with a clear error.
+                    let answer = self.on_line(&rpc, option.soft_ttl()).await?;
                     let one: BoxStream<'s, _> = Box::pin(futures::stream::iter([Ok(answer)]));
                     return Ok(one);
                 }
                 Some(Some(second)) => head.push(second),
-                None => {}
+                Some(None) | None => {}
             }
             let sent = Arc::new(InFlight::default());
             let counter = sent.clone();
