@@ -260,9 +260,9 @@ impl Node {
 
         let metrics_addr = match &cfg.metrics_listen {
             Some(addr) => {
-                let l = TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| Error::Internal(format!("bind metrics {addr}: {e}")))?;
+                let l = TcpListener::bind(addr).await.map_err(|e| {
+                    Error::invalid("metrics_listen", format!("cannot bind {addr:?}: {e}"))
+                })?;
                 let bound = l.local_addr().ok();
                 let c = consensus.clone();
                 let gauges: crate::metrics::GaugeSource = Arc::new(move || {

@@ -578,3 +578,42 @@ fn output_to_a_reader_that_went_away_is_not_a_panic() {
     );
     assert_eq!(code, Some(141), "bench, its report unread: {err}");
 }
+
+/// A metrics address that cannot be bound (here an empty one, as
+/// `IDEMKV_METRICS_LISTEN=` gives) is a bad setting: `serve` exits
+/// non-zero with a message that names `metrics_listen` and the address,
+/// not an "internal error" (it was "internal error: bind metrics :
+/// invalid socket address", and `idemkv up` restarted the node in a loop).
+#[test]
+fn serve_refuses_a_metrics_address_it_cannot_bind_as_a_bad_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--id", "1"])
+        .args(["--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("node-1"))
+        .env("IDEMKV_METRICS_LISTEN", "")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run idemkv serve");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let Ok(out) = rx.recv_timeout(Duration::from_secs(30)) else {
+        procs::signal_pid(pid, "-KILL");
+        panic!("idemkv serve kept running with an empty metrics address");
+    };
+    let out = out.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("metrics_listen") && err.contains("\"\""),
+        "the message names the setting and the address: {err}"
+    );
+    assert!(!err.contains("internal error"), "{err}");
+}
