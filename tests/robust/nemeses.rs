@@ -753,13 +753,17 @@ impl Nemesis {
         if fault == Fault::MembershipCrash {
             // Kill the leader a moment into the change (joint consensus
             // under way), then bring it back; the change must still finish.
+            // The leader is found first: the change takes only a few ms,
+            // and a status round between starting it and the kill could
+            // outlast it.
+            let l = wait_leader(&api, Duration::from_secs(10)).await;
             let change = {
                 let api = api.clone();
                 let all = all.clone();
                 tokio::spawn(async move { set_voters(&api, &all).await })
             };
-            let l = wait_leader(&api, Duration::from_secs(10)).await;
-            // At once: the change takes only a few ms.
+            // Let the change's first call go out, then kill at once.
+            tokio::task::yield_now().await;
             let during = !change.is_finished();
             self.kill(&mut *rig.lock().await, fault, l);
             // Counted, and asserted over the run: one kill may come late.
