@@ -286,6 +286,20 @@ async fn completed(client: &Client, key: &str, result: &[u8]) {
         .unwrap();
 }
 
+/// A linearizable Get of `key` in namespace `m`.
+async fn linearizable_get(
+    client: &Client,
+    key: &str,
+) -> Result<Option<api::Record>, idemkv::client::ClientError> {
+    client
+        .get(api::GetRequest {
+            namespace: "m".into(),
+            key: key.as_bytes().to_vec(),
+            consistency: api::Consistency::Linearizable as i32,
+        })
+        .await
+}
+
 /// Every linearizable read on the leader waits for a heartbeat round, and
 /// openraft sends each heartbeat as an append stream of one request. The
 /// leader keeps one stream per follower open for them, so a follower's
@@ -310,16 +324,8 @@ async fn linearizable_reads_do_not_open_a_peer_stream_each() {
 
     let reads = 300;
     for _ in 0..reads {
-        let rec = client
-            .get(api::GetRequest {
-                namespace: "m".into(),
-                key: b"r".to_vec(),
-                consistency: api::Consistency::Linearizable as i32,
-            })
-            .await
-            .unwrap()
-            .expect("the completed record");
-        assert_eq!(rec.result, b"done");
+        let rec = linearizable_get(&client, "r").await.unwrap();
+        assert_eq!(rec.expect("the completed record").result, b"done");
     }
     let opened: Vec<f64> = followers
         .iter()
@@ -359,15 +365,7 @@ async fn reads_go_on_through_a_follower_restarted_under_the_leaders_kept_stream(
     };
     let client = Client::new([&c.api[leader]]).unwrap();
     completed(&client, "s", b"kept").await;
-    let read = || async {
-        client
-            .get(api::GetRequest {
-                namespace: "m".into(),
-                key: b"s".to_vec(),
-                consistency: api::Consistency::Linearizable as i32,
-            })
-            .await
-    };
+    let read = || linearizable_get(&client, "s");
     // Reads open the leader's heartbeat streams to both followers.
     for _ in 0..50 {
         assert_eq!(read().await.unwrap().expect("the record").result, b"kept");

@@ -205,6 +205,15 @@ fn status_to_rpc(s: tonic::Status) -> RPCError<TypeConfig> {
     }
 }
 
+/// A peer that did not answer an append within `ttl`: unreachable.
+fn no_answer_within(ttl: Duration) -> RPCError<TypeConfig> {
+    let e = std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no append answer within {ttl:?}"),
+    );
+    RPCError::Unreachable(Unreachable::new(&e))
+}
+
 fn io_to_rpc(e: std::io::Error) -> RPCError<TypeConfig> {
     RPCError::Network(NetworkError::new(&e))
 }
@@ -260,13 +269,7 @@ impl PeerConnection {
         };
         match tokio::time::timeout(ttl, exchange).await {
             Ok(r) => r,
-            Err(_) => {
-                let e = std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no append answer within {ttl:?}"),
-                );
-                Err(RPCError::Unreachable(Unreachable::new(&e)))
-            }
+            Err(_) => Err(no_answer_within(ttl)),
         }
     }
 
@@ -311,13 +314,7 @@ fn append_answers(
                 }
                 match tokio::time::timeout(ttl, answers.next()).await {
                     Ok(next) => break next,
-                    Err(_) => {
-                        let e = std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("no append answer within {ttl:?}"),
-                        );
-                        return Some((Err(RPCError::Unreachable(Unreachable::new(&e))), None));
-                    }
+                    Err(_) => return Some((Err(no_answer_within(ttl)), None)),
                 }
             };
             sent.unanswered.fetch_sub(1, Ordering::AcqRel);
