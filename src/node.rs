@@ -163,11 +163,14 @@ impl Node {
             shutdown.subscribe(),
             cfg.peer_members_only,
         );
+        let keepalive = peer_keepalive(&cfg);
         let peer_server = server_builder(
             tls.as_ref().map(|t| &t.peer_server),
             caps.max_streams_per_connection,
             "peer port",
         )?
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(keepalive))
         .layer(InFlightLayer::new(
             caps.peer_max_in_flight,
             "peer_max_in_flight",
@@ -354,6 +357,18 @@ impl Node {
         self.syncer.close();
         tracing::info!(id = self.id, "node stopped");
     }
+}
+
+/// How long a peer connection may stay quiet before the peer port pings
+/// it, and how long the ping may go unanswered before the connection is
+/// closed: five election timeouts each. A peer that hung or vanished
+/// without closing its connection (a frozen VM, a host cut off by a
+/// partition) would otherwise keep the connection and its streams' tasks
+/// on this node for good. A live peer's connection answers at once, busy
+/// ones are not pinged at all, and a leader unheard of for that long has
+/// been replaced (it reconnects if it comes back).
+fn peer_keepalive(cfg: &NodeConfig) -> Duration {
+    cfg.election_timeout.1 * 5
 }
 
 /// A server for one port: TLS when configured, `streams` HTTP/2 streams per

@@ -263,6 +263,91 @@ fn forwarded_claim(key: &str, owner: &str) -> Payload {
     }
 }
 
+/// What a peer that connected and then fell silent saw before its
+/// connection ended: whether the node pinged it, and after how long the
+/// connection closed (`None`: still open at `give_up`).
+struct SilentPeer {
+    pinged: bool,
+    closed_after: Option<Duration>,
+}
+
+/// Connect to `addr` as an HTTP/2 client, send the connection preface and
+/// an empty SETTINGS frame, then answer nothing (no SETTINGS or PING
+/// acknowledgement), reading what the node sends until it closes the
+/// connection or `give_up` passes.
+async fn fall_silent_on(addr: &str, give_up: Duration) -> SilentPeer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("preface");
+    let start = std::time::Instant::now();
+    let mut pinged = false;
+    let read_all = async {
+        let mut header = [0u8; 9];
+        loop {
+            if s.read_exact(&mut header).await.is_err() {
+                return;
+            }
+            let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            // A PING that is not itself an acknowledgement: the node asks.
+            if header[3] == 0x6 && header[4] & 0x1 == 0 {
+                pinged = true;
+            }
+            let mut payload = vec![0u8; len];
+            if s.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+        }
+    };
+    let closed = tokio::time::timeout(give_up, read_all).await.is_ok();
+    SilentPeer {
+        pinged,
+        closed_after: closed.then(|| start.elapsed()),
+    }
+}
+
+/// A peer that opened a connection to the peer port and then went silent
+/// (a leader that hung, a host gone without closing its connections) is
+/// pinged and, with no answer, disconnected, instead of holding the
+/// connection and its streams on this node for good. Live peers answer
+/// pings, so the cluster's own connections stay up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_that_falls_silent_is_pinged_and_disconnected() {
+    // Election timeouts of 150-300 ms: the keepalive follows them.
+    let c = TestCluster::start_with(3, |cfg| {
+        cfg.election_timeout = (Duration::from_millis(150), Duration::from_millis(300))
+    })
+    .await;
+    let leader = c.wait_leader(Duration::from_secs(10)).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+
+    let silent = fall_silent_on(&c.members[&follower].raft_addr, Duration::from_secs(20)).await;
+    assert!(
+        silent.pinged,
+        "the node never pinged the silent peer (closed after {:?})",
+        silent.closed_after
+    );
+    let after = silent
+        .closed_after
+        .expect("the silent peer's connection was still open after 20 s");
+    assert!(
+        after < Duration::from_secs(10),
+        "closed only after {after:?}"
+    );
+
+    // The cluster's own peer connections answer the same pings: the
+    // leader kept its office and writes go on.
+    assert_eq!(c.wait_leader(Duration::from_secs(5)).await, leader);
+    let out = c
+        .client()
+        .claim(claim_req("peers", "after-silence", "w", 30_000))
+        .await
+        .expect("claim after the silent peer was dropped");
+    acquired(out);
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn peer_calls_are_accepted_only_from_member_addresses() {
     let c = TestCluster::start(3).await;
