@@ -85,6 +85,12 @@ pub struct Caps {
     /// refused and removed once a stream passes it). Keep it above the
     /// size of the whole state.
     pub peer_max_snapshot_bytes: u64,
+    /// How long a client connection may stay quiet before the client port
+    /// pings it; one that leaves the ping unanswered for as long (at most
+    /// 20 s) is closed. 0: never pinged. A client gone without closing its
+    /// connection (a host powered off, a partition) would otherwise keep
+    /// it open on the node for good.
+    pub client_keepalive_ms: u64,
 }
 
 impl Default for Caps {
@@ -99,6 +105,7 @@ impl Default for Caps {
             max_awaits_per_namespace: 256,
             max_health_watches: 64,
             peer_max_snapshot_bytes: 16 * 1024 * 1024 * 1024,
+            client_keepalive_ms: 2 * 3600 * 1000,
         }
     }
 }

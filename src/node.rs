@@ -163,14 +163,12 @@ impl Node {
             shutdown.subscribe(),
             cfg.peer_members_only,
         );
-        let keepalive = peer_keepalive(&cfg);
         let peer_server = server_builder(
             tls.as_ref().map(|t| &t.peer_server),
             caps.max_streams_per_connection,
+            Some(peer_keepalive(&cfg)),
             "peer port",
         )?
-        .http2_keepalive_interval(Some(keepalive))
-        .http2_keepalive_timeout(Some(keepalive))
         .layer(InFlightLayer::new(
             caps.peer_max_in_flight,
             "peer_max_in_flight",
@@ -216,9 +214,12 @@ impl Node {
         let reflection_v1alpha = reflection()
             .build_v1alpha()
             .map_err(|e| internal("reflection v1alpha", e))?;
+        let client_keepalive =
+            Some(Duration::from_millis(caps.client_keepalive_ms)).filter(|d| !d.is_zero());
         let api_server = server_builder(
             tls.as_ref().map(|t| &t.api),
             caps.max_streams_per_connection,
+            client_keepalive,
             "client port",
         )?
         .layer(InFlightLayer::new(
@@ -361,7 +362,8 @@ impl Node {
 
 /// How long a peer connection may stay quiet before the peer port pings
 /// it, and how long the ping may go unanswered before the connection is
-/// closed: five election timeouts each. A peer that hung or vanished
+/// closed: five election timeouts (the wait for the answer at most
+/// [`KEEPALIVE_ANSWER_MAX`]). A peer that hung or vanished
 /// without closing its connection (a frozen VM, a host cut off by a
 /// partition) would otherwise keep the connection and its streams' tasks
 /// on this node for good. A live peer's connection answers at once, busy
@@ -371,10 +373,22 @@ fn peer_keepalive(cfg: &NodeConfig) -> Duration {
     cfg.election_timeout.1 * 5
 }
 
+/// The longest a port waits for the answer to a keepalive ping.
+const KEEPALIVE_ANSWER_MAX: Duration = Duration::from_secs(20);
+
 /// A server for one port: TLS when configured, `streams` HTTP/2 streams per
-/// connection.
-fn server_builder(tls: Option<&ServerTlsConfig>, streams: u32, port: &str) -> Result<Server> {
-    let builder = Server::builder().max_concurrent_streams(Some(streams));
+/// connection, and a connection quiet for `keepalive` pinged, then closed
+/// if the ping goes unanswered as long (at most [`KEEPALIVE_ANSWER_MAX`]).
+fn server_builder(
+    tls: Option<&ServerTlsConfig>,
+    streams: u32,
+    keepalive: Option<Duration>,
+    port: &str,
+) -> Result<Server> {
+    let builder = Server::builder()
+        .max_concurrent_streams(Some(streams))
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(keepalive.map(|k| k.min(KEEPALIVE_ANSWER_MAX)));
     match tls {
         Some(t) => builder
             .tls_config(t.clone())

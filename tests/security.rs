@@ -348,6 +348,35 @@ async fn a_peer_that_falls_silent_is_pinged_and_disconnected() {
     c.shutdown().await;
 }
 
+/// The client port does the same after `caps.client_keepalive_ms`
+/// (two hours by default, as etcd's server keepalive): a client gone
+/// without closing its connection is pinged and disconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_falls_silent_is_pinged_and_disconnected() {
+    let c = TestCluster::start_with(1, |cfg| cfg.caps.client_keepalive_ms = 500).await;
+    let silent = fall_silent_on(&c.members[&1].api_addr, Duration::from_secs(20)).await;
+    assert!(
+        silent.pinged,
+        "the node never pinged the silent client (closed after {:?})",
+        silent.closed_after
+    );
+    let after = silent
+        .closed_after
+        .expect("the silent client's connection was still open after 20 s");
+    assert!(
+        after < Duration::from_secs(5),
+        "closed only after {after:?}"
+    );
+    // A client that answers pings is served as before.
+    let out = c
+        .client()
+        .claim(claim_req("clients", "after-silence", "w", 30_000))
+        .await
+        .expect("claim after the silent client was dropped");
+    acquired(out);
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn peer_calls_are_accepted_only_from_member_addresses() {
     let c = TestCluster::start(3).await;
