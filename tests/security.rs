@@ -263,19 +263,38 @@ fn forwarded_claim(key: &str, owner: &str) -> Payload {
     }
 }
 
-/// What a peer that connected and then fell silent saw before its
+/// What a caller that connected and then fell silent saw before its
 /// connection ended: whether the node pinged it, and after how long the
-/// connection closed (`None`: still open at `give_up`).
-struct SilentPeer {
+/// connection closed (`None`: still open after [`SILENCE_GIVE_UP`]).
+struct Silent {
     pinged: bool,
     closed_after: Option<Duration>,
+}
+
+/// How long [`fall_silent_on`] waits for the node to close the connection.
+const SILENCE_GIVE_UP: Duration = Duration::from_secs(20);
+
+impl Silent {
+    /// The node pinged the silent caller (the fault: the ping went
+    /// unanswered), then closed its connection within `within`.
+    fn assert_pinged_and_closed_within(&self, within: Duration) {
+        assert!(
+            self.pinged,
+            "the node never pinged the silent caller (closed after {:?})",
+            self.closed_after
+        );
+        let after = self.closed_after.unwrap_or_else(|| {
+            panic!("the silent caller's connection was still open after {SILENCE_GIVE_UP:?}")
+        });
+        assert!(after < within, "closed only after {after:?}");
+    }
 }
 
 /// Connect to `addr` as an HTTP/2 client, send the connection preface and
 /// an empty SETTINGS frame, then answer nothing (no SETTINGS or PING
 /// acknowledgement), reading what the node sends until it closes the
-/// connection or `give_up` passes.
-async fn fall_silent_on(addr: &str, give_up: Duration) -> SilentPeer {
+/// connection or [`SILENCE_GIVE_UP`] passes.
+async fn fall_silent_on(addr: &str) -> Silent {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
@@ -300,8 +319,10 @@ async fn fall_silent_on(addr: &str, give_up: Duration) -> SilentPeer {
             }
         }
     };
-    let closed = tokio::time::timeout(give_up, read_all).await.is_ok();
-    SilentPeer {
+    let closed = tokio::time::timeout(SILENCE_GIVE_UP, read_all)
+        .await
+        .is_ok();
+    Silent {
         pinged,
         closed_after: closed.then(|| start.elapsed()),
     }
@@ -322,19 +343,9 @@ async fn a_peer_that_falls_silent_is_pinged_and_disconnected() {
     let leader = c.wait_leader(Duration::from_secs(10)).await;
     let follower = (1..=3).find(|id| *id != leader).unwrap();
 
-    let silent = fall_silent_on(&c.members[&follower].raft_addr, Duration::from_secs(20)).await;
-    assert!(
-        silent.pinged,
-        "the node never pinged the silent peer (closed after {:?})",
-        silent.closed_after
-    );
-    let after = silent
-        .closed_after
-        .expect("the silent peer's connection was still open after 20 s");
-    assert!(
-        after < Duration::from_secs(10),
-        "closed only after {after:?}"
-    );
+    fall_silent_on(&c.members[&follower].raft_addr)
+        .await
+        .assert_pinged_and_closed_within(Duration::from_secs(10));
 
     // The cluster's own peer connections answer the same pings: the
     // leader kept its office and writes go on.
@@ -354,19 +365,9 @@ async fn a_peer_that_falls_silent_is_pinged_and_disconnected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_falls_silent_is_pinged_and_disconnected() {
     let c = TestCluster::start_with(1, |cfg| cfg.caps.client_keepalive_ms = 500).await;
-    let silent = fall_silent_on(&c.members[&1].api_addr, Duration::from_secs(20)).await;
-    assert!(
-        silent.pinged,
-        "the node never pinged the silent client (closed after {:?})",
-        silent.closed_after
-    );
-    let after = silent
-        .closed_after
-        .expect("the silent client's connection was still open after 20 s");
-    assert!(
-        after < Duration::from_secs(5),
-        "closed only after {after:?}"
-    );
+    fall_silent_on(&c.members[&1].api_addr)
+        .await
+        .assert_pinged_and_closed_within(Duration::from_secs(5));
     // A client that answers pings is served as before.
     let out = c
         .client()
