@@ -269,6 +269,27 @@ async fn three_nodes_with_metrics(dir: &std::path::Path) -> (ProcCluster, Vec<St
     (c, metrics)
 }
 
+/// The index of the node whose metrics say it leads, once exactly one
+/// does and the other two say they do not (an election may still be
+/// settling just after `wait_ready`); panics after 10 s.
+async fn agreed_leader(metrics: &[String]) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let says: Vec<f64> = metrics
+            .iter()
+            .map(|m| value(&scrape(m, "/metrics").1, "idemkv_raft_is_leader"))
+            .collect();
+        if says.iter().filter(|v| **v == 1.0).count() == 1 && says.iter().all(|v| *v <= 1.0) {
+            return says.iter().position(|v| *v == 1.0).expect("one leader");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no agreed leader within 10 s: idemkv_raft_is_leader {says:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Claim `key` and complete it with `result`.
 async fn completed(client: &Client, key: &str, result: &[u8]) {
     let Outcome::Acquired(a) = client.claim(claim(key, "w1", 60_000, "f")).await.unwrap() else {
@@ -313,11 +334,11 @@ async fn linearizable_reads_do_not_open_a_peer_stream_each() {
     let client = Client::new(c.api.iter()).unwrap();
     completed(&client, "r", b"done").await;
     let streams = |m: &String| value(&scrape(m, "/metrics").1, "idemkv_peer_append_streams_total");
-    let followers: Vec<&String> = metrics
-        .iter()
-        .filter(|m| value(&scrape(m, "/metrics").1, "idemkv_raft_is_leader") == 0.0)
+    let leader = agreed_leader(&metrics).await;
+    let followers: Vec<&String> = (0..3)
+        .filter(|i| *i != leader)
+        .map(|i| &metrics[i])
         .collect();
-    assert_eq!(followers.len(), 2, "one leader and two followers");
     let before: Vec<f64> = followers.iter().map(|m| streams(m)).collect();
     // Each streams appends already: the leader replicated the claim.
     assert!(before.iter().all(|n| *n >= 1.0), "{before:?}");
@@ -355,9 +376,7 @@ fn try_value(addr: &str, series: &str) -> Option<f64> {
 async fn reads_go_on_through_a_follower_restarted_under_the_leaders_kept_stream() {
     let dir = tempfile::tempdir().unwrap();
     let (mut c, metrics) = three_nodes_with_metrics(dir.path()).await;
-    let leader = (0..3)
-        .find(|i| value(&scrape(&metrics[*i], "/metrics").1, "idemkv_raft_is_leader") == 1.0)
-        .expect("a leader");
+    let leader = agreed_leader(&metrics).await;
     let (a, b) = match leader {
         0 => (1, 2),
         1 => (0, 2),
