@@ -370,7 +370,7 @@ impl Node {
 /// ones are not pinged at all, and a leader unheard of for that long has
 /// been replaced (it reconnects if it comes back).
 fn peer_keepalive(cfg: &NodeConfig) -> Duration {
-    cfg.election_timeout.1 * 5
+    cfg.election_timeout.1.saturating_mul(5)
 }
 
 /// The longest a port waits for the answer to a keepalive ping.
