@@ -279,8 +279,9 @@ async fn agreed_leader(metrics: &[String]) -> usize {
             .iter()
             .map(|m| value(&scrape(m, "/metrics").1, "idemkv_raft_is_leader"))
             .collect();
-        if says.iter().filter(|v| **v == 1.0).count() == 1 && says.iter().all(|v| *v <= 1.0) {
-            return says.iter().position(|v| *v == 1.0).expect("one leader");
+        let leaders: Vec<usize> = (0..says.len()).filter(|i| says[*i] == 1.0).collect();
+        if let [leader] = leaders[..] {
+            return leader;
         }
         assert!(
             std::time::Instant::now() < deadline,
