@@ -350,12 +350,7 @@ async fn a_peer_that_falls_silent_is_pinged_and_disconnected() {
 
     // The cluster's own peer connections answer the same pings: writes
     // go on.
-    let out = c
-        .client()
-        .claim(claim_req("peers", "after-silence", "w", 30_000))
-        .await
-        .expect("claim after the silent peer was dropped");
-    acquired(out);
+    claims_go_on(&c, "peers").await;
     c.shutdown().await;
 }
 
@@ -369,13 +364,18 @@ async fn a_client_that_falls_silent_is_pinged_and_disconnected() {
         .await
         .assert_pinged_and_closed_within(Duration::from_secs(5));
     // A client that answers pings is served as before.
+    claims_go_on(&c, "clients").await;
+    c.shutdown().await;
+}
+
+/// After a silent caller was dropped, a claim in `namespace` is ACQUIRED.
+async fn claims_go_on(c: &TestCluster, namespace: &str) {
     let out = c
         .client()
-        .claim(claim_req("clients", "after-silence", "w", 30_000))
+        .claim(claim_req(namespace, "after-silence", "w", 30_000))
         .await
-        .expect("claim after the silent client was dropped");
+        .expect("claim after the silent caller was dropped");
     acquired(out);
-    c.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
