@@ -29,16 +29,30 @@ pub fn encoded_len<T: Serialize>(value: &T) -> io::Result<usize> {
     Ok(size.bytes_written)
 }
 
+/// The most bytes the strings and byte buffers of one decoded value may
+/// claim together: the largest peer message, which bounds everything idemkv
+/// decodes (a log entry must fit one to be replicated; records and marks
+/// are far smaller).
+///
+/// bincode allocates a string from its length prefix before it reads the
+/// bytes, so without a limit eleven bytes from a peer ("a namespace of
+/// 2^62 bytes follows") made the allocator abort the whole node. With it, a
+/// length past the limit is refused as undecodable before any allocation.
+pub const DECODE_LIMIT: usize = crate::wire::MAX_PEER_MESSAGE;
+
+fn decoding() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
+}
+
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
-    let (value, _) =
-        bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map_err(invalid)?;
+    let (value, _) = bincode::serde::decode_from_slice(bytes, decoding()).map_err(invalid)?;
     Ok(value)
 }
 
 /// Decode a value that borrows its strings and bytes from `bytes`.
 pub fn decode_borrowed<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> io::Result<T> {
-    let (value, _) = bincode::serde::borrow_decode_from_slice(bytes, bincode::config::standard())
-        .map_err(invalid)?;
+    let (value, _) =
+        bincode::serde::borrow_decode_from_slice(bytes, decoding()).map_err(invalid)?;
     Ok(value)
 }
 
@@ -52,6 +66,23 @@ mod tests {
         token: u64,
         result: Option<Vec<u8>>,
         tags: Vec<(String, u32)>,
+    }
+
+    /// A length prefix past the limit is an error, not an allocation: a
+    /// string said to be 2^62 bytes long aborted the process before.
+    #[test]
+    fn a_length_past_the_limit_is_refused_before_allocating() {
+        // 0xFD: a u64 length follows (bincode's varint), here 2^62.
+        let huge = [0xFD, 0, 0, 0, 0, 0, 0, 0, 0x40];
+        let e = decode::<String>(&huge).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        assert!(decode::<Vec<String>>(&[&[1u8][..], &huge].concat()).is_err());
+        // Just past the limit too; a string within it that is really there
+        // still decodes.
+        let past = encode(&(DECODE_LIMIT as u64 + 1)).unwrap();
+        assert!(decode::<String>(&past).is_err());
+        let fine = encode(&"x".repeat(70_000)).unwrap();
+        assert_eq!(decode::<String>(&fine).unwrap().len(), 70_000);
     }
 
     #[test]

@@ -891,6 +891,43 @@ async fn the_writes_of_one_forward_call_share_one_entry() {
     c.shutdown().await;
 }
 
+/// A peer message whose length prefix claims more than any message holds
+/// is refused as bad input and the node goes on. Before the decode limit,
+/// these eleven bytes ("a forwarded write of one claim whose namespace is
+/// 2^62 bytes long") made bincode ask the allocator for 4 EiB, and the
+/// node process aborted: any process that could reach the peer port from a
+/// member's address (every local one, under `idemkv up`) could stop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_message_claiming_a_huge_length_is_refused_and_the_node_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = procs::ProcCluster::new(dir.path(), 1, "");
+    c.start_all();
+    c.wait_ready(Duration::from_secs(20)).await;
+    let client = c.client();
+    let before = client.status().await.unwrap().last_log_index;
+    let mut member = procs::peer_from("127.0.0.1", &c.peer[0]).await;
+    // Forwarded::Write, Command::Op, then 0xFD: a u64 length, 2^62.
+    let data = vec![0, 0, 0xFD, 0, 0, 0, 0, 0, 0, 0, 0x40];
+    let refused = member
+        .forward(Payload { data })
+        .await
+        .expect_err("an undecodable forward was accepted");
+    assert_eq!(
+        refused.code(),
+        Code::InvalidArgument,
+        "not refused as bad input (did the node die?): {refused:?}"
+    );
+    assert!(!c.exited(0), "the node exited");
+    // Nothing was written, and the node still serves.
+    let after = client.status().await.unwrap().last_log_index;
+    assert_eq!(after, before, "the refused message reached the log");
+    let out = client
+        .claim(claim_req("peers", "after-huge-length", "w", 30_000))
+        .await
+        .expect("claim after the refused message");
+    acquired(out);
+}
+
 /// Send `req` to a leader's peer port as a follower would.
 async fn forward(
     member: &mut idemkv::pb::peer::raft_peer_client::RaftPeerClient<tonic::transport::Channel>,
