@@ -854,3 +854,88 @@ async fn concurrent_writes_share_entries_and_keep_their_own_outcomes() {
     }
     c.shutdown().await;
 }
+
+/// Writes that queued on a follower while its forward calls hung (its
+/// leader paused) are proposed by that follower itself once it takes
+/// office, as queued linearizable reads already were. Before, each got
+/// UNAVAILABLE "elected leader … but not serving as leader now" from the
+/// node that was serving as leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_queued_on_a_follower_that_takes_office_are_proposed_there() {
+    use api::cluster_client::ClusterClient;
+    use api::idempotency_client::IdempotencyClient;
+    use support::procs;
+
+    let dir = tempfile::tempdir().unwrap();
+    // A forward call waits for the leader up to 4 + 1 s: long enough for
+    // an election (0.4-0.8 s) to end while the calls hang.
+    let mut c = procs::ProcCluster::new(dir.path(), 3, "request_timeout_ms = 4000\n");
+    c.start_all();
+    c.wait_ready(Duration::from_secs(30)).await;
+    let old = c.leader_index().await;
+    let followers: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    let claim = |key: String| api::ClaimRequest {
+        claim_id: format!("{key}-c"),
+        ..claim_req("took-office", &key, "w", 60_000)
+    };
+    for &f in &followers {
+        // Each follower's connection to the leader is open before the pause.
+        let mut raw = IdempotencyClient::connect(format!("http://{}", c.api[f]))
+            .await
+            .unwrap();
+        let warm = raw.claim(claim(format!("warm-{f}"))).await.unwrap();
+        acquired(warm.into_inner().outcome.unwrap());
+    }
+
+    c.pause(old);
+    // Five claims on each follower at once: two forward calls go to the
+    // paused leader and hang until their deadline; three writes queue
+    // behind them.
+    let mut calls = tokio::task::JoinSet::new();
+    for &f in &followers {
+        for k in 0..5 {
+            let addr = format!("http://{}", c.api[f]);
+            let req = claim(format!("{f}-{k}"));
+            calls.spawn(async move {
+                let mut raw = IdempotencyClient::connect(addr).await.unwrap();
+                (f, raw.claim(req).await)
+            });
+        }
+    }
+    // One of the followers takes office while they wait.
+    let started = std::time::Instant::now();
+    let new = 'found: loop {
+        for &f in &followers {
+            let mut cl = ClusterClient::connect(format!("http://{}", c.api[f]))
+                .await
+                .unwrap();
+            let s = cl.status(api::StatusRequest {}).await.unwrap().into_inner();
+            if s.role == "leader" {
+                break 'found f;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "no follower took office while the forward calls hung"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut granted = [0usize; 3];
+    let mut refused = Vec::new();
+    while let Some(done) = calls.join_next().await {
+        match done.unwrap() {
+            (f, Ok(r)) => {
+                acquired(r.into_inner().outcome.unwrap());
+                granted[f] += 1;
+            }
+            (f, Err(s)) => refused.push((f, s.message().to_string())),
+        }
+    }
+    c.signal(old, "-CONT");
+    assert!(
+        granted[new] >= 3,
+        "node {} took office; of its own queued writes {} were granted, refused: {refused:?}",
+        new + 1,
+        granted[new]
+    );
+}

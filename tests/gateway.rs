@@ -637,21 +637,8 @@ async fn a_caller_gone_before_the_claim_is_granted_gets_the_response_on_retry() 
     // Warm the gateway's connections, then pause the store's leader.
     let warm = send("POST", &orders, Some("k-warm"), "w", &[]).await;
     assert_eq!(warm.status, StatusCode::CREATED, "{warm:?}");
-    let leader = c
-        .client()
-        .status()
-        .await
-        .unwrap()
-        .leader_id
-        .expect("a leader") as usize
-        - 1;
-    let pid = c.pid(leader).unwrap();
-    c.signal(leader, "-STOP");
-    assert!(
-        procs::stopped_within(pid, Duration::from_secs(5)),
-        "the leader was not stopped: state {:?}",
-        procs::process_state(pid)
-    );
+    let leader = c.leader_index().await;
+    c.pause(leader);
 
     let gone = tokio::time::timeout(
         Duration::from_millis(300),

@@ -403,6 +403,11 @@ impl Consensus {
     /// Forward `commands` to the leader known now, in one call; one reply
     /// per command (a failed call is every command's reply).
     async fn forward_writes(&self, mut commands: Vec<Command>) -> Vec<ForwardReply> {
+        if self.raft.is_leader() {
+            // This node took office while the writes queued: it proposes
+            // them itself, checked as a forwarded group would be.
+            return self.serve_writes(commands).await;
+        }
         let n = commands.len();
         self.forward_calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -179,6 +179,24 @@ impl ProcCluster {
         }
     }
 
+    /// The index of the node the cluster names as its leader now.
+    pub async fn leader_index(&self) -> usize {
+        let s = self.client().status().await.expect("status");
+        s.leader_id.expect("a leader") as usize - 1
+    }
+
+    /// SIGSTOP node `i` and check that it stopped (the fault took effect).
+    pub fn pause(&self, i: usize) {
+        let pid = self.pid(i).expect("node running");
+        signal_pid(pid, "-STOP");
+        assert!(
+            stopped_within(pid, Duration::from_secs(5)),
+            "node {} was not stopped: state {:?}",
+            i + 1,
+            process_state(pid)
+        );
+    }
+
     pub fn peers_arg(&self) -> String {
         (0..self.initial)
             .map(|i| format!("{}={}/{}", i + 1, self.api[i], self.peer[i]))
