@@ -736,12 +736,23 @@ impl StateMachineStore {
 
     /// Make `current` the layer being written and return it (the caller
     /// writes it, then calls [`Self::written`]).
-    fn freeze(&self) -> Arc<Overlay> {
+    ///
+    /// Refused while the layer frozen before is still unwritten: its write
+    /// failed (apply reported that once), and writing a later layer over it
+    /// would record in sled an applied index past changes sled never got, so
+    /// a restart would not apply them again.
+    fn freeze(&self) -> io::Result<Arc<Overlay>> {
         let mut l = self.overlay_mut();
+        if l.writing.is_some() {
+            return Err(io::Error::other(
+                "applied changes could not be written to sled earlier; \
+                 nothing later is written over them (a restart applies them again from the log)",
+            ));
+        }
         let fresh = l.spare.take().unwrap_or_default();
         let layer = Arc::new(std::mem::replace(&mut l.current, fresh));
         l.writing = Some(layer.clone());
-        layer
+        Ok(layer)
     }
 
     /// `layer` is in sled: readers need not look at it any more, and it
@@ -780,7 +791,7 @@ impl StateMachineStore {
     /// first waits for the previous one. Only with the apply lock held.
     fn start_flush(&self) -> io::Result<()> {
         self.finish_flush()?;
-        let layer = self.freeze();
+        let layer = self.freeze()?;
         let this = self.clone();
         let handle = std::thread::Builder::new()
             .name("idemkv-flush".into())
@@ -802,7 +813,7 @@ impl StateMachineStore {
     /// nothing is added meanwhile.
     pub(super) fn flush(&self) -> io::Result<()> {
         self.finish_flush()?;
-        let layer = self.freeze();
+        let layer = self.freeze()?;
         self.write_layer(&layer)?;
         self.written(layer);
         if self.shared.tree.filter().due_for_rebuild() {
@@ -1114,6 +1125,37 @@ mod tests {
             "the reading went back from {before} to {}",
             sm.now_ms()
         );
+        store.log.close();
+    }
+
+    /// A layer whose write to sled failed is never passed over: the next
+    /// flush (shutdown's, after apply stopped on the error) fails too and
+    /// writes nothing. It used to write the later layer, with its applied
+    /// index, so sled claimed changes it never got and a restart skipped
+    /// them.
+    #[test]
+    fn a_flush_after_a_failed_one_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let sm = &store.state_machine;
+        let put = |k: &[u8]| {
+            let mut l = sm.overlay_mut();
+            l.current.writes.insert(k.to_vec(), Some(vec![1]));
+            l.current.records.insert(k.to_vec(), None);
+        };
+        put(b"test-lost");
+        // What a failed write leaves: the layer frozen, never written.
+        let failed = sm.freeze().unwrap();
+        drop(failed);
+        put(b"test-later");
+        assert!(sm.flush().is_err(), "a later layer was written");
+        for k in [&b"test-lost"[..], b"test-later"] {
+            assert!(sm.shared.tree.get(k).unwrap().is_none());
+        }
+        // Reads still see both: nothing applied was dropped from memory.
+        let l = sm.overlay();
+        assert!(l.value(b"test-lost").is_some() && l.value(b"test-later").is_some());
+        drop(l);
         store.log.close();
     }
 
