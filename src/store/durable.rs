@@ -9,10 +9,13 @@
 //!
 //! sled's `flush` ends in `sync_file_range` on Linux, which neither flushes
 //! the disk cache nor file metadata, and sled never fsyncs its blob files
-//! (values too large for a log segment). [`Syncer`] therefore follows every
-//! flush with `sync_data` on the database file and on any blob file written
-//! since the last sync, plus the blob directory itself. The vote, a purge
-//! point and an installed snapshot are made durable through it.
+//! (pages too large for a log segment). [`Syncer`] therefore syncs any blob
+//! file written since the last sync (and the blob directory) before each
+//! flush, so no durable pointer names a blob a power cut could take, then
+//! follows the flush with `sync_data` on the database file and the blobs
+//! written meanwhile. The vote, a purge point and an installed snapshot are
+//! made durable through it, and so is each overlay layer whose write made
+//! sled create a blob (`state_machine.rs`).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -278,6 +281,10 @@ impl Syncer {
     /// Raft's state that covered (read before the flush). Blocking.
     pub fn sync_now(&self) -> io::Result<()> {
         let covered = Marked::read(&self.db)?;
+        // Blob files first: the flush below makes sled's pointers to them
+        // durable, and a pointer must not outlive a blob a power cut took.
+        // Then again for any written during the flush.
+        self.sync_blobs()?;
         self.db.flush().map_err(sled_err)?;
         self.data_file.sync_data()?;
         self.sync_blobs()?;
@@ -297,21 +304,48 @@ impl Syncer {
         (self.syncs.load(Ordering::Acquire), self.commit().stats().1)
     }
 
-    fn sync_blobs(&self) -> io::Result<()> {
+    /// Whether sled wrote a blob file (or more of one) since the last sync.
+    /// sled writes a whole page as a blob once it outgrows a quarter of a
+    /// segment (128 KiB), whatever the size of each value in it: a leaf of
+    /// sixteen records with 8 KiB results is one. Such a page holds records
+    /// whose log entries may be purged, and sled never fsyncs it.
+    pub fn blobs_unsynced(&self) -> io::Result<bool> {
+        let synced = self.synced_blobs.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(self
+            .blob_files()?
+            .iter()
+            .any(|(name, len, _)| synced.get(name) != Some(len)))
+    }
+
+    /// The blob files as they are now: name, length, path. None while sled
+    /// has no blob directory; a file sled removed meanwhile is left out.
+    fn blob_files(&self) -> io::Result<Vec<(std::ffi::OsString, u64, PathBuf)>> {
         let entries = match std::fs::read_dir(&self.blob_dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
+        let mut files = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            let len = match entry.metadata() {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            files.push((entry.file_name(), len, entry.path()));
+        }
+        Ok(files)
+    }
+
+    fn sync_blobs(&self) -> io::Result<()> {
+        let files = self.blob_files()?;
         let mut synced = self.synced_blobs.lock().unwrap_or_else(|p| p.into_inner());
         let mut present = HashMap::new();
         let mut any_new = false;
-        for entry in entries {
-            let entry = entry?;
-            let len = entry.metadata()?.len();
-            let name = entry.file_name();
+        for (name, len, path) in files {
             if synced.get(&name) != Some(&len) {
-                match File::open(entry.path()) {
+                match File::open(path) {
                     Ok(f) => f.sync_data()?,
                     // sled garbage-collected it meanwhile.
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,

@@ -725,10 +725,11 @@ impl StateMachineStore {
         }
         self.shared.tree.apply_batch(batch).map_err(sled_err)?;
         self.shared.sled_batches.fetch_add(1, Ordering::Relaxed);
-        if layer.large {
-            // The log holds the value durably, but a blob file lost in a
-            // power cut would leave the tree pointing at nothing, and the
-            // entry would not be applied again: sync it now.
+        if layer.large || self.shared.syncer.blobs_unsynced()? {
+            // The log holds the layer's values durably, but a blob file lost
+            // in a power cut would leave the tree pointing at nothing, and
+            // the entry would not be applied again; and a page sled rewrote
+            // as a blob can hold records whose entries are purged: sync now.
             self.shared.syncer.sync_now()?;
         }
         Ok(())
@@ -1124,6 +1125,38 @@ mod tests {
             sm.now_ms() >= before,
             "the reading went back from {before} to {}",
             sm.now_ms()
+        );
+        store.log.close();
+    }
+
+    /// sled writes a page as a blob file (which it never fsyncs) once the
+    /// page outgrows a quarter of a segment, whatever each value's size: a
+    /// leaf of 20 KiB results is one after seven. Its layer syncs it, as a
+    /// layer with one large value did already.
+    #[test]
+    fn a_page_sled_wrote_as_a_blob_is_synced_with_its_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let sm = &store.state_machine;
+        for round in 0..3 {
+            {
+                let mut l = sm.overlay_mut();
+                for i in 0..20 {
+                    let k = format!("test-blob-{round}-{i:02}").into_bytes();
+                    l.current.writes.insert(k.clone(), Some(vec![7; 20 * 1024]));
+                    l.current.records.insert(k, None);
+                }
+                assert!(!l.current.large, "no value is large enough to flag");
+            }
+            sm.flush().unwrap();
+        }
+        let blobs = std::fs::read_dir(dir.path().join("sled").join("blobs"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert!(blobs > 0, "sled wrote no blob file: nothing was shown");
+        assert!(
+            !store.syncer.blobs_unsynced().unwrap(),
+            "a blob file sled wrote with a layer was not synced ({blobs} files)"
         );
         store.log.close();
     }
