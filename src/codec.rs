@@ -30,15 +30,16 @@ pub fn encoded_len<T: Serialize>(value: &T) -> io::Result<usize> {
 }
 
 /// The most bytes the strings and byte buffers of one decoded value may
-/// claim together: the largest peer message, which bounds everything idemkv
-/// decodes (a log entry must fit one to be replicated; records and marks
-/// are far smaller).
+/// claim together: the largest peer message (`wire::MAX_PEER_MESSAGE`,
+/// held equal where both are in reach, `raft/network.rs`), which bounds
+/// everything idemkv decodes (a log entry must fit one to be replicated;
+/// records and marks are far smaller).
 ///
 /// bincode allocates a string from its length prefix before it reads the
 /// bytes, so without a limit eleven bytes from a peer ("a namespace of
 /// 2^62 bytes follows") made the allocator abort the whole node. With it, a
 /// length past the limit is refused as undecodable before any allocation.
-pub const DECODE_LIMIT: usize = crate::wire::MAX_PEER_MESSAGE;
+pub const DECODE_LIMIT: usize = 256 * 1024 * 1024;
 
 fn decoding() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<DECODE_LIMIT>()

@@ -435,22 +435,29 @@ impl Gateway {
                 return self.upstream_failed(key, token, title, e).await;
             }
         };
-        let unsaved = saved.unsaved;
-        let completed = match crate::codec::encode(&saved) {
-            Ok(result) => {
-                self.store
-                    .complete(api::CompleteRequest {
-                        namespace: self.cfg.namespace.clone(),
-                        key,
-                        token,
-                        result,
-                        code: Some(i32::from(saved.status)),
-                        ..Default::default()
-                    })
-                    .await
+        let mut unsaved = saved.unsaved;
+        let mut completed = self.save(key.clone(), token, &saved).await;
+        if unsaved.is_none() && completed.as_ref().is_err_and(too_large_to_save) {
+            // Within --max-body but over the store's result limit (with
+            // its saved headers, perhaps): saved as too large to save whole,
+            // status only, so a retry replays that and never calls the
+            // upstream a second time (SPEC §8). Without the headers if they
+            // are what does not fit.
+            let n = saved.body.len() as u64;
+            unsaved = Some(n);
+            for headers in [saved.headers.clone(), Vec::new()] {
+                let marker = Saved {
+                    status: saved.status,
+                    headers,
+                    body: Vec::new(),
+                    unsaved: Some(n),
+                };
+                completed = self.save(key.clone(), token, &marker).await;
+                if !completed.as_ref().is_err_and(too_large_to_save) {
+                    break;
+                }
             }
-            Err(e) => Err(ClientError::Protocol(e.to_string())),
-        };
+        }
         let mut out = Response::from_parts(parts, body);
         match completed {
             Ok(_) => crate::metrics::gateway("saved"),
@@ -474,13 +481,34 @@ impl Gateway {
             }
         }
         if let Some(n) = unsaved {
+            let why = if n as usize > self.cfg.max_body {
+                format!("body over {} bytes ({n} seen)", self.cfg.max_body)
+            } else {
+                format!("body of {n} bytes over the store's result limit")
+            };
             out.headers_mut().insert(
                 HeaderName::from_static(UNSAVED_HEADER),
-                HeaderValue::from_str(&format!("body over {} bytes ({n} seen)", self.cfg.max_body))
-                    .expect("ascii"),
+                HeaderValue::from_str(&why).expect("ascii"),
             );
         }
         out
+    }
+
+    /// Save `saved` as the record's result, with its status as the code.
+    async fn save(&self, key: Vec<u8>, token: u64, saved: &Saved) -> Result<(), ClientError> {
+        let result =
+            crate::codec::encode(saved).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.store
+            .complete(api::CompleteRequest {
+                namespace: self.cfg.namespace.clone(),
+                key,
+                token,
+                result,
+                code: Some(i32::from(saved.status)),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
     }
 
     /// The upstream could not be reached or broke off: release the claim
@@ -597,6 +625,12 @@ const HOP_BY_HOP: &[&str] = &[
     "transfer-encoding",
     "upgrade",
 ];
+
+/// The store refused a result as over its limit (`RESOURCE_EXHAUSTED`
+/// with no reason; overload and a full store name theirs).
+fn too_large_to_save(e: &ClientError) -> bool {
+    e.code() == Some(tonic::Code::ResourceExhausted) && e.reason().is_none()
+}
 
 /// A saved response, replayed.
 fn replay(result: &[u8]) -> Response {

@@ -330,6 +330,37 @@ async fn a_retried_request_gets_the_first_response_and_the_upstream_one_call() {
     }
 }
 
+/// A response within --max-body but over the store's result limit (1 MiB)
+/// is saved as too large to save whole, as one over --max-body is: the
+/// retry replays its status and the upstream is called once. Before, the
+/// store's refusal left the claim held and unsaved; the retry got 409, and
+/// once the lease ran out the upstream ran a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_response_over_the_stores_result_limit_is_marked_and_never_called_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let (up_addr, up) = start_upstream().await;
+    let gw = gateway(&c, up_addr, &["--max-body", "2000000"]).await;
+    let big = format!("{}/big", gw.url);
+    let size = [("x-size", "1500000")];
+    let first = send("POST", &big, Some("k-over"), "x", &size).await;
+    assert_eq!(
+        (first.status, first.body.len()),
+        (StatusCode::CREATED, 1_500_000)
+    );
+    let why = first
+        .header("idempotent-response-unsaved")
+        .unwrap_or_default();
+    assert!(why.contains("result limit"), "{:?}", first.headers);
+    let again = send("POST", &big, Some("k-over"), "x", &size).await;
+    assert!(
+        again.replayed() && again.status == StatusCode::CREATED && again.body.is_empty(),
+        "{again:?}"
+    );
+    assert!(again.header("idempotent-response-unsaved").is_some());
+    assert_eq!(up.calls("/big"), 1);
+}
+
 /// `n` requests at once with one key and body to a slow upstream.
 async fn burst(gateway: &str, key: &str, n: usize) -> Vec<Answer> {
     let orders = format!("{gateway}/orders");

@@ -33,6 +33,10 @@ use crate::pb::peer::{Payload, SnapshotChunk};
 use crate::store::{ClusterId, Encodings};
 use crate::wire::{CLUSTER_HEADER, MAX_PEER_MESSAGE};
 
+// Every peer message that fits the transport must decode: the decoder's
+// limit (`codec.rs`, which may not import `wire`) is at least the largest.
+const _: () = assert!(crate::codec::DECODE_LIMIT >= MAX_PEER_MESSAGE);
+
 /// A peer's gRPC client; every call carries this node's cluster id.
 pub type PeerClient = RaftPeerClient<InterceptedService<Channel, ClusterStamp>>;
 
