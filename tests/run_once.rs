@@ -538,3 +538,41 @@ async fn a_margin_as_long_as_the_lease_is_refused_before_claiming() {
         "{res:?}"
     );
 }
+
+/// A duplicate that waits for another worker's result, and sees that
+/// worker's lease run out instead (it died holding the key), claims the key
+/// and runs the work itself. Before, it returned `Busy` naming the dead
+/// worker, and a consumer that acks on `Busy` dropped the message.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_waiting_duplicate_runs_the_work_once_the_holders_lease_runs_out() {
+    let (c, _wall) = TestCluster::start_virtual(3).await;
+    let client = c.client();
+    let held = client
+        .claim(api::ClaimRequest {
+            namespace: "mail".into(),
+            key: b"welcome/42".to_vec(),
+            owner: "crashed".into(),
+            lease_ms: 2_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(held, api::claim_response::Outcome::Acquired(_)),
+        "{held:?}"
+    );
+    let mut opts = RunOptions::new("w2", Duration::from_secs(30));
+    opts.wait_for_duplicate = Some(Duration::from_secs(10));
+    let out = client
+        .run_once("mail", b"welcome/42", &opts, |claimed| async move {
+            assert_eq!(claimed.previous_owner.as_deref(), Some("crashed"));
+            Ok::<_, String>("sent")
+        })
+        .await
+        .unwrap();
+    match out {
+        RunOutcome::Ran { completion, .. } => assert_eq!(completion.result, b"sent"),
+        other => panic!("the waiting duplicate did not take the key over: {other:?}"),
+    }
+    c.shutdown().await;
+}

@@ -43,7 +43,9 @@ pub struct RunOptions {
     /// `None` = the server default (24 h).
     pub retention: Option<Duration>,
     /// When another worker holds the key, wait up to this long for its
-    /// result (Await) instead of returning [`RunOutcome::Busy`].
+    /// result (Await) instead of returning [`RunOutcome::Busy`]; if the key
+    /// is freed meanwhile (released, or the holder's lease ran out), claim
+    /// it and run the work.
     pub wait_for_duplicate: Option<Duration>,
 }
 
@@ -330,30 +332,49 @@ impl Client {
         E: std::fmt::Display,
     {
         let validity = opts.validity()?;
-        let claim = api::ClaimRequest {
-            namespace: namespace.into(),
-            key: key.to_vec(),
-            owner: opts.owner.clone(),
-            // Fixed here, so every retry below is the same claim (and grant)
-            // and the instant taken next precedes all of them.
-            claim_id: uuid::Uuid::new_v4().to_string(),
-            lease_ms: opts.lease.as_millis() as u64,
-            fingerprint: opts.fingerprint.clone(),
-            max_attempts: opts.max_attempts,
-            retention_ms: opts.retention.map_or(0, |d| d.as_millis() as u64),
-        };
-        let sent = Instant::now();
-        let acquired = match self.claim(claim.clone()).await? {
-            Outcome::Acquired(a) => a,
-            Outcome::Completed(c) => return Ok(replayed(c)),
-            Outcome::Failed(f) => {
-                return Ok(RunOutcome::Failed {
-                    attempts: f.attempts,
-                    last_error: f.last_error,
-                })
-            }
-            Outcome::InProgress(p) => {
-                return self.wait_duplicate(namespace, key, opts, p.owner).await
+        let retention_ms = opts.retention.map_or(0, |d| d.as_millis() as u64);
+        let wait_until = opts.wait_for_duplicate.map(|w| Instant::now() + w);
+        // A duplicate that waits and sees the key freed (released, or its
+        // holder's lease ran out) claims again while its wait lasts, rather
+        // than report a holder that is gone.
+        let (sent, acquired) = loop {
+            let claim = api::ClaimRequest {
+                namespace: namespace.into(),
+                key: key.to_vec(),
+                owner: opts.owner.clone(),
+                // Fixed here, so every retry of this claim is the same claim
+                // (and grant) and the instant taken next precedes all of
+                // them. A new one for each claim: the server answers a
+                // claim_id with the grant it made to it, which a retry of
+                // an earlier claim, delayed on its way, may have won before
+                // this `sent`; timing that grant from here would be late.
+                claim_id: uuid::Uuid::new_v4().to_string(),
+                lease_ms: opts.lease.as_millis() as u64,
+                fingerprint: opts.fingerprint.clone(),
+                max_attempts: opts.max_attempts,
+                retention_ms,
+            };
+            let sent = Instant::now();
+            match self.claim(claim).await? {
+                Outcome::Acquired(a) => break (sent, a),
+                Outcome::Completed(c) => return Ok(replayed(c)),
+                Outcome::Failed(f) => {
+                    return Ok(RunOutcome::Failed {
+                        attempts: f.attempts,
+                        last_error: f.last_error,
+                    })
+                }
+                Outcome::InProgress(p) => {
+                    let left = wait_until.map(|u| u.saturating_duration_since(Instant::now()));
+                    let Some(left) = left.filter(|l| !l.is_zero()) else {
+                        return Ok(RunOutcome::Busy { owner: p.owner });
+                    };
+                    if let Waited::Ended(outcome) =
+                        self.wait_duplicate(namespace, key, left).await?
+                    {
+                        return Ok(outcome);
+                    }
+                }
             }
         };
         let token = acquired.token;
@@ -400,7 +421,7 @@ impl Client {
                     token,
                     result: completion.result.clone(),
                     code: completion.code,
-                    retention_ms: claim.retention_ms,
+                    retention_ms,
                 };
                 match self.complete(req).await {
                     Ok(_) => Ok(RunOutcome::Ran { completion, token }),
@@ -453,39 +474,52 @@ impl Client {
         }
     }
 
+    /// Wait up to `wait` for the key's holder to finish.
     async fn wait_duplicate<E>(
         &self,
         namespace: &str,
         key: &[u8],
-        opts: &RunOptions,
-        owner: String,
-    ) -> Result<RunOutcome, RunError<E>> {
-        let Some(wait) = opts.wait_for_duplicate else {
-            return Ok(RunOutcome::Busy { owner });
-        };
-        let r = self
+        wait: Duration,
+    ) -> Result<Waited, RunError<E>> {
+        let r = match self
             .r#await(api::AwaitRequest {
                 namespace: namespace.into(),
                 key: key.to_vec(),
                 timeout_ms: wait.as_millis().max(1) as u64,
             })
-            .await?;
+            .await
+        {
+            Ok(r) => r,
+            // Deleted (or swept) while we waited: the key is free.
+            Err(e) if e.code() == Some(tonic::Code::NotFound) => return Ok(Waited::Freed),
+            Err(e) => return Err(e.into()),
+        };
         let rec = r.record.unwrap_or_default();
         Ok(match api::RecordState::try_from(rec.state) {
-            Ok(api::RecordState::Completed) => RunOutcome::Replayed {
+            Ok(api::RecordState::Completed) => Waited::Ended(RunOutcome::Replayed {
                 completion: Completion {
                     result: rec.result,
                     code: rec.code,
                 },
                 token: rec.token,
-            },
-            Ok(api::RecordState::Failed) => RunOutcome::Failed {
+            }),
+            Ok(api::RecordState::Failed) => Waited::Ended(RunOutcome::Failed {
                 attempts: rec.attempts,
                 last_error: rec.last_error,
-            },
-            _ => RunOutcome::Busy { owner: rec.owner },
+            }),
+            _ if r.timed_out => Waited::Ended(RunOutcome::Busy { owner: rec.owner }),
+            // Released, or the holder's lease ran out.
+            _ => Waited::Freed,
         })
     }
+}
+
+/// How a wait for another holder of the key ended.
+enum Waited {
+    /// With what to report: its result, its failure, or still held.
+    Ended(RunOutcome),
+    /// The key is free: claim it.
+    Freed,
 }
 
 /// Stops the renewals when the work returns or the caller drops the run.
