@@ -437,7 +437,7 @@ impl Gateway {
         };
         let mut unsaved = saved.unsaved;
         let mut completed = self.save(key.clone(), token, &saved).await;
-        if unsaved.is_none() && completed.as_ref().is_err_and(too_large_to_save) {
+        if unsaved.is_none() && completed.as_ref().is_err_and(ClientError::is_too_large) {
             // Within --max-body but over the store's result limit (with
             // its saved headers, perhaps): saved as too large to save whole,
             // status only, so a retry replays that and never calls the
@@ -453,7 +453,7 @@ impl Gateway {
                     unsaved: Some(n),
                 };
                 completed = self.save(key.clone(), token, &marker).await;
-                if !completed.as_ref().is_err_and(too_large_to_save) {
+                if !completed.as_ref().is_err_and(ClientError::is_too_large) {
                     break;
                 }
             }
@@ -625,12 +625,6 @@ const HOP_BY_HOP: &[&str] = &[
     "transfer-encoding",
     "upgrade",
 ];
-
-/// The store refused a result as over its limit (`RESOURCE_EXHAUSTED`
-/// with no reason; overload and a full store name theirs).
-fn too_large_to_save(e: &ClientError) -> bool {
-    e.code() == Some(tonic::Code::ResourceExhausted) && e.reason().is_none()
-}
 
 /// A saved response, replayed.
 fn replay(result: &[u8]) -> Response {

@@ -45,6 +45,13 @@ impl ClientError {
         self.reason() == Some(reason.as_str())
     }
 
+    /// Whether the server refused a field as over its limit
+    /// (`RESOURCE_EXHAUSTED` with no reason; an overloaded or full store
+    /// names its reason). Retrying the same request cannot succeed.
+    pub fn is_too_large(&self) -> bool {
+        matches!(self, ClientError::Status(s) if s.code() == Code::ResourceExhausted && reason_of(s).is_none())
+    }
+
     pub fn message(&self) -> String {
         match self {
             ClientError::Status(s) => s.message().to_string(),

@@ -1106,6 +1106,16 @@ mod tests {
     use super::SPARE_ROOM;
     use std::time::Duration;
 
+    /// Stage `keys` in the overlay's current layer, each written as
+    /// `value` (with no decoded record), as apply leaves them for a flush.
+    fn stage(sm: &super::StateMachineStore, keys: impl IntoIterator<Item = Vec<u8>>, value: &[u8]) {
+        let mut l = sm.overlay_mut();
+        for k in keys {
+            l.current.writes.insert(k.clone(), Some(value.to_vec()));
+            l.current.records.insert(k, None);
+        }
+    }
+
     /// A follower applies the last entries of a leader that stopped only
     /// after the next election; their stamps are older than the time that
     /// has passed, and must not set the clock's reading back (a paused
@@ -1139,15 +1149,12 @@ mod tests {
         let store = crate::store::Store::open(dir.path()).unwrap();
         let sm = &store.state_machine;
         for round in 0..3 {
-            {
-                let mut l = sm.overlay_mut();
-                for i in 0..20 {
-                    let k = format!("test-blob-{round}-{i:02}").into_bytes();
-                    l.current.writes.insert(k.clone(), Some(vec![7; 20 * 1024]));
-                    l.current.records.insert(k, None);
-                }
-                assert!(!l.current.large, "no value is large enough to flag");
-            }
+            let keys = (0..20).map(|i| format!("test-blob-{round}-{i:02}").into_bytes());
+            stage(sm, keys, &[7; 20 * 1024]);
+            assert!(
+                !sm.overlay().current.large,
+                "no value is large enough to flag"
+            );
             sm.flush().unwrap();
         }
         let blobs = std::fs::read_dir(dir.path().join("sled").join("blobs"))
@@ -1171,11 +1178,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(dir.path()).unwrap();
         let sm = &store.state_machine;
-        let put = |k: &[u8]| {
-            let mut l = sm.overlay_mut();
-            l.current.writes.insert(k.to_vec(), Some(vec![1]));
-            l.current.records.insert(k.to_vec(), None);
-        };
+        let put = |k: &[u8]| stage(sm, [k.to_vec()], &[1]);
         put(b"test-lost");
         // What a failed write leaves: the layer frozen, never written.
         let failed = sm.freeze().unwrap();
@@ -1205,12 +1208,11 @@ mod tests {
         let store = crate::store::Store::open(dir.path()).unwrap();
         let sm = &store.state_machine;
         let put = |from: u32, to: u32| {
-            let mut l = sm.overlay_mut();
-            for i in from..to {
-                let k = format!("test-{i}").into_bytes();
-                l.current.writes.insert(k.clone(), Some(vec![1]));
-                l.current.records.insert(k, None);
-            }
+            stage(
+                sm,
+                (from..to).map(|i| format!("test-{i}").into_bytes()),
+                &[1],
+            );
         };
         let room = || {
             let l = sm.overlay();
