@@ -547,6 +547,7 @@ impl Gateway {
                 key,
                 token,
                 error: why.to_string(),
+                permanent: false,
             })
             .await;
         if let Err(e) = r {

@@ -107,6 +107,13 @@ pub enum Op {
     DeleteFenced {
         token: u64,
     },
+    /// A Release that gives up for good (`permanent`): the record becomes
+    /// `FAILED` at once, whatever attempts remain, so no later claim runs
+    /// the work again. (A variant of its own, so older entries decode.)
+    ReleasePermanent {
+        token: u64,
+        error: String,
+    },
 }
 
 /// `(namespace, key)`.
@@ -161,7 +168,9 @@ impl Command {
                             Op::Claim(c) => claim(c),
                             Op::Complete { result, .. } => result.len(),
                             Op::Renew { checkpoint, .. } => checkpoint.as_ref().map_or(0, Vec::len),
-                            Op::Release { error, .. } => error.len(),
+                            Op::Release { error, .. } | Op::ReleasePermanent { error, .. } => {
+                                error.len()
+                            }
                             Op::Delete | Op::DeleteFenced { .. } => 0,
                         }
                 }
@@ -507,7 +516,8 @@ pub fn apply_op(cur: Option<&Record>, op: &Op, now: u64, last_token: &mut u64) -
             lease_ms,
             checkpoint,
         } => renew(cur, *token, *lease_ms, checkpoint, now),
-        Op::Release { token, error } => release(cur, *token, error, now),
+        Op::Release { token, error } => release(cur, *token, error, now, false),
+        Op::ReleasePermanent { token, error } => release(cur, *token, error, now, true),
         Op::Delete => match cur {
             Some(_) => (Change::Remove, Ok(Outcome::Deleted { existed: true })),
             None => (Change::Keep, Ok(Outcome::Deleted { existed: false })),
@@ -812,7 +822,10 @@ fn renew(
     )
 }
 
-fn release(cur: Option<&Record>, token: u64, error: &str, now: u64) -> Decision {
+/// Give the claim back: the record becomes `AVAILABLE` for the next
+/// attempt, or `FAILED` when attempts are used up or the release is
+/// `permanent`.
+fn release(cur: Option<&Record>, token: u64, error: &str, now: u64, permanent: bool) -> Decision {
     let Some(r) = cur else {
         return lease_lost(token, cur);
     };
@@ -823,7 +836,7 @@ fn release(cur: Option<&Record>, token: u64, error: &str, now: u64) -> Decision 
             checkpoint,
             ..
         } if *held == token => {
-            if attempts_exhausted(r) {
+            if permanent || attempts_exhausted(r) {
                 let failed = fail(r, owner, token, error, now);
                 let out = Outcome::Released {
                     state: Released::Failed,
@@ -957,6 +970,7 @@ impl std::fmt::Display for Request {
                 Op::Complete { .. } => "complete",
                 Op::Renew { .. } => "renew",
                 Op::Release { .. } => "release",
+                Op::ReleasePermanent { .. } => "release-permanent",
                 Op::Delete => "delete",
                 Op::DeleteFenced { .. } => "delete-fenced",
             },

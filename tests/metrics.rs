@@ -247,6 +247,7 @@ async fn takeovers_and_peer_refusals_are_counted_as_what_they_are() {
             key: b"t".to_vec(),
             token: b.token,
             error: "gave up".into(),
+            permanent: false,
         })
         .await
         .unwrap();

@@ -211,6 +211,49 @@ fn a_holder_fenced_out_by_exhausted_attempts_cannot_release() {
 }
 
 #[test]
+fn a_permanent_release_fails_the_record_whatever_attempts_remain() {
+    // Unlimited attempts: a plain Release would leave it AVAILABLE.
+    let held = put(apply_op(None, &Op::Claim(claim("a", 100, 0)), 0, &mut 0).0);
+    let give_up = Op::ReleasePermanent {
+        token: 1,
+        error: "ran; result not saved".into(),
+    };
+    let (change, out) = apply_op(Some(&held), &give_up, 50, &mut 1);
+    assert!(matches!(
+        out,
+        Ok(Outcome::Released {
+            state: Released::Failed,
+            attempts: 1
+        })
+    ));
+    let failed = put(change);
+    assert!(
+        matches!(&failed.state, State::Failed { last_error, last_token: 1, .. } if last_error == "ran; result not saved"),
+        "{failed:?}"
+    );
+    // A retry answers as the first did and changes nothing.
+    let (change, again) = apply_op(Some(&failed), &give_up, 60, &mut 1);
+    assert_eq!(change, Change::Keep);
+    assert_eq!(again, out);
+    // A later claim, even long after the lease, gets FAILED: no new grant.
+    let (change, later) = apply_op(Some(&failed), &Op::Claim(claim("b", 100, 0)), 5_000, &mut 1);
+    assert_eq!(change, Change::Keep);
+    assert!(
+        matches!(&later, Ok(Outcome::Claim(ClaimOutcome::Failed { last_error, .. })) if last_error == "ran; result not saved"),
+        "{later:?}"
+    );
+    // Only the holder's token may give up.
+    let held = put(apply_op(None, &Op::Claim(claim("a", 100, 0)), 0, &mut 0).0);
+    let stranger = Op::ReleasePermanent {
+        token: 9,
+        error: String::new(),
+    };
+    let (change, out) = apply_op(Some(&held), &stranger, 50, &mut 1);
+    assert_eq!(change, Change::Keep);
+    assert!(matches!(out, Err(RuleError::LeaseLost { .. })), "{out:?}");
+}
+
+#[test]
 fn a_fenced_delete_removes_only_what_its_token_holds() {
     let held = put(apply_op(None, &Op::Claim(claim("a", 100, 0)), 0, &mut 0).0);
     let del = |token| Op::DeleteFenced { token };

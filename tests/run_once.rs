@@ -576,3 +576,75 @@ async fn a_waiting_duplicate_runs_the_work_once_the_holders_lease_runs_out() {
     }
     c.shutdown().await;
 }
+
+/// Work that ran but whose result the store refuses as too large (over its
+/// result limit) is never run again: the helper marks the key FAILED with
+/// a permanent Release and says the result was not saved, and a later
+/// delivery, even one that waits past the first run's lease, gets FAILED
+/// instead of running the work a second time.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn work_whose_result_is_too_large_to_save_is_not_run_again() {
+    let (clock, _wall) = idemkv::clock::Clock::virtual_wall();
+    let c = TestCluster::start_with(3, |cfg| {
+        cfg.clock = clock.clone();
+        cfg.limits.result_max = 1024;
+    })
+    .await;
+    let client = c.client();
+    let effects = Arc::new(AtomicU32::new(0));
+    let run = |owner: &str| {
+        let mut opts = RunOptions::new(owner, Duration::from_secs(5));
+        opts.wait_for_duplicate = Some(Duration::from_secs(20));
+        let effects = effects.clone();
+        let client = client.clone();
+        async move {
+            client
+                .run_once("exports", b"report/9", &opts, |_| async move {
+                    effects.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, String>(vec![7u8; 4096])
+                })
+                .await
+        }
+    };
+    let first = run("w1").await;
+    assert!(
+        matches!(
+            &first,
+            Err(RunError::ResultTooLarge {
+                bytes: 4096,
+                marked_failed: true,
+                ..
+            })
+        ),
+        "{first:?}"
+    );
+    let rec = client
+        .get(api::GetRequest {
+            namespace: "exports".into(),
+            key: b"report/9".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .expect("the record");
+    assert_eq!(rec.state, api::RecordState::Failed as i32, "{rec:?}");
+    assert!(
+        rec.last_error.contains("4096 bytes was not saved"),
+        "{}",
+        rec.last_error
+    );
+
+    let second = run("w2").await.unwrap();
+    match second {
+        RunOutcome::Failed { last_error, .. } => {
+            assert!(last_error.contains("does not run again"), "{last_error}")
+        }
+        other => panic!("a later delivery must not run the work again: {other:?}"),
+    }
+    assert_eq!(
+        effects.load(Ordering::SeqCst),
+        1,
+        "the effect happened once"
+    );
+    c.shutdown().await;
+}

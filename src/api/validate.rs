@@ -212,9 +212,11 @@ pub fn renew(limits: &Limits, r: &api::RenewRequest) -> Result<(RecordKey, Op)> 
 
 pub fn release(limits: &Limits, r: &api::ReleaseRequest) -> Result<(RecordKey, Op)> {
     let k = key(limits, &r.namespace, &r.key)?;
-    let op = Op::Release {
-        token: r.token,
-        error: r.error.clone(),
+    let (token, error) = (r.token, r.error.clone());
+    let op = if r.permanent {
+        Op::ReleasePermanent { token, error }
+    } else {
+        Op::Release { token, error }
     };
     op_limits(limits, &op)?;
     Ok((k, op))
@@ -336,7 +338,7 @@ fn op_limits(limits: &Limits, op: &Op) -> Result<()> {
                 None => Ok(()),
             }
         }
-        Op::Release { token: t, error } => {
+        Op::Release { token: t, error } | Op::ReleasePermanent { token: t, error } => {
             token(*t)?;
             check_len("error", error.len(), limits.error_max, "bytes")
         }

@@ -103,6 +103,10 @@ pub enum CtlOp {
         token: u64,
         #[arg(long, default_value = "")]
         error: String,
+        /// Give up for good: the record becomes FAILED now and later
+        /// claims get FAILED instead of running the work again.
+        #[arg(long)]
+        permanent: bool,
     },
     /// Show a record.
     Get {
@@ -463,13 +467,19 @@ async fn exec(client: &Client, op: CtlOp) -> Result<(String, Value), ClientError
                 json!({"outcome": "RENEWED", "lease_deadline_ms": r.lease_deadline_ms}),
             )
         }
-        CtlOp::Release { t, token, error } => {
+        CtlOp::Release {
+            t,
+            token,
+            error,
+            permanent,
+        } => {
             let r = client
                 .release(api::ReleaseRequest {
                     namespace: t.namespace,
                     key: t.key.into_bytes(),
                     token,
                     error,
+                    permanent,
                 })
                 .await?;
             let state = state_name(r.state);

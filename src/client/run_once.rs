@@ -303,6 +303,25 @@ pub enum RunError<E> {
     /// the work was not started, and the claim was released (best effort).
     #[error("the grant (token {token}) arrived {waited:?} after the claim was sent, past its lease deadline; the work was not started")]
     GrantExpired { token: u64, waited: Duration },
+    /// The work ran, but the store refused its result as over its result
+    /// limit, so nothing can be replayed. The key was marked FAILED (a
+    /// permanent Release) so that later calls return
+    /// [`RunOutcome::Failed`] and never run the work again; if that mark
+    /// failed too (`marked_failed` false), the key stays held until its
+    /// lease runs out and a later call may run the work again.
+    #[error(
+        "the work ran (token {token}) but its result of {bytes} bytes is over the store's result limit and was not saved; {}",
+        if *.marked_failed {
+            "the key is marked FAILED so the work does not run again"
+        } else {
+            "marking the key FAILED failed too: a call after the lease may run the work again"
+        }
+    )]
+    ResultTooLarge {
+        token: u64,
+        bytes: usize,
+        marked_failed: bool,
+    },
     #[error(transparent)]
     Client(#[from] ClientError),
 }
@@ -429,6 +448,15 @@ impl Client {
                         token,
                         why: LeaseLoss::Fenced,
                     }),
+                    Err(e) if e.is_too_large() => {
+                        let bytes = completion.result.len();
+                        let marked_failed = self.give_up(namespace, key, token, bytes, &e).await;
+                        Err(RunError::ResultTooLarge {
+                            token,
+                            bytes,
+                            marked_failed,
+                        })
+                    }
                     Err(e) => Err(e.into()),
                 }
             }
@@ -438,12 +466,45 @@ impl Client {
                     key: key.to_vec(),
                     token,
                     error: error_text(&e),
+                    permanent: false,
                 };
                 // A release that fails leaves the lease to expire: same end.
                 if let Err(re) = self.release(release).await {
                     tracing::warn!(error = %re, "release after a failed run");
                 }
                 Err(RunError::Work(e))
+            }
+        }
+    }
+
+    /// The work ran and had its effect, but the store refused its result as
+    /// too large: mark the key FAILED for good (a permanent Release) so that
+    /// no later delivery runs the work again; they get
+    /// [`RunOutcome::Failed`] with this reason. True if the mark was made.
+    async fn give_up(
+        &self,
+        namespace: &str,
+        key: &[u8],
+        token: u64,
+        bytes: usize,
+        refusal: &ClientError,
+    ) -> bool {
+        let req = api::ReleaseRequest {
+            namespace: namespace.into(),
+            key: key.to_vec(),
+            token,
+            error: error_text(&format!(
+                "the work ran, but its result of {bytes} bytes was not saved ({}); \
+                 marked failed so that it does not run again",
+                refusal.message()
+            )),
+            permanent: true,
+        };
+        match self.release(req).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, token, "marking a run whose result was too large failed");
+                false
             }
         }
     }
@@ -466,6 +527,7 @@ impl Client {
             key: key.to_vec(),
             token,
             error: format!("grant arrived {waited:?} after the claim was sent; not started"),
+            permanent: false,
         };
         match tokio::time::timeout(lease, self.release(req)).await {
             Ok(Ok(_)) => {}

@@ -608,6 +608,10 @@ impl OnceRun {
                 fenced: why == idemkv::client::LeaseLoss::Fenced,
             },
             Err(RunError::GrantExpired { token, .. }) => Outcome::GrantExpired { token },
+            Err(e @ RunError::ResultTooLarge { .. }) => Outcome::Error {
+                fault: Some("the results here are small, yet the store refused one".into()),
+                message: e.to_string(),
+            },
             Err(RunError::Work(e)) => Outcome::Error {
                 fault: Some("the work never fails, yet run_once said it did".into()),
                 message: e,

@@ -437,6 +437,7 @@ impl Worker {
             key: key.as_bytes().to_vec(),
             token,
             error: "worker failed".into(),
+            permanent: false,
         };
         let t = now_ms();
         let ret = match self.client().release(req).await {

@@ -309,12 +309,14 @@ def renew_call(namespace: str, key: Bytes, token: int, lease: Duration, checkpoi
     return Call("Renew", req, lambda r: RenewResult(lease_deadline_ms=r.lease_deadline_ms))
 
 
-def release_request(namespace: str, key: Bytes, token: int, error: str) -> Any:
-    return pb.ReleaseRequest(namespace=namespace, key=to_bytes(key, "key"), token=token, error=error)
+def release_request(namespace: str, key: Bytes, token: int, error: str, permanent: bool = False) -> Any:
+    return pb.ReleaseRequest(
+        namespace=namespace, key=to_bytes(key, "key"), token=token, error=error, permanent=permanent
+    )
 
 
-def release_call(namespace: str, key: Bytes, token: int, error: str) -> Call:
-    req = release_request(namespace, key, token, error)
+def release_call(namespace: str, key: Bytes, token: int, error: str, permanent: bool = False) -> Call:
+    req = release_request(namespace, key, token, error, permanent)
     return Call("Release", req, lambda r: ReleaseResult(state=state(r.state), attempts=r.attempts))
 
 

@@ -18,7 +18,10 @@ The rules are the Rust helper's (``src/client/run_once.rs``):
   work is told, not interrupted; when it returns nothing is saved
   (:class:`LeaseLost`);
 - the work's exception releases the claim (unless the lease was lost), and
-  propagates.
+  propagates;
+- a result the store refuses as too large marks the key FAILED for good (a
+  permanent release: the work ran, and must not run again) and raises
+  :class:`ResultNotSaved`.
 
 ``api`` is anything with the client's calls (``claim``, ``wait``,
 ``complete``, ``release``, ``_call``): the sync client (blocking), the
@@ -37,7 +40,15 @@ from . import _convert as cv
 from . import serializers
 from ._lease import EXPIRED, FENCED, ClaimBase, LeaseClock, _current, lease_lost, validity
 from ._steps import Steps, step
-from .errors import AttemptsExhausted, Busy, GrantExpired, IdemkvError, LeaseLost
+from .errors import (
+    AttemptsExhausted,
+    Busy,
+    GrantExpired,
+    IdemkvError,
+    LeaseLost,
+    ResultNotSaved,
+    TooLarge,
+)
 from .types import Acquired, Completed, Completion, Failed, InProgress, RecordState, RunResult
 
 log = logging.getLogger("idemkv")
@@ -162,6 +173,27 @@ def run_steps(
         yield step(api.complete, namespace, key_b, token, data, code=code, retention=retention)
     except LeaseLost:
         raise lease_lost(token, FENCED) from None
+    except TooLarge as e:
+        # The work ran and had its effect; only its result cannot be kept.
+        # Mark the key FAILED for good, so no later delivery runs it again.
+        marked = True
+        why = f"the work ran, but its result of {len(data)} bytes was not saved ({e.message}); marked failed so that it does not run again"
+        try:
+            yield step(api.release, namespace, key_b, token, error=why[:1024], permanent=True)
+        except IdemkvError as re:
+            log.warning("marking a run whose result was too large (token %d): %s", token, re)
+            marked = False
+        then = (
+            "the key is marked FAILED so the work does not run again"
+            if marked
+            else "marking the key FAILED failed too: a call after the lease may run the work again"
+        )
+        raise ResultNotSaved(
+            f"the work ran (token {token}) but its result of {len(data)} bytes is over the store's result limit and was not saved; {then}",
+            token=token,
+            size=len(data),
+            marked_failed=marked,
+        ) from e
     return RunResult(value=value, replayed=False, token=token, code=code, raw=data)
 
 

@@ -163,10 +163,14 @@ class Client(ClientBase):
         for whoever takes over if this worker dies."""
         return self._do(cv.renew_call(namespace, key, token, lease, checkpoint))
 
-    def release(self, namespace: str, key: cv.Bytes, token: int, error: str = "") -> ReleaseResult:
+    def release(
+        self, namespace: str, key: cv.Bytes, token: int, error: str = "", *, permanent: bool = False
+    ) -> ReleaseResult:
         """Give the claim back after a failure: the key is claimable at once
-        (AVAILABLE), or FAILED once ``max_attempts`` is reached."""
-        return self._do(cv.release_call(namespace, key, token, error))
+        (AVAILABLE), or FAILED once ``max_attempts`` is reached. With
+        ``permanent`` it is FAILED now, whatever attempts remain, and later
+        claims get FAILED instead of running the work again."""
+        return self._do(cv.release_call(namespace, key, token, error, permanent))
 
     def get(
         self,

@@ -29,8 +29,9 @@ Hierarchy::
     ├── InternalError
     ├── ProtocolError              a reply that breaks the protocol
     ├── Busy                       run_once: another worker holds the key
-    ├── AttemptsExhausted          run_once: max_attempts used up (FAILED)
+    ├── AttemptsExhausted          run_once: the key is FAILED
     ├── GrantExpired               run_once: the grant came too late to use
+    ├── ResultNotSaved             run_once: the work ran, its result too large
     └── ConfigError (ValueError)   bad endpoints or settings
 """
 
@@ -171,7 +172,8 @@ class Busy(IdemkvError):
 
 
 class AttemptsExhausted(IdemkvError):
-    """``run_once``: the key is FAILED, its ``max_attempts`` used up."""
+    """``run_once``: the key is FAILED: its ``max_attempts`` used up, or a run
+    gave up for good (a permanent release; ``last_error`` says why)."""
 
     def __init__(self, message: str, *, attempts: int, last_error: str) -> None:
         super().__init__(message)
@@ -188,6 +190,20 @@ class GrantExpired(IdemkvError):
         super().__init__(message)
         self.token = token
         self.waited = waited
+
+
+class ResultNotSaved(IdemkvError):
+    """``run_once``: the work ran, but the store refused its result as over
+    its result limit, so there is nothing to replay. The key was marked
+    FAILED (a permanent release, ``marked_failed``) so that later calls
+    raise :class:`AttemptsExhausted` and never run the work again; if that
+    mark failed too, a call after the lease may run it again."""
+
+    def __init__(self, message: str, *, token: int, size: int, marked_failed: bool) -> None:
+        super().__init__(message)
+        self.token = token
+        self.size = size
+        self.marked_failed = marked_failed
 
 
 class ConfigError(IdemkvError, ValueError):

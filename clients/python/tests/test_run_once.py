@@ -77,6 +77,26 @@ def test_max_attempts_turns_the_key_failed(client: idemkv.Client, ns: str) -> No
     assert e.value.attempts == 1 and "bad row" in e.value.last_error
 
 
+def test_work_whose_result_is_too_large_to_save_never_runs_again(client: idemkv.Client, ns: str) -> None:
+    calls: List[int] = []
+
+    def work(claim: idemkv.Claim) -> bytes:
+        calls.append(claim.token)
+        return b"x" * (1024 * 1024 + 1)  # the store keeps results up to 1 MiB
+
+    with pytest.raises(idemkv.ResultNotSaved) as e:
+        client.run_once(ns, "export-9", work, lease=1)
+    assert e.value.marked_failed and e.value.size == 1024 * 1024 + 1
+    rec = client.get(ns, "export-9")
+    assert rec.state is idemkv.RecordState.FAILED and "was not saved" in rec.last_error
+    # A later delivery, waiting well past the first run's lease, is told the
+    # key failed; it does not run the work a second time.
+    with pytest.raises(idemkv.AttemptsExhausted) as again:
+        client.run_once(ns, "export-9", work, lease=1, wait_for_duplicate=3)
+    assert "does not run again" in again.value.last_error
+    assert calls == [e.value.token]
+
+
 def test_a_duplicate_is_busy_or_waits_for_the_result(client: idemkv.Client, ns: str) -> None:
     started, finish = threading.Event(), threading.Event()
 

@@ -124,9 +124,11 @@ class Client(ClientBase):
         """See :meth:`idemkv.Client.renew`."""
         return await self._do(cv.renew_call(namespace, key, token, lease, checkpoint))
 
-    async def release(self, namespace: str, key: cv.Bytes, token: int, error: str = "") -> ReleaseResult:
+    async def release(
+        self, namespace: str, key: cv.Bytes, token: int, error: str = "", *, permanent: bool = False
+    ) -> ReleaseResult:
         """See :meth:`idemkv.Client.release`."""
-        return await self._do(cv.release_call(namespace, key, token, error))
+        return await self._do(cv.release_call(namespace, key, token, error, permanent))
 
     async def get(
         self,

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13idemkv/v1/api.proto\x12\tidemkv.v1\"\xa0\x03\n\x06Record\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.idemkv.v1.RecordState\x12\r\n\x05owner\x18\x04 \x01(\t\x12\r\n\x05token\x18\x05 \x01(\x04\x12\x19\n\x11lease_deadline_ms\x18\x06 \x01(\x04\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\r\x12\x14\n\x0cmax_attempts\x18\x08 \x01(\r\x12\x18\n\x0b\x66ingerprint\x18\t \x01(\x0cH\x00\x88\x01\x01\x12\x15\n\rcreated_at_ms\x18\n \x01(\x04\x12\x0e\n\x06result\x18\x0b \x01(\x0c\x12\x11\n\x04\x63ode\x18\x0c \x01(\x05H\x01\x88\x01\x01\x12\x17\n\x0f\x63ompleted_at_ms\x18\r \x01(\x04\x12\x15\n\rexpires_at_ms\x18\x0e \x01(\x04\x12\x12\n\nlast_error\x18\x0f \x01(\t\x12\x17\n\ncheckpoint\x18\x10 \x01(\x0cH\x02\x88\x01\x01\x12\x15\n\rupdated_at_ms\x18\x11 \x01(\x04\x42\x0e\n\x0c_fingerprintB\x07\n\x05_codeB\r\n\x0b_checkpoint\"\xb7\x01\n\x0c\x43laimRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x10\n\x08\x63laim_id\x18\x04 \x01(\t\x12\x10\n\x08lease_ms\x18\x05 \x01(\x04\x12\x18\n\x0b\x66ingerprint\x18\x06 \x01(\x0cH\x00\x88\x01\x01\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\r\x12\x14\n\x0cretention_ms\x18\x08 \x01(\x04\x42\x0e\n\x0c_fingerprint\"\x9d\x01\n\x08\x41\x63quired\x12\r\n\x05token\x18\x01 \x01(\x04\x12\x19\n\x11lease_deadline_ms\x18\x02 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x1b\n\x0eprevious_owner\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x17\n\ncheckpoint\x18\x05 \x01(\x0cH\x01\x88\x01\x01\x42\x11\n\x0f_previous_ownerB\r\n\x0b_checkpoint\"H\n\nInProgress\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x1a\n\x12lease_remaining_ms\x18\x02 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\"_\n\tCompleted\x12\x0e\n\x06result\x18\x01 \x01(\x0c\x12\x17\n\x0f\x63ompleted_at_ms\x18\x02 \x01(\x04\x12\r\n\x05token\x18\x03 \x01(\x04\x12\x11\n\x04\x63ode\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x07\n\x05_code\".\n\x06\x46\x61iled\x12\x10\n\x08\x61ttempts\x18\x01 \x01(\r\x12\x12\n\nlast_error\x18\x02 \x01(\t\"\xc1\x01\n\rClaimResponse\x12\'\n\x08\x61\x63quired\x18\x01 \x01(\x0b\x32\x13.idemkv.v1.AcquiredH\x00\x12,\n\x0bin_progress\x18\x02 \x01(\x0b\x32\x15.idemkv.v1.InProgressH\x00\x12)\n\tcompleted\x18\x03 \x01(\x0b\x32\x14.idemkv.v1.CompletedH\x00\x12#\n\x06\x66\x61iled\x18\x04 \x01(\x0b\x32\x11.idemkv.v1.FailedH\x00\x42\t\n\x07outcome\"S\n\x11\x43laimBatchRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.idemkv.v1.ClaimRequest\x12\x16\n\x0e\x61ll_or_nothing\x18\x02 \x01(\x08\",\n\tItemError\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xe9\x01\n\x0e\x43laimBatchItem\x12\'\n\x08\x61\x63quired\x18\x01 \x01(\x0b\x32\x13.idemkv.v1.AcquiredH\x00\x12,\n\x0bin_progress\x18\x02 \x01(\x0b\x32\x15.idemkv.v1.InProgressH\x00\x12)\n\tcompleted\x18\x03 \x01(\x0b\x32\x14.idemkv.v1.CompletedH\x00\x12#\n\x06\x66\x61iled\x18\x04 \x01(\x0b\x32\x11.idemkv.v1.FailedH\x00\x12%\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x14.idemkv.v1.ItemErrorH\x00\x42\t\n\x07outcome\"O\n\x12\x43laimBatchResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.idemkv.v1.ClaimBatchItem\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\"\x82\x01\n\x0f\x43ompleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05token\x18\x03 \x01(\x04\x12\x0e\n\x06result\x18\x04 \x01(\x0c\x12\x11\n\x04\x63ode\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0cretention_ms\x18\x06 \x01(\x04\x42\x07\n\x05_code\"B\n\x10\x43ompleteResponse\x12\x17\n\x0f\x63ompleted_at_ms\x18\x01 \x01(\x04\x12\x15\n\rexpires_at_ms\x18\x02 \x01(\x04\"w\n\x0cRenewRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05token\x18\x03 \x01(\x04\x12\x10\n\x08lease_ms\x18\x04 \x01(\x04\x12\x17\n\ncheckpoint\x18\x05 \x01(\x0cH\x00\x88\x01\x01\x42\r\n\x0b_checkpoint\"*\n\rRenewResponse\x12\x19\n\x11lease_deadline_ms\x18\x01 \x01(\x04\"N\n\x0eReleaseRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05token\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"J\n\x0fReleaseResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.idemkv.v1.RecordState\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\r\"Y\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12+\n\x0b\x63onsistency\x18\x03 \x01(\x0e\x32\x16.idemkv.v1.Consistency\"0\n\x0bGetResponse\x12!\n\x06record\x18\x01 \x01(\x0b\x32\x11.idemkv.v1.Record\"B\n\x0c\x41waitRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x12\n\ntimeout_ms\x18\x03 \x01(\x04\"E\n\rAwaitResponse\x12!\n\x06record\x18\x01 \x01(\x0b\x32\x11.idemkv.v1.Record\x12\x11\n\ttimed_out\x18\x02 \x01(\x08\"M\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x12\n\x05token\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x08\n\x06_token\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"H\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08\x61pi_addr\x18\x02 \x01(\t\x12\x11\n\traft_addr\x18\x03 \x01(\t\x12\r\n\x05voter\x18\x04 \x01(\x08\"\x0f\n\rStatusRequest\"\xac\x03\n\x0eStatusResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x16\n\tleader_id\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x17\n\x0fleader_api_addr\x18\x04 \x01(\t\x12\x0c\n\x04term\x18\x05 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x06 \x01(\x04\x12\x15\n\rapplied_index\x18\x07 \x01(\x04\x12\x16\n\x0elast_log_index\x18\x08 \x01(\x04\x12\"\n\x07members\x18\t \x03(\x0b\x32\x11.idemkv.v1.Member\x12\x16\n\x0esnapshot_index\x18\n \x01(\x04\x12\x10\n\x08\x61pi_addr\x18\x0b \x01(\t\x12\x10\n\x08\x63lock_ms\x18\x0c \x01(\x04\x12\x15\n\rwall_clock_ms\x18\r \x01(\x04\x12\x19\n\x0crejoin_until\x18\x0e \x01(\x04H\x01\x88\x01\x01\x12\x12\n\ndata_bytes\x18\x0f \x01(\x04\x12\x13\n\x0bquota_bytes\x18\x10 \x01(\x04\x12\x0e\n\x06\x61larms\x18\x11 \x03(\t\x12\x12\n\ncluster_id\x18\x12 \x01(\tB\x0c\n\n_leader_idB\x0f\n\r_rejoin_until\"D\n\x11\x41\x64\x64LearnerRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08\x61pi_addr\x18\x02 \x01(\t\x12\x11\n\traft_addr\x18\x03 \x01(\t\"9\n\x17\x43hangeMembershipRequest\x12\x0e\n\x06voters\x18\x01 \x03(\x04\x12\x0e\n\x06retain\x18\x02 \x01(\x08\"8\n\x12MembershipResponse\x12\"\n\x07members\x18\x01 \x03(\x0b\x32\x11.idemkv.v1.Member\"\x18\n\x16TriggerSnapshotRequest\"\x19\n\x17TriggerSnapshotResponse\"!\n\x10HashStateRequest\x12\r\n\x05index\x18\x01 \x01(\x04\"M\n\x11HashStateResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04hash\x18\x03 \x01(\x0c\x12\x0f\n\x07records\x18\x04 \x01(\x04\"\x15\n\x13SaveSnapshotRequest\"\x1c\n\x0cSnapshotData\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"#\n\x15TransferLeaderRequest\x12\n\n\x02to\x18\x01 \x01(\x04*f\n\x0bRecordState\x12\x1c\n\x18RECORD_STATE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bIN_PROGRESS\x10\x01\x12\r\n\tAVAILABLE\x10\x02\x12\r\n\tCOMPLETED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04*1\n\x0b\x43onsistency\x12\x10\n\x0cLINEARIZABLE\x10\x00\x12\x10\n\x0cSERIALIZABLE\x10\x01\x32\x88\x04\n\x0bIdempotency\x12:\n\x05\x43laim\x12\x17.idemkv.v1.ClaimRequest\x1a\x18.idemkv.v1.ClaimResponse\x12I\n\nClaimBatch\x12\x1c.idemkv.v1.ClaimBatchRequest\x1a\x1d.idemkv.v1.ClaimBatchResponse\x12\x43\n\x08\x43omplete\x12\x1a.idemkv.v1.CompleteRequest\x1a\x1b.idemkv.v1.CompleteResponse\x12:\n\x05Renew\x12\x17.idemkv.v1.RenewRequest\x1a\x18.idemkv.v1.RenewResponse\x12@\n\x07Release\x12\x19.idemkv.v1.ReleaseRequest\x1a\x1a.idemkv.v1.ReleaseResponse\x12\x34\n\x03Get\x12\x15.idemkv.v1.GetRequest\x1a\x16.idemkv.v1.GetResponse\x12:\n\x05\x41wait\x12\x17.idemkv.v1.AwaitRequest\x1a\x18.idemkv.v1.AwaitResponse\x12=\n\x06\x44\x65lete\x12\x18.idemkv.v1.DeleteRequest\x1a\x19.idemkv.v1.DeleteResponse2\xaa\x04\n\x07\x43luster\x12=\n\x06Status\x12\x18.idemkv.v1.StatusRequest\x1a\x19.idemkv.v1.StatusResponse\x12I\n\nAddLearner\x12\x1c.idemkv.v1.AddLearnerRequest\x1a\x1d.idemkv.v1.MembershipResponse\x12U\n\x10\x43hangeMembership\x12\".idemkv.v1.ChangeMembershipRequest\x1a\x1d.idemkv.v1.MembershipResponse\x12X\n\x0fTriggerSnapshot\x12!.idemkv.v1.TriggerSnapshotRequest\x1a\".idemkv.v1.TriggerSnapshotResponse\x12Q\n\x0eTransferLeader\x12 .idemkv.v1.TransferLeaderRequest\x1a\x1d.idemkv.v1.MembershipResponse\x12\x46\n\tHashState\x12\x1b.idemkv.v1.HashStateRequest\x1a\x1c.idemkv.v1.HashStateResponse\x12I\n\x0cSaveSnapshot\x12\x1e.idemkv.v1.SaveSnapshotRequest\x1a\x17.idemkv.v1.SnapshotData0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13idemkv/v1/api.proto\x12\tidemkv.v1\"\xa0\x03\n\x06Record\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.idemkv.v1.RecordState\x12\r\n\x05owner\x18\x04 \x01(\t\x12\r\n\x05token\x18\x05 \x01(\x04\x12\x19\n\x11lease_deadline_ms\x18\x06 \x01(\x04\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\r\x12\x14\n\x0cmax_attempts\x18\x08 \x01(\r\x12\x18\n\x0b\x66ingerprint\x18\t \x01(\x0cH\x00\x88\x01\x01\x12\x15\n\rcreated_at_ms\x18\n \x01(\x04\x12\x0e\n\x06result\x18\x0b \x01(\x0c\x12\x11\n\x04\x63ode\x18\x0c \x01(\x05H\x01\x88\x01\x01\x12\x17\n\x0f\x63ompleted_at_ms\x18\r \x01(\x04\x12\x15\n\rexpires_at_ms\x18\x0e \x01(\x04\x12\x12\n\nlast_error\x18\x0f \x01(\t\x12\x17\n\ncheckpoint\x18\x10 \x01(\x0cH\x02\x88\x01\x01\x12\x15\n\rupdated_at_ms\x18\x11 \x01(\x04\x42\x0e\n\x0c_fingerprintB\x07\n\x05_codeB\r\n\x0b_checkpoint\"\xb7\x01\n\x0c\x43laimRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x10\n\x08\x63laim_id\x18\x04 \x01(\t\x12\x10\n\x08lease_ms\x18\x05 \x01(\x04\x12\x18\n\x0b\x66ingerprint\x18\x06 \x01(\x0cH\x00\x88\x01\x01\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\r\x12\x14\n\x0cretention_ms\x18\x08 \x01(\x04\x42\x0e\n\x0c_fingerprint\"\x9d\x01\n\x08\x41\x63quired\x12\r\n\x05token\x18\x01 \x01(\x04\x12\x19\n\x11lease_deadline_ms\x18\x02 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x1b\n\x0eprevious_owner\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x17\n\ncheckpoint\x18\x05 \x01(\x0cH\x01\x88\x01\x01\x42\x11\n\x0f_previous_ownerB\r\n\x0b_checkpoint\"H\n\nInProgress\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x1a\n\x12lease_remaining_ms\x18\x02 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\"_\n\tCompleted\x12\x0e\n\x06result\x18\x01 \x01(\x0c\x12\x17\n\x0f\x63ompleted_at_ms\x18\x02 \x01(\x04\x12\r\n\x05token\x18\x03 \x01(\x04\x12\x11\n\x04\x63ode\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x07\n\x05_code\".\n\x06\x46\x61iled\x12\x10\n\x08\x61ttempts\x18\x01 \x01(\r\x12\x12\n\nlast_error\x18\x02 \x01(\t\"\xc1\x01\n\rClaimResponse\x12\'\n\x08\x61\x63quired\x18\x01 \x01(\x0b\x32\x13.idemkv.v1.AcquiredH\x00\x12,\n\x0bin_progress\x18\x02 \x01(\x0b\x32\x15.idemkv.v1.InProgressH\x00\x12)\n\tcompleted\x18\x03 \x01(\x0b\x32\x14.idemkv.v1.CompletedH\x00\x12#\n\x06\x66\x61iled\x18\x04 \x01(\x0b\x32\x11.idemkv.v1.FailedH\x00\x42\t\n\x07outcome\"S\n\x11\x43laimBatchRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.idemkv.v1.ClaimRequest\x12\x16\n\x0e\x61ll_or_nothing\x18\x02 \x01(\x08\",\n\tItemError\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xe9\x01\n\x0e\x43laimBatchItem\x12\'\n\x08\x61\x63quired\x18\x01 \x01(\x0b\x32\x13.idemkv.v1.AcquiredH\x00\x12,\n\x0bin_progress\x18\x02 \x01(\x0b\x32\x15.idemkv.v1.InProgressH\x00\x12)\n\tcompleted\x18\x03 \x01(\x0b\x32\x14.idemkv.v1.CompletedH\x00\x12#\n\x06\x66\x61iled\x18\x04 \x01(\x0b\x32\x11.idemkv.v1.FailedH\x00\x12%\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x14.idemkv.v1.ItemErrorH\x00\x42\t\n\x07outcome\"O\n\x12\x43laimBatchResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.idemkv.v1.ClaimBatchItem\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\"\x82\x01\n\x0f\x43ompleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05token\x18\x03 \x01(\x04\x12\x0e\n\x06result\x18\x04 \x01(\x0c\x12\x11\n\x04\x63ode\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0cretention_ms\x18\x06 \x01(\x04\x42\x07\n\x05_code\"B\n\x10\x43ompleteResponse\x12\x17\n\x0f\x63ompleted_at_ms\x18\x01 \x01(\x04\x12\x15\n\rexpires_at_ms\x18\x02 \x01(\x04\"w\n\x0cRenewRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05token\x18\x03 \x01(\x04\x12\x10\n\x08lease_ms\x18\x04 \x01(\x04\x12\x17\n\ncheckpoint\x18\x05 \x01(\x0cH\x00\x88\x01\x01\x42\r\n\x0b_checkpoint\"*\n\rRenewResponse\x12\x19\n\x11lease_deadline_ms\x18\x01 \x01(\x04\"a\n\x0eReleaseRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05token\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\tpermanent\x18\x05 \x01(\x08\"J\n\x0fReleaseResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.idemkv.v1.RecordState\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\r\"Y\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12+\n\x0b\x63onsistency\x18\x03 \x01(\x0e\x32\x16.idemkv.v1.Consistency\"0\n\x0bGetResponse\x12!\n\x06record\x18\x01 \x01(\x0b\x32\x11.idemkv.v1.Record\"B\n\x0c\x41waitRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x12\n\ntimeout_ms\x18\x03 \x01(\x04\"E\n\rAwaitResponse\x12!\n\x06record\x18\x01 \x01(\x0b\x32\x11.idemkv.v1.Record\x12\x11\n\ttimed_out\x18\x02 \x01(\x08\"M\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x12\n\x05token\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x08\n\x06_token\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"H\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08\x61pi_addr\x18\x02 \x01(\t\x12\x11\n\traft_addr\x18\x03 \x01(\t\x12\r\n\x05voter\x18\x04 \x01(\x08\"\x0f\n\rStatusRequest\"\xac\x03\n\x0eStatusResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x16\n\tleader_id\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x17\n\x0fleader_api_addr\x18\x04 \x01(\t\x12\x0c\n\x04term\x18\x05 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x06 \x01(\x04\x12\x15\n\rapplied_index\x18\x07 \x01(\x04\x12\x16\n\x0elast_log_index\x18\x08 \x01(\x04\x12\"\n\x07members\x18\t \x03(\x0b\x32\x11.idemkv.v1.Member\x12\x16\n\x0esnapshot_index\x18\n \x01(\x04\x12\x10\n\x08\x61pi_addr\x18\x0b \x01(\t\x12\x10\n\x08\x63lock_ms\x18\x0c \x01(\x04\x12\x15\n\rwall_clock_ms\x18\r \x01(\x04\x12\x19\n\x0crejoin_until\x18\x0e \x01(\x04H\x01\x88\x01\x01\x12\x12\n\ndata_bytes\x18\x0f \x01(\x04\x12\x13\n\x0bquota_bytes\x18\x10 \x01(\x04\x12\x0e\n\x06\x61larms\x18\x11 \x03(\t\x12\x12\n\ncluster_id\x18\x12 \x01(\tB\x0c\n\n_leader_idB\x0f\n\r_rejoin_until\"D\n\x11\x41\x64\x64LearnerRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08\x61pi_addr\x18\x02 \x01(\t\x12\x11\n\traft_addr\x18\x03 \x01(\t\"9\n\x17\x43hangeMembershipRequest\x12\x0e\n\x06voters\x18\x01 \x03(\x04\x12\x0e\n\x06retain\x18\x02 \x01(\x08\"8\n\x12MembershipResponse\x12\"\n\x07members\x18\x01 \x03(\x0b\x32\x11.idemkv.v1.Member\"\x18\n\x16TriggerSnapshotRequest\"\x19\n\x17TriggerSnapshotResponse\"!\n\x10HashStateRequest\x12\r\n\x05index\x18\x01 \x01(\x04\"M\n\x11HashStateResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04hash\x18\x03 \x01(\x0c\x12\x0f\n\x07records\x18\x04 \x01(\x04\"\x15\n\x13SaveSnapshotRequest\"\x1c\n\x0cSnapshotData\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"#\n\x15TransferLeaderRequest\x12\n\n\x02to\x18\x01 \x01(\x04*f\n\x0bRecordState\x12\x1c\n\x18RECORD_STATE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bIN_PROGRESS\x10\x01\x12\r\n\tAVAILABLE\x10\x02\x12\r\n\tCOMPLETED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04*1\n\x0b\x43onsistency\x12\x10\n\x0cLINEARIZABLE\x10\x00\x12\x10\n\x0cSERIALIZABLE\x10\x01\x32\x88\x04\n\x0bIdempotency\x12:\n\x05\x43laim\x12\x17.idemkv.v1.ClaimRequest\x1a\x18.idemkv.v1.ClaimResponse\x12I\n\nClaimBatch\x12\x1c.idemkv.v1.ClaimBatchRequest\x1a\x1d.idemkv.v1.ClaimBatchResponse\x12\x43\n\x08\x43omplete\x12\x1a.idemkv.v1.CompleteRequest\x1a\x1b.idemkv.v1.CompleteResponse\x12:\n\x05Renew\x12\x17.idemkv.v1.RenewRequest\x1a\x18.idemkv.v1.RenewResponse\x12@\n\x07Release\x12\x19.idemkv.v1.ReleaseRequest\x1a\x1a.idemkv.v1.ReleaseResponse\x12\x34\n\x03Get\x12\x15.idemkv.v1.GetRequest\x1a\x16.idemkv.v1.GetResponse\x12:\n\x05\x41wait\x12\x17.idemkv.v1.AwaitRequest\x1a\x18.idemkv.v1.AwaitResponse\x12=\n\x06\x44\x65lete\x12\x18.idemkv.v1.DeleteRequest\x1a\x19.idemkv.v1.DeleteResponse2\xaa\x04\n\x07\x43luster\x12=\n\x06Status\x12\x18.idemkv.v1.StatusRequest\x1a\x19.idemkv.v1.StatusResponse\x12I\n\nAddLearner\x12\x1c.idemkv.v1.AddLearnerRequest\x1a\x1d.idemkv.v1.MembershipResponse\x12U\n\x10\x43hangeMembership\x12\".idemkv.v1.ChangeMembershipRequest\x1a\x1d.idemkv.v1.MembershipResponse\x12X\n\x0fTriggerSnapshot\x12!.idemkv.v1.TriggerSnapshotRequest\x1a\".idemkv.v1.TriggerSnapshotResponse\x12Q\n\x0eTransferLeader\x12 .idemkv.v1.TransferLeaderRequest\x1a\x1d.idemkv.v1.MembershipResponse\x12\x46\n\tHashState\x12\x1b.idemkv.v1.HashStateRequest\x1a\x1c.idemkv.v1.HashStateResponse\x12I\n\x0cSaveSnapshot\x12\x1e.idemkv.v1.SaveSnapshotRequest\x1a\x17.idemkv.v1.SnapshotData0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'idemkv.v1.api_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RECORDSTATE']._serialized_start=3544
-  _globals['_RECORDSTATE']._serialized_end=3646
-  _globals['_CONSISTENCY']._serialized_start=3648
-  _globals['_CONSISTENCY']._serialized_end=3697
+  _globals['_RECORDSTATE']._serialized_start=3563
+  _globals['_RECORDSTATE']._serialized_end=3665
+  _globals['_CONSISTENCY']._serialized_start=3667
+  _globals['_CONSISTENCY']._serialized_end=3716
   _globals['_RECORD']._serialized_start=35
   _globals['_RECORD']._serialized_end=451
   _globals['_CLAIMREQUEST']._serialized_start=454
@@ -66,49 +66,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RENEWRESPONSE']._serialized_start=1984
   _globals['_RENEWRESPONSE']._serialized_end=2026
   _globals['_RELEASEREQUEST']._serialized_start=2028
-  _globals['_RELEASEREQUEST']._serialized_end=2106
-  _globals['_RELEASERESPONSE']._serialized_start=2108
-  _globals['_RELEASERESPONSE']._serialized_end=2182
-  _globals['_GETREQUEST']._serialized_start=2184
-  _globals['_GETREQUEST']._serialized_end=2273
-  _globals['_GETRESPONSE']._serialized_start=2275
-  _globals['_GETRESPONSE']._serialized_end=2323
-  _globals['_AWAITREQUEST']._serialized_start=2325
-  _globals['_AWAITREQUEST']._serialized_end=2391
-  _globals['_AWAITRESPONSE']._serialized_start=2393
-  _globals['_AWAITRESPONSE']._serialized_end=2462
-  _globals['_DELETEREQUEST']._serialized_start=2464
-  _globals['_DELETEREQUEST']._serialized_end=2541
-  _globals['_DELETERESPONSE']._serialized_start=2543
-  _globals['_DELETERESPONSE']._serialized_end=2576
-  _globals['_MEMBER']._serialized_start=2578
-  _globals['_MEMBER']._serialized_end=2650
-  _globals['_STATUSREQUEST']._serialized_start=2652
-  _globals['_STATUSREQUEST']._serialized_end=2667
-  _globals['_STATUSRESPONSE']._serialized_start=2670
-  _globals['_STATUSRESPONSE']._serialized_end=3098
-  _globals['_ADDLEARNERREQUEST']._serialized_start=3100
-  _globals['_ADDLEARNERREQUEST']._serialized_end=3168
-  _globals['_CHANGEMEMBERSHIPREQUEST']._serialized_start=3170
-  _globals['_CHANGEMEMBERSHIPREQUEST']._serialized_end=3227
-  _globals['_MEMBERSHIPRESPONSE']._serialized_start=3229
-  _globals['_MEMBERSHIPRESPONSE']._serialized_end=3285
-  _globals['_TRIGGERSNAPSHOTREQUEST']._serialized_start=3287
-  _globals['_TRIGGERSNAPSHOTREQUEST']._serialized_end=3311
-  _globals['_TRIGGERSNAPSHOTRESPONSE']._serialized_start=3313
-  _globals['_TRIGGERSNAPSHOTRESPONSE']._serialized_end=3338
-  _globals['_HASHSTATEREQUEST']._serialized_start=3340
-  _globals['_HASHSTATEREQUEST']._serialized_end=3373
-  _globals['_HASHSTATERESPONSE']._serialized_start=3375
-  _globals['_HASHSTATERESPONSE']._serialized_end=3452
-  _globals['_SAVESNAPSHOTREQUEST']._serialized_start=3454
-  _globals['_SAVESNAPSHOTREQUEST']._serialized_end=3475
-  _globals['_SNAPSHOTDATA']._serialized_start=3477
-  _globals['_SNAPSHOTDATA']._serialized_end=3505
-  _globals['_TRANSFERLEADERREQUEST']._serialized_start=3507
-  _globals['_TRANSFERLEADERREQUEST']._serialized_end=3542
-  _globals['_IDEMPOTENCY']._serialized_start=3700
-  _globals['_IDEMPOTENCY']._serialized_end=4220
-  _globals['_CLUSTER']._serialized_start=4223
-  _globals['_CLUSTER']._serialized_end=4777
+  _globals['_RELEASEREQUEST']._serialized_end=2125
+  _globals['_RELEASERESPONSE']._serialized_start=2127
+  _globals['_RELEASERESPONSE']._serialized_end=2201
+  _globals['_GETREQUEST']._serialized_start=2203
+  _globals['_GETREQUEST']._serialized_end=2292
+  _globals['_GETRESPONSE']._serialized_start=2294
+  _globals['_GETRESPONSE']._serialized_end=2342
+  _globals['_AWAITREQUEST']._serialized_start=2344
+  _globals['_AWAITREQUEST']._serialized_end=2410
+  _globals['_AWAITRESPONSE']._serialized_start=2412
+  _globals['_AWAITRESPONSE']._serialized_end=2481
+  _globals['_DELETEREQUEST']._serialized_start=2483
+  _globals['_DELETEREQUEST']._serialized_end=2560
+  _globals['_DELETERESPONSE']._serialized_start=2562
+  _globals['_DELETERESPONSE']._serialized_end=2595
+  _globals['_MEMBER']._serialized_start=2597
+  _globals['_MEMBER']._serialized_end=2669
+  _globals['_STATUSREQUEST']._serialized_start=2671
+  _globals['_STATUSREQUEST']._serialized_end=2686
+  _globals['_STATUSRESPONSE']._serialized_start=2689
+  _globals['_STATUSRESPONSE']._serialized_end=3117
+  _globals['_ADDLEARNERREQUEST']._serialized_start=3119
+  _globals['_ADDLEARNERREQUEST']._serialized_end=3187
+  _globals['_CHANGEMEMBERSHIPREQUEST']._serialized_start=3189
+  _globals['_CHANGEMEMBERSHIPREQUEST']._serialized_end=3246
+  _globals['_MEMBERSHIPRESPONSE']._serialized_start=3248
+  _globals['_MEMBERSHIPRESPONSE']._serialized_end=3304
+  _globals['_TRIGGERSNAPSHOTREQUEST']._serialized_start=3306
+  _globals['_TRIGGERSNAPSHOTREQUEST']._serialized_end=3330
+  _globals['_TRIGGERSNAPSHOTRESPONSE']._serialized_start=3332
+  _globals['_TRIGGERSNAPSHOTRESPONSE']._serialized_end=3357
+  _globals['_HASHSTATEREQUEST']._serialized_start=3359
+  _globals['_HASHSTATEREQUEST']._serialized_end=3392
+  _globals['_HASHSTATERESPONSE']._serialized_start=3394
+  _globals['_HASHSTATERESPONSE']._serialized_end=3471
+  _globals['_SAVESNAPSHOTREQUEST']._serialized_start=3473
+  _globals['_SAVESNAPSHOTREQUEST']._serialized_end=3494
+  _globals['_SNAPSHOTDATA']._serialized_start=3496
+  _globals['_SNAPSHOTDATA']._serialized_end=3524
+  _globals['_TRANSFERLEADERREQUEST']._serialized_start=3526
+  _globals['_TRANSFERLEADERREQUEST']._serialized_end=3561
+  _globals['_IDEMPOTENCY']._serialized_start=3719
+  _globals['_IDEMPOTENCY']._serialized_end=4239
+  _globals['_CLUSTER']._serialized_start=4242
+  _globals['_CLUSTER']._serialized_end=4796
 # @@protoc_insertion_point(module_scope)

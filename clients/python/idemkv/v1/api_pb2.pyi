@@ -224,16 +224,18 @@ class RenewResponse(_message.Message):
     def __init__(self, lease_deadline_ms: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("namespace", "key", "token", "error")
+    __slots__ = ("namespace", "key", "token", "error", "permanent")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    PERMANENT_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     key: bytes
     token: int
     error: str
-    def __init__(self, namespace: _Optional[str] = ..., key: _Optional[bytes] = ..., token: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    permanent: bool
+    def __init__(self, namespace: _Optional[str] = ..., key: _Optional[bytes] = ..., token: _Optional[int] = ..., error: _Optional[str] = ..., permanent: bool = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
     __slots__ = ("state", "attempts")
