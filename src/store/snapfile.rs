@@ -42,7 +42,10 @@ pub struct Header {
     pub meta: SnapshotMeta,
     pub clock_ms: u64,
     /// The token counter: a node restored from this snapshot must never
-    /// grant a token already given.
+    /// grant a token already given. `u64::MAX` for a store that has no
+    /// counter yet (from before it had one; its tokens follow the log index
+    /// until its first grant), so that the node installing it counts the
+    /// same way as the rest.
     pub last_token: u64,
 }
 

@@ -42,7 +42,7 @@ use super::expiry::ExpiryIndex;
 use super::key_filter::KeyFilter;
 use super::keys;
 use super::snapfile::{Header, Reader, Writer};
-use super::state_machine::{stored_bytes, BulkWriter, StateMachineStore, TREES};
+use super::state_machine::{stored_bytes, BulkWriter, StateMachineStore, NO_COUNTER, TREES};
 use crate::codec::{decode, encode};
 use crate::raft::types::{
     LogId, NodeId, PeerNode, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
@@ -124,7 +124,11 @@ pub fn inspect(path: &Path) -> io::Result<Inspection> {
         last_log_id: last.map_or("none".into(), |l| l.to_string()),
         index: last.map_or(0, |l| l.index()),
         term: last.map_or(0, |l| l.committed_leader_id().term()),
-        last_token: header.last_token,
+        // A store without a counter grants above the snapshot's index.
+        last_token: match header.last_token {
+            NO_COUNTER => last.map_or(0, |l| l.index()),
+            t => t,
+        },
         bytes: std::fs::metadata(path).map_err(|e| at_path(path, e))?.len(),
         ..Inspection::default()
     };
@@ -495,7 +499,12 @@ impl StateMachineStore {
         let header = Header {
             meta: meta.clone(),
             clock_ms: self.clock_ms(),
-            last_token: self.last_token(),
+            // The counter as stored, none included: a node that installs
+            // this must derive its tokens as this one does. The applied
+            // index in its place was a counter the others did not have,
+            // and after an entry that granted nothing the two minted
+            // different tokens for one grant.
+            last_token: self.stored_token_counter(),
         };
         let dir = &self.shared.snapshot_dir;
         let path = dir.join(file_name(&meta));

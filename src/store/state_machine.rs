@@ -316,7 +316,7 @@ const SPARE_ROOM: usize = 2 * FLUSH_WRITES;
 const BLOB_RISK_BYTES: usize = 64 * 1024;
 
 /// The token counter of a store that has none stored (`read_last_token`).
-const NO_COUNTER: u64 = u64::MAX;
+pub(super) const NO_COUNTER: u64 = u64::MAX;
 
 impl StateMachineStore {
     pub(super) fn open(
@@ -442,6 +442,11 @@ impl StateMachineStore {
             NO_COUNTER => index.saturating_sub(1),
             t => t,
         }
+    }
+
+    /// The counter as it stands, [`NO_COUNTER`] included.
+    pub(super) fn stored_token_counter(&self) -> u64 {
+        self.shared.last_token.load(Ordering::Acquire)
     }
 
     /// The last fencing token granted, as of the last applied entry.
@@ -1247,5 +1252,87 @@ mod tests {
             "after 50,000 keys the reused layer keeps room for {writes} writes and {records} records"
         );
         store.log.close();
+    }
+
+    /// A store from before the token counter (none stored: its tokens
+    /// follow the log index until its first grant) sends a snapshot that
+    /// says so, and the node that installs it mints the tokens the sender
+    /// mints. The snapshot used to carry the applied index as the counter:
+    /// after an entry that granted nothing, the two gave one claim
+    /// different tokens (and the installer, once leading, could grant a
+    /// token again).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_of_a_store_without_a_counter_keeps_tokens_in_step() {
+        use crate::raft::{Entry, TypeConfig};
+        use crate::record::{Claim, Command, Op, RecordKey, Request, State};
+        use futures::stream;
+        use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+        use std::sync::atomic::Ordering;
+
+        let entry = |i: u64, command: Command| {
+            Ok((
+                Entry {
+                    log_id: openraft::testing::log_id::<TypeConfig>(1, 1, i),
+                    payload: openraft::EntryPayload::Normal(Request {
+                        stamped_ms: 1_000,
+                        command: command.into(),
+                    }),
+                },
+                None,
+            ))
+        };
+        let idle = || Command::Sweep { limit: 10 };
+        let key = RecordKey {
+            namespace: "ns".into(),
+            key: b"k".to_vec(),
+        };
+        let claim = Command::Op {
+            key: key.clone(),
+            op: Op::Claim(Claim {
+                owner: "w".into(),
+                claim_id: "w-1".into(),
+                lease_ms: 60_000,
+                fingerprint: None,
+                max_attempts: 0,
+                retention_ms: 60_000,
+            }),
+        };
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let sender = crate::store::Store::open(dirs[0].path()).unwrap();
+        let mut sender = sender.state_machine;
+        // As a data directory of the first version opens: no counter.
+        sender
+            .shared
+            .last_token
+            .store(super::NO_COUNTER, Ordering::Release);
+        sender
+            .apply(stream::iter(vec![entry(1, idle()), entry(2, idle())]))
+            .await
+            .unwrap();
+        let snap = sender.build_snapshot().await.unwrap();
+        let installer = crate::store::Store::open(dirs[1].path()).unwrap();
+        let mut installer = installer.state_machine;
+        installer
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        let mut tokens = Vec::new();
+        for sm in [&mut sender, &mut installer] {
+            sm.apply(stream::iter(vec![
+                entry(3, idle()),
+                entry(4, claim.clone()),
+            ]))
+            .await
+            .unwrap();
+            match sm.get(&key).unwrap().expect("claimed").state {
+                State::InProgress { token, .. } => tokens.push(token),
+                other => panic!("not claimed: {other:?}"),
+            }
+        }
+        assert_eq!(
+            tokens[0], tokens[1],
+            "the sender and the installer minted different tokens for one grant"
+        );
+        assert_eq!(installer.last_token(), sender.last_token());
     }
 }
