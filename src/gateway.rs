@@ -46,8 +46,8 @@ pub struct GatewayConfig {
     pub namespace: String,
     /// Methods whose requests are guarded when they carry the header.
     pub methods: Vec<Method>,
-    /// Path prefixes where a guarded method must carry the header (400
-    /// without it).
+    /// Path prefixes, by whole segments, where a guarded method must carry
+    /// the header (400 without it).
     pub require_key: Vec<String>,
     /// The request header whose value scopes keys (one caller's key never
     /// meets another's); stored hashed.
@@ -86,6 +86,8 @@ pub struct Gateway {
     http: HttpClient<HttpConnector, Body>,
     /// Owner name of this gateway's claims.
     owner: String,
+    /// The claimed requests running, each on a task of its own.
+    work: tokio_util::task::TaskTracker,
 }
 
 impl Gateway {
@@ -97,7 +99,24 @@ impl Gateway {
             store,
             http,
             owner,
+            work: tokio_util::task::TaskTracker::new(),
         })
+    }
+
+    /// At shutdown, once no new request comes in: wait for the claimed
+    /// requests still running, whose callers may have hung up, so each
+    /// response is saved (or its claim released) rather than cut off with
+    /// the claim held, when a retry after the lease would call the upstream
+    /// again. Bounded by the upstream timeout plus time to save; false if
+    /// some were still running then.
+    pub async fn finish(&self) -> bool {
+        self.work.close();
+        let running = self.work.len();
+        if running > 0 {
+            tracing::info!(running, "waiting for claimed requests to finish");
+        }
+        let within = self.cfg.upstream_timeout + Duration::from_secs(15);
+        tokio::time::timeout(within, self.work.wait()).await.is_ok()
     }
 
     /// The router: every path and method goes through [`handle`].
@@ -150,7 +169,16 @@ async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
 impl Gateway {
     async fn serve(self: Arc<Self>, req: Request) -> Response {
         let guarded = self.cfg.methods.contains(req.method());
-        let key = req.headers().get(KEY_HEADER).cloned();
+        let mut keys = req.headers().get_all(KEY_HEADER).iter();
+        let key = keys.next().cloned();
+        if guarded && keys.next().is_some() {
+            crate::metrics::gateway("bad_key");
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Idempotency-Key is given more than once",
+                "send one Idempotency-Key header per request",
+            );
+        }
         let path = req
             .uri()
             .path_and_query()
@@ -161,7 +189,7 @@ impl Gateway {
                     .cfg
                     .require_key
                     .iter()
-                    .any(|p| req.uri().path().starts_with(p.as_str()))
+                    .any(|p| under(req.uri().path(), p))
             {
                 crate::metrics::gateway("missing_key");
                 return problem(
@@ -205,8 +233,7 @@ impl Gateway {
             .cfg
             .scope_header
             .as_ref()
-            .and_then(|h| parts.headers.get(h))
-            .map_or(String::from("-"), |v| hex(&Sha256::digest(v.as_bytes())));
+            .map_or(String::from("-"), |h| scope_of(&parts.headers, h));
         // Scope hashed, method, path (hashed when long) and the key value.
         let path_part = if path.len() <= 512 {
             path.clone()
@@ -237,7 +264,8 @@ impl Gateway {
         // that retry instead.
         let gw = self.clone();
         let work = async move { gw.claim_and_run(claim, parts, body, record_key).await };
-        tokio::spawn(work.in_current_span())
+        self.work
+            .spawn(work.in_current_span())
             .await
             .unwrap_or_else(|e| {
                 problem(
@@ -281,7 +309,7 @@ impl Gateway {
             }
             Outcome::InProgress(p) => self.in_progress(record_key.into_bytes(), &p).await,
             Outcome::Failed(f) => {
-                crate::metrics::gateway("in_progress");
+                crate::metrics::gateway("failed");
                 problem(
                     StatusCode::CONFLICT,
                     "The request failed for good",
@@ -626,6 +654,32 @@ const HOP_BY_HOP: &[&str] = &[
     "transfer-encoding",
     "upgrade",
 ];
+
+/// Whether `path` is `prefix` or below it, by whole segments: `/orders`
+/// covers `/orders` and `/orders/7`, not `/orders-archive`.
+fn under(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/'))
+}
+
+/// The record key's scope: a hash of every value of the scope header, in
+/// order (a header split over several lines, like `cookie`, counts whole);
+/// `-` without one. One value hashes as itself, as it always has.
+fn scope_of(headers: &HeaderMap, name: &HeaderName) -> String {
+    let mut values = headers.get_all(name).iter().peekable();
+    if values.peek().is_none() {
+        return "-".to_string();
+    }
+    let mut h = Sha256::new();
+    for (i, v) in values.enumerate() {
+        // A header value never holds a NUL: no two lists hash alike.
+        if i > 0 {
+            h.update([0]);
+        }
+        h.update(v.as_bytes());
+    }
+    hex(&h.finalize())
+}
 
 /// A saved response, replayed.
 fn replay(result: &[u8]) -> Response {

@@ -421,23 +421,23 @@ async fn concurrent_requests_with_one_key_make_one_upstream_call() {
     assert_eq!(up.calls("/orders"), 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_gateway_killed_mid_request_and_the_store_down() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = cluster(dir.path()).await;
-    let (up_addr, up) = start_upstream().await;
-    let mut dying = gateway(&c, up_addr, &["--lease", "1s"]).await;
-    let orders = format!("{}/orders", dying.url);
-    let slow = tokio::spawn(async move {
-        let r = axum::http::Request::builder()
-            .method("POST")
-            .uri(orders)
-            .header("idempotency-key", "k-d")
-            .header("x-delay-ms", "5000")
-            .body(Body::from("d"))
-            .unwrap();
-        http().request(r).await.map(|r| r.status())
-    });
+/// POST `/orders` through `gw` with `key` and `body`, answered `delay_ms`
+/// late upstream, on a task of its own; returns once the upstream has it.
+async fn slow_order(
+    gw: &Gateway,
+    up: &Upstream,
+    key: &str,
+    body: &str,
+    delay_ms: u64,
+) -> tokio::task::JoinHandle<Result<StatusCode, hyper_util::client::legacy::Error>> {
+    let r = axum::http::Request::builder()
+        .method("POST")
+        .uri(format!("{}/orders", gw.url))
+        .header("idempotency-key", key)
+        .header("x-delay-ms", delay_ms.to_string())
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let call = tokio::spawn(async move { http().request(r).await.map(|r| r.status()) });
     let deadline = Instant::now() + Duration::from_secs(5);
     while up.calls("/orders") == 0 {
         assert!(
@@ -446,6 +446,16 @@ async fn a_gateway_killed_mid_request_and_the_store_down() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    call
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_killed_mid_request_and_the_store_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path()).await;
+    let (up_addr, up) = start_upstream().await;
+    let mut dying = gateway(&c, up_addr, &["--lease", "1s"]).await;
+    let slow = slow_order(&dying, &up, "k-d", "d", 5000).await;
     dying.child.kill().unwrap();
     dying.child.wait().unwrap();
     assert!(slow.await.unwrap().is_err(), "the killed gateway answered");
@@ -731,4 +741,77 @@ async fn an_upstream_past_its_timeout_gets_504_and_the_key_released() {
     );
     let again = send("POST", &orders, Some("k-t"), "t", &[]).await;
     assert!(again.replayed() && again.body == retry.body, "{again:?}");
+}
+
+/// A request with the Idempotency-Key header twice is refused (400), not
+/// guarded by one of them; `--require-key /orders` covers `/orders/7` but
+/// not `/orders-archive`; a scope header sent on several lines is hashed
+/// whole, so two callers whose first lines match never share a record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_doubled_key_is_refused_and_prefixes_and_scopes_count_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let (up_addr, up) = start_upstream().await;
+    let gw = gateway(&c, up_addr, &["--scope-header", "x-tenant"]).await;
+    let orders = format!("{}/orders", gw.url);
+
+    let keys = [("idempotency-key", "k-1"), ("idempotency-key", "k-2")];
+    let two = send("POST", &orders, None, "a", &keys).await;
+    assert_eq!(two.status, StatusCode::BAD_REQUEST, "{two:?}");
+    assert!(two.body.contains("more than once"), "{two:?}");
+    assert_eq!(up.calls("/orders"), 0);
+
+    let below = send("POST", &format!("{orders}/7"), None, "a", &[]).await;
+    assert_eq!(below.status, StatusCode::BAD_REQUEST, "{below:?}");
+    let archive = send("POST", &format!("{orders}-archive"), None, "a", &[]).await;
+    assert_eq!(archive.status, StatusCode::CREATED, "{archive:?}");
+    assert_eq!(up.calls("/orders-archive"), 1);
+
+    let alice = [("x-tenant", "acme"), ("x-tenant", "alice")];
+    let mallory = [("x-tenant", "acme"), ("x-tenant", "mallory")];
+    let first = send("POST", &orders, Some("k-s"), "a", &alice).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    let other = send("POST", &orders, Some("k-s"), "a", &mallory).await;
+    assert!(
+        !other.replayed(),
+        "another caller got the first one's response: {other:?}"
+    );
+    assert_eq!(up.calls("/orders"), 2);
+    let again = send("POST", &orders, Some("k-s"), "a", &alice).await;
+    assert!(again.replayed() && again.body == first.body, "{again:?}");
+}
+
+/// A gateway stopped (SIGTERM) while a request whose caller hung up is
+/// still upstream sees it through before it exits: the response is saved,
+/// so the retry through another gateway is a replay at once, and the
+/// upstream was called once. (Cut off at exit, the claim stayed held: the
+/// retry met 409 for the lease's length, then called the upstream again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_stopped_mid_request_saves_the_response_before_it_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let (up_addr, up) = start_upstream().await;
+    let mut stopping = gateway(&c, up_addr, &["--lease", "30s"]).await;
+    let caller = slow_order(&stopping, &up, "k-t", "t", 1500).await;
+    // The caller hangs up, then the gateway is told to stop.
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    // SAFETY: kill(2) on the pid of a child this test owns and has not reaped.
+    let sent = unsafe { libc::kill(stopping.child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(sent, 0, "SIGTERM sent");
+    let status = tokio::task::block_in_place(|| stopping.child.wait()).unwrap();
+    assert!(status.success(), "the gateway exited cleanly: {status:?}");
+
+    let other = gateway(&c, up_addr, &["--lease", "30s"]).await;
+    let retry = send(
+        "POST",
+        &format!("{}/orders", other.url),
+        Some("k-t"),
+        "t",
+        &[],
+    )
+    .await;
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(up.calls("/orders"), 1, "the upstream was called once");
 }

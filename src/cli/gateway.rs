@@ -50,8 +50,9 @@ pub struct GatewayArgs {
         value_delimiter = ','
     )]
     pub methods: Vec<String>,
-    /// Path prefixes where a guarded method must carry Idempotency-Key
-    /// (400 without); repeat or comma-separate.
+    /// Path prefixes, by whole segments (`/orders` covers `/orders/7`, not
+    /// `/orders-archive`), where a guarded method must carry
+    /// Idempotency-Key (400 without); repeat or comma-separate.
     #[arg(long, env = "IDEMKV_GATEWAY_REQUIRE_KEY", value_delimiter = ',')]
     pub require_key: Vec<String>,
     /// Request header whose value scopes keys, e.g. Authorization (stored
@@ -327,6 +328,11 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<()> {
     axum::serve(listener, gw.router())
         .with_graceful_shutdown(super::serve::wait_for_signal())
         .await?;
+    if !gw.finish().await {
+        tracing::warn!(
+            "claimed requests still running at exit: their keys stay held until the lease runs out"
+        );
+    }
     let _ = stop.send(true);
     Ok(())
 }
