@@ -648,3 +648,67 @@ async fn work_whose_result_is_too_large_to_save_is_not_run_again() {
     );
     c.shutdown().await;
 }
+
+/// Work that ran while the cluster became unreachable: its Complete fails
+/// after the client's retries, and `run_once` says the work ran and hands
+/// back the result with its token (not the same error as a claim that
+/// failed before any work), so the caller can save it once the cluster is
+/// back; later calls then replay it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_that_could_not_be_saved_comes_back_with_its_token() {
+    let c = TestCluster::start(3).await;
+    let proxy = Proxy::start(c.members[&1].api_addr.clone()).await;
+    let worker = proxy.client(Duration::from_millis(300), Duration::from_secs(1));
+    let (ns, key) = ("jobs", &b"unsaved/1"[..]);
+    let res = worker
+        .run_once(
+            ns,
+            key,
+            &RunOptions::new("w1", Duration::from_secs(30)),
+            |_| async {
+                // The effect happens; then the worker loses the cluster.
+                proxy.cut();
+                Ok::<_, String>("shipped")
+            },
+        )
+        .await;
+    let probe = proxy.client(Duration::from_millis(200), Duration::from_millis(300));
+    assert!(
+        probe.get(get_req(ns, key)).await.is_err(),
+        "the cut took effect"
+    );
+    let Err(RunError::CompleteFailed {
+        token, completion, ..
+    }) = res
+    else {
+        panic!("expected CompleteFailed, got {res:?}");
+    };
+    assert_eq!(completion.result, b"shipped");
+
+    let direct = c.client();
+    direct
+        .complete(api::CompleteRequest {
+            namespace: ns.into(),
+            key: key.to_vec(),
+            token,
+            result: completion.result,
+            code: completion.code,
+            retention_ms: 0,
+        })
+        .await
+        .expect("saved with the token handed back");
+    let again = direct
+        .run_once(
+            ns,
+            key,
+            &RunOptions::new("w2", Duration::from_secs(5)),
+            |_| async { Err::<Vec<u8>, _>("must not run again") },
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&again, RunOutcome::Replayed { completion, .. } if completion.result == b"shipped"),
+        "{again:?}"
+    );
+    c.shutdown().await;
+}

@@ -322,6 +322,20 @@ pub enum RunError<E> {
         bytes: usize,
         marked_failed: bool,
     },
+    /// The work ran and returned, but saving its result failed (the
+    /// cluster unreachable past the client's retries, say): its effect has
+    /// happened, nothing was saved, and once the lease runs out a later call
+    /// may run the work again. `completion` is the result, to save with
+    /// [`Client::complete`] and `token` when the cluster is back (fenced:
+    /// it is refused if another worker took the key over meanwhile).
+    #[error("the work ran (token {token}) but its result was not saved: {error}")]
+    CompleteFailed {
+        token: u64,
+        completion: Completion,
+        error: ClientError,
+    },
+    /// A call to the cluster failed before the work ran (the claim, or a
+    /// wait for another worker's result).
     #[error(transparent)]
     Client(#[from] ClientError),
 }
@@ -457,7 +471,11 @@ impl Client {
                             marked_failed,
                         })
                     }
-                    Err(e) => Err(e.into()),
+                    Err(error) => Err(RunError::CompleteFailed {
+                        token,
+                        completion,
+                        error,
+                    }),
                 }
             }
             Err(e) => {

@@ -620,6 +620,11 @@ impl OnceRun {
                 fault: self.fault(&e),
                 message: e.to_string(),
             },
+            // The work ran; only its result was not saved.
+            Err(RunError::CompleteFailed { error, .. }) => Outcome::Error {
+                fault: self.fault(&error),
+                message: error.to_string(),
+            },
         }
     }
 

@@ -21,7 +21,8 @@ The rules are the Rust helper's (``src/client/run_once.rs``):
   propagates;
 - a result the store refuses as too large marks the key FAILED for good (a
   permanent release: the work ran, and must not run again) and raises
-  :class:`ResultNotSaved`.
+  :class:`ResultNotSaved`; a Complete that fails otherwise raises it too,
+  with the result to save later.
 
 ``api`` is anything with the client's calls (``claim``, ``wait``,
 ``complete``, ``release``, ``_call``): the sync client (blocking), the
@@ -188,13 +189,28 @@ def run_steps(
             if marked
             else "marking the key FAILED failed too: a call after the lease may run the work again"
         )
-        raise ResultNotSaved(
-            f"the work ran (token {token}) but its result of {len(data)} bytes is over the store's result limit and was not saved; {then}",
-            token=token,
-            size=len(data),
-            marked_failed=marked,
+        raise _not_saved(
+            f"its result of {len(data)} bytes is over the store's result limit and was not saved; {then}",
+            token,
+            data,
+            code,
+            marked,
         ) from e
+    except IdemkvError as e:
+        raise _not_saved(f"its result was not saved: {e}", token, data, code, False) from e
     return RunResult(value=value, replayed=False, token=token, code=code, raw=data)
+
+
+def _not_saved(why: str, token: int, data: bytes, code: Optional[int], marked: bool) -> ResultNotSaved:
+    """The work ran (with ``token``) but ``data`` was not saved: ``why``."""
+    return ResultNotSaved(
+        f"the work ran (token {token}) but {why}",
+        token=token,
+        size=len(data),
+        marked_failed=marked,
+        raw=data,
+        code=code,
+    )
 
 
 def renew_steps(

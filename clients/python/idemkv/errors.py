@@ -31,7 +31,7 @@ Hierarchy::
     ├── Busy                       run_once: another worker holds the key
     ├── AttemptsExhausted          run_once: the key is FAILED
     ├── GrantExpired               run_once: the grant came too late to use
-    ├── ResultNotSaved             run_once: the work ran, its result too large
+    ├── ResultNotSaved             run_once: the work ran, its result not saved
     └── ConfigError (ValueError)   bad endpoints or settings
 """
 
@@ -193,17 +193,35 @@ class GrantExpired(IdemkvError):
 
 
 class ResultNotSaved(IdemkvError):
-    """``run_once``: the work ran, but the store refused its result as over
-    its result limit, so there is nothing to replay. The key was marked
-    FAILED (a permanent release, ``marked_failed``) so that later calls
-    raise :class:`AttemptsExhausted` and never run the work again; if that
-    mark failed too, a call after the lease may run it again."""
+    """``run_once``: the work ran (its effect happened), but its result was
+    not saved; ``__cause__`` is why.
 
-    def __init__(self, message: str, *, token: int, size: int, marked_failed: bool) -> None:
+    - The store refused it as over its result limit: the key was marked
+      FAILED (a permanent release; ``marked_failed``) so that later calls
+      raise :class:`AttemptsExhausted` and never run the work again.
+    - Complete failed otherwise (the cluster unreachable past the retries):
+      ``marked_failed`` is false, and once the lease runs out a later call
+      may run the work again. ``raw`` and ``code`` are the serialized
+      result, to save with ``client.complete(namespace, key, token, raw,
+      code=code)`` when the cluster is back (fenced by ``token``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        token: int,
+        size: int,
+        marked_failed: bool,
+        raw: bytes = b"",
+        code: Optional[int] = None,
+    ) -> None:
         super().__init__(message)
         self.token = token
         self.size = size
         self.marked_failed = marked_failed
+        self.raw = raw
+        self.code = code
 
 
 class ConfigError(IdemkvError, ValueError):

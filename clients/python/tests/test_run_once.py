@@ -230,6 +230,31 @@ def test_the_work_learns_at_its_deadline_that_the_lease_is_lost_when_its_node_is
     assert not r.replayed and r.value == b"rerun" and r.token > e.value.token
 
 
+def test_a_result_that_could_not_be_saved_comes_back_to_be_saved_later(
+    client: idemkv.Client, pids, ns: str
+) -> None:
+    _, followers = leader_and_followers(client)
+    node = followers[0]
+
+    def work(claim: idemkv.Claim) -> bytes:
+        os.kill(pids[node], signal.SIGSTOP)  # the only node this client talks to
+        return b"shipped"
+
+    retry = idemkv.RetryOptions(request_timeout=0.3, retry_for=1.0)
+    try:
+        with idemkv.Client([node], follow_leader=False, retry=retry) as c:
+            with pytest.raises(idemkv.ResultNotSaved) as e:
+                c.run_once(ns, "parcel-3", work, lease=30)
+    finally:
+        os.kill(pids[node], signal.SIGCONT)
+    assert not e.value.marked_failed and e.value.raw == b"shipped" and e.value.token > 0
+    assert isinstance(e.value.__cause__, idemkv.Unavailable), repr(e.value.__cause__)
+    # Saved by hand once the cluster is back: later calls replay it.
+    client.complete(ns, "parcel-3", e.value.token, e.value.raw, code=e.value.code)
+    r = client.run_once(ns, "parcel-3", lambda claim: b"must not run")
+    assert r.replayed and r.value == b"shipped"
+
+
 def test_a_token_fenced_out_mid_work_is_told_and_saves_nothing(client: idemkv.Client, ns: str) -> None:
     def work(claim: idemkv.Claim) -> bytes:
         # An operator deletes the record while the work runs.
