@@ -308,14 +308,7 @@ impl Gateway {
                 replay(&c.result)
             }
             Outcome::InProgress(p) => self.in_progress(record_key.into_bytes(), &p).await,
-            Outcome::Failed(f) => {
-                crate::metrics::gateway("failed");
-                problem(
-                    StatusCode::CONFLICT,
-                    "The request failed for good",
-                    format!("it was tried {} times without a saved response", f.attempts),
-                )
-            }
+            Outcome::Failed(f) => failed_for_good(f.attempts),
         }
     }
 
@@ -360,6 +353,9 @@ impl Gateway {
                 if r.state == api::RecordState::Completed as i32 {
                     crate::metrics::gateway("replayed");
                     return replay(&r.result);
+                }
+                if r.state == api::RecordState::Failed as i32 {
+                    return failed_for_good(r.attempts);
                 }
             }
         }
@@ -654,6 +650,17 @@ const HOP_BY_HOP: &[&str] = &[
     "transfer-encoding",
     "upgrade",
 ];
+
+/// The answer for a key whose record is FAILED: no response was saved and
+/// none will be.
+fn failed_for_good(attempts: u32) -> Response {
+    crate::metrics::gateway("failed");
+    problem(
+        StatusCode::CONFLICT,
+        "The request failed for good",
+        format!("it was tried {attempts} times without a saved response"),
+    )
+}
 
 /// Whether `path` is `prefix` or below it, by whole segments: `/orders`
 /// covers `/orders` and `/orders/7`, not `/orders-archive`.

@@ -815,3 +815,47 @@ async fn a_gateway_stopped_mid_request_saves_the_response_before_it_exits() {
     assert_eq!(retry.status, StatusCode::CREATED);
     assert_eq!(up.calls("/orders"), 1, "the upstream was called once");
 }
+
+/// A request waiting (`--wait`) on another that holds its key learns when
+/// that key fails for good (here: the holder's claim released as
+/// permanent): 409 "failed for good", not "being processed" with a
+/// Retry-After that no retry can satisfy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_waiting_request_learns_that_the_key_failed_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let (up_addr, up) = start_upstream().await;
+    let holder = gateway(&c, up_addr, &[]).await;
+    let first = slow_order(&holder, &up, "k-w", "w", 3000).await;
+    let store = idemkv::Client::new(c.api.iter()).unwrap();
+    let record_key = b"- POST /orders k-w".to_vec();
+    let rec = store
+        .get(idemkv::pb::api::GetRequest {
+            namespace: "http".into(),
+            key: record_key.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .expect("the holder's claim");
+    let waiter = gateway(&c, up_addr, &["--wait", "10s"]).await;
+    let orders = format!("{}/orders", waiter.url);
+    let waiting = tokio::spawn(async move { send("POST", &orders, Some("k-w"), "w", &[]).await });
+    // The waiter is inside its Await before the key fails.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    store
+        .release(idemkv::pb::api::ReleaseRequest {
+            namespace: "http".into(),
+            key: record_key,
+            token: rec.token,
+            error: "given up".into(),
+            permanent: true,
+        })
+        .await
+        .unwrap();
+    let answer = waiting.await.unwrap();
+    assert_eq!(answer.status, StatusCode::CONFLICT, "{answer:?}");
+    assert!(answer.body.contains("failed for good"), "{answer:?}");
+    assert_eq!(up.calls("/orders"), 1);
+    let _ = first.await;
+}

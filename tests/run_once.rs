@@ -712,3 +712,44 @@ async fn a_result_that_could_not_be_saved_comes_back_with_its_token() {
     );
     c.shutdown().await;
 }
+
+/// A result over the gRPC message limit (16 MiB), refused before the
+/// store's own check (`OUT_OF_RANGE`, not `RESOURCE_EXHAUSTED`), is too
+/// large all the same: the key is marked FAILED and the work never runs
+/// again. (It used to be a failed Complete, the key left to run again
+/// after the lease.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_over_the_message_limit_is_too_large_too() {
+    let c = TestCluster::start(3).await;
+    let client = c.client();
+    let opts = RunOptions::new("w1", Duration::from_secs(30));
+    let res = client
+        .run_once("exports", b"huge/1", &opts, |_| async {
+            Ok::<_, String>(vec![1u8; 17 << 20])
+        })
+        .await;
+    assert!(
+        matches!(
+            &res,
+            Err(RunError::ResultTooLarge {
+                marked_failed: true,
+                ..
+            })
+        ),
+        "{:?}",
+        res.as_ref()
+            .map(|_| "an outcome")
+            .map_err(|e| e.to_string())
+    );
+    let again = client
+        .run_once(
+            "exports",
+            b"huge/1",
+            &RunOptions::new("w2", Duration::from_secs(5)),
+            |_| async { Err::<Vec<u8>, _>("must not run again") },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(again, RunOutcome::Failed { .. }), "{again:?}");
+    c.shutdown().await;
+}

@@ -328,7 +328,12 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<()> {
     axum::serve(listener, gw.router())
         .with_graceful_shutdown(super::serve::wait_for_signal())
         .await?;
-    if !gw.finish().await {
+    // A second signal stops waiting.
+    let finished = tokio::select! {
+        done = gw.finish() => done,
+        _ = super::serve::wait_for_signal() => false,
+    };
+    if !finished {
         tracing::warn!(
             "claimed requests still running at exit: their keys stay held until the lease runs out"
         );

@@ -45,11 +45,15 @@ impl ClientError {
         self.reason() == Some(reason.as_str())
     }
 
-    /// Whether the server refused a field as over its limit
-    /// (`RESOURCE_EXHAUSTED` with no reason; an overloaded or full store
-    /// names its reason). Retrying the same request cannot succeed.
+    /// Whether the request was refused as too large: a field over the
+    /// store's limit (`RESOURCE_EXHAUSTED` with no reason; an overloaded or
+    /// full store names its reason), or the whole message over gRPC's
+    /// (`OUT_OF_RANGE`, from this side's encoder or the server's decoder).
+    /// Retrying the same request cannot succeed.
     pub fn is_too_large(&self) -> bool {
-        matches!(self, ClientError::Status(s) if s.code() == Code::ResourceExhausted && reason_of(s).is_none())
+        matches!(self, ClientError::Status(s)
+            if (s.code() == Code::ResourceExhausted && reason_of(s).is_none())
+                || s.code() == Code::OutOfRange)
     }
 
     pub fn message(&self) -> String {

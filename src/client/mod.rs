@@ -362,6 +362,15 @@ impl Client {
         &self,
         req: api::CompleteRequest,
     ) -> Result<api::CompleteResponse, ClientError> {
+        // Over gRPC's message limit the call would end in a reset stream
+        // ("h2 protocol error"), not in a status that names the size.
+        let len = prost::Message::encoded_len(&req);
+        if len > crate::wire::MAX_API_MESSAGE {
+            return Err(ClientError::Status(tonic::Status::out_of_range(format!(
+                "the Complete request is {len} bytes; gRPC messages are limited to {} bytes",
+                crate::wire::MAX_API_MESSAGE
+            ))));
+        }
         self.retry(|ch, t| {
             let req = req.clone();
             async move { Self::idem(ch).complete(Self::request(req, t)).await }

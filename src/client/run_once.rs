@@ -283,7 +283,8 @@ pub enum RunOutcome {
     Ran { completion: Completion, token: u64 },
     /// An earlier run's saved result.
     Replayed { completion: Completion, token: u64 },
-    /// Attempts are exhausted for this key.
+    /// The key is FAILED: its attempts are used up, or a run gave up for
+    /// good (a permanent Release; `last_error` says why).
     Failed { attempts: u32, last_error: String },
     /// Another worker holds a live claim (and we did not wait, or it did not
     /// finish in time).
@@ -519,7 +520,17 @@ impl Client {
             permanent: true,
         };
         match self.release(req).await {
-            Ok(_) => true,
+            // A store older than `permanent` ignores it and frees the key:
+            // marked only when the answer says FAILED.
+            Ok(r) if r.state == api::RecordState::Failed as i32 => true,
+            Ok(r) => {
+                tracing::warn!(
+                    token,
+                    state = r.state,
+                    "the store did not mark the key FAILED (older than permanent releases?)"
+                );
+                false
+            }
             Err(e) => {
                 tracing::warn!(error = %e, token, "marking a run whose result was too large failed");
                 false

@@ -177,10 +177,11 @@ def run_steps(
     except TooLarge as e:
         # The work ran and had its effect; only its result cannot be kept.
         # Mark the key FAILED for good, so no later delivery runs it again.
-        marked = True
         why = f"the work ran, but its result of {len(data)} bytes was not saved ({e.message}); marked failed so that it does not run again"
         try:
-            yield step(api.release, namespace, key_b, token, error=why[:1024], permanent=True)
+            released = yield step(api.release, namespace, key_b, token, error=why[:1024], permanent=True)
+            # A store older than ``permanent`` ignores it and frees the key.
+            marked = released.state is RecordState.FAILED
         except IdemkvError as re:
             log.warning("marking a run whose result was too large (token %d): %s", token, re)
             marked = False
