@@ -1263,7 +1263,7 @@ mod tests {
     /// token again).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_snapshot_of_a_store_without_a_counter_keeps_tokens_in_step() {
-        use crate::raft::{Entry, TypeConfig};
+        use crate::raft::types::{Entry, TypeConfig};
         use crate::record::{Claim, Command, Op, RecordKey, Request, State};
         use futures::stream;
         use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
