@@ -841,8 +841,13 @@ async fn a_waiting_request_learns_that_the_key_failed_for_good() {
     let waiter = gateway(&c, up_addr, &["--wait", "10s"]).await;
     let orders = format!("{}/orders", waiter.url);
     let waiting = tokio::spawn(async move { send("POST", &orders, Some("k-w"), "w", &[]).await });
-    // The waiter is inside its Await before the key fails.
+    // The waiter is inside its Await before the key fails: a claim answers
+    // at once, so a request still unanswered after this is waiting.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the waiter answered before the key failed: the wait was not shown"
+    );
     store
         .release(idemkv::pb::api::ReleaseRequest {
             namespace: "http".into(),
