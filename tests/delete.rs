@@ -101,3 +101,69 @@ async fn only_fenced_deletes_are_retried() {
     assert!(res.existed);
     c.shutdown().await;
 }
+
+/// An address where nothing listens: a connection there is refused, so a
+/// request sent there never leaves the client.
+async fn refused_port() -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    drop(l);
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfenced_delete_moves_past_an_endpoint_that_refuses_the_connection() {
+    let c = TestCluster::start(3).await;
+    let direct = c.client();
+    let dead = refused_port().await;
+    let opts = ClientOptions {
+        request_timeout: Duration::from_millis(500),
+        retry_for: Duration::from_secs(5),
+        ..Default::default()
+    };
+    // The fault took effect: the dead endpoint alone refuses, at once and
+    // with UNAVAILABLE, not a timeout.
+    let lone = Client::with_options(
+        [dead.clone()],
+        ClientOptions {
+            retry_for: Duration::from_millis(1),
+            ..opts.clone()
+        },
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let err = lone.delete(del("k", None)).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err:?}");
+    assert!(started.elapsed() < Duration::from_millis(400), "{err:?}");
+    // Never sent, so not "outcome unknown": it certainly did not happen.
+    assert!(matches!(err, ClientError::Status(_)), "{err:?}");
+
+    // A record to delete, and the dead endpoint listed first, as a user
+    // with one node down would have it.
+    acquired(
+        direct
+            .claim(claim_req("del", "gone", "w", 60_000))
+            .await
+            .unwrap(),
+    );
+    let mut endpoints = vec![dead];
+    endpoints.extend(c.endpoints());
+    let client = Client::with_options(endpoints, opts).unwrap();
+    // The request never left the client, so trying the next node is safe:
+    // the delete happens, exactly once.
+    let res = client.delete(del("gone", None)).await;
+    assert!(
+        matches!(res, Ok(api::DeleteResponse { existed: true, .. })),
+        "an unfenced delete never sent must go to the next node: {res:?}"
+    );
+    let still = direct
+        .get(api::GetRequest {
+            namespace: "del".into(),
+            key: "gone".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(still.is_none(), "{still:?}");
+    c.shutdown().await;
+}

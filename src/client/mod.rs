@@ -126,6 +126,30 @@ fn overloaded(s: &Status) -> bool {
         && error::reason_of(s) == Some(crate::wire::Reason::Overloaded.as_str())
 }
 
+/// The connection to the node could not be made (refused, or the TCP
+/// connect failed), so the request never left this client: safe to send
+/// elsewhere even when a retry would not be. Told by the transport error
+/// under the status, which a server's answer never carries.
+fn never_sent(s: &Status) -> bool {
+    let mut cause = std::error::Error::source(s);
+    while let Some(e) = cause {
+        let refused = e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+        if refused || e.to_string() == "tcp connect error" {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// Safe to retry for a write that no token or claim id makes idempotent:
+/// refused before it ran, or never sent.
+fn not_run(s: &Status) -> bool {
+    overloaded(s) || never_sent(s)
+}
+
 impl Client {
     /// A client for the cluster reachable at `endpoints` (`host:port`,
     /// `http://host:port` or `https://host:port`).
@@ -423,8 +447,9 @@ impl Client {
     }
 
     /// Delete a record. A fenced Delete (`token` set) is retried like every
-    /// other fenced write. An unfenced one is retried only when the server
-    /// refused it before running it (overloaded); any other failure where
+    /// other fenced write. An unfenced one moves to another node only when
+    /// it cannot have run: the node refused it unrun (overloaded) or the
+    /// connection to it was refused, so it was never sent; any other failure where
     /// it may have been applied is [`ClientError::OutcomeUnknown`], because
     /// a retry could delete a newer claim.
     pub async fn delete(
@@ -438,11 +463,14 @@ impl Client {
         if req.token.is_some() {
             return self.retry(call).await;
         }
-        match self.retry_if(call, overloaded).await {
-            Err(ClientError::Status(s)) if retryable(&s) => Err(ClientError::OutcomeUnknown {
-                what: "unfenced delete",
-                status: s,
-            }),
+        match self.retry_if(call, not_run).await {
+            // Every attempt refused at connect: certainly not applied.
+            Err(ClientError::Status(s)) if retryable(&s) && !never_sent(&s) => {
+                Err(ClientError::OutcomeUnknown {
+                    what: "unfenced delete",
+                    status: s,
+                })
+            }
             other => other,
         }
     }

@@ -13,7 +13,7 @@ import uuid
 from datetime import timedelta
 from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
-from ._retry import overloaded
+from ._retry import NOT_CONNECTED, not_run
 from .errors import ConfigError, NotFound, OutcomeUnknown, ProtocolError, Unavailable
 from .types import (
     Acquired,
@@ -334,6 +334,8 @@ def wait_call(namespace: str, key: Bytes, timeout: Duration) -> Call:
 
 
 def _delete_outcome_unknown(e: Unavailable) -> Any:
+    if NOT_CONNECTED in e.message:
+        raise e  # never sent to any node: certainly not applied
     raise OutcomeUnknown(
         f"the unfenced delete may or may not have taken effect, and retrying it is not safe ({e})",
         code=e.code,
@@ -345,13 +347,14 @@ def delete_call(namespace: str, key: Bytes, token: Optional[int]) -> Call:
     if token is not None:
         # Fenced: retried like every fenced write.
         return Call("Delete", req, lambda r: r.existed)
-    # Unfenced: a retry could delete a newer claim. Retried only when the
-    # node refused it unrun (OVERLOADED); a lost answer is OutcomeUnknown.
+    # Unfenced: a retry could delete a newer claim. Sent elsewhere only when
+    # it cannot have run (refused unrun, or never sent: the connection
+    # failed); a lost answer is OutcomeUnknown.
     return Call(
         "Delete",
         req,
         lambda r: r.existed,
-        how={"again": overloaded},
+        how={"again": not_run},
         catch=(Unavailable,),
         failed=_delete_outcome_unknown,
     )

@@ -4,7 +4,9 @@ The rules of the Rust client (``src/client/mod.rs``), because SPEC §3 makes
 every write safe to retry only as the client sends it: a claim carries a
 ``claim_id`` fixed before its first attempt, Complete/Renew/Release carry
 their token, reads change nothing. An unfenced Delete is the exception: it
-is retried only when the node refused it before running it (OVERLOADED).
+moves to another node only when it cannot have run: the node refused it
+unrun (OVERLOADED), or the connection to the node failed, so it was never
+sent.
 """
 
 from __future__ import annotations
@@ -25,6 +27,23 @@ _RETRY_CODES = (
 def overloaded(err: grpc.RpcError) -> bool:
     """Refused by a node's concurrency cap before it started: safe to retry."""
     return code_of(err) == grpc.StatusCode.RESOURCE_EXHAUSTED and reason_of(err) == "OVERLOADED"
+
+
+#: What gRPC says when no connection to the node could be made: the call
+#: never left this client.
+NOT_CONNECTED = "failed to connect to all addresses"
+
+
+def never_sent(err: grpc.RpcError) -> bool:
+    """No connection to the node could be made (refused, unreachable), so
+    the request was never sent: safe to send elsewhere."""
+    return code_of(err) == grpc.StatusCode.UNAVAILABLE and NOT_CONNECTED in details_of(err)
+
+
+def not_run(err: grpc.RpcError) -> bool:
+    """Safe to send elsewhere even for a write no token makes idempotent
+    (an unfenced delete): refused before it ran, or never sent."""
+    return overloaded(err) or never_sent(err)
 
 
 def retryable(err: grpc.RpcError) -> bool:

@@ -249,3 +249,29 @@ def test_overloaded_and_unavailable_are_retryable_and_rule_errors_are_not() -> N
     assert type(err) is idemkv.NoSpace and err.message == "full"
     err = idemkv.errors.from_rpc_error(E(S.FAILED_PRECONDITION, "NEW_RULE: x", "NEW_RULE"))
     assert type(err) is idemkv.RuleError and err.reason == "NEW_RULE"
+
+
+def _refused_address() -> str:
+    """An address where nothing listens: connections there are refused."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_an_unfenced_delete_moves_past_a_node_it_cannot_connect_to(endpoints, client: idemkv.Client, ns: str) -> None:
+    dead = _refused_address()
+    fast = idemkv.RetryOptions(request_timeout=2.0, retry_for=0.01)
+    # The fault took effect: the dead address alone fails at once, and since
+    # nothing was sent the delete is not of unknown outcome, just unavailable.
+    with idemkv.Client([dead], retry=fast, follow_leader=False) as lone:
+        with pytest.raises(idemkv.Unavailable) as e:
+            lone.delete(ns, "k")
+    assert not isinstance(e.value, idemkv.OutcomeUnknown), e.value
+    client.claim(ns, "k")
+    # The dead node first, as a user with one node down would have it, and
+    # no leader discovery to hide it: the delete goes to the next node.
+    with idemkv.Client([dead, *endpoints], follow_leader=False) as c:
+        assert c.delete(ns, "k") is True
+    assert client.get(ns, "k") is None
