@@ -386,3 +386,81 @@ async fn a_leader_that_lost_its_unsynced_tail_does_not_reuse_its_log_ids() {
     assert_eq!(rec.state, api::RecordState::Completed as i32);
     c.shutdown().await;
 }
+
+/// A follower that died while its last write was on its way to the disk,
+/// and the disk got a later part of that write but not an earlier one (a
+/// disk writes a request's sectors in any order): a hole of zeros, then
+/// whole records of the same write. That write was never synced, so never
+/// acknowledged: the node must start, cut it whole, catch up and vote (a
+/// refusal would keep the node down; a rejoin mark would keep it from
+/// voting, and every node of a cluster that lost power together may hold
+/// such a write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_last_write_was_torn_with_records_after_the_hole_starts_and_votes() {
+    let mut c = TestCluster::start(3).await;
+    let leader = c.wait_leader(Duration::from_secs(10)).await;
+    let (torn, other) = followers(leader);
+    write_completed(&c, leader, "before").await;
+    caught_up(&c, leader, torn).await;
+    c.stop(torn).await;
+    let kept = log_last_index(&node_dir(&c, torn)).await;
+    for i in 0..8 {
+        write_completed(&c, leader, &format!("while-down-{i}")).await;
+    }
+
+    // What the torn node would have written next: the leader's records
+    // after `kept`, byte for byte, from where its own records end.
+    let from_leader = {
+        let seg = last_segment(&node_dir(&c, leader));
+        let first: u64 = seg.file_stem().unwrap().to_string_lossy().parse().unwrap();
+        let bytes = std::fs::read(&seg).unwrap();
+        let spans = log_record_spans(&bytes);
+        let (start, _) = spans[(kept + 1 - first) as usize];
+        let (at, len) = *spans.last().unwrap();
+        bytes[start..at + len].to_vec()
+    };
+    let seg = last_segment(&node_dir(&c, torn));
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let end = log_record_spans(&bytes)
+        .last()
+        .map_or(0, |(at, len)| at + len);
+    if bytes.len() < end + from_leader.len() {
+        bytes.resize(end + from_leader.len(), 0);
+    }
+    bytes[end..end + from_leader.len()].copy_from_slice(&from_leader);
+    // The hole: from its end to the end of that sector, and one more.
+    let hole = (end / 512 + 2) * 512;
+    bytes[end..hole].fill(0);
+    std::fs::write(&seg, &bytes).unwrap();
+
+    // The fault took effect: the log's records stop at `kept`, and whole
+    // records of the write lie after the hole.
+    assert_eq!(log_last_index(&node_dir(&c, torn)).await, kept);
+    let whole_after = log_record_spans(&from_leader)
+        .iter()
+        .filter(|(at, _)| *at >= hole - end)
+        .count();
+    assert!(whole_after > 0, "no whole record after the hole");
+
+    c.restart(torn).await;
+    caught_up(&c, leader, torn).await;
+    assert_eq!(
+        c.node(torn).consensus().status().rejoin_until,
+        None,
+        "a torn write was taken for damaged acknowledged records"
+    );
+    // It votes: with the leader down, it and the other follower elect one
+    // of themselves, which has every acknowledged write.
+    c.stop(leader).await;
+    let new = c.wait_leader(Duration::from_secs(20)).await;
+    assert!(new == torn || new == other, "{new}");
+    for key in ["before", "while-down-7"] {
+        let rec = c.client_of(new).get(get(key)).await.unwrap();
+        assert_eq!(
+            rec.map(|r| r.state),
+            Some(api::RecordState::Completed as i32),
+            "{key}"
+        );
+    }
+    c.shutdown().await;
+}

@@ -1,6 +1,7 @@
 //! What opening the Raft log does with a damaged last segment: a torn tail
 //! (a write that never finished, so never acknowledged) is cut off and the
-//! node starts; damage with acknowledged records after it is refused, the
+//! node starts, also one of many records with a hole in its middle and
+//! whole records after it; damage with acknowledged records after it is refused, the
 //! file left as it was, and `idemkv serve` exits saying what to do. Also:
 //! every segment kept is fsynced at open, before anything is acknowledged.
 //! And a commit point stored beyond a cut tail is not reported.
@@ -439,4 +440,121 @@ async fn damage_to_the_last_record_before_the_room_is_not_taken_for_a_torn_write
         );
         close(store);
     }
+}
+
+/// Entries 1..=10 durable with the room after them, then `more` appended
+/// in one write (one `pwrite`, one sync); the segment and its bytes.
+async fn one_write_after_ten(dir: &Path, more: Vec<idemkv::raft::Entry>) -> (PathBuf, Vec<u8>) {
+    let (seg, _) = ten_entries_with_room(dir).await;
+    let mut store = Store::open(dir).unwrap();
+    append(&mut store.log, more).await;
+    close(store);
+    let bytes = std::fs::read(&seg).unwrap();
+    (seg, bytes)
+}
+
+/// Open a log whose last write lost the sector at `lost` (the disk got
+/// the write's sectors after it but not that one): the node starts with
+/// every entry before the first record that sector touched, keeps its
+/// vote, and the file ends there.
+async fn assert_torn_write_cut(
+    dir: &Path,
+    seg: &Path,
+    mut bytes: Vec<u8>,
+    lost: usize,
+    what: &str,
+) {
+    let recs = records(&bytes);
+    let kept = recs.iter().take_while(|(at, len)| at + len <= lost).count();
+    // The fault is the one meant: a sector inside the write lost, and
+    // whole records of the same write after it.
+    assert!(kept >= 10, "{what}: sector {lost} is not in the last write");
+    let after = recs.iter().filter(|(at, _)| *at >= lost + 512).count();
+    assert!(
+        after > 0,
+        "{what}: no record of the write after sector {lost}"
+    );
+    bytes[lost..lost + 512].fill(0);
+    std::fs::write(seg, &bytes).unwrap();
+
+    let mut store = Store::open(dir).unwrap_or_else(|e| panic!("{what}: refused: {e}"));
+    assert_eq!(
+        all_indexes(&mut store).await,
+        (1..=kept as u64).collect::<Vec<_>>(),
+        "{what}"
+    );
+    assert_eq!(
+        store.log.rejoin().until(),
+        None,
+        "{what}: a torn write was taken for damaged acknowledged records"
+    );
+    assert_eq!(records(&std::fs::read(seg).unwrap()).len(), kept, "{what}");
+    // The log goes on from there.
+    append(&mut store.log, vec![entry(kept as u64 + 1, 1)]).await;
+    close(store);
+    let mut store = Store::open(dir).unwrap();
+    assert_eq!(all_indexes(&mut store).await.len(), kept + 1, "{what}");
+    close(store);
+}
+
+/// A crash during one append of many records: a disk writes a request's
+/// sectors in any order, so a later part of it can be on disk and an
+/// earlier one not. That write was never acknowledged (its sync never
+/// finished), so it is cut whole, though whole records of it follow the
+/// hole, and the node starts and votes. Every sector of the write that
+/// leaves records after it is tried as the lost one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_of_many_records_torn_in_its_middle_is_cut_and_the_node_votes() {
+    let probe = tempfile::tempdir().unwrap();
+    let (_, written) =
+        one_write_after_ten(probe.path(), (11..=40).map(|i| entry(i, 1)).collect()).await;
+    let recs = records(&written);
+    assert_eq!(recs.len(), 40);
+    let first = recs[10].0.div_ceil(512) * 512;
+    let last_start = recs[39].0;
+    let mut tried = 0;
+    for lost in (first..last_start.saturating_sub(512)).step_by(512) {
+        let dir = tempfile::tempdir().unwrap();
+        let (seg, bytes) =
+            one_write_after_ten(dir.path(), (11..=40).map(|i| entry(i, 1)).collect()).await;
+        assert_eq!(bytes, written, "the same write every time");
+        assert_torn_write_cut(dir.path(), &seg, bytes, lost, &format!("sector at {lost}")).await;
+        tried += 1;
+    }
+    assert!(tried >= 5, "only {tried} sectors tried");
+}
+
+/// The same with the hole inside one large record (a big result): its
+/// header and end byte are on disk, a sector between them is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_record_torn_in_its_middle_is_cut_and_the_node_votes() {
+    let big = log_files::entry_with_result(11, 1, vec![0x5A; 4000]);
+    let mut more = vec![big];
+    more.extend((12..=20).map(|i| entry(i, 1)));
+    let dir = tempfile::tempdir().unwrap();
+    let (seg, bytes) = one_write_after_ten(dir.path(), more).await;
+    let (at, len) = records(&bytes)[10];
+    assert!(len > 3000, "entry 11 is not the large record: {len} bytes");
+    // A sector well inside it: neither its header's nor its end's.
+    let lost = (at + 1024).div_ceil(512) * 512;
+    assert!(lost + 512 < at + len - 512);
+    assert_torn_write_cut(dir.path(), &seg, bytes, lost, "inside entry 11").await;
+}
+
+/// A length field damaged so that its record seems to reach into the
+/// zero-filled room is no torn write, though zeros lie inside what it
+/// claims: valid records lie inside it too. Those may have been
+/// acknowledged, so the log is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_length_reaching_over_valid_records_into_the_room_is_still_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (seg, mut bytes) = ten_entries_with_room(dir.path()).await;
+    let recs = records(&bytes);
+    let (at, _) = recs[2];
+    let end = records_end(&bytes);
+    let field = ((end - at - 9 + 2048) as u32) | (1 << 31);
+    bytes[at..at + 4].copy_from_slice(&field.to_le_bytes());
+    std::fs::write(&seg, &bytes).unwrap();
+
+    assert_refused(dir.path(), &seg, at, 3, 7);
 }

@@ -37,26 +37,38 @@
 //!   follow. The segment is cut at the bad record. Two kinds:
 //!   - a torn write (zeros, part of a record: a write the crash
 //!     interrupted, so never acknowledged). In the zero-filled room a torn
-//!     record is as long as its length field says, but its end byte is
-//!     missing: the part of it in its last 512-byte sector is zeros;
+//!     record is as long as its length field says, but a sector of it
+//!     reads as the zeros the room held: its end byte is missing (the part
+//!     of it in its last 512-byte sector is zeros), its header is all
+//!     zeros, or a whole 512-byte sector inside it is zeros;
 //!   - a damaged record: whole by its length field but failing its check,
 //!     or one whose length field alone was hit (the rest of the file
 //!     matches its checksum). This node may have acknowledged it, so
 //!     before cutting it records, durably, that it must regain that entry
 //!     before it votes again (see `rejoin.rs`).
+//! - Also cut: a torn record (as above) in the last segment with valid
+//!   records after it. One `pwrite` of several records reaches the disk
+//!   sector by sector, in any order, so a crash can leave a later part
+//!   written and an earlier one not. Nothing from the torn record on was
+//!   acknowledged: an acknowledgement waits for an `fdatasync` begun after
+//!   its own write, which would have made the earlier sector durable too.
 //! - Refused (an `InvalidData` error naming the file, the byte offset, the
 //!   entry index expected there and, for the last segment, how many valid
 //!   records follow; the file is left untouched and the node must not start):
-//!   a bad record in the last segment with any valid record after it, since
-//!   those may have been acknowledged; a bad record in any other segment;
-//!   a valid record holding the wrong index; a gap between segments.
+//!   a bad record that is not torn in the last segment with any valid
+//!   record after it, since those may have been acknowledged; a bad record
+//!   in any other segment; a valid record holding the wrong index; a gap
+//!   between segments.
 //! - Every segment kept is fsynced (`sync_data`; `sync_all` for one just
 //!   cut) before it is used, and the directory after: what an earlier run
 //!   wrote may be in the page cache only, if its fsync failed.
 //!
-//! A caveat of the rule: if a crash tore an unacknowledged multi-record
-//! write so that a later part reached the disk and an earlier one did not,
-//! it is refused too; the operator's remedy is the same.
+//! A caveat of the rule: a whole 512-byte run of zeros inside a record
+//! that was also damaged (a result of zeros and a flipped bit) reads as a
+//! torn write, so that record is cut as never acknowledged. Both at once
+//! are far rarer than a torn write after a power loss, which must not stop
+//! the node or keep it from voting (every node of a cluster that lost
+//! power together might hold one).
 //!
 //! Recent entries stay in memory (up to [`CACHE_BYTES`]) for replication;
 //! older ones are read back from their segment.
@@ -278,6 +290,44 @@ fn cut_short_in_zeros(bytes: &[u8], pos: usize, end: usize) -> bool {
     bytes[from..end].iter().all(|&b| b == 0)
 }
 
+/// Whether a whole 512-byte sector between `from` and `to` reads as zeros:
+/// in the zero-filled room, a sector of a write that never reached the
+/// disk.
+fn zero_sector_within(bytes: &[u8], from: usize, to: usize) -> bool {
+    let mut s = from.div_ceil(SECTOR) * SECTOR;
+    while s + SECTOR <= to.min(bytes.len()) {
+        if bytes[s..s + SECTOR].iter().all(|&b| b == 0) {
+            return true;
+        }
+        s += SECTOR;
+    }
+    false
+}
+
+/// Whether the bad record at `pos` is part of a write the crash
+/// interrupted, told by a sector of it still holding the zero-filled
+/// room's zeros: its header (no record has a zero length), the end of it
+/// in its last sector (the end byte is never zero), or a whole sector
+/// inside it. Not when its length field alone is damaged (the rest is the
+/// payload its checksum names), nor when the record would run past
+/// `limit`, where a valid record starts: its length field is damaged then.
+fn torn_at(bytes: &[u8], pos: usize, limit: usize) -> bool {
+    let Some(header) = bytes.get(pos..pos + HEADER) else {
+        return false;
+    };
+    if header.iter().all(|&b| b == 0) {
+        return true;
+    }
+    let Some((len, ended, crc)) = header_at(bytes, pos) else {
+        return false;
+    };
+    let end = pos.saturating_add(record_len(len, ended));
+    if len == 0 || end > limit.min(bytes.len()) || payload_alone(&bytes[pos + HEADER..], crc) {
+        return false;
+    }
+    (ended && cut_short_in_zeros(bytes, pos, end)) || zero_sector_within(bytes, pos + HEADER, end)
+}
+
 /// `(offset, length)` of each whole, valid record from the start of a
 /// segment's bytes, up to the first that is not (for tools and tests that
 /// look inside a segment).
@@ -329,20 +379,23 @@ fn record_at(bytes: &[u8], pos: usize, accept: impl Fn(u64) -> bool) -> Option<(
 /// every byte offset is tried. A record found counts only if its index
 /// could follow: at least `want`, and no further ahead than the records
 /// that fit between `bad` and it (each takes more than `HEADER` bytes).
-fn valid_records_after(bytes: &[u8], bad: usize, want: u64) -> usize {
+/// Also where the first of them starts.
+fn valid_records_after(bytes: &[u8], bad: usize, want: u64) -> (usize, Option<usize>) {
     let mut count = 0;
+    let mut first = None;
     let mut pos = bad + 1;
     while pos + HEADER < bytes.len() {
         let fit = ((pos - bad) / (HEADER + 1)) as u64;
         match record_at(bytes, pos, |i| i >= want && i - want <= fit) {
             Some((_, end)) => {
                 count += 1;
+                first.get_or_insert(pos);
                 pos = end;
             }
             None => pos += 1,
         }
     }
-    count
+    (count, first)
 }
 
 /// What [`scan`] found in a segment.
@@ -353,6 +406,8 @@ struct Scanned {
     valid: u64,
     /// Whole valid records found after the bad one: 0 for a torn tail.
     valid_after: usize,
+    /// The bad record shows a write the crash interrupted ([`torn_at`]).
+    torn: bool,
     /// How many entries the bad bytes may hold that were acknowledged:
     /// 0 for a torn write (see [`possibly_acknowledged`]).
     damaged: u64,
@@ -379,6 +434,10 @@ fn possibly_acknowledged(bytes: &[u8], bad: usize) -> u64 {
                 if payload_alone(&bytes[pos + HEADER..], crc) {
                     count += 1;
                 }
+                break;
+            }
+            if torn_at(bytes, pos, bytes.len()) {
+                // A sector inside it never reached the disk.
                 break;
             }
             count += 1;
@@ -420,15 +479,23 @@ fn scan(path: &Path, first: u64) -> io::Result<Scanned> {
                     records,
                     valid: pos as u64,
                     valid_after: 0,
+                    torn: false,
                     damaged: 0,
                     zero_tail: true,
                 });
             }
+            let (valid_after, next_valid) = valid_records_after(&bytes, pos, want);
+            let torn = torn_at(&bytes, pos, next_valid.unwrap_or(bytes.len()));
             return Ok(Scanned {
                 records,
                 valid: pos as u64,
-                valid_after: valid_records_after(&bytes, pos, want),
-                damaged: possibly_acknowledged(&bytes, pos),
+                valid_after,
+                torn,
+                damaged: if torn {
+                    0
+                } else {
+                    possibly_acknowledged(&bytes, pos)
+                },
                 zero_tail: false,
             });
         };
@@ -451,6 +518,7 @@ fn scan(path: &Path, first: u64) -> io::Result<Scanned> {
         records,
         valid: pos as u64,
         valid_after: 0,
+        torn: false,
         damaged: 0,
         zero_tail: false,
     })
@@ -642,6 +710,7 @@ impl LogStore {
                 records,
                 valid,
                 valid_after,
+                torn,
                 damaged: maybe_acked,
                 zero_tail,
             } = scan(&path, first)?;
@@ -656,7 +725,7 @@ impl LogStore {
             let cut = valid < on_disk && !room;
             if cut {
                 let want = first + records.len() as u64;
-                if !is_last || valid_after > 0 {
+                if !is_last || (valid_after > 0 && !torn) {
                     return Err(damaged(&path, valid, want, valid_after, is_last));
                 }
                 if maybe_acked > 0 {
@@ -668,7 +737,11 @@ impl LogStore {
                     );
                     rejoin.must_regain(until)?;
                 } else {
-                    tracing::warn!(path = %path.display(), valid, on_disk, "cutting a torn write off the log");
+                    tracing::warn!(
+                        path = %path.display(), valid, on_disk, entry = want, valid_after,
+                        "cutting a torn write off the log (never acknowledged: with the \
+                         records the same unfinished write left after it, if any)"
+                    );
                 }
                 file.set_len(valid)
                     .map_err(|e| at(&path, &format!("cut at byte {valid}"), e))?;

@@ -14,6 +14,11 @@ use openraft::EntryPayload;
 
 /// An entry of `term` at `index`, carrying a Complete of about 100 bytes.
 pub fn entry(index: u64, term: u64) -> Entry {
+    entry_with_result(index, term, vec![index as u8; 100])
+}
+
+/// [`entry`] with its Complete carrying `result`.
+pub fn entry_with_result(index: u64, term: u64, result: Vec<u8>) -> Entry {
     Entry {
         log_id: log_id::<TypeConfig>(term, 1, index),
         payload: EntryPayload::Normal(Request {
@@ -25,7 +30,7 @@ pub fn entry(index: u64, term: u64) -> Entry {
                 },
                 op: Op::Complete {
                     token: index,
-                    result: vec![index as u8; 100],
+                    result,
                     code: None,
                     retention_ms: None,
                 },
