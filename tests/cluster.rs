@@ -939,3 +939,54 @@ async fn writes_queued_on_a_follower_that_takes_office_are_proposed_there() {
         granted[new]
     );
 }
+
+/// A node that stopped answering without closing its connections (frozen:
+/// SIGSTOP, a hung host, packets dropped) listed first. With the default
+/// ten-second attempt deadline, a client used to wait it out on every
+/// call that started there; the connection's keepalive pings now find the
+/// node dead within a few seconds, and the call goes on to the next node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_costs_a_call_seconds_not_its_whole_deadline() {
+    let c = TestCluster::start(3).await;
+    // Accepts connections and never says a word.
+    let (frozen, _hole) = inproc::black_hole().await;
+    let mut endpoints = vec![frozen.clone()];
+    endpoints.extend(c.endpoints());
+    let opts = idemkv::client::ClientOptions::default();
+    assert_eq!(opts.request_timeout, Duration::from_secs(10));
+
+    // The fault took effect: the frozen node alone answers nothing, and a
+    // call there fails only when the connection is found dead, well
+    // before its deadline.
+    let lone = idemkv::Client::with_options(
+        [frozen],
+        idemkv::client::ClientOptions {
+            retry_for: Duration::from_millis(1),
+            ..opts.clone()
+        },
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let err = lone
+        .claim(claim_req("frozen", "alone", "w", 30_000))
+        .await
+        .unwrap_err();
+    let alone = started.elapsed();
+    assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err:?}");
+    assert!(alone < Duration::from_secs(6), "{alone:?}: {err:?}");
+
+    let client = idemkv::Client::with_options(endpoints, opts).unwrap();
+    let started = std::time::Instant::now();
+    let a = acquired(
+        client
+            .claim(claim_req("frozen", "k", "w", 30_000))
+            .await
+            .expect("the claim goes on to a live node"),
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    // Once: the same claim again is the same grant (its reply came from
+    // the live node that made it).
+    assert!(a.token > 0);
+    c.shutdown().await;
+}

@@ -10,21 +10,7 @@ use std::time::Duration;
 use idemkv::client::{ClientError, ClientOptions};
 use idemkv::pb::api;
 use idemkv::Client;
-use inproc::{acquired, claim_req, TestCluster};
-
-/// A TCP endpoint that accepts connections and never answers: a request
-/// sent there is lost (its outcome unknown to the sender).
-async fn black_hole() -> (String, tokio::task::JoinHandle<()>) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let task = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = l.accept().await {
-            held.push(s);
-        }
-    });
-    (addr, task)
-}
+use inproc::{acquired, black_hole, claim_req, TestCluster};
 
 fn del(key: &str, token: Option<u64>) -> api::DeleteRequest {
     api::DeleteRequest {

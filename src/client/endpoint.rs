@@ -89,8 +89,24 @@ pub fn endpoint(
         };
         ep = ep.tls_config(config).map_err(failed)?;
     }
-    Ok(ep.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true))
+    Ok(ep
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        // While calls are open on a connection, an HTTP/2 ping every
+        // second, and the connection dropped when one goes unanswered for
+        // two: a node that froze (SIGSTOP, a hung host, a partition that
+        // drops packets) fails the calls waiting on it within about three
+        // seconds, so they go on to another node instead of waiting out
+        // their whole deadline. Idle connections send none.
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(false))
 }
+
+/// See [`endpoint`]: how often an open connection with calls in flight is
+/// pinged, and how long an unanswered ping is waited for.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

@@ -182,3 +182,17 @@ pub fn acquired(o: api::claim_response::Outcome) -> api::Acquired {
         other => panic!("expected ACQUIRED, got {other:?}"),
     }
 }
+
+/// A TCP endpoint that accepts connections and never answers (a frozen
+/// node): a request sent there is lost, its outcome unknown to the sender.
+pub async fn black_hole() -> (String, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    (addr, task)
+}

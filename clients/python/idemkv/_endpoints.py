@@ -139,6 +139,18 @@ class ChannelFactory:
         self.options = list(options) + [
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.max_receive_message_length", MAX_MESSAGE),
+            # While calls are open, a ping every second, and the connection
+            # dropped when one goes unanswered for two: a frozen node
+            # (SIGSTOP, a hung host, dropped packets) fails the calls waiting
+            # on it in about three seconds, so they go on to another node
+            # instead of waiting out their deadline (as the Rust client).
+            ("grpc.keepalive_time_ms", 1000),
+            ("grpc.keepalive_timeout_ms", 2000),
+            ("grpc.keepalive_permit_without_calls", 0),
+            # Else a ping gRPC sends to size its window uses up the pings
+            # allowed before the next data frame, and keepalive sends none.
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.ping_timeout_ms", 2000),
         ]
         self._credentials: Optional[grpc.ChannelCredentials] = None
 

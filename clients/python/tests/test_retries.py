@@ -5,6 +5,8 @@ sender is never locked out by its own claim), fenced writes by their token
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from typing import Any, List, Optional
@@ -13,6 +15,7 @@ import grpc
 import pytest
 
 import idemkv
+from conftest import leader_and_followers
 
 
 class LostReply(grpc.RpcError, grpc.Call):
@@ -275,3 +278,27 @@ def test_an_unfenced_delete_moves_past_a_node_it_cannot_connect_to(endpoints, cl
     with idemkv.Client([dead, *endpoints], follow_leader=False) as c:
         assert c.delete(ns, "k") is True
     assert client.get(ns, "k") is None
+
+
+def test_a_frozen_node_costs_a_call_seconds_not_its_whole_deadline(client: idemkv.Client, pids, ns: str) -> None:
+    _, followers = leader_and_followers(client)
+    frozen, live = followers[0], followers[1]
+    # The default deadline of an attempt: 10 s.
+    assert idemkv.RetryOptions().request_timeout == 10.0
+    with idemkv.Client([frozen, live], follow_leader=False) as c:
+        assert c.status().id > 0  # connected to the first node
+        os.kill(pids[frozen], signal.SIGSTOP)  # frozen: its connection stays open, silent
+        try:
+            started = time.monotonic()
+            got = c.claim(ns, "k")
+            took = time.monotonic() - started
+            # The fault took effect: the frozen node answers nothing now.
+            with idemkv.Client([frozen], follow_leader=False, retry=idemkv.RetryOptions(request_timeout=0.5, retry_for=0.01)) as lone:
+                with pytest.raises(idemkv.Unavailable):
+                    lone.status()
+        finally:
+            os.kill(pids[frozen], signal.SIGCONT)
+    assert isinstance(got, idemkv.Acquired)
+    # Its connection's keepalive pings found the node dead in seconds; the
+    # claim went on to the live node instead of waiting out 10 s.
+    assert took < 6.0, took
