@@ -3,7 +3,10 @@ use tonic::{Code, Status};
 
 use crate::wire::{Reason, REASON_HEADER};
 
+/// New variants may come in later versions (as `OutcomeUnknown` did), so
+/// a `match` needs a `_` arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
     /// The server answered with an error (after any safe retries).
     #[error("{}: {}", .0.code(), .0.message())]

@@ -291,7 +291,10 @@ pub enum RunOutcome {
     Busy { owner: String },
 }
 
+/// New variants may come in later versions (as `CompleteFailed` and
+/// `ResultTooLarge` did), so a `match` needs a `_` arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RunError<E> {
     /// The work failed; the claim was released so another attempt can run.
     #[error("the work failed: {0}")]

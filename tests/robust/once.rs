@@ -625,6 +625,10 @@ impl OnceRun {
                 fault: self.fault(&error),
                 message: error.to_string(),
             },
+            Err(e) => Outcome::Error {
+                fault: Some("an error this checker does not know".into()),
+                message: e.to_string(),
+            },
         }
     }
 
