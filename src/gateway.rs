@@ -128,6 +128,19 @@ impl Gateway {
 }
 
 /// An `application/problem+json` answer (RFC 9457), as the draft shows.
+/// Whether reading a body failed because it is over the size limit (not
+/// because it broke off or was malformed).
+fn over_limit(e: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 fn problem(status: StatusCode, title: &str, detail: impl Into<String>) -> Response {
     let body = serde_json::json!({
         "type": "about:blank",
@@ -217,7 +230,7 @@ impl Gateway {
         let (parts, body) = req.into_parts();
         let body = match axum::body::to_bytes(body, self.cfg.max_body).await {
             Ok(b) => b,
-            Err(_) => {
+            Err(e) if over_limit(&e) => {
                 crate::metrics::gateway("too_large");
                 return problem(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -226,6 +239,15 @@ impl Gateway {
                         "a request with an Idempotency-Key may carry at most {} bytes",
                         self.cfg.max_body
                     ),
+                );
+            }
+            // Nothing claimed yet: the caller can send it again whole.
+            Err(e) => {
+                crate::metrics::gateway("bad_body");
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "Request body could not be read",
+                    format!("the request body broke off or is malformed ({e}); nothing was done"),
                 );
             }
         };

@@ -864,3 +864,66 @@ async fn a_waiting_request_learns_that_the_key_failed_for_good() {
     assert_eq!(up.calls("/orders"), 1);
     let _ = first.await;
 }
+
+/// A request whose body broke off or is malformed (here a bad chunk size)
+/// is told so, with 400, not that its body was too large (413, as before);
+/// nothing was claimed, so the same key sent whole afterwards runs at once.
+/// A body over `--max-body` still gets 413.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_that_cannot_be_read_gets_400_and_claims_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let (up_addr, up) = start_upstream().await;
+    let gw = gateway(&c, up_addr, &[]).await;
+    let orders = format!("{}/orders", gw.url);
+
+    let mut s = tokio::net::TcpStream::connect(gw.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    s.write_all(
+        b"POST /orders HTTP/1.1\r\nhost: gw\r\nidempotency-key: k-broken\r\n\
+          transfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+    )
+    .await
+    .unwrap();
+    // Read until the whole answer is in: its headers and as many body
+    // bytes as its content-length says.
+    let whole_answer = |got: &[u8]| {
+        let text = String::from_utf8_lossy(got).to_ascii_lowercase();
+        let Some(head_end) = text.find("\r\n\r\n") else {
+            return false;
+        };
+        let len = text[..head_end]
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        len.is_some_and(|n| got.len() >= head_end + 4 + n)
+    };
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !whole_answer(&got) {
+        let mut buf = [0u8; 4096];
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!(
+                "no whole answer ({other:?}): {}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("could not be read"), "{text}");
+    assert_eq!(up.calls("/orders"), 0);
+
+    let whole = send("POST", &orders, Some("k-broken"), "a", &[]).await;
+    assert_eq!(whole.status, StatusCode::CREATED, "{whole:?}");
+    assert!(!whole.replayed());
+    assert_eq!(up.calls("/orders"), 1);
+
+    let big = send("POST", &orders, Some("k-big"), &"x".repeat(1_100_000), &[]).await;
+    assert_eq!(big.status, StatusCode::PAYLOAD_TOO_LARGE, "{big:?}");
+    assert_eq!(up.calls("/orders"), 1);
+}
