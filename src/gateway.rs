@@ -127,7 +127,6 @@ impl Gateway {
     }
 }
 
-/// An `application/problem+json` answer (RFC 9457), as the draft shows.
 /// Whether reading a body failed because it is over the size limit (not
 /// because it broke off or was malformed).
 fn over_limit(e: &axum::Error) -> bool {
@@ -141,6 +140,7 @@ fn over_limit(e: &axum::Error) -> bool {
     false
 }
 
+/// An `application/problem+json` answer (RFC 9457), as the draft shows.
 fn problem(status: StatusCode, title: &str, detail: impl Into<String>) -> Response {
     let body = serde_json::json!({
         "type": "about:blank",

@@ -944,7 +944,8 @@ async fn writes_queued_on_a_follower_that_takes_office_are_proposed_there() {
 /// SIGSTOP, a hung host, packets dropped) listed first. With the default
 /// ten-second attempt deadline, a client used to wait it out on every
 /// call that started there; the connection's keepalive pings now find the
-/// node dead within a few seconds, and the call goes on to the next node.
+/// node dead in about five seconds (2 s without news, then 3 s for the
+/// ping's answer), and the call goes on to the next node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_node_costs_a_call_seconds_not_its_whole_deadline() {
     let c = TestCluster::start(3).await;
@@ -973,7 +974,7 @@ async fn a_frozen_node_costs_a_call_seconds_not_its_whole_deadline() {
         .unwrap_err();
     let alone = started.elapsed();
     assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err:?}");
-    assert!(alone < Duration::from_secs(6), "{alone:?}: {err:?}");
+    assert!(alone < Duration::from_secs(8), "{alone:?}: {err:?}");
 
     let client = idemkv::Client::with_options(endpoints, opts).unwrap();
     let started = std::time::Instant::now();
@@ -984,7 +985,7 @@ async fn a_frozen_node_costs_a_call_seconds_not_its_whole_deadline() {
             .expect("the claim goes on to a live node"),
     );
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(6), "{took:?}");
+    assert!(took < Duration::from_secs(8), "{took:?}");
     // Once: the same claim again is the same grant (its reply came from
     // the live node that made it).
     assert!(a.token > 0);

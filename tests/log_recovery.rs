@@ -330,8 +330,13 @@ async fn a_commit_point_beyond_a_cut_tail_is_not_reported() {
 /// Entries 1..=10 in one segment with the zero-filled room after them, as
 /// the log leaves it; the segment's path and bytes.
 async fn ten_entries_with_room(dir: &Path) -> (PathBuf, Vec<u8>) {
+    with_room(dir, (1..=10).map(|i| entry(i, 1)).collect()).await
+}
+
+/// `entries` (1..=10) appended, with the zero-filled room after them.
+async fn with_room(dir: &Path, entries: Vec<idemkv::raft::Entry>) -> (PathBuf, Vec<u8>) {
     let mut store = Store::open(dir).unwrap();
-    append(&mut store.log, (1..=10).map(|i| entry(i, 1)).collect()).await;
+    append(&mut store.log, entries).await;
     let seg = store.log.segment_files()[0].clone();
     close(store);
     let bytes = std::fs::read(&seg).unwrap();
@@ -524,21 +529,60 @@ async fn a_write_of_many_records_torn_in_its_middle_is_cut_and_the_node_votes() 
     assert!(tried >= 5, "only {tried} sectors tried");
 }
 
-/// The same with the hole inside one large record (a big result): its
-/// header and end byte are on disk, a sector between them is not.
+/// A large record with a sector of zeros inside and valid records after
+/// it is not taken for a torn write, for a result may hold zeros: a
+/// record torn only in its middle (header and end byte on disk) and a
+/// damaged one holding zeros (one flipped bit) look alike, and the second
+/// may have been acknowledged. Both refused, the file left as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_large_record_torn_in_its_middle_is_cut_and_the_node_votes() {
-    let big = log_files::entry_with_result(11, 1, vec![0x5A; 4000]);
-    let mut more = vec![big];
-    more.extend((12..=20).map(|i| entry(i, 1)));
+async fn a_large_record_with_zeros_inside_and_records_after_is_refused() {
+    type Fault = fn(&mut [u8], usize, usize);
+    let torn_in_middle: Fault = |b, at, _| {
+        let lost = (at + 1024).div_ceil(512) * 512;
+        b[lost..lost + 512].fill(0);
+    };
+    let flipped: Fault = |b, at, len| b[at + len - 20] ^= 0x01;
+    for (what, result, fault) in [
+        ("torn in its middle", vec![0x5A; 4000], torn_in_middle),
+        ("zeros and a flipped bit", vec![0; 4000], flipped),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut entries: Vec<_> = (1..=10).map(|i| entry(i, 1)).collect();
+        entries[2] = log_files::entry_with_result(3, 1, result);
+        let (seg, mut bytes) = with_room(dir.path(), entries).await;
+        let (at, len) = records(&bytes)[2];
+        assert!(len > 4000, "{what}: entry 3 is {len} bytes");
+        fault(&mut bytes, at, len);
+        std::fs::write(&seg, &bytes).unwrap();
+        // The fault took effect: entry 3 no longer reads.
+        assert_eq!(records(&bytes).len(), 2, "{what}");
+        assert_refused(dir.path(), &seg, at, 3, 7);
+    }
+}
+
+/// A length field damaged to a smaller value, its false end inside a run
+/// of zeros of the record's own result, with valid records after: what
+/// lies between the header and the next valid record is the payload its
+/// checksum names, so only the length was hit and it is no torn write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_length_cut_short_into_zeros_of_its_own_result_is_still_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (seg, bytes) = one_write_after_ten(dir.path(), more).await;
-    let (at, len) = records(&bytes)[10];
-    assert!(len > 3000, "entry 11 is not the large record: {len} bytes");
-    // A sector well inside it: neither its header's nor its end's.
-    let lost = (at + 1024).div_ceil(512) * 512;
-    assert!(lost + 512 < at + len - 512);
-    assert_torn_write_cut(dir.path(), &seg, bytes, lost, "inside entry 11").await;
+    let mut entries: Vec<_> = (1..=10).map(|i| entry(i, 1)).collect();
+    entries[2] = log_files::entry_with_result(3, 1, vec![0; 4000]);
+    let (seg, mut bytes) = with_room(dir.path(), entries).await;
+    let (at, len) = records(&bytes)[2];
+    // A false end two sectors into the zeros: its end byte reads 0 there,
+    // in a sector of zeros, as a torn write's would.
+    let false_end = (at + 2048).div_ceil(512) * 512 + 100;
+    assert!(false_end < at + len - 600);
+    assert!(bytes[false_end - 1 - 100..false_end - 1 + 412]
+        .iter()
+        .all(|&b| b == 0));
+    let field = ((false_end - at - 9) as u32) | (1 << 31);
+    bytes[at..at + 4].copy_from_slice(&field.to_le_bytes());
+    std::fs::write(&seg, &bytes).unwrap();
+
+    assert_refused(dir.path(), &seg, at, 3, 7);
 }
 
 /// A length field damaged so that its record seems to reach into the

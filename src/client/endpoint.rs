@@ -89,24 +89,25 @@ pub fn endpoint(
         };
         ep = ep.tls_config(config).map_err(failed)?;
     }
-    Ok(ep
-        .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
-        // While calls are open on a connection, an HTTP/2 ping every
-        // second, and the connection dropped when one goes unanswered for
-        // two: a node that froze (SIGSTOP, a hung host, a partition that
-        // drops packets) fails the calls waiting on it within about three
-        // seconds, so they go on to another node instead of waiting out
-        // their whole deadline. Idle connections send none.
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(false))
+    Ok(ep.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true))
 }
 
-/// See [`endpoint`]: how often an open connection with calls in flight is
-/// pinged, and how long an unanswered ping is waited for.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 keepalive for a client's connections: while calls are open on
+/// one, a ping after `interval` without news from the node, and the
+/// connection dropped when a ping goes unanswered for `timeout`. A node
+/// that froze (SIGSTOP, a hung host, a partition that drops packets) then
+/// fails the calls waiting on it within `interval + timeout`, and they go
+/// on to another node instead of waiting out their whole deadline. Idle
+/// connections send none.
+pub fn with_keepalive(ep: Endpoint, interval: Option<Duration>, timeout: Duration) -> Endpoint {
+    match interval {
+        Some(i) => ep
+            .http2_keep_alive_interval(i)
+            .keep_alive_timeout(timeout)
+            .keep_alive_while_idle(false),
+        None => ep,
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -40,6 +40,15 @@ pub struct ClientOptions {
     /// Bearer token sent with every call, for a cluster run with
     /// `--auth-tokens`. None: no `authorization` metadata.
     pub token: Option<String>,
+    /// While calls are open on a connection, an HTTP/2 ping after this
+    /// long without news from the node; None: no pings. With
+    /// `keepalive_timeout`, how soon a node that froze with its
+    /// connections open is given up for another (about 5 s by default,
+    /// against `request_timeout`'s 10).
+    pub keepalive_interval: Option<Duration>,
+    /// How long a keepalive ping may go unanswered before the connection
+    /// is dropped (and its calls retried elsewhere where safe).
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for ClientOptions {
@@ -51,6 +60,8 @@ impl Default for ClientOptions {
             backoff_max: Duration::from_millis(800),
             tls: None,
             token: None,
+            keepalive_interval: Some(Duration::from_secs(2)),
+            keepalive_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -102,9 +113,20 @@ struct Inner {
 
 /// A lazily connected channel to `addr` (see [`endpoint`] for the forms
 /// and how plaintext or TLS is chosen).
-fn channel(addr: &str, tls: Option<&ClientTls>, default_tls: bool) -> Result<Channel, ClientError> {
-    let addr = endpoint::parse(addr)?;
-    Ok(endpoint::endpoint(&addr, tls, default_tls)?.connect_lazy())
+fn channel(addr: &str, opts: &ClientOptions, default_tls: bool) -> Result<Channel, ClientError> {
+    channel_of(&endpoint::parse(addr)?, opts, default_tls)
+}
+
+fn channel_of(
+    addr: &endpoint::Addr,
+    opts: &ClientOptions,
+    default_tls: bool,
+) -> Result<Channel, ClientError> {
+    let ep = endpoint::endpoint(addr, opts.tls.as_ref(), default_tls)?;
+    Ok(
+        endpoint::with_keepalive(ep, opts.keepalive_interval, opts.keepalive_timeout)
+            .connect_lazy(),
+    )
 }
 
 fn retryable(s: &Status) -> bool {
@@ -200,7 +222,7 @@ impl Client {
         let endpoints = addrs
             .into_iter()
             .map(|a| {
-                let ch = endpoint::endpoint(&a, opts.tls.as_ref(), default_tls)?.connect_lazy();
+                let ch = channel_of(&a, &opts, default_tls)?;
                 Ok((a.authority, ch))
             })
             .collect::<Result<Vec<_>, ClientError>>()?;
@@ -243,7 +265,7 @@ impl Client {
             .unwrap_or_else(|p| p.into_inner());
         match eps.iter().find(|(a, _)| a == addr) {
             Some((_, ch)) => Ok(ch.clone()),
-            None => channel(addr, self.inner.opts.tls.as_ref(), self.inner.default_tls),
+            None => channel(addr, &self.inner.opts, self.inner.default_tls),
         }
     }
 
@@ -280,7 +302,7 @@ impl Client {
             None => {
                 let ch = channel(
                     &status.leader_api_addr,
-                    self.inner.opts.tls.as_ref(),
+                    &self.inner.opts,
                     self.inner.default_tls,
                 )?;
                 eps.push((status.leader_api_addr.clone(), ch));

@@ -37,21 +37,23 @@
 //!   follow. The segment is cut at the bad record. Two kinds:
 //!   - a torn write (zeros, part of a record: a write the crash
 //!     interrupted, so never acknowledged). In the zero-filled room a torn
-//!     record is as long as its length field says, but a sector of it
-//!     reads as the zeros the room held: its end byte is missing (the part
-//!     of it in its last 512-byte sector is zeros), its header is all
-//!     zeros, or a whole 512-byte sector inside it is zeros;
+//!     record is as long as its length field says, but its end byte is
+//!     missing: the part of it in its last 512-byte sector is zeros;
 //!   - a damaged record: whole by its length field but failing its check,
 //!     or one whose length field alone was hit (the rest of the file
 //!     matches its checksum). This node may have acknowledged it, so
 //!     before cutting it records, durably, that it must regain that entry
 //!     before it votes again (see `rejoin.rs`).
-//! - Also cut: a torn record (as above) in the last segment with valid
-//!   records after it. One `pwrite` of several records reaches the disk
-//!   sector by sector, in any order, so a crash can leave a later part
-//!   written and an earlier one not. Nothing from the torn record on was
-//!   acknowledged: an acknowledgement waits for an `fdatasync` begun after
-//!   its own write, which would have made the earlier sector durable too.
+//! - Also cut: a torn record in the last segment with valid records after
+//!   it. One `pwrite` of several records reaches the disk sector by
+//!   sector, in any order, so a crash can leave a later part written and
+//!   an earlier one not. Nothing from the torn record on was acknowledged:
+//!   an acknowledgement waits for an `fdatasync` begun after its own
+//!   write, which would have made the earlier sector durable too. Torn
+//!   means a sector of the record still holds the room's zeros where no
+//!   written record has them: its header is all zeros, or its end byte
+//!   (never zero) lies in a 512-byte sector of zeros that ends before the
+//!   next valid record (see [`torn_at`]).
 //! - Refused (an `InvalidData` error naming the file, the byte offset, the
 //!   entry index expected there and, for the last segment, how many valid
 //!   records follow; the file is left untouched and the node must not start):
@@ -63,12 +65,19 @@
 //!   cut) before it is used, and the directory after: what an earlier run
 //!   wrote may be in the page cache only, if its fsync failed.
 //!
-//! A caveat of the rule: a whole 512-byte run of zeros inside a record
-//! that was also damaged (a result of zeros and a flipped bit) reads as a
-//! torn write, so that record is cut as never acknowledged. Both at once
-//! are far rarer than a torn write after a power loss, which must not stop
-//! the node or keep it from voting (every node of a cluster that lost
-//! power together might hold one).
+//! Caveats of the rule. A disk that loses a sector it had reported
+//! durable (a lost write), reading back the zeros the room held there,
+//! looks like a torn write: the records from there on are cut as never
+//! acknowledged, with no rejoin mark. So does a write whose earlier
+//! `fdatasync` failed if the node then ran on in the same boot (the
+//! kernel may keep such pages clean but unwritten) and the power failed
+//! later. Both are rarer than a torn write after a power loss, which must
+//! not stop the node: every node of a cluster that lost power together
+//! might hold one, and none could then be restored but from a backup. A
+//! record torn only in its middle (its header and end byte on disk, a
+//! sector between them not) is not told from a damaged one holding zeros
+//! (a result may), so with valid records after it the log is still
+//! refused.
 //!
 //! Recent entries stay in memory (up to [`CACHE_BYTES`]) for replication;
 //! older ones are read back from their segment.
@@ -290,28 +299,16 @@ fn cut_short_in_zeros(bytes: &[u8], pos: usize, end: usize) -> bool {
     bytes[from..end].iter().all(|&b| b == 0)
 }
 
-/// Whether a whole 512-byte sector between `from` and `to` reads as zeros:
-/// in the zero-filled room, a sector of a write that never reached the
-/// disk.
-fn zero_sector_within(bytes: &[u8], from: usize, to: usize) -> bool {
-    let mut s = from.div_ceil(SECTOR) * SECTOR;
-    while s + SECTOR <= to.min(bytes.len()) {
-        if bytes[s..s + SECTOR].iter().all(|&b| b == 0) {
-            return true;
-        }
-        s += SECTOR;
-    }
-    false
-}
-
-/// Whether the bad record at `pos` is part of a write the crash
-/// interrupted, told by a sector of it still holding the zero-filled
-/// room's zeros: its header (no record has a zero length), the end of it
-/// in its last sector (the end byte is never zero), or a whole sector
-/// inside it. Not when its length field alone is damaged (the rest is the
-/// payload its checksum names), nor when the record would run past
-/// `limit`, where a valid record starts: its length field is damaged then.
+/// Whether the bad record at `pos`, with a valid record starting at
+/// `limit`, is part of a write the crash interrupted: a sector of it still
+/// holds the zero-filled room's zeros where a written record never has
+/// them. Either its header is all zeros (no record has a zero length), or
+/// its end byte (never zero) lies in a 512-byte sector of zeros that
+/// starts within it and ends before `limit`. Not when its length
+/// field alone is damaged (what lies between its header and `limit` is
+/// the payload its checksum names), nor when it would run past `limit`.
 fn torn_at(bytes: &[u8], pos: usize, limit: usize) -> bool {
+    let limit = limit.min(bytes.len());
     let Some(header) = bytes.get(pos..pos + HEADER) else {
         return false;
     };
@@ -322,10 +319,13 @@ fn torn_at(bytes: &[u8], pos: usize, limit: usize) -> bool {
         return false;
     };
     let end = pos.saturating_add(record_len(len, ended));
-    if len == 0 || end > limit.min(bytes.len()) || payload_alone(&bytes[pos + HEADER..], crc) {
+    if len == 0 || !ended || end > limit || payload_alone(&bytes[pos + HEADER..limit], crc) {
         return false;
     }
-    (ended && cut_short_in_zeros(bytes, pos, end)) || zero_sector_within(bytes, pos + HEADER, end)
+    let sector = (end - 1) / SECTOR * SECTOR;
+    sector >= pos
+        && sector + SECTOR <= limit
+        && bytes[sector..sector + SECTOR].iter().all(|&b| b == 0)
 }
 
 /// `(offset, length)` of each whole, valid record from the start of a
@@ -406,7 +406,8 @@ struct Scanned {
     valid: u64,
     /// Whole valid records found after the bad one: 0 for a torn tail.
     valid_after: usize,
-    /// The bad record shows a write the crash interrupted ([`torn_at`]).
+    /// With valid records after it, the bad record shows a write the
+    /// crash interrupted ([`torn_at`]).
     torn: bool,
     /// How many entries the bad bytes may hold that were acknowledged:
     /// 0 for a torn write (see [`possibly_acknowledged`]).
@@ -434,10 +435,6 @@ fn possibly_acknowledged(bytes: &[u8], bad: usize) -> u64 {
                 if payload_alone(&bytes[pos + HEADER..], crc) {
                     count += 1;
                 }
-                break;
-            }
-            if torn_at(bytes, pos, bytes.len()) {
-                // A sector inside it never reached the disk.
                 break;
             }
             count += 1;
@@ -485,13 +482,16 @@ fn scan(path: &Path, first: u64) -> io::Result<Scanned> {
                 });
             }
             let (valid_after, next_valid) = valid_records_after(&bytes, pos, want);
-            let torn = torn_at(&bytes, pos, next_valid.unwrap_or(bytes.len()));
+            // With nothing valid after it, a bad record is judged by
+            // `possibly_acknowledged`; with valid records after, only one
+            // shown torn is cut.
+            let torn = next_valid.is_some_and(|next| torn_at(&bytes, pos, next));
             return Ok(Scanned {
                 records,
                 valid: pos as u64,
                 valid_after,
                 torn,
-                damaged: if torn {
+                damaged: if valid_after > 0 {
                     0
                 } else {
                     possibly_acknowledged(&bytes, pos)

@@ -1,8 +1,9 @@
 //! Protocol-aware recovery of a damaged log tail.
 //!
 //! At open, a bad record at the end of the last segment is cut so the node
-//! can start. When the bad bytes were a write the crash interrupted, nothing
-//! was lost: this node never acknowledged it. When they are a *whole*
+//! can start. When the bad bytes were a write the crash interrupted (a
+//! sector of it reads as the zero-filled room's zeros, see `log.rs`),
+//! nothing was lost: this node never acknowledged it. When they are a *whole*
 //! record that fails its check (a flipped bit, a damaged sector), the node
 //! may have acknowledged that entry, and the leader may have counted the
 //! acknowledgement toward a commit. The entry now lives on fewer nodes than

@@ -334,7 +334,7 @@ def wait_call(namespace: str, key: Bytes, timeout: Duration) -> Call:
 
 
 def _delete_outcome_unknown(e: Unavailable) -> Any:
-    if NOT_CONNECTED in e.message:
+    if e.message.startswith(NOT_CONNECTED):
         raise e  # never sent to any node: certainly not applied
     raise OutcomeUnknown(
         f"the unfenced delete may or may not have taken effect, and retrying it is not safe ({e})",

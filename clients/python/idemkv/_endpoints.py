@@ -136,21 +136,24 @@ class ChannelFactory:
                     f"write https://{e.authority} or {e.authority}"
                 )
         self.default_tls = self.tls is not None or any(e.tls for e in endpoints)
-        self.options = list(options) + [
+        # Keepalive first, so that ``channel_options`` given by the caller
+        # (later wins) can change it: while calls are open, a ping after 2 s
+        # without news, and the connection dropped when one goes unanswered
+        # for 3 s. A frozen node (SIGSTOP, a hung host, dropped packets)
+        # then fails the calls waiting on it in about 5 s, so they go on to
+        # another node instead of waiting out their deadline (10 s), as in
+        # the Rust client. Pings are not capped by the pings-without-data
+        # rule, else the one gRPC sends to size its window leaves keepalive
+        # none; idle connections send none.
+        self.options = [
+            ("grpc.keepalive_time_ms", 2000),
+            ("grpc.keepalive_timeout_ms", 3000),
+            ("grpc.http2.ping_timeout_ms", 3000),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.keepalive_permit_without_calls", 0),
+            *options,
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.max_receive_message_length", MAX_MESSAGE),
-            # While calls are open, a ping every second, and the connection
-            # dropped when one goes unanswered for two: a frozen node
-            # (SIGSTOP, a hung host, dropped packets) fails the calls waiting
-            # on it in about three seconds, so they go on to another node
-            # instead of waiting out their deadline (as the Rust client).
-            ("grpc.keepalive_time_ms", 1000),
-            ("grpc.keepalive_timeout_ms", 2000),
-            ("grpc.keepalive_permit_without_calls", 0),
-            # Else a ping gRPC sends to size its window uses up the pings
-            # allowed before the next data frame, and keepalive sends none.
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.http2.ping_timeout_ms", 2000),
         ]
         self._credentials: Optional[grpc.ChannelCredentials] = None
 

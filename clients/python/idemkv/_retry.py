@@ -37,7 +37,7 @@ NOT_CONNECTED = "failed to connect to all addresses"
 def never_sent(err: grpc.RpcError) -> bool:
     """No connection to the node could be made (refused, unreachable), so
     the request was never sent: safe to send elsewhere."""
-    return code_of(err) == grpc.StatusCode.UNAVAILABLE and NOT_CONNECTED in details_of(err)
+    return code_of(err) == grpc.StatusCode.UNAVAILABLE and details_of(err).startswith(NOT_CONNECTED)
 
 
 def not_run(err: grpc.RpcError) -> bool:

@@ -299,6 +299,6 @@ def test_a_frozen_node_costs_a_call_seconds_not_its_whole_deadline(client: idemk
         finally:
             os.kill(pids[frozen], signal.SIGCONT)
     assert isinstance(got, idemkv.Acquired)
-    # Its connection's keepalive pings found the node dead in seconds; the
-    # claim went on to the live node instead of waiting out 10 s.
-    assert took < 6.0, took
+    # Its connection's keepalive pings found the node dead in about 5 s;
+    # the claim went on to the live node instead of waiting out 10 s.
+    assert took < 8.0, took
