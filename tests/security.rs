@@ -539,6 +539,19 @@ async fn a_node_at_its_in_flight_cap_refuses_more_and_recovers() {
     };
     assert_eq!(refused.reason(), Some("OVERLOADED"));
     assert!(refused.message().contains("max_in_flight"), "{refused}");
+    // An unfenced delete refused there never ran, and is told so: the
+    // refusal itself, not "outcome unknown" (the record is still there,
+    // read below).
+    let del = one
+        .delete(api::DeleteRequest {
+            namespace: "ns".into(),
+            key: "slow".into(),
+            token: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(del.reason(), Some("OVERLOADED"), "{del:?}");
+    assert!(matches!(del, ClientError::Status(_)), "{del:?}");
     // Other nodes are not affected, and health checks still pass on node 1.
     assert!(c.client_of(2).get(get_req("ns", "slow")).await.is_ok());
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{node1}"))

@@ -486,8 +486,10 @@ impl Client {
             return self.retry(call).await;
         }
         match self.retry_if(call, not_run).await {
-            // Every attempt refused at connect: certainly not applied.
-            Err(ClientError::Status(s)) if retryable(&s) && !never_sent(&s) => {
+            // The retries stop at the first attempt that may have run, so a
+            // last error that says "not run" (refused at connect, or
+            // overloaded) means none ran: that error, as it is.
+            Err(ClientError::Status(s)) if retryable(&s) && !not_run(&s) => {
                 Err(ClientError::OutcomeUnknown {
                     what: "unfenced delete",
                     status: s,
