@@ -130,14 +130,7 @@ impl Gateway {
 /// Whether reading a body failed because it is over the size limit (not
 /// because it broke off or was malformed).
 fn over_limit(e: &axum::Error) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cause {
-        if c.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
+    crate::client::error::caused_by(e, |c| c.is::<http_body_util::LengthLimitError>())
 }
 
 /// An `application/problem+json` answer (RFC 9457), as the draft shows.

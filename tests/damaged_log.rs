@@ -17,6 +17,7 @@
 //! ends one entry short of what it acknowledged, and it says so.
 mod support;
 use std::path::{Path, PathBuf};
+mod log_files;
 use std::time::Duration;
 use support::inproc;
 
@@ -70,11 +71,16 @@ async fn damage_last_record(node_dir: &Path) -> u64 {
     after
 }
 
+/// The index of a segment's first entry, from its file name.
+fn segment_first(seg: &Path) -> u64 {
+    seg.file_stem().unwrap().to_string_lossy().parse().unwrap()
+}
+
 /// The last index of a stopped node's log, read without opening the store
 /// (which would cut): the records of the last segment.
 async fn log_last_index(node_dir: &Path) -> u64 {
     let seg = last_segment(node_dir);
-    let first: u64 = seg.file_stem().unwrap().to_string_lossy().parse().unwrap();
+    let first = segment_first(&seg);
     let bytes = std::fs::read(&seg).unwrap();
     first + log_record_spans(&bytes).len() as u64 - 1
 }
@@ -412,7 +418,7 @@ async fn a_follower_whose_last_write_was_torn_with_records_after_the_hole_starts
     // after `kept`, byte for byte, from where its own records end.
     let from_leader = {
         let seg = last_segment(&node_dir(&c, leader));
-        let first: u64 = seg.file_stem().unwrap().to_string_lossy().parse().unwrap();
+        let first = segment_first(&seg);
         let bytes = std::fs::read(&seg).unwrap();
         let spans = log_record_spans(&bytes);
         let (start, _) = spans[(kept + 1 - first) as usize];
@@ -421,9 +427,7 @@ async fn a_follower_whose_last_write_was_torn_with_records_after_the_hole_starts
     };
     let seg = last_segment(&node_dir(&c, torn));
     let mut bytes = std::fs::read(&seg).unwrap();
-    let end = log_record_spans(&bytes)
-        .last()
-        .map_or(0, |(at, len)| at + len);
+    let end = log_files::records_end(&bytes);
     if bytes.len() < end + from_leader.len() {
         bytes.resize(end + from_leader.len(), 0);
     }

@@ -3,7 +3,7 @@
 //! its reply is lost the caller is told the outcome is unknown instead of
 //! the library retrying it (a retry could delete a newer claim).
 mod support;
-use support::inproc;
+use support::{inproc, procs};
 
 use std::time::Duration;
 
@@ -88,20 +88,14 @@ async fn only_fenced_deletes_are_retried() {
     c.shutdown().await;
 }
 
-/// An address where nothing listens: a connection there is refused, so a
-/// request sent there never leaves the client.
-async fn refused_port() -> String {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    drop(l);
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unfenced_delete_moves_past_an_endpoint_that_refuses_the_connection() {
     let c = TestCluster::start(3).await;
     let direct = c.client();
-    let dead = refused_port().await;
+    // Where nothing listens (a port outside the OS's ephemeral range, from
+    // the shared picker): a connection there is refused, so a request sent
+    // there never leaves the client.
+    let dead = format!("127.0.0.1:{}", procs::free_ports(1)[0]);
     let opts = ClientOptions {
         request_timeout: Duration::from_millis(500),
         retry_for: Duration::from_secs(5),

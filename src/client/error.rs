@@ -8,7 +8,9 @@ use crate::wire::{Reason, REASON_HEADER};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    /// The server answered with an error (after any safe retries).
+    /// The server answered with an error (after any safe retries), or the
+    /// client refused to send the request (OUT_OF_RANGE: over gRPC's
+    /// message limit).
     #[error("{}: {}", .0.code(), .0.message())]
     Status(Status),
     #[error("bad client configuration: {0}")]
@@ -72,4 +74,20 @@ pub(crate) fn reason_of(s: &Status) -> Option<&str> {
     s.metadata()
         .get(REASON_HEADER)
         .and_then(|v| v.to_str().ok())
+}
+
+/// Whether `e` or any error under it (its `source` chain) is one `hit`
+/// picks out.
+pub(crate) fn caused_by(
+    e: &(dyn std::error::Error + 'static),
+    hit: impl Fn(&(dyn std::error::Error + 'static)) -> bool,
+) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if hit(c) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }

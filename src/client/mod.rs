@@ -5,7 +5,7 @@
 //! token, reads and Delete change nothing on a repeat.
 
 pub mod endpoint;
-mod error;
+pub(crate) mod error;
 mod run_once;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -153,17 +153,16 @@ fn overloaded(s: &Status) -> bool {
 /// elsewhere even when a retry would not be. Told by the transport error
 /// under the status, which a server's answer never carries.
 fn never_sent(s: &Status) -> bool {
-    let mut cause = std::error::Error::source(s);
-    while let Some(e) = cause {
-        let refused = e
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
-        if refused || e.to_string() == "tcp connect error" {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
+    let Some(under) = std::error::Error::source(s) else {
+        return false;
+    };
+    // "tcp connect error" is hyper-util's connector's wording for any
+    // failed TCP connect (the refused one is also told by its io kind).
+    error::caused_by(under, |e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+            || e.to_string() == "tcp connect error"
+    })
 }
 
 /// Safe to retry for a write that no token or claim id makes idempotent:

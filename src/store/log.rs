@@ -295,8 +295,13 @@ fn record_len(len: usize, ended: bool) -> usize {
 /// leaves it in the zero-filled room: its part in its last sector (from
 /// its start at most) is all zeros, end byte included.
 fn cut_short_in_zeros(bytes: &[u8], pos: usize, end: usize) -> bool {
-    let from = pos.max((end - 1) / SECTOR * SECTOR);
+    let from = pos.max(last_sector(end));
     bytes[from..end].iter().all(|&b| b == 0)
+}
+
+/// Where the 512-byte sector holding the last byte before `end` starts.
+fn last_sector(end: usize) -> usize {
+    (end - 1) / SECTOR * SECTOR
 }
 
 /// Whether the bad record at `pos`, with a valid record starting at
@@ -309,20 +314,18 @@ fn cut_short_in_zeros(bytes: &[u8], pos: usize, end: usize) -> bool {
 /// the payload its checksum names), nor when it would run past `limit`.
 fn torn_at(bytes: &[u8], pos: usize, limit: usize) -> bool {
     let limit = limit.min(bytes.len());
-    let Some(header) = bytes.get(pos..pos + HEADER) else {
-        return false;
-    };
-    if header.iter().all(|&b| b == 0) {
-        return true;
-    }
     let Some((len, ended, crc)) = header_at(bytes, pos) else {
         return false;
     };
+    if (len, ended, crc) == (0, false, 0) {
+        // An all-zero header.
+        return true;
+    }
     let end = pos.saturating_add(record_len(len, ended));
     if len == 0 || !ended || end > limit || payload_alone(&bytes[pos + HEADER..limit], crc) {
         return false;
     }
-    let sector = (end - 1) / SECTOR * SECTOR;
+    let sector = last_sector(end);
     sector >= pos
         && sector + SECTOR <= limit
         && bytes[sector..sector + SECTOR].iter().all(|&b| b == 0)

@@ -13,7 +13,7 @@ import uuid
 from datetime import timedelta
 from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
-from ._retry import NOT_CONNECTED, not_run
+from ._retry import never_sent_details, not_run
 from .errors import ConfigError, NotFound, OutcomeUnknown, ProtocolError, Unavailable
 from .types import (
     Acquired,
@@ -334,7 +334,7 @@ def wait_call(namespace: str, key: Bytes, timeout: Duration) -> Call:
 
 
 def _delete_outcome_unknown(e: Unavailable) -> Any:
-    if e.message.startswith(NOT_CONNECTED):
+    if never_sent_details(e.message):
         raise e  # never sent to any node: certainly not applied
     raise OutcomeUnknown(
         f"the unfenced delete may or may not have taken effect, and retrying it is not safe ({e})",

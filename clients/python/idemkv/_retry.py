@@ -34,10 +34,16 @@ def overloaded(err: grpc.RpcError) -> bool:
 NOT_CONNECTED = "failed to connect to all addresses"
 
 
+def never_sent_details(details: str) -> bool:
+    """Whether an UNAVAILABLE error's details say that no connection to the
+    node could be made, so the request was never sent."""
+    return details.startswith(NOT_CONNECTED)
+
+
 def never_sent(err: grpc.RpcError) -> bool:
     """No connection to the node could be made (refused, unreachable), so
     the request was never sent: safe to send elsewhere."""
-    return code_of(err) == grpc.StatusCode.UNAVAILABLE and details_of(err).startswith(NOT_CONNECTED)
+    return code_of(err) == grpc.StatusCode.UNAVAILABLE and never_sent_details(details_of(err))
 
 
 def not_run(err: grpc.RpcError) -> bool:
