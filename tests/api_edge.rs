@@ -163,8 +163,27 @@ async fn bad_input_is_rejected_with_the_field_named_and_changes_nothing() {
     let err = client.claim_batch(huge).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::ResourceExhausted));
     assert!(err.message().starts_with("items"), "{err}");
+    // A batch over gRPC's message limit (16 MiB) gets a status that says
+    // so, not a reset stream ("h2 protocol error").
+    let over = api::ClaimBatchRequest {
+        items: (0..40)
+            .map(|i| api::ClaimRequest {
+                fingerprint: Some(vec![b'f'; 512 * 1024]),
+                ..claim_req("orders", &format!("m-{i}"), "w1", 30_000)
+            })
+            .collect(),
+        all_or_nothing: false,
+    };
+    let err = client.claim_batch(over).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::OutOfRange), "{err}");
+    assert!(err.is_too_large(), "{err}");
+    assert!(
+        err.message().contains("ClaimBatch request is") && err.message().contains("limited to"),
+        "{err}"
+    );
     assert_nothing_stored(&client, "orders", b"b-1").await;
     assert_nothing_stored(&client, "orders", b"h-0").await;
+    assert_nothing_stored(&client, "orders", b"m-0").await;
     c.shutdown().await;
 }
 

@@ -171,6 +171,20 @@ fn not_run(s: &Status) -> bool {
     overloaded(s) || never_sent(s)
 }
 
+/// Refuse to send a request over gRPC's message limit: the call would end
+/// in a reset stream ("h2 protocol error"), not in a status that names the
+/// size. `OUT_OF_RANGE`, which [`ClientError::is_too_large`] counts.
+fn within_message_limit(req: &impl prost::Message, call: &str) -> Result<(), ClientError> {
+    let len = req.encoded_len();
+    if len > crate::wire::MAX_API_MESSAGE {
+        return Err(ClientError::Status(Status::out_of_range(format!(
+            "the {call} request is {len} bytes; gRPC messages are limited to {} bytes",
+            crate::wire::MAX_API_MESSAGE
+        ))));
+    }
+    Ok(())
+}
+
 impl Client {
     /// A client for the cluster reachable at `endpoints` (`host:port`,
     /// `http://host:port` or `https://host:port`).
@@ -376,6 +390,7 @@ impl Client {
         if req.claim_id.is_empty() {
             req.claim_id = uuid::Uuid::new_v4().to_string();
         }
+        within_message_limit(&req, "Claim")?;
         let resp = self
             .retry(|ch, t| {
                 let req = req.clone();
@@ -396,6 +411,7 @@ impl Client {
                 item.claim_id = uuid::Uuid::new_v4().to_string();
             }
         }
+        within_message_limit(&req, "ClaimBatch")?;
         self.retry(|ch, t| {
             let req = req.clone();
             async move { Self::idem(ch).claim_batch(Self::request(req, t)).await }
@@ -407,15 +423,7 @@ impl Client {
         &self,
         req: api::CompleteRequest,
     ) -> Result<api::CompleteResponse, ClientError> {
-        // Over gRPC's message limit the call would end in a reset stream
-        // ("h2 protocol error"), not in a status that names the size.
-        let len = prost::Message::encoded_len(&req);
-        if len > crate::wire::MAX_API_MESSAGE {
-            return Err(ClientError::Status(tonic::Status::out_of_range(format!(
-                "the Complete request is {len} bytes; gRPC messages are limited to {} bytes",
-                crate::wire::MAX_API_MESSAGE
-            ))));
-        }
+        within_message_limit(&req, "Complete")?;
         self.retry(|ch, t| {
             let req = req.clone();
             async move { Self::idem(ch).complete(Self::request(req, t)).await }
