@@ -2,7 +2,8 @@
 //!
 //! A node given a certificate and key serves TLS on both ports. The peer
 //! port is always mutual TLS: a peer must present a certificate signed by
-//! the node's CA, and a node presents its own certificate when it connects
+//! the node's CA that may serve TLS (serverAuth; the peer service refuses a
+//! client-only certificate, raft/service.rs), and a node presents its own certificate when it connects
 //! to a peer (replication, votes, forwarded writes). The client port asks
 //! clients for a certificate only with `client_auth`.
 //!

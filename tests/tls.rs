@@ -12,8 +12,13 @@ use support::procs;
 
 use idemkv::client::{ClientOptions, ClientTls};
 use idemkv::pb::api::{self, claim_response::Outcome};
+use idemkv::pb::peer::raft_peer_client::RaftPeerClient;
+use idemkv::pb::peer::Payload;
+use idemkv::raft::consensus::{ForwardReply, Forwarded};
+use idemkv::record::{Claim, Command as RecordCommand, Op, RecordKey};
 use idemkv::Client;
 use procs::{ProcCluster, BIN};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// `idemkv certs --out DIR` for three nodes on loopback.
 fn certs(dir: &Path) -> PathBuf {
@@ -269,4 +274,108 @@ fn serve_without_a_ca_names_the_flag() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--tls-ca"), "{err}");
+}
+
+/// A channel to a node's peer port presenting `name`.pem (as a peer would).
+async fn peer_port_as(
+    certs: &Path,
+    peer: &str,
+    name: &str,
+) -> RaftPeerClient<tonic::transport::Channel> {
+    let pem = |f: String| std::fs::read(certs.join(f)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pem("ca.pem".into())))
+        .identity(Identity::from_pem(
+            pem(format!("{name}.pem")),
+            pem(format!("{name}-key.pem")),
+        ))
+        .domain_name("localhost");
+    let ch = Endpoint::from_shared(format!("https://{peer}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    RaftPeerClient::new(ch)
+}
+
+/// A claim forwarded the way a follower forwards it.
+fn forwarded_claim(key: &str, owner: &str) -> Payload {
+    let cmd = RecordCommand::Op {
+        key: RecordKey {
+            namespace: "tls".into(),
+            key: key.as_bytes().to_vec(),
+        },
+        op: Op::Claim(Claim {
+            owner: owner.into(),
+            claim_id: format!("{owner}-1"),
+            lease_ms: 60_000,
+            fingerprint: None,
+            max_attempts: 0,
+            retention_ms: 60_000,
+        }),
+    };
+    Payload {
+        data: idemkv::codec::encode(&Forwarded::Write(cmd)).unwrap(),
+    }
+}
+
+/// The peer port takes node certificates only. `client.pem`, signed by the
+/// same CA for the client port, is refused there even from a member's
+/// address, so a client cannot write past the bearer tokens or vote.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_certificate_is_refused_on_the_peer_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = certs(&dir.path().join("certs"));
+    let c = tls_cluster(dir.path(), &ca, true);
+    let good = client(&c.api, Some(tls(&ca, true)), Duration::from_secs(10));
+    ready(&c, &good).await;
+    let leader = good
+        .status_all()
+        .await
+        .into_iter()
+        .find(|(_, s)| s.as_ref().is_ok_and(|s| s.role == "leader"))
+        .map(|(addr, _)| addr)
+        .expect("a leader");
+    let at = c.api.iter().position(|a| *a == leader).unwrap();
+    let peer = &c.peer[at];
+
+    let mut as_client = peer_port_as(&ca, peer, "client").await;
+    let err = as_client
+        .forward(forwarded_claim("by-client", "client"))
+        .await
+        .expect_err("a client certificate's forward is refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("node certificate"), "{err:?}");
+    let err = as_client
+        .vote(Payload { data: vec![] })
+        .await
+        .expect_err("a client certificate's vote is refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let get = |key: &str| api::GetRequest {
+        namespace: "tls".into(),
+        key: key.as_bytes().to_vec(),
+        ..Default::default()
+    };
+    let rec = good.get(get("by-client")).await.expect("get");
+    assert!(rec.is_none(), "the client certificate's claim was written");
+
+    // The same call with a node's certificate is served: the certificate
+    // is what refused the first.
+    let other = (at + 1) % 3 + 1;
+    let mut as_node = peer_port_as(&ca, peer, &format!("node-{other}")).await;
+    let reply = as_node
+        .forward(forwarded_claim("by-node", "node"))
+        .await
+        .expect("a node certificate is served")
+        .into_inner();
+    let reply: ForwardReply = idemkv::codec::decode(&reply.data).unwrap();
+    assert!(matches!(reply, ForwardReply::Write(_)), "{reply:?}");
+    let rec = good
+        .get(get("by-node"))
+        .await
+        .expect("get")
+        .expect("written");
+    assert_eq!(rec.owner, "node");
 }

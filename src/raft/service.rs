@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio_stream::{Stream, StreamExt};
@@ -63,6 +63,7 @@ impl PeerService {
                 consensus: consensus.clone(),
                 members_only,
                 cache: Default::default(),
+                certs: Default::default(),
             },
             consensus,
             stop,
@@ -78,11 +79,15 @@ impl PeerService {
 /// yet (fresh, waiting to be added) accepts any peer, as it has nothing to
 /// protect and does not know its leader. Member host names are resolved and
 /// cached; an unknown address triggers at most one re-resolution a second.
+/// Over TLS the caller's certificate must also be a node's
+/// ([`Admission::node_certificate`]), whatever the address.
 struct Admission {
     consensus: Arc<Consensus>,
     /// Off: every caller is served (`peer_members_only = false`).
     members_only: bool,
     cache: RwLock<AdmissionCache>,
+    /// Certificates already found to be nodes' (their DER bytes).
+    certs: Mutex<HashSet<Vec<u8>>>,
 }
 
 /// The member addresses as resolved for one membership (its log index).
@@ -127,6 +132,16 @@ impl Admission {
     }
 
     async fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if let Some(chain) = req.peer_certs() {
+            if let Err(why) = self.node_certificate(&chain) {
+                crate::metrics::peer_refused();
+                tracing::warn!(%why, "refused a peer call made with a certificate that is not a node's");
+                return Err(to_status(Error::PermissionDenied(format!(
+                    "peer: {why}; peer calls are accepted only with a node certificate \
+                     (one that may serve TLS: extended key usage serverAuth)"
+                ))));
+            }
+        }
         let theirs = req
             .metadata()
             .get(crate::wire::CLUSTER_HEADER)
@@ -173,6 +188,50 @@ impl Admission {
         Err(to_status(Error::PermissionDenied(format!(
             "peer: {who} is not the address of a cluster member; peer calls are accepted only from members"
         ))))
+    }
+}
+
+impl Admission {
+    /// The caller's certificate (already verified against the CA by TLS)
+    /// must be one a node could serve with: its extended key usage names
+    /// serverAuth (or any use, or is absent). A client certificate from the
+    /// same CA (`idemkv certs`' client.pem: clientAuth only) is refused, so
+    /// a client cannot write past the bearer tokens or take part in Raft.
+    /// Certificates seen before are remembered.
+    fn node_certificate(
+        &self,
+        chain: &[tonic::transport::CertificateDer<'static>],
+    ) -> Result<(), String> {
+        let Some(leaf) = chain.first() else {
+            return Err("no certificate was presented".into());
+        };
+        let leaf: &[u8] = leaf.as_ref();
+        let mut seen = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(leaf) {
+            return Ok(());
+        }
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| format!("the certificate presented cannot be read: {e}"))?;
+        let serves = match cert.extended_key_usage() {
+            Ok(None) => true,
+            Ok(Some(eku)) => eku.value.server_auth || eku.value.any,
+            Err(e) => {
+                return Err(format!(
+                    "the certificate's extended key usage cannot be read: {e}"
+                ))
+            }
+        };
+        if !serves {
+            return Err(format!(
+                "the certificate presented ({}) is a client certificate, not a node certificate",
+                cert.subject()
+            ));
+        }
+        if seen.len() >= 64 {
+            seen.clear();
+        }
+        seen.insert(leaf.to_vec());
+        Ok(())
     }
 }
 
