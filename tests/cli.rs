@@ -467,6 +467,86 @@ fn up_gives_up_on_a_node_that_keeps_crashing_and_five_nodes_keep_serving() {
     stop_leaving_no_node(cluster, pids.values().chain([&new_pid]));
 }
 
+/// The last lines of a log file.
+fn tail_of(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
+/// `up` starts node 1 with `--init` only for a new cluster. Node 1 wiped
+/// and re-added the README's way (`member remove`, empty its directory,
+/// `member add`) then waits to be added and catches up, instead of
+/// founding a cluster of its own: here a restored cluster, whose id is not
+/// the one node 1 would make up, so the leader's calls would be refused.
+#[test]
+fn node_1_wiped_and_added_again_under_up_catches_up() {
+    let Started {
+        dir,
+        endpoints,
+        cluster,
+        banner,
+        ..
+    } = start(3);
+    let (ok, out, err) = ctl(&endpoints, &["claim", "orders", "kept", "--owner", "w1"]);
+    assert!(ok && out.starts_with("ACQUIRED"), "{out}{err}");
+    let file = dir.path().join("backup.snap");
+    let (ok, out, err) = ctl(&endpoints, &["snapshot", "save", file.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    stop_leaving_no_node(cluster, banner_pids(&banner).values());
+
+    let restored = dir.path().join("restored");
+    let base = free_base(3);
+    let out = Command::new(BIN)
+        .args(["snapshot", "restore"])
+        .arg(&file)
+        .arg("--dir")
+        .arg(&restored)
+        .args(["--api-port", &base.to_string()])
+        .args(["--peer-port", &(base + 100).to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let cluster = up_nodes(&restored, base, 3);
+    let banner = cluster.wait_for("endpoints:");
+    let pids = banner_pids(&banner);
+    let eps: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", base + i)).collect();
+    let endpoints = eps.join(",");
+    if leader_id(&endpoints).0 == 1 {
+        let (ok, out, err) = ctl(&endpoints, &["member", "move-leader", "2"]);
+        assert!(ok, "{out}{err}");
+    }
+    let (ok, out, err) = ctl(&endpoints, &["member", "remove", "1"]);
+    assert!(ok, "{out}{err}");
+    std::fs::remove_dir_all(restored.join("node-1")).unwrap();
+    kill9(pids[&1]);
+    let lines = cluster.wait_for("node 1 restarted (pid ");
+    let node_1 = restarted_pid(&lines, 1);
+    let peer_1 = format!("127.0.0.1:{}", base + 100);
+    let (ok, out, err) = ctl(
+        &eps[1..].join(","),
+        &["member", "add", "1", &eps[0], &peer_1],
+    );
+    assert!(ok, "member add: {out}{err}");
+    // It catches up: within 30 s it serves the record from before.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out, err) = ctl(&eps[0], &["--retry-for", "0", "get", "orders", "kept"]);
+        if ok && out.starts_with("IN_PROGRESS") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 1 never caught up: {out}{err}; its log: {}",
+            tail_of(&restored.join("node-1.log"))
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ok, out, err) = ctl(&endpoints, &["check"]);
+    assert!(ok, "{out}{err}");
+    stop_leaving_no_node(cluster, pids.values().chain([&node_1]));
+}
+
 /// `ctl --retry-for`: 0 makes one attempt and fails at once where nothing
 /// listens (a script polling a restarting node sees it the moment it
 /// answers, not at the client's next backoff step); a window keeps trying

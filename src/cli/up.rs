@@ -76,6 +76,11 @@ struct NodeSpec {
     exe: PathBuf,
     args: Vec<std::ffi::OsString>,
     log: PathBuf,
+    /// Start with `--init` while this holds: node 1 of a new cluster, until
+    /// the cluster is first ready. Never after, so node 1 started again
+    /// on an emptied directory (wiped to be re-added) waits to be added
+    /// instead of founding a cluster of its own.
+    init: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl NodeSpec {
@@ -85,8 +90,13 @@ impl NodeSpec {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("cannot open {}", self.log.display()))?;
+        let init = self
+            .init
+            .as_ref()
+            .is_some_and(|i| i.load(std::sync::atomic::Ordering::SeqCst));
         Command::new(&self.exe)
             .args(&self.args)
+            .args(init.then_some("--init"))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -119,6 +129,11 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             }
         }
     }
+    // A new cluster only: where another node's directory holds data, the
+    // cluster exists, and node 1 joins it like any other.
+    let fresh = (2..=a.nodes)
+        .all(|id| std::fs::read_dir(a.node_dir(id)).map_or(true, |mut d| d.next().is_none()));
+    let init = fresh.then(|| Arc::new(std::sync::atomic::AtomicBool::new(true)));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (gave_up_tx, mut gave_up) = mpsc::unbounded_channel();
     let pids: Pids = Arc::default();
@@ -141,15 +156,12 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             "--peers".into(),
             peers.clone().into(),
         ];
-        if id == 1 {
-            // Initialises a new cluster once; a no-op on existing data.
-            args.push("--init".into());
-        }
         let spec = NodeSpec {
             id,
             exe: exe.clone(),
             args,
             log: a.dir.join(format!("node-{id}.log")),
+            init: init.clone().filter(|_| id == 1),
         };
         // The first start is not retried: a node that cannot even be
         // spawned (no binary, no log file) stops `up` at once.
@@ -184,6 +196,9 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             "cluster did not start; see the node logs in {}",
             a.dir.display()
         );
+    }
+    if let Some(init) = &init {
+        init.store(false, std::sync::atomic::Ordering::SeqCst);
     }
     say!(
         "idemkv: {}-node cluster is up (data in {})",
