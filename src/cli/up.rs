@@ -143,7 +143,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         let dir = a.node_dir(id);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
-        let mut args: Vec<std::ffi::OsString> = vec![
+        let args: Vec<std::ffi::OsString> = vec![
             "serve".into(),
             "--id".into(),
             id.to_string().into(),
