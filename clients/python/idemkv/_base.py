@@ -35,6 +35,9 @@ from .v1 import api_pb2_grpc as pb_grpc
 log = logging.getLogger("idemkv")
 C = TypeVar("C", bound="ClientBase")
 
+#: How often a backoff asks its ``stop`` check (``_call_steps``).
+_STOP_POLL = 0.02
+
 
 def default_owner() -> str:
     """``host:pid``, the owner name a client uses unless told another."""
@@ -239,11 +242,16 @@ class ClientBase:
         extra_timeout: float = 0.0,
         again: Callable[[grpc.RpcError], bool] = retryable,
         deadline: Optional[float] = None,
+        stop: Optional[Callable[[], bool]] = None,
     ) -> Steps[Any]:
         """Call ``rpc`` on the preferred endpoint, moving to the next one
         with backoff while the failure is safe to retry (``again``) and time
         is left (``retry_for``, and ``deadline`` on ``time.monotonic()`` if
-        given). Each attempt sends the same ``request``."""
+        given). Each attempt sends the same ``request``. ``stop``, if given,
+        is asked before each attempt and during each backoff: once it says
+        True the call gives up (:class:`Unavailable`), so a caller that no
+        longer wants the answer (a renewer whose work is done) is not kept
+        retrying for ``retry_for``."""
         if self._discover and deadline is None:
             yield from self._follow_leader_steps()
         opts = self._s.retry
@@ -253,6 +261,8 @@ class ClientBase:
         backoff = opts.backoff_initial
         i = self._preferred
         while True:
+            if stop is not None and stop():
+                raise Unavailable(f"{rpc}: stopped before an answer came")
             at, conn = self._conn_at(i)
             timeout = opts.request_timeout + extra_timeout
             if deadline is not None:
@@ -267,13 +277,26 @@ class ClientBase:
                     log.debug("%s via %s: %s; retrying on another endpoint", rpc, conn.authority, e)
                     # The endpoint failed: ask again who leads, next time.
                     self._discover = self._s.follow_leader
-                    yield step(self._sleep, backoff)
+                    yield from self._backoff_steps(backoff, stop)
                     backoff = min(backoff * 2, opts.backoff_max)
                     i = at + 1
                     continue
                 raise from_rpc_error(e) from None
             self._preferred = at
             return reply
+
+    def _backoff_steps(self, seconds: float, stop: Optional[Callable[[], bool]]) -> Steps[None]:
+        """Sleep ``seconds``; with ``stop``, in slices, ending early once it
+        says True."""
+        if stop is None:
+            yield step(self._sleep, seconds)
+            return
+        end = time.monotonic() + seconds
+        while not stop():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            yield step(self._sleep, min(left, _STOP_POLL))
 
     def _method_steps(self, call: cv.Call) -> Steps[Any]:
         """A client method: its call, retried, and its result."""

@@ -33,8 +33,56 @@ def _as_key(value: Any) -> bytes:
     raise ConfigError(f"key: the key function returned {type(value).__name__}; return str, bytes or int")
 
 
-def _digest(parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=repr, separators=(",", ":"))
+def _not_json(value: Any, path: str, seen: Tuple[int, ...] = ()) -> Optional[str]:
+    """Where ``value`` is not plain JSON — str, int, float, bool, None,
+    bytes (hashed as their ``repr``, which every process writes alike), and
+    lists, tuples and str-keyed dicts of them — or None if it all is. Only
+    those have one text in every process: another object's ``repr`` may
+    hold its address, a set's order changes with the process's hash seed."""
+    if value is None or isinstance(value, (str, int, float, bytes)):  # bool is an int
+        return None
+    if id(value) in seen:
+        return f"{path} (a circular reference)"
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            bad = _not_json(item, f"{path}[{i}]", seen + (id(value),))
+            if bad:
+                return bad
+        return None
+    if isinstance(value, dict):
+        for k, item in value.items():
+            if not isinstance(k, str):
+                return f"{path} (a key of type {type(k).__name__})"
+            bad = _not_json(item, f"{path}[{k!r}]", seen + (id(value),))
+            if bad:
+                return bad
+        return None
+    return f"{path} (a {type(value).__name__})"
+
+
+def _bytes_text(value: Any) -> str:
+    """JSON's fallback for the one non-JSON type a digest takes: bytes, as
+    their ``repr`` (what earlier versions hashed, so keys stay the same)."""
+    if isinstance(value, bytes):
+        return repr(value)
+    raise TypeError(f"{type(value).__name__} is not plain JSON")
+
+
+def _digest(args: Dict[str, Any], fn_name: Optional[str], option: str) -> str:
+    """A hash of the call's arguments (with ``fn_name``, for a default key)
+    as JSON; a :class:`ConfigError` before anything is sent when they are
+    not plain JSON, since their text, and so the key, could differ per
+    delivery and the work would run every time."""
+    for name, value in args.items():
+        bad = _not_json(value, name)
+        if bad:
+            raise ConfigError(
+                f"{option}: the argument {bad} is not plain JSON (str, int, float, bool, None, "
+                f"lists and str-keyed dicts of them), so its hash is not the same in every process; "
+                f"pass {option}= a function of the arguments"
+            )
+    parts: Any = [fn_name, args] if fn_name is not None else args
+    text = json.dumps(parts, sort_keys=True, default=_bytes_text, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -124,11 +172,11 @@ def decorate(
 
         def key_and_fp(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[bytes, Optional[bytes]]:
             a = named(args, kwargs)
-            k = _as_key(key(**a)) if key is not None else _digest([name, a]).encode()
+            k = _as_key(key(**a)) if key is not None else _digest(a, name, "key").encode()
             if fingerprint is None or fingerprint is False:
                 fp = None
             elif fingerprint is True:
-                fp = hashlib.sha256(_digest(a).encode()).digest()
+                fp = hashlib.sha256(_digest(a, None, "fingerprint").encode()).digest()
             else:
                 fp = _as_key(fingerprint(**a))
             return k, fp

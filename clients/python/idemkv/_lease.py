@@ -15,13 +15,16 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 from ._steps import Steps, step
-from .errors import ConfigError, LeaseLost
+from .errors import ConfigError, LeaseLost, TooLarge
 
 FENCED = "fenced"
 EXPIRED = "expired"
+
+#: The largest checkpoint the store keeps by default (SPEC §4: 64 KiB).
+CHECKPOINT_MAX = 64 * 1024
 
 _WHY = {
     FENCED: "the server fenced the token out (another claim took the record over, or it was deleted)",
@@ -199,14 +202,22 @@ class ClaimBase:
         self._wake()
 
     # The work's side.
-    def save_checkpoint(self, data: bytes) -> None:
-        """Store a progress marker (up to 64 KiB). It rides on the next lease
+    def save_checkpoint(self, data: Union[bytes, bytearray, memoryview, str]) -> None:
+        """Store a progress marker: ``bytes``, or ``str`` (stored as UTF-8),
+        up to 64 KiB (``TypeError`` for anything else, :class:`TooLarge`
+        when longer; nothing is stored then). It rides on the next lease
         renewal and is handed to whoever takes the key over if this worker
         dies; see ``flush_checkpoint`` to wait until it is stored."""
         if isinstance(data, str):
             data = data.encode("utf-8")
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            data = bytes(data)
+        else:
+            raise TypeError(f"checkpoint: expected bytes or str, got {type(data).__name__}")
+        if len(data) > CHECKPOINT_MAX:
+            raise TooLarge(f"checkpoint: {len(data)} bytes is over the limit of {CHECKPOINT_MAX} bytes (64 KiB)")
         with self._ck_lock:
-            self._ck_data = bytes(data)
+            self._ck_data = data
             self._ck_seq += 1
 
     def _request_flush(self) -> int:

@@ -10,6 +10,7 @@ return, then saves nothing and raises :class:`LeaseLost`.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -21,6 +22,10 @@ from .types import RunResult
 
 if TYPE_CHECKING:
     from .client import Client
+
+#: How long ``run_once`` waits for its renewer thread to end once the work
+#: is done (it ends at once unless a renewal is in flight).
+_JOIN_RENEWER = 0.5
 
 
 class Claim(ClaimBase):
@@ -36,8 +41,19 @@ class Claim(ClaimBase):
     def _wait(self, event: threading.Event, seconds: float) -> None:
         event.wait(seconds)
 
+    _renewer: Optional[threading.Thread] = None
+
     def _start_renewal(self, renewer: "Steps[None]") -> None:
-        threading.Thread(target=drive, args=(renewer,), name=f"idemkv-renew-{self.token}", daemon=True).start()
+        self._renewer = threading.Thread(target=drive, args=(renewer,), name=f"idemkv-renew-{self.token}", daemon=True)
+        self._renewer.start()
+
+    def _stop_renewal(self) -> None:
+        super()._stop_renewal()
+        # Woken, it returns at once, or after the attempt in flight (its
+        # retries stop: they ask `_renewal_stopped`). Waited for once.
+        t, self._renewer = self._renewer, None
+        if t is not None and t is not threading.current_thread():
+            t.join(_JOIN_RENEWER)
 
     def wait_lost(self, timeout: Optional[float] = None) -> bool:
         """Block until the lease is lost (True) or ``timeout`` seconds pass
@@ -56,4 +72,10 @@ def run_once(
     client: "Client", namespace: str, key: cv.Bytes, fn: Callable[[Claim], Any], **options: Any
 ) -> RunResult[Any]:
     """See :meth:`idemkv.Client.run_once` (the options are its keywords)."""
+    if inspect.iscoroutinefunction(fn):
+        # Calling it would run nothing: refused before claiming.
+        raise TypeError(
+            f"idemkv.Client.run_once calls the work and saves what it returns; {fn.__qualname__} is "
+            "async def (use idemkv.aio.Client.run_once, or the decorator)"
+        )
     return drive(run_steps(client, Claim, namespace, key, fn, **options))

@@ -19,9 +19,12 @@ The rules are the Rust helper's (``src/client/run_once.rs``):
   (:class:`LeaseLost`);
 - the work's exception releases the claim (unless the lease was lost), and
   propagates;
-- a result the store refuses as too large marks the key FAILED for good (a
-  permanent release: the work ran, and must not run again) and raises
-  :class:`ResultNotSaved`; a Complete that fails otherwise raises it too,
+- once the work has returned, its effect has happened: whatever then keeps
+  its result from being saved must not let it run again. A value the
+  serializer refuses (or, in asyncio, a work function that returned no
+  awaitable), or a result the store refuses as too large, marks the key
+  FAILED for good (a permanent release) and raises :class:`ResultNotSaved`
+  with the cause chained; a Complete that fails otherwise raises it too,
   with the result to save later.
 
 ``api`` is anything with the client's calls (``claim``, ``wait``,
@@ -47,12 +50,36 @@ from .errors import (
     GrantExpired,
     IdemkvError,
     LeaseLost,
+    NotFound,
     ResultNotSaved,
     TooLarge,
 )
-from .types import Acquired, Completed, Completion, Failed, InProgress, RecordState, RunResult
+from .types import Acquired, Completed, Completion, Failed, InProgress, RecordState, RunResult, check_code
 
 log = logging.getLogger("idemkv")
+
+#: Most characters of a cause quoted in a give-up's release ``error``, so
+#: the end of the message (why the key is FAILED) is never cut.
+_CAUSE_MAX = 400
+
+
+class NotAwaitable:
+    """What the asyncio flavour's work step gives back when ``fn(claim)``
+    returned no awaitable: a plain function ran (its effect happened) and
+    returned ``value``, which was never awaited."""
+
+    __slots__ = ("fn", "value")
+
+    def __init__(self, fn: Any, value: Any) -> None:
+        self.fn = fn
+        self.value = value
+
+    def error(self) -> TypeError:
+        name = getattr(self.fn, "__qualname__", repr(self.fn))
+        return TypeError(
+            f"idemkv.aio run_once awaits the work, but {name} returned {type(self.value).__name__}, "
+            "not an awaitable: make it async def (or use idemkv.Client.run_once for plain functions)"
+        )
 
 
 def run_steps(
@@ -114,8 +141,12 @@ def run_steps(
         if left is None or left <= 0:
             raise _busy(got.owner)
         # Wait for the holder; replay its result, or claim again if it
-        # released the key or its lease ran out.
-        rec = (yield step(api.wait, namespace, key_b, timeout=left)).record
+        # released the key, its lease ran out, or the record was deleted
+        # (or swept) meanwhile: the key is free.
+        try:
+            rec = (yield step(api.wait, namespace, key_b, timeout=left)).record
+        except NotFound:
+            continue
         if rec.state == RecordState.COMPLETED:
             return RunResult(value=ser.loads(rec.result), replayed=True, token=rec.token, code=rec.code, raw=rec.result)
         if rec.state == RecordState.FAILED:
@@ -147,10 +178,6 @@ def run_steps(
     ctx_token = _current.set(claim)
     try:
         value = yield step(fn, claim)
-        code = None
-        if isinstance(value, Completion):
-            value, code = value.value, value.code
-        data = serializers.dumps(ser, value)
     except BaseException as e:
         claim._stop_renewal()
         why = clock.check()[1]
@@ -170,28 +197,30 @@ def run_steps(
     why = clock.check()[1]
     if why is not None:
         raise lease_lost(token, why)
+    # The work has returned: its effect happened. Whatever keeps its result
+    # from being saved now must not let a later delivery run it again.
+    code = None
+    try:
+        if isinstance(value, NotAwaitable):
+            raise value.error()
+        if isinstance(value, Completion):
+            check_code(value.code)  # checked when built, unless altered since
+            value, code = value.value, value.code
+        data = serializers.dumps(ser, value)
+    except Exception as e:
+        cause = f"{type(e).__name__}: {e}"[:_CAUSE_MAX]
+        marked = yield from _give_up(api, namespace, key_b, token, f"the work ran, but its result was not saved ({cause})")
+        raise _not_saved(f"its result could not be saved ({cause}); {_then(marked)}", token, b"", code, marked) from e
     try:
         yield step(api.complete, namespace, key_b, token, data, code=code, retention=retention)
     except LeaseLost:
         raise lease_lost(token, FENCED) from None
     except TooLarge as e:
         # The work ran and had its effect; only its result cannot be kept.
-        # Mark the key FAILED for good, so no later delivery runs it again.
-        why = f"the work ran, but its result of {len(data)} bytes was not saved ({e.message}); marked failed so that it does not run again"
-        try:
-            released = yield step(api.release, namespace, key_b, token, error=why[:1024], permanent=True)
-            # A store older than ``permanent`` ignores it and frees the key.
-            marked = released.state is RecordState.FAILED
-        except IdemkvError as re:
-            log.warning("marking a run whose result was too large (token %d): %s", token, re)
-            marked = False
-        then = (
-            "the key is marked FAILED so the work does not run again"
-            if marked
-            else "marking the key FAILED failed too: a call after the lease may run the work again"
-        )
+        why = f"the work ran, but its result of {len(data)} bytes was not saved ({e.message[:_CAUSE_MAX]})"
+        marked = yield from _give_up(api, namespace, key_b, token, why)
         raise _not_saved(
-            f"its result of {len(data)} bytes is over the store's result limit and was not saved; {then}",
+            f"its result of {len(data)} bytes is over the store's result limit and was not saved; {_then(marked)}",
             token,
             data,
             code,
@@ -202,6 +231,27 @@ def run_steps(
     return RunResult(value=value, replayed=False, token=token, code=code, raw=data)
 
 
+def _give_up(api: Any, namespace: str, key: bytes, token: int, why: str) -> Steps[bool]:
+    """The work ran and had its effect, but its result cannot be saved: mark
+    the key FAILED for good (a permanent release) so that no later delivery
+    runs the work again; they get :class:`AttemptsExhausted` with ``why``.
+    True if the mark was made (the Rust helper's ``give_up``)."""
+    error = f"{why}; marked failed so that it does not run again"
+    try:
+        released = yield step(api.release, namespace, key, token, error=error[:1024], permanent=True)
+    except IdemkvError as re:
+        log.warning("marking a run whose result was not saved FAILED (token %d): %s", token, re)
+        return False
+    # A store older than ``permanent`` ignores it and frees the key.
+    return released.state is RecordState.FAILED
+
+
+def _then(marked: bool) -> str:
+    if marked:
+        return "the key is marked FAILED so the work does not run again"
+    return "marking the key FAILED failed too: a call after the lease may run the work again"
+
+
 def _not_saved(why: str, token: int, data: bytes, code: Optional[int], marked: bool) -> ResultNotSaved:
     """The work ran (with ``token``) but ``data`` was not saved: ``why``."""
     return ResultNotSaved(
@@ -210,7 +260,7 @@ def _not_saved(why: str, token: int, data: bytes, code: Optional[int], marked: b
         size=len(data),
         marked_failed=marked,
         raw=data,
-        code=code,
+        result_code=code,
     )
 
 
@@ -229,6 +279,11 @@ def renew_steps(
     every = max(min(lease_s / max(renew_divisor, 2), valid_for / 2), 0.001)
     pause = max(every / 4, 0.01)
     next_at = claim_sent + every
+    # After a failed renewal, no other before this instant: a flush that is
+    # asked for does not cut the pause short (a refusal that is not retried,
+    # a checkpoint too large say, would be sent again at once, and again).
+    paused_until = 0.0
+    stopped = lambda: claim._renewal_stopped  # noqa: E731 - the retry loop's stop check
     while True:
         claim._wake_event.clear()
         if claim._renewal_stopped:
@@ -236,15 +291,17 @@ def renew_steps(
         deadline, lost = lease.check()
         if lost is not None:
             return
-        wait = min(next_at, deadline) - time.monotonic()
-        if wait > 0 and not claim._flush_wanted():
+        now = time.monotonic()
+        wait = min(next_at, deadline) - now
+        if wait > 0 and (now < paused_until or not claim._flush_wanted()):
             yield claim._nap(wait)
             continue
         data, seq = claim._checkpoint_to_send()
         req = cv.renew_request(claim.namespace, claim.key, claim.token, lease_s, data)
         sent = time.monotonic()
         try:
-            yield step(api._call, "Renew", req, deadline=deadline)
+            # Retried until the deadline, or until the work is done.
+            yield step(api._call, "Renew", req, deadline=deadline, stop=stopped)
         except LeaseLost:
             lease.lose(FENCED)
             return
@@ -256,7 +313,7 @@ def renew_steps(
                 lease.lose(EXPIRED)
                 return
             log.warning("lease renewal failed (%s); retrying until the lease deadline", e)
-            next_at = time.monotonic() + pause
+            next_at = paused_until = time.monotonic() + pause
             continue
         if not lease.renewed(sent, valid_for):
             return

@@ -243,7 +243,10 @@ class Client(ClientBase):
           ``Completion(value, code=...)`` to store a code with it.
         - If ``fn`` raises, the claim is released (the key is claimable
           again, or FAILED after ``max_attempts``) and the exception
-          propagates.
+          propagates. Once it has returned it never runs again: a value the
+          serializer refuses, or a result the store refuses as too large,
+          marks the key FAILED and raises :class:`ResultNotSaved`. An
+          ``async def`` ``fn`` is refused (``TypeError``) before claiming.
         - The lease is timed on this machine (SPEC §2): valid until the
           instant before the claim was sent plus ``lease`` minus
           ``safety_margin`` (default ``max(lease/10, min(0.1, lease/2))``),
@@ -270,9 +273,13 @@ class Client(ClientBase):
             def charge(order_id: str, amount: int) -> dict: ...
 
         Options: ``key`` (a function of the call's arguments giving a str,
-        bytes or int; default a hash of all arguments), ``fingerprint``
-        (True: a hash of all arguments, so the same key with other arguments
-        is :class:`FingerprintMismatch`; or a function), ``lease``,
+        bytes or int; default a hash of the function's name and all its
+        arguments as JSON, which must then be plain JSON values — str, int,
+        float, bool, None, bytes, lists and str-keyed dicts of them — else
+        :class:`ConfigError` before anything is sent), ``fingerprint``
+        (True: a hash of all arguments, the same way, so the same key with
+        other arguments is :class:`FingerprintMismatch`; or a function),
+        ``lease``,
         ``wait_for_duplicate``, ``max_attempts``, ``retention``,
         ``serializer`` (default ``json``: the return value must be JSON;
         a replay returns it decoded), ``pass_claim`` (pass the

@@ -68,7 +68,7 @@ class IdemkvError(Exception):
     def __str__(self) -> str:
         if self.code is None:
             return self.message
-        return f"{self.code.name}: {self.message}"
+        return f"{getattr(self.code, 'name', self.code)}: {self.message}"
 
 
 class InvalidArgument(IdemkvError):
@@ -201,9 +201,17 @@ class ResultNotSaved(IdemkvError):
       raise :class:`AttemptsExhausted` and never run the work again.
     - Complete failed otherwise (the cluster unreachable past the retries):
       ``marked_failed`` is false, and once the lease runs out a later call
-      may run the work again. ``raw`` and ``code`` are the serialized
-      result, to save with ``client.complete(namespace, key, token, raw,
-      code=code)`` when the cluster is back (fenced by ``token``).
+      may run the work again. ``raw`` and ``result_code`` are the
+      serialized result and the work's code (``Completion.code``), to save
+      with ``client.complete(namespace, key, token, raw, code=result_code)``
+      when the cluster is back (fenced by ``token``).
+    - The work returned, but its value could not be made into a result (the
+      serializer refused it, an asyncio work function that returned no
+      awaitable): the key was marked FAILED as for a result too large
+      (``marked_failed``), so the work does not run again; ``raw`` is empty.
+
+    ``code`` is ``None``: as for every client-side error, it is the gRPC
+    status code, not the work's.
     """
 
     def __init__(
@@ -214,14 +222,15 @@ class ResultNotSaved(IdemkvError):
         size: int,
         marked_failed: bool,
         raw: bytes = b"",
-        code: Optional[int] = None,
+        result_code: Optional[int] = None,
     ) -> None:
         super().__init__(message)
         self.token = token
         self.size = size
         self.marked_failed = marked_failed
         self.raw = raw
-        self.code = code
+        #: The work's code (``Completion.code``) to save with ``raw``.
+        self.result_code = result_code
 
 
 class ConfigError(IdemkvError, ValueError):

@@ -204,10 +204,25 @@ class Status:
 @dataclass(frozen=True)
 class Completion(Generic[T]):
     """What ``run_once`` work may return to save a code with its result:
-    ``Completion(value, code=201)``. ``value`` goes through the serializer."""
+    ``Completion(value, code=201)``. ``value`` goes through the serializer;
+    ``code`` is an ``int`` in the proto's int32 range (``TypeError`` or
+    ``ValueError`` here otherwise, before anything is sent)."""
 
     value: T
     code: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_code(self.code)
+
+
+def check_code(code: Optional[int]) -> None:
+    """A result's code: None, or an ``int`` (not a ``bool``) within int32."""
+    if code is None:
+        return
+    if not isinstance(code, int) or isinstance(code, bool):
+        raise TypeError(f"code: expected an int (an HTTP status, say) or None, got {type(code).__name__} {code!r}")
+    if not -(2**31) <= code < 2**31:
+        raise ValueError(f"code: {code} is outside the int32 range the store keeps")
 
 
 @dataclass(frozen=True)

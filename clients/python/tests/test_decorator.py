@@ -124,3 +124,51 @@ def test_threads_calling_a_decorated_function_run_it_once(client: idemkv.Client,
     for t in ts:
         t.join()
     assert runs == [1] and out == ["report-2026-12-04 done"] * 20
+
+
+class _RecordingClient:
+    """Stands in for the client: records what the decorator asks to run."""
+
+    def __init__(self) -> None:
+        self.runs: List[Any] = []
+
+    def run_once(self, namespace: str, key: bytes, fn: Any, **options: Any) -> idemkv.RunResult:
+        self.runs.append((key, options.get("fingerprint")))
+        return idemkv.RunResult(value=fn(None), replayed=False, token=1)
+
+
+def test_arguments_that_are_not_plain_json_need_a_key_function() -> None:
+    from idemkv._idempotent import decorate
+
+    class Order:  # its repr holds its address: another per delivery
+        pass
+
+    fake = _RecordingClient()
+
+    @decorate(fake, "ns")
+    def handle(order: Any, tags: Any = ()) -> str:
+        return "handled"
+
+    for bad in (Order(), {"a", "b"}, {1: "x"}, [bytearray(b"raw")]):
+        with pytest.raises(idemkv.ConfigError, match="key="):
+            handle(bad)
+    with pytest.raises(idemkv.ConfigError, match=r"tags\[1\]"):
+        handle("o-1", tags=["ok", {"sku"}])
+    assert fake.runs == []  # nothing was sent
+    # Plain JSON arguments: one key, however often (and wherever) called.
+    handle({"id": "o-1", "lines": [1, 2.5, None, True]})
+    handle({"lines": [1, 2.5, None, True], "id": "o-1"})
+    assert len(fake.runs) == 2 and fake.runs[0] == fake.runs[1]
+    # bytes (a message's payload, say) are hashed as their repr, the same
+    # in every process, as before.
+    handle(b"payload-1")
+    handle(b"payload-1")
+    assert len(fake.runs) == 4 and fake.runs[2] == fake.runs[3] != fake.runs[0]
+
+    @decorate(fake, "ns", key=lambda order, **_: order.__class__.__name__, fingerprint=True)
+    def keyed(order: Any) -> str:
+        return "handled"
+
+    with pytest.raises(idemkv.ConfigError, match="fingerprint="):
+        keyed(Order())
+    assert len(fake.runs) == 4

@@ -5,6 +5,7 @@ work and saves nothing; 50 threads on one key run the work once."""
 
 from __future__ import annotations
 
+import decimal
 import json
 import os
 import signal
@@ -93,6 +94,27 @@ def test_work_whose_result_is_too_large_to_save_never_runs_again(client: idemkv.
     # key failed; it does not run the work a second time.
     with pytest.raises(idemkv.AttemptsExhausted) as again:
         client.run_once(ns, "export-9", work, lease=1, wait_for_duplicate=3)
+    assert "does not run again" in again.value.last_error
+    assert calls == [e.value.token]
+
+
+def test_a_value_the_serializer_refuses_marks_the_key_failed_and_the_work_never_runs_again(
+    client: idemkv.Client, ns: str
+) -> None:
+    calls: List[int] = []
+
+    def work(claim: idemkv.Claim) -> dict:
+        calls.append(claim.token)  # the invoice is sent here: the effect happened
+        return {"total": decimal.Decimal("9.99")}  # json cannot store a Decimal
+
+    with pytest.raises(idemkv.ResultNotSaved) as e:
+        client.run_once(ns, "invoice-5", work, serializer=json)
+    assert e.value.marked_failed and isinstance(e.value.__cause__, TypeError)
+    rec = client.get(ns, "invoice-5")
+    assert rec.state is idemkv.RecordState.FAILED and "Decimal" in rec.last_error
+    # A redelivery is told the key failed; it does not send the invoice again.
+    with pytest.raises(idemkv.AttemptsExhausted) as again:
+        client.run_once(ns, "invoice-5", work, serializer=json)
     assert "does not run again" in again.value.last_error
     assert calls == [e.value.token]
 
@@ -250,7 +272,7 @@ def test_a_result_that_could_not_be_saved_comes_back_to_be_saved_later(
     assert not e.value.marked_failed and e.value.raw == b"shipped" and e.value.token > 0
     assert isinstance(e.value.__cause__, idemkv.Unavailable), repr(e.value.__cause__)
     # Saved by hand once the cluster is back: later calls replay it.
-    client.complete(ns, "parcel-3", e.value.token, e.value.raw, code=e.value.code)
+    client.complete(ns, "parcel-3", e.value.token, e.value.raw, code=e.value.result_code)
     r = client.run_once(ns, "parcel-3", lambda claim: b"must not run")
     assert r.replayed and r.value == b"shipped"
 

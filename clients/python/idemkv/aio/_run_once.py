@@ -11,11 +11,12 @@ client's decorator also serves ``async def`` functions).
 from __future__ import annotations
 
 import asyncio
+import inspect
 from typing import Any, Awaitable, Callable, Optional
 
 from .. import _convert as cv
 from .._lease import ClaimBase
-from .._run_steps import run_steps
+from .._run_steps import NotAwaitable, run_steps
 from .._steps import Steps, adrive
 from ..types import RunResult
 
@@ -69,4 +70,20 @@ async def run_once(
     api: Any, namespace: str, key: cv.Bytes, fn: Callable[[AsyncClaim], Awaitable[Any]], **options: Any
 ) -> RunResult[Any]:
     """See :meth:`idemkv.aio.Client.run_once` (the options are its keywords)."""
-    return await adrive(run_steps(api, AsyncClaim, namespace, key, fn, **options))
+    return await adrive(run_steps(api, AsyncClaim, namespace, key, _awaited(fn), **options))
+
+
+def _awaited(fn: Callable[[AsyncClaim], Awaitable[Any]]) -> Callable[[AsyncClaim], Awaitable[Any]]:
+    """``fn(claim)``, awaited. A plain function (not detectable before it
+    runs: a lambda may return a coroutine) has run when its value turns out
+    not to be awaitable; that is handed on as :class:`NotAwaitable`, not
+    raised as the work's failure, so the claim is not released for the work
+    to run again (``run_steps`` marks the key FAILED instead)."""
+
+    async def work(claim: AsyncClaim) -> Any:
+        got = fn(claim)
+        if not inspect.isawaitable(got):
+            return NotAwaitable(fn, got)
+        return await got
+
+    return work
