@@ -547,6 +547,124 @@ fn node_1_wiped_and_added_again_under_up_catches_up() {
     stop_leaving_no_node(cluster, pids.values().chain([&node_1]));
 }
 
+/// A node whose data cannot be opened when `up` starts is left down, as a
+/// node that keeps crashing later is: the other two still make a majority,
+/// so `up` prints its banner and serves instead of stopping them.
+#[test]
+fn up_starts_without_a_node_whose_data_is_damaged() {
+    let Started {
+        dir,
+        eps,
+        endpoints,
+        cluster,
+        banner,
+    } = start(3);
+    let (ok, out, err) = ctl(&endpoints, &["claim", "orders", "before", "--owner", "w1"]);
+    assert!(ok && out.starts_with("ACQUIRED"), "{out}{err}");
+    stop_leaving_no_node(cluster, banner_pids(&banner).values());
+
+    // Node 3's store cannot be opened any more.
+    let sled = dir.path().join("node-3").join("sled");
+    std::fs::remove_dir_all(&sled).unwrap();
+    std::fs::write(&sled, b"not a directory").unwrap();
+    let base: u16 = eps[0].rsplit(':').next().unwrap().parse().unwrap();
+    let cluster = up_nodes(dir.path(), base, 3);
+    let lines = cluster.wait_for("endpoints:");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == "node 3 is left down; the others keep serving"),
+        "{lines:?}"
+    );
+    let pids = banner_pids(&lines);
+    assert_eq!(pids.len(), 2, "node 3 has no PID in the banner: {lines:?}");
+    let (ok, out, err) = ctl(&endpoints, &["claim", "orders", "after", "--owner", "w1"]);
+    assert!(ok && out.starts_with("ACQUIRED"), "{out}{err}");
+    assert!(get_from(&eps[0], "before").starts_with("IN_PROGRESS"));
+    stop_leaving_no_node(cluster, pids.values());
+}
+
+/// `up` killed outright (SIGKILL, no chance to stop its nodes) leaves no
+/// node running with the ports and data: each gets SIGTERM from the
+/// kernel and stops.
+#[test]
+fn a_killed_up_takes_its_nodes_with_it() {
+    let Started {
+        mut cluster,
+        banner,
+        ..
+    } = start(3);
+    let pids = banner_pids(&banner);
+    assert_eq!(pids.len(), 3, "{banner:?}");
+    kill9(cluster.child.id());
+    let _ = cluster.child.wait();
+    for pid in pids.values() {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while running(*pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node process {pid} outlived a killed up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Ports that would be used twice (`--peer-port` one above `--api-port`,
+/// node 1's peer port being node 2's client port) are refused at once by
+/// `up` and by `snapshot restore`, naming the address, and nothing starts.
+#[test]
+fn up_and_restore_refuse_a_port_used_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base(3);
+    let ports = [
+        "--api-port".to_string(),
+        base.to_string(),
+        "--peer-port".to_string(),
+        (base + 1).to_string(),
+    ];
+    let mut up = Command::new(BIN)
+        .arg("up")
+        .arg("--dir")
+        .arg(dir.path().join("up"))
+        .args(&ports)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = up.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = up.kill();
+            let _ = up.wait();
+            panic!("up started with a port used twice");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(up.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    let twice = format!(
+        "127.0.0.1:{} would be both node 1's peer port and node 2's client port",
+        base + 1
+    );
+    assert!(err.contains(&twice), "{err}");
+    assert!(!dir.path().join("up").join("node-1").exists());
+
+    let out = Command::new(BIN)
+        .args(["snapshot", "restore", "backup.snap", "--dir"])
+        .arg(dir.path().join("restored"))
+        .args(&ports)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&twice), "{err}");
+    assert!(!dir.path().join("restored").exists());
+}
+
 /// `ctl --retry-for`: 0 makes one attempt and fails at once where nothing
 /// listens (a script polling a restarting node sees it the moment it
 /// answers, not at the client's next backoff step); a window keeps trying

@@ -89,6 +89,7 @@ fn restore(file: &Path, layout: &UpArgs, peers: Option<&str>) -> anyhow::Result<
             if layout.nodes == 0 {
                 bail!("nodes: must be at least 1");
             }
+            layout.check_addresses()?;
             (1..=layout.nodes)
                 .map(|id| {
                     let node = PeerNode {

@@ -52,6 +52,37 @@ impl UpArgs {
         format!("{}:{}", self.host, self.peer_port as u64 + id - 1)
     }
 
+    /// Every node's two ports exist and no address is used twice (say
+    /// `--peer-port` one above `--api-port`: node 1's peer port would be
+    /// node 2's client port).
+    pub fn check_addresses(&self) -> anyhow::Result<()> {
+        let last = self.nodes.saturating_sub(1);
+        for (flag, port) in [
+            ("--api-port", self.api_port),
+            ("--peer-port", self.peer_port),
+        ] {
+            if port as u64 + last > u16::MAX as u64 {
+                bail!(
+                    "{flag}: {port} + {last} (for node {}) is past the last port, 65535",
+                    self.nodes
+                );
+            }
+        }
+        let mut seen = std::collections::HashMap::new();
+        for id in 1..=self.nodes {
+            for (what, addr) in [("client", self.api_addr(id)), ("peer", self.peer_addr(id))] {
+                if let Some((other, was)) = seen.insert(addr.clone(), (id, what)) {
+                    bail!(
+                        "{addr} would be both node {other}'s {was} port and node {id}'s {what} port: \
+                         --api-port and --peer-port must be at least --nodes ({}) apart",
+                        self.nodes
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Node `id`'s data directory.
     pub fn node_dir(&self, id: u64) -> PathBuf {
         self.dir.join(format!("node-{id}"))
@@ -94,14 +125,25 @@ impl NodeSpec {
             .init
             .as_ref()
             .is_some_and(|i| i.load(std::sync::atomic::Ordering::SeqCst));
-        Command::new(&self.exe)
-            .args(&self.args)
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(&self.args)
             .args(init.then_some("--init"))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
-            .kill_on_drop(true)
-            .spawn()
+            .kill_on_drop(true);
+        // SAFETY: prctl(2) only, between fork and exec. The node gets
+        // SIGTERM (a clean stop) when `up` dies without stopping it
+        // (SIGKILL, a crash), instead of running on with the ports.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn()
             .with_context(|| format!("cannot start node {}", self.id))
     }
 }
@@ -116,6 +158,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.dir)
         .with_context(|| format!("cannot create {}", a.dir.display()))?;
     let exe = std::env::current_exe().context("cannot find the idemkv binary")?;
+    a.check_addresses()?;
     let peers: Vec<String> = (1..=a.nodes)
         .map(|id| format!("{id}={}/{}", a.api_addr(id), a.peer_addr(id)))
         .collect();
@@ -182,12 +225,34 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     };
 
     let endpoints: Vec<String> = (1..=a.nodes).map(|id| a.api_addr(id)).collect();
-    let ready = tokio::select! {
-        r = wait_ready(&endpoints) => r,
-        id = gave_up.recv() => Err(anyhow::anyhow!(
-            "node {} kept crashing while the cluster started",
-            id.unwrap_or_default()
-        )),
+    // Ready once every node still running agrees on a leader. A node that
+    // keeps crashing meanwhile is left down, as later on, while the others
+    // are a majority; Ctrl-C stops the start.
+    let mut down = std::collections::BTreeSet::new();
+    let ready = loop {
+        let live: Vec<String> = (1..=a.nodes)
+            .filter(|id| !down.contains(id))
+            .map(|id| a.api_addr(id))
+            .collect();
+        if live.len() as u64 * 2 <= a.nodes {
+            break Err(anyhow::anyhow!(
+                "nodes {down:?} kept crashing while the cluster started, and the others are not a majority"
+            ));
+        }
+        tokio::select! {
+            r = wait_ready(&live) => break r,
+            id = gave_up.recv() => match id {
+                Some(id) => {
+                    down.insert(id);
+                }
+                None => break Err(anyhow::anyhow!("every node stopped")),
+            },
+            _ = super::serve::wait_for_signal() => {
+                stop(supervisors).await;
+                say!("idemkv: stopped while the cluster started");
+                return Ok(());
+            }
+        }
     };
     if let Err(e) = ready {
         say_err!("idemkv up: the cluster did not come up: {e:#}");
@@ -218,7 +283,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     say!("endpoints: {}", endpoints.join(","));
     say!("try:   idemkv ctl claim orders o-1 --owner w1 --lease 30s");
     say!("A node that exits is restarted on its data; Ctrl-C stops the cluster.");
-    let mut given_up = 0;
+    let mut given_up = down.len() as u64;
     let all_gave_up = loop {
         tokio::select! {
             _ = super::serve::wait_for_signal() => break false,
