@@ -24,6 +24,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use tokio::time::Instant;
 
+/// The largest share of elapsed time by which the leader steers its stamps
+/// toward its wall clock (`raft/clock.rs`): stamps advance at 1 ± SLEW of
+/// real time, and a state machine's own reading between stamps counts real
+/// time at the slowest of those rates.
+pub const SLEW: f64 = 0.01;
+
 /// A source of time for a node's rules.
 pub trait TimeSource: Send + Sync + 'static {
     /// Monotonic now: never goes back, whatever the wall clock does.

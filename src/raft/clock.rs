@@ -24,7 +24,7 @@ use crate::clock::Instant;
 
 /// The largest share of elapsed time by which a stamp is steered toward
 /// the wall clock, per unit of elapsed time.
-pub const SLEW: f64 = 0.01;
+pub use crate::clock::SLEW;
 
 struct Term {
     term: u64,
