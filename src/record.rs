@@ -913,8 +913,10 @@ pub fn repeated_key<K: std::hash::Hash + Eq>(keys: impl IntoIterator<Item = K>) 
 /// record of `claims[i]`'s key; keys are distinct ([`repeated_key`] finds
 /// none: the API edge and the peer port refuse such a batch). With
 /// `all_or_nothing`, either every item is acquired or no change is made
-/// and the items that would have been acquired report
-/// [`RuleError::NotAttempted`], and the token counter is left untouched.
+/// and the items that would have been granted report
+/// [`RuleError::NotAttempted`] (an item that is the holder's own retry
+/// still reports its ACQUIRED, which changes nothing), and the token
+/// counter is left untouched.
 /// Each item acquired takes a token of its own.
 pub fn apply_claim_batch(
     current: &[Option<Record>],
@@ -936,10 +938,15 @@ pub fn apply_claim_batch(
         *last_token = counter;
     }
     if all_or_nothing && !all_acquired {
+        // A grant not made is NotAttempted; the holder's own retry (an
+        // ACQUIRED that changes nothing) stands, so a sender whose reply
+        // was lost still learns the claim it holds.
         let items = decisions
             .into_iter()
-            .map(|(_, out)| match out {
-                Ok(ClaimOutcome::Acquired { .. }) => Err(RuleError::NotAttempted),
+            .map(|(change, out)| match out {
+                Ok(ClaimOutcome::Acquired { .. }) if change != Change::Keep => {
+                    Err(RuleError::NotAttempted)
+                }
                 other => other,
             })
             .collect();

@@ -99,6 +99,52 @@ fn fingerprints_are_checked_on_every_later_claim() {
     ));
 }
 
+/// An all-or-nothing batch applied, its reply lost, then retried after one
+/// of its keys was taken over: the retry is not applied, but the key the
+/// sender still holds answers ACQUIRED with its token (its own retry,
+/// which changes nothing), so the reply lost never locks it out.
+#[test]
+fn a_retried_all_or_nothing_batch_still_hands_back_a_claim_it_holds() {
+    let (long, short) = (claim("w", 3_600_000, 0), claim("w", 200, 0));
+    let mut tokens = 9;
+    let (changes, _) = apply_claim_batch(&[None, None], &[&long, &short], true, 0, &mut tokens);
+    let (k1, k2) = (put(changes[0].clone()), put(changes[1].clone()));
+    assert_eq!(tokens, 11, "tokens 10 (K1) and 11 (K2)");
+    // At +300 ms x takes K2 over.
+    let (taken, _) = apply_op(
+        Some(&k2),
+        &Op::Claim(claim("x", 60_000, 0)),
+        300,
+        &mut tokens,
+    );
+    let k2 = put(taken);
+    // w's retry, same claim ids.
+    let (changes, out) = apply_claim_batch(
+        &[Some(k1), Some(k2)],
+        &[&long, &short],
+        true,
+        400,
+        &mut tokens,
+    );
+    assert!(
+        changes.iter().all(|c| *c == Change::Keep),
+        "nothing changes"
+    );
+    assert_eq!(tokens, 12, "no token taken");
+    match out {
+        Outcome::Batch { items, applied } => {
+            assert!(!applied);
+            assert!(
+                matches!(items[0], Ok(ClaimOutcome::Acquired { token: 10, .. })),
+                "the claim w still holds: {:?}",
+                items[0]
+            );
+            assert!(matches!(items[1], Ok(ClaimOutcome::InProgress { .. })));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn batches_decide_per_item_or_all_or_nothing() {
     let held = put(apply_op(None, &Op::Claim(claim("x", 1_000, 0)), 0, &mut 0).0);
