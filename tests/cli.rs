@@ -569,15 +569,13 @@ fn up_starts_without_a_node_whose_data_is_damaged() {
     std::fs::write(&sled, b"not a directory").unwrap();
     let base: u16 = eps[0].rsplit(':').next().unwrap().parse().unwrap();
     let cluster = up_nodes(dir.path(), base, 3);
-    let lines = cluster.wait_for("endpoints:");
-    assert!(
-        lines
-            .iter()
-            .any(|l| l == "node 3 is left down; the others keep serving"),
-        "{lines:?}"
-    );
-    let pids = banner_pids(&lines);
-    assert_eq!(pids.len(), 2, "node 3 has no PID in the banner: {lines:?}");
+    // Up with nodes 1 and 2 while node 3 is still being restarted, then
+    // node 3 left down; the cluster serves throughout.
+    let banner = cluster.wait_for("endpoints:");
+    let pids = banner_pids(&banner);
+    let (ok, out, err) = ctl(&endpoints, &["claim", "orders", "during", "--owner", "w1"]);
+    assert!(ok && out.starts_with("ACQUIRED"), "{out}{err}");
+    cluster.wait_for("node 3 is left down; the others keep serving");
     let (ok, out, err) = ctl(&endpoints, &["claim", "orders", "after", "--owner", "w1"]);
     assert!(ok && out.starts_with("ACQUIRED"), "{out}{err}");
     assert!(get_from(&eps[0], "before").starts_with("IN_PROGRESS"));
@@ -590,12 +588,17 @@ fn up_starts_without_a_node_whose_data_is_damaged() {
 #[test]
 fn a_killed_up_takes_its_nodes_with_it() {
     let Started {
+        dir: _dir,
         mut cluster,
         banner,
         ..
     } = start(3);
-    let pids = banner_pids(&banner);
+    let mut pids = banner_pids(&banner);
     assert_eq!(pids.len(), 3, "{banner:?}");
+    // One node restarted by up (a restart starts from another thread).
+    kill9(pids[&2]);
+    let lines = cluster.wait_for("node 2 restarted (pid ");
+    pids.insert(2, restarted_pid(&lines, 2));
     kill9(cluster.child.id());
     let _ = cluster.child.wait();
     for pid in pids.values() {
@@ -608,6 +611,53 @@ fn a_killed_up_takes_its_nodes_with_it() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// A first `up` stopped before node 1 founded the cluster leaves every
+/// node's directory holding files but no cluster; the next `up` founds it
+/// (node 1's directory is not empty, so it was not wiped to rejoin).
+#[test]
+fn up_founds_the_cluster_after_a_first_start_that_was_cut_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base(3);
+    let peers = (1..=3)
+        .map(|i| format!("{i}=127.0.0.1:{}/127.0.0.1:{}", base + i - 1, base + 99 + i))
+        .collect::<Vec<_>>()
+        .join(",");
+    // Each node started and stopped without --init: files, no cluster.
+    for i in 1..=3u16 {
+        let data = dir.path().join(format!("node-{i}"));
+        let mut node = Command::new(BIN)
+            .args(["serve", "--id", &i.to_string()])
+            .args(["--listen", &format!("127.0.0.1:{}", base + i - 1)])
+            .args(["--peer-listen", &format!("127.0.0.1:{}", base + 99 + i)])
+            .args(["--peers", &peers])
+            .arg("--data-dir")
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::fs::read_dir(&data).map_or(true, |mut d| d.next().is_none()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {i} wrote nothing"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = node.kill();
+        let _ = node.wait();
+    }
+    let cluster = up_nodes(dir.path(), base, 3);
+    let banner = cluster.wait_for("endpoints:");
+    let endpoints = (0..3)
+        .map(|i| format!("127.0.0.1:{}", base + i))
+        .collect::<Vec<_>>()
+        .join(",");
+    let (ok, out, err) = ctl(&endpoints, &["claim", "orders", "o-1", "--owner", "w1"]);
+    assert!(ok && out.starts_with("ACQUIRED"), "{out}{err}");
+    stop_leaving_no_node(cluster, banner_pids(&banner).values());
 }
 
 /// Ports that would be used twice (`--peer-port` one above `--api-port`,

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use idemkv::raft::PeerNode;
 
 use super::up::UpArgs;
@@ -86,9 +86,6 @@ fn restore(file: &Path, layout: &UpArgs, peers: Option<&str>) -> anyhow::Result<
     let members = match peers {
         Some(p) => super::serve::parse_peers(p)?,
         None => {
-            if layout.nodes == 0 {
-                bail!("nodes: must be at least 1");
-            }
             layout.check_addresses()?;
             (1..=layout.nodes)
                 .map(|id| {

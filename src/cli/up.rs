@@ -56,7 +56,10 @@ impl UpArgs {
     /// `--peer-port` one above `--api-port`: node 1's peer port would be
     /// node 2's client port).
     pub fn check_addresses(&self) -> anyhow::Result<()> {
-        let last = self.nodes.saturating_sub(1);
+        if self.nodes == 0 {
+            bail!("nodes: must be at least 1");
+        }
+        let last = self.nodes - 1;
         for (flag, port) in [
             ("--api-port", self.api_port),
             ("--peer-port", self.peer_port),
@@ -97,6 +100,8 @@ const GIVE_UP_AFTER: u32 = 5;
 /// The first restart's wait; doubled for each quick exit in a row.
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long the start waits for the nodes to agree on a leader.
+const READY_WITHIN: Duration = Duration::from_secs(30);
 /// Log lines shown for a node that keeps crashing.
 const TAIL_LINES: usize = 20;
 
@@ -132,13 +137,23 @@ impl NodeSpec {
             .stdout(out.try_clone()?)
             .stderr(out)
             .kill_on_drop(true);
-        // SAFETY: prctl(2) only, between fork and exec. The node gets
-        // SIGTERM (a clean stop) when `up` dies without stopping it
-        // (SIGKILL, a crash), instead of running on with the ports.
+        // The node gets SIGTERM (a clean stop) when `up` dies without
+        // stopping it (SIGKILL, a crash), instead of running on with the
+        // ports. The kernel sends it when the *thread* that forked exits:
+        // first starts fork on the main thread, restarts on tokio workers,
+        // which live as long as `up` (nothing here runs `block_in_place`
+        // or forks from `spawn_blocking`).
+        // SAFETY: prctl(2) and getppid(2) only, between fork and exec, both
+        // async-signal-safe. If `up` died before prctl took effect, the
+        // parent is no longer `up`: the node is not started.
+        let parent = std::process::id() as libc::pid_t;
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("idemkv up exited"));
                 }
                 Ok(())
             });
@@ -152,13 +167,10 @@ impl NodeSpec {
 type Pids = Arc<Mutex<BTreeMap<u64, Option<u32>>>>;
 
 pub async fn run(a: UpArgs) -> anyhow::Result<()> {
-    if a.nodes == 0 {
-        bail!("nodes: must be at least 1");
-    }
+    a.check_addresses()?;
     std::fs::create_dir_all(&a.dir)
         .with_context(|| format!("cannot create {}", a.dir.display()))?;
     let exe = std::env::current_exe().context("cannot find the idemkv binary")?;
-    a.check_addresses()?;
     let peers: Vec<String> = (1..=a.nodes)
         .map(|id| format!("{id}={}/{}", a.api_addr(id), a.peer_addr(id)))
         .collect();
@@ -172,11 +184,12 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             }
         }
     }
-    // A new cluster only: where another node's directory holds data, the
-    // cluster exists, and node 1 joins it like any other.
-    let fresh = (2..=a.nodes)
-        .all(|id| std::fs::read_dir(a.node_dir(id)).map_or(true, |mut d| d.next().is_none()));
-    let init = fresh.then(|| Arc::new(std::sync::atomic::AtomicBool::new(true)));
+    // Node 1 founds the cluster (`--init`, a no-op on data that belongs to
+    // one) unless its directory is empty while another node's holds data:
+    // then node 1 was wiped to be added again, and joins like any other.
+    let empty = |id| std::fs::read_dir(a.node_dir(id)).map_or(true, |mut d| d.next().is_none());
+    let rejoining = empty(1) && (2..=a.nodes).any(|id| !empty(id));
+    let init = (!rejoining).then(|| Arc::new(std::sync::atomic::AtomicBool::new(true)));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (gave_up_tx, mut gave_up) = mpsc::unbounded_channel();
     let pids: Pids = Arc::default();
@@ -225,22 +238,56 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     };
 
     let endpoints: Vec<String> = (1..=a.nodes).map(|id| a.api_addr(id)).collect();
-    // Ready once every node still running agrees on a leader. A node that
-    // keeps crashing meanwhile is left down, as later on, while the others
-    // are a majority; Ctrl-C stops the start.
+    // Ready once a majority agree on a leader and every other node is down
+    // (restarting, or left down): a node that keeps crashing meanwhile,
+    // quickly or after a while, is left down as later on, while the others
+    // are a majority. Ctrl-C stops the start.
+    let client = Client::new(&endpoints)?;
+    let majority = a.nodes / 2 + 1;
+    let deadline = Instant::now() + READY_WITHIN;
     let mut down = std::collections::BTreeSet::new();
     let ready = loop {
-        let live: Vec<String> = (1..=a.nodes)
-            .filter(|id| !down.contains(id))
-            .map(|id| a.api_addr(id))
-            .collect();
-        if live.len() as u64 * 2 <= a.nodes {
+        if init.is_some() && down.contains(&1) {
+            break Err(anyhow::anyhow!(
+                "node 1, which founds the new cluster, kept crashing"
+            ));
+        }
+        if a.nodes - (down.len() as u64) < majority {
             break Err(anyhow::anyhow!(
                 "nodes {down:?} kept crashing while the cluster started, and the others are not a majority"
             ));
         }
+        let seen = client.status_all().await;
+        let running = pids.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut leaders = Vec::new();
+        let mut starting = false;
+        for (i, (_, status)) in seen.iter().enumerate() {
+            let id = i as u64 + 1;
+            match status.as_ref().ok().and_then(|s| s.leader_id) {
+                Some(leader) => leaders.push(leader),
+                None => starting |= running.get(&id).copied().flatten().is_some(),
+            }
+        }
+        if !starting && leaders.len() as u64 >= majority && leaders.iter().all(|l| *l == leaders[0])
+        {
+            break Ok(());
+        }
+        if Instant::now() >= deadline {
+            let said: Vec<String> = seen
+                .iter()
+                .map(|(ep, r)| match r {
+                    Ok(s) => format!("{ep}: {} leader={:?}", s.role, s.leader_id),
+                    Err(e) => format!("{ep}: {e}"),
+                })
+                .collect();
+            break Err(anyhow::anyhow!(
+                "no agreed leader within {}s: {}",
+                READY_WITHIN.as_secs(),
+                said.join("; ")
+            ));
+        }
         tokio::select! {
-            r = wait_ready(&live) => break r,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             id = gave_up.recv() => match id {
                 Some(id) => {
                     down.insert(id);
@@ -395,12 +442,6 @@ fn tail(path: &std::path::Path, n: usize) -> Vec<String> {
         .iter()
         .map(|l| l.to_string())
         .collect()
-}
-
-async fn wait_ready(endpoints: &[String]) -> anyhow::Result<()> {
-    Ok(Client::new(endpoints)?
-        .wait_ready(Duration::from_secs(30))
-        .await?)
 }
 
 /// SIGTERM a node, then SIGKILL it if it still runs after 10 s.

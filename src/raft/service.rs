@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio_stream::{Stream, StreamExt};
@@ -87,7 +87,7 @@ struct Admission {
     members_only: bool,
     cache: RwLock<AdmissionCache>,
     /// Certificates already found to be nodes' (their DER bytes).
-    certs: Mutex<HashSet<Vec<u8>>>,
+    certs: RwLock<HashSet<Vec<u8>>>,
 }
 
 /// The member addresses as resolved for one membership (its log index).
@@ -206,8 +206,12 @@ impl Admission {
             return Err("no certificate was presented".into());
         };
         let leaf: &[u8] = leaf.as_ref();
-        let mut seen = self.certs.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.contains(leaf) {
+        if self
+            .certs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(leaf)
+        {
             return Ok(());
         }
         let (_, cert) = x509_parser::parse_x509_certificate(leaf)
@@ -227,6 +231,7 @@ impl Admission {
                 cert.subject()
             ));
         }
+        let mut seen = self.certs.write().unwrap_or_else(|p| p.into_inner());
         if seen.len() >= 64 {
             seen.clear();
         }

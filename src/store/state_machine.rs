@@ -544,7 +544,8 @@ impl StateMachineStore {
             .estimate
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let since = slowest_stamp_ns(self.shared.time.now().saturating_duration_since(at));
+        let since =
+            crate::clock::slowest_stamp_ns(self.shared.time.now().saturating_duration_since(at));
         (ns.saturating_add(since) / 1_000_000).max(self.clock_ms())
     }
 
@@ -562,9 +563,9 @@ impl StateMachineStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let at = self.shared.time.now();
-        let known = est
-            .0
-            .saturating_add(slowest_stamp_ns(at.saturating_duration_since(est.1)));
+        let known = est.0.saturating_add(crate::clock::slowest_stamp_ns(
+            at.saturating_duration_since(est.1),
+        ));
         *est = (known.max(now.saturating_mul(1_000_000)), at);
         self.shared.clock.store(now, Ordering::Release);
     }
@@ -1109,13 +1110,6 @@ impl<'a> BulkWriter<'a> {
         }
         self.tree.apply_batch(self.batch).map_err(sled_err)
     }
-}
-
-/// How far the leader's stamps advance at least in `real` time, in ns:
-/// `1 - SLEW` of it (crate::clock::SLEW).
-fn slowest_stamp_ns(real: std::time::Duration) -> u64 {
-    let ns = real.as_nanos().min(u64::MAX as u128) as u64;
-    (ns as f64 * (1.0 - crate::clock::SLEW)) as u64
 }
 
 #[cfg(test)]
