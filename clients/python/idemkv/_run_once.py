@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import _convert as cv
 from ._lease import ClaimBase
-from ._run_steps import run_steps
+from ._run_steps import NotRun, run_steps
 from ._steps import Steps, drive
 from .types import RunResult
 
@@ -78,4 +78,23 @@ def run_once(
             f"idemkv.Client.run_once calls the work and saves what it returns; {fn.__qualname__} is "
             "async def (use idemkv.aio.Client.run_once, or the decorator)"
         )
-    return drive(run_steps(client, Claim, namespace, key, fn, **options))
+    return drive(run_steps(client, Claim, namespace, key, _called(fn), **options))
+
+
+def _called(fn: Callable[[Claim], Any]) -> Callable[[Claim], Any]:
+    """``fn(claim)``, called. A function that returns an awaitable (a lambda,
+    ``functools.partial`` or callable object around an ``async def``) ran
+    nothing: the awaitable is closed, so it never runs nor warns that it was
+    never awaited, and handed on as :class:`NotRun`, so ``run_steps``
+    releases the claim for a rerun (not FAILED) and raises ``TypeError``."""
+
+    def work(claim: Claim) -> Any:
+        got = fn(claim)
+        if inspect.isawaitable(got):
+            close = getattr(got, "close", None)
+            if callable(close):
+                close()
+            return NotRun(fn, got)
+        return got
+
+    return work

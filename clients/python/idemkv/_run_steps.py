@@ -18,7 +18,9 @@ The rules are the Rust helper's (``src/client/run_once.rs``):
   work is told, not interrupted; when it returns nothing is saved
   (:class:`LeaseLost`);
 - the work's exception releases the claim (unless the lease was lost), and
-  propagates;
+  propagates; so does, in the thread flavour, a work function that returned
+  an awaitable: nothing ran (the coroutine is closed unrun), so the key is
+  released for a rerun, not marked FAILED, and ``TypeError`` raised;
 - once the work has returned, its effect has happened: whatever then keeps
   its result from being saved must not let it run again. A value the
   serializer refuses (or, in asyncio, a work function that returned no
@@ -63,10 +65,8 @@ log = logging.getLogger("idemkv")
 _CAUSE_MAX = 400
 
 
-class NotAwaitable:
-    """What the asyncio flavour's work step gives back when ``fn(claim)``
-    returned no awaitable: a plain function ran (its effect happened) and
-    returned ``value``, which was never awaited."""
+class _Returned:
+    """The work ``fn`` returned ``value``, of a kind its flavour cannot use."""
 
     __slots__ = ("fn", "value")
 
@@ -74,11 +74,38 @@ class NotAwaitable:
         self.fn = fn
         self.value = value
 
-    def error(self) -> TypeError:
+    def _what(self) -> str:
         name = getattr(self.fn, "__qualname__", repr(self.fn))
+        return f"{name} returned {type(self.value).__name__}"
+
+
+class NotAwaitable(_Returned):
+    """What the asyncio flavour's work step gives back when ``fn(claim)``
+    returned no awaitable: a plain function ran (its effect happened) and
+    returned ``value``, which was never awaited."""
+
+    __slots__ = ()
+
+    def error(self) -> TypeError:
         return TypeError(
-            f"idemkv.aio run_once awaits the work, but {name} returned {type(self.value).__name__}, "
+            f"idemkv.aio run_once awaits the work, but {self._what()}, "
             "not an awaitable: make it async def (or use idemkv.Client.run_once for plain functions)"
+        )
+
+
+class NotRun(_Returned):
+    """What the thread flavour's work step gives back when ``fn(claim)``
+    returned an awaitable (a lambda or ``functools.partial`` wrapping an
+    ``async def``, not detectable before the call): the work did not run —
+    a coroutine runs only when awaited — and ``value`` was closed unrun."""
+
+    __slots__ = ()
+
+    def error(self) -> TypeError:
+        return TypeError(
+            f"idemkv.Client.run_once calls the work and saves what it returns, but {self._what()}, "
+            "an awaitable it cannot await, so the work did not run: use "
+            "idemkv.aio.Client.run_once (or the decorator), or make the function a plain (sync) one"
         )
 
 
@@ -194,6 +221,17 @@ def run_steps(
     finally:
         _current.reset(ctx_token)
         claim._stop_renewal()
+    if isinstance(value, NotRun):
+        # Nothing ran: an ordinary release (as after the work's exception)
+        # leaves the key claimable, not FAILED. With the lease lost there is
+        # nothing to give back; the mistake is still the error to raise.
+        error = value.error()
+        if clock.check()[1] is None:
+            try:
+                yield step(api.release, namespace, key_b, token, error=f"TypeError: {error}"[:1024])
+            except IdemkvError as re:
+                log.warning("release after a work function returned an awaitable (token %d): %s", token, re)
+        raise error
     why = clock.check()[1]
     if why is not None:
         raise lease_lost(token, why)

@@ -119,6 +119,28 @@ def test_a_value_the_serializer_refuses_marks_the_key_failed_and_the_work_never_
     assert calls == [e.value.token]
 
 
+def test_sync_work_that_returns_a_coroutine_is_refused_and_the_key_stays_claimable(
+    client: idemkv.Client, ns: str
+) -> None:
+    calls: List[int] = []
+
+    async def charge(claim: idemkv.Claim) -> bytes:
+        calls.append(claim.token)
+        return b"charged"
+
+    # Not async def itself, so not refused before claiming; its coroutine
+    # never runs in the thread flavour: refused, the key released.
+    with pytest.raises(TypeError, match="idemkv.aio"):
+        client.run_once(ns, "refund-6", lambda claim: charge(claim))
+    assert calls == []
+    rec = client.get(ns, "refund-6")
+    assert rec.state is idemkv.RecordState.AVAILABLE, rec
+    # Claimable again: a plain function runs, and is replayed after.
+    r = client.run_once(ns, "refund-6", lambda claim: b"refunded")
+    assert not r.replayed and r.value == b"refunded"
+    assert client.run_once(ns, "refund-6", lambda claim: b"must not run").replayed
+
+
 def test_a_duplicate_is_busy_or_waits_for_the_result(client: idemkv.Client, ns: str) -> None:
     started, finish = threading.Event(), threading.Event()
 

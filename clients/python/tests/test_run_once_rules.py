@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import decimal
+import gc
 import json
 import socket
 import threading
 import time
+import warnings
 from typing import Any, List, Optional, Tuple
 
 import grpc
@@ -203,6 +205,34 @@ def test_the_sync_run_once_refuses_an_async_function_before_claiming() -> None:
     assert api.calls == []
 
 
+def test_sync_work_that_returns_a_coroutine_ran_nothing_and_frees_the_key() -> None:
+    # A lambda (or partial, or callable object) wrapping an async def passes
+    # the check before claiming; calling it runs nothing. The coroutine is
+    # closed (never run, no "never awaited" warning), the claim released as
+    # after a failure (not FAILED: nothing ran), and TypeError raised.
+    api = FakeApi()
+    ran: List[int] = []
+
+    async def charge(claim: Any) -> bytes:
+        ran.append(claim.token)
+        return b"charged"
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(TypeError, match="idemkv.aio") as e:
+            run(api, lambda claim: charge(claim))
+        del e  # the traceback holds the frames
+        gc.collect()
+    assert ran == []
+    assert [w for w in seen if issubclass(w.category, RuntimeWarning)] == []
+    assert [(n, d[0]) for n, d in api.calls if n == "release"] == [("release", False)]
+    assert "complete" not in api.names()
+
+    # The aio flavour awaits the same lambda's coroutine: it runs.
+    got = arun(FakeApi(), lambda claim: charge(claim))
+    assert got.value == b"charged" and ran == [7]
+
+
 def test_an_await_answered_not_found_claims_the_key_again() -> None:
     # The holder's record is deleted (or swept) while a duplicate waits on
     # it: the key is free, so the duplicate claims it and runs the work.
@@ -280,16 +310,41 @@ def _refused_address() -> str:
 
 def test_the_renewer_stops_retrying_when_run_once_returns() -> None:
     # Renewals go to a node that refuses connections: each is retried (up
-    # to retry_for, 15 s) while the work runs. Once run_once has returned,
-    # the renewer must not go on retrying.
-    with idemkv.Client([_refused_address()], follow_leader=False) as dead:
+    # to retry_for, 60 s here, and the lease deadline, 54 s) while the work
+    # runs. Once run_once has returned, the renewer must stop retrying: its
+    # thread ends within a moment (10 s allowed, for a loaded machine), not
+    # when retry_for or the lease runs out.
+    retry = idemkv.RetryOptions(retry_for=60.0)
+    with idemkv.Client([_refused_address()], follow_leader=False, retry=retry) as dead:
         api = FakeApi()
-        api._call = dead._call  # type: ignore[method-assign]
+        renewing = threading.Event()
+        renewers: List[threading.Thread] = []
+
+        def renew(rpc: str, request: Any, **how: Any) -> Any:
+            api._record(rpc)
+            renewers.append(threading.current_thread())
+            renewing.set()
+            try:
+                return dead._call(rpc, request, **how)
+            finally:
+                api._record(f"{rpc} ended")
+
+        api._call = renew  # type: ignore[method-assign]
 
         def work(claim: idemkv.Claim) -> bytes:
-            time.sleep(0.4)  # renewals every 0.1 s meanwhile, all failing
+            # Renewals every 0.2 s: return while one is being retried.
+            assert renewing.wait(10), "no renewal was attempted"
+            time.sleep(0.3)
             return b"done"
 
-        got = run(api, work, lease=30.0, renew_divisor=300)
-        alive = [t.name for t in threading.enumerate() if t.name == f"idemkv-renew-{got.token}"]
-        assert alive == [], "the renewer thread outlived run_once"
+        got = run(api, work, lease=60.0, renew_divisor=300)
+        returned = time.monotonic()
+        assert got.value == b"done"
+        assert api.names().count("Renew") >= 1
+        renewer = renewers[0]
+        assert renewer.name == f"idemkv-renew-{got.token}"
+        renewer.join(10)
+        assert not renewer.is_alive(), "the renewer went on retrying after run_once returned"
+        assert time.monotonic() - returned < 10
+        # The renewal in flight ended (given up), and none was sent after.
+        assert api.names().count("Renew") == api.names().count("Renew ended")
