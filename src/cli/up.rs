@@ -102,6 +102,10 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long the start waits for the nodes to agree on a leader.
 const READY_WITHIN: Duration = Duration::from_secs(30);
+/// How long a majority must agree on a leader before the start is ready
+/// while another node runs without one (a node wiped to be added again
+/// never has one until `ctl member add`).
+const SETTLE: Duration = Duration::from_secs(3);
 /// Log lines shown for a node that keeps crashing.
 const TAIL_LINES: usize = 20;
 
@@ -185,10 +189,11 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         }
     }
     // Node 1 founds the cluster (`--init`, a no-op on data that belongs to
-    // one) unless its directory is empty while another node's holds data:
-    // then node 1 was wiped to be added again, and joins like any other.
-    let empty = |id| std::fs::read_dir(a.node_dir(id)).map_or(true, |mut d| d.next().is_none());
-    let rejoining = empty(1) && (2..=a.nodes).any(|id| !empty(id));
+    // one) unless it has applied nothing while another node has: then
+    // node 1 was wiped to be added again (and may have run since, waiting),
+    // and joins like any other.
+    let applied = |id| idemkv::store::has_applied(&a.node_dir(id));
+    let rejoining = !applied(1) && (2..=a.nodes).any(applied);
     let init = (!rejoining).then(|| Arc::new(std::sync::atomic::AtomicBool::new(true)));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (gave_up_tx, mut gave_up) = mpsc::unbounded_channel();
@@ -245,19 +250,28 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     let client = Client::new(&endpoints)?;
     let majority = a.nodes / 2 + 1;
     let deadline = Instant::now() + READY_WITHIN;
+    // One listener for the whole run: a signal that comes while none is
+    // listening would be lost.
+    let signal = super::serve::wait_for_signal();
+    tokio::pin!(signal);
     let mut down = std::collections::BTreeSet::new();
+    // Since when a majority has agreed on one leader while another node
+    // runs without one (wiped to be added again, say, or still starting).
+    let mut agreed_since: Option<Instant> = None;
     let ready = loop {
-        if init.is_some() && down.contains(&1) {
-            break Err(anyhow::anyhow!(
-                "node 1, which founds the new cluster, kept crashing"
-            ));
-        }
         if a.nodes - (down.len() as u64) < majority {
             break Err(anyhow::anyhow!(
                 "nodes {down:?} kept crashing while the cluster started, and the others are not a majority"
             ));
         }
-        let seen = client.status_all().await;
+        let seen = tokio::select! {
+            seen = client.status_all() => seen,
+            _ = &mut signal => {
+                stop(supervisors).await;
+                say!("idemkv: stopped while the cluster started");
+                return Ok(());
+            }
+        };
         let running = pids.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut leaders = Vec::new();
         let mut starting = false;
@@ -268,8 +282,9 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
                 None => starting |= running.get(&id).copied().flatten().is_some(),
             }
         }
-        if !starting && leaders.len() as u64 >= majority && leaders.iter().all(|l| *l == leaders[0])
-        {
+        let agreed = leaders.len() as u64 >= majority && leaders.iter().all(|l| *l == leaders[0]);
+        agreed_since = agreed.then(|| agreed_since.unwrap_or_else(Instant::now));
+        if agreed_since.is_some_and(|t| !starting || t.elapsed() >= SETTLE) {
             break Ok(());
         }
         if Instant::now() >= deadline {
@@ -294,7 +309,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
                 }
                 None => break Err(anyhow::anyhow!("every node stopped")),
             },
-            _ = super::serve::wait_for_signal() => {
+            _ = &mut signal => {
                 stop(supervisors).await;
                 say!("idemkv: stopped while the cluster started");
                 return Ok(());
@@ -333,7 +348,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     let mut given_up = down.len() as u64;
     let all_gave_up = loop {
         tokio::select! {
-            _ = super::serve::wait_for_signal() => break false,
+            _ = &mut signal => break false,
             id = gave_up.recv() => match id {
                 Some(_) => {
                     given_up += 1;

@@ -93,6 +93,18 @@ fn open_sled(sled_dir: &Path) -> io::Result<sled::Db> {
     }
 }
 
+/// The clock anchor's file in a data directory (boot_clock.rs).
+const ANCHOR_FILE: &str = "clock-anchor";
+
+/// Whether the data directory `dir` has applied log entries, so belongs to
+/// a cluster: its clock anchor, written with every apply, is not empty.
+/// `idemkv up` asks, so that node 1 wiped to be added again does not found
+/// a cluster of its own. Always false on a host with no boot clock, which
+/// writes no anchor.
+pub fn has_applied(dir: &Path) -> bool {
+    std::fs::metadata(dir.join(ANCHOR_FILE)).is_ok_and(|m| m.len() > 0)
+}
+
 /// Restore never writes over a data directory: `dir` must not exist or be
 /// empty.
 pub fn refuse_non_empty(dir: &Path) -> io::Result<()> {
@@ -181,7 +193,7 @@ impl Store {
             &db,
             syncer.clone(),
             dir.join("snapshots"),
-            &dir.join("clock-anchor"),
+            &dir.join(ANCHOR_FILE),
             clock,
         )?;
         // Record what sled holds now, durably (a data directory from before
