@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import _convert as cv
 from ._lease import ClaimBase
-from ._run_steps import NotRun, run_steps
+from ._run_steps import AwaitableReturned, NotRun, run_steps
 from ._steps import Steps, drive
 from .types import RunResult
 
@@ -73,28 +73,34 @@ def run_once(
 ) -> RunResult[Any]:
     """See :meth:`idemkv.Client.run_once` (the options are its keywords)."""
     if inspect.iscoroutinefunction(fn):
-        # Calling it would run nothing: refused before claiming.
+        # Calling it would run nothing: refused before claiming (a
+        # functools.partial of an async def too: it is seen through).
         raise TypeError(
-            f"idemkv.Client.run_once calls the work and saves what it returns; {fn.__qualname__} is "
+            "idemkv.Client.run_once calls the work and saves what it returns; "
+            f"{getattr(fn, '__qualname__', repr(fn))} is "
             "async def (use idemkv.aio.Client.run_once, or the decorator)"
         )
     return drive(run_steps(client, Claim, namespace, key, _called(fn), **options))
 
 
 def _called(fn: Callable[[Claim], Any]) -> Callable[[Claim], Any]:
-    """``fn(claim)``, called. A function that returns an awaitable (a lambda,
-    ``functools.partial`` or callable object around an ``async def``) ran
-    nothing: the awaitable is closed, so it never runs nor warns that it was
-    never awaited, and handed on as :class:`NotRun`, so ``run_steps``
-    releases the claim for a rerun (not FAILED) and raises ``TypeError``."""
+    """``fn(claim)``, called. A function that returns an unstarted coroutine
+    (a lambda or callable object around an ``async def``) ran none of that
+    coroutine: it is closed, so it never runs nor warns that it was never
+    awaited, and handed on as :class:`NotRun`, so ``run_steps`` releases the
+    claim for a rerun (not FAILED) and raises ``TypeError``. Any other
+    awaitable (an asyncio ``Future`` or ``Task``, already scheduled and with
+    no ``close()``; a coroutine already started) may run, or have run, and
+    is left alone: handed on as :class:`AwaitableReturned`, a value the work
+    returned that cannot be saved, so the key is marked FAILED for good."""
 
     def work(claim: Claim) -> Any:
         got = fn(claim)
-        if inspect.isawaitable(got):
-            close = getattr(got, "close", None)
-            if callable(close):
-                close()
+        if inspect.iscoroutine(got) and inspect.getcoroutinestate(got) == inspect.CORO_CREATED:
+            got.close()
             return NotRun(fn, got)
+        if inspect.isawaitable(got):
+            return AwaitableReturned(fn, got)
         return got
 
     return work

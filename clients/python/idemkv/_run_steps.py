@@ -19,12 +19,14 @@ The rules are the Rust helper's (``src/client/run_once.rs``):
   (:class:`LeaseLost`);
 - the work's exception releases the claim (unless the lease was lost), and
   propagates; so does, in the thread flavour, a work function that returned
-  an awaitable: nothing ran (the coroutine is closed unrun), so the key is
-  released for a rerun, not marked FAILED, and ``TypeError`` raised;
+  an unstarted coroutine: that coroutine never ran (it is closed unrun), so
+  the key is released for a rerun, not marked FAILED, and ``TypeError``
+  raised;
 - once the work has returned, its effect has happened: whatever then keeps
   its result from being saved must not let it run again. A value the
   serializer refuses (or, in asyncio, a work function that returned no
-  awaitable), or a result the store refuses as too large, marks the key
+  awaitable; in threads, one that returned any other awaitable, a Future or
+  Task say), or a result the store refuses as too large, marks the key
   FAILED for good (a permanent release) and raises :class:`ResultNotSaved`
   with the cause chained; a Complete that fails otherwise raises it too,
   with the result to save later.
@@ -95,9 +97,11 @@ class NotAwaitable(_Returned):
 
 class NotRun(_Returned):
     """What the thread flavour's work step gives back when ``fn(claim)``
-    returned an awaitable (a lambda or ``functools.partial`` wrapping an
-    ``async def``, not detectable before the call): the work did not run —
-    a coroutine runs only when awaited — and ``value`` was closed unrun."""
+    returned an unstarted coroutine (a lambda or callable object wrapping an
+    ``async def``, not detectable before the call; an ``async def`` or a
+    ``functools.partial`` of one is refused before claiming): the coroutine
+    did not run — it runs only when awaited — and ``value`` was closed
+    unrun."""
 
     __slots__ = ()
 
@@ -106,6 +110,23 @@ class NotRun(_Returned):
             f"idemkv.Client.run_once calls the work and saves what it returns, but {self._what()}, "
             "an awaitable it cannot await, so the work did not run: use "
             "idemkv.aio.Client.run_once (or the decorator), or make the function a plain (sync) one"
+        )
+
+
+class AwaitableReturned(_Returned):
+    """What the thread flavour's work step gives back when ``fn(claim)``
+    returned an awaitable other than an unstarted coroutine (an asyncio
+    ``Future`` or ``Task``, already scheduled; a coroutine already started):
+    the work ran (and what it scheduled may run, or have run), so like any
+    value that cannot be saved it marks the key FAILED for good."""
+
+    __slots__ = ()
+
+    def error(self) -> TypeError:
+        return TypeError(
+            f"idemkv.Client.run_once calls the work and saves what it returns, but {self._what()}, "
+            "an awaitable that is not an unstarted coroutine (it may run, or have run): it cannot be "
+            "awaited nor saved; use idemkv.aio.Client.run_once (or the decorator) for async work"
         )
 
 
@@ -239,7 +260,7 @@ def run_steps(
     # from being saved now must not let a later delivery run it again.
     code = None
     try:
-        if isinstance(value, NotAwaitable):
+        if isinstance(value, (NotAwaitable, AwaitableReturned)):
             raise value.error()
         if isinstance(value, Completion):
             check_code(value.code)  # checked when built, unless altered since

@@ -246,10 +246,13 @@ class Client(ClientBase):
           propagates. Once it has returned it never runs again: a value the
           serializer refuses, or a result the store refuses as too large,
           marks the key FAILED and raises :class:`ResultNotSaved`. An
-          ``async def`` ``fn`` is refused (``TypeError``) before claiming;
-          one that returns an awaitable (a lambda around an ``async def``)
-          ran nothing: the awaitable is closed, the claim released (the key
-          stays claimable) and ``TypeError`` raised.
+          ``async def`` ``fn`` (or ``functools.partial`` of one) is refused
+          (``TypeError``) before claiming; one that returns an unstarted
+          coroutine (a lambda around an ``async def``) ran none of it: the
+          coroutine is closed, the claim released (the key stays claimable)
+          and ``TypeError`` raised. Any other awaitable it returns (an
+          asyncio ``Future`` or ``Task``) is a result that cannot be saved:
+          the key is marked FAILED and :class:`ResultNotSaved` raised.
         - The lease is timed on this machine (SPEC §2): valid until the
           instant before the claim was sent plus ``lease`` minus
           ``safety_margin`` (default ``max(lease/10, min(0.1, lease/2))``),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import decimal
+import functools
 import gc
 import json
 import socket
@@ -231,6 +232,68 @@ def test_sync_work_that_returns_a_coroutine_ran_nothing_and_frees_the_key() -> N
     # The aio flavour awaits the same lambda's coroutine: it runs.
     got = arun(FakeApi(), lambda claim: charge(claim))
     assert got.value == b"charged" and ran == [7]
+
+
+class _Scheduled:
+    """An awaitable that is not a coroutine (as an asyncio Future or Task):
+    no ``close()``, and it may run, or have run, whatever run_once does."""
+
+    def __await__(self) -> Any:
+        return iter(())
+
+
+class _Pause:
+    def __await__(self) -> Any:
+        yield
+
+
+async def _paused() -> None:
+    await _Pause()
+
+
+def _started() -> Any:
+    """A coroutine already started (suspended at its first await)."""
+    coro = _paused()
+    coro.send(None)
+    return coro
+
+
+def test_sync_work_that_returns_another_awaitable_marks_the_key_failed() -> None:
+    # Only an unstarted coroutine is known not to have run. Any other
+    # awaitable (a Future, a scheduled Task, a started coroutine) is a value
+    # the work returned after doing whatever it did: it cannot be saved, so
+    # the key is marked FAILED for good rather than released for a rerun.
+    loop = asyncio.new_event_loop()
+    try:
+        for made in (_Scheduled, loop.create_future, _started):
+            api = FakeApi()
+            ran: List[int] = []
+
+            def work(claim: Any) -> Any:
+                ran.append(claim.token)  # its effect happened
+                return made()
+
+            with pytest.raises(idemkv.ResultNotSaved) as e:
+                run(api, work)
+            assert isinstance(e.value.__cause__, TypeError), made
+            assert "an awaitable that is not an unstarted coroutine" in str(e.value.__cause__)
+            assert e.value.marked_failed and ran == [7]
+            assert [(n, d[0]) for n, d in api.calls if n == "release"] == [("release", True)]
+            assert "does not run again" in api.calls[-1][1][1]
+            assert "complete" not in api.names()
+    finally:
+        loop.close()
+
+
+def test_the_sync_run_once_refuses_a_partial_of_an_async_function_before_claiming() -> None:
+    api = FakeApi()
+
+    async def charge(claim: Any, amount: int) -> bytes:
+        return b"never awaited"
+
+    with pytest.raises(TypeError, match="async def"):
+        run(api, functools.partial(charge, amount=5))
+    assert api.calls == []
 
 
 def test_an_await_answered_not_found_claims_the_key_again() -> None:
