@@ -24,21 +24,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use tokio::time::Instant;
 
-/// The largest share of elapsed time by which the leader steers its stamps
-/// toward its wall clock (`raft/clock.rs`): stamps advance at 1 ± SLEW of
-/// real time, and a state machine's own reading between stamps counts real
-/// time at the slowest of those rates.
-pub const SLEW: f64 = 0.01;
-
-/// How far the leader's stamps advance at least in `real` time, in ns:
-/// `1 - SLEW` of it. A reading that counts real time since a known stamp
-/// (between applies, or across a restart) counts at this rate, so it never
-/// gets ahead of the leader's clock.
-pub fn slowest_stamp_ns(real: std::time::Duration) -> u64 {
-    let ns = real.as_nanos().min(u64::MAX as u128) as u64;
-    (ns as f64 * (1.0 - SLEW)) as u64
-}
-
 /// A source of time for a node's rules.
 pub trait TimeSource: Send + Sync + 'static {
     /// Monotonic now: never goes back, whatever the wall clock does.

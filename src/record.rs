@@ -143,12 +143,42 @@ pub enum Command {
     /// a peer): applied in order, at one stamp, each with its own outcome
     /// and its own tokens, as if each were an entry of its own. Never holds
     /// a `Sweep` or another `Many`. (Added last, so older entries decode.)
-    Many(Vec<Command>),
+    Many(#[serde(deserialize_with = "one_level")] Vec<Command>),
     /// Hash the records and the token counter as of this entry, on every
     /// node that applies it (`ctl check` compares them, like etcd's
     /// hashkv). Changes nothing. Always an entry of its own. (Added after
     /// `Many`, so older entries decode.)
     Hash,
+}
+
+thread_local! {
+    /// How many `Many`s the command being decoded on this thread is in.
+    static MANY_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Decode a `Many`'s commands, refusing a `Many` inside one (never written:
+/// the leader coalesces plain commands only). Refused as the bytes are
+/// read, at the second level: a peer message nested a million deep would
+/// otherwise overflow the stack of the thread decoding it, which aborts
+/// the node.
+fn one_level<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Command>, D::Error> {
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            MANY_DEPTH.with(|c| c.set(c.get().saturating_sub(1)));
+        }
+    }
+    let depth = MANY_DEPTH.with(|c| {
+        c.set(c.get() + 1);
+        c.get()
+    });
+    let _leave = Leave;
+    if depth > 1 {
+        return Err(serde::de::Error::custom(
+            "a coalesced command inside another",
+        ));
+    }
+    Vec::<Command>::deserialize(d)
 }
 
 impl Command {

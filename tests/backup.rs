@@ -230,6 +230,27 @@ async fn a_restored_cluster_on_other_ports_replays_every_result_and_grants_later
         "a refused restore made a directory"
     );
 
+    // A restore that fails part way (node 3's directory cannot be made)
+    // leaves nothing restored: a directory it made is removed, and one the
+    // user made empty beforehand (a mount point) is emptied again, so the
+    // same restore can simply be run again.
+    let halfway = dir.path().join("halfway");
+    std::fs::create_dir_all(halfway.join("node-1")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("no-such/dir"), halfway.join("node-3")).unwrap();
+    let (ok, _, err) = restore(&file, &halfway);
+    assert!(!ok && err.contains("node-3"), "{err}");
+    assert!(
+        std::fs::read_dir(halfway.join("node-1"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "node 1's directory kept restored data"
+    );
+    assert!(
+        !halfway.join("node-2").exists(),
+        "node 2's directory was kept"
+    );
+
     let (ok, said, err) = restore(&file, &new_dir);
     assert!(ok && said.starts_with("RESTORED"), "{said}{err}");
     assert!(said.contains("1010 records"), "{said}");

@@ -912,6 +912,15 @@ async fn the_writes_of_one_forward_call_share_one_entry() {
 /// member's address (every local one, under `idemkv up`) could stop it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_message_claiming_a_huge_length_is_refused_and_the_node_lives() {
+    // Forwarded::Write, Command::Op, then 0xFD: a u64 length, 2^62.
+    let data = vec![0, 0, 0xFD, 0, 0, 0, 0, 0, 0, 0, 0x40];
+    refused_as_bad_input_and_the_node_lives(data, "after-huge-length").await;
+}
+
+/// Send `data` to a one-node cluster's peer port as a forward: it must be
+/// refused as bad input, write nothing, and leave the node serving (a
+/// claim of `key` after it).
+async fn refused_as_bad_input_and_the_node_lives(data: Vec<u8>, key: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mut c = procs::ProcCluster::new(dir.path(), 1, "");
     c.start_all();
@@ -919,8 +928,6 @@ async fn a_peer_message_claiming_a_huge_length_is_refused_and_the_node_lives() {
     let client = c.client();
     let before = client.status().await.unwrap().last_log_index;
     let mut member = procs::peer_from("127.0.0.1", &c.peer[0]).await;
-    // Forwarded::Write, Command::Op, then 0xFD: a u64 length, 2^62.
-    let data = vec![0, 0, 0xFD, 0, 0, 0, 0, 0, 0, 0, 0x40];
     let refused = member
         .forward(Payload { data })
         .await
@@ -935,10 +942,26 @@ async fn a_peer_message_claiming_a_huge_length_is_refused_and_the_node_lives() {
     let after = client.status().await.unwrap().last_log_index;
     assert_eq!(after, before, "the refused message reached the log");
     let out = client
-        .claim(claim_req("peers", "after-huge-length", "w", 30_000))
+        .claim(claim_req("peers", key, "w", 30_000))
         .await
         .expect("claim after the refused message");
     acquired(out);
+}
+
+/// A peer message nesting coalesced commands (`Many`) 300,000 deep, 600 KB,
+/// is refused as bad input as it is decoded, and the node goes on. Before,
+/// decoding recursed once per level and overflowed the thread's stack,
+/// which aborts the node process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_message_nested_deep_is_refused_and_the_node_lives() {
+    // Forwarded::Write, then Command::Many holding one command, again and
+    // again, then Command::Hash.
+    let mut data = vec![0u8];
+    for _ in 0..300_000 {
+        data.extend_from_slice(&[3, 1]);
+    }
+    data.push(4);
+    refused_as_bad_input_and_the_node_lives(data, "after-nesting").await;
 }
 
 /// Send `req` to a leader's peer port as a follower would.

@@ -110,16 +110,17 @@ fn restore(file: &Path, layout: &UpArgs, peers: Option<&str>) -> anyhow::Result<
         .as_millis() as u64;
     // One new identity for every node of the new cluster.
     let cluster_id = idemkv::store::ClusterId::fresh();
-    let mut made = Vec::new();
+    let mut done: Vec<(std::path::PathBuf, bool)> = Vec::new();
     for id in members.keys() {
         let dir = layout.node_dir(*id);
         let existed = dir.exists();
         if let Err(e) =
             idemkv::store::restore_snapshot(file, &dir, members.clone(), wall_ms, &cluster_id)
         {
-            // Nothing half restored: the nodes done so far go too.
-            for d in made {
-                let _ = std::fs::remove_dir_all(d);
+            // Nothing half restored: the nodes done so far are undone too
+            // (emptied again where the directory was there, empty, before).
+            for (d, existed) in done {
+                idemkv::store::undo_restore(&d, existed);
             }
             return Err(anyhow::Error::new(e).context(format!(
                 "cannot restore {} into {}",
@@ -127,9 +128,7 @@ fn restore(file: &Path, layout: &UpArgs, peers: Option<&str>) -> anyhow::Result<
                 dir.display()
             )));
         }
-        if !existed {
-            made.push(dir);
-        }
+        done.push((dir, existed));
     }
     say!(
         "RESTORED {} into {}: {} nodes, {} records ({} completed), entry {}, last token {}",

@@ -24,7 +24,7 @@ use crate::clock::Instant;
 
 /// The largest share of elapsed time by which a stamp is steered toward
 /// the wall clock, per unit of elapsed time.
-pub use crate::clock::SLEW;
+pub const SLEW: f64 = 0.01;
 
 struct Term {
     term: u64,

@@ -153,19 +153,22 @@ pub fn restore_snapshot(
         store.identity.adopt(cluster_id)?;
         store.syncer.sync_now()
     };
-    restore().inspect_err(|_| {
-        // Leave an empty directory the user made; remove what we made.
-        if existed {
-            if let Ok(d) = std::fs::read_dir(dir) {
-                for e in d.flatten() {
-                    let _ = std::fs::remove_dir_all(e.path())
-                        .or_else(|_| std::fs::remove_file(e.path()));
-                }
+    restore().inspect_err(|_| undo_restore(dir, existed))
+}
+
+/// Undo a restore into `dir`: empty it again if it `existed` (an empty
+/// directory the user made, a mount point say), remove it otherwise.
+pub fn undo_restore(dir: &Path, existed: bool) {
+    if existed {
+        if let Ok(d) = std::fs::read_dir(dir) {
+            for e in d.flatten() {
+                let _ =
+                    std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
             }
-        } else {
-            let _ = std::fs::remove_dir_all(dir);
         }
-    })
+    } else {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 impl Store {
