@@ -239,6 +239,12 @@ fn readme_walkthrough_with_up_and_ctl() {
     cluster.stop();
 }
 
+/// `ctl claim orders KEY --owner w1` through `endpoints` answers ACQUIRED.
+fn claim_acquired(endpoints: &str, key: &str) {
+    let (ok, out, err) = ctl(endpoints, &["claim", "orders", key, "--owner", "w1"]);
+    assert!(ok && out.starts_with("ACQUIRED"), "{key}: {out}{err}");
+}
+
 /// A fresh `up` of `nodes` nodes on free ports, its banner read.
 struct Started {
     dir: tempfile::TempDir,
@@ -357,8 +363,7 @@ fn up_restarts_a_killed_leader_and_the_cluster_keeps_serving() {
     assert_eq!(pids.len(), 3, "up prints each node's PID: {banner:?}");
     assert!(pids.values().all(|p| running(*p)), "{pids:?}");
 
-    let (ok, out, err) = ctl(&endpoints, &["claim", "orders", "before", "--owner", "w1"]);
-    assert!(ok && out.starts_with("ACQUIRED"), "{out}{err}");
+    claim_acquired(&endpoints, "before");
 
     // kill -9 the leader, as a new user watching failover would.
     let (leader, term) = leader_id(&endpoints);
@@ -488,8 +493,7 @@ fn node_1_wiped_and_added_again_under_up_catches_up() {
         banner,
         ..
     } = start(3);
-    let (ok, out, err) = ctl(&endpoints, &["claim", "orders", "kept", "--owner", "w1"]);
-    assert!(ok && out.starts_with("ACQUIRED"), "{out}{err}");
+    claim_acquired(&endpoints, "kept");
     let file = dir.path().join("backup.snap");
     let (ok, out, err) = ctl(&endpoints, &["snapshot", "save", file.to_str().unwrap()]);
     assert!(ok, "{out}{err}");
@@ -566,8 +570,7 @@ fn up_starts_without_a_node_whose_data_is_damaged() {
         cluster,
         banner,
     } = start(3);
-    let (ok, out, err) = ctl(&endpoints, &["claim", "orders", "before", "--owner", "w1"]);
-    assert!(ok && out.starts_with("ACQUIRED"), "{out}{err}");
+    claim_acquired(&endpoints, "before");
     stop_leaving_no_node(cluster, banner_pids(&banner).values());
 
     // Node 3's store cannot be opened any more.
@@ -580,14 +583,12 @@ fn up_starts_without_a_node_whose_data_is_damaged() {
     // node 3 left down; the cluster serves throughout.
     let banner = cluster.wait_for("endpoints:");
     let pids = banner_pids(&banner);
-    let (ok, out, err) = ctl(&endpoints, &["claim", "orders", "during", "--owner", "w1"]);
-    assert!(ok && out.starts_with("ACQUIRED"), "{out}{err}");
+    claim_acquired(&endpoints, "during");
     let left_down = "node 3 is left down; the others keep serving";
     if !banner.iter().any(|l| l == left_down) {
         cluster.wait_for(left_down);
     }
-    let (ok, out, err) = ctl(&endpoints, &["claim", "orders", "after", "--owner", "w1"]);
-    assert!(ok && out.starts_with("ACQUIRED"), "{out}{err}");
+    claim_acquired(&endpoints, "after");
     assert!(get_from(&eps[0], "before").starts_with("IN_PROGRESS"));
     stop_leaving_no_node(cluster, pids.values());
 }
@@ -665,8 +666,7 @@ fn up_founds_the_cluster_after_a_first_start_that_was_cut_short() {
         .map(|i| format!("127.0.0.1:{}", base + i))
         .collect::<Vec<_>>()
         .join(",");
-    let (ok, out, err) = ctl(&endpoints, &["claim", "orders", "o-1", "--owner", "w1"]);
-    assert!(ok && out.starts_with("ACQUIRED"), "{out}{err}");
+    claim_acquired(&endpoints, "o-1");
     stop_leaving_no_node(cluster, banner_pids(&banner).values());
 }
 

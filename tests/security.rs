@@ -237,32 +237,6 @@ async fn a_bad_token_file_stops_the_node_from_starting() {
     );
 }
 
-/// A claim of `namespace`/`key` by `owner` as the leader's peer port takes
-/// it (a minute's lease and retention).
-fn claim_command(namespace: &str, key: &str, owner: &str) -> Command {
-    Command::Op {
-        key: RecordKey {
-            namespace: namespace.into(),
-            key: key.as_bytes().to_vec(),
-        },
-        op: Op::Claim(Claim {
-            owner: owner.into(),
-            claim_id: format!("{owner}-1"),
-            lease_ms: 60_000,
-            fingerprint: None,
-            max_attempts: 0,
-            retention_ms: 60_000,
-        }),
-    }
-}
-
-fn forwarded_claim(key: &str, owner: &str) -> Payload {
-    let cmd = claim_command("peers", key, owner);
-    Payload {
-        data: idemkv::codec::encode(&Forwarded::Write(cmd)).unwrap(),
-    }
-}
-
 /// What a caller that connected and then fell silent saw before its
 /// connection ended: whether the node pinged it, and after how long the
 /// connection closed (`None`: still open after [`SILENCE_GIVE_UP`]).
@@ -388,7 +362,7 @@ async fn peer_calls_are_accepted_only_from_member_addresses() {
     // follower forwards: refused, nothing written.
     let mut stranger = procs::peer_from("127.0.0.2", &peer_addr).await;
     let err = stranger
-        .forward(forwarded_claim("k", "stranger"))
+        .forward(procs::forwarded_claim("peers", "k", "stranger"))
         .await
         .expect_err("a non-member's forward is refused");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
@@ -413,7 +387,7 @@ async fn peer_calls_are_accepted_only_from_member_addresses() {
     // refused the stranger.
     let mut member = procs::peer_from("127.0.0.1", &peer_addr).await;
     let reply = member
-        .forward(forwarded_claim("k", "member"))
+        .forward(procs::forwarded_claim("peers", "k", "member"))
         .await
         .unwrap()
         .into_inner();
@@ -434,7 +408,7 @@ async fn peer_calls_are_accepted_only_from_member_addresses() {
     let leader = open.wait_leader(Duration::from_secs(10)).await;
     let mut stranger = procs::peer_from("127.0.0.2", &open.members[&leader].raft_addr).await;
     let reply = stranger
-        .forward(forwarded_claim("k", "stranger"))
+        .forward(procs::forwarded_claim("peers", "k", "stranger"))
         .await
         .expect("served with the check off")
         .into_inner();
@@ -863,7 +837,7 @@ async fn the_writes_of_one_forward_call_share_one_entry() {
     let c = TestCluster::start(3).await;
     let leader = c.wait_leader(Duration::from_secs(10)).await;
     let mut member = procs::peer_from("127.0.0.1", &c.members[&leader].raft_addr).await;
-    let claim = |k: &str, owner: &str| claim_command("shared", k, owner);
+    let claim = |k: &str, owner: &str| procs::claim_command("shared", k, owner);
     let last_log = || c.node(leader).consensus().status().last_log_index;
     // One write alone first, so the leader's start-up entries are behind.
     let ForwardReply::Write(Ok(_)) =

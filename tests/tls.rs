@@ -14,8 +14,7 @@ use idemkv::client::{ClientOptions, ClientTls};
 use idemkv::pb::api::{self, claim_response::Outcome};
 use idemkv::pb::peer::raft_peer_client::RaftPeerClient;
 use idemkv::pb::peer::Payload;
-use idemkv::raft::consensus::{ForwardReply, Forwarded};
-use idemkv::record::{Claim, Command as RecordCommand, Op, RecordKey};
+use idemkv::raft::consensus::ForwardReply;
 use idemkv::Client;
 use procs::{ProcCluster, BIN};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -300,27 +299,6 @@ async fn peer_port_as(
     RaftPeerClient::new(ch)
 }
 
-/// A claim forwarded the way a follower forwards it.
-fn forwarded_claim(key: &str, owner: &str) -> Payload {
-    let cmd = RecordCommand::Op {
-        key: RecordKey {
-            namespace: "tls".into(),
-            key: key.as_bytes().to_vec(),
-        },
-        op: Op::Claim(Claim {
-            owner: owner.into(),
-            claim_id: format!("{owner}-1"),
-            lease_ms: 60_000,
-            fingerprint: None,
-            max_attempts: 0,
-            retention_ms: 60_000,
-        }),
-    };
-    Payload {
-        data: idemkv::codec::encode(&Forwarded::Write(cmd)).unwrap(),
-    }
-}
-
 /// The peer port takes node certificates only. `client.pem`, signed by the
 /// same CA for the client port, is refused there even from a member's
 /// address, so a client cannot write past the bearer tokens or vote.
@@ -343,7 +321,7 @@ async fn a_client_certificate_is_refused_on_the_peer_port() {
 
     let mut as_client = peer_port_as(&ca, peer, "client").await;
     let err = as_client
-        .forward(forwarded_claim("by-client", "client"))
+        .forward(procs::forwarded_claim("tls", "by-client", "client"))
         .await
         .expect_err("a client certificate's forward is refused");
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
@@ -366,7 +344,7 @@ async fn a_client_certificate_is_refused_on_the_peer_port() {
     let other = (at + 1) % 3 + 1;
     let mut as_node = peer_port_as(&ca, peer, &format!("node-{other}")).await;
     let reply = as_node
-        .forward(forwarded_claim("by-node", "node"))
+        .forward(procs::forwarded_claim("tls", "by-node", "node"))
         .await
         .expect("a node certificate is served")
         .into_inner();

@@ -307,3 +307,31 @@ pub async fn peer_from(
         .unwrap();
     idemkv::pb::peer::raft_peer_client::RaftPeerClient::new(ch)
 }
+
+/// A claim of `namespace`/`key` by `owner` as the leader's peer port takes
+/// it (a minute's lease and retention).
+pub fn claim_command(namespace: &str, key: &str, owner: &str) -> idemkv::record::Command {
+    use idemkv::record::{Claim, Command, Op, RecordKey};
+    Command::Op {
+        key: RecordKey {
+            namespace: namespace.into(),
+            key: key.as_bytes().to_vec(),
+        },
+        op: Op::Claim(Claim {
+            owner: owner.into(),
+            claim_id: format!("{owner}-1"),
+            lease_ms: 60_000,
+            fingerprint: None,
+            max_attempts: 0,
+            retention_ms: 60_000,
+        }),
+    }
+}
+
+/// That claim forwarded to a leader's peer port, as a follower sends it.
+pub fn forwarded_claim(namespace: &str, key: &str, owner: &str) -> idemkv::pb::peer::Payload {
+    let cmd = claim_command(namespace, key, owner);
+    idemkv::pb::peer::Payload {
+        data: idemkv::codec::encode(&idemkv::raft::consensus::Forwarded::Write(cmd)).unwrap(),
+    }
+}
