@@ -369,8 +369,8 @@ impl Consensus {
 
     /// The one clock for lease decisions made outside the state machine
     /// (Await, the no-write claim path, the sweeper): on the leader, the
-    /// stamp a write would get now; elsewhere the state machine clock plus
-    /// the monotonic time since this node last applied a stamp.
+    /// stamp a write would get now; elsewhere the node's reading (its newest
+    /// stamp plus the monotonic time since, `store/reading.rs`).
     pub fn now_ms(&self) -> u64 {
         let sm = self.sm.now_ms();
         if self.raft.is_leader() {

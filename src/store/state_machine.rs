@@ -39,6 +39,7 @@ use super::durable::{sled_err, Syncer};
 use super::expiry::ExpiryIndex;
 use super::key_filter::KeyFilter;
 use super::keys;
+use super::reading::SharedReading;
 use crate::clock::{Clock, Instant};
 use crate::codec::{decode, decode_borrowed, encode, encoded_len};
 use crate::raft::types::{
@@ -65,9 +66,9 @@ pub(super) struct Shared {
     pub(super) lock: Arc<RwLock<()>>,
     /// The state machine clock: max of every stamp applied so far.
     pub(super) clock: AtomicU64,
-    /// `(ns, at)`: a reading the clock had certainly reached at monotonic
-    /// instant `at`; [`StateMachineStore::now_ms`] adds the time since.
-    pub(super) estimate: std::sync::Mutex<(u64, Instant)>,
+    /// What [`StateMachineStore::now_ms`] reads between stamps
+    /// (`reading.rs`).
+    pub(super) reading: SharedReading,
     /// The node's source of time (monotonic and wall).
     pub(super) time: Clock,
     pub(super) boot_id: Option<String>,
@@ -387,10 +388,7 @@ impl StateMachineStore {
                 snapshot_dir,
                 lock: Arc::new(RwLock::new(())),
                 clock: AtomicU64::new(clock),
-                estimate: std::sync::Mutex::new((
-                    clock.max(floor_ms).saturating_mul(1_000_000),
-                    time.now(),
-                )),
+                reading: SharedReading::new(time.clone(), clock.max(floor_ms)),
                 time,
                 boot_id,
                 last_token: AtomicU64::new(last_token),
@@ -525,22 +523,14 @@ impl StateMachineStore {
         self.shared.clock.load(Ordering::Acquire)
     }
 
-    /// The state machine clock as of now: the greatest reading it is known
-    /// to have reached (an applied stamp, or the anchor of a restart) plus
-    /// the monotonic time since it was known. Behind the leader's clock,
-    /// never ahead of what real time allows, immune to wall-clock jumps, and
-    /// never lowered by a stamp applied late (entries a follower applies
-    /// only after an election carry stamps from before it). Every lease
-    /// decision outside `apply` (Await, the no-write claim path, the sweep
-    /// trigger) and a new leader's first stamp read this.
+    /// The state machine clock as of now: the last stamp applied plus the
+    /// monotonic time since, never set back by a stamp applied late, never
+    /// ahead of stamps a leader steers slow (`reading.rs`). Immune to
+    /// wall-clock jumps; a restart counts its downtime through the anchor.
+    /// Every lease decision outside `apply` (Await, the no-write claim path,
+    /// the sweep trigger) and a new leader's first stamp read this.
     pub fn now_ms(&self) -> u64 {
-        let (ns, at) = *self
-            .shared
-            .estimate
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let since = self.shared.time.now().saturating_duration_since(at);
-        (ns.saturating_add(since.as_nanos() as u64) / 1_000_000).max(self.clock_ms())
+        self.shared.reading.read().max(self.clock_ms())
     }
 
     /// The node's clock: the source of monotonic and wall time for every
@@ -551,17 +541,14 @@ impl StateMachineStore {
 
     /// Take the stamp `now` into the clock (on apply and snapshot install).
     pub(super) fn set_clock(&self, now: u64) {
-        let mut est = self
-            .shared
-            .estimate
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let at = self.shared.time.now();
-        let known = est
-            .0
-            .saturating_add(at.saturating_duration_since(est.1).as_nanos() as u64);
-        *est = (known.max(now.saturating_mul(1_000_000)), at);
+        self.shared.reading.take(now);
         self.shared.clock.store(now, Ordering::Release);
+    }
+
+    /// The reading [`Self::now_ms`] gives, for the log to feed stamps to as
+    /// it appends them.
+    pub(super) fn reading(&self) -> SharedReading {
+        self.shared.reading.clone()
     }
 
     /// Watch the index of the last applied entry.
@@ -1109,7 +1096,6 @@ impl<'a> BulkWriter<'a> {
 #[cfg(test)]
 mod tests {
     use super::SPARE_ROOM;
-    use std::time::Duration;
 
     /// Stage `keys` in the overlay's current layer, each written as
     /// `value` (with no decoded record), as apply leaves them for a flush.
@@ -1119,29 +1105,6 @@ mod tests {
             l.current.writes.insert(k.clone(), Some(value.to_vec()));
             l.current.records.insert(k, None);
         }
-    }
-
-    /// A follower applies the last entries of a leader that stopped only
-    /// after the next election; their stamps are older than the time that
-    /// has passed, and must not set the clock's reading back (a paused
-    /// leader in the robustness suite once cost the cluster 1.3 s that way).
-    #[test]
-    fn a_stamp_applied_late_never_sets_the_reading_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(dir.path()).unwrap();
-        let sm = &store.state_machine;
-        sm.set_clock(1_000_000);
-        std::thread::sleep(Duration::from_millis(100));
-        let before = sm.now_ms();
-        assert!(before >= 1_000_100, "{before}");
-        sm.set_clock(1_000_010);
-        assert_eq!(sm.clock_ms(), 1_000_010, "the deterministic clock takes it");
-        assert!(
-            sm.now_ms() >= before,
-            "the reading went back from {before} to {}",
-            sm.now_ms()
-        );
-        store.log.close();
     }
 
     /// sled writes a page as a blob file (which it never fsyncs) once the
