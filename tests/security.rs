@@ -967,3 +967,65 @@ async fn raw_claim(addr: &str, req: api::ClaimRequest) -> tonic::Status {
         .unwrap();
     raw.claim(req).await.expect_err("refused")
 }
+
+/// An append from a member whose entries skip an index (a faulty or
+/// compromised member; a leader never sends one) is refused as bad input
+/// and changes nothing: the node keeps its term and log and goes on
+/// serving. Before, openraft handed the entries to the log, whose refusal
+/// of the gap is a storage error that stops the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_with_a_gap_in_its_entries_is_refused_and_the_node_lives() {
+    use idemkv::raft::types::{AppendEntriesRequest, Vote};
+    use idemkv::raft::{Entry, EntryPayload, TypeConfig};
+    use openraft::testing::log_id;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = procs::ProcCluster::new(dir.path(), 1, "");
+    c.start_all();
+    c.wait_ready(Duration::from_secs(20)).await;
+    let client = c.client();
+    let before = client.status().await.unwrap();
+    // From a new leader (node 2, the next term) on top of the node's last
+    // entry, which its leader (node 1) wrote in the current term.
+    let (term, last) = (before.term, before.last_log_index);
+    let blank = |index| Entry {
+        log_id: log_id::<TypeConfig>(term + 1, 2, index),
+        payload: EntryPayload::Blank,
+    };
+    let rpc = AppendEntriesRequest {
+        vote: Vote::new_committed(term + 1, 2),
+        prev_log_id: Some(log_id::<TypeConfig>(term, 1, last)),
+        entries: vec![blank(last + 1), blank(last + 3)],
+        leader_commit: None,
+    };
+    let mut member = procs::peer_from("127.0.0.1", &c.peer[0]).await;
+    let refused = member
+        .append_entries(Payload {
+            data: idemkv::codec::encode(&rpc).unwrap(),
+        })
+        .await
+        .expect_err("an append with a gap was accepted");
+    assert_eq!(
+        refused.code(),
+        Code::InvalidArgument,
+        "not refused as bad input (did the node die?): {refused:?}"
+    );
+    assert!(
+        refused.message().contains("consecutive"),
+        "{}",
+        refused.message()
+    );
+    assert!(!c.exited(0), "the node exited");
+    let after = client.status().await.unwrap();
+    assert_eq!(
+        (after.term, after.last_log_index),
+        (before.term, before.last_log_index),
+        "the refused append changed the node's term or log"
+    );
+    acquired(
+        client
+            .claim(claim_req("peers", "after-gap", "w", 30_000))
+            .await
+            .expect("claim after the refused append"),
+    );
+}

@@ -240,6 +240,40 @@ impl Admission {
     }
 }
 
+/// An append's entries as a leader sends them: each index one past the
+/// one before, the first one past `prev_log_id` (0 without one), and no
+/// entry of an earlier term than the one before it. openraft hands them to
+/// the log as given, and the log refuses a gap with an error that stops the
+/// node, so a malformed append from a faulty member is refused here.
+fn well_formed(rpc: &AppendEntriesRequest) -> Result<(), String> {
+    use openraft::vote::RaftLeaderId;
+    let mut prev = rpc.prev_log_id;
+    for e in &rpc.entries {
+        let id = e.log_id;
+        let want = prev.map_or(0, |p| p.index() + 1);
+        if id.index() != want {
+            return Err(format!(
+                "entry {} comes where entry {want} belongs: an append's entries must be consecutive",
+                id.index()
+            ));
+        }
+        if let Some(p) = prev {
+            let (was, is) = (
+                p.committed_leader_id().term(),
+                id.committed_leader_id().term(),
+            );
+            if is < was {
+                return Err(format!(
+                    "entry {} is of term {is}, after an entry of term {was}",
+                    id.index()
+                ));
+            }
+        }
+        prev = Some(id);
+    }
+    Ok(())
+}
+
 fn bad(e: std::io::Error) -> Status {
     Status::invalid_argument(format!("undecodable peer message: {e}"))
 }
@@ -277,9 +311,16 @@ impl RaftPeer for PeerService {
         // A message that does not decode ends the input; the leader sees the
         // stream end early and starts a new one.
         let input = futures::StreamExt::take_until(req.into_inner(), stopping.clone());
-        let requests = input.map_while(|m| match m {
-            Ok(p) => decode::<AppendEntriesRequest>(&p.data).ok(),
-            Err(_) => None,
+        let requests = input.map_while(|m| {
+            let rpc = decode::<AppendEntriesRequest>(&m.ok()?.data).ok()?;
+            match well_formed(&rpc) {
+                Ok(()) => Some(rpc),
+                Err(why) => {
+                    crate::metrics::peer_refused();
+                    tracing::warn!(%why, "ended an append stream on a malformed append");
+                    None
+                }
+            }
         });
         let answers = self
             .consensus
@@ -297,7 +338,11 @@ impl RaftPeer for PeerService {
 
     async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         self.admission.check(&req).await?;
-        let rpc = decode(&req.into_inner().data).map_err(bad)?;
+        let rpc: AppendEntriesRequest = decode(&req.into_inner().data).map_err(bad)?;
+        if let Err(why) = well_formed(&rpc) {
+            crate::metrics::peer_refused();
+            return Err(to_status(Error::invalid("entries", why)));
+        }
         let resp = self
             .consensus
             .raft
