@@ -6,7 +6,7 @@
 //! time, whatever the wall clock of the node does:
 //!
 //! - During one leadership term the stamp is `base + monotonic elapsed`,
-//!   where `base` is the node's reading of the clock (its newest stamp plus
+//!   where `base` is the node's reading of the clock (its greatest stamp plus
 //!   the monotonic time since, `store/reading.rs`) when the term began. A
 //!   wall-clock jump
 //!   forward or back therefore moves nothing at once.
@@ -47,8 +47,8 @@ pub struct LeaderClock {
 impl LeaderClock {
     /// The stamp for a command proposed at monotonic instant `now` (the
     /// node's [`crate::clock::Clock`]) in leader term `term`. `sm_now_ms` is
-    /// the state machine's clock as of now (its last stamp plus the
-    /// monotonic time since), `sm_clock_ms` its last stamp (0: the cluster
+    /// the node's reading of the clock now (`store/reading.rs`),
+    /// `sm_clock_ms` the state machine's greatest stamp (0: the cluster
     /// never stamped), `wall_ms` the node's wall clock.
     pub fn stamp(
         &self,

@@ -369,7 +369,7 @@ impl Consensus {
 
     /// The one clock for lease decisions made outside the state machine
     /// (Await, the no-write claim path, the sweeper): on the leader, the
-    /// stamp a write would get now; elsewhere the node's reading (its newest
+    /// stamp a write would get now; elsewhere the node's reading (its greatest
     /// stamp plus the monotonic time since, `store/reading.rs`).
     pub fn now_ms(&self) -> u64 {
         let sm = self.sm.now_ms();

@@ -74,11 +74,16 @@ impl Anchor {
     /// What the state machine clock has certainly reached by now, if this
     /// anchor was taken in the current boot.
     pub fn reached_ms(&self, boot_id: &Option<String>) -> Option<u64> {
+        Some(self.clock_ms.saturating_add(self.age_ms(boot_id)?))
+    }
+
+    /// How long ago (ms of boot time) this anchor was taken, if in the
+    /// current boot.
+    pub fn age_ms(&self, boot_id: &Option<String>) -> Option<u64> {
         if boot_id.as_deref() != Some(self.boot_id.as_str()) {
             return None;
         }
-        let since = boot_ms()?.checked_sub(self.boot_ms)?;
-        Some(self.clock_ms.saturating_add(since))
+        boot_ms()?.checked_sub(self.boot_ms)
     }
 }
 

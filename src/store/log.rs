@@ -194,7 +194,7 @@ pub struct LogStore {
     /// are made durable on the appending task when the log has been quiet
     /// (see `append`).
     own_id: Arc<OnceLock<NodeId>>,
-    /// The node's clock reading, which takes each appended entry's stamp
+    /// The node's clock reading, told when each entry was appended
     /// (`reading.rs`).
     reading: Arc<OnceLock<SharedReading>>,
     /// The bytes of the newest entries as written, which replication sends
@@ -843,7 +843,7 @@ impl LogStore {
         let _ = self.own_id.set(id);
     }
 
-    /// Give appended entries' stamps to `reading` (see `reading`).
+    /// Tell `reading` when each entry is appended (see `reading`).
     pub(super) fn feed_reading(&self, reading: SharedReading) {
         let _ = self.reading.set(reading);
     }
@@ -918,8 +918,7 @@ impl LogStore {
     }
 
     /// Write `entries` to the active segment (not yet durable); the log's
-    /// last id after.
-    /// Append `entries`; the last one's id and the greatest stamp among them.
+    /// last id after, and the first entry's index.
     fn write(
         &self,
         entries: impl IntoIterator<Item = Entry>,
@@ -927,11 +926,9 @@ impl LogStore {
         let mut inner = self.lock();
         let mut buf = Vec::new();
         let mut rolled = false;
-        let mut stamp = None;
+        let mut first = None;
         for entry in entries {
-            if let openraft::EntryPayload::Normal(r) = &entry.payload {
-                stamp = stamp.max(Some(r.stamped_ms));
-            }
+            first = first.or(Some(entry.index()));
             let index = entry.index();
             if let Some(last) = inner.last_index() {
                 if index != last + 1 {
@@ -976,7 +973,7 @@ impl LogStore {
         if rolled {
             self.set_active(&inner);
         }
-        Ok((inner.last_log_id, stamp))
+        Ok((inner.last_log_id, first))
     }
 
     /// The bytes of the newest entries as this log wrote them.
@@ -1108,9 +1105,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let (last, stamp) = self.write(entries)?;
-        if let (Some(reading), Some(stamp)) = (self.reading.get(), stamp) {
-            reading.take(stamp);
+        let (last, first) = self.write(entries)?;
+        if let (Some(reading), Some(first), Some(last)) = (self.reading.get(), first, last) {
+            reading.appended(first, last.index());
         }
         // Once durable, these entries may be the ones a damaged tail lost.
         let regained = match self.rejoin.until() {

@@ -6,37 +6,39 @@
 //! wall clock by at most [`SLEW_PERCENT`]: at least `100 − SLEW_PERCENT`
 //! percent of real time. A reading must never run ahead of the stamps a
 //! leader would give, or a new leader starting from it would end live
-//! leases early. So:
+//! leases early. So, with `S` the greatest stamp taken:
 //!
-//! - From the greatest stamp applied, real time counts in full: that stamp
-//!   is no older than the moment it was applied here.
-//! - An older stamp `s` (applied at `a`) still bounds the reading from
-//!   below, so a stamp applied late (a follower applying a deposed
-//!   leader's last entries after the election) cannot set it back: but
-//!   only counting real time since `a` at the slowest rate stamps may
-//!   advance. Put as one term: `s + (t − a) − k·(S − s)`, with `S` the
-//!   greatest stamp and `k = SLEW/(1 − SLEW)`: from `s` to `S` the stamps
-//!   took at most `(S − s)/(1 − SLEW)` of real time, so the term is never
-//!   ahead of `S` plus the real time since `S` was stamped.
+//! - From `S`, real time since it was taken counts in full: a stamp is no
+//!   older than the moment this node took it.
+//! - An older stamp `s` (taken at `a`) still bounds the reading from
+//!   below, so a stamp taken late (a follower applying a deposed leader's
+//!   last entries after the election) cannot set it back, but less what
+//!   the stamps may have lagged real time since it: `s + (t − a) −
+//!   (S − s)/(100/SLEW_PERCENT − 1)`. From `s` to `S` the stamps took at
+//!   most `(S − s)/(1 − SLEW)` of real time, so the term is never ahead of
+//!   `S` plus the real time since `S` was stamped.
 //!
 //! Counting every stamp's time since in full (as this clock once did) let
 //! a reading pull ahead of stamps steered slow by 1% of all time elapsed:
-//! 36 s after an hour. Counting all of it at the slowest rate lost 1% of
-//! every failover's gap instead. The maximum over all stamps of the term
-//! above is one number, kept as [`Reading::best`], so a reading is O(1).
+//! 36 s after an hour. The maximum over all stamps of the term above is one
+//! number, kept as [`Reading::best`], so a reading is O(1).
 //!
-//! A restart's anchor (a reading reached, `boot_clock.rs`) is taken as a
-//! stamp applied at open.
-//!
-//! Stamps are taken as the log appends them, not only as they are applied:
-//! an entry waits for its commit (a majority's fdatasync) before it is
-//! applied, and counting from then would put every reading behind by that
-//! wait, a loss each failover carries into the next leader's clock. A
-//! stamp not yet committed is still a reading of a leader's clock, which
-//! never runs ahead of the stamps the cluster committed by more than the
-//! steering, so it is as safe to go by.
+//! Which stamps, and when taken:
+//! - A committed entry's stamp, as the node applies it, but dated when the
+//!   node's log appended it: counting only from the apply would put every
+//!   reading behind by the commit's wait (a majority's fdatasync), a loss
+//!   each failover carries into the next leader's clock. An entry appended
+//!   but never applied (truncated, a deposed leader's) is never taken: its
+//!   leader's clock may have run on ahead of the one that replaced it.
+//! - A snapshot's clock as it is installed.
+//! - A restart's anchor (`boot_clock.rs`): the reading then, dated as far
+//!   back as the boot clock says it was written, so the downtime counts
+//!   and later stamps correct it as they correct any older stamp.
+//! - The state machine's clock at open, dated at open.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::clock::{Clock, Instant, SLEW_PERCENT};
 
@@ -45,16 +47,14 @@ use crate::clock::{Clock, Instant, SLEW_PERCENT};
 const SLOWEST: i128 = 100 - SLEW_PERCENT as i128;
 
 pub struct Reading {
-    /// Times below are ns since this instant.
+    /// Times below are ns since this instant (negative: before it).
     origin: Instant,
-    /// Max over every stamp `s` applied at `a` of `100·s − SLOWEST·a`: the
+    /// Max over every stamp `s` taken at `a` of `100·s − SLOWEST·a`: the
     /// term above multiplied by `SLOWEST`, less what depends only on now
     /// and the greatest stamp.
     best: i128,
     /// The greatest stamp taken, ns.
     top: i128,
-    /// The greatest reading given, ms: readings never go back.
-    given: u64,
 }
 
 impl Reading {
@@ -64,26 +64,33 @@ impl Reading {
             origin: now,
             best: i128::MIN,
             top: 0,
-            given: 0,
         };
         r.take(reached_ms, now);
         r
     }
 
-    /// Take a stamp (ms) applied at `at`.
+    /// Take a stamp (ms) taken at `at`.
     pub fn take(&mut self, stamp_ms: u64, at: Instant) {
+        let at = self.ns(at);
+        self.take_at(stamp_ms, at);
+    }
+
+    /// Take a stamp (ms) taken `ago` before the origin.
+    pub fn take_before(&mut self, stamp_ms: u64, ago: Duration) {
+        self.take_at(stamp_ms, -(ago.as_nanos() as i128));
+    }
+
+    fn take_at(&mut self, stamp_ms: u64, at_ns: i128) {
         let s = i128::from(stamp_ms) * 1_000_000;
-        self.best = self.best.max(100 * s - SLOWEST * self.ns(at));
+        self.best = self.best.max(100 * s - SLOWEST * at_ns);
         self.top = self.top.max(s);
     }
 
     /// The reading at `now`, in ms.
-    pub fn read(&mut self, now: Instant) -> u64 {
+    pub fn read(&self, now: Instant) -> u64 {
         let ns =
             (self.best + SLOWEST * self.ns(now) - i128::from(SLEW_PERCENT) * self.top) / SLOWEST;
-        let ms = u64::try_from((ns / 1_000_000).max(0)).unwrap_or(u64::MAX);
-        self.given = self.given.max(ms);
-        self.given
+        u64::try_from((ns / 1_000_000).max(0)).unwrap_or(u64::MAX)
     }
 
     fn ns(&self, at: Instant) -> i128 {
@@ -91,20 +98,57 @@ impl Reading {
     }
 }
 
-/// A node's [`Reading`], fed by its log and its state machine.
+/// A node's [`Reading`], fed by its log (when each entry was appended) and
+/// its state machine (each stamp as applied).
 #[derive(Clone)]
 pub struct SharedReading {
     reading: Arc<Mutex<Reading>>,
+    /// When the log appended each entry not yet applied, by index.
+    appended: Arc<Mutex<BTreeMap<u64, Instant>>>,
     time: Clock,
 }
 
 impl SharedReading {
-    /// A reading that has reached `reached_ms` now, by `time`.
-    pub fn new(time: Clock, reached_ms: u64) -> SharedReading {
+    /// A reading that has reached `clock_ms` now, and each `(stamp, ago)`
+    /// of `anchors` that long ago, by `time`.
+    pub fn new(time: Clock, clock_ms: u64, anchors: &[(u64, Duration)]) -> SharedReading {
+        let mut reading = Reading::new(time.now(), clock_ms);
+        for (stamp, ago) in anchors {
+            reading.take_before(*stamp, *ago);
+        }
         SharedReading {
-            reading: Arc::new(Mutex::new(Reading::new(time.now(), reached_ms))),
+            reading: Arc::new(Mutex::new(reading)),
+            appended: Default::default(),
             time,
         }
+    }
+
+    /// The log appended entries `first..=last` now. An index appended again
+    /// (after a truncation) takes the later time.
+    pub fn appended(&self, first: u64, last: u64) {
+        let now = self.time.now();
+        let mut at = self.appended.lock().unwrap_or_else(|p| p.into_inner());
+        at.extend((first..=last).map(|i| (i, now)));
+    }
+
+    /// Take the stamp (ms) of applied entry `index`, dated when it was
+    /// appended (now, if the log did not say).
+    pub fn applied(&self, index: u64, stamp_ms: u64) {
+        let mut at = None;
+        {
+            let mut appended = self.appended.lock().unwrap_or_else(|p| p.into_inner());
+            while let Some(e) = appended.first_entry() {
+                if *e.key() > index {
+                    break;
+                }
+                let (i, when) = e.remove_entry();
+                if i == index {
+                    at = Some(when);
+                }
+            }
+        }
+        let at = at.unwrap_or_else(|| self.time.now());
+        self.lock().take(stamp_ms, at);
     }
 
     /// Take a stamp (ms) now.
@@ -127,7 +171,6 @@ impl SharedReading {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -159,6 +202,35 @@ mod tests {
         assert!(reading >= stamp, "{reading} < {stamp}");
     }
 
+    /// A node restarts 10 minutes after its anchor while the leader steers
+    /// its stamps slow: the downtime counts at once, and the stamps that
+    /// follow bring the reading down to theirs instead of it staying ahead
+    /// by 1% of the downtime.
+    #[test]
+    fn a_restart_anchor_counts_the_downtime_and_is_corrected_by_later_stamps() {
+        let t0 = Instant::now();
+        let anchor = 1_000_000_000u64;
+        let mut r = Reading::new(t0, 0);
+        r.take_before(anchor, 600_000 * MS);
+        assert_eq!(r.read(t0), anchor + 600_000, "the downtime counts");
+        // The leader's stamps advanced 99% of those 10 minutes, and go on
+        // so for another minute, one a second.
+        let mut stamp = anchor + 594_000;
+        let mut at = t0;
+        r.take(stamp, at);
+        for _ in 0..60 {
+            at += 1_000 * MS;
+            stamp += 990;
+            r.take(stamp, at);
+        }
+        let reading = r.read(at);
+        assert!(
+            reading <= stamp + 1,
+            "the reading is {} ms ahead of the leader's stamps",
+            reading - stamp
+        );
+    }
+
     /// A new leader takes over 2 s after the last stamp it applied: the
     /// whole gap counts, or every failover would set the cluster's clock
     /// back against real time.
@@ -178,13 +250,16 @@ mod tests {
     fn a_stamp_applied_late_never_sets_the_reading_back() {
         let t0 = Instant::now();
         let mut r = Reading::new(t0, 1_000_000);
+        r.take(1_000_500, t0 + 500 * MS);
         let before = r.read(t0 + 1_300 * MS);
         assert_eq!(before, 1_001_300);
-        r.take(1_000_010, t0 + 1_300 * MS);
-        assert_eq!(r.read(t0 + 1_300 * MS), before, "readings never go back");
-        // The old stamp still counts at the slowest rate: lost is 1% of
-        // the late stamp's lag, not of the time since.
-        assert!(r.read(t0 + 2_300 * MS) >= before + 999);
+        // Below the greatest stamp: nothing moves.
+        r.take(1_000_100, t0 + 1_300 * MS);
+        assert_eq!(r.read(t0 + 1_300 * MS), before);
+        // Above it, though old: the older stamps lose 1/99 of the 10 ms
+        // it rose, not the 790 ms it lagged.
+        r.take(1_000_510, t0 + 1_300 * MS);
+        assert_eq!(r.read(t0 + 1_300 * MS), before - 1);
     }
 
     /// A stamp of a leader whose wall clock is ahead (steered fast) moves
@@ -196,5 +271,32 @@ mod tests {
         r.take(1_101, t0 + 100 * MS);
         assert_eq!(r.read(t0 + 100 * MS), 1_101);
         assert_eq!(r.read(t0 + 150 * MS), 1_151);
+    }
+
+    /// An applied stamp counts from when its entry was appended; an entry
+    /// appended again after a truncation from the second time; one never
+    /// appended here (read back at open) from its apply.
+    #[test]
+    fn an_applied_stamp_is_dated_when_its_entry_was_appended() {
+        let (clock, _wall) = Clock::virtual_wall();
+        let r = SharedReading::new(clock, 0, &[]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            r.appended(5, 6);
+            tokio::time::advance(40 * MS).await;
+            r.appended(6, 6);
+            tokio::time::advance(10 * MS).await;
+            r.applied(5, 1_000);
+            assert_eq!(r.read(), 1_050, "entry 5 counts from its append");
+            r.applied(6, 1_040);
+            assert_eq!(r.read(), 1_050, "entry 6 counts from its second append");
+            tokio::time::advance(50 * MS).await;
+            r.applied(7, 1_100);
+            assert_eq!(r.read(), 1_100, "entry 7 was never appended: from now");
+        });
     }
 }

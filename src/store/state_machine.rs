@@ -374,12 +374,14 @@ impl StateMachineStore {
             Some(v) => Some(decode::<boot_clock::Anchor>(&v)?),
             None => None,
         };
-        let floor_ms = [anchor, in_sled]
+        let anchors: Vec<(u64, std::time::Duration)> = [anchor, in_sled]
             .iter()
             .flatten()
-            .filter_map(|a| a.reached_ms(&boot_id))
-            .max()
-            .unwrap_or(0);
+            .filter_map(|a| {
+                let ago = a.age_ms(&boot_id)?;
+                Some((a.clock_ms, std::time::Duration::from_millis(ago)))
+            })
+            .collect();
         let sm = StateMachineStore {
             shared: Arc::new(Shared {
                 db: db.clone(),
@@ -388,7 +390,7 @@ impl StateMachineStore {
                 snapshot_dir,
                 lock: Arc::new(RwLock::new(())),
                 clock: AtomicU64::new(clock),
-                reading: SharedReading::new(time.clone(), clock.max(floor_ms)),
+                reading: SharedReading::new(time.clone(), clock, &anchors),
                 time,
                 boot_id,
                 last_token: AtomicU64::new(last_token),
@@ -523,8 +525,9 @@ impl StateMachineStore {
         self.shared.clock.load(Ordering::Acquire)
     }
 
-    /// The state machine clock as of now: the last stamp applied plus the
-    /// monotonic time since, never set back by a stamp applied late, never
+    /// The state machine clock as of now: the greatest stamp applied plus
+    /// the monotonic time since its entry was appended here, never set back
+    /// by a stamp applied late, never
     /// ahead of stamps a leader steers slow (`reading.rs`). Immune to
     /// wall-clock jumps; a restart counts its downtime through the anchor.
     /// Every lease decision outside `apply` (Await, the no-write claim path,
@@ -539,7 +542,7 @@ impl StateMachineStore {
         &self.shared.time
     }
 
-    /// Take the stamp `now` into the clock (on apply and snapshot install).
+    /// Take the stamp `now` into the clock (on snapshot install).
     pub(super) fn set_clock(&self, now: u64) {
         self.shared.reading.take(now);
         self.shared.clock.store(now, Ordering::Release);
@@ -832,7 +835,8 @@ impl StateMachineStore {
 
     fn apply_request(&self, p: &mut Pending, req: Request, index: u64) -> io::Result<Response> {
         let now = record::advance_clock(self.clock_ms(), req.stamped_ms);
-        self.set_clock(now);
+        self.shared.reading.applied(index, req.stamped_ms);
+        self.shared.clock.store(now, Ordering::Release);
         p.writes.insert(keys::CLOCK.to_vec(), Some(encode(&now)?));
         if matches!(*req.command, Command::Hash) {
             return self.hash_entry(p, index);
