@@ -247,10 +247,24 @@ impl Admission {
 /// node, so a malformed append from a faulty member is refused here.
 fn well_formed(rpc: &AppendEntriesRequest) -> Result<(), String> {
     use openraft::vote::RaftLeaderId;
+    let sender = rpc.vote.leader_id().term();
     let mut prev = rpc.prev_log_id;
     for e in &rpc.entries {
         let id = e.log_id;
-        let want = prev.map_or(0, |p| p.index() + 1);
+        let want = match prev {
+            None => 0,
+            Some(p) => p
+                .index()
+                .checked_add(1)
+                .ok_or("an entry follows the last index there can be")?,
+        };
+        let term = id.committed_leader_id().term();
+        if term > sender {
+            return Err(format!(
+                "entry {} is of term {term}, after the sender's term {sender}",
+                id.index()
+            ));
+        }
         if id.index() != want {
             return Err(format!(
                 "entry {} comes where entry {want} belongs: an append's entries must be consecutive",

@@ -1,6 +1,6 @@
 //! The host's boot clock, so the state machine clock keeps counting the
 //! time a node was down (SPEC §2 Time: a new leader continues from the
-//! state machine clock plus the monotonic time since it last applied).
+//! state machine clock plus the monotonic time since; `reading.rs`).
 //!
 //! A process that restarts has lost its in-memory monotonic reference, so
 //! the last stamp it re-applies from its log would be taken as "now", and
@@ -9,8 +9,8 @@
 //! records an [`Anchor`]: "at this point of the boot clock, the state
 //! machine clock read at least this". `CLOCK_BOOTTIME` is system-wide and
 //! monotonic and keeps counting across process restarts (and suspend), so
-//! after a restart in the same boot the anchor plus the boot time since is
-//! a reading the clock has certainly reached. After a reboot (another boot
+//! after a restart in the same boot the anchor is a reading the clock had
+//! reached that long ago, taken as a stamp of then (`reading.rs`). After a reboot (another boot
 //! id) no such bound exists and the downtime is simply not counted, which
 //! errs on the side of longer leases. Nothing here reads the wall clock.
 //!

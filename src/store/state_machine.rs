@@ -526,8 +526,8 @@ impl StateMachineStore {
     }
 
     /// The state machine clock as of now: the greatest stamp applied plus
-    /// the monotonic time since its entry was appended here, never set back
-    /// by a stamp applied late, never
+    /// the monotonic time since its entry was appended here, not set back
+    /// by a stamp below it applied late, never
     /// ahead of stamps a leader steers slow (`reading.rs`). Immune to
     /// wall-clock jumps; a restart counts its downtime through the anchor.
     /// Every lease decision outside `apply` (Await, the no-write claim path,
@@ -544,7 +544,7 @@ impl StateMachineStore {
 
     /// Take the stamp `now` into the clock (on snapshot install).
     pub(super) fn set_clock(&self, now: u64) {
-        self.shared.reading.take(now);
+        self.shared.reading.take_late(now);
         self.shared.clock.store(now, Ordering::Release);
     }
 
