@@ -380,6 +380,15 @@ impl Consensus {
         }
     }
 
+    /// An append from the leader says which entries it had committed
+    /// before sending: the clock's reading dates those as late
+    /// (`store/reading.rs`).
+    pub fn leader_committed(&self, rpc: &super::AppendEntriesRequest) {
+        if let (Some(c), Some(_)) = (rpc.leader_commit, rpc.entries.first()) {
+            self.sm.committed_elsewhere(c.index());
+        }
+    }
+
     /// The node's wall clock (ms since the epoch), as its
     /// [`crate::clock::Clock`] reads it: shown in `Status`, steers stamps,
     /// never decides a lease.

@@ -242,7 +242,8 @@ impl Admission {
 
 /// An append's entries as a leader sends them: each index one past the
 /// one before, the first one past `prev_log_id` (0 without one), and no
-/// entry of an earlier term than the one before it. openraft hands them to
+/// entry of an earlier term than the one before it, or of a later one than
+/// the sender's. openraft hands them to
 /// the log as given, and the log refuses a gap with an error that stops the
 /// node, so a malformed append from a faulty member is refused here.
 fn well_formed(rpc: &AppendEntriesRequest) -> Result<(), String> {
@@ -325,10 +326,14 @@ impl RaftPeer for PeerService {
         // A message that does not decode ends the input; the leader sees the
         // stream end early and starts a new one.
         let input = futures::StreamExt::take_until(req.into_inner(), stopping.clone());
-        let requests = input.map_while(|m| {
+        let consensus = self.consensus.clone();
+        let requests = input.map_while(move |m| {
             let rpc = decode::<AppendEntriesRequest>(&m.ok()?.data).ok()?;
             match well_formed(&rpc) {
-                Ok(()) => Some(rpc),
+                Ok(()) => {
+                    consensus.leader_committed(&rpc);
+                    Some(rpc)
+                }
                 Err(why) => {
                     crate::metrics::peer_refused();
                     tracing::warn!(%why, "ended an append stream on a malformed append");
@@ -357,6 +362,7 @@ impl RaftPeer for PeerService {
             crate::metrics::peer_refused();
             return Err(to_status(Error::invalid("entries", why)));
         }
+        self.consensus.leader_committed(&rpc);
         let resp = self
             .consensus
             .raft

@@ -64,10 +64,21 @@ pub fn boot_ms() -> Option<u64> {
 impl Anchor {
     /// The anchor for `clock_ms` now, if this host has a boot clock.
     pub fn now(boot_id: &Option<String>, clock_ms: u64) -> Option<Anchor> {
+        Self::taken(boot_id, clock_ms, std::time::Duration::ZERO)
+    }
+
+    /// The anchor for `clock_ms` as of `ago` before now, if this host has a
+    /// boot clock.
+    pub fn taken(
+        boot_id: &Option<String>,
+        clock_ms: u64,
+        ago: std::time::Duration,
+    ) -> Option<Anchor> {
+        let ago = u64::try_from(ago.as_millis()).unwrap_or(u64::MAX);
         Some(Anchor {
             clock_ms,
             boot_id: boot_id.clone()?,
-            boot_ms: boot_ms()?,
+            boot_ms: boot_ms()?.saturating_sub(ago),
         })
     }
 

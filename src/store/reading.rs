@@ -35,18 +35,21 @@
 //!
 //! Which stamps, and when taken:
 //! - A committed entry's stamp, as the node applies it, but dated when the
-//!   node's log appended it: counting only from the apply would put every
+//!   node's log appended it (unless its leader had committed it before
+//!   sending it: a follower catching up gets old entries late, which are
+//!   then taken as known late): counting only from the apply would put every
 //!   reading behind by the commit's wait (a majority's fdatasync), a loss
 //!   each failover carries into the next leader's clock. An entry appended
 //!   but never applied (truncated, a deposed leader's) is never taken: its
 //!   leader's clock may have run on ahead of the one that replaced it.
 //! - A snapshot's clock as it is installed.
-//! - A restart's anchor (`boot_clock.rs`): the reading then, dated as far
-//!   back as the boot clock says it was written, so the downtime counts
-//!   and later stamps correct it as they correct any older stamp.
+//! - A restart's anchor (`boot_clock.rs`): the greatest stamp and when it
+//!   reached the node (the reading, if that is not known), so the downtime
+//!   counts and later stamps correct it as they correct any older stamp.
 //! - The state machine's clock at open, dated at open.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -110,6 +113,24 @@ impl Reading {
         }
     }
 
+    /// What a restart's anchor should hold at `now`: the greatest stamp
+    /// (ms) and how long ago it reached this node, if known; else the
+    /// reading now. Not the reading: one that ran ahead of a leader's
+    /// stamps (a node that stayed up while the others rebooted) would come
+    /// back as a stamp above theirs, and their stamps would never correct
+    /// it.
+    pub fn anchor(&self, now: Instant) -> (u64, Duration) {
+        match self.top_at {
+            Some(at) => {
+                let ago = (self.ns(now) - at).max(0);
+                let ms = u64::try_from(self.top / 1_000_000).unwrap_or(0);
+                let ago = Duration::from_nanos(u64::try_from(ago).unwrap_or(u64::MAX));
+                (ms, ago)
+            }
+            None => (self.read(now), Duration::ZERO),
+        }
+    }
+
     /// The reading at `now`, in ms.
     pub fn read(&self, now: Instant) -> u64 {
         let now = self.ns(now);
@@ -125,14 +146,22 @@ impl Reading {
     }
 }
 
+/// Entries by index, each with when it was appended (`None`: known late).
+type Arrivals = VecDeque<(u64, Option<Instant>)>;
+
 /// A node's [`Reading`], fed by its log (when each entry was appended) and
 /// its state machine (each stamp as applied).
 #[derive(Clone)]
 pub struct SharedReading {
     reading: Arc<Mutex<Reading>>,
     /// When the log appended each entry not yet applied, by index
-    /// (ascending; an index appended again replaces it and what follows).
-    appended: Arc<Mutex<VecDeque<(u64, Instant)>>>,
+    /// (ascending; an index appended again replaces it and what follows);
+    /// `None` for an entry committed before it arrived.
+    appended: Arc<Mutex<Arrivals>>,
+    /// One past the greatest index a leader said was committed when it
+    /// sent entries here: entries up to it came late (a follower catching
+    /// up), so when they were appended says nothing of their stamps' age.
+    committed: Arc<AtomicU64>,
     time: Clock,
 }
 
@@ -147,19 +176,28 @@ impl SharedReading {
         SharedReading {
             reading: Arc::new(Mutex::new(reading)),
             appended: Default::default(),
+            committed: Default::default(),
             time,
         }
+    }
+
+    /// A leader sending entries here says entries up to `index` are
+    /// committed.
+    pub fn committed_elsewhere(&self, index: u64) {
+        self.committed
+            .fetch_max(index.saturating_add(1), Ordering::Relaxed);
     }
 
     /// The log appended entries `first..=last` now. An index appended again
     /// (after a truncation) takes the later time.
     pub fn appended(&self, first: u64, last: u64) {
         let now = self.time.now();
+        let late = self.committed.load(Ordering::Relaxed);
         let mut at = self.appended.lock().unwrap_or_else(|p| p.into_inner());
         while at.back().is_some_and(|(i, _)| *i >= first) {
             at.pop_back();
         }
-        at.extend((first..=last).map(|i| (i, now)));
+        at.extend((first..=last).map(|i| (i, (i >= late).then_some(now))));
     }
 
     /// Take the stamp (ms) of applied entry `index`, dated when it was
@@ -175,7 +213,7 @@ impl SharedReading {
                 }
                 appended.pop_front();
                 if i == index {
-                    at = Some(when);
+                    at = when;
                 }
             }
         }
@@ -193,6 +231,13 @@ impl SharedReading {
     pub fn take_late(&self, stamp_ms: u64) {
         let now = self.time.now();
         self.lock().take_late(stamp_ms, now);
+    }
+
+    /// What a restart's anchor should hold now: a stamp (ms) and how long
+    /// ago it reached this node ([`Reading::anchor`]).
+    pub fn anchor(&self) -> (u64, Duration) {
+        let now = self.time.now();
+        self.lock().anchor(now)
     }
 
     /// The reading now, in ms.
@@ -318,6 +363,30 @@ mod tests {
         assert_eq!(r.read(back + 1_000 * MS), s0 + 1_050);
     }
 
+    /// The same node, its reading still ahead of the stamps (the leader's
+    /// first stamps have not reached it), restarts in the same boot: its
+    /// anchor holds its greatest stamp and how long ago that came, not the
+    /// reading, so the leader's stamps still overtake it and are followed.
+    #[test]
+    fn an_anchor_holds_the_greatest_stamp_not_a_reading_ahead_of_it() {
+        let t0 = Instant::now();
+        let s0 = 1_000_000_000u64;
+        let mut r = Reading::new(t0, 0);
+        r.take(s0, t0);
+        let later = t0 + 600_000 * MS;
+        let (stamp, ago) = r.anchor(later);
+        assert_eq!((stamp, ago), (s0, 600_000 * MS));
+        let mut back = Reading::new(later, 0);
+        back.take_before(stamp, ago);
+        assert_eq!(back.read(later), s0 + 600_000, "the downtime counts");
+        back.take(s0 + 50, later);
+        assert_eq!(
+            back.read(later),
+            s0 + 50,
+            "the leader's stamps are followed"
+        );
+    }
+
     /// A stamp of a leader whose wall clock is ahead (steered fast) moves
     /// the reading up at once.
     #[test]
@@ -353,10 +422,21 @@ mod tests {
             tokio::time::advance(50 * MS).await;
             r.applied(7, 1_100);
             assert_eq!(r.read(), 1_100, "entry 7 was never appended: from now");
+            // A follower catching up: entries its leader had committed
+            // before sending them are dated late, so the reading follows
+            // the older stamp it had on time (less 1/99 of the rise), not
+            // the newer one appended just now.
+            r.committed_elsewhere(20);
+            tokio::time::advance(10_000 * MS).await;
+            r.appended(20, 21);
+            r.applied(20, 1_200);
+            assert_eq!(r.read(), 11_098, "entry 20 came late");
+            r.applied(21, 11_105);
+            assert_eq!(r.read(), 11_105, "entry 21 came on time");
             // Appended, cut and appended again shorter: the cut entries'
             // times go.
-            r.appended(8, 10);
-            r.appended(9, 9);
+            r.appended(30, 32);
+            r.appended(31, 31);
             assert_eq!(r.appended.lock().unwrap().len(), 2);
         });
     }

@@ -554,6 +554,12 @@ impl StateMachineStore {
         self.shared.reading.clone()
     }
 
+    /// A leader sending entries here says entries up to `index` are
+    /// committed (`reading.rs`: those arrived late).
+    pub fn committed_elsewhere(&self, index: u64) {
+        self.shared.reading.committed_elsewhere(index);
+    }
+
     /// Watch the index of the last applied entry.
     pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
         self.shared.applied.subscribe()
@@ -700,7 +706,8 @@ impl StateMachineStore {
             }
             *last = Some(now);
         }
-        if let Some(a) = boot_clock::Anchor::now(&self.shared.boot_id, self.now_ms()) {
+        let (stamp, ago) = self.shared.reading.anchor();
+        if let Some(a) = boot_clock::Anchor::taken(&self.shared.boot_id, stamp, ago) {
             self.shared.anchor_file.write(&a)?;
         }
         Ok(())
