@@ -62,11 +62,6 @@ pub fn boot_ms() -> Option<u64> {
 }
 
 impl Anchor {
-    /// The anchor for `clock_ms` now, if this host has a boot clock.
-    pub fn now(boot_id: &Option<String>, clock_ms: u64) -> Option<Anchor> {
-        Self::taken(boot_id, clock_ms, std::time::Duration::ZERO)
-    }
-
     /// The anchor for `clock_ms` as of `ago` before now, if this host has a
     /// boot clock.
     pub fn taken(
@@ -80,12 +75,6 @@ impl Anchor {
             boot_id: boot_id.clone()?,
             boot_ms: boot_ms()?.saturating_sub(ago),
         })
-    }
-
-    /// What the state machine clock has certainly reached by now, if this
-    /// anchor was taken in the current boot.
-    pub fn reached_ms(&self, boot_id: &Option<String>) -> Option<u64> {
-        Some(self.clock_ms.saturating_add(self.age_ms(boot_id)?))
     }
 
     /// How long ago (ms of boot time) this anchor was taken, if in the
@@ -193,13 +182,13 @@ mod tests {
     #[test]
     fn an_anchor_of_this_boot_counts_the_time_since_and_another_boot_none() {
         let id = boot_id();
-        let Some(mut a) = Anchor::now(&id, 1_000) else {
+        let Some(mut a) = Anchor::taken(&id, 1_000, std::time::Duration::ZERO) else {
             return; // no boot clock on this host
         };
         a.boot_ms -= 5_000; // taken five seconds ago
-        let reached = a.reached_ms(&id).unwrap();
+        let reached = a.clock_ms + a.age_ms(&id).unwrap();
         assert!((6_000..7_000).contains(&reached), "{reached}");
-        assert_eq!(a.reached_ms(&Some("another-boot".into())), None);
+        assert_eq!(a.age_ms(&Some("another-boot".into())), None);
     }
 
     #[test]
