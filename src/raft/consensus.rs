@@ -369,23 +369,14 @@ impl Consensus {
 
     /// The one clock for lease decisions made outside the state machine
     /// (Await, the no-write claim path, the sweeper): on the leader, the
-    /// stamp a write would get now; elsewhere the node's reading (its greatest
-    /// stamp plus the monotonic time since, `store/reading.rs`).
+    /// stamp a write would get now; elsewhere the state machine clock plus
+    /// the monotonic time since this node last applied a stamp.
     pub fn now_ms(&self) -> u64 {
         let sm = self.sm.now_ms();
         if self.raft.is_leader() {
             sm.max(self.stamp())
         } else {
             sm
-        }
-    }
-
-    /// An append from the leader says which entries it had committed
-    /// before sending: the clock's reading dates those as late
-    /// (`store/reading.rs`).
-    pub fn leader_committed(&self, rpc: &super::AppendEntriesRequest) {
-        if let (Some(c), Some(_)) = (rpc.leader_commit, rpc.entries.first()) {
-            self.sm.committed_elsewhere(c.index());
         }
     }
 
