@@ -314,3 +314,76 @@ async fn a_stepped_wall_clock_moves_a_lease_by_at_most_the_slew() {
     }
     c.shutdown().await;
 }
+
+/// A leader whose wall clock is 25 h behind its stamps steers them 1 %
+/// slow for as long as it leads. The other nodes' readings must keep to
+/// those stamps: counted at full rate from old stamps they pulled ahead by
+/// 1 % of all the time elapsed (12 s after twenty minutes, 36 s an hour),
+/// and the next leader, starting from such a reading, ended a lease at
+/// once. The lease must still end on time, too.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_new_leader_after_stamps_steered_slow_ends_no_lease_early() {
+    const LEASE_MS: u64 = 10_000;
+    let (mut c, wall) = support::inproc::TestCluster::start_virtual(3).await;
+    let client = c.client();
+    let lead = c.wait_leader(Duration::from_secs(5)).await;
+    // The first stamp starts the cluster's clock from the wall clock.
+    let first = claim(&client, "first", "ticker", 1_000).await;
+    assert!(matches!(first, Outcome::Acquired(_)), "{first:?}");
+    let term = c.node(lead).consensus().status().term;
+    wall.step(-DAY_AND_HOUR_S * 1000);
+    assert!(
+        c.node(lead).consensus().wall_clock_ms() + 1000 * DAY_AND_HOUR_S as u64 / 2
+            < c.node(lead).consensus().now_ms(),
+        "the fault took effect: the leader's wall clock is far behind its stamps"
+    );
+    // Twenty minutes of writes, one a second, time moving in heartbeats.
+    for i in 0..1_200 {
+        for _ in 0..10 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        let tick = claim(&client, &format!("tick-{i}"), "ticker", 1_000).await;
+        assert!(matches!(tick, Outcome::Acquired(_)), "{tick:?}");
+    }
+    assert_eq!(
+        c.node(lead).consensus().status().term,
+        term,
+        "one leader stamped the whole twenty minutes"
+    );
+    let claimed = tokio::time::Instant::now();
+    assert!(matches!(
+        claim(&client, "k", "w1", LEASE_MS).await,
+        Outcome::Acquired(_)
+    ));
+    c.stop(lead).await;
+    let next = c.wait_leader(Duration::from_secs(5)).await;
+    assert_ne!(next, lead, "the fault took effect: the leader changed");
+    let outcome = claim(&client, "k", "w2", LEASE_MS).await;
+    assert!(
+        claimed.elapsed() < Duration::from_millis(LEASE_MS),
+        "the election took {:?}: the lease ran out anyway",
+        claimed.elapsed()
+    );
+    match outcome {
+        Outcome::InProgress(p) => assert_eq!(p.owner, "w1"),
+        other => panic!(
+            "the new leader ended w1's lease {:?} after it was granted: {other:?}",
+            claimed.elapsed()
+        ),
+    }
+    // It ends all the same: by the lease plus the 1 % steering and a
+    // heartbeat.
+    tokio::time::advance(
+        (claimed + Duration::from_millis(LEASE_MS * 101 / 100 + 100))
+            .saturating_duration_since(tokio::time::Instant::now()),
+    )
+    .await;
+    match claim(&client, "k", "w2", LEASE_MS).await {
+        Outcome::Acquired(a) => assert_eq!(a.previous_owner.as_deref(), Some("w1")),
+        other => panic!(
+            "w1's lease had not ended {:?} after it was granted: {other:?}",
+            claimed.elapsed()
+        ),
+    }
+    c.shutdown().await;
+}

@@ -1,6 +1,6 @@
 //! The host's boot clock, so the state machine clock keeps counting the
 //! time a node was down (SPEC §2 Time: a new leader continues from the
-//! state machine clock plus the monotonic time since it last applied).
+//! state machine clock plus the monotonic time since; `reading.rs`).
 //!
 //! A process that restarts has lost its in-memory monotonic reference, so
 //! the last stamp it re-applies from its log would be taken as "now", and
@@ -9,8 +9,8 @@
 //! records an [`Anchor`]: "at this point of the boot clock, the state
 //! machine clock read at least this". `CLOCK_BOOTTIME` is system-wide and
 //! monotonic and keeps counting across process restarts (and suspend), so
-//! after a restart in the same boot the anchor plus the boot time since is
-//! a reading the clock has certainly reached. After a reboot (another boot
+//! after a restart in the same boot the anchor is a reading the clock had
+//! reached that long ago, taken as a stamp of then (`reading.rs`). After a reboot (another boot
 //! id) no such bound exists and the downtime is simply not counted, which
 //! errs on the side of longer leases. Nothing here reads the wall clock.
 //!
@@ -62,23 +62,28 @@ pub fn boot_ms() -> Option<u64> {
 }
 
 impl Anchor {
-    /// The anchor for `clock_ms` now, if this host has a boot clock.
-    pub fn now(boot_id: &Option<String>, clock_ms: u64) -> Option<Anchor> {
+    /// The anchor for `clock_ms` as of `ago` before now, if this host has a
+    /// boot clock.
+    pub fn taken(
+        boot_id: &Option<String>,
+        clock_ms: u64,
+        ago: std::time::Duration,
+    ) -> Option<Anchor> {
+        let ago = u64::try_from(ago.as_millis()).unwrap_or(u64::MAX);
         Some(Anchor {
             clock_ms,
             boot_id: boot_id.clone()?,
-            boot_ms: boot_ms()?,
+            boot_ms: boot_ms()?.saturating_sub(ago),
         })
     }
 
-    /// What the state machine clock has certainly reached by now, if this
-    /// anchor was taken in the current boot.
-    pub fn reached_ms(&self, boot_id: &Option<String>) -> Option<u64> {
+    /// How long ago (ms of boot time) this anchor was taken, if in the
+    /// current boot.
+    pub fn age_ms(&self, boot_id: &Option<String>) -> Option<u64> {
         if boot_id.as_deref() != Some(self.boot_id.as_str()) {
             return None;
         }
-        let since = boot_ms()?.checked_sub(self.boot_ms)?;
-        Some(self.clock_ms.saturating_add(since))
+        boot_ms()?.checked_sub(self.boot_ms)
     }
 }
 
@@ -177,13 +182,13 @@ mod tests {
     #[test]
     fn an_anchor_of_this_boot_counts_the_time_since_and_another_boot_none() {
         let id = boot_id();
-        let Some(mut a) = Anchor::now(&id, 1_000) else {
+        let Some(mut a) = Anchor::taken(&id, 1_000, std::time::Duration::ZERO) else {
             return; // no boot clock on this host
         };
         a.boot_ms -= 5_000; // taken five seconds ago
-        let reached = a.reached_ms(&id).unwrap();
+        let reached = a.clock_ms + a.age_ms(&id).unwrap();
         assert!((6_000..7_000).contains(&reached), "{reached}");
-        assert_eq!(a.reached_ms(&Some("another-boot".into())), None);
+        assert_eq!(a.age_ms(&Some("another-boot".into())), None);
     }
 
     #[test]

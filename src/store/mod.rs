@@ -22,6 +22,7 @@ mod identity;
 mod key_filter;
 pub mod keys;
 mod log;
+mod reading;
 mod rejoin;
 pub mod sled_mark;
 mod snapfile;
@@ -199,6 +200,7 @@ impl Store {
             &dir.join(ANCHOR_FILE),
             clock,
         )?;
+        log.feed_reading(state_machine.reading());
         // Record what sled holds now, durably (a data directory from before
         // the mark gets one here).
         syncer.sync_now()?;
