@@ -20,13 +20,15 @@
 //!
 //! - That argument holds while no leader between `s` and `S` lost time (a
 //!   host that rebooted cannot count its downtime, and a leader starting
-//!   there begins behind real time). So when `S` is dated as it reached
-//!   this node (its entry appended, or a restart's anchor), the reading
-//!   never goes past `S` plus the time since: a node that stayed up while
-//!   the others rebooted follows their stamps, not its own older ones, or
-//!   leading later it would end leases early by the downtime. Older stamps
-//!   bridge only a greatest stamp dated late (the clock at open, entries
-//!   read back at open, a snapshot's clock).
+//!   there begins behind real time). So the reading never goes past the
+//!   greatest stamp dated as it reached this node (its entry appended, or
+//!   a restart's anchor) plus the time since, unless a stamp taken late is
+//!   above even that: a node that stayed up while the others rebooted
+//!   follows their stamps, not its own older ones, or leading later it
+//!   would end leases early by the downtime. A stamp taken late (the clock
+//!   at open, entries read back at open or sent as old news, a snapshot's
+//!   clock) raises the reading's floor but never this bound, and older
+//!   stamps bridge it as above.
 //!
 //! Counting every stamp's time since in full (as this clock once did) let
 //! a reading pull ahead of stamps steered slow by 1% of all time elapsed:
@@ -70,8 +72,9 @@ pub struct Reading {
     best: i128,
     /// The greatest stamp taken, ns.
     top: i128,
-    /// When `top` reached this node, if known (see the module's notes).
-    top_at: Option<i128>,
+    /// The greatest stamp taken with the time it reached this node (see the
+    /// module's notes), and that time, ns.
+    dated: Option<(i128, i128)>,
 }
 
 impl Reading {
@@ -81,7 +84,7 @@ impl Reading {
             origin: now,
             best: i128::MIN,
             top: 0,
-            top_at: None,
+            dated: None,
         };
         r.take_late(reached_ms, now);
         r
@@ -107,25 +110,27 @@ impl Reading {
     fn take_at(&mut self, stamp_ms: u64, at_ns: i128, dated: bool) {
         let s = i128::from(stamp_ms) * 1_000_000;
         self.best = self.best.max(100 * s - SLOWEST * at_ns);
-        if s > self.top {
-            self.top = s;
-            self.top_at = dated.then_some(at_ns);
-        } else if s == self.top && dated {
-            self.top_at = Some(self.top_at.map_or(at_ns, |a| a.min(at_ns)));
+        self.top = self.top.max(s);
+        if dated {
+            self.dated = match self.dated {
+                Some((d, a)) if d > s => Some((d, a)),
+                Some((d, a)) if d == s => Some((d, a.min(at_ns))),
+                _ => Some((s, at_ns)),
+            };
         }
     }
 
-    /// What a restart's anchor should hold at `now`: the greatest stamp
-    /// (ms) and how long ago it reached this node, if known; else the
-    /// reading now. Not the reading: one that ran ahead of a leader's
+    /// What a restart's anchor should hold at `now`: the greatest dated
+    /// stamp (ms) and how long ago it reached this node, if there is one;
+    /// else the reading now. Not the reading: one that ran ahead of a leader's
     /// stamps (a node that stayed up while the others rebooted) would come
     /// back as a stamp above theirs, and their stamps would never correct
     /// it.
     pub fn anchor(&self, now: Instant) -> (u64, Duration) {
-        match self.top_at {
-            Some(at) => {
+        match self.dated {
+            Some((stamp, at)) => {
                 let ago = (self.ns(now) - at).max(0);
-                let ms = u64::try_from(self.top / 1_000_000).unwrap_or(0);
+                let ms = u64::try_from(stamp / 1_000_000).unwrap_or(0);
                 let ago = Duration::from_nanos(u64::try_from(ago).unwrap_or(u64::MAX));
                 (ms, ago)
             }
@@ -137,8 +142,12 @@ impl Reading {
     pub fn read(&self, now: Instant) -> u64 {
         let now = self.ns(now);
         let mut ns = (self.best + SLOWEST * now - i128::from(SLEW_PERCENT) * self.top) / SLOWEST;
-        if let Some(at) = self.top_at {
-            ns = ns.min(self.top + (now - at));
+        // A stamp taken late (a deposed leader's entry carried on, a
+        // snapshot's clock) raises the floor, never this bound: above the
+        // greatest dated stamp plus the time since, the reading could be
+        // ahead of a leader that lost time.
+        if let Some((stamp, at)) = self.dated {
+            ns = ns.min((stamp + (now - at)).max(self.top));
         }
         u64::try_from((ns / 1_000_000).max(0)).unwrap_or(u64::MAX)
     }
@@ -364,6 +373,27 @@ mod tests {
         r.take(s0 + 50, back);
         assert_eq!(r.read(back), s0 + 50);
         assert_eq!(r.read(back + 1_000 * MS), s0 + 1_050);
+    }
+
+    /// The same node, once it follows the leader that lost time, gets that
+    /// leader's next stamp as old news (its commit had already covered it,
+    /// as for a follower whose append stream lags): taken late, it became
+    /// the greatest stamp with no arrival time, the bound went, and the
+    /// reading leapt back ahead by the whole downtime, as the bridge from
+    /// the node's own older stamps allows. A stamp taken late raises the
+    /// floor only.
+    #[test]
+    fn a_stamp_taken_late_never_lifts_the_bound_of_the_dated_ones() {
+        let t0 = Instant::now();
+        let s0 = 1_000_000_000u64;
+        let mut r = Reading::new(t0, 0);
+        r.take(s0, t0);
+        let back = t0 + 600_000 * MS;
+        r.take(s0 + 50, back);
+        r.take_late(s0 + 60, back + 20 * MS);
+        assert_eq!(r.read(back + 1_000 * MS), s0 + 1_050);
+        r.take_late(s0 + 5_000, back + 1_000 * MS);
+        assert_eq!(r.read(back + 1_000 * MS), s0 + 5_000, "the floor rises");
     }
 
     /// The same node, its reading still ahead of the stamps (the leader's
