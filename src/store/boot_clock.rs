@@ -6,11 +6,12 @@
 //! the last stamp it re-applies from its log would be taken as "now", and
 //! the cluster clock would fall behind real time by the downtime (leases
 //! and retention then last longer than asked). Instead every apply batch
-//! records an [`Anchor`]: "at this point of the boot clock, the state
-//! machine clock read at least this". `CLOCK_BOOTTIME` is system-wide and
-//! monotonic and keeps counting across process restarts (and suspend), so
-//! after a restart in the same boot the anchor is a reading the clock had
-//! reached that long ago, taken as a stamp of then (`reading.rs`). After a reboot (another boot
+//! records an [`Anchor`]: "at this point of the boot clock this stamp
+//! arrived, and at this later point the node's reading was this".
+//! `CLOCK_BOOTTIME` is system-wide and monotonic and keeps counting across
+//! process restarts (and suspend), so after a restart in the same boot the
+//! stamp is taken as arriving that long ago, and the reading bridges from
+//! when it was read (`reading.rs`). After a reboot (another boot
 //! id) no such bound exists and the downtime is simply not counted, which
 //! errs on the side of longer leases. Nothing here reads the wall clock.
 //!
@@ -40,6 +41,12 @@ pub struct Anchor {
     pub clock_ms: u64,
     pub boot_id: String,
     pub boot_ms: u64,
+    /// The node's reading when the anchor was written, and how many ms
+    /// after `boot_ms` that was: it counts the downtime even when the
+    /// greatest dated stamp is old (a follower that got only old news for
+    /// a while). Only the file holds it; older anchors have none.
+    #[serde(skip)]
+    pub reading: Option<(u64, u64)>,
 }
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`), or `None` where the
@@ -62,19 +69,30 @@ pub fn boot_ms() -> Option<u64> {
 }
 
 impl Anchor {
-    /// The anchor for `clock_ms` as of `ago` before now, if this host has a
-    /// boot clock.
+    /// The anchor for a stamp `clock_ms` that arrived `ago` before now, with
+    /// the node's reading now, if this host has a boot clock.
     pub fn taken(
         boot_id: &Option<String>,
         clock_ms: u64,
         ago: std::time::Duration,
+        reading_ms: u64,
     ) -> Option<Anchor> {
         let ago = u64::try_from(ago.as_millis()).unwrap_or(u64::MAX);
+        let now = boot_ms()?;
+        let at = now.saturating_sub(ago);
         Some(Anchor {
             clock_ms,
             boot_id: boot_id.clone()?,
-            boot_ms: boot_ms()?.saturating_sub(ago),
+            boot_ms: at,
+            reading: Some((reading_ms, now - at)),
         })
+    }
+
+    /// The reading this anchor holds and how long ago (ms of boot time) it
+    /// was read, if it holds one and was taken in the current boot.
+    pub fn reading_age_ms(&self, boot_id: &Option<String>) -> Option<(u64, u64)> {
+        let (reading, after) = self.reading?;
+        Some((reading, self.age_ms(boot_id)?.checked_sub(after)?))
     }
 
     /// How long ago (ms of boot time) this anchor was taken, if in the
@@ -137,16 +155,19 @@ impl AnchorFile {
 impl Anchor {
     const MAGIC: &'static str = "idemkv-clock-anchor-1";
 
-    /// `MAGIC clock_ms boot_id boot_ms crc32`, space-padded to
-    /// [`ANCHOR_BYTES`] and ended by a newline.
+    /// `MAGIC clock_ms boot_id boot_ms [reading_ms read_after_ms] crc32`,
+    /// space-padded to [`ANCHOR_BYTES`] and ended by a newline.
     fn to_line(&self) -> Vec<u8> {
-        let body = format!(
+        let mut body = format!(
             "{} {} {} {}",
             Self::MAGIC,
             self.clock_ms,
             self.boot_id,
             self.boot_ms
         );
+        if let Some((reading, after)) = self.reading {
+            body.push_str(&format!(" {reading} {after}"));
+        }
         let crc = crc32fast::hash(body.as_bytes());
         let mut line = format!("{body} {crc:08x}").into_bytes();
         line.resize(ANCHOR_BYTES - 1, b' ');
@@ -167,10 +188,15 @@ impl Anchor {
         let clock_ms = f.next()?.parse().ok()?;
         let boot_id = f.next()?.to_string();
         let boot_ms = f.next()?.parse().ok()?;
+        let reading = match f.next() {
+            Some(r) => Some((r.parse().ok()?, f.next()?.parse().ok()?)),
+            None => None,
+        };
         f.next().is_none().then_some(Anchor {
             clock_ms,
             boot_id,
             boot_ms,
+            reading,
         })
     }
 }
@@ -182,7 +208,7 @@ mod tests {
     #[test]
     fn an_anchor_of_this_boot_counts_the_time_since_and_another_boot_none() {
         let id = boot_id();
-        let Some(mut a) = Anchor::taken(&id, 1_000, std::time::Duration::ZERO) else {
+        let Some(mut a) = Anchor::taken(&id, 1_000, std::time::Duration::ZERO, 1_000) else {
             return; // no boot clock on this host
         };
         a.boot_ms -= 5_000; // taken five seconds ago
@@ -201,17 +227,23 @@ mod tests {
             clock_ms: 1_796_408_343_968,
             boot_id: "0f4c6a52-5b6e-4c8e-9b1a-2d3e4f5a6b7c".into(),
             boot_ms: 123_456_789,
+            reading: Some((1_796_408_344_968, 1_000)),
         };
         let short = Anchor {
             clock_ms: 7,
             boot_id: "b".into(),
             boot_ms: 1,
+            reading: None,
         };
         f.write(&long).unwrap();
         f.write(&short).unwrap();
         drop(f);
         let (f, read) = AnchorFile::open(&path).unwrap();
         assert_eq!(read, Some(short), "the last one written, whole");
+        f.write(&long).unwrap();
+        drop(f);
+        let (f, read) = AnchorFile::open(&path).unwrap();
+        assert_eq!(read, Some(long.clone()), "with the reading it holds");
         f.write(&long).unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[30] ^= 1;

@@ -8,8 +8,8 @@
 //! leader would give, or a new leader starting from it would end live
 //! leases early. So, with `S` the greatest stamp taken:
 //!
-//! - From `S`, real time since it was taken counts in full: a stamp is no
-//!   older than the moment this node took it.
+//! - From `S`, if dated as it reached this node, real time since counts in
+//!   full: a stamp is no older than the moment this node took it.
 //! - An older stamp `s` (taken at `a`) still bounds the reading from
 //!   below, so a stamp taken late (a follower applying a deposed leader's
 //!   last entries after the election) cannot set it back, but less what
@@ -47,10 +47,15 @@
 //!   but never applied (truncated, a deposed leader's) is never taken: its
 //!   leader's clock may have run on ahead of the one that replaced it.
 //! - A snapshot's clock as it is installed.
-//! - A restart's anchor (`boot_clock.rs`): the greatest stamp and when it
-//!   reached the node (the reading, if that is not known), so the downtime
-//!   counts and later stamps correct it as they correct any older stamp.
-//! - The state machine's clock at open, dated at open.
+//! - A restart's anchor (`boot_clock.rs`): the greatest dated stamp and
+//!   when it reached the node (the reading, if none is), so the downtime
+//!   counts and later stamps correct it as they correct any older stamp;
+//!   and the reading when the anchor was written, which bridges as a stamp
+//!   taken then but raises neither the floor nor the bound, so the downtime
+//!   counts even when that dated stamp is old (a follower that got only old
+//!   news for a while: from the old stamp alone it lost 1/99 of the rise
+//!   since, 100 ms after ten seconds).
+//! - The state machine's clock at open, taken late at open.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,6 +110,15 @@ impl Reading {
     /// Take a stamp (ms) that reached this node `ago` before the origin.
     pub fn take_before(&mut self, stamp_ms: u64, ago: Duration) {
         self.take_at(stamp_ms, -(ago.as_nanos() as i128), true);
+    }
+
+    /// Take a reading (ms) this node had reached `ago` before the origin (a
+    /// restart's anchor) into the bridge only: it counts the time since,
+    /// but it is no stamp, so it moves neither the floor nor the bound (a
+    /// reading counts time a leader that lost it does not).
+    pub fn take_late_before(&mut self, reading_ms: u64, ago: Duration) {
+        let r = i128::from(reading_ms) * 1_000_000;
+        self.best = self.best.max(100 * r + SLOWEST * ago.as_nanos() as i128);
     }
 
     fn take_at(&mut self, stamp_ms: u64, at_ns: i128, dated: bool) {
@@ -178,12 +192,21 @@ pub struct SharedReading {
 }
 
 impl SharedReading {
-    /// A reading that has reached `clock_ms` by now, and each `(stamp, ago)`
-    /// of `anchors` that long ago, by `time`.
-    pub fn new(time: Clock, clock_ms: u64, anchors: &[(u64, Duration)]) -> SharedReading {
+    /// A reading that has reached `clock_ms` by now, each `(stamp, ago)`
+    /// of `anchors` arrived that long ago, and each `(reading, ago)` of
+    /// `readings` was read that long ago, by `time`.
+    pub fn new(
+        time: Clock,
+        clock_ms: u64,
+        anchors: &[(u64, Duration)],
+        readings: &[(u64, Duration)],
+    ) -> SharedReading {
         let mut reading = Reading::new(time.now(), clock_ms);
         for (stamp, ago) in anchors {
             reading.take_before(*stamp, *ago);
+        }
+        for (ms, ago) in readings {
+            reading.take_late_before(*ms, *ago);
         }
         SharedReading {
             reading: Arc::new(Mutex::new(reading)),
@@ -246,10 +269,12 @@ impl SharedReading {
     }
 
     /// What a restart's anchor should hold now: a stamp (ms) and how long
-    /// ago it reached this node ([`Reading::anchor`]).
-    pub fn anchor(&self) -> (u64, Duration) {
+    /// ago it reached this node ([`Reading::anchor`]), and the reading now.
+    pub fn anchor(&self) -> (u64, Duration, u64) {
         let now = self.time.now();
-        self.lock().anchor(now)
+        let r = self.lock();
+        let (stamp, ago) = r.anchor(now);
+        (stamp, ago, r.read(now))
     }
 
     /// The reading now, in ms.
@@ -396,6 +421,34 @@ mod tests {
         assert_eq!(r.read(back + 1_000 * MS), s0 + 5_000, "the floor rises");
     }
 
+    /// A follower that got only old news for ten seconds (a lagging append
+    /// stream: its leader had committed all it sent) restarts two seconds
+    /// later: its greatest dated stamp is ten seconds old, and counting the
+    /// downtime from it alone the reading came back 101 ms behind the
+    /// leader's stamps, behind by more after a longer stretch. The anchor's
+    /// reading, taken late as of when it was written, counts it in full.
+    #[test]
+    fn a_restart_after_only_old_news_counts_the_downtime() {
+        let t0 = Instant::now();
+        let s0 = 1_000_000_000u64;
+        let mut r = Reading::new(t0, 0);
+        r.take(s0, t0);
+        for i in 1..=100u64 {
+            r.take_late(s0 + i * 100 - 5, t0 + Duration::from_millis(i * 100));
+        }
+        let written = t0 + 10_000 * MS;
+        let (stamp, ago) = r.anchor(written);
+        let reading = r.read(written);
+        assert_eq!(reading, s0 + 9_995);
+        // Two seconds later, a new process: the clock at open is the last
+        // stamp applied, the anchor's stamp and reading as written.
+        let open = written + 2_000 * MS;
+        let mut back = Reading::new(open, s0 + 9_995);
+        back.take_before(stamp, ago + 2_000 * MS);
+        back.take_late_before(reading, 2_000 * MS);
+        assert_eq!(back.read(open), s0 + 11_995, "the downtime counts in full");
+    }
+
     /// The same node, its reading still ahead of the stamps (the leader's
     /// first stamps have not reached it), restarts in the same boot: its
     /// anchor holds its greatest stamp and how long ago that came, not the
@@ -437,7 +490,7 @@ mod tests {
     #[test]
     fn an_applied_stamp_is_dated_when_its_entry_was_appended() {
         let (clock, _wall) = Clock::virtual_wall();
-        let r = SharedReading::new(clock, 0, &[]);
+        let r = SharedReading::new(clock, 0, &[], &[]);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)

@@ -374,12 +374,19 @@ impl StateMachineStore {
             Some(v) => Some(decode::<boot_clock::Anchor>(&v)?),
             None => None,
         };
-        let anchors: Vec<(u64, std::time::Duration)> = [anchor, in_sled]
-            .iter()
+        let anchors: Vec<(u64, std::time::Duration)> = [&anchor, &in_sled]
+            .into_iter()
             .flatten()
             .filter_map(|a| {
                 let ago = a.age_ms(&boot_id)?;
                 Some((a.clock_ms, std::time::Duration::from_millis(ago)))
+            })
+            .collect();
+        let readings: Vec<(u64, std::time::Duration)> = anchor
+            .iter()
+            .filter_map(|a| {
+                let (reading, ago) = a.reading_age_ms(&boot_id)?;
+                Some((reading, std::time::Duration::from_millis(ago)))
             })
             .collect();
         let sm = StateMachineStore {
@@ -390,7 +397,7 @@ impl StateMachineStore {
                 snapshot_dir,
                 lock: Arc::new(RwLock::new(())),
                 clock: AtomicU64::new(clock),
-                reading: SharedReading::new(time.clone(), clock, &anchors),
+                reading: SharedReading::new(time.clone(), clock, &anchors, &readings),
                 time,
                 boot_id,
                 last_token: AtomicU64::new(last_token),
@@ -706,8 +713,8 @@ impl StateMachineStore {
             }
             *last = Some(now);
         }
-        let (stamp, ago) = self.shared.reading.anchor();
-        if let Some(a) = boot_clock::Anchor::taken(&self.shared.boot_id, stamp, ago) {
+        let (stamp, ago, reading) = self.shared.reading.anchor();
+        if let Some(a) = boot_clock::Anchor::taken(&self.shared.boot_id, stamp, ago, reading) {
             self.shared.anchor_file.write(&a)?;
         }
         Ok(())
