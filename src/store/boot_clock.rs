@@ -35,7 +35,9 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-/// A reading of the state machine clock at a point of the boot clock.
+/// Where the state machine clock stood at points of the boot clock: the
+/// greatest stamp dated on arrival and when it arrived, and the node's
+/// reading when the anchor was written.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Anchor {
     pub clock_ms: u64,
@@ -170,6 +172,7 @@ impl Anchor {
         }
         let crc = crc32fast::hash(body.as_bytes());
         let mut line = format!("{body} {crc:08x}").into_bytes();
+        debug_assert!(line.len() < ANCHOR_BYTES, "an anchor line would be cut");
         line.resize(ANCHOR_BYTES - 1, b' ');
         line.push(b'\n');
         line

@@ -54,7 +54,7 @@
 //!   taken then but raises neither the floor nor the bound, so the downtime
 //!   counts even when that dated stamp is old (a follower that got only old
 //!   news for a while: from the old stamp alone it lost 1/99 of the rise
-//!   since, 100 ms after ten seconds).
+//!   since, about 100 ms after ten seconds).
 //! - The state machine's clock at open, taken late at open.
 
 use std::collections::VecDeque;
@@ -113,12 +113,16 @@ impl Reading {
     }
 
     /// Take a reading (ms) this node had reached `ago` before the origin (a
-    /// restart's anchor) into the bridge only: it counts the time since,
-    /// but it is no stamp, so it moves neither the floor nor the bound (a
-    /// reading counts time a leader that lost it does not).
+    /// restart's anchor), after the stamps known at open, into the bridge
+    /// only: it is no stamp, so it moves neither the floor nor the bound (a
+    /// reading counts time a leader that lost it does not). It counts the
+    /// time since exactly, less 1/99 of any later rise of the greatest
+    /// stamp; taken as a stamp of then, a reading above the greatest stamp
+    /// (an idle stretch) gained 1/99 of that excess as well.
     pub fn take_late_before(&mut self, reading_ms: u64, ago: Duration) {
         let r = i128::from(reading_ms) * 1_000_000;
-        self.best = self.best.max(100 * r + SLOWEST * ago.as_nanos() as i128);
+        let ago = ago.as_nanos() as i128;
+        self.best = self.best.max(SLOWEST * (r + ago) + self.top);
     }
 
     fn take_at(&mut self, stamp_ms: u64, at_ns: i128, dated: bool) {
@@ -447,6 +451,31 @@ mod tests {
         back.take_before(stamp, ago + 2_000 * MS);
         back.take_late_before(reading, 2_000 * MS);
         assert_eq!(back.read(open), s0 + 11_995, "the downtime counts in full");
+    }
+
+    /// The same, after an idle hour: the anchor's reading is far above the
+    /// greatest stamp, and taken as a stamp of when it was read it gained
+    /// 1/99 of that hour, up to the bound (the old dated stamp plus the
+    /// time since, here a second ahead of the reading, which had bridged
+    /// stamps steered slow). It counts only the time since it was read.
+    #[test]
+    fn an_anchor_reading_above_the_stamps_counts_only_the_time_since() {
+        let t0 = Instant::now();
+        let d = 1_000_000_000u64;
+        let mut r = Reading::new(t0, 0);
+        r.take(d, t0);
+        for i in 1..=1_000u64 {
+            r.take_late(d + i * 99, t0 + Duration::from_millis(i * 100));
+        }
+        let written = t0 + 3_700_000 * MS;
+        let (stamp, ago) = r.anchor(written);
+        let reading = r.read(written);
+        assert_eq!(reading, d + 3_699_000);
+        let open = written + 2_000 * MS;
+        let mut back = Reading::new(open, d + 99_000);
+        back.take_before(stamp, ago + 2_000 * MS);
+        back.take_late_before(reading, 2_000 * MS);
+        assert_eq!(back.read(open), d + 3_701_000, "only the 2 s since count");
     }
 
     /// The same node, its reading still ahead of the stamps (the leader's
