@@ -369,23 +369,14 @@ impl Consensus {
 
     /// The one clock for lease decisions made outside the state machine
     /// (Await, the no-write claim path, the sweeper): on the leader, the
-    /// stamp a write would get now; elsewhere the node's reading (its greatest
-    /// stamp plus the monotonic time since, `store/reading.rs`).
+    /// stamp a write would get now; elsewhere the state machine clock plus
+    /// the monotonic time since this node last applied a stamp.
     pub fn now_ms(&self) -> u64 {
         let sm = self.sm.now_ms();
         if self.raft.is_leader() {
             sm.max(self.stamp())
         } else {
             sm
-        }
-    }
-
-    /// An append from the leader says which of its entries may be old news
-    /// ([`old_news`]): the clock's reading dates them as late, not as
-    /// stamped when they arrived (`store/reading.rs`).
-    pub fn note_old_news(&self, rpc: &super::AppendEntriesRequest) {
-        if let Some(late) = old_news(rpc) {
-            self.sm.old_news_through(late);
         }
     }
 
@@ -1250,74 +1241,5 @@ mod stopped {
         // Unavailable stays Unavailable, so a client retries elsewhere.
         let e = reply_error(failed_forward(Error::Unavailable("no leader".into())));
         assert_eq!(crate::error::to_status(e).code(), tonic::Code::Unavailable);
-    }
-}
-
-/// The last entry of `rpc` that may have been stamped long before it was
-/// sent: those its leader had committed before sending (a follower catching
-/// up), and those of an earlier term than the sender's own (a deposed
-/// leader's entries, which the new one carries on, stamped perhaps seconds
-/// before the election). Only the sender's own uncommitted entries are
-/// fresh.
-pub(crate) fn old_news(rpc: &super::AppendEntriesRequest) -> Option<u64> {
-    use openraft::vote::RaftLeaderId;
-    let term = rpc.vote.leader_id().term();
-    let inherited = rpc
-        .entries
-        .iter()
-        .take_while(|e| e.log_id.committed_leader_id().term() < term)
-        .last()
-        .map(|e| e.log_id.index());
-    let committed = rpc
-        .leader_commit
-        .filter(|_| !rpc.entries.is_empty())
-        .map(|c| c.index());
-    inherited.max(committed)
-}
-
-#[cfg(test)]
-mod old_news_tests {
-    use super::old_news;
-    use crate::raft::{AppendEntriesRequest, Entry, EntryPayload, TypeConfig};
-    use openraft::testing::log_id;
-    use openraft::Vote;
-
-    fn append(term: u64, commit: Option<u64>, entries: &[(u64, u64)]) -> AppendEntriesRequest {
-        AppendEntriesRequest {
-            vote: Vote::new_committed(term, 1),
-            prev_log_id: Some(log_id::<TypeConfig>(1, 1, entries[0].1 - 1)),
-            entries: entries
-                .iter()
-                .map(|&(t, i)| Entry {
-                    log_id: log_id::<TypeConfig>(t, 1, i),
-                    payload: EntryPayload::Blank,
-                })
-                .collect(),
-            leader_commit: commit.map(|c| log_id::<TypeConfig>(1, 1, c)),
-        }
-    }
-
-    /// A new leader (term 3) sends a follower that was away the last
-    /// entries of the leader before it (term 2), not yet committed: their
-    /// stamps may be seconds old, and dated as they arrive they once held a
-    /// follower's reading 2.1 s behind the stamps until it led, and every
-    /// lease it granted was stamped that far behind real time (robustness
-    /// kill run, seed 13169343415309842620).
-    #[test]
-    fn a_deposed_leaders_entries_are_old_news_even_uncommitted() {
-        let rpc = append(3, Some(4), &[(2, 5), (2, 6), (3, 7)]);
-        assert_eq!(
-            old_news(&rpc),
-            Some(6),
-            "entries 5 and 6 are the term-2 leader's"
-        );
-        let own = append(3, Some(4), &[(3, 5), (3, 6)]);
-        assert_eq!(
-            old_news(&own),
-            Some(4),
-            "the sender's own uncommitted entries are fresh"
-        );
-        let none = append(3, None, &[(3, 5)]);
-        assert_eq!(old_news(&none), None);
     }
 }

@@ -326,14 +326,10 @@ impl RaftPeer for PeerService {
         // A message that does not decode ends the input; the leader sees the
         // stream end early and starts a new one.
         let input = futures::StreamExt::take_until(req.into_inner(), stopping.clone());
-        let consensus = self.consensus.clone();
-        let requests = input.map_while(move |m| {
+        let requests = input.map_while(|m| {
             let rpc = decode::<AppendEntriesRequest>(&m.ok()?.data).ok()?;
             match well_formed(&rpc) {
-                Ok(()) => {
-                    consensus.note_old_news(&rpc);
-                    Some(rpc)
-                }
+                Ok(()) => Some(rpc),
                 Err(why) => {
                     crate::metrics::peer_refused();
                     tracing::warn!(%why, "ended an append stream on a malformed append");
@@ -362,7 +358,6 @@ impl RaftPeer for PeerService {
             crate::metrics::peer_refused();
             return Err(to_status(Error::invalid("entries", why)));
         }
-        self.consensus.note_old_news(&rpc);
         let resp = self
             .consensus
             .raft

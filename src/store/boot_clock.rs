@@ -1,17 +1,16 @@
 //! The host's boot clock, so the state machine clock keeps counting the
 //! time a node was down (SPEC §2 Time: a new leader continues from the
-//! state machine clock plus the monotonic time since; `reading.rs`).
+//! state machine clock plus the monotonic time since it last applied).
 //!
 //! A process that restarts has lost its in-memory monotonic reference, so
 //! the last stamp it re-applies from its log would be taken as "now", and
 //! the cluster clock would fall behind real time by the downtime (leases
 //! and retention then last longer than asked). Instead every apply batch
-//! records an [`Anchor`]: "at this point of the boot clock this stamp
-//! arrived, and at this later point the node's reading was this".
-//! `CLOCK_BOOTTIME` is system-wide and monotonic and keeps counting across
-//! process restarts (and suspend), so after a restart in the same boot the
-//! stamp is taken as arriving that long ago, and the reading bridges from
-//! when it was read (`reading.rs`). After a reboot (another boot
+//! records an [`Anchor`]: "at this point of the boot clock, the state
+//! machine clock read at least this". `CLOCK_BOOTTIME` is system-wide and
+//! monotonic and keeps counting across process restarts (and suspend), so
+//! after a restart in the same boot the anchor plus the boot time since is
+//! a reading the clock has certainly reached. After a reboot (another boot
 //! id) no such bound exists and the downtime is simply not counted, which
 //! errs on the side of longer leases. Nothing here reads the wall clock.
 //!
@@ -35,20 +34,12 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-/// Where the state machine clock stood at points of the boot clock: the
-/// greatest stamp dated on arrival and when it arrived, and the node's
-/// reading when the anchor was written.
+/// A reading of the state machine clock at a point of the boot clock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Anchor {
     pub clock_ms: u64,
     pub boot_id: String,
     pub boot_ms: u64,
-    /// The node's reading when the anchor was written, and how many ms
-    /// after `boot_ms` that was: it counts the downtime even when the
-    /// greatest dated stamp is old (a follower that got only old news for
-    /// a while). Only the file holds it; older anchors have none.
-    #[serde(skip)]
-    pub reading: Option<(u64, u64)>,
 }
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`), or `None` where the
@@ -71,39 +62,23 @@ pub fn boot_ms() -> Option<u64> {
 }
 
 impl Anchor {
-    /// The anchor for a stamp `clock_ms` that arrived `ago` before now, with
-    /// the node's reading now, if this host has a boot clock.
-    pub fn taken(
-        boot_id: &Option<String>,
-        clock_ms: u64,
-        ago: std::time::Duration,
-        reading_ms: u64,
-    ) -> Option<Anchor> {
-        let ago = u64::try_from(ago.as_millis()).unwrap_or(u64::MAX);
-        let now = boot_ms()?;
-        let at = now.saturating_sub(ago);
+    /// The anchor for `clock_ms` now, if this host has a boot clock.
+    pub fn now(boot_id: &Option<String>, clock_ms: u64) -> Option<Anchor> {
         Some(Anchor {
             clock_ms,
             boot_id: boot_id.clone()?,
-            boot_ms: at,
-            reading: Some((reading_ms, now - at)),
+            boot_ms: boot_ms()?,
         })
     }
 
-    /// The reading this anchor holds and how long ago (ms of boot time) it
-    /// was read, if it holds one and was taken in the current boot.
-    pub fn reading_age_ms(&self, boot_id: &Option<String>) -> Option<(u64, u64)> {
-        let (reading, after) = self.reading?;
-        Some((reading, self.age_ms(boot_id)?.checked_sub(after)?))
-    }
-
-    /// How long ago (ms of boot time) this anchor was taken, if in the
-    /// current boot.
-    pub fn age_ms(&self, boot_id: &Option<String>) -> Option<u64> {
+    /// What the state machine clock has certainly reached by now, if this
+    /// anchor was taken in the current boot.
+    pub fn reached_ms(&self, boot_id: &Option<String>) -> Option<u64> {
         if boot_id.as_deref() != Some(self.boot_id.as_str()) {
             return None;
         }
-        boot_ms()?.checked_sub(self.boot_ms)
+        let since = boot_ms()?.checked_sub(self.boot_ms)?;
+        Some(self.clock_ms.saturating_add(since))
     }
 }
 
@@ -157,22 +132,18 @@ impl AnchorFile {
 impl Anchor {
     const MAGIC: &'static str = "idemkv-clock-anchor-1";
 
-    /// `MAGIC clock_ms boot_id boot_ms [reading_ms read_after_ms] crc32`,
-    /// space-padded to [`ANCHOR_BYTES`] and ended by a newline.
+    /// `MAGIC clock_ms boot_id boot_ms crc32`, space-padded to
+    /// [`ANCHOR_BYTES`] and ended by a newline.
     fn to_line(&self) -> Vec<u8> {
-        let mut body = format!(
+        let body = format!(
             "{} {} {} {}",
             Self::MAGIC,
             self.clock_ms,
             self.boot_id,
             self.boot_ms
         );
-        if let Some((reading, after)) = self.reading {
-            body.push_str(&format!(" {reading} {after}"));
-        }
         let crc = crc32fast::hash(body.as_bytes());
         let mut line = format!("{body} {crc:08x}").into_bytes();
-        debug_assert!(line.len() < ANCHOR_BYTES, "an anchor line would be cut");
         line.resize(ANCHOR_BYTES - 1, b' ');
         line.push(b'\n');
         line
@@ -191,15 +162,10 @@ impl Anchor {
         let clock_ms = f.next()?.parse().ok()?;
         let boot_id = f.next()?.to_string();
         let boot_ms = f.next()?.parse().ok()?;
-        let reading = match f.next() {
-            Some(r) => Some((r.parse().ok()?, f.next()?.parse().ok()?)),
-            None => None,
-        };
         f.next().is_none().then_some(Anchor {
             clock_ms,
             boot_id,
             boot_ms,
-            reading,
         })
     }
 }
@@ -211,13 +177,13 @@ mod tests {
     #[test]
     fn an_anchor_of_this_boot_counts_the_time_since_and_another_boot_none() {
         let id = boot_id();
-        let Some(mut a) = Anchor::taken(&id, 1_000, std::time::Duration::ZERO, 1_000) else {
+        let Some(mut a) = Anchor::now(&id, 1_000) else {
             return; // no boot clock on this host
         };
         a.boot_ms -= 5_000; // taken five seconds ago
-        let reached = a.clock_ms + a.age_ms(&id).unwrap();
+        let reached = a.reached_ms(&id).unwrap();
         assert!((6_000..7_000).contains(&reached), "{reached}");
-        assert_eq!(a.age_ms(&Some("another-boot".into())), None);
+        assert_eq!(a.reached_ms(&Some("another-boot".into())), None);
     }
 
     #[test]
@@ -230,23 +196,17 @@ mod tests {
             clock_ms: 1_796_408_343_968,
             boot_id: "0f4c6a52-5b6e-4c8e-9b1a-2d3e4f5a6b7c".into(),
             boot_ms: 123_456_789,
-            reading: Some((1_796_408_344_968, 1_000)),
         };
         let short = Anchor {
             clock_ms: 7,
             boot_id: "b".into(),
             boot_ms: 1,
-            reading: None,
         };
         f.write(&long).unwrap();
         f.write(&short).unwrap();
         drop(f);
         let (f, read) = AnchorFile::open(&path).unwrap();
         assert_eq!(read, Some(short), "the last one written, whole");
-        f.write(&long).unwrap();
-        drop(f);
-        let (f, read) = AnchorFile::open(&path).unwrap();
-        assert_eq!(read, Some(long.clone()), "with the reading it holds");
         f.write(&long).unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[30] ^= 1;

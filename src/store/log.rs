@@ -99,7 +99,6 @@ use openraft::{OptionalSend, RaftLogReader};
 use super::commit_hint::CommitHint;
 use super::durable::{sled_err, GroupCommit, Syncer, Waiter};
 use super::keys::{COMMITTED, PURGED, VOTE};
-use super::reading::SharedReading;
 use super::rejoin::Rejoin;
 use super::test_hooks;
 use crate::codec::{decode, encode};
@@ -194,9 +193,6 @@ pub struct LogStore {
     /// are made durable on the appending task when the log has been quiet
     /// (see `append`).
     own_id: Arc<OnceLock<NodeId>>,
-    /// The node's clock reading, told when each entry was appended
-    /// (`reading.rs`).
-    reading: Arc<OnceLock<SharedReading>>,
     /// The bytes of the newest entries as written, which replication sends
     /// on without encoding them again.
     encodings: Encodings,
@@ -834,18 +830,12 @@ impl LogStore {
             synced_at_open,
             rejoin,
             own_id: Arc::new(OnceLock::new()),
-            reading: Arc::new(OnceLock::new()),
         })
     }
 
     /// Tell the log which node it belongs to (see `own_id`).
     pub fn set_node_id(&self, id: NodeId) {
         let _ = self.own_id.set(id);
-    }
-
-    /// Tell `reading` when each entry is appended (see `reading`).
-    pub(super) fn feed_reading(&self, reading: SharedReading) {
-        let _ = self.reading.set(reading);
     }
 
     /// Rounds of the log's group commit run on the appending task.
@@ -918,17 +908,12 @@ impl LogStore {
     }
 
     /// Write `entries` to the active segment (not yet durable); the log's
-    /// last id after, and the first entry's index.
-    fn write(
-        &self,
-        entries: impl IntoIterator<Item = Entry>,
-    ) -> io::Result<(Option<LogId>, Option<u64>)> {
+    /// last id after.
+    fn write(&self, entries: impl IntoIterator<Item = Entry>) -> io::Result<Option<LogId>> {
         let mut inner = self.lock();
         let mut buf = Vec::new();
         let mut rolled = false;
-        let mut first = None;
         for entry in entries {
-            first = first.or(Some(entry.index()));
             let index = entry.index();
             if let Some(last) = inner.last_index() {
                 if index != last + 1 {
@@ -973,7 +958,7 @@ impl LogStore {
         if rolled {
             self.set_active(&inner);
         }
-        Ok((inner.last_log_id, first))
+        Ok(inner.last_log_id)
     }
 
     /// The bytes of the newest entries as this log wrote them.
@@ -1105,10 +1090,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let (last, first) = self.write(entries)?;
-        if let (Some(reading), Some(first), Some(last)) = (self.reading.get(), first, last) {
-            reading.appended(first, last.index());
-        }
+        let last = self.write(entries)?;
         // Once durable, these entries may be the ones a damaged tail lost.
         let regained = match self.rejoin.until() {
             Some(_) => last.map(|l| (self.rejoin.clone(), l.index())),

@@ -22,7 +22,6 @@ mod identity;
 mod key_filter;
 pub mod keys;
 mod log;
-mod reading;
 mod rejoin;
 pub mod sled_mark;
 mod snapfile;
@@ -200,7 +199,6 @@ impl Store {
             &dir.join(ANCHOR_FILE),
             clock,
         )?;
-        log.feed_reading(state_machine.reading());
         // Record what sled holds now, durably (a data directory from before
         // the mark gets one here).
         syncer.sync_now()?;

@@ -39,7 +39,6 @@ use super::durable::{sled_err, Syncer};
 use super::expiry::ExpiryIndex;
 use super::key_filter::KeyFilter;
 use super::keys;
-use super::reading::SharedReading;
 use crate::clock::{Clock, Instant};
 use crate::codec::{decode, decode_borrowed, encode, encoded_len};
 use crate::raft::types::{
@@ -66,9 +65,9 @@ pub(super) struct Shared {
     pub(super) lock: Arc<RwLock<()>>,
     /// The state machine clock: max of every stamp applied so far.
     pub(super) clock: AtomicU64,
-    /// What [`StateMachineStore::now_ms`] reads between stamps
-    /// (`reading.rs`).
-    pub(super) reading: SharedReading,
+    /// `(ns, at)`: a reading the clock had certainly reached at monotonic
+    /// instant `at`; [`StateMachineStore::now_ms`] adds the time since.
+    pub(super) estimate: std::sync::Mutex<(u64, Instant)>,
     /// The node's source of time (monotonic and wall).
     pub(super) time: Clock,
     pub(super) boot_id: Option<String>,
@@ -374,21 +373,12 @@ impl StateMachineStore {
             Some(v) => Some(decode::<boot_clock::Anchor>(&v)?),
             None => None,
         };
-        let anchors: Vec<(u64, std::time::Duration)> = [&anchor, &in_sled]
-            .into_iter()
-            .flatten()
-            .filter_map(|a| {
-                let ago = a.age_ms(&boot_id)?;
-                Some((a.clock_ms, std::time::Duration::from_millis(ago)))
-            })
-            .collect();
-        let readings: Vec<(u64, std::time::Duration)> = anchor
+        let floor_ms = [anchor, in_sled]
             .iter()
-            .filter_map(|a| {
-                let (reading, ago) = a.reading_age_ms(&boot_id)?;
-                Some((reading, std::time::Duration::from_millis(ago)))
-            })
-            .collect();
+            .flatten()
+            .filter_map(|a| a.reached_ms(&boot_id))
+            .max()
+            .unwrap_or(0);
         let sm = StateMachineStore {
             shared: Arc::new(Shared {
                 db: db.clone(),
@@ -397,7 +387,10 @@ impl StateMachineStore {
                 snapshot_dir,
                 lock: Arc::new(RwLock::new(())),
                 clock: AtomicU64::new(clock),
-                reading: SharedReading::new(time.clone(), clock, &anchors, &readings),
+                estimate: std::sync::Mutex::new((
+                    clock.max(floor_ms).saturating_mul(1_000_000),
+                    time.now(),
+                )),
                 time,
                 boot_id,
                 last_token: AtomicU64::new(last_token),
@@ -532,15 +525,22 @@ impl StateMachineStore {
         self.shared.clock.load(Ordering::Acquire)
     }
 
-    /// The state machine clock as of now: the greatest stamp applied plus
-    /// the monotonic time since its entry was appended here, not set back
-    /// by a stamp below it applied late, never
-    /// ahead of stamps a leader steers slow (`reading.rs`). Immune to
-    /// wall-clock jumps; a restart counts its downtime through the anchor.
-    /// Every lease decision outside `apply` (Await, the no-write claim path,
-    /// the sweep trigger) and a new leader's first stamp read this.
+    /// The state machine clock as of now: the greatest reading it is known
+    /// to have reached (an applied stamp, or the anchor of a restart) plus
+    /// the monotonic time since it was known. Behind the leader's clock,
+    /// never ahead of what real time allows, immune to wall-clock jumps, and
+    /// never lowered by a stamp applied late (entries a follower applies
+    /// only after an election carry stamps from before it). Every lease
+    /// decision outside `apply` (Await, the no-write claim path, the sweep
+    /// trigger) and a new leader's first stamp read this.
     pub fn now_ms(&self) -> u64 {
-        self.shared.reading.read().max(self.clock_ms())
+        let (ns, at) = *self
+            .shared
+            .estimate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let since = self.shared.time.now().saturating_duration_since(at);
+        (ns.saturating_add(since.as_nanos() as u64) / 1_000_000).max(self.clock_ms())
     }
 
     /// The node's clock: the source of monotonic and wall time for every
@@ -549,22 +549,19 @@ impl StateMachineStore {
         &self.shared.time
     }
 
-    /// Take the stamp `now` into the clock (on snapshot install).
+    /// Take the stamp `now` into the clock (on apply and snapshot install).
     pub(super) fn set_clock(&self, now: u64) {
-        self.shared.reading.take_late(now);
+        let mut est = self
+            .shared
+            .estimate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let at = self.shared.time.now();
+        let known = est
+            .0
+            .saturating_add(at.saturating_duration_since(est.1).as_nanos() as u64);
+        *est = (known.max(now.saturating_mul(1_000_000)), at);
         self.shared.clock.store(now, Ordering::Release);
-    }
-
-    /// The reading [`Self::now_ms`] gives, for the log to feed stamps to as
-    /// it appends them.
-    pub(super) fn reading(&self) -> SharedReading {
-        self.shared.reading.clone()
-    }
-
-    /// A leader sending entries here says entries up to `index` may be old
-    /// news (`reading.rs`: those are dated late).
-    pub fn old_news_through(&self, index: u64) {
-        self.shared.reading.old_news_through(index);
     }
 
     /// Watch the index of the last applied entry.
@@ -713,8 +710,7 @@ impl StateMachineStore {
             }
             *last = Some(now);
         }
-        let (stamp, ago, reading) = self.shared.reading.anchor();
-        if let Some(a) = boot_clock::Anchor::taken(&self.shared.boot_id, stamp, ago, reading) {
+        if let Some(a) = boot_clock::Anchor::now(&self.shared.boot_id, self.now_ms()) {
             self.shared.anchor_file.write(&a)?;
         }
         Ok(())
@@ -849,8 +845,7 @@ impl StateMachineStore {
 
     fn apply_request(&self, p: &mut Pending, req: Request, index: u64) -> io::Result<Response> {
         let now = record::advance_clock(self.clock_ms(), req.stamped_ms);
-        self.shared.reading.applied(index, req.stamped_ms);
-        self.shared.clock.store(now, Ordering::Release);
+        self.set_clock(now);
         p.writes.insert(keys::CLOCK.to_vec(), Some(encode(&now)?));
         if matches!(*req.command, Command::Hash) {
             return self.hash_entry(p, index);
@@ -1114,6 +1109,7 @@ impl<'a> BulkWriter<'a> {
 #[cfg(test)]
 mod tests {
     use super::SPARE_ROOM;
+    use std::time::Duration;
 
     /// Stage `keys` in the overlay's current layer, each written as
     /// `value` (with no decoded record), as apply leaves them for a flush.
@@ -1123,6 +1119,29 @@ mod tests {
             l.current.writes.insert(k.clone(), Some(value.to_vec()));
             l.current.records.insert(k, None);
         }
+    }
+
+    /// A follower applies the last entries of a leader that stopped only
+    /// after the next election; their stamps are older than the time that
+    /// has passed, and must not set the clock's reading back (a paused
+    /// leader in the robustness suite once cost the cluster 1.3 s that way).
+    #[test]
+    fn a_stamp_applied_late_never_sets_the_reading_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let sm = &store.state_machine;
+        sm.set_clock(1_000_000);
+        std::thread::sleep(Duration::from_millis(100));
+        let before = sm.now_ms();
+        assert!(before >= 1_000_100, "{before}");
+        sm.set_clock(1_000_010);
+        assert_eq!(sm.clock_ms(), 1_000_010, "the deterministic clock takes it");
+        assert!(
+            sm.now_ms() >= before,
+            "the reading went back from {before} to {}",
+            sm.now_ms()
+        );
+        store.log.close();
     }
 
     /// sled writes a page as a blob file (which it never fsyncs) once the
