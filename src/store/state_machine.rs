@@ -534,13 +534,12 @@ impl StateMachineStore {
     /// decision outside `apply` (Await, the no-write claim path, the sweep
     /// trigger) and a new leader's first stamp read this.
     pub fn now_ms(&self) -> u64 {
-        let (ns, at) = *self
+        let est = *self
             .shared
             .estimate
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let since = self.shared.time.now().saturating_duration_since(at);
-        (ns.saturating_add(since.as_nanos() as u64) / 1_000_000).max(self.clock_ms())
+        (reached_ns(est, self.shared.time.now()) / 1_000_000).max(self.clock_ms())
     }
 
     /// The node's clock: the source of monotonic and wall time for every
@@ -557,10 +556,7 @@ impl StateMachineStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let at = self.shared.time.now();
-        let known = est
-            .0
-            .saturating_add(at.saturating_duration_since(est.1).as_nanos() as u64);
-        *est = (known.max(now.saturating_mul(1_000_000)), at);
+        *est = (reached_ns(*est, at).max(now.saturating_mul(1_000_000)), at);
         self.shared.clock.store(now, Ordering::Release);
     }
 
@@ -1106,6 +1102,12 @@ impl<'a> BulkWriter<'a> {
     }
 }
 
+/// What the clock's reading `(ns, at)` (reached `ns` at instant `at`) has
+/// reached by `now`: the monotonic time since counts in full.
+fn reached_ns((ns, at): (u64, Instant), now: Instant) -> u64 {
+    ns.saturating_add(now.saturating_duration_since(at).as_nanos() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::SPARE_ROOM;
@@ -1130,17 +1132,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(dir.path()).unwrap();
         let sm = &store.state_machine;
-        sm.set_clock(1_000_000);
-        std::thread::sleep(Duration::from_millis(100));
-        let before = sm.now_ms();
-        assert!(before >= 1_000_100, "{before}");
-        sm.set_clock(1_000_010);
-        assert_eq!(sm.clock_ms(), 1_000_010, "the deterministic clock takes it");
-        assert!(
-            sm.now_ms() >= before,
-            "the reading went back from {before} to {}",
-            sm.now_ms()
-        );
+        // The node's clock is tokio's: paused, 100 ms pass exactly.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            sm.set_clock(1_000_000);
+            tokio::time::advance(Duration::from_millis(100)).await;
+            let before = sm.now_ms();
+            assert!(before >= 1_000_100, "{before}");
+            sm.set_clock(1_000_010);
+            assert_eq!(sm.clock_ms(), 1_000_010, "the deterministic clock takes it");
+            assert!(
+                sm.now_ms() >= before,
+                "the reading went back from {before} to {}",
+                sm.now_ms()
+            );
+        });
         store.log.close();
     }
 
