@@ -24,6 +24,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use tokio::time::Instant;
 
+/// The most by which the leader steers its stamps toward its wall clock,
+/// in percent of the elapsed time (`raft/clock.rs`): stamps advance at
+/// least `100 − SLEW_PERCENT` and at most `100 + SLEW_PERCENT` percent of
+/// real time, which is what a node's reading between stamps relies on
+/// (`store/reading.rs`).
+pub const SLEW_PERCENT: u32 = 1;
+
 /// A source of time for a node's rules.
 pub trait TimeSource: Send + Sync + 'static {
     /// Monotonic now: never goes back, whatever the wall clock does.

@@ -314,3 +314,145 @@ async fn a_stepped_wall_clock_moves_a_lease_by_at_most_the_slew() {
     }
     c.shutdown().await;
 }
+
+/// A leader whose wall clock is 25 h behind its stamps steers them 1 %
+/// slow for as long as it leads. The other nodes' readings must keep to
+/// those stamps: counted at full rate from old stamps they pulled ahead by
+/// 1 % of all the time elapsed (12 s after twenty minutes, 36 s an hour),
+/// and the next leader, starting from such a reading, ended a lease at
+/// once. The lease must still end on time, too.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_new_leader_after_stamps_steered_slow_ends_no_lease_early() {
+    const LEASE_MS: u64 = 10_000;
+    let (mut c, wall) = support::inproc::TestCluster::start_virtual(3).await;
+    let client = c.client();
+    let lead = c.wait_leader(Duration::from_secs(5)).await;
+    // The first stamp starts the cluster's clock from the wall clock.
+    let first = claim(&client, "first", "ticker", 1_000).await;
+    assert!(matches!(first, Outcome::Acquired(_)), "{first:?}");
+    let term = c.node(lead).consensus().status().term;
+    wall.step(-DAY_AND_HOUR_S * 1000);
+    assert!(
+        c.node(lead).consensus().wall_clock_ms() + 1000 * DAY_AND_HOUR_S as u64 / 2
+            < c.node(lead).consensus().now_ms(),
+        "the fault took effect: the leader's wall clock is far behind its stamps"
+    );
+    // Twenty minutes of writes, one a second, time moving in heartbeats.
+    for i in 0..1_200 {
+        for _ in 0..10 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        let tick = claim(&client, &format!("tick-{i}"), "ticker", 1_000).await;
+        assert!(matches!(tick, Outcome::Acquired(_)), "{tick:?}");
+    }
+    assert_eq!(
+        c.node(lead).consensus().status().term,
+        term,
+        "one leader stamped the whole twenty minutes"
+    );
+    let claimed = tokio::time::Instant::now();
+    assert!(matches!(
+        claim(&client, "k", "w1", LEASE_MS).await,
+        Outcome::Acquired(_)
+    ));
+    c.stop(lead).await;
+    let next = c.wait_leader(Duration::from_secs(5)).await;
+    assert_ne!(next, lead, "the fault took effect: the leader changed");
+    let outcome = claim(&client, "k", "w2", LEASE_MS).await;
+    assert!(
+        claimed.elapsed() < Duration::from_millis(LEASE_MS),
+        "the election took {:?}: the lease ran out anyway",
+        claimed.elapsed()
+    );
+    match outcome {
+        Outcome::InProgress(p) => assert_eq!(p.owner, "w1"),
+        other => panic!(
+            "the new leader ended w1's lease {:?} after it was granted: {other:?}",
+            claimed.elapsed()
+        ),
+    }
+    // It ends all the same: by the lease plus the 1 % steering and a
+    // heartbeat.
+    tokio::time::advance(
+        (claimed + Duration::from_millis(LEASE_MS * 101 / 100 + 100))
+            .saturating_duration_since(tokio::time::Instant::now()),
+    )
+    .await;
+    match claim(&client, "k", "w2", LEASE_MS).await {
+        Outcome::Acquired(a) => assert_eq!(a.previous_owner.as_deref(), Some("w1")),
+        other => panic!(
+            "w1's lease had not ended {:?} after it was granted: {other:?}",
+            claimed.elapsed()
+        ),
+    }
+    c.shutdown().await;
+}
+
+/// A leader stamps a grant while both followers are down, so it cannot
+/// commit it; one follower comes back two seconds later and gets the entry,
+/// stamped two seconds before it arrived. Counted from its arrival (from
+/// its apply, or dated on append as uncommitted news), the stamp held that
+/// follower's clock two seconds behind, and once it led, every stamp it
+/// gave was that far behind real time: the lease lasted two seconds too
+/// long (robustness kill run in CI: 1,002 ms). The leader's clock, sent
+/// with every append and dated on arrival, is what the follower goes by.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_follower_that_got_a_grant_late_leads_on_real_time() {
+    const LEASE_MS: u64 = 10_000;
+    const STALL: Duration = Duration::from_secs(2);
+    let (mut c, _wall) = support::inproc::TestCluster::start_virtual(3).await;
+    let client = c.client();
+    let lead = c.wait_leader(Duration::from_secs(5)).await;
+    let first = claim(&client, "first", "ticker", 1_000).await;
+    assert!(matches!(first, Outcome::Acquired(_)), "{first:?}");
+    let others: Vec<u64> = (1..=3).filter(|&i| i != lead).collect();
+    let (late, last) = (others[0], others[1]);
+    c.stop(late).await;
+    c.stop(last).await;
+    let granted = tokio::time::Instant::now();
+    let grant = tokio::spawn({
+        let client = c.client_of(lead);
+        async move { claim(&client, "k", "w1", LEASE_MS).await }
+    });
+    // Virtual time stands still until this task waits: let the grant be
+    // proposed (and stamped) first.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::advance(STALL).await;
+    assert!(
+        !grant.is_finished(),
+        "the fault took effect: no majority to commit"
+    );
+    c.restart(late).await;
+    let w1 = grant.await.unwrap();
+    assert!(matches!(w1, Outcome::Acquired(_)), "{w1:?}");
+    assert!(
+        granted.elapsed() >= STALL,
+        "the fault took effect: the grant waited for the follower"
+    );
+    // The old leader goes before it stamps anything else; the node that got
+    // the grant late leads (the other lacks the grant, so cannot).
+    c.stop(lead).await;
+    c.restart(last).await;
+    let next = c.wait_leader(Duration::from_secs(10)).await;
+    assert_eq!(next, late, "the fault took effect: the leader changed");
+    let node = c.node(next).consensus();
+    let behind = node.wall_clock_ms() as i64 - node.now_ms() as i64;
+    assert!(
+        behind.abs() <= 100,
+        "the new leader's clock is {behind} ms behind real time"
+    );
+    // w1's lease ends by its length plus the 1 % steering and a heartbeat.
+    tokio::time::advance(
+        (granted + Duration::from_millis(LEASE_MS * 101 / 100 + 150))
+            .saturating_duration_since(tokio::time::Instant::now()),
+    )
+    .await;
+    match claim(&client, "k", "w2", LEASE_MS).await {
+        Outcome::Acquired(a) => assert_eq!(a.previous_owner.as_deref(), Some("w1")),
+        other => panic!(
+            "w1's lease had not ended {:?} after it was asked for: {other:?}",
+            granted.elapsed()
+        ),
+    }
+    c.shutdown().await;
+}

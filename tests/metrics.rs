@@ -259,7 +259,10 @@ async fn takeovers_and_peer_refusals_are_counted_as_what_they_are() {
     // A stranger (another source address) writes through the peer port.
     let mut stranger = procs::peer_from("127.0.0.2", &c.peer[0]).await;
     let err = stranger
-        .vote(idemkv::pb::peer::Payload { data: vec![] })
+        .vote(idemkv::pb::peer::Payload {
+            data: vec![],
+            ..Default::default()
+        })
         .await
         .expect_err("a non-member's call is refused");
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");

@@ -378,7 +378,10 @@ async fn peer_calls_are_accepted_only_from_member_addresses() {
     );
     // Votes are refused too (a stranger cannot disrupt elections).
     let err = stranger
-        .vote(Payload { data: vec![] })
+        .vote(Payload {
+            data: vec![],
+            ..Default::default()
+        })
         .await
         .expect_err("refused");
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -454,6 +457,7 @@ async fn oversized_messages_are_refused_on_both_ports() {
     let err = member
         .forward(Payload {
             data: vec![0xff; 5 * 1024 * 1024],
+            ..Default::default()
         })
         .await
         .expect_err("too large");
@@ -461,6 +465,7 @@ async fn oversized_messages_are_refused_on_both_ports() {
     let err = member
         .forward(Payload {
             data: vec![0xff; 16],
+            ..Default::default()
         })
         .await
         .expect_err("undecodable");
@@ -903,7 +908,10 @@ async fn refused_as_bad_input_and_the_node_lives(data: Vec<u8>, key: &str) {
     let before = client.status().await.unwrap().last_log_index;
     let mut member = procs::peer_from("127.0.0.1", &c.peer[0]).await;
     let refused = member
-        .forward(Payload { data })
+        .forward(Payload {
+            data,
+            ..Default::default()
+        })
         .await
         .expect_err("an undecodable forward was accepted");
     assert_eq!(
@@ -944,7 +952,14 @@ async fn forward(
     req: Forwarded,
 ) -> ForwardReply {
     let data = idemkv::codec::encode(&req).unwrap();
-    let reply = member.forward(Payload { data }).await.unwrap().into_inner();
+    let reply = member
+        .forward(Payload {
+            data,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     idemkv::codec::decode(&reply.data).unwrap()
 }
 
@@ -1002,6 +1017,7 @@ async fn an_append_with_a_gap_in_its_entries_is_refused_and_the_node_lives() {
     let refused = member
         .append_entries(Payload {
             data: idemkv::codec::encode(&rpc).unwrap(),
+            ..Default::default()
         })
         .await
         .expect_err("an append with a gap was accepted");
@@ -1025,6 +1041,69 @@ async fn an_append_with_a_gap_in_its_entries_is_refused_and_the_node_lives() {
     acquired(
         client
             .claim(claim_req("peers", "after-gap", "w", 30_000))
+            .await
+            .expect("claim after the refused append"),
+    );
+}
+
+/// An append whose leader clock is beyond any real clock (a faulty member)
+/// is refused as bad input and changes nothing: taken, it would have put
+/// the node's clock reading, and every lease decision after it, past any
+/// real leader's for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_with_an_absurd_leader_clock_is_refused_and_changes_nothing() {
+    use idemkv::raft::types::{AppendEntriesRequest, Vote};
+    use idemkv::raft::TypeConfig;
+    use openraft::testing::log_id;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = procs::ProcCluster::new(dir.path(), 1, "");
+    c.start_all();
+    c.wait_ready(Duration::from_secs(20)).await;
+    let client = c.client();
+    acquired(
+        client
+            .claim(claim_req("peers", "before-clock", "w", 30_000))
+            .await
+            .expect("claim"),
+    );
+    let before = client.status().await.unwrap();
+    // A heartbeat from a new leader (node 2, the next term).
+    let (term, last) = (before.term, before.last_log_index);
+    let rpc = AppendEntriesRequest {
+        vote: Vote::new_committed(term + 1, 2),
+        prev_log_id: Some(log_id::<TypeConfig>(term, 1, last)),
+        entries: vec![],
+        leader_commit: None,
+    };
+    let mut member = procs::peer_from("127.0.0.1", &c.peer[0]).await;
+    let refused = member
+        .append_entries(Payload {
+            data: idemkv::codec::encode(&rpc).unwrap(),
+            leader_clock_ms: u64::MAX,
+        })
+        .await
+        .expect_err("an append with an absurd leader clock was accepted");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("leader clock"),
+        "{}",
+        refused.message()
+    );
+    let after = client.status().await.unwrap();
+    assert_eq!(
+        after.term, before.term,
+        "the refused append changed the term"
+    );
+    assert!(
+        after.clock_ms < after.wall_clock_ms + 60_000,
+        "the node's clock reads {} ms, its wall clock {}",
+        after.clock_ms,
+        after.wall_clock_ms
+    );
+    acquired(
+        client
+            .claim(claim_req("peers", "after-clock", "w", 30_000))
             .await
             .expect("claim after the refused append"),
     );

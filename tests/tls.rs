@@ -327,7 +327,10 @@ async fn a_client_certificate_is_refused_on_the_peer_port() {
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("node certificate"), "{err:?}");
     let err = as_client
-        .vote(Payload { data: vec![] })
+        .vote(Payload {
+            data: vec![],
+            ..Default::default()
+        })
         .await
         .expect_err("a client certificate's vote is refused");
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");

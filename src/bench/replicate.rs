@@ -180,6 +180,7 @@ impl RaftPeer for Follower {
         let answers = UnboundedReceiverStream::new(synced).map(|s| match s {
             Ok((newest, syncs)) => Ok(Payload {
                 data: [newest, syncs].map(u64::to_le_bytes).concat(),
+                ..Default::default()
             }),
             Err(e) => Err(Status::internal(format!(
                 "replicated floor follower: fdatasync: {e}"
@@ -426,9 +427,15 @@ impl Leader {
                 // One copy of the bytes per follower, the original for the
                 // leader's own file.
                 for out in &outs {
-                    let _ = out.send(Payload { data: data.clone() });
+                    let _ = out.send(Payload {
+                        data: data.clone(),
+                        ..Default::default()
+                    });
                 }
-                let _ = to_local.send(Payload { data });
+                let _ = to_local.send(Payload {
+                    data,
+                    ..Default::default()
+                });
                 let copies = (local.clone(), remote.clone());
                 let (counters, durable_tx) = (counters.clone(), durable_tx.clone());
                 tokio::spawn(finish_batch(n, batch, slot, copies, durable_tx, counters));

@@ -6,9 +6,10 @@
 //! time, whatever the wall clock of the node does:
 //!
 //! - During one leadership term the stamp is `base + monotonic elapsed`,
-//!   where `base` is the state machine clock (plus the monotonic time since
-//!   this node last applied a stamp) when the term began. A wall-clock jump
-//!   forward or back therefore moves nothing at once.
+//!   where `base` is the node's reading of the clock (the previous
+//!   leader's clock as last heard plus the monotonic time since,
+//!   `store/reading.rs`) when the term began. A wall-clock jump forward or
+//!   back therefore moves nothing at once.
 //! - The stamp is steered toward the wall clock by at most [`SLEW`] of the
 //!   elapsed time (1 ms per 100 ms), so a wrong wall clock gains or loses
 //!   at most 1% on lease and retention timing, and a fixed one is followed
@@ -24,7 +25,7 @@ use crate::clock::Instant;
 
 /// The largest share of elapsed time by which a stamp is steered toward
 /// the wall clock, per unit of elapsed time.
-pub const SLEW: f64 = 0.01;
+pub const SLEW: f64 = crate::clock::SLEW_PERCENT as f64 / 100.0;
 
 struct Term {
     term: u64,
@@ -46,8 +47,8 @@ pub struct LeaderClock {
 impl LeaderClock {
     /// The stamp for a command proposed at monotonic instant `now` (the
     /// node's [`crate::clock::Clock`]) in leader term `term`. `sm_now_ms` is
-    /// the state machine's clock as of now (its last stamp plus the
-    /// monotonic time since), `sm_clock_ms` its last stamp (0: the cluster
+    /// the node's reading of the clock now (`store/reading.rs`),
+    /// `sm_clock_ms` the state machine's greatest stamp (0: the cluster
     /// never stamped), `wall_ms` the node's wall clock.
     pub fn stamp(
         &self,

@@ -161,6 +161,7 @@ impl Consensus {
     ) -> Arc<Self> {
         let Admission { check, quota_bytes } = admission;
         let proposer = Proposer::new(raft.clone(), sm.clone(), timeout);
+        peers.set_proposer(proposer.clone());
         Arc::new_cyclic(|me| Consensus {
             id,
             raft,
@@ -369,8 +370,9 @@ impl Consensus {
 
     /// The one clock for lease decisions made outside the state machine
     /// (Await, the no-write claim path, the sweeper): on the leader, the
-    /// stamp a write would get now; elsewhere the state machine clock plus
-    /// the monotonic time since this node last applied a stamp.
+    /// stamp a write would get now; elsewhere the node's reading (the
+    /// leader's clock as last heard plus the monotonic time since,
+    /// `store/reading.rs`).
     pub fn now_ms(&self) -> u64 {
         let sm = self.sm.now_ms();
         if self.raft.is_leader() {
@@ -378,6 +380,19 @@ impl Consensus {
         } else {
             sm
         }
+    }
+
+    /// An append from the leader of `rpc`'s vote says its clock read
+    /// `clock_ms` as it sent it (0: not given): taken as heard now, it
+    /// bounds the clock's reading (`store/reading.rs`). Only from a leader
+    /// this node could still follow: one whose vote is not below the one
+    /// it holds (a deposed leader's append, refused anyway, says nothing).
+    pub fn note_leader_clock(&self, rpc: &super::AppendEntriesRequest, clock_ms: u64) {
+        if clock_ms == 0 || rpc.vote < self.raft.metrics().borrow_watched().vote {
+            return;
+        }
+        self.sm
+            .heard_leader_clock(propose::leader_key(&rpc.vote), clock_ms);
     }
 
     /// The node's wall clock (ms since the epoch), as its
@@ -720,6 +735,7 @@ impl Consensus {
             .map_err(|s| unavailable("leader address", s))?;
         let mut request = tonic::Request::new(Payload {
             data: encode(&req)?,
+            ..Default::default()
         });
         request.set_timeout(self.timeout + Duration::from_secs(1));
         let resp = client.forward(request).await.map_err(|s| {

@@ -26,6 +26,7 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use super::propose::Proposer;
 use super::{NodeId, PeerNode, Snapshot, StreamAppendResult, TypeConfig, Vote};
 use crate::codec::{decode, encode, encode_into};
 use crate::pb::peer::raft_peer_client::RaftPeerClient;
@@ -82,6 +83,22 @@ pub struct Peers {
     stamp: ClusterStamp,
     /// The log's encodings of its newest entries, sent as they are.
     encoded: Encodings,
+    /// This node's stamping clock, read into every AppendEntries request
+    /// it sends as leader ([`Payload::leader_clock_ms`]).
+    clock: LeaderTime,
+}
+
+/// The node's proposer, once it exists: what a leader's clock reads now.
+#[derive(Clone, Default)]
+pub(super) struct LeaderTime(Arc<OnceLock<Proposer>>);
+
+impl LeaderTime {
+    /// The stamp a command proposed now would get; 0 when this node does
+    /// not lead, or before the proposer is set (a follower reads 0 as not
+    /// given).
+    fn now_ms(&self) -> u64 {
+        self.0.get().map_or(0, Proposer::leader_clock)
+    }
 }
 
 impl Peers {
@@ -101,7 +118,13 @@ impl Peers {
                 header: Arc::default(),
             },
             identity,
+            clock: LeaderTime::default(),
         }
+    }
+
+    /// Read the leader's clock from `proposer` (set once, at start).
+    pub(super) fn set_proposer(&self, proposer: Proposer) {
+        let _ = self.clock.0.set(proposer);
     }
 
     /// The gRPC client of peer `id` at `raft_addr` (reusing its channel).
@@ -143,6 +166,7 @@ impl RaftNetworkFactory<TypeConfig> for Peers {
         PeerConnection {
             client: self.client(target, &node.raft_addr),
             encoded: self.encoded.clone(),
+            clock: self.clock.clone(),
             line: None,
         }
     }
@@ -151,6 +175,7 @@ impl RaftNetworkFactory<TypeConfig> for Peers {
 pub struct PeerConnection {
     client: Result<PeerClient, tonic::Status>,
     encoded: Encodings,
+    clock: LeaderTime,
     /// The append stream kept open for single requests ([`Line`]).
     line: Option<Line>,
 }
@@ -247,7 +272,11 @@ impl PeerConnection {
                     Some(line) => line,
                     None => self.open_line().await?,
                 };
-                let answer = match line.requests.send(Payload { data: data.clone() }).await {
+                let sent = Payload {
+                    data: data.clone(),
+                    leader_clock_ms: self.clock.now_ms(),
+                };
+                let answer = match line.requests.send(sent).await {
                     Ok(()) => line.answers.next().await,
                     Err(_) => None,
                 };
@@ -290,7 +319,10 @@ impl PeerConnection {
     }
 
     fn request(data: Vec<u8>, ttl: Duration) -> tonic::Request<Payload> {
-        let mut req = tonic::Request::new(Payload { data });
+        let mut req = tonic::Request::new(Payload {
+            data,
+            ..Default::default()
+        });
         req.set_timeout(ttl);
         req
     }
@@ -392,6 +424,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             let sent = Arc::new(InFlight::default());
             let counter = sent.clone();
             let encoded = self.encoded.clone();
+            let clock = self.clock.clone();
             // A request that cannot be encoded ends the stream; openraft
             // starts a new one.
             let requests = futures::stream::iter(head)
@@ -400,7 +433,10 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                     let data = encode_append(&rpc, &encoded).ok()?;
                     counter.unanswered.fetch_add(1, Ordering::AcqRel);
                     counter.notify.notify_one();
-                    Some(Payload { data })
+                    Some(Payload {
+                        data,
+                        leader_clock_ms: clock.now_ms(),
+                    })
                 });
             let answers = client
                 .append_stream(requests)
@@ -419,7 +455,8 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let data = encode_append(&rpc, &self.encoded).map_err(io_to_rpc)?;
-        let req = Self::request(data, option.hard_ttl());
+        let mut req = Self::request(data, option.hard_ttl());
+        req.get_mut().leader_clock_ms = self.clock.now_ms();
         let resp = self
             .client()?
             .append_entries(req)

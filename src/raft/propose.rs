@@ -19,7 +19,7 @@ use openraft::type_config::async_runtime::WatchReceiver;
 
 use super::clock::LeaderClock;
 use super::coalesce::{Coalescer, Limits, Sink};
-use super::{NodeId, PeerNode, Raft, Response};
+use super::{NodeId, PeerNode, Raft, Response, ServerState, Vote};
 use crate::record::{Command, Outcome, Request};
 use crate::store::StateMachineStore;
 
@@ -80,6 +80,13 @@ impl Proposer {
         self.queue.sink().stamp()
     }
 
+    /// This node's clock as leader, sent with every append it sends; 0
+    /// when it does not lead (a deposed leader's replication still
+    /// running).
+    pub fn leader_clock(&self) -> u64 {
+        self.queue.sink().leader_stamp().unwrap_or(0)
+    }
+
     /// Propose `command` and wait for the state machine's decision (the
     /// caller checked that this node leads; if it stops leading meanwhile,
     /// openraft names the new leader).
@@ -133,17 +140,44 @@ impl Sink for Inner {
     }
 }
 
+/// The leader a vote is for, as `(term, node)`: in openraft's order, so
+/// a later leader's key is greater, even one of the same term.
+pub(super) fn leader_key(vote: &Vote) -> (u64, NodeId) {
+    use openraft::vote::RaftLeaderId;
+    let id = vote.leader_id();
+    (id.term(), *id.node_id())
+}
+
 impl Inner {
+    /// The stamp a command proposed now gets: this node's leader clock
+    /// when it leads; else its reading (the write is refused anyway).
     fn stamp(&self) -> u64 {
+        self.leader_stamp().unwrap_or_else(|| self.sm.now_ms())
+    }
+
+    /// The stamp of this node's leader clock now, if it leads. The leader
+    /// id and the role come from one look at the metrics, so a node that
+    /// just learned of a newer term never starts a leader clock for it.
+    fn leader_stamp(&self) -> Option<u64> {
+        let leader = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            if m.state != ServerState::Leader {
+                return None;
+            }
+            leader_key(&m.vote)
+        };
         let time = self.sm.time();
-        let term = self.raft.metrics().borrow_watched().current_term;
-        self.clock.stamp(
+        let stamp = self.clock.stamp(
             time.now(),
-            term,
+            leader.0,
             self.sm.now_ms(),
             self.sm.clock_ms(),
             time.wall_ms(),
-        )
+        );
+        // Leading, this node's own clock is the leader's clock.
+        self.sm.heard_leader_clock(leader, stamp);
+        Some(stamp)
     }
 
     async fn write(&self, command: Command) -> Result<Response, Refused> {

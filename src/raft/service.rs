@@ -240,6 +240,22 @@ impl Admission {
     }
 }
 
+/// The greatest leader clock an append may carry, ms (the year 37,648): a
+/// clock beyond it is garbage from a faulty member, and taken it would put
+/// this node's reading past any real leader's.
+const MAX_LEADER_CLOCK_MS: u64 = 1 << 50;
+
+/// An append's leader clock as a leader sends it (see
+/// [`MAX_LEADER_CLOCK_MS`]).
+fn clock_well_formed(clock_ms: u64) -> Result<(), String> {
+    if clock_ms > MAX_LEADER_CLOCK_MS {
+        return Err(format!(
+            "leader clock {clock_ms} ms is beyond any real clock (at most {MAX_LEADER_CLOCK_MS})"
+        ));
+    }
+    Ok(())
+}
+
 /// An append's entries as a leader sends them: each index one past the
 /// one before, the first one past `prev_log_id` (0 without one), and no
 /// entry of an earlier term than the one before it, or of a later one than
@@ -295,7 +311,10 @@ fn bad(e: std::io::Error) -> Status {
 
 fn reply<T: serde::Serialize>(v: &T) -> Result<Response<Payload>, Status> {
     let data = encode(v).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(Response::new(Payload { data }))
+    Ok(Response::new(Payload {
+        data,
+        ..Default::default()
+    }))
 }
 
 fn raft_err(e: impl std::fmt::Display) -> Status {
@@ -326,10 +345,15 @@ impl RaftPeer for PeerService {
         // A message that does not decode ends the input; the leader sees the
         // stream end early and starts a new one.
         let input = futures::StreamExt::take_until(req.into_inner(), stopping.clone());
-        let requests = input.map_while(|m| {
-            let rpc = decode::<AppendEntriesRequest>(&m.ok()?.data).ok()?;
-            match well_formed(&rpc) {
-                Ok(()) => Some(rpc),
+        let consensus = self.consensus.clone();
+        let requests = input.map_while(move |m| {
+            let m = m.ok()?;
+            let rpc = decode::<AppendEntriesRequest>(&m.data).ok()?;
+            match well_formed(&rpc).and_then(|()| clock_well_formed(m.leader_clock_ms)) {
+                Ok(()) => {
+                    consensus.note_leader_clock(&rpc, m.leader_clock_ms);
+                    Some(rpc)
+                }
                 Err(why) => {
                     crate::metrics::peer_refused();
                     tracing::warn!(%why, "ended an append stream on a malformed append");
@@ -343,7 +367,10 @@ impl RaftPeer for PeerService {
             .stream_append(requests)
             .map(|r| match r {
                 Ok(result) => encode(&result)
-                    .map(|data| Payload { data })
+                    .map(|data| Payload {
+                        data,
+                        ..Default::default()
+                    })
                     .map_err(|e| Status::internal(e.to_string())),
                 Err(fatal) => Err(raft_err(fatal)),
             });
@@ -353,11 +380,18 @@ impl RaftPeer for PeerService {
 
     async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         self.admission.check(&req).await?;
-        let rpc: AppendEntriesRequest = decode(&req.into_inner().data).map_err(bad)?;
+        let payload = req.into_inner();
+        let rpc: AppendEntriesRequest = decode(&payload.data).map_err(bad)?;
         if let Err(why) = well_formed(&rpc) {
             crate::metrics::peer_refused();
             return Err(to_status(Error::invalid("entries", why)));
         }
+        if let Err(why) = clock_well_formed(payload.leader_clock_ms) {
+            crate::metrics::peer_refused();
+            return Err(to_status(Error::invalid("leader_clock_ms", why)));
+        }
+        self.consensus
+            .note_leader_clock(&rpc, payload.leader_clock_ms);
         let resp = self
             .consensus
             .raft

@@ -1,6 +1,6 @@
 //! The host's boot clock, so the state machine clock keeps counting the
 //! time a node was down (SPEC §2 Time: a new leader continues from the
-//! state machine clock plus the monotonic time since it last applied).
+//! node's reading of the clock, `reading.rs`).
 //!
 //! A process that restarts has lost its in-memory monotonic reference, so
 //! the last stamp it re-applies from its log would be taken as "now", and

@@ -22,6 +22,7 @@ mod identity;
 mod key_filter;
 pub mod keys;
 mod log;
+mod reading;
 mod rejoin;
 pub mod sled_mark;
 mod snapfile;

@@ -39,6 +39,7 @@ use super::durable::{sled_err, Syncer};
 use super::expiry::ExpiryIndex;
 use super::key_filter::KeyFilter;
 use super::keys;
+use super::reading::SharedReading;
 use crate::clock::{Clock, Instant};
 use crate::codec::{decode, decode_borrowed, encode, encoded_len};
 use crate::raft::types::{
@@ -65,9 +66,9 @@ pub(super) struct Shared {
     pub(super) lock: Arc<RwLock<()>>,
     /// The state machine clock: max of every stamp applied so far.
     pub(super) clock: AtomicU64,
-    /// `(ns, at)`: a reading the clock had certainly reached at monotonic
-    /// instant `at`; [`StateMachineStore::now_ms`] adds the time since.
-    pub(super) estimate: std::sync::Mutex<(u64, Instant)>,
+    /// What [`StateMachineStore::now_ms`] reads between stamps
+    /// (`reading.rs`).
+    pub(super) reading: SharedReading,
     /// The node's source of time (monotonic and wall).
     pub(super) time: Clock,
     pub(super) boot_id: Option<String>,
@@ -377,8 +378,7 @@ impl StateMachineStore {
             .iter()
             .flatten()
             .filter_map(|a| a.reached_ms(&boot_id))
-            .max()
-            .unwrap_or(0);
+            .max();
         let sm = StateMachineStore {
             shared: Arc::new(Shared {
                 db: db.clone(),
@@ -387,10 +387,7 @@ impl StateMachineStore {
                 snapshot_dir,
                 lock: Arc::new(RwLock::new(())),
                 clock: AtomicU64::new(clock),
-                estimate: std::sync::Mutex::new((
-                    clock.max(floor_ms).saturating_mul(1_000_000),
-                    time.now(),
-                )),
+                reading: SharedReading::new(time.clone(), clock, floor_ms),
                 time,
                 boot_id,
                 last_token: AtomicU64::new(last_token),
@@ -525,21 +522,15 @@ impl StateMachineStore {
         self.shared.clock.load(Ordering::Acquire)
     }
 
-    /// The state machine clock as of now: the greatest reading it is known
-    /// to have reached (an applied stamp, or the anchor of a restart) plus
-    /// the monotonic time since it was known. Behind the leader's clock,
-    /// never ahead of what real time allows, immune to wall-clock jumps, and
-    /// never lowered by a stamp applied late (entries a follower applies
-    /// only after an election carry stamps from before it). Every lease
-    /// decision outside `apply` (Await, the no-write claim path, the sweep
-    /// trigger) and a new leader's first stamp read this.
+    /// The state machine clock as of now: the leader's clock as this node
+    /// last heard it plus the monotonic time since, never below the
+    /// greatest stamp applied, never ahead of stamps a leader steers slow
+    /// (`reading.rs`). Immune to wall-clock jumps; a restart counts its
+    /// downtime through the anchor.
+    /// Every lease decision outside `apply` (Await, the no-write claim path,
+    /// the sweep trigger) and a new leader's first stamp read this.
     pub fn now_ms(&self) -> u64 {
-        let est = *self
-            .shared
-            .estimate
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        (reached_ns(est, self.shared.time.now()) / 1_000_000).max(self.clock_ms())
+        self.shared.reading.read().max(self.clock_ms())
     }
 
     /// The node's clock: the source of monotonic and wall time for every
@@ -548,16 +539,21 @@ impl StateMachineStore {
         &self.shared.time
     }
 
-    /// Take the stamp `now` into the clock (on apply and snapshot install).
+    /// Take the stamp `now` into the clock (on snapshot install).
     pub(super) fn set_clock(&self, now: u64) {
-        let mut est = self
-            .shared
-            .estimate
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let at = self.shared.time.now();
-        *est = (reached_ns(*est, at).max(now.saturating_mul(1_000_000)), at);
+        self.shared.reading.take_late(now);
         self.shared.clock.store(now, Ordering::Release);
+    }
+
+    /// The leader `(term, node)` says its clock reads `clock_ms` now (or
+    /// this node, leading, stamped it now): what bounds the reading
+    /// (`reading.rs`). The restart anchor follows (at most every
+    /// [`ANCHOR_EVERY`]), so a quiet cluster's anchor is no older.
+    pub fn heard_leader_clock(&self, leader: (u64, u64), clock_ms: u64) {
+        self.shared.reading.heard(leader, clock_ms);
+        if let Err(e) = self.anchor_clock() {
+            tracing::warn!(error = %e, "could not write the clock anchor");
+        }
     }
 
     /// Watch the index of the last applied entry.
@@ -841,7 +837,8 @@ impl StateMachineStore {
 
     fn apply_request(&self, p: &mut Pending, req: Request, index: u64) -> io::Result<Response> {
         let now = record::advance_clock(self.clock_ms(), req.stamped_ms);
-        self.set_clock(now);
+        self.shared.reading.take_late(req.stamped_ms);
+        self.shared.clock.store(now, Ordering::Release);
         p.writes.insert(keys::CLOCK.to_vec(), Some(encode(&now)?));
         if matches!(*req.command, Command::Hash) {
             return self.hash_entry(p, index);
@@ -1102,16 +1099,9 @@ impl<'a> BulkWriter<'a> {
     }
 }
 
-/// What the clock's reading `(ns, at)` (reached `ns` at instant `at`) has
-/// reached by `now`: the monotonic time since counts in full.
-fn reached_ns((ns, at): (u64, Instant), now: Instant) -> u64 {
-    ns.saturating_add(now.saturating_duration_since(at).as_nanos() as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::SPARE_ROOM;
-    use std::time::Duration;
 
     /// Stage `keys` in the overlay's current layer, each written as
     /// `value` (with no decoded record), as apply leaves them for a flush.
@@ -1121,37 +1111,6 @@ mod tests {
             l.current.writes.insert(k.clone(), Some(value.to_vec()));
             l.current.records.insert(k, None);
         }
-    }
-
-    /// A follower applies the last entries of a leader that stopped only
-    /// after the next election; their stamps are older than the time that
-    /// has passed, and must not set the clock's reading back (a paused
-    /// leader in the robustness suite once cost the cluster 1.3 s that way).
-    #[test]
-    fn a_stamp_applied_late_never_sets_the_reading_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(dir.path()).unwrap();
-        let sm = &store.state_machine;
-        // The node's clock is tokio's: paused, 100 ms pass exactly.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            sm.set_clock(1_000_000);
-            tokio::time::advance(Duration::from_millis(100)).await;
-            let before = sm.now_ms();
-            assert!(before >= 1_000_100, "{before}");
-            sm.set_clock(1_000_010);
-            assert_eq!(sm.clock_ms(), 1_000_010, "the deterministic clock takes it");
-            assert!(
-                sm.now_ms() >= before,
-                "the reading went back from {before} to {}",
-                sm.now_ms()
-            );
-        });
-        store.log.close();
     }
 
     /// sled writes a page as a blob file (which it never fsyncs) once the

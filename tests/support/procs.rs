@@ -333,5 +333,6 @@ pub fn forwarded_claim(namespace: &str, key: &str, owner: &str) -> idemkv::pb::p
     let cmd = claim_command(namespace, key, owner);
     idemkv::pb::peer::Payload {
         data: idemkv::codec::encode(&idemkv::raft::consensus::Forwarded::Write(cmd)).unwrap(),
+        ..Default::default()
     }
 }
