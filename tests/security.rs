@@ -1090,6 +1090,21 @@ async fn an_append_with_an_absurd_leader_clock_is_refused_and_changes_nothing() 
         "{}",
         refused.message()
     );
+    // The same over the append stream, which carries heartbeats and
+    // replication: the stream ends without an answer.
+    let sent = Payload {
+        data: idemkv::codec::encode(&rpc).unwrap(),
+        leader_clock_ms: u64::MAX,
+    };
+    let mut answers = member
+        .append_stream(futures::stream::iter(vec![sent]))
+        .await
+        .expect("the append stream opens")
+        .into_inner();
+    assert!(
+        matches!(answers.message().await, Ok(None) | Err(_)),
+        "the stream answered an append with an absurd leader clock"
+    );
     let after = client.status().await.unwrap();
     assert_eq!(
         after.term, before.term,

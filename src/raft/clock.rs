@@ -66,7 +66,9 @@ impl LeaderClock {
                 let mono = t.base_ms as f64 + elapsed + t.steer_ms;
                 let max = dt * SLEW;
                 t.steer_ms += (wall_ms as f64 - mono).clamp(-max, max);
-                t.last_elapsed_ms = elapsed;
+                // Callers race from `now` to the lock: a late one must not
+                // set the mark back and have its stretch steered twice.
+                t.last_elapsed_ms = t.last_elapsed_ms.max(elapsed);
                 let stamp = (t.base_ms as f64 + elapsed + t.steer_ms).max(0.0) as u64;
                 t.last_stamp = t.last_stamp.max(stamp);
                 t.last_stamp

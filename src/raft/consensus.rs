@@ -161,40 +161,42 @@ impl Consensus {
     ) -> Arc<Self> {
         let Admission { check, quota_bytes } = admission;
         let proposer = Proposer::new(raft.clone(), sm.clone(), timeout);
-        peers.set_proposer(proposer.clone());
-        Arc::new_cyclic(|me| Consensus {
-            id,
-            raft,
-            sm,
-            peers,
-            timeout,
-            proposer,
-            forwards: Coalescer::new(
-                Forwards {
-                    consensus: me.clone(),
-                },
-                Limits {
-                    in_flight: FORWARDS_IN_FLIGHT,
-                    items: propose::MAX_COMMANDS,
-                    weight: propose::MAX_WEIGHT,
-                },
-            ),
-            read_forwards: Coalescer::new(
-                ReadForwards {
-                    consensus: me.clone(),
-                },
-                Limits {
-                    in_flight: READ_FORWARDS_IN_FLIGHT,
-                    items: usize::MAX,
-                    weight: usize::MAX,
-                },
-            ),
-            forward_calls: Default::default(),
-            read_forward_calls: Default::default(),
-            snapshot_gate: tokio::sync::Semaphore::new(1),
-            check,
-            quota_bytes,
-            rejoin,
+        Arc::new_cyclic(|me| {
+            peers.set_leader_clock(me.clone());
+            Consensus {
+                id,
+                raft,
+                sm,
+                peers,
+                timeout,
+                proposer,
+                forwards: Coalescer::new(
+                    Forwards {
+                        consensus: me.clone(),
+                    },
+                    Limits {
+                        in_flight: FORWARDS_IN_FLIGHT,
+                        items: propose::MAX_COMMANDS,
+                        weight: propose::MAX_WEIGHT,
+                    },
+                ),
+                read_forwards: Coalescer::new(
+                    ReadForwards {
+                        consensus: me.clone(),
+                    },
+                    Limits {
+                        in_flight: READ_FORWARDS_IN_FLIGHT,
+                        items: usize::MAX,
+                        weight: usize::MAX,
+                    },
+                ),
+                forward_calls: Default::default(),
+                read_forward_calls: Default::default(),
+                snapshot_gate: tokio::sync::Semaphore::new(1),
+                check,
+                quota_bytes,
+                rejoin,
+            }
         })
     }
 
@@ -366,6 +368,12 @@ impl Consensus {
     /// The stamp a command proposed now gets (SPEC §2 Time).
     fn stamp(&self) -> u64 {
         self.proposer.stamp()
+    }
+
+    /// This node's clock as leader, for the appends it sends; 0 when it
+    /// does not lead.
+    pub(super) fn leader_clock(&self) -> u64 {
+        self.proposer.leader_clock()
     }
 
     /// The one clock for lease decisions made outside the state machine

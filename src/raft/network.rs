@@ -26,7 +26,7 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-use super::propose::Proposer;
+use super::consensus::Consensus;
 use super::{NodeId, PeerNode, Snapshot, StreamAppendResult, TypeConfig, Vote};
 use crate::codec::{decode, encode, encode_into};
 use crate::pb::peer::raft_peer_client::RaftPeerClient;
@@ -88,16 +88,22 @@ pub struct Peers {
     clock: LeaderTime,
 }
 
-/// The node's proposer, once it exists: what a leader's clock reads now.
+/// The node's consensus, once it exists: what its clock reads as leader.
+/// Held weakly: openraft's core owns the network, and a strong hold on
+/// what owns a `Raft` handle would keep the core running after the node
+/// is dropped.
 #[derive(Clone, Default)]
-pub(super) struct LeaderTime(Arc<OnceLock<Proposer>>);
+pub(super) struct LeaderTime(Arc<OnceLock<std::sync::Weak<Consensus>>>);
 
 impl LeaderTime {
     /// The stamp a command proposed now would get; 0 when this node does
-    /// not lead, or before the proposer is set (a follower reads 0 as not
-    /// given).
+    /// not lead, or before (or after) its consensus exists (a follower
+    /// reads 0 as not given).
     fn now_ms(&self) -> u64 {
-        self.0.get().map_or(0, Proposer::leader_clock)
+        self.0
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .map_or(0, |c| c.leader_clock())
     }
 }
 
@@ -122,9 +128,9 @@ impl Peers {
         }
     }
 
-    /// Read the leader's clock from `proposer` (set once, at start).
-    pub(super) fn set_proposer(&self, proposer: Proposer) {
-        let _ = self.clock.0.set(proposer);
+    /// Read the leader's clock from `consensus` (set once, at start).
+    pub(super) fn set_leader_clock(&self, consensus: std::sync::Weak<Consensus>) {
+        let _ = self.clock.0.set(consensus);
     }
 
     /// The gRPC client of peer `id` at `raft_addr` (reusing its channel).

@@ -5,12 +5,14 @@
 //! A process that restarts has lost its in-memory monotonic reference, so
 //! the last stamp it re-applies from its log would be taken as "now", and
 //! the cluster clock would fall behind real time by the downtime (leases
-//! and retention then last longer than asked). Instead every apply batch
-//! records an [`Anchor`]: "at this point of the boot clock, the state
-//! machine clock read at least this". `CLOCK_BOOTTIME` is system-wide and
-//! monotonic and keeps counting across process restarts (and suspend), so
-//! after a restart in the same boot the anchor plus the boot time since is
-//! a reading the clock has certainly reached. After a reboot (another boot
+//! and retention then last longer than asked). Instead the node records an
+//! [`Anchor`] (every 100 ms of applies, and every second a leader's clock
+//! is heard): "at this point of the boot clock, the node's reading of the
+//! clock was this". `CLOCK_BOOTTIME` is system-wide and monotonic and keeps
+//! counting across process restarts (and suspend), so after a restart in
+//! the same boot the anchor plus the boot time since is where the reading
+//! resumes, until the first clock heard from a leader replaces it
+//! (`reading.rs`). After a reboot (another boot
 //! id) no such bound exists and the downtime is simply not counted, which
 //! errs on the side of longer leases. Nothing here reads the wall clock.
 //!
@@ -71,8 +73,8 @@ impl Anchor {
         })
     }
 
-    /// What the state machine clock has certainly reached by now, if this
-    /// anchor was taken in the current boot.
+    /// The reading this anchor gives now (the boot time since counted), if
+    /// it was taken in the current boot.
     pub fn reached_ms(&self, boot_id: &Option<String>) -> Option<u64> {
         if boot_id.as_deref() != Some(self.boot_id.as_str()) {
             return None;

@@ -10,11 +10,11 @@
 //! the new leader grants lasts longer than asked. So, with `S` the greatest
 //! stamp taken:
 //!
-//! - The floor: an older stamp `s` (taken at `a`) bounds the reading from
-//!   below, so a stamp taken late (a follower applying a deposed leader's
-//!   last entries after the election) cannot set it back, less what the
-//!   stamps may have lagged real time since it: `s + (t − a) − (S −
-//!   s)/(100/SLEW_PERCENT − 1)`. From `s` to `S` the stamps took at most
+//! - The bridge: a stamp `s` (taken at `a`) carries the reading on at
+//!   the real time since, so a stamp taken late (a follower applying a
+//!   deposed leader's last entries after the election) cannot set it
+//!   back, less what the stamps may have lagged real time since it: `s +
+//!   (t − a) − (S − s)/(100/SLEW_PERCENT − 1)`. From `s` to `S` the stamps took at most
 //!   `(S − s)/(1 − SLEW)` of real time, so the term is never ahead of `S`
 //!   plus the real time since `S` was stamped. The maximum over all stamps
 //!   is one number, [`Reading::best`], so a reading is O(1).
@@ -23,8 +23,9 @@
 //!   leader starting there begins behind real time). So the reading never
 //!   goes past what the clocks heard from the latest leader (by term, then
 //!   node: openraft may elect two in one term) say, by the same bridge
-//!   over those clocks alone, unless the greatest stamp taken late (below)
-//!   is above even that. A node that stayed up while the others rebooted
+//!   over those clocks alone (nor past the bridge over all stamps), unless
+//!   the greatest stamp taken late (below) is above even that: that
+//!   stamp is the reading's floor. A node that stayed up while the others rebooted
 //!   follows the leader that came back, not its own older clocks, or
 //!   leading later it would end leases early by the downtime.
 //!
@@ -189,8 +190,9 @@ pub struct SharedReading {
 }
 
 impl SharedReading {
-    /// A reading that has reached `clock_ms` by now, and `anchor_ms` (a
-    /// restart's anchor plus the boot time since) by `time`'s now.
+    /// A reading at least `clock_ms` (the state machine's clock at open)
+    /// now, and from `anchor_ms` (a restart's anchor plus the boot time
+    /// since, if there is one) until a leader's clock is heard.
     pub fn new(time: Clock, clock_ms: u64, anchor_ms: Option<u64>) -> SharedReading {
         let now = time.now();
         let mut reading = Reading::new(now, clock_ms);
@@ -306,11 +308,11 @@ mod tests {
     /// election: their stamps are older than the time that has passed, and
     /// must not set the reading back (a paused leader in the robustness
     /// suite once cost the cluster 1.3 s that way). Below the greatest
-    /// stamp nothing moves; above it but dated late (a snapshot's clock),
+    /// stamp nothing moves; above it but taken late (a snapshot's clock),
     /// the older stamps lose 1/99 of the 10 ms it rose, not the 790 ms it
     /// lagged.
     #[test]
-    fn a_stamp_taken_late_never_sets_the_reading_back() {
+    fn a_stamp_taken_late_sets_the_reading_back_by_1_99_of_its_rise_at_most() {
         let t0 = Instant::now();
         let mut r = Reading::new(t0, 1_000_000);
         r.heard((1, 1), 1_000_500, t0 + 500 * MS);

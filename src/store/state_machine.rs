@@ -92,7 +92,7 @@ pub(super) struct Shared {
     pub(super) flusher: std::sync::Mutex<Option<std::thread::JoinHandle<io::Result<()>>>>,
     /// Batches written to sled by apply.
     pub(super) sled_batches: AtomicU64,
-    /// When apply last wrote the clock's anchor.
+    /// When the clock's anchor was last written.
     pub(super) anchored: std::sync::Mutex<Option<Instant>>,
     /// Where the anchors go (`boot_clock.rs`).
     pub(super) anchor_file: boot_clock::AnchorFile,
@@ -262,6 +262,11 @@ pub(super) fn stored_bytes(rk: &[u8], value_len: usize) -> u64 {
 /// How often apply writes the clock's anchor to its file.
 const ANCHOR_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// How often a leader's clock heard (with no apply) writes it: a quiet
+/// cluster's anchor stays fresh, and the append path pays for a write
+/// (which may wait on the file system's journal) at most once a second.
+const ANCHOR_EVERY_HEARD: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The overlay: what apply added since the last flush began (`current`),
 /// and what a flush is writing to sled now (`writing`). Readers look at
 /// `current`, then `writing`, then sled; never at `spare`.
@@ -367,7 +372,7 @@ impl StateMachineStore {
         let last_token = Self::read_last_token(&tree, &syncer)?;
         let boot_id = boot_clock::boot_id();
         // The time this node was down counts: the last anchor of this boot
-        // plus the boot time since (0 without one). Versions before the
+        // plus the boot time since (none without one). Versions before the
         // anchor file kept it in sled.
         let (anchor_file, anchor) = boot_clock::AnchorFile::open(anchor_path)?;
         let in_sled = match tree.get(keys::CLOCK_ANCHOR).map_err(sled_err)? {
@@ -548,10 +553,10 @@ impl StateMachineStore {
     /// The leader `(term, node)` says its clock reads `clock_ms` now (or
     /// this node, leading, stamped it now): what bounds the reading
     /// (`reading.rs`). The restart anchor follows (at most every
-    /// [`ANCHOR_EVERY`]), so a quiet cluster's anchor is no older.
+    /// [`ANCHOR_EVERY_HEARD`]), so a quiet cluster's is no older.
     pub fn heard_leader_clock(&self, leader: (u64, u64), clock_ms: u64) {
         self.shared.reading.heard(leader, clock_ms);
-        if let Err(e) = self.anchor_clock() {
+        if let Err(e) = self.anchor_clock(ANCHOR_EVERY_HEARD) {
             tracing::warn!(error = %e, "could not write the clock anchor");
         }
     }
@@ -651,7 +656,7 @@ impl StateMachineStore {
             .insert(keys::APPLIED.to_vec(), Some(encode(&Some(last))?));
         // Only a hint for a later restart: a failed write (EIO, a full
         // copy-on-write disk) must not stop apply.
-        if let Err(e) = self.anchor_clock() {
+        if let Err(e) = self.anchor_clock(ANCHOR_EVERY) {
             tracing::warn!(error = %e, "cannot write the clock anchor; a restart may not count its downtime");
         }
         if let Some(t) = done.last_token {
@@ -682,10 +687,10 @@ impl StateMachineStore {
     }
 
     /// Write where the clock stands against the host's boot clock straight
-    /// to its file, at most every [`ANCHOR_EVERY`]: it says nothing about the
+    /// to its file, unless it was written less than `every` ago: it says nothing about the
     /// applied state, and it must not wait for the overlay, or a restart
     /// would lose the time the node was down (`boot_clock.rs`).
-    fn anchor_clock(&self) -> io::Result<()> {
+    fn anchor_clock(&self, every: std::time::Duration) -> io::Result<()> {
         // Before the first stamp there is no clock to anchor.
         if self.clock_ms() == 0 {
             return Ok(());
@@ -697,7 +702,7 @@ impl StateMachineStore {
                 .anchored
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            if matches!(*last, Some(at) if now.saturating_duration_since(at) < ANCHOR_EVERY) {
+            if matches!(*last, Some(at) if now.saturating_duration_since(at) < every) {
                 return Ok(());
             }
             *last = Some(now);
