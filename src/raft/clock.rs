@@ -46,15 +46,16 @@ pub struct LeaderClock {
 
 impl LeaderClock {
     /// The stamp for a command proposed at monotonic instant `now` (the
-    /// node's [`crate::clock::Clock`]) in leader term `term`. `sm_now_ms` is
-    /// the node's reading of the clock now (`store/reading.rs`),
+    /// node's [`crate::clock::Clock`]) in leader term `term`. `sm_now_ms`
+    /// gives the node's reading of the clock now, read only when a term
+    /// begins (`store/reading.rs`),
     /// `sm_clock_ms` the state machine's greatest stamp (0: the cluster
     /// never stamped), `wall_ms` the node's wall clock.
     pub fn stamp(
         &self,
         now: Instant,
         term: u64,
-        sm_now_ms: u64,
+        sm_now_ms: impl FnOnce() -> u64,
         sm_clock_ms: u64,
         wall_ms: u64,
     ) -> u64 {
@@ -76,7 +77,11 @@ impl LeaderClock {
             _ => {
                 // A new term continues from the state machine clock; a
                 // fresh cluster has none and starts from the wall clock.
-                let base_ms = if sm_clock_ms == 0 { wall_ms } else { sm_now_ms };
+                let base_ms = if sm_clock_ms == 0 {
+                    wall_ms
+                } else {
+                    sm_now_ms()
+                };
                 *state = Some(Term {
                     term,
                     base_ms,
@@ -102,17 +107,17 @@ mod tests {
     fn a_wall_clock_jump_gains_at_most_the_slew() {
         let c = LeaderClock::default();
         let t = Instant::now();
-        let first = c.stamp(t, 3, 50_000, 49_000, 50_000);
+        let first = c.stamp(t, 3, || 50_000, 49_000, 50_000);
         assert_eq!(
             first, 50_000,
             "a new term continues from the state machine clock"
         );
         // The wall clock jumps 25 h ahead; 10 s of real time pass.
-        let later = c.stamp(t + Duration::from_secs(10), 3, 0, 1, 50_000 + 25 * H);
+        let later = c.stamp(t + Duration::from_secs(10), 3, || 0, 1, 50_000 + 25 * H);
         assert_eq!(later - first, 10_100, "10 s real plus 1% steering");
         // The wall clock is put right again (now 25 h behind the stamps'
         // view): stamps keep advancing, 1% slower, never backwards.
-        let fixed = c.stamp(t + Duration::from_secs(20), 3, 0, 1, 70_000);
+        let fixed = c.stamp(t + Duration::from_secs(20), 3, || 0, 1, 70_000);
         assert_eq!(fixed - later, 9_900);
     }
 
@@ -120,15 +125,15 @@ mod tests {
     fn a_new_term_continues_from_the_state_machine() {
         let c = LeaderClock::default();
         let t = Instant::now();
-        c.stamp(t, 1, 10_000, 9_000, 10_000);
-        assert_eq!(c.stamp(t, 2, 77_000, 76_000, 10 * H), 77_000);
+        c.stamp(t, 1, || 10_000, 9_000, 10_000);
+        assert_eq!(c.stamp(t, 2, || 77_000, 76_000, 10 * H), 77_000);
     }
 
     #[test]
     fn a_fresh_cluster_starts_from_the_wall_clock() {
         let c = LeaderClock::default();
         assert_eq!(
-            c.stamp(Instant::now(), 1, 7, 0, 1_700_000_000_000),
+            c.stamp(Instant::now(), 1, || 7, 0, 1_700_000_000_000),
             1_700_000_000_000
         );
     }

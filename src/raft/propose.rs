@@ -171,7 +171,7 @@ impl Inner {
         let stamp = self.clock.stamp(
             time.now(),
             leader.0,
-            self.sm.now_ms(),
+            || self.sm.now_ms(),
             self.sm.clock_ms(),
             time.wall_ms(),
         );

@@ -69,8 +69,15 @@ pub struct Reading {
     heard: Option<Heard>,
 }
 
+/// A restart's anchor (the reading it held plus the boot time since),
+/// taken as the clock of a leader before any: it bounds the reading until
+/// the first clock heard from a leader replaces it, so a node whose
+/// reading ran ahead of a leader that lost time (it stayed up while the
+/// others rebooted) follows that leader once it hears it.
+pub const ANCHOR: (u64, u64) = (0, 0);
+
 /// The clocks heard from one leader, `(term, node)` (openraft's order: a
-/// later leader's is greater, even in the same term; `(0, 0)` is a
+/// later leader's is greater, even in the same term; [`ANCHOR`] is a
 /// restart's anchor), as [`Reading::best`] and [`Reading::top`] are over
 /// all stamps.
 #[derive(Clone, Copy)]
@@ -133,29 +140,9 @@ impl Reading {
     /// Take a stamp (ms) known only to have reached this node by `at`.
     pub fn take_late(&mut self, stamp_ms: u64, at: Instant) {
         let at = self.ns(at);
-        self.take_at(stamp_ms, at);
-        self.taken_top = self.taken_top.max(i128::from(stamp_ms) * 1_000_000);
-    }
-
-    /// Take a restart's anchor: the reading it held plus the boot time
-    /// since (ms), reached by `at`. It bounds the reading, as a clock heard
-    /// then, until the first clock heard from a leader replaces it: a node
-    /// whose reading ran ahead of a leader that lost time (it stayed up
-    /// while the others rebooted) follows that leader once it hears it.
-    pub fn take_anchor(&mut self, reading_ms: u64, at: Instant) {
-        let at = self.ns(at);
-        let s = i128::from(reading_ms) * 1_000_000;
-        match &mut self.heard {
-            Some(h) if h.leader == (0, 0) => h.take(s, at),
-            Some(_) => {}
-            None => self.heard = Some(Heard::new((0, 0), s, at)),
-        }
-        self.take_ns(s, at);
-    }
-
-    fn take_at(&mut self, stamp_ms: u64, at_ns: i128) {
         let s = i128::from(stamp_ms) * 1_000_000;
-        self.take_ns(s, at_ns);
+        self.take_ns(s, at);
+        self.taken_top = self.taken_top.max(s);
     }
 
     fn take_ns(&mut self, s: i128, at_ns: i128) {
@@ -167,8 +154,8 @@ impl Reading {
     pub fn read(&self, now: Instant) -> u64 {
         let now = self.ns(now);
         let mut ns = bridge(self.best, self.top, now);
-        // The greatest stamp raises the floor, but above the clocks heard
-        // from the latest leader term the reading could be ahead of a
+        // The greatest stamp taken late is the floor, but above the clocks
+        // heard from the latest leader the reading could be ahead of a
         // leader that lost time.
         if let Some(h) = self.heard {
             ns = ns.min(bridge(h.best, h.top, now).max(self.taken_top));
@@ -197,7 +184,7 @@ impl SharedReading {
         let now = time.now();
         let mut reading = Reading::new(now, clock_ms);
         if let Some(ms) = anchor_ms {
-            reading.take_anchor(ms, now);
+            reading.heard(ANCHOR, ms, now);
         }
         SharedReading {
             reading: Arc::new(Mutex::new(reading)),
@@ -273,7 +260,7 @@ mod tests {
         let t0 = Instant::now();
         let anchor = 1_000_000_000u64;
         let mut r = Reading::new(t0, 0);
-        r.take_anchor(anchor + 600_000, t0);
+        r.heard(ANCHOR, anchor + 600_000, t0);
         assert_eq!(r.read(t0), anchor + 600_000, "the downtime counts");
         // The leader's stamps advanced 99% of those 10 minutes, and go on
         // so for another minute, one a second.
@@ -372,7 +359,7 @@ mod tests {
         let t0 = Instant::now();
         let s0 = 1_000_000_000u64;
         let mut r = Reading::new(t0, 0);
-        r.take_anchor(s0 + 3_000, t0);
+        r.heard(ANCHOR, s0 + 3_000, t0);
         assert_eq!(r.read(t0), s0 + 3_000, "the anchor counts the downtime");
         r.heard((1, 1), s0 + 3_100, t0 + 100 * MS);
         r.take_late(s0 + 1_100, t0 + 150 * MS);
@@ -395,7 +382,7 @@ mod tests {
         let s0 = 1_000_000_000u64;
         let later = Instant::now();
         let mut back = Reading::new(later, 0);
-        back.take_anchor(s0 + 600_000, later);
+        back.heard(ANCHOR, s0 + 600_000, later);
         assert_eq!(back.read(later), s0 + 600_000, "the downtime counts");
         back.heard((2, 1), s0 + 50, later);
         assert_eq!(back.read(later), s0 + 50, "the leader's clock is followed");

@@ -544,7 +544,7 @@ impl StateMachineStore {
         &self.shared.time
     }
 
-    /// Take the stamp `now` into the clock (on snapshot install).
+    /// Take the stamp `now` into the clock (on apply and snapshot install).
     pub(super) fn set_clock(&self, now: u64) {
         self.shared.reading.take_late(now);
         self.shared.clock.store(now, Ordering::Release);
@@ -842,8 +842,7 @@ impl StateMachineStore {
 
     fn apply_request(&self, p: &mut Pending, req: Request, index: u64) -> io::Result<Response> {
         let now = record::advance_clock(self.clock_ms(), req.stamped_ms);
-        self.shared.reading.take_late(req.stamped_ms);
-        self.shared.clock.store(now, Ordering::Release);
+        self.set_clock(now);
         p.writes.insert(keys::CLOCK.to_vec(), Some(encode(&now)?));
         if matches!(*req.command, Command::Hash) {
             return self.hash_entry(p, index);
