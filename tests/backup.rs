@@ -82,6 +82,36 @@ async fn a_saved_snapshot_holds_every_record_and_a_damaged_copy_is_refused() {
     );
     assert!(!dir.path().join("backup.snap.part").exists());
 
+    // A save stopped part way (here the file-size limit, as a full disk
+    // would) fails saying why and leaves neither the file nor a part.
+    let limited = dir.path().join("limited.snap");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"trap "" XFSZ; ulimit -f 4; exec "$@""#)
+        .arg("sh")
+        .args([
+            BIN,
+            "ctl",
+            "--endpoints",
+            &c.api.join(","),
+            "snapshot",
+            "save",
+        ])
+        .arg(&limited)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("limited.snap.part") && err.contains("too large"),
+        "a save past the file-size limit: {:?} {err}",
+        out.status
+    );
+    assert!(!limited.exists(), "a failed save left its file");
+    assert!(
+        !dir.path().join("limited.snap.part").exists(),
+        "a failed save left its part file"
+    );
+
     let (ok, out, err) = status(&file);
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();

@@ -1091,20 +1091,30 @@ async fn an_append_with_an_absurd_leader_clock_is_refused_and_changes_nothing() 
         refused.message()
     );
     // The same over the append stream, which carries heartbeats and
-    // replication: the stream ends without an answer.
-    let sent = Payload {
+    // replication: the stream ends with an error that says why, and so
+    // does one that carries bytes that are no append at all.
+    let absurd = Payload {
         data: idemkv::codec::encode(&rpc).unwrap(),
         leader_clock_ms: u64::MAX,
     };
-    let mut answers = member
-        .append_stream(futures::stream::iter(vec![sent]))
-        .await
-        .expect("the append stream opens")
-        .into_inner();
-    assert!(
-        matches!(answers.message().await, Ok(None) | Err(_)),
-        "the stream answered an append with an absurd leader clock"
-    );
+    let garbage = Payload {
+        data: vec![0xff; 7],
+        leader_clock_ms: 0,
+    };
+    for (sent, why) in [(absurd, "leader clock"), (garbage, "undecodable")] {
+        let mut answers = member
+            .append_stream(futures::stream::iter(vec![sent]))
+            .await
+            .expect("the append stream opens")
+            .into_inner();
+        match answers.message().await {
+            Err(refused) => {
+                assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+                assert!(refused.message().contains(why), "{}", refused.message());
+            }
+            Ok(answer) => panic!("the stream answered a malformed append ({why}): {answer:?}"),
+        }
+    }
     let after = client.status().await.unwrap();
     assert_eq!(
         after.term, before.term,

@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio_stream::{Stream, StreamExt};
@@ -342,21 +342,34 @@ impl RaftPeer for PeerService {
             let _ = stop.wait_for(|s| *s).await;
         };
         let stopping = futures::FutureExt::shared(Box::pin(stopping));
-        // A message that does not decode ends the input; the leader sees the
-        // stream end early and starts a new one.
+        // A message that does not decode or is malformed ends the input,
+        // and the answers, once every earlier append is answered, end with
+        // an error saying why (INVALID_ARGUMENT); the leader starts a new
+        // stream. A broken input (the caller went away) just ends it.
         let input = futures::StreamExt::take_until(req.into_inner(), stopping.clone());
         let consensus = self.consensus.clone();
+        let refusal: Arc<Mutex<Option<Status>>> = Arc::default();
+        let refused = refusal.clone();
         let requests = input.map_while(move |m| {
             let m = m.ok()?;
-            let rpc = decode::<AppendEntriesRequest>(&m.data).ok()?;
-            match well_formed(&rpc).and_then(|()| clock_well_formed(m.leader_clock_ms)) {
-                Ok(()) => {
+            let checked = decode::<AppendEntriesRequest>(&m.data)
+                .map_err(bad)
+                .and_then(|rpc| {
+                    let entries = well_formed(&rpc).map_err(|why| Error::invalid("entries", why));
+                    let clock = clock_well_formed(m.leader_clock_ms)
+                        .map_err(|why| Error::invalid("leader_clock_ms", why));
+                    entries.and(clock).map_err(to_status)?;
+                    Ok(rpc)
+                });
+            match checked {
+                Ok(rpc) => {
                     consensus.note_leader_clock(&rpc, m.leader_clock_ms);
                     Some(rpc)
                 }
                 Err(why) => {
                     crate::metrics::peer_refused();
-                    tracing::warn!(%why, "ended an append stream on a malformed append");
+                    tracing::warn!(why = %why.message(), "ended an append stream on a malformed append");
+                    *refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
                     None
                 }
             }
@@ -373,7 +386,13 @@ impl RaftPeer for PeerService {
                     })
                     .map_err(|e| Status::internal(e.to_string())),
                 Err(fatal) => Err(raft_err(fatal)),
-            });
+            })
+            .chain(
+                futures::stream::once(async move {
+                    refusal.lock().unwrap_or_else(|p| p.into_inner()).take()
+                })
+                .filter_map(|why| why.map(Err)),
+            );
         let answers = futures::StreamExt::take_until(answers, stopping);
         Ok(Response::new(Box::pin(answers)))
     }
