@@ -102,7 +102,10 @@ async fn a_saved_snapshot_holds_every_record_and_a_damaged_copy_is_refused() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("limited.snap.part") && err.contains("too large"),
+        !out.status.success()
+            && err.contains("limited.snap.part")
+            && err.contains("too large")
+            && !err.contains("configuration"),
         "a save past the file-size limit: {:?} {err}",
         out.status
     );
@@ -110,6 +113,36 @@ async fn a_saved_snapshot_holds_every_record_and_a_damaged_copy_is_refused() {
     assert!(
         !dir.path().join("limited.snap.part").exists(),
         "a failed save left its part file"
+    );
+    // A save that never got a snapshot (no node answers) leaves a file of
+    // that name it did not make alone.
+    let unreached = dir.path().join("unreached.snap");
+    let theirs = dir.path().join("unreached.snap.part");
+    std::fs::write(&theirs, b"not ours").unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nobody = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let out = Command::new(BIN)
+        .args([
+            "ctl",
+            "--endpoints",
+            &nobody,
+            "--retry-for",
+            "0s",
+            "snapshot",
+            "save",
+        ])
+        .arg(&unreached)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a save with no node to answer succeeded"
+    );
+    assert_eq!(
+        std::fs::read(&theirs).unwrap(),
+        b"not ours",
+        "a save that made no part file removed or changed one"
     );
 
     let (ok, out, err) = status(&file);

@@ -548,23 +548,39 @@ async fn save_snapshot(
     client: &Client,
     file: &std::path::Path,
 ) -> Result<(String, Value), ClientError> {
+    use std::io::Write;
     let io = |path: &std::path::Path, e: std::io::Error| {
-        ClientError::Config(format!("{}: {e}", path.display()))
+        ClientError::Local(format!("{}: {e}", path.display()))
     };
-    let part = std::path::PathBuf::from(format!("{}.part", file.display()));
-    // Whatever stops the save part way (the node gone mid-stream, a full
-    // disk, a copy that does not check) leaves no partial file behind.
-    let info = match receive_snapshot(client, &part).await {
+    let mut part = file.as_os_str().to_owned();
+    part.push(".part");
+    let part = std::path::PathBuf::from(part);
+    let mut stream = client.save_snapshot().await?;
+    let out = std::fs::File::create(&part).map_err(|e| io(&part, e))?;
+    // From here on, whatever stops the save (the leader gone mid-stream, a
+    // full disk, a copy that does not check) removes the part file it made.
+    let received = async {
+        let mut out = out;
+        while let Some(chunk) = stream.message().await.map_err(ClientError::Status)? {
+            out.write_all(&chunk.data).map_err(|e| io(&part, e))?;
+        }
+        out.sync_all().map_err(|e| io(&part, e))?;
+        drop(out);
+        let info = idemkv::store::inspect_snapshot(&part).map_err(|e| {
+            ClientError::Protocol(format!(
+                "the snapshot received does not check, nothing kept: {e}"
+            ))
+        })?;
+        std::fs::rename(&part, file).map_err(|e| io(file, e))?;
+        Ok(info)
+    };
+    let info = match received.await {
         Ok(info) => info,
         Err(e) => {
             let _ = std::fs::remove_file(&part);
             return Err(e);
         }
     };
-    if let Err(e) = std::fs::rename(&part, file) {
-        let _ = std::fs::remove_file(&part);
-        return Err(io(file, e));
-    }
     let dir = file
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -583,27 +599,6 @@ async fn save_snapshot(
         ),
         json!({"outcome": "SAVED", "file": file.display().to_string(), "snapshot": info}),
     ))
-}
-
-/// Stream the leader's snapshot into `part`, synced, and check it whole.
-async fn receive_snapshot(
-    client: &Client,
-    part: &std::path::Path,
-) -> Result<idemkv::store::Inspection, ClientError> {
-    use std::io::Write;
-    let io = |e: std::io::Error| ClientError::Config(format!("{}: {e}", part.display()));
-    let mut stream = client.save_snapshot().await?;
-    let mut out = std::fs::File::create(part).map_err(io)?;
-    while let Some(chunk) = stream.message().await.map_err(ClientError::Status)? {
-        out.write_all(&chunk.data).map_err(io)?;
-    }
-    out.sync_all().map_err(io)?;
-    drop(out);
-    idemkv::store::inspect_snapshot(part).map_err(|e| {
-        ClientError::Protocol(format!(
-            "the snapshot received does not check, nothing kept: {e}"
-        ))
-    })
 }
 
 async fn check(client: &Client) -> Result<(String, Value), ClientError> {

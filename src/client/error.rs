@@ -19,6 +19,10 @@ pub enum ClientError {
     Unready(String),
     #[error("unexpected reply: {0}")]
     Protocol(String),
+    /// Something on the caller's side failed, not the cluster: a file the
+    /// caller writes what it received to, for example.
+    #[error("{0}")]
+    Local(String),
     /// A write that is not safe to retry (an unfenced Delete) was sent and
     /// no answer came: it may or may not have taken effect. Read the record
     /// to find out, or use a fenced call.

@@ -365,6 +365,12 @@ fn append_answers(
                     Ok(r) => Some((Ok(r), Some(answers))),
                     Err(e) => Some((Err(io_to_rpc(e)), None)),
                 },
+                // The follower refused an append as malformed: sending it
+                // again at once would be refused again, so back off as
+                // from a peer that cannot be reached.
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    Some((Err(RPCError::Unreachable(Unreachable::new(&s))), None))
+                }
                 Err(s) => Some((Err(status_to_rpc(s)), None)),
             }
         }
