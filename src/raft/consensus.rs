@@ -161,43 +161,43 @@ impl Consensus {
     ) -> Arc<Self> {
         let Admission { check, quota_bytes } = admission;
         let proposer = Proposer::new(raft.clone(), sm.clone(), timeout);
-        Arc::new_cyclic(|me| {
-            peers.set_leader_clock(me.clone());
-            Consensus {
-                id,
-                raft,
-                sm,
-                peers,
-                timeout,
-                proposer,
-                forwards: Coalescer::new(
-                    Forwards {
-                        consensus: me.clone(),
-                    },
-                    Limits {
-                        in_flight: FORWARDS_IN_FLIGHT,
-                        items: propose::MAX_COMMANDS,
-                        weight: propose::MAX_WEIGHT,
-                    },
-                ),
-                read_forwards: Coalescer::new(
-                    ReadForwards {
-                        consensus: me.clone(),
-                    },
-                    Limits {
-                        in_flight: READ_FORWARDS_IN_FLIGHT,
-                        items: usize::MAX,
-                        weight: usize::MAX,
-                    },
-                ),
-                forward_calls: Default::default(),
-                read_forward_calls: Default::default(),
-                snapshot_gate: tokio::sync::Semaphore::new(1),
-                check,
-                quota_bytes,
-                rejoin,
-            }
-        })
+        let consensus = Arc::new_cyclic(|me| Consensus {
+            id,
+            raft,
+            sm,
+            peers,
+            timeout,
+            proposer,
+            forwards: Coalescer::new(
+                Forwards {
+                    consensus: me.clone(),
+                },
+                Limits {
+                    in_flight: FORWARDS_IN_FLIGHT,
+                    items: propose::MAX_COMMANDS,
+                    weight: propose::MAX_WEIGHT,
+                },
+            ),
+            read_forwards: Coalescer::new(
+                ReadForwards {
+                    consensus: me.clone(),
+                },
+                Limits {
+                    in_flight: READ_FORWARDS_IN_FLIGHT,
+                    items: usize::MAX,
+                    weight: usize::MAX,
+                },
+            ),
+            forward_calls: Default::default(),
+            read_forward_calls: Default::default(),
+            snapshot_gate: tokio::sync::Semaphore::new(1),
+            check,
+            quota_bytes,
+            rejoin,
+        });
+        // The network reads this node's clock as leader into every append.
+        consensus.peers.set_leader_clock(Arc::downgrade(&consensus));
+        consensus
     }
 
     /// Whether `command` may store a record or take one over: what the

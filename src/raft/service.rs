@@ -305,6 +305,26 @@ fn well_formed(rpc: &AppendEntriesRequest) -> Result<(), String> {
     Ok(())
 }
 
+/// The append a member sent, decoded and checked (its entries, its leader
+/// clock), its leader clock noted; refused as bad input otherwise, and
+/// counted. The one check of the unary call and the append stream.
+fn checked_append(consensus: &Consensus, m: &Payload) -> Result<AppendEntriesRequest, Status> {
+    let refused = |status: Status| {
+        crate::metrics::peer_refused();
+        status
+    };
+    let rpc: AppendEntriesRequest = decode(&m.data).map_err(|e| refused(bad(e)))?;
+    well_formed(&rpc)
+        .map_err(|why| Error::invalid("entries", why))
+        .and(
+            clock_well_formed(m.leader_clock_ms)
+                .map_err(|why| Error::invalid("leader_clock_ms", why)),
+        )
+        .map_err(|e| refused(to_status(e)))?;
+    consensus.note_leader_clock(&rpc, m.leader_clock_ms);
+    Ok(rpc)
+}
+
 fn bad(e: std::io::Error) -> Status {
     Status::invalid_argument(format!("undecodable peer message: {e}"))
 }
@@ -350,28 +370,12 @@ impl RaftPeer for PeerService {
         let consensus = self.consensus.clone();
         let refusal: Arc<Mutex<Option<Status>>> = Arc::default();
         let refused = refusal.clone();
-        let requests = input.map_while(move |m| {
-            let m = m.ok()?;
-            let checked = decode::<AppendEntriesRequest>(&m.data)
-                .map_err(bad)
-                .and_then(|rpc| {
-                    let entries = well_formed(&rpc).map_err(|why| Error::invalid("entries", why));
-                    let clock = clock_well_formed(m.leader_clock_ms)
-                        .map_err(|why| Error::invalid("leader_clock_ms", why));
-                    entries.and(clock).map_err(to_status)?;
-                    Ok(rpc)
-                });
-            match checked {
-                Ok(rpc) => {
-                    consensus.note_leader_clock(&rpc, m.leader_clock_ms);
-                    Some(rpc)
-                }
-                Err(why) => {
-                    crate::metrics::peer_refused();
-                    tracing::warn!(why = %why.message(), "ended an append stream on a malformed append");
-                    *refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-                    None
-                }
+        let requests = input.map_while(move |m| match checked_append(&consensus, &m.ok()?) {
+            Ok(rpc) => Some(rpc),
+            Err(why) => {
+                tracing::warn!(why = %why.message(), "ended an append stream on a malformed append");
+                *refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                None
             }
         });
         let answers = self
@@ -399,18 +403,7 @@ impl RaftPeer for PeerService {
 
     async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         self.admission.check(&req).await?;
-        let payload = req.into_inner();
-        let rpc: AppendEntriesRequest = decode(&payload.data).map_err(bad)?;
-        if let Err(why) = well_formed(&rpc) {
-            crate::metrics::peer_refused();
-            return Err(to_status(Error::invalid("entries", why)));
-        }
-        if let Err(why) = clock_well_formed(payload.leader_clock_ms) {
-            crate::metrics::peer_refused();
-            return Err(to_status(Error::invalid("leader_clock_ms", why)));
-        }
-        self.consensus
-            .note_leader_clock(&rpc, payload.leader_clock_ms);
+        let rpc = checked_append(&self.consensus, req.get_ref())?;
         let resp = self
             .consensus
             .raft

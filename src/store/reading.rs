@@ -17,7 +17,7 @@
 //!   (t − a) − (S − s)/(100/SLEW_PERCENT − 1)`. From `s` to `S` the stamps took at most
 //!   `(S − s)/(1 − SLEW)` of real time, so the term is never ahead of `S`
 //!   plus the real time since `S` was stamped. The maximum over all stamps
-//!   is one number, [`Reading::best`], so a reading is O(1).
+//!   is one number (`Stamps::best`), so a reading is O(1).
 //! - The bound: that argument holds while no leader between `s` and `S`
 //!   lost time (a host that rebooted cannot count its downtime, and a
 //!   leader starting there begins behind real time). So the reading never
@@ -53,20 +53,18 @@ const SLOWEST: i128 = 100 - SLEW_PERCENT as i128;
 pub struct Reading {
     /// Times below are ns since this instant (negative: before it).
     origin: Instant,
-    /// Max over every stamp `s` taken at `a` of `100·s − SLOWEST·a`: the
-    /// term above multiplied by `SLOWEST`, less what depends only on now
-    /// and the greatest stamp.
-    best: i128,
-    /// The greatest stamp taken, ns.
-    top: i128,
+    /// Every stamp taken: the bridge of the module's notes.
+    all: Stamps,
     /// The greatest stamp taken late (applied, a snapshot's, the clock at
     /// open), ns: the reading never goes below it. Not the clocks heard:
     /// this node's own, or those of a leader that has since been replaced,
     /// may be ahead of a leader that lost time.
     taken_top: i128,
-    /// The leader clocks heard from the latest leader heard: the bound of
-    /// the module's notes.
-    heard: Option<Heard>,
+    /// The leader clocks heard from the latest leader heard, `(term,
+    /// node)` (openraft's order: a later leader's is greater, even in the
+    /// same term; [`ANCHOR`] is a restart's anchor): the bound of the
+    /// module's notes.
+    heard: Option<((u64, u64), Stamps)>,
 }
 
 /// A restart's anchor (the reading it held plus the boot time since),
@@ -76,36 +74,33 @@ pub struct Reading {
 /// others rebooted) follows that leader once it hears it.
 pub const ANCHOR: (u64, u64) = (0, 0);
 
-/// The clocks heard from one leader, `(term, node)` (openraft's order: a
-/// later leader's is greater, even in the same term; [`ANCHOR`] is a
-/// restart's anchor), as [`Reading::best`] and [`Reading::top`] are over
-/// all stamps.
+/// Stamps taken, as far as the bridge of the module's notes needs them.
 #[derive(Clone, Copy)]
-struct Heard {
-    leader: (u64, u64),
+struct Stamps {
+    /// Max over every stamp `s` taken at `a` of `100·s − SLOWEST·a`: the
+    /// term of the module's notes multiplied by `SLOWEST`, less what
+    /// depends only on now and the greatest stamp.
     best: i128,
+    /// The greatest stamp taken, ns.
     top: i128,
 }
 
-impl Heard {
-    fn new(leader: (u64, u64), s: i128, at: i128) -> Heard {
-        Heard {
-            leader,
-            best: 100 * s - SLOWEST * at,
-            top: s,
-        }
-    }
+impl Stamps {
+    const NONE: Stamps = Stamps {
+        best: i128::MIN,
+        top: 0,
+    };
 
     fn take(&mut self, s: i128, at: i128) {
         self.best = self.best.max(100 * s - SLOWEST * at);
         self.top = self.top.max(s);
     }
-}
 
-/// `(best + SLOWEST·now − SLEW·top) / SLOWEST`: the greatest of the terms
-/// of the module's notes at `now`, ns.
-fn bridge(best: i128, top: i128, now: i128) -> i128 {
-    (best + SLOWEST * now - i128::from(SLEW_PERCENT) * top) / SLOWEST
+    /// `(best + SLOWEST·now − SLEW·top) / SLOWEST`: the greatest of the
+    /// terms of the module's notes at `now`, ns.
+    fn bridge(&self, now: i128) -> i128 {
+        (self.best + SLOWEST * now - i128::from(SLEW_PERCENT) * self.top) / SLOWEST
+    }
 }
 
 impl Reading {
@@ -113,8 +108,7 @@ impl Reading {
     pub fn new(now: Instant, reached_ms: u64) -> Reading {
         let mut r = Reading {
             origin: now,
-            best: i128::MIN,
-            top: 0,
+            all: Stamps::NONE,
             taken_top: 0,
             heard: None,
         };
@@ -130,35 +124,34 @@ impl Reading {
         let at = self.ns(at);
         let s = i128::from(clock_ms) * 1_000_000;
         match &mut self.heard {
-            Some(h) if h.leader > leader => return,
-            Some(h) if h.leader == leader => h.take(s, at),
-            _ => self.heard = Some(Heard::new(leader, s, at)),
+            Some((latest, _)) if *latest > leader => return,
+            Some((latest, stamps)) if *latest == leader => stamps.take(s, at),
+            _ => {
+                let mut stamps = Stamps::NONE;
+                stamps.take(s, at);
+                self.heard = Some((leader, stamps));
+            }
         }
-        self.take_ns(s, at);
+        self.all.take(s, at);
     }
 
     /// Take a stamp (ms) known only to have reached this node by `at`.
     pub fn take_late(&mut self, stamp_ms: u64, at: Instant) {
         let at = self.ns(at);
         let s = i128::from(stamp_ms) * 1_000_000;
-        self.take_ns(s, at);
+        self.all.take(s, at);
         self.taken_top = self.taken_top.max(s);
-    }
-
-    fn take_ns(&mut self, s: i128, at_ns: i128) {
-        self.best = self.best.max(100 * s - SLOWEST * at_ns);
-        self.top = self.top.max(s);
     }
 
     /// The reading at `now`, in ms.
     pub fn read(&self, now: Instant) -> u64 {
         let now = self.ns(now);
-        let mut ns = bridge(self.best, self.top, now);
+        let mut ns = self.all.bridge(now);
         // The greatest stamp taken late is the floor, but above the clocks
         // heard from the latest leader the reading could be ahead of a
         // leader that lost time.
-        if let Some(h) = self.heard {
-            ns = ns.min(bridge(h.best, h.top, now).max(self.taken_top));
+        if let Some((_, heard)) = self.heard {
+            ns = ns.min(heard.bridge(now).max(self.taken_top));
         }
         u64::try_from((ns / 1_000_000).max(0)).unwrap_or(u64::MAX)
     }
